@@ -1,0 +1,1 @@
+"""The fedmq aggregator: validates updates, averages them per round, republishes the model."""

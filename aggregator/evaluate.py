@@ -1,0 +1,11 @@
+"""Test-set evaluation on the aggregator, in numpy (the aggregator needs no JAX)."""
+
+import numpy as np
+
+from fedmq.datasets import Dataset
+from fedmq.models import MLP, cross_entropy_and_accuracy
+
+
+def evaluate(model: MLP, params: dict[str, np.ndarray], test: Dataset) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of ``params`` on ``test``."""
+    return cross_entropy_and_accuracy(model.logits(params, test.x), test.y)

@@ -1,0 +1,245 @@
+"""The aggregator's round state machine, free of MQTT: messages in, publications out.
+
+``Aggregator.handle`` takes one received message; ``Aggregator.tick`` closes a round whose
+deadline has passed. Both publish through the ``publish`` callable they were given, so the
+whole lifecycle is testable without a broker, and the MQTT edge (``aggregator.app``)
+stays a thin loop.
+"""
+
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import structlog
+
+from aggregator.evaluate import evaluate
+from aggregator.fedavg import WeightedSum, apply_mean_delta
+from aggregator.rounds import RoundPolicy, close_reason, seconds_until_check
+from fedmq.datasets import Dataset
+from fedmq.models import MLP
+from schemas import (
+    GlobalModel,
+    NodeUpdate,
+    RoundMetrics,
+    SchemaError,
+    ServerStatus,
+    Topics,
+    TrainingPlan,
+    decode_update,
+    encode,
+    model_id_of,
+)
+
+log = structlog.get_logger()
+
+Publish = Callable[[str, bytes, bool], None]  # (topic, payload, retain), QoS 1
+
+
+@dataclass(frozen=True)
+class RoundSettings:
+    federation: str
+    model_name: str
+    model: MLP
+    rounds: int
+    policy: RoundPolicy
+    plan: TrainingPlan
+    max_update_bytes: int
+
+
+def dense_update_bound(model: MLP) -> int:
+    """Largest dense update the aggregator accepts: the float32 numbers plus 64 KiB of
+    headroom for headers. Checked before msgpack is even parsed."""
+    return 4 * model.num_params + 64 * 1024
+
+
+class Aggregator:
+    def __init__(
+        self,
+        settings: RoundSettings,
+        initial_params: dict[str, np.ndarray],
+        *,
+        publish: Publish,
+        test: Dataset | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.topics = Topics(settings.federation)
+        self._publish = publish
+        self._test = test
+        self._clock = clock
+        self._wall = wall_clock
+        self.params = initial_params
+        self.layout = {name: tuple(a.shape) for name, a in initial_params.items()}
+        self.round = 0
+        self.model_id = model_id_of(initial_params)
+        self.done = False
+        self.history: list[RoundMetrics] = []
+        self._rejected: Counter[str] = Counter()  # of the open round; reset when it closes
+        self._global_bytes = 0
+        self._reset_round()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Publish the initial global model, which opens round 1."""
+        self._open_round(1)
+
+    def timeout(self) -> float | None:
+        """Seconds until ``tick`` might close the open round, or None (only a message can)."""
+        if self.done:
+            return 0.0
+        return seconds_until_check(
+            self.settings.policy, opened_at=self._opened_at, now=self._clock()
+        )
+
+    def tick(self) -> None:
+        if self.done:
+            return
+        reason = close_reason(
+            self.settings.policy,
+            reported=self._sum.count,
+            opened_at=self._opened_at,
+            now=self._clock(),
+        )
+        if reason is not None:
+            self._close_round(reason)
+
+    def handle(self, topic: str, payload: bytes) -> None:
+        """Validate one update; accept it into the running sum or reject it with a reason."""
+        node_id = self.topics.node_of(topic)
+        if node_id is None or not topic.startswith(self.topics.prefix + "/updates/"):
+            self._reject("bad_topic", f"not an update topic: {topic!r}", node_id=None)
+            return
+        if len(payload) > self.settings.max_update_bytes:
+            self._reject(
+                "oversized",
+                f"{len(payload)} bytes, limit {self.settings.max_update_bytes}",
+                node_id=node_id,
+            )
+            return
+        try:
+            update = decode_update(
+                payload, layout=self.layout, max_bytes=self.settings.max_update_bytes
+            )
+        except SchemaError as error:
+            self._reject(error.reason, error.detail, node_id=node_id)
+            return
+        problem = self._check_context(update, topic_node=node_id)
+        if problem is not None:
+            self._reject(*problem, node_id=node_id)
+            return
+        self._sum.add(update.delta, update.num_examples)
+        self._reporters.append(node_id)
+        self._uplink_bytes += len(payload)
+        self._train_loss_sum += update.train_loss * update.num_examples
+        log.debug("update.accepted", node=node_id, round=self.round, bytes=len(payload))
+        self.tick()
+
+    # ------------------------------------------------------------------ internals
+
+    def _check_context(self, update: NodeUpdate, *, topic_node: str) -> tuple[str, str] | None:
+        """Why a well-formed update does not belong in the open round, or None."""
+        if update.federation != self.settings.federation:
+            return "wrong_federation", f"federation {update.federation!r}"
+        if update.node_id != topic_node:
+            return "node_id_mismatch", f"payload says {update.node_id!r}, topic says {topic_node!r}"
+        if self.done or update.round != self.round:
+            return "wrong_round", f"update for round {update.round}, open round is {self.round}"
+        if update.base_model_id != self.model_id:
+            return (
+                "wrong_base_model",
+                f"trained from {update.base_model_id}, open model is {self.model_id}",
+            )
+        if topic_node in self._reporters:
+            return "duplicate", f"{topic_node} already reported in round {self.round}"
+        return None
+
+    def _reject(self, reason: str, detail: str, *, node_id: str | None) -> None:
+        self._rejected[reason] += 1
+        log.warning("update.rejected", reason=reason, detail=detail, node=node_id, round=self.round)
+
+    def _reset_round(self) -> None:
+        self._sum = WeightedSum(self.layout)
+        self._reporters: list[str] = []
+        self._uplink_bytes = 0
+        self._train_loss_sum = 0.0
+        self._opened_at = self._clock()
+
+    def _open_round(self, round: int) -> None:
+        final = round > self.settings.rounds
+        message = GlobalModel(
+            federation=self.settings.federation,
+            round=round,
+            model=self.settings.model_name,
+            model_id=self.model_id,
+            params=self.params,
+            plan=self.settings.plan,
+            final=final,
+            created_at=self._wall(),
+        )
+        payload = encode(message)
+        self.round = round
+        self._global_bytes = len(payload)
+        self._reset_round()
+        self.done = final
+        self._publish(self.topics.global_model, payload, True)
+        self._publish_server_status()
+        log.info("round.opened", round=round, model_id=self.model_id, final=final, bytes=len(payload))
+
+    def _publish_server_status(self) -> None:
+        status = ServerStatus(
+            federation=self.settings.federation,
+            state="done" if self.done else "waiting",
+            round=self.round,
+            expected_nodes=self.settings.policy.expected_nodes,
+            min_nodes=self.settings.policy.min_nodes,
+            reported=self._sum.count,
+            deadline_seconds=self.settings.policy.deadline_seconds,
+            at=self._wall(),
+        )
+        self._publish(self.topics.server, encode(status), True)
+
+    def _close_round(self, closed_by: str) -> None:
+        started = self._clock()
+        mean_delta = self._sum.mean()
+        self.params = apply_mean_delta(self.params, mean_delta)
+        self.model_id = model_id_of(self.params)
+        loss = accuracy = None
+        if self._test is not None:
+            loss, accuracy = evaluate(self.settings.model, self.params, self._test)
+        participants = sorted(self._reporters)
+        metrics = RoundMetrics(
+            federation=self.settings.federation,
+            round=self.round,
+            model_id=self.model_id,
+            participants=participants,
+            num_examples=self._sum.total_weight,
+            accuracy=accuracy,
+            loss=loss,
+            train_loss=self._train_loss_sum / self._sum.total_weight,
+            uplink_bytes=self._uplink_bytes,
+            downlink_bytes=self._global_bytes * len(participants),
+            global_bytes=self._global_bytes,
+            rejected=dict(self._rejected),
+            seconds=started - self._opened_at,
+            aggregate_seconds=self._clock() - started,
+            closed_by=closed_by,
+            at=self._wall(),
+        )
+        self.history.append(metrics)
+        log.info(
+            "round.closed",
+            round=self.round,
+            closed_by=closed_by,
+            participants=len(participants),
+            accuracy=accuracy,
+            loss=loss,
+            rejected=dict(self._rejected),
+            seconds=round(metrics.seconds, 4),
+        )
+        self._rejected = Counter()
+        self._publish(self.topics.metrics, encode(metrics), False)
+        self._open_round(self.round + 1)

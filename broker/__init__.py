@@ -1,0 +1,1 @@
+"""Runs mosquitto with the project's mosquitto.conf."""

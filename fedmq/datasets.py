@@ -1,0 +1,101 @@
+"""Local data: the reference ``digits`` split and partitions, and user .npz files.
+
+Reference task (keep exactly so): scikit-learn's bundled ``load_digits``, features / 16,
+shuffled with numpy seed 0; the last 297 samples are the aggregator's test set and the
+first 1500 are split over the nodes.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+DIGITS_TRAIN = 1500
+DIGITS_TEST = 297
+
+
+@dataclass(frozen=True)
+class Dataset:
+    x: np.ndarray  # float32, (n, features)
+    y: np.ndarray  # int32, (n,)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def save(self, path: Path) -> None:
+        np.savez(path, x=self.x, y=self.y)
+
+
+def digits() -> tuple[Dataset, Dataset]:
+    """(train, test) of the reference task. Needs scikit-learn (the ``demo`` extra)."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise RuntimeError(
+            "the digits data set ships with scikit-learn: pip install 'fedmq[demo]'"
+        ) from None
+    bunch = load_digits()
+    x = (bunch.data / 16.0).astype(np.float32)
+    y = bunch.target.astype(np.int32)
+    order = np.random.RandomState(0).permutation(len(y))
+    x, y = x[order], y[order]
+    train = Dataset(x[:DIGITS_TRAIN], y[:DIGITS_TRAIN])
+    test = Dataset(x[-DIGITS_TEST:], y[-DIGITS_TEST:])
+    return train, test
+
+
+def parse_partition(spec: str) -> float | None:
+    """``iid`` -> None, ``dirichlet:ALPHA`` -> ALPHA (> 0)."""
+    if spec == "iid":
+        return None
+    kind, _, alpha = spec.partition(":")
+    try:
+        value = float(alpha)
+    except ValueError:
+        value = -1.0
+    if kind != "dirichlet" or not value > 0:
+        raise ValueError(f"partition {spec!r} is not 'iid' or 'dirichlet:ALPHA' with ALPHA > 0")
+    return value
+
+
+def partition(labels: np.ndarray, nodes: int, spec: str, seed: int) -> list[np.ndarray]:
+    """Index arrays, one per node: IID equal shards, or Dirichlet(alpha) over labels.
+
+    Dirichlet: for each class, the class's (shuffled) samples are cut by proportions drawn
+    from Dir(alpha); a node left empty receives one sample from the largest shard so every
+    node has data to train on.
+    """
+    if nodes < 1 or nodes > len(labels):
+        raise ValueError(f"cannot split {len(labels)} samples over {nodes} nodes")
+    alpha = parse_partition(spec)
+    if alpha is None:
+        return [np.sort(part) for part in np.array_split(np.arange(len(labels)), nodes)]
+    rng = np.random.default_rng(seed)
+    shards: list[list[int]] = [[] for _ in range(nodes)]
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        cuts = (np.cumsum(rng.dirichlet(np.full(nodes, alpha))) * len(members)).astype(int)[:-1]
+        for node, part in enumerate(np.split(members, cuts)):
+            shards[node].extend(part.tolist())
+    for node in range(nodes):
+        if not shards[node]:
+            donor = max(range(nodes), key=lambda n: len(shards[n]))
+            shards[node].append(shards[donor].pop())
+    return [np.sort(np.asarray(s, dtype=np.int64)) for s in shards]
+
+
+def load_npz(path: Path) -> Dataset:
+    """A node's own data: an .npz with ``x`` (n, features) numbers and ``y`` (n,) class ids."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            x, y = archive["x"], archive["y"]
+    except (OSError, KeyError, ValueError) as error:
+        raise ValueError(f"{path}: cannot read x and y from it ({error})") from None
+    if x.ndim != 2 or y.ndim != 1 or len(x) != len(y) or len(y) == 0:
+        raise ValueError(f"{path}: x must be (n, features) and y (n,) with n > 0")
+    if not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
+        raise ValueError(f"{path}: y must hold class ids >= 0")
+    x = x.astype(np.float32)
+    if not np.isfinite(x).all():
+        raise ValueError(f"{path}: x holds NaN or Inf")
+    return Dataset(x, y.astype(np.int32))

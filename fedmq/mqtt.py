@@ -1,0 +1,162 @@
+"""The thin edge around paho-mqtt 2.x shared by nodes, aggregator, monitor and demo."""
+
+import queue
+import random
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import structlog
+
+log = structlog.get_logger()
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    host: str = "127.0.0.1"
+    port: int = 1883
+
+    @classmethod
+    def parse(cls, text: str) -> "BrokerAddress":
+        """``HOST:PORT`` or ``HOST`` (port 1883)."""
+        host, _, port = text.rpartition(":") if ":" in text else (text, "", "1883")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"broker address {text!r} is not HOST:PORT")
+        return cls(host, int(port))
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Received:
+    """A message handed from paho's network thread to the worker that owns the state."""
+
+    topic: str
+    payload: bytes
+    retain: bool
+
+
+def make_client(
+    client_id: str,
+    *,
+    subscriptions: Iterable[tuple[str, int]] = (),
+    will: tuple[str, bytes] | None = None,
+    inbox: "queue.Queue[Received] | None" = None,
+    ready: threading.Event | None = None,
+) -> mqtt.Client:
+    """A client that (re)subscribes on every connect and drops messages into ``inbox``.
+
+    ``ready`` is set once the broker has granted the subscriptions (or, without any, once
+    connected): publish what others answer only after that, or their answers are missed.
+
+    Reconnects are paho's own loop with exponential back-off from 0.5 s to 30 s; the
+    first connect is retried the same way, so a node may start before its broker.
+    """
+    client = mqtt.Client(
+        mqtt.CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        protocol=mqtt.MQTTv311,
+        clean_session=True,
+    )
+    client.max_queued_messages_set(0)  # keep every QoS 1 publish until the broker has it
+    client.max_inflight_messages_set(100)
+    client.reconnect_delay_set(min_delay=1, max_delay=30)
+    if will is not None:
+        client.will_set(will[0], will[1], qos=1, retain=True)
+    wanted = list(subscriptions)
+
+    def on_connect(client: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+        if reason.is_failure:
+            log.warning("mqtt.connect_refused", client_id=client_id, reason=str(reason))
+            return
+        log.debug("mqtt.connected", client_id=client_id)
+        if wanted:
+            client.subscribe(wanted)
+        elif ready is not None:
+            ready.set()
+
+    def on_subscribe(_c: mqtt.Client, _u: Any, _mid: int, codes: list[Any], _p: Any) -> None:
+        failed = [str(code) for code in codes if code.is_failure]
+        if failed:
+            log.error("mqtt.subscribe_refused", client_id=client_id, reasons=failed)
+        elif ready is not None:
+            ready.set()
+
+    def on_disconnect(_c: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+        if reason.is_failure:
+            log.warning("mqtt.disconnected", client_id=client_id, reason=str(reason))
+
+    client.on_connect = on_connect
+    client.on_disconnect = on_disconnect
+    client.on_subscribe = on_subscribe
+    if inbox is not None:
+
+        def on_message(_c: mqtt.Client, _u: Any, message: mqtt.MQTTMessage) -> None:
+            inbox.put(Received(message.topic, bytes(message.payload), bool(message.retain)))
+
+        client.on_message = on_message
+    return client
+
+
+class Outbox:
+    """QoS 1 publishing with a way to wait until the broker has acknowledged everything.
+
+    paho queues a QoS 1 message published while disconnected and sends it on reconnect,
+    but its ``wait_for_publish`` raises for such a message; tracking PUBACKs by message id
+    works whatever the connection state.
+    """
+
+    def __init__(self, client: mqtt.Client) -> None:
+        self.client = client
+        self._unacked: set[int] = set()
+        self._acked_early: set[int] = set()
+        self._changed = threading.Condition()
+        client.on_publish = self._on_publish
+
+    def _on_publish(self, _c: mqtt.Client, _u: Any, mid: int, _rc: Any, _p: Any) -> None:
+        with self._changed:
+            if mid in self._unacked:
+                self._unacked.discard(mid)
+            else:  # PUBACK raced ahead of publish() returning
+                self._acked_early.add(mid)
+            self._changed.notify_all()
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        info = self.client.publish(topic, payload, qos=1, retain=retain)
+        if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
+            raise RuntimeError(f"paho's queue is full, {topic} not sent")
+        with self._changed:
+            if info.mid in self._acked_early:
+                self._acked_early.discard(info.mid)
+            else:
+                self._unacked.add(info.mid)
+
+    @property
+    def unacknowledged(self) -> int:
+        with self._changed:
+            return len(self._unacked)
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until every publish so far is acknowledged; False on timeout."""
+        with self._changed:
+            return self._changed.wait_for(lambda: not self._unacked, timeout=timeout)
+
+
+def start(client: mqtt.Client, broker: BrokerAddress, *, keepalive: int = 30) -> None:
+    """Connect in the background (retrying until the broker answers) and run paho's loop."""
+    client.connect_async(broker.host, broker.port, keepalive=keepalive)
+    client.loop_start()
+
+
+def stop(client: mqtt.Client, *, before_disconnect: Callable[[], None] | None = None) -> None:
+    if before_disconnect is not None:
+        before_disconnect()
+    client.disconnect()
+    client.loop_stop()
+
+
+def unique_suffix() -> str:
+    return f"{random.getrandbits(32):08x}"

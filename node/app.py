@@ -1,0 +1,200 @@
+"""The node process: receive the retained global model, train locally, publish the delta.
+
+Only this module touches MQTT, files and clocks for a node; the maths is in
+``node.training``. Training runs on the main thread, never in a paho callback.
+"""
+
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import structlog
+
+from fedmq import mqtt as edge
+from fedmq.datasets import Dataset, digits, load_npz, partition
+from fedmq.models import MLP, check_layout
+from schemas import (
+    GlobalModel,
+    NodeStatus,
+    NodeUpdate,
+    SchemaError,
+    Topics,
+    decode_global,
+    encode,
+)
+
+log = structlog.get_logger()
+
+
+@dataclass(frozen=True, kw_only=True)
+class NodeConfig:
+    broker: edge.BrokerAddress
+    federation: str
+    node_id: str
+    state_dir: Path
+    data: Path | None = None
+    demo_shard: tuple[int, int] | None = None  # (index, count) of the digits training split
+    partition: str = "iid"
+    partition_seed: int = 0
+    exit_when_done: bool = False
+
+
+def load_local_data(config: NodeConfig) -> Dataset:
+    if config.data is not None:
+        return load_npz(config.data)
+    if config.demo_shard is None:
+        raise ValueError("give --data PATH.npz or --demo-shard INDEX/COUNT")
+    index, count = config.demo_shard
+    train, _ = digits()
+    shard = partition(train.y, count, config.partition, config.partition_seed)[index]
+    return Dataset(train.x[shard], train.y[shard])
+
+
+def enable_compile_cache(directory: Path) -> None:
+    """Keep XLA executables on disk so a restarted node skips the JIT compile.
+
+    JAX's default thresholds store nothing for small programs; 0 s and -1 bytes store all.
+    """
+    import jax
+
+    directory.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+class Node:
+    """One device's participation: state across rounds plus what it publishes."""
+
+    def __init__(self, config: NodeConfig, data: Dataset, outbox: edge.Outbox) -> None:
+        self.config = config
+        self.data = data
+        self.topics = Topics(config.federation)
+        self.outbox = outbox
+        self.last_trained: tuple[int, str] | None = None  # (round, base model id)
+        self.finished = False
+        self._trainer = None
+        self._model: MLP | None = None
+
+    def status(self, state: str, *, round: int | None = None, model_id: str | None = None,
+               detail: str | None = None) -> None:  # fmt: skip
+        message = NodeStatus(
+            federation=self.config.federation,
+            node_id=self.config.node_id,
+            state=state,
+            round=round,
+            model_id=model_id,
+            num_examples=len(self.data),
+            at=time.time(),
+            detail=detail,
+        )
+        self.outbox.publish(self.topics.status(self.config.node_id), encode(message), retain=True)
+
+    def on_global(self, payload: bytes) -> None:
+        if not payload:
+            return  # the retained model was cleared
+        try:
+            model = decode_global(payload)
+        except SchemaError as error:
+            log.error("global.rejected", reason=error.reason, detail=error.detail)
+            self.status("error", detail=f"unreadable global model: {error}")
+            return
+        if model.federation != self.config.federation:
+            log.error("global.rejected", reason="wrong_federation", federation=model.federation)
+            return
+        if model.final:
+            log.info("federation.finished", round=model.round, model_id=model.model_id)
+            self.status("done", round=model.round - 1, model_id=model.model_id)
+            self.finished = True
+            return
+        if (model.round, model.model_id) == self.last_trained:
+            return  # already trained on it (e.g. the retained copy after a reconnect)
+        self.train_and_publish(model)
+
+    def train_and_publish(self, model: GlobalModel) -> None:
+        from node.training import LocalTrainer, delta
+
+        try:
+            architecture = check_layout(model.model, model.layout)
+        except ValueError as error:
+            log.error("global.refused", round=model.round, reason=str(error))
+            self.status("error", round=model.round, detail=f"cannot build this model: {error}")
+            return
+        if self._trainer is None or self._model != architecture:
+            self._trainer = LocalTrainer(architecture, self.data.x, self.data.y)
+            self._model = architecture
+        with structlog.contextvars.bound_contextvars(round=model.round):
+            self.status("training", round=model.round, model_id=model.model_id)
+            started = time.perf_counter()
+            params = {name: np.asarray(a) for name, a in model.params.items()}
+            trained, loss = self._trainer.train(
+                params,
+                learning_rate=model.plan.learning_rate,
+                batch_size=model.plan.batch_size,
+                local_epochs=model.plan.local_epochs,
+                seed=model.plan.seed,
+                node_id=self.config.node_id,
+                round=model.round,
+            )
+            update = NodeUpdate(
+                federation=self.config.federation,
+                node_id=self.config.node_id,
+                round=model.round,
+                base_model_id=model.model_id,
+                num_examples=len(self.data),
+                train_loss=loss,
+                train_seconds=time.perf_counter() - started,
+                delta=delta(trained, params),
+                sent_at=time.time(),
+            )
+            payload = encode(update)
+            self.outbox.publish(self.topics.update(self.config.node_id), payload)
+            self.last_trained = (model.round, model.model_id)
+            self.status("submitted", round=model.round, model_id=model.model_id)
+            log.debug("update.published", bytes=len(payload), loss=loss,
+                      train_seconds=update.train_seconds)  # fmt: skip
+
+
+def latest(inbox: "queue.Queue[edge.Received]", first: edge.Received) -> edge.Received:
+    """The newest queued message: a node that fell behind trains on the newest model only."""
+    newest = first
+    while True:
+        try:
+            newest = inbox.get_nowait()
+        except queue.Empty:
+            return newest
+
+
+def run(config: NodeConfig, stop: threading.Event) -> int:
+    structlog.contextvars.bind_contextvars(node=config.node_id, federation=config.federation)
+    enable_compile_cache(config.state_dir / "jax-cache")
+    data = load_local_data(config)
+    topics = Topics(config.federation)
+    offline = NodeStatus(federation=config.federation, node_id=config.node_id, state="offline")
+    inbox: queue.Queue[edge.Received] = queue.Queue()
+    client = edge.make_client(
+        f"fedmq-{config.federation}-{config.node_id}",
+        subscriptions=[(topics.global_model, 1)],
+        will=(topics.status(config.node_id), encode(offline)),
+        inbox=inbox,
+    )
+    node = Node(config, data, edge.Outbox(client))
+    edge.start(client, config.broker)
+    node.status("online")  # queued by paho until the first connect succeeds
+    log.info("node.started", examples=len(data), broker=str(config.broker))
+    while not stop.is_set() and not (node.finished and config.exit_when_done):
+        try:
+            received = latest(inbox, inbox.get(timeout=0.5))
+        except queue.Empty:
+            continue
+        node.on_global(received.payload)
+    if not node.finished:
+        node.status("offline")
+    if not node.outbox.flush(timeout=10):
+        log.warning("node.unacknowledged", messages=node.outbox.unacknowledged)
+    edge.stop(client)
+    log.info("node.stopped", last_trained=node.last_trained)
+    return 0

@@ -1,0 +1,117 @@
+"""Local training as pure functions: one jit-compiled epoch of plain SGD.
+
+Batches are cut from a padded permutation with a mask, so a shard whose size is not a
+multiple of the batch size still compiles once (one shape per shard size) and the last,
+partial batch is averaged over its real examples only.
+"""
+
+import zlib
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedmq.models import MLP
+
+Params = dict[str, Any]
+
+
+def epoch_order(
+    num_examples: int, batch_size: int, *, seed: int, node_id: str, round: int, epoch: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Shuffled example indices padded to whole batches, and the mask of real ones.
+
+    Seeded by (federation seed, node id, round, epoch) so every run replays exactly.
+    """
+    rng = np.random.default_rng([seed, zlib.crc32(node_id.encode()), round, epoch])
+    order = rng.permutation(num_examples).astype(np.int32)
+    padded = -(-num_examples // batch_size) * batch_size
+    mask = np.zeros(padded, dtype=np.float32)
+    mask[:num_examples] = 1.0
+    return np.pad(order, (0, padded - num_examples)), mask
+
+
+def make_epoch_fn(model: MLP, batch_size: int) -> Callable[..., tuple[Params, jax.Array]]:
+    """``epoch(params, x, y, order, mask, learning_rate) -> (params, mean_loss)``, jitted."""
+
+    def batch_loss(params: Params, xb: jax.Array, yb: jax.Array, mb: jax.Array) -> jax.Array:
+        log_probs = jax.nn.log_softmax(model.logits(params, xb, jnp))
+        nll = -jnp.take_along_axis(log_probs, yb[:, None], axis=1)[:, 0]
+        return jnp.sum(nll * mb) / jnp.maximum(jnp.sum(mb), 1.0)
+
+    def sgd_step(
+        params: Params, batch: tuple[jax.Array, jax.Array, jax.Array], learning_rate: jax.Array
+    ) -> tuple[Params, jax.Array]:
+        xb, yb, mb = batch
+        loss, grads = jax.value_and_grad(batch_loss)(params, xb, yb, mb)
+        params = jax.tree.map(lambda p, g: p - learning_rate * g, params, grads)
+        return params, loss * jnp.sum(mb)
+
+    @jax.jit
+    def epoch(
+        params: Params,
+        x: jax.Array,
+        y: jax.Array,
+        order: jax.Array,
+        mask: jax.Array,
+        learning_rate: jax.Array,
+    ) -> tuple[Params, jax.Array]:
+        batches = (
+            x[order].reshape(-1, batch_size, x.shape[1]),
+            y[order].reshape(-1, batch_size),
+            mask.reshape(-1, batch_size),
+        )
+        params, weighted = jax.lax.scan(
+            partial(sgd_step, learning_rate=learning_rate), params, batches
+        )
+        return params, jnp.sum(weighted) / jnp.sum(mask)
+
+    return epoch
+
+
+class LocalTrainer:
+    """Holds a node's data on the device and the compiled epoch for its model."""
+
+    def __init__(self, model: MLP, x: np.ndarray, y: np.ndarray) -> None:
+        if x.shape[1] != model.sizes[0]:
+            raise ValueError(f"data has {x.shape[1]} features, the model expects {model.sizes[0]}")
+        if int(y.max()) >= model.sizes[-1]:
+            raise ValueError(f"labels go up to {int(y.max())}, the model has {model.sizes[-1]}")
+        self.model = model
+        self.num_examples = len(y)
+        self._x = jnp.asarray(x, dtype=jnp.float32)
+        self._y = jnp.asarray(y, dtype=jnp.int32)
+        self._epochs: dict[int, Callable[..., tuple[Params, jax.Array]]] = {}
+
+    def train(
+        self,
+        params: dict[str, np.ndarray],
+        *,
+        learning_rate: float,
+        batch_size: int,
+        local_epochs: int,
+        seed: int,
+        node_id: str,
+        round: int,
+    ) -> tuple[dict[str, np.ndarray], float]:
+        """New parameters (numpy float32) and the mean training loss of the last epoch."""
+        if batch_size not in self._epochs:
+            self._epochs[batch_size] = make_epoch_fn(self.model, batch_size)
+        epoch_fn = self._epochs[batch_size]
+        current = {name: jnp.asarray(array) for name, array in params.items()}
+        lr = jnp.float32(learning_rate)
+        loss = jnp.float32(0.0)
+        for epoch in range(local_epochs):
+            order, mask = epoch_order(
+                self.num_examples, batch_size, seed=seed, node_id=node_id, round=round, epoch=epoch
+            )
+            current, loss = epoch_fn(current, self._x, self._y, order, mask, lr)
+        return {name: np.asarray(array) for name, array in current.items()}, float(loss)
+
+
+def delta(new: dict[str, np.ndarray], base: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """What a node sends: trained minus the global it started from, in float32."""
+    return {name: (new[name] - base[name]).astype(np.float32) for name in base}

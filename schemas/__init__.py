@@ -1,0 +1,43 @@
+"""fedmq's public API on the wire: topic layout and msgpack messages, schema version 1.
+
+docs/PROTOCOL.md is the human contract; this package is its executable form.
+"""
+
+from schemas.errors import SchemaError
+from schemas.messages import (
+    SCHEMA_VERSION,
+    GlobalModel,
+    NodeStatus,
+    NodeUpdate,
+    RoundMetrics,
+    ServerStatus,
+    TrainingPlan,
+    decode_global,
+    decode_metrics,
+    decode_server_status,
+    decode_status,
+    decode_update,
+    encode,
+    model_id_of,
+)
+from schemas.topics import Topics, validate_name
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "GlobalModel",
+    "NodeStatus",
+    "NodeUpdate",
+    "RoundMetrics",
+    "SchemaError",
+    "ServerStatus",
+    "Topics",
+    "TrainingPlan",
+    "decode_global",
+    "decode_metrics",
+    "decode_server_status",
+    "decode_status",
+    "decode_update",
+    "encode",
+    "model_id_of",
+    "validate_name",
+]

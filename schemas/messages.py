@@ -1,0 +1,461 @@
+"""The four message kinds of schema version 1 and their msgpack codecs.
+
+Every message is a msgpack map that starts with ``"v"`` (schema major version) and
+``"type"``. Unknown extra keys are ignored, so a minor addition stays readable by old
+decoders; an unknown major version is rejected. Decoders raise only ``SchemaError``.
+"""
+
+import hashlib
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import msgpack
+import numpy as np
+
+from schemas.errors import SchemaError
+from schemas.tensors import all_finite, decode_tensor, encode_tensor
+from schemas.topics import validate_name
+
+SCHEMA_VERSION = 1
+# Ceiling for any one decoded message unless the caller gives a tighter one. Matches the
+# broker's message_size_limit in mosquitto.conf.
+DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+DEFAULT_MAX_ELEMENTS = DEFAULT_MAX_BYTES // 2
+
+NODE_STATES = ("online", "training", "submitted", "idle", "done", "offline", "error")
+SERVER_STATES = ("waiting", "done", "offline")
+CLOSED_BY = ("all_reported", "deadline")
+
+Params = dict[str, np.ndarray]
+Layout = dict[str, tuple[int, ...]]
+
+
+def model_id_of(params: Mapping[str, np.ndarray]) -> str:
+    """Content hash of a parameter set: 32 hex digits of SHA-256 over names, dtypes,
+    shapes and little-endian bytes in order. Two equal models get the same id."""
+    digest = hashlib.sha256()
+    for name, array in params.items():
+        wire = encode_tensor(array)
+        digest.update(f"{name}\0{wire['dtype']}\0{wire['shape']}\0".encode())
+        digest.update(wire["data"])
+    return digest.hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """What each node does with a global model, chosen by the aggregator."""
+
+    learning_rate: float
+    batch_size: int
+    local_epochs: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class GlobalModel:
+    federation: str
+    round: int
+    model: str
+    model_id: str
+    params: Params
+    plan: TrainingPlan
+    final: bool = False
+    created_at: float = 0.0
+
+    @property
+    def layout(self) -> Layout:
+        return {name: tuple(array.shape) for name, array in self.params.items()}
+
+
+@dataclass(frozen=True)
+class NodeUpdate:
+    federation: str
+    node_id: str
+    round: int
+    base_model_id: str
+    num_examples: int
+    train_loss: float
+    train_seconds: float
+    delta: Params
+    compression: str = "dense"
+    sent_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class NodeStatus:
+    federation: str
+    node_id: str
+    state: str
+    round: int | None = None
+    model_id: str | None = None
+    num_examples: int | None = None
+    at: float | None = None
+    detail: str | None = None
+
+
+@dataclass(frozen=True)
+class ServerStatus:
+    federation: str
+    state: str
+    round: int
+    expected_nodes: int
+    min_nodes: int
+    reported: int
+    deadline_seconds: float | None = None
+    at: float | None = None
+
+
+@dataclass(frozen=True)
+class RoundMetrics:
+    federation: str
+    round: int
+    model_id: str
+    participants: list[str]
+    num_examples: int
+    accuracy: float | None
+    loss: float | None
+    train_loss: float | None
+    uplink_bytes: int
+    downlink_bytes: int
+    global_bytes: int
+    rejected: dict[str, int]
+    seconds: float
+    aggregate_seconds: float
+    closed_by: str
+    at: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+Message = GlobalModel | NodeUpdate | NodeStatus | ServerStatus | RoundMetrics
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+def _params_to_wire(params: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    return {name: encode_tensor(array) for name, array in params.items()}
+
+
+def _to_wire(message: Message) -> dict[str, Any]:
+    head: dict[str, Any] = {"v": SCHEMA_VERSION}
+    match message:
+        case GlobalModel():
+            plan = message.plan
+            return head | {
+                "type": "global",
+                "federation": message.federation,
+                "round": message.round,
+                "model": message.model,
+                "model_id": message.model_id,
+                "final": message.final,
+                "created_at": float(message.created_at),
+                "plan": {
+                    "learning_rate": float(plan.learning_rate),
+                    "batch_size": plan.batch_size,
+                    "local_epochs": plan.local_epochs,
+                    "seed": plan.seed,
+                },
+                "params": _params_to_wire(message.params),
+            }
+        case NodeUpdate():
+            return head | {
+                "type": "update",
+                "federation": message.federation,
+                "node_id": message.node_id,
+                "round": message.round,
+                "base_model_id": message.base_model_id,
+                "num_examples": message.num_examples,
+                "train_loss": float(message.train_loss),
+                "train_seconds": float(message.train_seconds),
+                "sent_at": float(message.sent_at),
+                "compression": message.compression,
+                "delta": _params_to_wire(message.delta),
+            }
+        case NodeStatus():
+            return head | {
+                "type": "status",
+                "federation": message.federation,
+                "node_id": message.node_id,
+                "state": message.state,
+                "round": message.round,
+                "model_id": message.model_id,
+                "num_examples": message.num_examples,
+                "at": message.at,
+                "detail": message.detail,
+            }
+        case ServerStatus():
+            return head | {
+                "type": "server",
+                "federation": message.federation,
+                "state": message.state,
+                "round": message.round,
+                "expected_nodes": message.expected_nodes,
+                "min_nodes": message.min_nodes,
+                "reported": message.reported,
+                "deadline_seconds": message.deadline_seconds,
+                "at": message.at,
+            }
+        case RoundMetrics():
+            return message.extra | head | {
+                "type": "metrics",
+                "federation": message.federation,
+                "round": message.round,
+                "model_id": message.model_id,
+                "participants": list(message.participants),
+                "num_examples": message.num_examples,
+                "accuracy": message.accuracy,
+                "loss": message.loss,
+                "train_loss": message.train_loss,
+                "uplink_bytes": message.uplink_bytes,
+                "downlink_bytes": message.downlink_bytes,
+                "global_bytes": message.global_bytes,
+                "rejected": dict(message.rejected),
+                "seconds": float(message.seconds),
+                "aggregate_seconds": float(message.aggregate_seconds),
+                "closed_by": message.closed_by,
+                "at": float(message.at),
+            }
+    raise TypeError(f"not a fedmq message: {type(message).__name__}")
+
+
+def encode(message: Message) -> bytes:
+    """msgpack bytes of a message (floats as float64, bytes as bin)."""
+    return msgpack.packb(_to_wire(message), use_bin_type=True)
+
+
+# --------------------------------------------------------------------------- decoding
+
+T = TypeVar("T")
+_MISSING = object()
+
+
+def _unpack(payload: Any, kind: str, max_bytes: int) -> dict[str, Any]:
+    if not isinstance(payload, bytes | bytearray | memoryview):
+        raise SchemaError("malformed", f"payload must be bytes, got {type(payload).__name__}")
+    if len(payload) > max_bytes:
+        raise SchemaError("oversized", f"{len(payload)} bytes is more than the {max_bytes} allowed")
+    try:
+        obj = msgpack.unpackb(
+            payload,
+            raw=False,
+            strict_map_key=True,
+            max_bin_len=len(payload),
+            max_str_len=len(payload),
+            max_array_len=len(payload),
+            max_map_len=len(payload),
+            max_ext_len=0,
+            use_list=True,
+        )
+    except Exception as error:  # msgpack raises a zoo of types; all mean the same here
+        raise SchemaError("malformed", f"not valid msgpack: {error}") from None
+    if not isinstance(obj, dict):
+        raise SchemaError("malformed", f"message must be a map, got {type(obj).__name__}")
+    version = obj.get("v", _MISSING)
+    if version is _MISSING:
+        raise SchemaError("bad_field", "v (schema version) is missing")
+    if version != SCHEMA_VERSION or type(version) is not int:
+        raise SchemaError(
+            "unsupported_version", f"schema version {version!r}; this decoder reads {SCHEMA_VERSION}"
+        )
+    if obj.get("type") != kind:
+        raise SchemaError("wrong_type", f"type is {obj.get('type')!r}, expected {kind!r}")
+    return obj
+
+
+def _get(obj: Mapping[str, Any], key: str, kind: type[T], *, optional: bool = False) -> T:
+    value = obj.get(key, _MISSING)
+    if value is _MISSING or value is None:
+        if optional:
+            return None  # type: ignore[return-value]
+        raise SchemaError("bad_field", f"{key} is missing")
+    if kind is float:
+        if type(value) not in (int, float):
+            raise SchemaError("bad_field", f"{key} must be a number, got {type(value).__name__}")
+        if not math.isfinite(value):
+            raise SchemaError("non_finite", f"{key} is {value}")
+        return float(value)  # type: ignore[return-value]
+    if kind is int and type(value) is not int:
+        raise SchemaError("bad_field", f"{key} must be an integer, got {type(value).__name__}")
+    if not isinstance(value, kind):
+        raise SchemaError("bad_field", f"{key} must be {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _name(obj: Mapping[str, Any], key: str) -> str:
+    value = _get(obj, key, str)
+    try:
+        return validate_name(key, value)
+    except ValueError as error:
+        raise SchemaError("bad_field", str(error)) from None
+
+
+def _positive(obj: Mapping[str, Any], key: str, *, minimum: int = 0) -> int:
+    value = _get(obj, key, int)
+    if value < minimum:
+        raise SchemaError("bad_field", f"{key} is {value}, must be at least {minimum}")
+    return value
+
+
+def _model_id(obj: Mapping[str, Any], key: str) -> str:
+    value = _get(obj, key, str)
+    if len(value) != 32 or any(c not in "0123456789abcdef" for c in value):
+        raise SchemaError("bad_field", f"{key} must be 32 lowercase hex digits")
+    return value
+
+
+def _params(
+    obj: Mapping[str, Any], key: str, *, max_elements: int, layout: Layout | None
+) -> Params:
+    wire = _get(obj, key, dict)
+    if not wire:
+        raise SchemaError("bad_field", f"{key} holds no tensors")
+    if layout is not None and list(wire) != list(layout):
+        raise SchemaError(
+            "layout_mismatch", f"{key} has tensors {list(wire)}, the model has {list(layout)}"
+        )
+    params: Params = {}
+    budget = max_elements
+    for name, tensor in wire.items():
+        array = decode_tensor(tensor, f"{key}.{name}", max_elements=budget)
+        budget -= array.size
+        if layout is not None and tuple(array.shape) != layout[name]:
+            raise SchemaError(
+                "layout_mismatch",
+                f"{key}.{name} has shape {tuple(array.shape)}, the model has {layout[name]}",
+            )
+        params[name] = array
+    bad = all_finite(params)
+    if bad is not None:
+        raise SchemaError("non_finite", f"{key}.{bad} holds NaN or Inf")
+    return params
+
+
+def decode_global(
+    payload: bytes,
+    *,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+) -> GlobalModel:
+    """Decode and check a global model; its model_id must match its parameters."""
+    obj = _unpack(payload, "global", max_bytes)
+    plan = _get(obj, "plan", dict)
+    decoded = GlobalModel(
+        federation=_name(obj, "federation"),
+        round=_positive(obj, "round", minimum=1),
+        model=_get(obj, "model", str),
+        model_id=_model_id(obj, "model_id"),
+        final=_get(obj, "final", bool),
+        created_at=_get(obj, "created_at", float),
+        plan=TrainingPlan(
+            learning_rate=_get(plan, "learning_rate", float),
+            batch_size=_positive(plan, "batch_size", minimum=1),
+            local_epochs=_positive(plan, "local_epochs", minimum=1),
+            seed=_get(plan, "seed", int),
+        ),
+        params=_params(obj, "params", max_elements=max_elements, layout=None),
+    )
+    if model_id_of(decoded.params) != decoded.model_id:
+        raise SchemaError("bad_model_id", "model_id does not match the hash of params")
+    return decoded
+
+
+def decode_update(
+    payload: bytes,
+    *,
+    layout: Layout | None = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+) -> NodeUpdate:
+    """Decode and check a node update; with ``layout`` the delta must match it exactly."""
+    obj = _unpack(payload, "update", max_bytes)
+    compression = _get(obj, "compression", str)
+    if compression != "dense":
+        raise SchemaError("unsupported_compression", f"compression {compression!r} is unknown")
+    train_seconds = _get(obj, "train_seconds", float)
+    if train_seconds < 0:
+        raise SchemaError("bad_field", "train_seconds is negative")
+    return NodeUpdate(
+        federation=_name(obj, "federation"),
+        node_id=_name(obj, "node_id"),
+        round=_positive(obj, "round", minimum=1),
+        base_model_id=_model_id(obj, "base_model_id"),
+        num_examples=_positive(obj, "num_examples", minimum=1),
+        train_loss=_get(obj, "train_loss", float),
+        train_seconds=train_seconds,
+        sent_at=_get(obj, "sent_at", float),
+        compression=compression,
+        delta=_params(obj, "delta", max_elements=max_elements, layout=layout),
+    )
+
+
+def _choice(obj: Mapping[str, Any], key: str, choices: tuple[str, ...]) -> str:
+    value = _get(obj, key, str)
+    if value not in choices:
+        raise SchemaError("bad_field", f"{key} {value!r} is not one of {list(choices)}")
+    return value
+
+
+def decode_status(payload: bytes, *, max_bytes: int = 64 * 1024) -> NodeStatus:
+    obj = _unpack(payload, "status", max_bytes)
+    return NodeStatus(
+        federation=_name(obj, "federation"),
+        node_id=_name(obj, "node_id"),
+        state=_choice(obj, "state", NODE_STATES),
+        round=_get(obj, "round", int, optional=True),
+        model_id=_get(obj, "model_id", str, optional=True),
+        num_examples=_get(obj, "num_examples", int, optional=True),
+        at=_get(obj, "at", float, optional=True),
+        detail=_get(obj, "detail", str, optional=True),
+    )
+
+
+def decode_server_status(payload: bytes, *, max_bytes: int = 64 * 1024) -> ServerStatus:
+    obj = _unpack(payload, "server", max_bytes)
+    return ServerStatus(
+        federation=_name(obj, "federation"),
+        state=_choice(obj, "state", SERVER_STATES),
+        round=_positive(obj, "round"),
+        expected_nodes=_positive(obj, "expected_nodes"),
+        min_nodes=_positive(obj, "min_nodes"),
+        reported=_positive(obj, "reported"),
+        deadline_seconds=_get(obj, "deadline_seconds", float, optional=True),
+        at=_get(obj, "at", float, optional=True),
+    )
+
+
+_METRICS_KEYS = {
+    "v", "type", "federation", "round", "model_id", "participants", "num_examples", "accuracy",
+    "loss", "train_loss", "uplink_bytes", "downlink_bytes", "global_bytes", "rejected",
+    "seconds", "aggregate_seconds", "closed_by", "at",
+}  # fmt: skip
+
+
+def decode_metrics(payload: bytes, *, max_bytes: int = 16 * 1024 * 1024) -> RoundMetrics:
+    obj = _unpack(payload, "metrics", max_bytes)
+    participants = _get(obj, "participants", list)
+    if not all(isinstance(p, str) for p in participants):
+        raise SchemaError("bad_field", "participants must be a list of node ids")
+    rejected = _get(obj, "rejected", dict)
+    if not all(type(count) is int and count >= 0 for count in rejected.values()):
+        raise SchemaError("bad_field", "rejected must map reasons to counts")
+    return RoundMetrics(
+        federation=_name(obj, "federation"),
+        round=_positive(obj, "round", minimum=1),
+        model_id=_model_id(obj, "model_id"),
+        participants=participants,
+        num_examples=_positive(obj, "num_examples"),
+        accuracy=_get(obj, "accuracy", float, optional=True),
+        loss=_get(obj, "loss", float, optional=True),
+        train_loss=_get(obj, "train_loss", float, optional=True),
+        uplink_bytes=_positive(obj, "uplink_bytes"),
+        downlink_bytes=_positive(obj, "downlink_bytes"),
+        global_bytes=_positive(obj, "global_bytes"),
+        rejected=rejected,
+        seconds=_get(obj, "seconds", float),
+        aggregate_seconds=_get(obj, "aggregate_seconds", float),
+        closed_by=_choice(obj, "closed_by", CLOSED_BY),
+        at=_get(obj, "at", float),
+        extra={k: v for k, v in obj.items() if k not in _METRICS_KEYS},
+    )

@@ -1,0 +1,77 @@
+"""numpy arrays on the wire: ``{"dtype": "<f4", "shape": [..], "data": <raw bytes>}``.
+
+Byte order is explicit in the dtype string so a big-endian reader decodes correctly.
+Decoding returns a read-only view on the payload (no copy) after checking every field.
+"""
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from schemas.errors import SchemaError
+
+# dtypes a parameter tensor may have on the wire, by their numpy string.
+WIRE_DTYPES = {"<f4": np.dtype("<f4"), "<f2": np.dtype("<f2")}
+MAX_RANK = 8
+
+
+def encode_tensor(array: np.ndarray) -> dict[str, Any]:
+    """The wire form of one array (little-endian, C order)."""
+    dtype = array.dtype.newbyteorder("<")
+    if dtype.str not in WIRE_DTYPES:
+        raise ValueError(f"dtype {array.dtype} cannot travel; use one of {sorted(WIRE_DTYPES)}")
+    contiguous = np.ascontiguousarray(array, dtype=dtype)
+    return {"dtype": dtype.str, "shape": list(contiguous.shape), "data": contiguous.tobytes()}
+
+
+def decode_tensor(obj: Any, field: str, *, max_elements: int) -> np.ndarray:
+    """Check one wire tensor and return it as a read-only array (values may be non-finite)."""
+    if not isinstance(obj, Mapping):
+        raise SchemaError("bad_field", f"{field} must be a map, got {type(obj).__name__}")
+    dtype_name = obj.get("dtype")
+    if dtype_name not in WIRE_DTYPES:
+        raise SchemaError(
+            "bad_dtype", f"{field}.dtype {dtype_name!r} is not one of {sorted(WIRE_DTYPES)}"
+        )
+    shape = obj.get("shape")
+    if (
+        not isinstance(shape, list)
+        or len(shape) > MAX_RANK
+        or not all(type(d) is int and 0 <= d for d in shape)
+    ):
+        raise SchemaError(
+            "bad_shape", f"{field}.shape must be a list of at most {MAX_RANK} sizes >= 0"
+        )
+    count = 1
+    for size in shape:
+        count *= size
+        if count > max_elements:
+            raise SchemaError(
+                "oversized", f"{field} has more than the allowed {max_elements} elements"
+            )
+    data = obj.get("data")
+    if not isinstance(data, bytes):
+        raise SchemaError("bad_field", f"{field}.data must be bytes")
+    dtype = WIRE_DTYPES[dtype_name]
+    if len(data) != count * dtype.itemsize:
+        raise SchemaError(
+            "bad_shape",
+            f"{field}.data holds {len(data)} bytes, shape {shape} of {dtype_name} needs "
+            f"{count * dtype.itemsize}",
+        )
+    return np.frombuffer(data, dtype=dtype).reshape(shape)
+
+
+def all_finite(arrays: Mapping[str, np.ndarray]) -> str | None:
+    """Name of the first array holding NaN or Inf, or None if all are finite.
+
+    ``dot(x, x)`` is one BLAS pass and is non-finite iff some value is non-finite or the
+    squared norm overflows; the second case is rare enough to pay an exact check for.
+    """
+    for name, array in arrays.items():
+        flat = array.reshape(-1)
+        squared = np.dot(flat, flat)
+        if not np.isfinite(squared) and not np.isfinite(flat).all():
+            return name
+    return None

@@ -1,0 +1,76 @@
+"""The only place that builds and parses topic strings.
+
+Layout (docs/PROTOCOL.md): every topic a node writes carries its node id, so broker ACLs
+can authorise per node with ``%u``/``%c`` pattern rules.
+"""
+
+import re
+from dataclasses import dataclass
+
+ROOT = "fedmq"
+_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def validate_name(kind: str, value: str) -> str:
+    """Return ``value`` if it is a legal federation or node id, else raise ValueError.
+
+    Ids become topic levels, so MQTT's wildcards and separators are excluded.
+    """
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
+        raise ValueError(
+            f"{kind} {value!r} is not valid: use 1-64 characters from A-Z a-z 0-9 _ . -"
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class Topics:
+    """Topic names of one federation."""
+
+    federation: str
+
+    def __post_init__(self) -> None:
+        validate_name("federation id", self.federation)
+
+    @property
+    def prefix(self) -> str:
+        return f"{ROOT}/{self.federation}"
+
+    @property
+    def global_model(self) -> str:
+        return f"{self.prefix}/global"
+
+    @property
+    def metrics(self) -> str:
+        return f"{self.prefix}/metrics"
+
+    @property
+    def server(self) -> str:
+        return f"{self.prefix}/server"
+
+    def update(self, node_id: str) -> str:
+        return f"{self.prefix}/updates/{validate_name('node id', node_id)}"
+
+    def status(self, node_id: str) -> str:
+        return f"{self.prefix}/status/{validate_name('node id', node_id)}"
+
+    @property
+    def all_updates(self) -> str:
+        return f"{self.prefix}/updates/+"
+
+    @property
+    def all_status(self) -> str:
+        return f"{self.prefix}/status/+"
+
+    def node_of(self, topic: str) -> str | None:
+        """The node id in an updates/ or status/ topic of this federation, else None."""
+        parts = topic.split("/")
+        if (
+            len(parts) == 4
+            and parts[0] == ROOT
+            and parts[1] == self.federation
+            and parts[2] in ("updates", "status")
+            and _NAME.fullmatch(parts[3])
+        ):
+            return parts[3]
+        return None
