@@ -75,9 +75,13 @@ def run(config: AggregatorConfig, stop: threading.Event) -> int:
     inbox: queue.Queue[edge.Received] = queue.Queue()
     ready = threading.Event()
     offline = ServerStatus(
-        federation=config.federation, state="offline", round=0, expected_nodes=config.nodes,
-        min_nodes=config.min_nodes or config.nodes, reported=0,
-    )  # fmt: skip
+        federation=config.federation,
+        state="offline",
+        round=0,
+        expected_nodes=config.nodes,
+        min_nodes=config.min_nodes or config.nodes,
+        reported=0,
+    )
     client = edge.make_client(
         f"fedmq-{config.federation}-aggregator",
         subscriptions=[(topics.all_updates, 1)],

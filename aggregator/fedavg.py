@@ -42,7 +42,9 @@ class WeightedSum:
         return {name: total / self.total_weight for name, total in self.sums.items()}
 
 
-def apply_mean_delta(global_params: Mapping[str, np.ndarray], mean_delta: Mapping[str, np.ndarray]) -> Params:
+def apply_mean_delta(
+    global_params: Mapping[str, np.ndarray], mean_delta: Mapping[str, np.ndarray]
+) -> Params:
     """FedAvg with server learning rate 1: the next global model, in the globals' dtype."""
     return {
         name: (array.astype(np.float64) + mean_delta[name]).astype(array.dtype)

@@ -6,6 +6,7 @@ whole lifecycle is testable without a broker, and the MQTT edge (``aggregator.ap
 stays a thin loop.
 """
 
+import statistics
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -135,6 +136,7 @@ class Aggregator:
         self._reporters.append(node_id)
         self._uplink_bytes += len(payload)
         self._train_loss_sum += update.train_loss * update.num_examples
+        self._train_seconds.append(update.train_seconds)
         log.debug("update.accepted", node=node_id, round=self.round, bytes=len(payload))
         self.tick()
 
@@ -166,6 +168,7 @@ class Aggregator:
         self._reporters: list[str] = []
         self._uplink_bytes = 0
         self._train_loss_sum = 0.0
+        self._train_seconds: list[float] = []
         self._opened_at = self._clock()
 
     def _open_round(self, round: int) -> None:
@@ -187,7 +190,9 @@ class Aggregator:
         self.done = final
         self._publish(self.topics.global_model, payload, True)
         self._publish_server_status()
-        log.info("round.opened", round=round, model_id=self.model_id, final=final, bytes=len(payload))
+        log.info(
+            "round.opened", round=round, model_id=self.model_id, final=final, bytes=len(payload)
+        )
 
     def _publish_server_status(self) -> None:
         status = ServerStatus(
@@ -228,6 +233,7 @@ class Aggregator:
             aggregate_seconds=self._clock() - started,
             closed_by=closed_by,
             at=self._wall(),
+            train_seconds_median=statistics.median(self._train_seconds),
         )
         self.history.append(metrics)
         log.info(

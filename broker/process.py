@@ -55,6 +55,10 @@ class Mosquitto:
         self._workdir: tempfile.TemporaryDirectory[str] | None = None
 
     @property
+    def pid(self) -> int | None:
+        return None if self.process is None else self.process.pid
+
+    @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 

@@ -76,13 +76,28 @@ def _model(text: str) -> str:
 
 def _add_common(parser: argparse.ArgumentParser, *, broker_required: bool = True) -> None:
     if broker_required:
-        parser.add_argument("--broker", type=_broker, default=BrokerAddress(),
-                            metavar="HOST:PORT", help="MQTT broker (default 127.0.0.1:1883)")  # fmt: skip
-        parser.add_argument("--federation", default="default", metavar="ID",
-                            help="federation id, the second topic level (default 'default')")  # fmt: skip
-    parser.add_argument("--log-json", action="store_true", default=None,
-                        help="JSON log lines even on a terminal (default: JSON unless a TTY)")  # fmt: skip
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+        parser.add_argument(
+            "--broker",
+            type=_broker,
+            default=BrokerAddress(),
+            metavar="HOST:PORT",
+            help="MQTT broker (default 127.0.0.1:1883)",
+        )
+        parser.add_argument(
+            "--federation",
+            default="default",
+            metavar="ID",
+            help="federation id, the second topic level (default 'default')",
+        )
+    parser.add_argument(
+        "--log-json",
+        action="store_true",
+        default=None,
+        help="JSON log lines even on a terminal (default: JSON unless a TTY)",
+    )
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,77 +106,178 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("broker", help="run mosquitto with the project's config",
-                       description="Run mosquitto with the project's mosquitto.conf (loopback "
-                       "listener), wait until it accepts connections, stop it on Ctrl-C.")  # fmt: skip
-    p.add_argument("--port", type=int, default=1883, help="listener port (default 1883, 0 = any free)")
-    p.add_argument("--config", type=Path, default=None, help="mosquitto.conf to use (default: the project's)")
+    p = sub.add_parser(
+        "broker",
+        help="run mosquitto with the project's config",
+        description="Run mosquitto with the project's mosquitto.conf (loopback "
+        "listener), wait until it accepts connections, stop it on Ctrl-C.",
+    )
+    p.add_argument(
+        "--port", type=int, default=1883, help="listener port (default 1883, 0 = any free)"
+    )
+    p.add_argument(
+        "--config", type=Path, default=None, help="mosquitto.conf to use (default: the project's)"
+    )
     _add_common(p, broker_required=False)
 
-    p = sub.add_parser("aggregator", help="average updates per round, publish the global model",
-                       description="Open rounds by publishing the global model (retained), "
-                       "accept each node's update once per round, close the round when every "
-                       "expected node has reported (or, with --round-timeout, when --min-nodes "
-                       "have and the deadline passed), apply FedAvg weighted by examples, "
-                       "publish metrics. Exits after --rounds rounds.")  # fmt: skip
+    p = sub.add_parser(
+        "aggregator",
+        help="average updates per round, publish the global model",
+        description="Open rounds by publishing the global model (retained), "
+        "accept each node's update once per round, close the round when every "
+        "expected node has reported (or, with --round-timeout, when --min-nodes "
+        "have and the deadline passed), apply FedAvg weighted by examples, "
+        "publish metrics. Exits after --rounds rounds.",
+    )
     _add_common(p)
-    p.add_argument("--model", type=_model, default="digits-mlp", help="architecture (default digits-mlp)")
-    p.add_argument("--nodes", type=_positive_int, default=10, help="nodes expected each round (default 10)")
-    p.add_argument("--min-nodes", type=_positive_int, default=None, help="quorum at the deadline (default: all)")
-    p.add_argument("--round-timeout", type=_positive_float, default=None, metavar="SECONDS",
-                   help="deadline for stragglers (default: wait for every expected node)")  # fmt: skip
+    p.add_argument(
+        "--model", type=_model, default="digits-mlp", help="architecture (default digits-mlp)"
+    )
+    p.add_argument(
+        "--nodes", type=_positive_int, default=10, help="nodes expected each round (default 10)"
+    )
+    p.add_argument(
+        "--min-nodes",
+        type=_positive_int,
+        default=None,
+        help="quorum at the deadline (default: all)",
+    )
+    p.add_argument(
+        "--round-timeout",
+        type=_positive_float,
+        default=None,
+        metavar="SECONDS",
+        help="deadline for stragglers (default: wait for every expected node)",
+    )
     p.add_argument("--rounds", type=_positive_int, default=30, help="rounds to run (default 30)")
-    p.add_argument("--learning-rate", type=_positive_float, default=0.1, help="nodes' SGD rate (default 0.1)")
-    p.add_argument("--batch-size", type=_positive_int, default=16, help="nodes' batch size (default 16)")
-    p.add_argument("--local-epochs", type=_positive_int, default=1, help="epochs per round (default 1)")
-    p.add_argument("--seed", type=int, default=0, help="initial model and shuffling seed (default 0)")
-    p.add_argument("--test-data", default="digits", metavar="digits|PATH.npz|none",
-                   help="evaluation set for test accuracy (default: the digits test split)")  # fmt: skip
-    p.add_argument("--max-update-bytes", type=_positive_int, default=None,
-                   help="reject larger updates unread (default: dense model size + 64 KiB)")  # fmt: skip
+    p.add_argument(
+        "--learning-rate", type=_positive_float, default=0.1, help="nodes' SGD rate (default 0.1)"
+    )
+    p.add_argument(
+        "--batch-size", type=_positive_int, default=16, help="nodes' batch size (default 16)"
+    )
+    p.add_argument(
+        "--local-epochs", type=_positive_int, default=1, help="epochs per round (default 1)"
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="initial model and shuffling seed (default 0)"
+    )
+    p.add_argument(
+        "--test-data",
+        default="digits",
+        metavar="digits|PATH.npz|none",
+        help="evaluation set for test accuracy (default: the digits test split)",
+    )
+    p.add_argument(
+        "--max-update-bytes",
+        type=_positive_int,
+        default=None,
+        help="reject larger updates unread (default: dense model size + 64 KiB)",
+    )
     p.add_argument("--report", type=Path, default=None, help="write report.json here at the end")
 
-    p = sub.add_parser("node", help="train on local data and publish updates",
-                       description="Wait for the retained global model, train it on local data "
-                       "with JAX, publish the parameter delta (QoS 1), report status. Reconnects "
-                       "with back-off when the broker goes away.")  # fmt: skip
+    p = sub.add_parser(
+        "node",
+        help="train on local data and publish updates",
+        description="Wait for the retained global model, train it on local data "
+        "with JAX, publish the parameter delta (QoS 1), report status. Reconnects "
+        "with back-off when the broker goes away.",
+    )
     _add_common(p)
     p.add_argument("--node-id", required=True, metavar="ID", help="this device's id (topic level)")
     data = p.add_mutually_exclusive_group(required=True)
-    data.add_argument("--data", type=Path, metavar="PATH.npz", help="local data: arrays x (n, features) and y (n,)")
-    data.add_argument("--demo-shard", type=_shard, metavar="INDEX/COUNT",
-                      help="built-in digits data: shard INDEX of COUNT (needs scikit-learn)")  # fmt: skip
-    p.add_argument("--partition", type=_partition, default="iid", help="for --demo-shard: iid or dirichlet:ALPHA")
+    data.add_argument(
+        "--data",
+        type=Path,
+        metavar="PATH.npz",
+        help="local data: arrays x (n, features) and y (n,)",
+    )
+    data.add_argument(
+        "--demo-shard",
+        type=_shard,
+        metavar="INDEX/COUNT",
+        help="built-in digits data: shard INDEX of COUNT (needs scikit-learn)",
+    )
+    p.add_argument(
+        "--partition",
+        type=_partition,
+        default="iid",
+        help="for --demo-shard: iid or dirichlet:ALPHA",
+    )
     p.add_argument("--partition-seed", type=int, default=0, help="for --demo-shard (default 0)")
-    p.add_argument("--state-dir", type=Path, default=Path(".fedmq-node"),
-                   help="node state incl. the JAX compile cache (default ./.fedmq-node)")  # fmt: skip
-    p.add_argument("--exit-when-done", action="store_true", help="exit when the federation finishes")
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        default=Path(".fedmq-node"),
+        help="node state incl. the JAX compile cache (default ./.fedmq-node)",
+    )
+    p.add_argument(
+        "--exit-when-done", action="store_true", help="exit when the federation finishes"
+    )
 
-    p = sub.add_parser("monitor", help="watch node status and round metrics live",
-                       description="Subscribe to a federation's status, server and metrics topics "
-                       "and show them: a live view on a terminal, or one JSON object per line.")  # fmt: skip
+    p = sub.add_parser(
+        "monitor",
+        help="watch node status and round metrics live",
+        description="Subscribe to a federation's status, server and metrics topics "
+        "and show them: a live view on a terminal, or one JSON object per line.",
+    )
     _add_common(p)
     p.add_argument("--json", action="store_true", help="one JSON object per message, for scripts")
-    p.add_argument("--until-done", action="store_true", help="exit after the federation's last round")
-    p.add_argument("--timeout", type=_positive_float, default=None, metavar="SECONDS",
-                   help="give up (exit 1) after this long")  # fmt: skip
+    p.add_argument(
+        "--until-done", action="store_true", help="exit after the federation's last round"
+    )
+    p.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=None,
+        metavar="SECONDS",
+        help="give up (exit 1) after this long",
+    )
 
-    p = sub.add_parser("demo", help="run a whole federation on this machine",
-                       description="Start mosquitto on a free loopback port (or use --broker), an "
-                       "aggregator and N node processes, run the digits-mlp reference task, show "
-                       "progress, print a summary and write a JSON report.")  # fmt: skip
+    p = sub.add_parser(
+        "demo",
+        help="run a whole federation on this machine",
+        description="Start mosquitto on a free loopback port (or use --broker), an "
+        "aggregator and N node processes, run the digits-mlp reference task, show "
+        "progress, print a summary and write a JSON report.",
+    )
     p.add_argument("--nodes", type=_positive_int, default=10, help="node processes (default 10)")
     p.add_argument("--rounds", type=_positive_int, default=30, help="rounds (default 30)")
-    p.add_argument("--seed", type=int, default=0, help="seed for init, split and shuffles (default 0)")
-    p.add_argument("--model", type=_model, default="digits-mlp", help="architecture (default digits-mlp)")
-    p.add_argument("--partition", type=_partition, default="iid", help="iid (default) or dirichlet:ALPHA")
-    p.add_argument("--report", type=Path, default=None, metavar="PATH", help="write report.json here")
-    p.add_argument("--broker", type=_broker, default=None, metavar="HOST:PORT",
-                   help="use this broker instead of starting one")  # fmt: skip
-    p.add_argument("--federation", default="demo", metavar="ID", help="federation id (default demo)")
-    p.add_argument("--round-timeout", type=_positive_float, default=None, metavar="SECONDS",
-                   help="close rounds at this deadline with whoever reported")  # fmt: skip
-    p.add_argument("--workdir", type=Path, default=None, help="keep data and logs here (default: temp, removed)")
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed for init, split and shuffles (default 0)"
+    )
+    p.add_argument(
+        "--model", type=_model, default="digits-mlp", help="architecture (default digits-mlp)"
+    )
+    p.add_argument(
+        "--partition", type=_partition, default="iid", help="iid (default) or dirichlet:ALPHA"
+    )
+    p.add_argument(
+        "--report", type=Path, default=None, metavar="PATH", help="write report.json here"
+    )
+    p.add_argument(
+        "--broker",
+        type=_broker,
+        default=None,
+        metavar="HOST:PORT",
+        help="use this broker instead of starting one",
+    )
+    p.add_argument(
+        "--federation", default="demo", metavar="ID", help="federation id (default demo)"
+    )
+    p.add_argument(
+        "--round-timeout",
+        type=_positive_float,
+        default=None,
+        metavar="SECONDS",
+        help="close rounds at this deadline with whoever reported",
+    )
+    p.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="keep data and logs here (default: temp, removed)",
+    )
     _add_common(p, broker_required=False)
     return parser
 
@@ -193,8 +309,10 @@ def dispatch(args: argparse.Namespace, stop: threading.Event) -> int:
         from broker.process import PROJECT_CONF, Mosquitto
 
         with Mosquitto(port=args.port or None, config=args.config or PROJECT_CONF) as broker:
-            print(f"mosquitto listening on {broker.address} (pid {broker.process.pid}); Ctrl-C stops it",  # type: ignore[union-attr]
-                  flush=True)  # fmt: skip
+            print(
+                f"mosquitto listening on {broker.address} (pid {broker.pid}); Ctrl-C stops it",
+                flush=True,
+            )
             while not stop.wait(0.5):
                 if broker.process is None or broker.process.poll() is not None:
                     print("fedmq broker: error: mosquitto exited", file=sys.stderr)
@@ -205,45 +323,75 @@ def dispatch(args: argparse.Namespace, stop: threading.Event) -> int:
 
         return run(
             AggregatorConfig(
-                broker=args.broker, federation=args.federation, model=args.model,
-                rounds=args.rounds, nodes=args.nodes, min_nodes=args.min_nodes,
-                round_timeout=args.round_timeout, learning_rate=args.learning_rate,
-                batch_size=args.batch_size, local_epochs=args.local_epochs, seed=args.seed,
+                broker=args.broker,
+                federation=args.federation,
+                model=args.model,
+                rounds=args.rounds,
+                nodes=args.nodes,
+                min_nodes=args.min_nodes,
+                round_timeout=args.round_timeout,
+                learning_rate=args.learning_rate,
+                batch_size=args.batch_size,
+                local_epochs=args.local_epochs,
+                seed=args.seed,
                 test_data=None if args.test_data == "none" else args.test_data,
-                max_update_bytes=args.max_update_bytes, report=args.report,
+                max_update_bytes=args.max_update_bytes,
+                report=args.report,
             ),
             stop,
-        )  # fmt: skip
+        )
     if args.command == "node":
         # One XLA thread per node: a device trains one tiny model, and on a shared machine
         # ten nodes must not each spawn a thread pool per core. Set before JAX is imported.
-        os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+        os.environ.setdefault(
+            "XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+        )
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
-        from node.app import NodeConfig, run as run_node
+        from node.app import NodeConfig
+        from node.app import run as run_node
 
         return run_node(
             NodeConfig(
-                broker=args.broker, federation=args.federation, node_id=args.node_id,
-                state_dir=args.state_dir, data=args.data, demo_shard=args.demo_shard,
-                partition=args.partition, partition_seed=args.partition_seed,
+                broker=args.broker,
+                federation=args.federation,
+                node_id=args.node_id,
+                state_dir=args.state_dir,
+                data=args.data,
+                demo_shard=args.demo_shard,
+                partition=args.partition,
+                partition_seed=args.partition_seed,
                 exit_when_done=args.exit_when_done,
             ),
             stop,
-        )  # fmt: skip
+        )
     if args.command == "monitor":
         from fedmq.monitor import run as run_monitor
 
-        return run_monitor(args.broker, args.federation, stop, as_json=args.json,
-                           until_done=args.until_done, timeout=args.timeout)  # fmt: skip
+        return run_monitor(
+            args.broker,
+            args.federation,
+            stop,
+            as_json=args.json,
+            until_done=args.until_done,
+            timeout=args.timeout,
+        )
     if args.command == "demo":
-        from fedmq.demo import DemoConfig, run as run_demo
+        from fedmq.demo import DemoConfig
+        from fedmq.demo import run as run_demo
 
         return run_demo(
             DemoConfig(
-                nodes=args.nodes, rounds=args.rounds, seed=args.seed, model=args.model,
-                partition=args.partition, report=args.report, broker=args.broker,
-                federation=args.federation, workdir=args.workdir, round_timeout=args.round_timeout,
+                nodes=args.nodes,
+                rounds=args.rounds,
+                seed=args.seed,
+                model=args.model,
+                partition=args.partition,
+                report=args.report,
+                broker=args.broker,
+                federation=args.federation,
+                workdir=args.workdir,
+                round_timeout=args.round_timeout,
             ),
             stop,
-        )  # fmt: skip
+        )
     raise AssertionError(args.command)

@@ -17,7 +17,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import structlog
 
@@ -161,19 +161,40 @@ def run(config: DemoConfig, stop: threading.Event, out: TextIO = sys.stdout) -> 
         )
         common = ["--broker", str(address), "--federation", config.federation]
         aggregator_args = [
-            "aggregator", *common, "--model", config.model, "--nodes", str(config.nodes),
-            "--rounds", str(config.rounds), "--seed", str(config.seed),
-            "--test-data", str(test_path), "--log-json",
-        ]  # fmt: skip
+            "aggregator",
+            *common,
+            "--model",
+            config.model,
+            "--nodes",
+            str(config.nodes),
+            "--rounds",
+            str(config.rounds),
+            "--seed",
+            str(config.seed),
+            "--test-data",
+            str(test_path),
+            "--log-json",
+        ]
         if config.round_timeout is not None:
             aggregator_args += ["--round-timeout", str(config.round_timeout)]
         children.spawn("aggregator", aggregator_args)
         for index, path in enumerate(node_paths):
             node_id = f"node-{index + 1:02d}"
-            children.spawn(node_id, [
-                "node", *common, "--node-id", node_id, "--data", str(path),
-                "--state-dir", str(workdir / node_id), "--exit-when-done", "--log-json",
-            ])  # fmt: skip
+            children.spawn(
+                node_id,
+                [
+                    "node",
+                    *common,
+                    "--node-id",
+                    node_id,
+                    "--data",
+                    str(path),
+                    "--state-dir",
+                    str(workdir / node_id),
+                    "--exit-when-done",
+                    "--log-json",
+                ],
+            )
         progress = Progress(config.rounds, out)
         rounds: dict[int, RoundMetrics] = {}
         while len(rounds) < config.rounds:
@@ -227,7 +248,7 @@ def run(config: DemoConfig, stop: threading.Event, out: TextIO = sys.stdout) -> 
             shutil.rmtree(workdir, ignore_errors=True)
 
 
-def print_summary(report: dict, out: TextIO) -> None:  # type: ignore[type-arg]
+def print_summary(report: dict[str, Any], out: TextIO) -> None:
     rows = report["rounds"]
     seconds = [r["seconds"] for r in rows]
     warm = seconds[1:] or seconds

@@ -58,7 +58,12 @@ class FleetView:
                 self.nodes[message.node_id] = message
         except SchemaError as error:
             self.invalid[error.reason] += 1
-            return {"topic": topic, "type": "invalid", "reason": error.reason, "detail": error.detail}
+            return {
+                "topic": topic,
+                "type": "invalid",
+                "reason": error.reason,
+                "detail": error.detail,
+            }
         row = dataclasses.asdict(message)
         extra = row.pop("extra", {})
         return {"topic": topic, "type": _KIND[type(message)], **row, **extra}

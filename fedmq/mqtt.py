@@ -2,6 +2,7 @@
 
 import queue
 import random
+import socket
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -89,8 +90,15 @@ def make_client(
         if reason.is_failure:
             log.warning("mqtt.disconnected", client_id=client_id, reason=str(reason))
 
+    def on_socket_open(_c: mqtt.Client, _u: Any, sock: Any) -> None:
+        # paho leaves Nagle's algorithm on: a small publish after a large one would then
+        # wait for the broker's delayed ACK (40 ms on Linux) instead of leaving at once.
+        if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
     client.on_connect = on_connect
     client.on_disconnect = on_disconnect
+    client.on_socket_open = on_socket_open
     client.on_subscribe = on_subscribe
     if inbox is not None:
 

@@ -21,6 +21,7 @@ def round_row(metrics: RoundMetrics) -> dict[str, Any]:
         "global_bytes": metrics.global_bytes,
         "seconds": metrics.seconds,
         "aggregate_seconds": metrics.aggregate_seconds,
+        "train_seconds_median": metrics.train_seconds_median,
         "closed_by": metrics.closed_by,
         "rejected": metrics.rejected,
         "model_id": metrics.model_id,

@@ -9,6 +9,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import structlog
@@ -16,6 +17,9 @@ import structlog
 from fedmq import mqtt as edge
 from fedmq.datasets import Dataset, digits, load_npz, partition
 from fedmq.models import MLP, check_layout
+
+if TYPE_CHECKING:  # JAX is imported only once a node has a model to train
+    from node.training import LocalTrainer
 from schemas import (
     GlobalModel,
     NodeStatus,
@@ -76,11 +80,17 @@ class Node:
         self.outbox = outbox
         self.last_trained: tuple[int, str] | None = None  # (round, base model id)
         self.finished = False
-        self._trainer = None
+        self._trainer: LocalTrainer | None = None
         self._model: MLP | None = None
 
-    def status(self, state: str, *, round: int | None = None, model_id: str | None = None,
-               detail: str | None = None) -> None:  # fmt: skip
+    def status(
+        self,
+        state: str,
+        *,
+        round: int | None = None,
+        model_id: str | None = None,
+        detail: str | None = None,
+    ) -> None:
         message = NodeStatus(
             federation=self.config.federation,
             node_id=self.config.node_id,
@@ -154,8 +164,12 @@ class Node:
             self.outbox.publish(self.topics.update(self.config.node_id), payload)
             self.last_trained = (model.round, model.model_id)
             self.status("submitted", round=model.round, model_id=model.model_id)
-            log.debug("update.published", bytes=len(payload), loss=loss,
-                      train_seconds=update.train_seconds)  # fmt: skip
+            log.debug(
+                "update.published",
+                bytes=len(payload),
+                loss=loss,
+                train_seconds=update.train_seconds,
+            )
 
 
 def latest(inbox: "queue.Queue[edge.Received]", first: edge.Received) -> edge.Received:

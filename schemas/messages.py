@@ -8,7 +8,7 @@ decoders; an unknown major version is rejected. Decoders raise only ``SchemaErro
 import hashlib
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
 import msgpack
@@ -125,6 +125,7 @@ class RoundMetrics:
     aggregate_seconds: float
     closed_by: str
     at: float = 0.0
+    train_seconds_median: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -198,25 +199,30 @@ def _to_wire(message: Message) -> dict[str, Any]:
                 "at": message.at,
             }
         case RoundMetrics():
-            return message.extra | head | {
-                "type": "metrics",
-                "federation": message.federation,
-                "round": message.round,
-                "model_id": message.model_id,
-                "participants": list(message.participants),
-                "num_examples": message.num_examples,
-                "accuracy": message.accuracy,
-                "loss": message.loss,
-                "train_loss": message.train_loss,
-                "uplink_bytes": message.uplink_bytes,
-                "downlink_bytes": message.downlink_bytes,
-                "global_bytes": message.global_bytes,
-                "rejected": dict(message.rejected),
-                "seconds": float(message.seconds),
-                "aggregate_seconds": float(message.aggregate_seconds),
-                "closed_by": message.closed_by,
-                "at": float(message.at),
-            }
+            return (
+                message.extra
+                | head
+                | {
+                    "type": "metrics",
+                    "federation": message.federation,
+                    "round": message.round,
+                    "model_id": message.model_id,
+                    "participants": list(message.participants),
+                    "num_examples": message.num_examples,
+                    "accuracy": message.accuracy,
+                    "loss": message.loss,
+                    "train_loss": message.train_loss,
+                    "uplink_bytes": message.uplink_bytes,
+                    "downlink_bytes": message.downlink_bytes,
+                    "global_bytes": message.global_bytes,
+                    "rejected": dict(message.rejected),
+                    "seconds": float(message.seconds),
+                    "aggregate_seconds": float(message.aggregate_seconds),
+                    "closed_by": message.closed_by,
+                    "at": float(message.at),
+                    "train_seconds_median": message.train_seconds_median,
+                }
+            )
     raise TypeError(f"not a fedmq message: {type(message).__name__}")
 
 
@@ -257,7 +263,8 @@ def _unpack(payload: Any, kind: str, max_bytes: int) -> dict[str, Any]:
         raise SchemaError("bad_field", "v (schema version) is missing")
     if version != SCHEMA_VERSION or type(version) is not int:
         raise SchemaError(
-            "unsupported_version", f"schema version {version!r}; this decoder reads {SCHEMA_VERSION}"
+            "unsupported_version",
+            f"schema version {version!r}; this decoder reads {SCHEMA_VERSION}",
         )
     if obj.get("type") != kind:
         raise SchemaError("wrong_type", f"type is {obj.get('type')!r}, expected {kind!r}")
@@ -425,11 +432,8 @@ def decode_server_status(payload: bytes, *, max_bytes: int = 64 * 1024) -> Serve
     )
 
 
-_METRICS_KEYS = {
-    "v", "type", "federation", "round", "model_id", "participants", "num_examples", "accuracy",
-    "loss", "train_loss", "uplink_bytes", "downlink_bytes", "global_bytes", "rejected",
-    "seconds", "aggregate_seconds", "closed_by", "at",
-}  # fmt: skip
+# Keys decoded into RoundMetrics fields; any other key is kept in ``extra``.
+_METRICS_KEYS = {"v", "type"} | {f.name for f in fields(RoundMetrics)} - {"extra"}
 
 
 def decode_metrics(payload: bytes, *, max_bytes: int = 16 * 1024 * 1024) -> RoundMetrics:
@@ -457,5 +461,6 @@ def decode_metrics(payload: bytes, *, max_bytes: int = 16 * 1024 * 1024) -> Roun
         aggregate_seconds=_get(obj, "aggregate_seconds", float),
         closed_by=_choice(obj, "closed_by", CLOSED_BY),
         at=_get(obj, "at", float),
+        train_seconds_median=_get(obj, "train_seconds_median", float, optional=True),
         extra={k: v for k, v in obj.items() if k not in _METRICS_KEYS},
     )

@@ -12,7 +12,7 @@ import numpy as np
 from schemas.errors import SchemaError
 
 # dtypes a parameter tensor may have on the wire, by their numpy string.
-WIRE_DTYPES = {"<f4": np.dtype("<f4"), "<f2": np.dtype("<f2")}
+WIRE_DTYPES: dict[str, np.dtype] = {"<f4": np.dtype("<f4"), "<f2": np.dtype("<f2")}
 MAX_RANK = 8
 
 
@@ -38,7 +38,7 @@ def decode_tensor(obj: Any, field: str, *, max_elements: int) -> np.ndarray:
     if (
         not isinstance(shape, list)
         or len(shape) > MAX_RANK
-        or not all(type(d) is int and 0 <= d for d in shape)
+        or not all(type(d) is int and d >= 0 for d in shape)
     ):
         raise SchemaError(
             "bad_shape", f"{field}.shape must be a list of at most {MAX_RANK} sizes >= 0"

@@ -1,0 +1,164 @@
+"""Shared fixtures: a real mosquitto from the project's config, and fedmq child processes.
+
+Everything a fixture starts it also stops, by PID, even when the test fails.
+"""
+
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from broker.process import Mosquitto
+from fedmq.datasets import Dataset, digits, partition
+
+
+@pytest.fixture(scope="session")
+def mosquitto() -> Iterator[Mosquitto]:
+    """One broker for the session, started from mosquitto.conf on a free loopback port."""
+    with Mosquitto() as broker:
+        yield broker
+
+
+@pytest.fixture
+def federation() -> str:
+    """A fresh federation id, so tests sharing the broker never see each other's topics."""
+    return f"t-{uuid.uuid4().hex[:12]}"
+
+
+class Child:
+    def __init__(self, name: str, args: list[str], log: Path) -> None:
+        self.name = name
+        self.log_path = log
+        with log.open("wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "fedmq", *args],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{self.name} still running after {timeout} s; log:\n{self.log()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[object]:
+    """``spawn(name, *args)`` runs ``python -m fedmq *args``; all are stopped at teardown."""
+    children: list[Child] = []
+
+    def start(name: str, *args: str) -> Child:
+        child = Child(name, list(args), tmp_path / f"{name}.log")
+        children.append(child)
+        return child
+
+    yield start
+    for child in children:
+        child.stop()
+
+
+@pytest.fixture(scope="session")
+def digits_split() -> tuple[Dataset, Dataset]:
+    return digits()
+
+
+@pytest.fixture
+def node_data(tmp_path: Path, digits_split: tuple[Dataset, Dataset]):  # type: ignore[no-untyped-def]
+    """``node_data(count)`` writes ``count`` IID shards as .npz files and returns their paths."""
+
+    def write(count: int) -> list[Path]:
+        train, _ = digits_split
+        paths = []
+        for index, shard in enumerate(partition(train.y, count, "iid", 0)):
+            path = tmp_path / f"node-{index}.npz"
+            np.savez(path, x=train.x[shard], y=train.y[shard])
+            paths.append(path)
+        return paths
+
+    return write
+
+
+def wait_until(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
+
+
+class Collector:
+    """A raw paho client (no fedmq code on the receiving side) that keeps what it gets."""
+
+    def __init__(self, address: tuple[str, int], topics: list[str]) -> None:
+        import threading
+
+        import paho.mqtt.client as mqtt
+
+        self.messages: list[tuple[str, bytes, bool]] = []
+        self._lock = threading.Lock()
+        self._subscribed = threading.Event()
+        self.client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, client_id=f"t-{uuid.uuid4().hex}"
+        )
+
+        def on_connect(client, _u, _f, reason, _p):  # type: ignore[no-untyped-def]
+            client.subscribe([(topic, 1) for topic in topics])
+
+        def on_subscribe(*_args):  # type: ignore[no-untyped-def]
+            self._subscribed.set()
+
+        def on_message(_c, _u, message):  # type: ignore[no-untyped-def]
+            with self._lock:
+                self.messages.append((message.topic, bytes(message.payload), message.retain))
+
+        self.client.on_connect = on_connect
+        self.client.on_subscribe = on_subscribe
+        self.client.on_message = on_message
+        self.client.connect(*address)
+        self.client.loop_start()
+        if not self._subscribed.wait(10):
+            raise RuntimeError("collector could not subscribe")
+
+    def on(self, topic: str) -> list[bytes]:
+        with self._lock:
+            return [payload for t, payload, _ in self.messages if t == topic]
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@pytest.fixture
+def collect(mosquitto: Mosquitto) -> Iterator[object]:
+    """``collect([topic filters])`` subscribes a raw paho client; closed at teardown."""
+    collectors: list[Collector] = []
+
+    def make(topics: list[str]) -> Collector:
+        collector = Collector((mosquitto.host, mosquitto.port), topics)
+        collectors.append(collector)
+        return collector
+
+    yield make
+    for collector in collectors:
+        collector.close()
