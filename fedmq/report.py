@@ -23,6 +23,7 @@ def round_row(metrics: RoundMetrics) -> dict[str, Any]:
         "aggregate_seconds": metrics.aggregate_seconds,
         "train_seconds_median": metrics.train_seconds_median,
         "closed_by": metrics.closed_by,
+        "at": metrics.at,
         "rejected": metrics.rejected,
         "model_id": metrics.model_id,
     }

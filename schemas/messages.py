@@ -305,6 +305,16 @@ def _positive(obj: Mapping[str, Any], key: str, *, minimum: int = 0) -> int:
     return value
 
 
+MAX_EXAMPLES = 2**24  # FedAvg weights stay exact in float32 up to here
+
+
+def _examples(obj: Mapping[str, Any]) -> int:
+    value = _positive(obj, "num_examples", minimum=1)
+    if value > MAX_EXAMPLES:
+        raise SchemaError("bad_field", f"num_examples {value} is more than {MAX_EXAMPLES}")
+    return value
+
+
 def _model_id(obj: Mapping[str, Any], key: str) -> str:
     value = _get(obj, key, str)
     if len(value) != 32 or any(c not in "0123456789abcdef" for c in value):
@@ -388,7 +398,7 @@ def decode_update(
         node_id=_name(obj, "node_id"),
         round=_positive(obj, "round", minimum=1),
         base_model_id=_model_id(obj, "base_model_id"),
-        num_examples=_positive(obj, "num_examples", minimum=1),
+        num_examples=_examples(obj),
         train_loss=_get(obj, "train_loss", float),
         train_seconds=train_seconds,
         sent_at=_get(obj, "sent_at", float),
