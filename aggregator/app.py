@@ -83,7 +83,7 @@ def run(config: AggregatorConfig, stop: threading.Event) -> int:
         reported=0,
     )
     client = edge.make_client(
-        f"fedmq-{config.federation}-aggregator",
+        edge.make_client_id(config.federation, "aggregator"),
         subscriptions=[(topics.all_updates, 1)],
         will=(topics.server, encode(offline)),
         inbox=inbox,
@@ -102,6 +102,7 @@ def run(config: AggregatorConfig, stop: threading.Event) -> int:
             edge.stop(client)
             return 130
     aggregator.start()
+    connects = 0
     while not aggregator.done and not stop.is_set():
         timeout = aggregator.timeout()
         try:
@@ -109,14 +110,19 @@ def run(config: AggregatorConfig, stop: threading.Event) -> int:
         except queue.Empty:
             aggregator.tick()
             continue
-        aggregator.handle(received.topic, received.payload)
+        if received.topic == edge.CONNECTED:
+            connects += 1
+            if connects > 1:  # a reconnect, not the connect that preceded start()
+                aggregator.republish()
+        else:
+            aggregator.handle(received.topic, received.payload)
     if config.report is not None:
         write_report(
             config.report,
             build_report(aggregator.history, federation=config.federation, model=config.model),
         )
     if not aggregator.done:
-        publish(topics.server, encode(offline), True)
+        publish(topics.server, encode(aggregator.server_status("offline")), True)
     if not outbox.flush(timeout=10):
         log.warning("aggregator.unacknowledged", messages=outbox.unacknowledged)
     edge.stop(client)

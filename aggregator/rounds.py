@@ -22,8 +22,8 @@ class RoundPolicy:
             raise ValueError("expected_nodes must be at least 1")
         if not 1 <= self.min_nodes <= self.expected_nodes:
             raise ValueError("min_nodes must be between 1 and expected_nodes")
-        if self.deadline_seconds is not None and self.deadline_seconds <= 0:
-            raise ValueError("deadline_seconds must be positive")
+        if self.deadline_seconds is not None and not 0 < self.deadline_seconds < float("inf"):
+            raise ValueError("deadline_seconds must be a positive number of seconds")
 
 
 def close_reason(policy: RoundPolicy, *, reported: int, opened_at: float, now: float) -> str | None:

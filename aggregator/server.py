@@ -36,6 +36,8 @@ from schemas import (
 log = structlog.get_logger()
 
 Publish = Callable[[str, bytes, bool], None]  # (topic, payload, retain), QoS 1
+# Least time between two server status messages sent because updates arrived.
+STATUS_INTERVAL = 0.25
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,8 @@ class Aggregator:
         self.history: list[RoundMetrics] = []
         self._rejected: Counter[str] = Counter()  # of the open round; reset when it closes
         self._global_bytes = 0
+        self._global_payload = b""
+        self._status_published_at = float("-inf")
         self._reset_round()
 
     # ------------------------------------------------------------------ lifecycle
@@ -87,6 +91,13 @@ class Aggregator:
     def start(self) -> None:
         """Publish the initial global model, which opens round 1."""
         self._open_round(1)
+
+    def republish(self) -> None:
+        """Publish the open round's global model and server status again (after a
+        reconnect: a restarted broker without persistence has forgotten them)."""
+        if self.round >= 1:
+            self._publish(self.topics.global_model, self._global_payload, True)
+            self._publish_server_status()
 
     def timeout(self) -> float | None:
         """Seconds until ``tick`` might close the open round, or None (only a message can)."""
@@ -139,6 +150,8 @@ class Aggregator:
         self._train_seconds.append(update.train_seconds)
         log.debug("update.accepted", node=node_id, round=self.round, bytes=len(payload))
         self.tick()
+        if not self.done and self._clock() - self._status_published_at >= STATUS_INTERVAL:
+            self._publish_server_status()  # progress toward the quorum, for monitors
 
     # ------------------------------------------------------------------ internals
 
@@ -186,6 +199,7 @@ class Aggregator:
         payload = encode(message)
         self.round = round
         self._global_bytes = len(payload)
+        self._global_payload = payload
         self._reset_round()
         self.done = final
         self._publish(self.topics.global_model, payload, True)
@@ -194,10 +208,10 @@ class Aggregator:
             "round.opened", round=round, model_id=self.model_id, final=final, bytes=len(payload)
         )
 
-    def _publish_server_status(self) -> None:
-        status = ServerStatus(
+    def server_status(self, state: str | None = None) -> ServerStatus:
+        return ServerStatus(
             federation=self.settings.federation,
-            state="done" if self.done else "waiting",
+            state=state or ("done" if self.done else "waiting"),
             round=self.round,
             expected_nodes=self.settings.policy.expected_nodes,
             min_nodes=self.settings.policy.min_nodes,
@@ -205,6 +219,10 @@ class Aggregator:
             deadline_seconds=self.settings.policy.deadline_seconds,
             at=self._wall(),
         )
+
+    def _publish_server_status(self) -> None:
+        self._status_published_at = self._clock()
+        status = self.server_status()
         self._publish(self.topics.server, encode(status), True)
 
     def _close_round(self, closed_by: str) -> None:

@@ -53,7 +53,7 @@ def parse_partition(spec: str) -> float | None:
         value = float(alpha)
     except ValueError:
         value = -1.0
-    if kind != "dirichlet" or not value > 0:
+    if kind != "dirichlet" or not 0 < value < float("inf"):
         raise ValueError(f"partition {spec!r} is not 'iid' or 'dirichlet:ALPHA' with ALPHA > 0")
     return value
 

@@ -147,7 +147,7 @@ def run(config: DemoConfig, stop: threading.Event, out: TextIO = sys.stdout) -> 
         inbox: queue.Queue[edge.Received] = queue.Queue()
         ready = threading.Event()
         client = edge.make_client(
-            f"fedmq-{config.federation}-demo-{edge.unique_suffix()}",
+            edge.make_client_id(config.federation, "demo", edge.unique_suffix()),
             subscriptions=[(topics.metrics, 1)],
             inbox=inbox,
             ready=ready,
@@ -207,6 +207,8 @@ def run(config: DemoConfig, stop: threading.Event, out: TextIO = sys.stdout) -> 
             try:
                 received = inbox.get(timeout=0.2)
             except queue.Empty:
+                continue
+            if received.topic == edge.CONNECTED:
                 continue
             try:
                 metrics = decode_metrics(received.payload)

@@ -128,7 +128,7 @@ def run(
     topics = Topics(federation)
     inbox: queue.Queue[edge.Received] = queue.Queue()
     client = edge.make_client(
-        f"fedmq-{federation}-monitor-{edge.unique_suffix()}",
+        edge.make_client_id(federation, "monitor", edge.unique_suffix()),
         subscriptions=[(topics.all_status, 1), (topics.server, 1), (topics.metrics, 1)],
         inbox=inbox,
     )

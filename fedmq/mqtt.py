@@ -31,6 +31,17 @@ class BrokerAddress:
         return f"{self.host}:{self.port}"
 
 
+# Pseudo-topic of the message ``make_client`` puts in the inbox after every successful
+# (re)connect, so the worker thread that owns the state can republish what it owns.
+CONNECTED = "$fedmq/connected"
+
+
+def make_client_id(federation: str, role: str, node_id: str | None = None) -> str:
+    """``fedmq:<federation>:aggregator`` or ``fedmq:<federation>:node:<id>``; ``:`` is not
+    allowed in ids, so two clients of different roles or federations never collide."""
+    return f"fedmq:{federation}:{role}" + (f":{node_id}" if node_id is not None else "")
+
+
 @dataclass(frozen=True)
 class Received:
     """A message handed from paho's network thread to the worker that owns the state."""
@@ -53,8 +64,9 @@ def make_client(
     ``ready`` is set once the broker has granted the subscriptions (or, without any, once
     connected): publish what others answer only after that, or their answers are missed.
 
-    Reconnects are paho's own loop with exponential back-off from 0.5 s to 30 s; the
-    first connect is retried the same way, so a node may start before its broker.
+    Reconnects are paho's own loop with exponential back-off from 1 s to 30 s; the first
+    connect is retried the same way, so a node may start before its broker. After every
+    successful connect a ``Received(CONNECTED, ...)`` is put into ``inbox``.
     """
     client = mqtt.Client(
         mqtt.CallbackAPIVersion.VERSION2,
@@ -74,6 +86,8 @@ def make_client(
             log.warning("mqtt.connect_refused", client_id=client_id, reason=str(reason))
             return
         log.debug("mqtt.connected", client_id=client_id)
+        if inbox is not None:
+            inbox.put(Received(CONNECTED, b"", False))
         if wanted:
             client.subscribe(wanted)
         elif ready is not None:

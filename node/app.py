@@ -79,6 +79,7 @@ class Node:
         self.topics = Topics(config.federation)
         self.outbox = outbox
         self.last_trained: tuple[int, str] | None = None  # (round, base model id)
+        self._last_update: bytes | None = None  # payload of that round's update
         self.finished = False
         self._trainer: LocalTrainer | None = None
         self._model: MLP | None = None
@@ -116,13 +117,29 @@ class Node:
             log.error("global.rejected", reason="wrong_federation", federation=model.federation)
             return
         if model.final:
+            if self.last_trained is None:
+                # A finished run of this federation, retained from before we started:
+                # wait for the aggregator to open a new one.
+                self.status("idle", detail="the federation's last run has finished")
+                return
             log.info("federation.finished", round=model.round, model_id=model.model_id)
             self.status("done", round=model.round - 1, model_id=model.model_id)
             self.finished = True
             return
         if (model.round, model.model_id) == self.last_trained:
-            return  # already trained on it (e.g. the retained copy after a reconnect)
+            # The same model again: we reconnected (retained copy) or the aggregator did
+            # (republished). Either side may have missed our update, so send it again;
+            # an aggregator that has it counts the copy as a duplicate.
+            if self._last_update is not None:
+                self.outbox.publish(self.topics.update(self.config.node_id), self._last_update)
+                log.info("update.resent", round=model.round)
+            return
         self.train_and_publish(model)
+
+    def on_connected(self) -> None:
+        """Refresh our retained status: a last will may have marked us offline."""
+        round, model_id = self.last_trained or (None, None)
+        self.status("submitted" if round else "online", round=round, model_id=model_id)
 
     def train_and_publish(self, model: GlobalModel) -> None:
         from node.training import LocalTrainer, delta
@@ -163,6 +180,7 @@ class Node:
             payload = encode(update)
             self.outbox.publish(self.topics.update(self.config.node_id), payload)
             self.last_trained = (model.round, model.model_id)
+            self._last_update = payload
             self.status("submitted", round=model.round, model_id=model.model_id)
             log.debug(
                 "update.published",
@@ -172,14 +190,14 @@ class Node:
             )
 
 
-def latest(inbox: "queue.Queue[edge.Received]", first: edge.Received) -> edge.Received:
-    """The newest queued message: a node that fell behind trains on the newest model only."""
-    newest = first
+def drain(inbox: "queue.Queue[edge.Received]", first: edge.Received) -> list[edge.Received]:
+    """``first`` and everything queued behind it."""
+    batch = [first]
     while True:
         try:
-            newest = inbox.get_nowait()
+            batch.append(inbox.get_nowait())
         except queue.Empty:
-            return newest
+            return batch
 
 
 def run(config: NodeConfig, stop: threading.Event) -> int:
@@ -190,21 +208,24 @@ def run(config: NodeConfig, stop: threading.Event) -> int:
     offline = NodeStatus(federation=config.federation, node_id=config.node_id, state="offline")
     inbox: queue.Queue[edge.Received] = queue.Queue()
     client = edge.make_client(
-        f"fedmq-{config.federation}-{config.node_id}",
+        edge.make_client_id(config.federation, "node", config.node_id),
         subscriptions=[(topics.global_model, 1)],
         will=(topics.status(config.node_id), encode(offline)),
         inbox=inbox,
     )
     node = Node(config, data, edge.Outbox(client))
     edge.start(client, config.broker)
-    node.status("online")  # queued by paho until the first connect succeeds
     log.info("node.started", examples=len(data), broker=str(config.broker))
     while not stop.is_set() and not (node.finished and config.exit_when_done):
         try:
-            received = latest(inbox, inbox.get(timeout=0.5))
+            batch = drain(inbox, inbox.get(timeout=0.5))
         except queue.Empty:
             continue
-        node.on_global(received.payload)
+        if any(r.topic == edge.CONNECTED for r in batch):
+            node.on_connected()
+        models = [r for r in batch if r.topic != edge.CONNECTED]
+        if models:  # a node that fell behind trains on the newest model only
+            node.on_global(models[-1].payload)
     if not node.finished:
         node.status("offline")
     if not node.outbox.flush(timeout=10):

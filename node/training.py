@@ -78,8 +78,11 @@ class LocalTrainer:
     def __init__(self, model: MLP, x: np.ndarray, y: np.ndarray) -> None:
         if x.shape[1] != model.sizes[0]:
             raise ValueError(f"data has {x.shape[1]} features, the model expects {model.sizes[0]}")
-        if int(y.max()) >= model.sizes[-1]:
-            raise ValueError(f"labels go up to {int(y.max())}, the model has {model.sizes[-1]}")
+        if int(y.min()) < 0 or int(y.max()) >= model.sizes[-1]:
+            raise ValueError(
+                f"labels must be class ids 0..{model.sizes[-1] - 1}, found {int(y.min())}"
+                f"..{int(y.max())}"
+            )
         self.model = model
         self.num_examples = len(y)
         self._x = jnp.asarray(x, dtype=jnp.float32)

@@ -7,6 +7,7 @@ decoders; an unknown major version is rejected. Decoders raise only ``SchemaErro
 
 import hashlib
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
@@ -259,7 +260,7 @@ def _unpack(payload: Any, kind: str, max_bytes: int) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise SchemaError("malformed", f"message must be a map, got {type(obj).__name__}")
     version = obj.get("v", _MISSING)
-    if version is _MISSING:
+    if version is _MISSING or version is None:
         raise SchemaError("bad_field", "v (schema version) is missing")
     if version != SCHEMA_VERSION or type(version) is not int:
         raise SchemaError(
@@ -315,6 +316,25 @@ def _examples(obj: Mapping[str, Any]) -> int:
     return value
 
 
+# Reported training losses beyond this are nonsense, and their example-weighted sum over a
+# round could overflow float64.
+MAX_LOSS = 1e12
+
+
+def _bounded(obj: Mapping[str, Any], key: str, limit: float) -> float:
+    value = _get(obj, key, float)
+    if abs(value) > limit:
+        raise SchemaError("bad_field", f"{key} is {value}, beyond +-{limit:g}")
+    return value
+
+
+def _positive_float(obj: Mapping[str, Any], key: str) -> float:
+    value = _get(obj, key, float)
+    if not value > 0:
+        raise SchemaError("bad_field", f"{key} is {value}, must be > 0")
+    return value
+
+
 def _model_id(obj: Mapping[str, Any], key: str) -> str:
     value = _get(obj, key, str)
     if len(value) != 32 or any(c not in "0123456789abcdef" for c in value):
@@ -322,12 +342,23 @@ def _model_id(obj: Mapping[str, Any], key: str) -> str:
     return value
 
 
+_TENSOR_NAME = re.compile(r"[A-Za-z0-9_./-]{1,64}")
+
+
 def _params(
-    obj: Mapping[str, Any], key: str, *, max_elements: int, layout: Layout | None
+    obj: Mapping[str, Any],
+    key: str,
+    *,
+    max_elements: int,
+    layout: Layout | None,
+    dtype: str | None = None,
 ) -> Params:
     wire = _get(obj, key, dict)
     if not wire:
         raise SchemaError("bad_field", f"{key} holds no tensors")
+    bad_names = [name for name in wire if not _TENSOR_NAME.fullmatch(name)]
+    if bad_names:
+        raise SchemaError("bad_field", f"{key} has invalid tensor names {bad_names[:3]!r}")
     if layout is not None and list(wire) != list(layout):
         raise SchemaError(
             "layout_mismatch", f"{key} has tensors {list(wire)}, the model has {list(layout)}"
@@ -342,6 +373,8 @@ def _params(
                 "layout_mismatch",
                 f"{key}.{name} has shape {tuple(array.shape)}, the model has {layout[name]}",
             )
+        if dtype is not None and array.dtype.str != dtype:
+            raise SchemaError("bad_dtype", f"{key}.{name} is {array.dtype.str}, expected {dtype}")
         params[name] = array
     bad = all_finite(params)
     if bad is not None:
@@ -366,10 +399,10 @@ def decode_global(
         final=_get(obj, "final", bool),
         created_at=_get(obj, "created_at", float),
         plan=TrainingPlan(
-            learning_rate=_get(plan, "learning_rate", float),
+            learning_rate=_positive_float(plan, "learning_rate"),
             batch_size=_positive(plan, "batch_size", minimum=1),
             local_epochs=_positive(plan, "local_epochs", minimum=1),
-            seed=_get(plan, "seed", int),
+            seed=_positive(plan, "seed"),
         ),
         params=_params(obj, "params", max_elements=max_elements, layout=None),
     )
@@ -399,11 +432,12 @@ def decode_update(
         round=_positive(obj, "round", minimum=1),
         base_model_id=_model_id(obj, "base_model_id"),
         num_examples=_examples(obj),
-        train_loss=_get(obj, "train_loss", float),
+        train_loss=_bounded(obj, "train_loss", MAX_LOSS),
         train_seconds=train_seconds,
         sent_at=_get(obj, "sent_at", float),
         compression=compression,
-        delta=_params(obj, "delta", max_elements=max_elements, layout=layout),
+        # dense: float32 numbers, exactly what the node computed
+        delta=_params(obj, "delta", max_elements=max_elements, layout=layout, dtype="<f4"),
     )
 
 

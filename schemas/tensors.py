@@ -21,7 +21,7 @@ def encode_tensor(array: np.ndarray) -> dict[str, Any]:
     dtype = array.dtype.newbyteorder("<")
     if dtype.str not in WIRE_DTYPES:
         raise ValueError(f"dtype {array.dtype} cannot travel; use one of {sorted(WIRE_DTYPES)}")
-    contiguous = np.ascontiguousarray(array, dtype=dtype)
+    contiguous = np.asarray(array, dtype=dtype, order="C")  # keeps 0-d arrays 0-d
     return {"dtype": dtype.str, "shape": list(contiguous.shape), "data": contiguous.tobytes()}
 
 
@@ -30,7 +30,7 @@ def decode_tensor(obj: Any, field: str, *, max_elements: int) -> np.ndarray:
     if not isinstance(obj, Mapping):
         raise SchemaError("bad_field", f"{field} must be a map, got {type(obj).__name__}")
     dtype_name = obj.get("dtype")
-    if dtype_name not in WIRE_DTYPES:
+    if not isinstance(dtype_name, str) or dtype_name not in WIRE_DTYPES:
         raise SchemaError(
             "bad_dtype", f"{field}.dtype {dtype_name!r} is not one of {sorted(WIRE_DTYPES)}"
         )
