@@ -1,0 +1,75 @@
+"""`fedmq demo` ends every process it started: on Ctrl-C, and when a child dies."""
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _start_long_demo() -> tuple[subprocess.Popen[str], list[int]]:
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "fedmq", "demo", "--nodes", "3", "--rounds", "100000"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
+    for line in demo.stdout:
+        if line.startswith("round   2/"):
+            break
+    else:
+        pytest.fail(f"the demo never reached round 2 (exit {demo.wait()})")
+    children = _children(demo.pid)
+    assert len(children) == 5, children  # mosquitto, aggregator, 3 nodes
+    return demo, children
+
+
+def _finish(demo: subprocess.Popen[str]) -> tuple[int, str]:
+    try:
+        out, _ = demo.communicate(timeout=60)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+    return demo.returncode, out
+
+
+def test_ctrl_c_stops_every_child():
+    demo, children = _start_long_demo()
+    demo.send_signal(signal.SIGINT)
+    code, out = _finish(demo)
+    assert code == 130, out
+    assert "interrupted" in out
+    assert [pid for pid in children if _alive(pid)] == []
+
+
+def test_a_dead_child_fails_the_demo_and_the_rest_are_stopped():
+    demo, children = _start_long_demo()
+    node = max(children)  # the last node started
+    os.kill(node, signal.SIGKILL)
+    code, out = _finish(demo)
+    assert code == 1, out
+    assert "exited with -9" in out
+    assert [pid for pid in children if _alive(pid)] == []
