@@ -36,6 +36,9 @@ class WeightedSum:
     def add(self, delta: Mapping[str, np.ndarray], weight: int) -> None:
         if not 0 < weight <= MAX_WEIGHT:
             raise ValueError(f"weight must be in 1..{MAX_WEIGHT}, got {weight}")
+        for name, total in self.sums.items():  # check all before touching any
+            if delta[name].shape != total.shape:
+                raise ValueError(f"{name} has shape {delta[name].shape}, expected {total.shape}")
         factor = np.float32(weight)
         for name, total in self.sums.items():
             source = delta[name].reshape(-1)

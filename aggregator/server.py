@@ -161,6 +161,9 @@ class Aggregator:
             return "wrong_federation", f"federation {update.federation!r}"
         if update.node_id != topic_node:
             return "node_id_mismatch", f"payload says {update.node_id!r}, topic says {topic_node!r}"
+        if update.round == self.round - 1 and topic_node in self._previous_reporters:
+            # a resent copy (after a reconnect) of an update the last round already has
+            return "duplicate", f"{topic_node} already reported in round {update.round}"
         if self.done or update.round != self.round:
             return "wrong_round", f"update for round {update.round}, open round is {self.round}"
         if update.base_model_id != self.model_id:
@@ -178,6 +181,7 @@ class Aggregator:
 
     def _reset_round(self) -> None:
         self._sum = WeightedSum(self.layout)
+        self._previous_reporters = frozenset(getattr(self, "_reporters", ()))
         self._reporters: list[str] = []
         self._uplink_bytes = 0
         self._train_loss_sum = 0.0

@@ -8,7 +8,7 @@ decoders; an unknown major version is rejected. Decoders raise only ``SchemaErro
 import hashlib
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
@@ -200,30 +200,27 @@ def _to_wire(message: Message) -> dict[str, Any]:
                 "at": message.at,
             }
         case RoundMetrics():
-            return (
-                message.extra
-                | head
-                | {
-                    "type": "metrics",
-                    "federation": message.federation,
-                    "round": message.round,
-                    "model_id": message.model_id,
-                    "participants": list(message.participants),
-                    "num_examples": message.num_examples,
-                    "accuracy": message.accuracy,
-                    "loss": message.loss,
-                    "train_loss": message.train_loss,
-                    "uplink_bytes": message.uplink_bytes,
-                    "downlink_bytes": message.downlink_bytes,
-                    "global_bytes": message.global_bytes,
-                    "rejected": dict(message.rejected),
-                    "seconds": float(message.seconds),
-                    "aggregate_seconds": float(message.aggregate_seconds),
-                    "closed_by": message.closed_by,
-                    "at": float(message.at),
-                    "train_seconds_median": message.train_seconds_median,
-                }
-            )
+            known = head | {
+                "type": "metrics",
+                "federation": message.federation,
+                "round": message.round,
+                "model_id": message.model_id,
+                "participants": list(message.participants),
+                "num_examples": message.num_examples,
+                "accuracy": message.accuracy,
+                "loss": message.loss,
+                "train_loss": message.train_loss,
+                "uplink_bytes": message.uplink_bytes,
+                "downlink_bytes": message.downlink_bytes,
+                "global_bytes": message.global_bytes,
+                "rejected": dict(message.rejected),
+                "seconds": float(message.seconds),
+                "aggregate_seconds": float(message.aggregate_seconds),
+                "closed_by": message.closed_by,
+                "at": float(message.at),
+                "train_seconds_median": message.train_seconds_median,
+            }
+            return known | {k: v for k, v in message.extra.items() if k not in known}
     raise TypeError(f"not a fedmq message: {type(message).__name__}")
 
 
@@ -342,6 +339,7 @@ def _model_id(obj: Mapping[str, Any], key: str) -> str:
     return value
 
 
+_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # node and federation ids, as in schemas.topics
 _TENSOR_NAME = re.compile(r"[A-Za-z0-9_./-]{1,64}")
 
 
@@ -356,7 +354,7 @@ def _params(
     wire = _get(obj, key, dict)
     if not wire:
         raise SchemaError("bad_field", f"{key} holds no tensors")
-    bad_names = [name for name in wire if not _TENSOR_NAME.fullmatch(name)]
+    bad_names = [n for n in wire if not (isinstance(n, str) and _TENSOR_NAME.fullmatch(n))]
     if bad_names:
         raise SchemaError("bad_field", f"{key} has invalid tensor names {bad_names[:3]!r}")
     if layout is not None and list(wire) != list(layout):
@@ -454,17 +452,21 @@ def decode_status(payload: bytes, *, max_bytes: int = 64 * 1024) -> NodeStatus:
         federation=_name(obj, "federation"),
         node_id=_name(obj, "node_id"),
         state=_choice(obj, "state", NODE_STATES),
-        round=_get(obj, "round", int, optional=True),
-        model_id=_get(obj, "model_id", str, optional=True),
-        num_examples=_get(obj, "num_examples", int, optional=True),
+        round=_optional(obj, "round", _positive),
+        model_id=_optional(obj, "model_id", _model_id),
+        num_examples=_optional(obj, "num_examples", _positive),
         at=_get(obj, "at", float, optional=True),
         detail=_get(obj, "detail", str, optional=True),
     )
 
 
+def _optional(obj: Mapping[str, Any], key: str, check: Callable[..., T]) -> T | None:
+    return None if obj.get(key) is None else check(obj, key)
+
+
 def decode_server_status(payload: bytes, *, max_bytes: int = 64 * 1024) -> ServerStatus:
     obj = _unpack(payload, "server", max_bytes)
-    return ServerStatus(
+    status = ServerStatus(
         federation=_name(obj, "federation"),
         state=_choice(obj, "state", SERVER_STATES),
         round=_positive(obj, "round"),
@@ -474,6 +476,9 @@ def decode_server_status(payload: bytes, *, max_bytes: int = 64 * 1024) -> Serve
         deadline_seconds=_get(obj, "deadline_seconds", float, optional=True),
         at=_get(obj, "at", float, optional=True),
     )
+    if status.min_nodes > status.expected_nodes:
+        raise SchemaError("bad_field", "min_nodes is more than expected_nodes")
+    return status
 
 
 # Keys decoded into RoundMetrics fields; any other key is kept in ``extra``.
@@ -483,7 +488,7 @@ _METRICS_KEYS = {"v", "type"} | {f.name for f in fields(RoundMetrics)} - {"extra
 def decode_metrics(payload: bytes, *, max_bytes: int = 16 * 1024 * 1024) -> RoundMetrics:
     obj = _unpack(payload, "metrics", max_bytes)
     participants = _get(obj, "participants", list)
-    if not all(isinstance(p, str) for p in participants):
+    if not all(isinstance(p, str) and _ID.fullmatch(p) for p in participants):
         raise SchemaError("bad_field", "participants must be a list of node ids")
     rejected = _get(obj, "rejected", dict)
     if not all(type(count) is int and count >= 0 for count in rejected.values()):

@@ -46,10 +46,12 @@ def decode_tensor(obj: Any, field: str, *, max_elements: int) -> np.ndarray:
     count = 1
     for size in shape:
         count *= size
-        if count > max_elements:
+        if size > max_elements or count > max_elements:
             raise SchemaError(
                 "oversized", f"{field} has more than the allowed {max_elements} elements"
             )
+    if count > max_elements:  # a scalar (shape []) when no element is left
+        raise SchemaError("oversized", f"{field} has more than the allowed {max_elements} elements")
     data = obj.get("data")
     if not isinstance(data, bytes):
         raise SchemaError("bad_field", f"{field}.data must be bytes")
@@ -71,7 +73,8 @@ def all_finite(arrays: Mapping[str, np.ndarray]) -> str | None:
     """
     for name, array in arrays.items():
         flat = array.reshape(-1)
-        squared = np.dot(flat, flat)
+        with np.errstate(over="ignore", invalid="ignore"):
+            squared = np.dot(flat, flat)
         if not np.isfinite(squared) and not np.isfinite(flat).all():
             return name
     return None

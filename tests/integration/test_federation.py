@@ -14,6 +14,8 @@ from ..conftest import wait_until
 
 pytestmark = pytest.mark.integration
 
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "monitor_metrics.py"
+
 
 def test_three_nodes_three_rounds(mosquitto, federation, spawn, node_data, collect, tmp_path):
     topics = Topics(federation)
@@ -21,6 +23,12 @@ def test_three_nodes_three_rounds(mosquitto, federation, spawn, node_data, colle
     common = ["--broker", mosquitto.address, "--federation", federation, "--log-json"]
     report = tmp_path / "aggregator-report.json"
     monitor = spawn("monitor", "monitor", *common, "--json", "--until-done", "--timeout", "120")
+    example_log = tmp_path / "example.log"
+    with example_log.open("wb") as out:
+        example = subprocess.Popen(
+            [sys.executable, str(EXAMPLE), "127.0.0.1", str(mosquitto.port), federation],
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
     aggregator = spawn(
         "aggregator",
         "aggregator",
@@ -42,6 +50,8 @@ def test_three_nodes_three_rounds(mosquitto, federation, spawn, node_data, colle
     for node in nodes:
         assert node.wait(60) == 0, node.log()
     assert monitor.wait(60) == 0, monitor.log()
+    example.terminate()
+    example.wait(10)
 
     metrics = [decode_metrics(p) for p in watcher.on(topics.metrics)]
     assert [m.round for m in metrics] == [1, 2, 3]
@@ -65,6 +75,10 @@ def test_three_nodes_three_rounds(mosquitto, federation, spawn, node_data, colle
     lines = [json.loads(line) for line in monitor.log().splitlines() if line.startswith("{")]
     seen = [row["round"] for row in lines if row.get("type") == "metrics"]
     assert seen == [1, 2, 3]
+    # So did the copy-me example script, with nothing but paho-mqtt and msgpack.
+    printed = example_log.read_text().splitlines()
+    assert [line.split()[1] for line in printed if line.startswith("round ")] == ["1", "2", "3"]
+    assert any(line.startswith("node pi-2  done") for line in printed)
 
 
 def test_node_refuses_a_model_it_cannot_build(

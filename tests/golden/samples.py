@@ -1,0 +1,152 @@
+"""The golden sample messages: one fixed instance of every wire message kind.
+
+Shared by ``make_golden.py`` (which writes ``<name>.msgpack`` next to this file) and
+``tests/unit/test_golden.py`` (which checks that ``encode`` still produces exactly those
+bytes), so a change to the wire format shows up as a failing test and a diff of the
+committed files -- never silently.
+
+Everything here is deterministic: parameters are float32 multiples of 1/8 (exact in
+binary), timestamps and sizes are constants.
+"""
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from schemas import (
+    GlobalModel,
+    NodeStatus,
+    NodeUpdate,
+    RoundMetrics,
+    ServerStatus,
+    TrainingPlan,
+    decode_global,
+    decode_metrics,
+    decode_server_status,
+    decode_status,
+    decode_update,
+    model_id_of,
+)
+
+GOLDEN_DIR = Path(__file__).resolve().parent
+FEDERATION = "golden"
+NODE = "node-01"
+LAYOUT = {"l0.w": (4, 3), "l0.b": (3,), "l1.w": (3, 2), "l1.b": (2,)}
+
+
+def ramp(shape: tuple[int, ...], *, start: int, step: float = 0.125) -> np.ndarray:
+    """float32 values ``(start + i) * step`` in C order: exact, small, deterministic."""
+    count = int(np.prod(shape, dtype=np.int64))
+    return ((np.arange(count, dtype=np.float32) + start) * np.float32(step)).reshape(shape)
+
+
+PARAMS = {name: ramp(shape, start=-3 * i) for i, (name, shape) in enumerate(LAYOUT.items())}
+DELTA = {
+    name: ramp(shape, start=i - 2, step=-0.0625) for i, (name, shape) in enumerate(LAYOUT.items())
+}
+MODEL_ID = model_id_of(PARAMS)
+
+GLOBAL = GlobalModel(
+    federation=FEDERATION,
+    round=3,
+    model="tiny-mlp",
+    model_id=MODEL_ID,
+    params=PARAMS,
+    plan=TrainingPlan(learning_rate=0.05, batch_size=32, local_epochs=2, seed=7),
+    final=False,
+    created_at=1_700_000_000.25,
+)
+
+UPDATE = NodeUpdate(
+    federation=FEDERATION,
+    node_id=NODE,
+    round=3,
+    base_model_id=MODEL_ID,
+    num_examples=120,
+    train_loss=0.6875,
+    train_seconds=1.75,
+    delta=DELTA,
+    compression="dense",
+    sent_at=1_700_000_001.5,
+)
+
+STATUS = NodeStatus(
+    federation=FEDERATION,
+    node_id=NODE,
+    state="training",
+    round=3,
+    model_id=MODEL_ID,
+    num_examples=120,
+    at=1_700_000_000.5,
+    detail="round 3 started",
+)
+
+# Only the required fields: pins how absent optionals travel (as msgpack nil).
+STATUS_MINIMAL = NodeStatus(federation=FEDERATION, node_id="node-02", state="online")
+
+SERVER = ServerStatus(
+    federation=FEDERATION,
+    state="waiting",
+    round=3,
+    expected_nodes=4,
+    min_nodes=2,
+    reported=1,
+    deadline_seconds=30.0,
+    at=1_700_000_000.75,
+)
+
+METRICS = RoundMetrics(
+    federation=FEDERATION,
+    round=3,
+    model_id=MODEL_ID,
+    participants=[NODE, "node-02"],
+    num_examples=240,
+    accuracy=0.875,
+    loss=0.375,
+    train_loss=0.6875,
+    uplink_bytes=1_536,
+    downlink_bytes=3_072,
+    global_bytes=768,
+    rejected={"wrong_round": 1},
+    seconds=12.5,
+    aggregate_seconds=0.25,
+    closed_by="all_reported",
+    at=1_700_000_013.0,
+)
+
+
+class Sample(NamedTuple):
+    message: Any
+    decode: Callable[[bytes], Any]
+
+
+SAMPLES: dict[str, Sample] = {
+    "global": Sample(GLOBAL, decode_global),
+    "update": Sample(UPDATE, decode_update),
+    "status": Sample(STATUS, decode_status),
+    "status_minimal": Sample(STATUS_MINIMAL, decode_status),
+    "server": Sample(SERVER, decode_server_status),
+    "metrics": Sample(METRICS, decode_metrics),
+}
+
+
+def golden_path(name: str) -> Path:
+    return GOLDEN_DIR / f"{name}.msgpack"
+
+
+def plain(value: Any) -> Any:
+    """A comparable form of a message: arrays become (dtype, shape, bytes), every scalar
+    keeps its type, and dict order counts (parameter order is part of the model id)."""
+    if isinstance(value, np.ndarray):
+        return ("ndarray", value.dtype.str, value.shape, value.tobytes())
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = dataclasses.fields(value)
+        return (type(value).__name__, [(f.name, plain(getattr(value, f.name))) for f in fields])
+    if isinstance(value, dict):
+        return ("dict", [(key, plain(item)) for key, item in value.items()])
+    if isinstance(value, list | tuple):
+        return (type(value).__name__, [plain(item) for item in value])
+    return (type(value).__name__, value)
