@@ -104,9 +104,10 @@ class LocalTrainer:
         if batch_size not in self._epochs:
             self._epochs[batch_size] = make_epoch_fn(self.model, batch_size)
         epoch_fn = self._epochs[batch_size]
-        current = {name: jnp.asarray(array) for name, array in params.items()}
-        lr = jnp.float32(learning_rate)
-        loss = jnp.float32(0.0)
+        # numpy in, numpy out: the jitted call moves them itself, cheaper than jnp.asarray
+        current: Params = dict(params)
+        lr = np.float32(learning_rate)
+        loss: Any = np.float32(np.nan)
         for epoch in range(local_epochs):
             order, mask = epoch_order(
                 self.num_examples, batch_size, seed=seed, node_id=node_id, round=round, epoch=epoch

@@ -49,7 +49,7 @@ def test_bad_updates_are_rejected_with_reasons(
         (topics.update("mallory"), _update(federation, "mallory", delta={"l0.w": params["l0.w"]}), "layout_mismatch"),
         (topics.update("mallory"), _update("other-fed", "mallory"), "wrong_federation"),
         (topics.update("eve"), _update(federation, "eve"), None),  # accepted: closes round 1
-        (topics.update("eve"), _update(federation, "eve"), "wrong_round"),  # round 2 is open now
+        (topics.update("eve"), _update(federation, "eve"), "duplicate"),  # a copy, once round 2 is open
     ]  # fmt: skip
     for topic, payload, _ in bad:
         watcher.client.publish(topic, payload, qos=1).wait_for_publish(5)
