@@ -21,7 +21,7 @@ from schemas.topics import validate_name
 
 SCHEMA_VERSION = 1
 # Ceiling for any one decoded message unless the caller gives a tighter one. Matches the
-# broker's message_size_limit in mosquitto.conf.
+# broker's max_packet_size in mosquitto.conf.
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_ELEMENTS = DEFAULT_MAX_BYTES // 2
 

@@ -1,7 +1,7 @@
 """The only place that builds and parses topic strings.
 
 Layout (docs/PROTOCOL.md): every topic a node writes carries its node id, so broker ACLs
-can authorise per node with ``%u``/``%c`` pattern rules.
+can authorise per node with ``%u`` pattern rules (username = node id).
 """
 
 import re
