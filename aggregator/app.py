@@ -10,6 +10,7 @@ import structlog
 from aggregator.rounds import RoundPolicy
 from aggregator.server import Aggregator, Publish, RoundSettings, dense_update_bound
 from fedmq import mqtt as edge
+from fedmq.compression import parse_spec
 from fedmq.datasets import Dataset, digits, load_npz
 from fedmq.models import get_model
 from fedmq.report import build_report, write_report
@@ -31,6 +32,7 @@ class AggregatorConfig:
     batch_size: int = 16
     local_epochs: int = 1
     seed: int = 0
+    compression: str = "dense"
     test_data: str | None = "digits"  # "digits", a path to an .npz, or None
     max_update_bytes: int | None = None
     report: Path | None = None
@@ -61,6 +63,7 @@ def build_aggregator(config: AggregatorConfig, publish: Publish) -> Aggregator:
             batch_size=config.batch_size,
             local_epochs=config.local_epochs,
             seed=config.seed,
+            compression=str(parse_spec(config.compression)),
         ),
         max_update_bytes=config.max_update_bytes or dense_update_bound(model),
     )

@@ -8,6 +8,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from schemas.encodings import Encoded, Quantized, Sparse, shape_of
+
 Params = dict[str, np.ndarray]
 
 
@@ -33,24 +35,45 @@ class WeightedSum:
         self.total_weight = 0
         self.count = 0
 
-    def add(self, delta: Mapping[str, np.ndarray], weight: int) -> None:
+    def add(self, delta: Mapping[str, Encoded], weight: int) -> None:
+        """Fold in one update: dense, quantized or sparse tensors, as decoded."""
         if not 0 < weight <= MAX_WEIGHT:
             raise ValueError(f"weight must be in 1..{MAX_WEIGHT}, got {weight}")
         for name, total in self.sums.items():  # check all before touching any
-            if delta[name].shape != total.shape:
-                raise ValueError(f"{name} has shape {delta[name].shape}, expected {total.shape}")
+            if shape_of(delta[name]) != total.shape:
+                raise ValueError(
+                    f"{name} has shape {shape_of(delta[name])}, expected {total.shape}"
+                )
         factor = np.float32(weight)
         for name, total in self.sums.items():
-            source = delta[name].reshape(-1)
+            tensor = delta[name]
             target = total.reshape(-1)
-            for start in range(0, source.size, CHUNK):
-                part = source[start : start + CHUNK]
-                scaled = self._scratch[: part.size]
-                np.multiply(part, factor, out=scaled)
-                window = target[start : start + CHUNK]
-                np.add(window, scaled, out=window)
+            if isinstance(tensor, Sparse):  # O(k): positions are unique, so += is exact
+                target[tensor.indices] += tensor.values_f32() * factor
+            else:
+                self._add_dense(target, tensor, factor)
         self.total_weight += weight
         self.count += 1
+
+    def _add_dense(
+        self, target: np.ndarray, tensor: "np.ndarray | Quantized", factor: np.float32
+    ) -> None:
+        size = target.size
+        for start in range(0, size, CHUNK):
+            stop = min(start + CHUNK, size)
+            scaled = self._scratch[: stop - start]
+            if isinstance(tensor, Quantized):
+                first = start // tensor.chunk
+                scales = np.repeat(tensor.scales[first : -(-stop // tensor.chunk)], tensor.chunk)
+                offset = start - first * tensor.chunk
+                np.multiply(
+                    tensor.codes[start:stop], scales[offset : offset + stop - start], out=scaled
+                )
+                np.multiply(scaled, factor, out=scaled)
+            else:
+                np.multiply(tensor.reshape(-1)[start:stop], factor, out=scaled)
+            window = target[start:stop]
+            np.add(window, scaled, out=window)
 
     def mean(self) -> Params:
         """The example-weighted mean delta (float64); requires at least one update."""

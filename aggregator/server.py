@@ -18,6 +18,7 @@ import structlog
 from aggregator.evaluate import evaluate
 from aggregator.fedavg import WeightedSum, apply_mean_delta
 from aggregator.rounds import RoundPolicy, close_reason, seconds_until_check
+from fedmq.compression import Pipeline, parse_spec
 from fedmq.datasets import Dataset
 from fedmq.models import MLP
 from schemas import (
@@ -47,8 +48,12 @@ class RoundSettings:
     model: MLP
     rounds: int
     policy: RoundPolicy
-    plan: TrainingPlan
+    plan: TrainingPlan  # plan.compression is the SPEC every update must follow
     max_update_bytes: int
+
+    @property
+    def pipeline(self) -> Pipeline:
+        return parse_spec(self.plan.compression)
 
 
 def dense_update_bound(model: MLP) -> int:
@@ -69,6 +74,7 @@ class Aggregator:
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
+        self._pipeline = settings.pipeline
         self.topics = Topics(settings.federation)
         self._publish = publish
         self._test = test
@@ -166,6 +172,17 @@ class Aggregator:
             return "duplicate", f"{topic_node} already reported in round {update.round}"
         if self.done or update.round != self.round:
             return "wrong_round", f"update for round {update.round}, open round is {self.round}"
+        if update.compression != self.settings.plan.compression:
+            return (
+                "wrong_compression",
+                f"compressed as {update.compression!r}, the federation uses "
+                f"{self.settings.plan.compression!r}",
+            )
+        pipeline = self._pipeline
+        for name, tensor in update.delta.items():
+            problem = pipeline.form_problem(tensor)
+            if problem is not None:
+                return "wrong_encoding", f"delta.{name}: {problem}"
         if update.base_model_id != self.model_id:
             return (
                 "wrong_base_model",

@@ -74,6 +74,21 @@ def _model(text: str) -> str:
     return text
 
 
+def _compression(text: str) -> str:
+    from fedmq.compression import parse_spec
+
+    try:
+        return str(parse_spec(text))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+COMPRESSION_HELP = (
+    "how nodes compress their deltas: dense (default), fp16, int8, int4, topk:F, joined "
+    "with + and optionally ef (error feedback) and zlib, e.g. topk:0.01+int8+ef"
+)
+
+
 def _add_common(parser: argparse.ArgumentParser, *, broker_required: bool = True) -> None:
     if broker_required:
         parser.add_argument(
@@ -163,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--seed", type=int, default=0, help="initial model and shuffling seed (default 0)"
     )
     p.add_argument(
+        "--compression", type=_compression, default="dense", metavar="SPEC", help=COMPRESSION_HELP
+    )
+    p.add_argument(
         "--test-data",
         default="digits",
         metavar="digits|PATH.npz|none",
@@ -245,6 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=_positive_int, default=30, help="rounds (default 30)")
     p.add_argument(
         "--seed", type=int, default=0, help="seed for init, split and shuffles (default 0)"
+    )
+    p.add_argument(
+        "--compression", type=_compression, default="dense", metavar="SPEC", help=COMPRESSION_HELP
     )
     p.add_argument(
         "--model", type=_model, default="digits-mlp", help="architecture (default digits-mlp)"
@@ -334,6 +355,7 @@ def dispatch(args: argparse.Namespace, stop: threading.Event) -> int:
                 batch_size=args.batch_size,
                 local_epochs=args.local_epochs,
                 seed=args.seed,
+                compression=args.compression,
                 test_data=None if args.test_data == "none" else args.test_data,
                 max_update_bytes=args.max_update_bytes,
                 report=args.report,
@@ -384,6 +406,7 @@ def dispatch(args: argparse.Namespace, stop: threading.Event) -> int:
                 nodes=args.nodes,
                 rounds=args.rounds,
                 seed=args.seed,
+                compression=args.compression,
                 model=args.model,
                 partition=args.partition,
                 report=args.report,

@@ -37,6 +37,7 @@ class DemoConfig:
     seed: int = 0
     model: str = "digits-mlp"
     partition: str = "iid"
+    compression: str = "dense"
     report: Path | None = None
     broker: edge.BrokerAddress | None = None
     federation: str = "demo"
@@ -157,7 +158,7 @@ def run(config: DemoConfig, stop: threading.Event, out: TextIO = sys.stdout) -> 
             raise ChildFailed(f"could not subscribe at the broker {address}")
         out.write(
             f"fedmq demo: {config.nodes} nodes, {config.rounds} rounds, model {config.model}, "
-            f"partition {config.partition}, broker {address}, logs in {workdir / 'logs'}\n"
+            f"partition {config.partition}, compression {config.compression}, broker {address}, logs in {workdir / 'logs'}\n"
         )
         common = ["--broker", str(address), "--federation", config.federation]
         aggregator_args = [
@@ -173,6 +174,8 @@ def run(config: DemoConfig, stop: threading.Event, out: TextIO = sys.stdout) -> 
             str(config.seed),
             "--test-data",
             str(test_path),
+            "--compression",
+            config.compression,
             "--log-json",
         ]
         if config.round_timeout is not None:
@@ -229,6 +232,7 @@ def run(config: DemoConfig, stop: threading.Event, out: TextIO = sys.stdout) -> 
             nodes=config.nodes,
             rounds_requested=config.rounds,
             partition=config.partition,
+            compression=config.compression,
             seed=config.seed,
             total_seconds=total,
         )

@@ -7,6 +7,7 @@ Only this module touches MQTT, files and clocks for a node; the maths is in
 import queue
 import threading
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -15,8 +16,11 @@ import numpy as np
 import structlog
 
 from fedmq import mqtt as edge
+from fedmq.compression import Pipeline, parse_spec
+from fedmq.compression.transforms import ErrorFeedbackState, error_feedback_init
 from fedmq.datasets import Dataset, digits, load_npz, partition
 from fedmq.models import MLP, check_layout
+from node import residual
 
 if TYPE_CHECKING:  # JAX is imported only once a node has a model to train
     from node.training import LocalTrainer
@@ -136,6 +140,22 @@ class Node:
             return
         self.train_and_publish(model)
 
+    @property
+    def residual_path(self) -> Path:
+        return self.config.state_dir / "residual.npz"
+
+    def _residual_for(self, model: GlobalModel, pipeline: Pipeline) -> ErrorFeedbackState | None:
+        """The error-feedback state to start this round from (zeros when stale or absent)."""
+        if not pipeline.error_feedback:
+            return None
+        saved = residual.load(self.residual_path)
+        if saved is not None:
+            problem = saved.usable_for(model.round, str(pipeline), model.layout)
+            if problem is None:
+                return ErrorFeedbackState(saved.residual)
+            log.info("residual.discarded", reason=problem)
+        return error_feedback_init(model.layout)
+
     def on_connected(self) -> None:
         """Refresh our retained status: a last will may have marked us offline."""
         round, model_id = self.last_trained or (None, None)
@@ -146,6 +166,7 @@ class Node:
 
         try:
             architecture = check_layout(model.model, model.layout)
+            pipeline = parse_spec(model.plan.compression)
         except ValueError as error:
             log.error("global.refused", round=model.round, reason=str(error))
             self.status("error", round=model.round, detail=f"cannot build this model: {error}")
@@ -166,6 +187,11 @@ class Node:
                 node_id=self.config.node_id,
                 round=model.round,
             )
+            started_compress = time.perf_counter()
+            state = self._residual_for(model, pipeline)
+            rng = np.random.default_rng([model.plan.seed, zlib.crc32(self.config.node_id.encode()),
+                                         model.round, 1])  # fmt: skip
+            encoded, new_state = pipeline.compress(delta(trained, params), rng, state)
             update = NodeUpdate(
                 federation=self.config.federation,
                 node_id=self.config.node_id,
@@ -174,17 +200,25 @@ class Node:
                 num_examples=len(self.data),
                 train_loss=loss,
                 train_seconds=time.perf_counter() - started,
-                delta=delta(trained, params),
+                delta=encoded,
+                compression=str(pipeline),
                 sent_at=time.time(),
             )
             payload = encode(update)
+            compress_seconds = time.perf_counter() - started_compress
             self.outbox.publish(self.topics.update(self.config.node_id), payload)
             self.last_trained = (model.round, model.model_id)
             self._last_update = payload
+            if new_state is not None:
+                residual.save(
+                    self.residual_path,
+                    residual.SavedResidual(model.round, str(pipeline), new_state.residual),
+                )
             self.status("submitted", round=model.round, model_id=model.model_id)
             log.debug(
                 "update.published",
                 bytes=len(payload),
+                compress_seconds=compress_seconds,
                 loss=loss,
                 train_seconds=update.train_seconds,
             )

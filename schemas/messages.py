@@ -8,6 +8,7 @@ decoders; an unknown major version is rejected. Decoders raise only ``SchemaErro
 import hashlib
 import math
 import re
+import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
@@ -15,6 +16,7 @@ from typing import Any, TypeVar
 import msgpack
 import numpy as np
 
+from schemas.encodings import Encoded, decode_encoded, encode_encoded, non_finite, shape_of
 from schemas.errors import SchemaError
 from schemas.tensors import all_finite, decode_tensor, encode_tensor
 from schemas.topics import validate_name
@@ -52,6 +54,7 @@ class TrainingPlan:
     batch_size: int
     local_epochs: int
     seed: int
+    compression: str = "dense"  # the SPEC nodes compress their deltas with
 
 
 @dataclass(frozen=True)
@@ -79,7 +82,7 @@ class NodeUpdate:
     num_examples: int
     train_loss: float
     train_seconds: float
-    delta: Params
+    delta: Mapping[str, Encoded]  # dense arrays, or quantized/sparse forms
     compression: str = "dense"
     sent_at: float = 0.0
 
@@ -140,6 +143,17 @@ def _params_to_wire(params: Mapping[str, np.ndarray]) -> dict[str, Any]:
     return {name: encode_tensor(array) for name, array in params.items()}
 
 
+def _uses_zlib(compression: str) -> bool:
+    return "zlib" in compression.split("+")
+
+
+def _delta_to_wire(delta: Mapping[str, Encoded], compression: str) -> Any:
+    wire = {name: encode_encoded(tensor) for name, tensor in delta.items()}
+    if _uses_zlib(compression):  # lossless last stage over the whole delta map
+        return zlib.compress(msgpack.packb(wire, use_bin_type=True), 9)
+    return wire
+
+
 def _to_wire(message: Message) -> dict[str, Any]:
     head: dict[str, Any] = {"v": SCHEMA_VERSION}
     match message:
@@ -158,6 +172,7 @@ def _to_wire(message: Message) -> dict[str, Any]:
                     "batch_size": plan.batch_size,
                     "local_epochs": plan.local_epochs,
                     "seed": plan.seed,
+                    "compression": plan.compression,
                 },
                 "params": _params_to_wire(message.params),
             }
@@ -173,7 +188,7 @@ def _to_wire(message: Message) -> dict[str, Any]:
                 "train_seconds": float(message.train_seconds),
                 "sent_at": float(message.sent_at),
                 "compression": message.compression,
-                "delta": _params_to_wire(message.delta),
+                "delta": _delta_to_wire(message.delta, message.compression),
             }
         case NodeStatus():
             return head | {
@@ -339,6 +354,7 @@ def _model_id(obj: Mapping[str, Any], key: str) -> str:
     return value
 
 
+_SPEC = re.compile(r"[a-z0-9:.+]{1,64}")  # shape only; fedmq.compression parses it
 _ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # node and federation ids, as in schemas.topics
 _TENSOR_NAME = re.compile(r"[A-Za-z0-9_./-]{1,64}")
 
@@ -401,6 +417,7 @@ def decode_global(
             batch_size=_positive(plan, "batch_size", minimum=1),
             local_epochs=_positive(plan, "local_epochs", minimum=1),
             seed=_positive(plan, "seed"),
+            compression=_spec(plan, default="dense"),
         ),
         params=_params(obj, "params", max_elements=max_elements, layout=None),
     )
@@ -418,9 +435,7 @@ def decode_update(
 ) -> NodeUpdate:
     """Decode and check a node update; with ``layout`` the delta must match it exactly."""
     obj = _unpack(payload, "update", max_bytes)
-    compression = _get(obj, "compression", str)
-    if compression != "dense":
-        raise SchemaError("unsupported_compression", f"compression {compression!r} is unknown")
+    compression = _spec(obj)
     train_seconds = _get(obj, "train_seconds", float)
     if train_seconds < 0:
         raise SchemaError("bad_field", "train_seconds is negative")
@@ -434,9 +449,76 @@ def decode_update(
         train_seconds=train_seconds,
         sent_at=_get(obj, "sent_at", float),
         compression=compression,
-        # dense: float32 numbers, exactly what the node computed
-        delta=_params(obj, "delta", max_elements=max_elements, layout=layout, dtype="<f4"),
+        delta=_delta(
+            obj, compression, max_bytes=max_bytes, max_elements=max_elements, layout=layout
+        ),
     )
+
+
+def _spec(obj: Mapping[str, Any], default: str | None = None) -> str:
+    value = (
+        obj.get("compression", default) if default is not None else _get(obj, "compression", str)
+    )
+    if not isinstance(value, str) or not _SPEC.fullmatch(value):
+        raise SchemaError("bad_field", f"compression {value!r} is not a SPEC")
+    return value
+
+
+def _delta(
+    obj: Mapping[str, Any],
+    compression: str,
+    *,
+    max_bytes: int,
+    max_elements: int,
+    layout: Layout | None,
+) -> dict[str, Encoded]:
+    wire = obj.get("delta")
+    if _uses_zlib(compression):
+        if not isinstance(wire, bytes):
+            raise SchemaError("bad_field", "delta must be zlib bytes with compression +zlib")
+        inflater = zlib.decompressobj()
+        try:
+            packed = inflater.decompress(wire, max_bytes)
+        except zlib.error as error:
+            raise SchemaError("malformed", f"delta is not zlib data: {error}") from None
+        if inflater.unconsumed_tail or not inflater.eof:
+            raise SchemaError("oversized", f"delta inflates beyond {max_bytes} bytes or is cut")
+        try:
+            wire = msgpack.unpackb(
+                packed,
+                raw=False,
+                strict_map_key=True,
+                max_ext_len=0,
+                max_bin_len=len(packed),
+                max_str_len=len(packed),
+                max_array_len=len(packed),
+                max_map_len=len(packed),
+            )
+        except Exception as error:
+            raise SchemaError("malformed", f"inflated delta is not msgpack: {error}") from None
+    if not isinstance(wire, dict) or not wire:
+        raise SchemaError("bad_field", "delta must be a non-empty map of tensors")
+    bad_names = [n for n in wire if not (isinstance(n, str) and _TENSOR_NAME.fullmatch(n))]
+    if bad_names:
+        raise SchemaError("bad_field", f"delta has invalid tensor names {bad_names[:3]!r}")
+    if layout is not None and list(wire) != list(layout):
+        raise SchemaError(
+            "layout_mismatch", f"delta has tensors {list(wire)}, the model has {list(layout)}"
+        )
+    delta: dict[str, Encoded] = {}
+    budget = max_elements
+    for name, tensor in wire.items():
+        decoded = decode_encoded(tensor, f"delta.{name}", max_elements=max(budget, 0))
+        budget -= int(np.prod(shape_of(decoded)))
+        if layout is not None and shape_of(decoded) != layout[name]:
+            raise SchemaError(
+                "layout_mismatch",
+                f"delta.{name} has shape {shape_of(decoded)}, the model has {layout[name]}",
+            )
+        if non_finite(decoded):
+            raise SchemaError("non_finite", f"delta.{name} holds NaN or Inf")
+        delta[name] = decoded
+    return delta
 
 
 def _choice(obj: Mapping[str, Any], key: str, choices: tuple[str, ...]) -> str:

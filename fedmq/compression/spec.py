@@ -1,0 +1,120 @@
+"""The SPEC grammar that names a compression pipeline (docs/PROTOCOL.md, "Compression").
+
+    SPEC    := "dense" | STAGE ("+" STAGE)*
+    STAGE   := "topk:" FRACTION | "fp16" | "int8" | "int4" | "ef" | "zlib"
+
+At most one of fp16/int8/int4; each stage at most once. Stages always run in the order
+topk, value coding, and the lossless ``zlib`` last; ``ef`` (error feedback) wraps the
+lossy part. ``str(pipeline)`` is the canonical SPEC, which is what travels.
+"""
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedmq.compression.transforms import (
+    ErrorFeedbackState,
+    Transform,
+    chain,
+    compress_tree,
+    identity,
+    quantize,
+    to_float16,
+    top_k,
+)
+from schemas.encodings import Encoded, Quantized, Sparse
+
+VALUE_CODINGS = ("fp16", "int8", "int4")
+QUANT_CHUNK = 256
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    top_k: float | None = None
+    values: str | None = None  # one of VALUE_CODINGS, None = float32
+    error_feedback: bool = False
+    zlib: bool = False
+
+    def __str__(self) -> str:
+        stages = []
+        if self.top_k is not None:
+            stages.append(f"topk:{self.top_k:g}")
+        if self.values:
+            stages.append(self.values)
+        if self.error_feedback:
+            stages.append("ef")
+        if self.zlib:
+            stages.append("zlib")
+        return "+".join(stages) or "dense"
+
+    @property
+    def transform(self) -> Transform:
+        stages = []
+        if self.top_k is not None:
+            stages.append(top_k(self.top_k))
+        if self.values == "fp16":
+            stages.append(to_float16())
+        elif self.values in ("int8", "int4"):
+            stages.append(quantize(int(self.values[3]), QUANT_CHUNK))
+        return chain(*stages) if stages else identity()
+
+    def compress(
+        self,
+        delta: Mapping[str, np.ndarray],
+        rng: np.random.Generator,
+        state: ErrorFeedbackState | None,
+    ) -> tuple[dict[str, Encoded], ErrorFeedbackState | None]:
+        return compress_tree(self.transform, delta, rng, state if self.error_feedback else None)
+
+    def form_problem(self, tensor: Encoded) -> str | None:
+        """Why ``tensor`` is not what this pipeline produces, or None."""
+        values = tensor
+        if self.top_k is not None:
+            if not isinstance(tensor, Sparse):
+                return "expected a sparse tensor"
+            values = tensor.values
+        elif isinstance(tensor, Sparse):
+            return "unexpected sparse tensor"
+        if self.values in ("int8", "int4"):
+            bits = int(self.values[3])
+            if not isinstance(values, Quantized) or values.bits != bits:
+                return f"expected {bits}-bit quantized values"
+            return None
+        if not isinstance(values, np.ndarray):
+            return "unexpected quantized values"
+        wanted = "<f2" if self.values == "fp16" else "<f4"
+        if values.dtype.str != wanted:
+            return f"expected {wanted} values, got {values.dtype.str}"
+        return None
+
+
+def parse_spec(text: str) -> Pipeline:
+    """The pipeline a SPEC names; ValueError with the offending stage otherwise."""
+    if text == "dense":
+        return Pipeline()
+    top: float | None = None
+    values: str | None = None
+    seen: set[str] = set()
+    for stage in text.split("+"):
+        kind, _, argument = stage.partition(":")
+        if kind in seen:
+            raise ValueError(f"compression {text!r}: stage {kind!r} appears twice")
+        seen.add(kind)
+        if kind == "topk":
+            try:
+                top = float(argument)
+            except ValueError:
+                top = -1.0
+            if not 0 < top <= 1:
+                raise ValueError(f"compression {text!r}: topk needs a fraction in (0, 1]")
+        elif kind in VALUE_CODINGS and not argument:
+            if values is not None:
+                raise ValueError(f"compression {text!r}: choose one of {', '.join(VALUE_CODINGS)}")
+            values = kind
+        elif kind not in ("ef", "zlib") or argument:
+            raise ValueError(
+                f"compression {text!r}: unknown stage {stage!r} (dense, topk:F, fp16, int8, "
+                "int4, ef, zlib)"
+            )
+    return Pipeline(top_k=top, values=values, error_feedback="ef" in seen, zlib="zlib" in seen)
