@@ -158,7 +158,8 @@ def run(config: DemoConfig, stop: threading.Event, out: TextIO = sys.stdout) -> 
             raise ChildFailed(f"could not subscribe at the broker {address}")
         out.write(
             f"fedmq demo: {config.nodes} nodes, {config.rounds} rounds, model {config.model}, "
-            f"partition {config.partition}, compression {config.compression}, broker {address}, logs in {workdir / 'logs'}\n"
+            f"partition {config.partition}, compression {config.compression},\n"
+            f"broker {address}, logs in {workdir / 'logs'}\n"
         )
         common = ["--broker", str(address), "--federation", config.federation]
         aggregator_args = [

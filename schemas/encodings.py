@@ -5,10 +5,12 @@ A tensor map without ``"enc"`` is dense (``schemas.tensors``). Two more forms ex
 - ``{"enc": "quant", "shape", "bits": 8|4, "chunk", "scales": bin <f4, "data": bin}``:
   value = code * scales[i // chunk]; codes are signed, stored offset by 2**(bits-1)
   (8 bits: one byte each; 4 bits: two per byte, the first element in the low nibble).
-- ``{"enc": "sparse", "shape", "count": k, "index": bin, "values": <dense or quant
-  tensor of shape [k]>}``: k elements of the flattened tensor at strictly increasing
-  positions; ``index`` holds the gaps between positions (the first one from 0) as
-  unsigned LEB128 varints; all other elements are 0.
+- ``{"enc": "sparse", "shape", "count": k, "index": bin, ...values}``: k elements of the
+  flattened tensor at strictly increasing positions; ``index`` holds the gaps between
+  positions (the first one from 0) as unsigned LEB128 varints; all other elements are 0.
+  The k values follow inline in the same map, either as ``"dtype", "data"`` (dense) or as
+  ``"bits", "chunk", "scales", "data"`` (quantized) — no nested map, no repeated shape:
+  at 100x compression every header byte shows.
 
 Decoders check every length, range and ordering and raise ``SchemaError``; they return
 the light objects below (views on the payload, no densifying), so the aggregator can fold
@@ -147,12 +149,15 @@ def encode_encoded(tensor: Encoded) -> dict[str, Any]:
             "data": _pack_codes(tensor.codes, tensor.bits),
         }
     gaps = np.diff(tensor.indices, prepend=0)
+    values = encode_encoded(tensor.values)
+    values.pop("enc", None)
+    values.pop("shape")
     return {
         "enc": "sparse",
         "shape": list(tensor.shape),
         "count": int(tensor.indices.size),
         "index": encode_varints(gaps),
-        "values": encode_encoded(tensor.values),
+        **values,
     }
 
 
@@ -187,8 +192,11 @@ def _bin(obj: Mapping[str, Any], key: str, field: str) -> bytes:
     return value
 
 
-def _decode_quantized(obj: Mapping[str, Any], field: str, max_elements: int) -> Quantized:
-    shape, count = _shape(obj, field, max_elements)
+def _decode_quantized(
+    obj: Mapping[str, Any], field: str, max_elements: int, flat: int | None = None
+) -> Quantized:
+    """A quantized tensor; with ``flat`` the k values inlined in a sparse map."""
+    shape, count = _shape(obj, field, max_elements) if flat is None else ((flat,), flat)
     bits = _int(obj, "bits", field)
     chunk = _int(obj, "chunk", field)
     if bits not in QUANT_BITS:
@@ -218,12 +226,11 @@ def _decode_quantized(obj: Mapping[str, Any], field: str, max_elements: int) -> 
     return Quantized(shape=shape, bits=bits, chunk=chunk, scales=scales, codes=codes)
 
 
-def _decode_values(obj: Any, field: str, max_elements: int) -> "np.ndarray | Quantized":
-    if isinstance(obj, Mapping) and obj.get("enc") == "quant":
-        return _decode_quantized(obj, field, max_elements)
-    if isinstance(obj, Mapping) and obj.get("enc", "dense") != "dense":
-        raise SchemaError("bad_encoding", f"{field}.enc {obj.get('enc')!r} is not allowed here")
-    return decode_tensor(obj, field, max_elements=max_elements)
+def _decode_values(obj: Mapping[str, Any], field: str, count: int) -> "np.ndarray | Quantized":
+    """The k values inlined in a sparse map: quantized if it has ``bits``, else dense."""
+    if "bits" in obj:
+        return _decode_quantized(obj, field, count, flat=count)
+    return decode_tensor({**obj, "shape": [count]}, field, max_elements=count)
 
 
 def decode_encoded(obj: Any, field: str, *, max_elements: int) -> Encoded:
@@ -248,9 +255,7 @@ def decode_encoded(obj: Any, field: str, *, max_elements: int) -> Encoded:
     indices = np.cumsum(gaps)
     if count and indices[-1] >= size:
         raise SchemaError("bad_index", f"{field}.index points past the {size} elements")
-    values = _decode_values(obj.get("values"), f"{field}.values", max_elements)
-    if values.shape != (count,):
-        raise SchemaError("bad_shape", f"{field}.values has shape {values.shape}, needs ({count},)")
+    values = _decode_values(obj, field, count)
     return Sparse(shape=shape, indices=indices, values=values)
 
 

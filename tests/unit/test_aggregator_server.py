@@ -348,7 +348,7 @@ REJECTIONS: list[tuple[str, Bad]] = [
     ("layout_mismatch", _extra_tensor),
     ("layout_mismatch", _renamed_tensor),
     ("oversized", _other_model),
-    ("bad_dtype", _float16_delta),
+    ("wrong_encoding", _float16_delta),
 ]
 
 

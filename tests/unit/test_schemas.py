@@ -722,13 +722,12 @@ def test_malformed_model_id_is_rejected(kind, field, value):
     rejects(DECODE[kind], mutated(kind, (field,), value), "bad_field", field)
 
 
-@pytest.mark.parametrize("value", ["topk", "", "Dense", "dense "], ids=repr)
-def test_unknown_compression_is_rejected(value):
+@pytest.mark.parametrize("value", ["", "Dense", "dense ", "x" * 65, "int8;rm"], ids=repr)
+def test_a_compression_that_is_not_a_spec_is_rejected(value):
+    # The grammar itself is checked by the aggregator against the SPEC it announced
+    # ("wrong_compression"); the decoder only refuses what cannot be a SPEC at all.
     error = rejects(
-        decode_update,
-        mutated("update", ("compression",), value),
-        "unsupported_compression",
-        "compression",
+        decode_update, mutated("update", ("compression",), value), "bad_field", "compression"
     )
     assert repr(value) in error.detail
 
@@ -861,10 +860,13 @@ def test_unhashable_dtype_is_rejected(kind, container, dtype):
     rejects(DECODE[kind], payload, "bad_dtype", f"{container}.{name}.dtype")
 
 
-def test_update_delta_must_be_float32():
+def test_a_float16_delta_decodes_as_float16():
+    # Whether float16 is what the federation's pipeline sends is the aggregator's check
+    # ("wrong_encoding"); the decoder returns exactly what was sent.
     delta = {"w": PARAMS["w"].astype(np.float16), "b": PARAMS["b"]}
-    rejects(decode_update, encode(make_update(delta=delta)), "bad_dtype", "delta.w")
-    rejects(decode_update, encode(make_update(delta=delta)), "bad_dtype", "delta.w", layout=LAYOUT)
+    decoded = decode_update(encode(make_update(delta=delta)), layout=LAYOUT)
+    assert decoded.delta["w"].dtype == np.float16
+    np.testing.assert_array_equal(decoded.delta["w"], delta["w"])
 
 
 @pytest.mark.parametrize("name", ["", "a b", "x" * 65, "+", "#", "héllo", "w\n", "w:0"], ids=repr)
