@@ -31,10 +31,13 @@ from schemas import (
     TrainingPlan,
     decode_update,
     encode,
+    make_global_delta,
     model_id_of,
 )
 
 log = structlog.get_logger()
+
+Params = dict[str, np.ndarray]
 
 Publish = Callable[[str, bytes, bool], None]  # (topic, payload, retain), QoS 1
 # Least time between two server status messages sent because updates arrived.
@@ -89,6 +92,7 @@ class Aggregator:
         self._rejected: Counter[str] = Counter()  # of the open round; reset when it closes
         self._global_bytes = 0
         self._global_payload = b""
+        self._delta_payload: bytes | None = None
         self._status_published_at = float("-inf")
         self._reset_round()
 
@@ -102,6 +106,8 @@ class Aggregator:
         """Publish the open round's global model and server status again (after a
         reconnect: a restarted broker without persistence has forgotten them)."""
         if self.round >= 1:
+            if self._delta_payload is not None:  # nodes following compact forms see this
+                self._publish(self.topics.global_delta, self._delta_payload, False)
             self._publish(self.topics.global_model, self._global_payload, True)
             self._publish_server_status()
 
@@ -205,7 +211,9 @@ class Aggregator:
         self._train_seconds: list[float] = []
         self._opened_at = self._clock()
 
-    def _open_round(self, round: int) -> None:
+    def _open_round(self, round: int, previous: tuple[Params, str] | None = None) -> None:
+        """Publish the global model opening ``round`` (retained, in full) and, when the
+        previous one is known, its compact XOR form for nodes that hold that one."""
         final = round > self.settings.rounds
         message = GlobalModel(
             federation=self.settings.federation,
@@ -221,8 +229,15 @@ class Aggregator:
         self.round = round
         self._global_bytes = len(payload)
         self._global_payload = payload
+        self._delta_bytes: int | None = None
+        self._delta_payload = None
         self._reset_round()
         self.done = final
+        if previous is not None:
+            compact = encode(make_global_delta(previous[0], message, previous[1]))
+            self._delta_bytes = len(compact)
+            self._delta_payload = compact
+            self._publish(self.topics.global_delta, compact, False)
         self._publish(self.topics.global_model, payload, True)
         self._publish_server_status()
         log.info(
@@ -249,6 +264,7 @@ class Aggregator:
     def _close_round(self, closed_by: str) -> None:
         started = self._clock()
         mean_delta = self._sum.mean()
+        previous = (self.params, self.model_id)
         self.params = apply_mean_delta(self.params, mean_delta)
         self.model_id = model_id_of(self.params)
         loss = accuracy = None
@@ -265,8 +281,10 @@ class Aggregator:
             loss=loss,
             train_loss=self._train_loss_sum / self._sum.total_weight,
             uplink_bytes=self._uplink_bytes,
-            downlink_bytes=self._global_bytes * len(participants),
+            # what the participants needed: the compact form if there was one
+            downlink_bytes=(self._delta_bytes or self._global_bytes) * len(participants),
             global_bytes=self._global_bytes,
+            global_delta_bytes=self._delta_bytes,
             rejected=dict(self._rejected),
             seconds=started - self._opened_at,
             aggregate_seconds=self._clock() - started,
@@ -287,4 +305,4 @@ class Aggregator:
         )
         self._rejected = Counter()
         self._publish(self.topics.metrics, encode(metrics), False)
-        self._open_round(self.round + 1)
+        self._open_round(self.round + 1, previous)

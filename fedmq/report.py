@@ -19,6 +19,7 @@ def round_row(metrics: RoundMetrics) -> dict[str, Any]:
         "uplink_bytes": metrics.uplink_bytes,
         "downlink_bytes": metrics.downlink_bytes,
         "global_bytes": metrics.global_bytes,
+        "global_delta_bytes": metrics.global_delta_bytes,
         "seconds": metrics.seconds,
         "aggregate_seconds": metrics.aggregate_seconds,
         "train_seconds_median": metrics.train_seconds_median,

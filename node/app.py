@@ -30,7 +30,9 @@ from schemas import (
     NodeUpdate,
     SchemaError,
     Topics,
+    apply_global_delta,
     decode_global,
+    decode_global_delta,
     encode,
 )
 
@@ -78,12 +80,17 @@ class Node:
     """One device's participation: state across rounds plus what it publishes."""
 
     def __init__(self, config: NodeConfig, data: Dataset, outbox: edge.Outbox) -> None:
+        self.client = outbox.client
         self.config = config
         self.data = data
         self.topics = Topics(config.federation)
         self.outbox = outbox
         self.last_trained: tuple[int, str] | None = None  # (round, base model id)
         self._last_update: bytes | None = None  # payload of that round's update
+        self._held: GlobalModel | None = None  # the newest global model we have
+        self._following_full = True  # subscribed to the full global model topic
+        self._seen_key: tuple[int, str] | None = None
+        self._seen = {"full": 0, "delta": 0}
         self.finished = False
         self._trainer: LocalTrainer | None = None
         self._model: MLP | None = None
@@ -108,7 +115,7 @@ class Node:
         )
         self.outbox.publish(self.topics.status(self.config.node_id), encode(message), retain=True)
 
-    def on_global(self, payload: bytes) -> None:
+    def on_global(self, payload: bytes, *, retained: bool = False) -> None:
         if not payload:
             return  # the retained model was cleared
         try:
@@ -120,6 +127,63 @@ class Node:
         if model.federation != self.config.federation:
             log.error("global.rejected", reason="wrong_federation", federation=model.federation)
             return
+        seen = self._count(model.round, model.model_id, "full")
+        # A retained copy means we (re)subscribed after a reconnect; a second live copy
+        # with no compact form around means the aggregator republished. In both cases
+        # our update may have been lost. (A full copy racing its own compact form is not.)
+        self._accept(model, resend=retained or (seen["full"] > 1 and seen["delta"] == 0))
+
+    def _count(self, round: int, model_id: str, form: str) -> dict[str, int]:
+        """Receptions of each form ("full", "delta") of this model so far, this one included."""
+        if self._seen_key != (round, model_id):
+            self._seen_key, self._seen = (round, model_id), {"full": 0, "delta": 0}
+        self._seen[form] += 1
+        return self._seen
+
+    def on_global_delta(self, payload: bytes) -> None:
+        """The compact form: rebuild the new model from the one we hold, or fetch it whole."""
+        try:
+            compact = decode_global_delta(payload)
+        except SchemaError as error:
+            log.warning("global_delta.rejected", reason=error.reason, detail=error.detail)
+            return
+        if compact.federation != self.config.federation:
+            return
+        self._follow_full(False)  # compact forms flow: the full model is needed only to catch up
+        seen = self._count(compact.round, compact.model_id, "delta")
+        if (compact.round, compact.model_id) == self.last_trained:
+            if seen["delta"] > 1:  # published once per round: a second one is a republish
+                self._resend(compact.round)
+            return
+        if self._held is None or self._held.model_id != compact.base_model_id:
+            log.info("global_delta.no_base", round=compact.round)
+            self._follow_full(True)  # the retained full model arrives at once
+            return
+        try:
+            model = apply_global_delta(self._held.params, compact)
+        except SchemaError as error:
+            log.warning("global_delta.rejected", reason=error.reason, detail=error.detail)
+            self._follow_full(True)
+            return
+        self._accept(model, resend=False)
+
+    def _follow_full(self, follow: bool) -> None:
+        """(Un)subscribe the retained full global model topic."""
+        if follow != self._following_full:
+            self._following_full = follow
+            if follow:
+                self.client.subscribe(self.topics.global_model, qos=1)
+            else:
+                self.client.unsubscribe(self.topics.global_model)
+
+    def _resend(self, round: int) -> None:
+        """Send this round's update again; an aggregator that has it counts a duplicate."""
+        if self._last_update is not None:
+            self.outbox.publish(self.topics.update(self.config.node_id), self._last_update)
+            log.info("update.resent", round=round)
+
+    def _accept(self, model: GlobalModel, *, resend: bool) -> None:
+        self._held = model
         if model.final:
             if self.last_trained is None:
                 # A finished run of this federation, retained from before we started:
@@ -131,12 +195,8 @@ class Node:
             self.finished = True
             return
         if (model.round, model.model_id) == self.last_trained:
-            # The same model again: we reconnected (retained copy) or the aggregator did
-            # (republished). Either side may have missed our update, so send it again;
-            # an aggregator that has it counts the copy as a duplicate.
-            if self._last_update is not None:
-                self.outbox.publish(self.topics.update(self.config.node_id), self._last_update)
-                log.info("update.resent", round=model.round)
+            if resend:
+                self._resend(model.round)
             return
         self.train_and_publish(model)
 
@@ -158,6 +218,7 @@ class Node:
 
     def on_connected(self) -> None:
         """Refresh our retained status: a last will may have marked us offline."""
+        self._following_full = True  # make_client subscribed both global topics again
         round, model_id = self.last_trained or (None, None)
         self.status("submitted" if round else "online", round=round, model_id=model_id)
 
@@ -190,7 +251,7 @@ class Node:
             started_compress = time.perf_counter()
             state = self._residual_for(model, pipeline)
             rng = np.random.default_rng([model.plan.seed, zlib.crc32(self.config.node_id.encode()),
-                                         model.round, 1])  # fmt: skip
+                                         model.round, 0, 1])  # fmt: skip
             encoded, new_state = pipeline.compress(delta(trained, params), rng, state)
             update = NodeUpdate(
                 federation=self.config.federation,
@@ -243,7 +304,7 @@ def run(config: NodeConfig, stop: threading.Event) -> int:
     inbox: queue.Queue[edge.Received] = queue.Queue()
     client = edge.make_client(
         edge.make_client_id(config.federation, "node", config.node_id),
-        subscriptions=[(topics.global_model, 1)],
+        subscriptions=[(topics.global_model, 1), (topics.global_delta, 1)],
         will=(topics.status(config.node_id), encode(offline)),
         inbox=inbox,
     )
@@ -257,9 +318,14 @@ def run(config: NodeConfig, stop: threading.Event) -> int:
             continue
         if any(r.topic == edge.CONNECTED for r in batch):
             node.on_connected()
-        models = [r for r in batch if r.topic != edge.CONNECTED]
-        if models:  # a node that fell behind trains on the newest model only
-            node.on_global(models[-1].payload)
+        # A node that fell behind trains on the newest model only: the newest full one
+        # first, then the newest compact one (which may build on it).
+        newest = {r.topic: r for r in batch if r.topic != edge.CONNECTED}
+        if topics.global_model in newest:
+            full = newest[topics.global_model]
+            node.on_global(full.payload, retained=full.retain)
+        if topics.global_delta in newest:
+            node.on_global_delta(newest[topics.global_delta].payload)
     if not node.finished:
         node.status("offline")
     if not node.outbox.flush(timeout=10):

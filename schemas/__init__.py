@@ -6,24 +6,29 @@ docs/PROTOCOL.md is the human contract; this package is its executable form.
 from schemas.errors import SchemaError
 from schemas.messages import (
     SCHEMA_VERSION,
+    GlobalDelta,
     GlobalModel,
     NodeStatus,
     NodeUpdate,
     RoundMetrics,
     ServerStatus,
     TrainingPlan,
+    apply_global_delta,
     decode_global,
+    decode_global_delta,
     decode_metrics,
     decode_server_status,
     decode_status,
     decode_update,
     encode,
+    make_global_delta,
     model_id_of,
 )
 from schemas.topics import Topics, validate_name
 
 __all__ = [
     "SCHEMA_VERSION",
+    "GlobalDelta",
     "GlobalModel",
     "NodeStatus",
     "NodeUpdate",
@@ -32,12 +37,15 @@ __all__ = [
     "ServerStatus",
     "Topics",
     "TrainingPlan",
+    "apply_global_delta",
     "decode_global",
+    "decode_global_delta",
     "decode_metrics",
     "decode_server_status",
     "decode_status",
     "decode_update",
     "encode",
+    "make_global_delta",
     "model_id_of",
     "validate_name",
 ]

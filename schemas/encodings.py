@@ -27,6 +27,8 @@ from schemas.errors import SchemaError
 from schemas.tensors import decode_tensor, encode_tensor
 
 QUANT_BITS = (8, 4)
+# Largest scale: code * scale stays finite in float32 (|code| <= 127), with room to spare.
+MAX_SCALE = 1e30
 MAX_VARINT_BYTES = 5  # positions < 2**35, far above any tensor we accept
 
 
@@ -210,8 +212,8 @@ def _decode_quantized(
             "bad_shape", f"{field}.scales holds {len(scales_raw)} bytes, needs {4 * chunks}"
         )
     scales = np.frombuffer(scales_raw, dtype="<f4")
-    if not np.isfinite(scales).all() or (scales < 0).any():
-        raise SchemaError("non_finite", f"{field}.scales must be finite and >= 0")
+    if not np.isfinite(scales).all() or (scales < 0).any() or (scales > MAX_SCALE).any():
+        raise SchemaError("non_finite", f"{field}.scales must be in [0, {MAX_SCALE:g}]")
     data = _bin(obj, "data", field)
     needed = count if bits == 8 else -(-count // 2)
     if len(data) != needed:

@@ -74,6 +74,73 @@ class GlobalModel:
 
 
 @dataclass(frozen=True)
+class GlobalDelta:
+    """A global model told as the bitwise XOR of its float32 bytes with the previous one's.
+
+    Lossless: a node holding ``base_model_id`` rebuilds the exact parameters (and checks
+    the result's model_id). Unchanged bits XOR to zero, so zlib shrinks it a lot when
+    updates are sparse.
+    """
+
+    federation: str
+    round: int
+    model: str
+    model_id: str
+    base_model_id: str
+    plan: TrainingPlan
+    xor: bytes  # zlib of the XORed little-endian bytes of all tensors, in layout order
+    final: bool = False
+    created_at: float = 0.0
+
+
+def make_global_delta(
+    previous: Mapping[str, np.ndarray], model: GlobalModel, base_id: str
+) -> GlobalDelta:
+    xored = b"".join(
+        (_bits(model.params[name]) ^ _bits(previous[name])).tobytes() for name in model.params
+    )
+    return GlobalDelta(
+        federation=model.federation, round=model.round, model=model.model,
+        model_id=model.model_id, base_model_id=base_id, plan=model.plan,
+        xor=zlib.compress(xored, 6), final=model.final, created_at=model.created_at,
+    )  # fmt: skip
+
+
+def _bits(array: np.ndarray) -> np.ndarray:
+    wire = np.asarray(array, dtype=array.dtype.newbyteorder("<"), order="C")
+    return wire.view(np.dtype(f"<u{wire.dtype.itemsize}"))
+
+
+def apply_global_delta(base: Mapping[str, np.ndarray], message: GlobalDelta) -> GlobalModel:
+    """The full global model from the one it was made against; SchemaError if it does
+    not fit ``base`` or the result's hash is not ``model_id``."""
+    total = sum(_bits(array).nbytes for array in base.values())
+    inflater = zlib.decompressobj()
+    try:
+        xored = inflater.decompress(message.xor, total)
+    except zlib.error as error:
+        raise SchemaError("malformed", f"xor is not zlib data: {error}") from None
+    if len(xored) != total or inflater.unconsumed_tail or not inflater.eof:
+        raise SchemaError("bad_shape", f"xor does not inflate to exactly {total} bytes")
+    params: Params = {}
+    offset = 0
+    for name, array in base.items():
+        bits = _bits(array)
+        flips = np.frombuffer(xored, dtype=bits.dtype, count=bits.size, offset=offset)
+        params[name] = (bits ^ flips.reshape(bits.shape)).view(bits.dtype.str.replace("u", "f"))
+        offset += bits.nbytes
+    if not all(np.isfinite(a).all() for a in params.values()):
+        raise SchemaError("non_finite", "the rebuilt global model holds NaN or Inf")
+    if model_id_of(params) != message.model_id:
+        raise SchemaError("bad_model_id", "the rebuilt parameters do not hash to model_id")
+    return GlobalModel(
+        federation=message.federation, round=message.round, model=message.model,
+        model_id=message.model_id, params=params, plan=message.plan, final=message.final,
+        created_at=message.created_at,
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
 class NodeUpdate:
     federation: str
     node_id: str
@@ -130,10 +197,11 @@ class RoundMetrics:
     closed_by: str
     at: float = 0.0
     train_seconds_median: float | None = None
+    global_delta_bytes: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-Message = GlobalModel | NodeUpdate | NodeStatus | ServerStatus | RoundMetrics
+Message = GlobalModel | GlobalDelta | NodeUpdate | NodeStatus | ServerStatus | RoundMetrics
 
 
 # --------------------------------------------------------------------------- encoding
@@ -154,6 +222,16 @@ def _delta_to_wire(delta: Mapping[str, Encoded], compression: str) -> Any:
     return wire
 
 
+def _plan_to_wire(plan: TrainingPlan) -> dict[str, Any]:
+    return {
+        "learning_rate": float(plan.learning_rate),
+        "batch_size": plan.batch_size,
+        "local_epochs": plan.local_epochs,
+        "seed": plan.seed,
+        "compression": plan.compression,
+    }
+
+
 def _to_wire(message: Message) -> dict[str, Any]:
     head: dict[str, Any] = {"v": SCHEMA_VERSION}
     match message:
@@ -167,14 +245,21 @@ def _to_wire(message: Message) -> dict[str, Any]:
                 "model_id": message.model_id,
                 "final": message.final,
                 "created_at": float(message.created_at),
-                "plan": {
-                    "learning_rate": float(plan.learning_rate),
-                    "batch_size": plan.batch_size,
-                    "local_epochs": plan.local_epochs,
-                    "seed": plan.seed,
-                    "compression": plan.compression,
-                },
+                "plan": _plan_to_wire(plan),
                 "params": _params_to_wire(message.params),
+            }
+        case GlobalDelta():
+            return head | {
+                "type": "global_delta",
+                "federation": message.federation,
+                "round": message.round,
+                "model": message.model,
+                "model_id": message.model_id,
+                "base_model_id": message.base_model_id,
+                "final": message.final,
+                "created_at": float(message.created_at),
+                "plan": _plan_to_wire(message.plan),
+                "xor": message.xor,
             }
         case NodeUpdate():
             return head | {
@@ -234,6 +319,7 @@ def _to_wire(message: Message) -> dict[str, Any]:
                 "closed_by": message.closed_by,
                 "at": float(message.at),
                 "train_seconds_median": message.train_seconds_median,
+                "global_delta_bytes": message.global_delta_bytes,
             }
             return known | {k: v for k, v in message.extra.items() if k not in known}
     raise TypeError(f"not a fedmq message: {type(message).__name__}")
@@ -404,7 +490,6 @@ def decode_global(
 ) -> GlobalModel:
     """Decode and check a global model; its model_id must match its parameters."""
     obj = _unpack(payload, "global", max_bytes)
-    plan = _get(obj, "plan", dict)
     decoded = GlobalModel(
         federation=_name(obj, "federation"),
         round=_positive(obj, "round", minimum=1),
@@ -412,18 +497,39 @@ def decode_global(
         model_id=_model_id(obj, "model_id"),
         final=_get(obj, "final", bool),
         created_at=_get(obj, "created_at", float),
-        plan=TrainingPlan(
-            learning_rate=_positive_float(plan, "learning_rate"),
-            batch_size=_positive(plan, "batch_size", minimum=1),
-            local_epochs=_positive(plan, "local_epochs", minimum=1),
-            seed=_positive(plan, "seed"),
-            compression=_spec(plan, default="dense"),
-        ),
+        plan=_plan(obj),
         params=_params(obj, "params", max_elements=max_elements, layout=None),
     )
     if model_id_of(decoded.params) != decoded.model_id:
         raise SchemaError("bad_model_id", "model_id does not match the hash of params")
     return decoded
+
+
+def _plan(obj: Mapping[str, Any]) -> TrainingPlan:
+    plan = _get(obj, "plan", dict)
+    return TrainingPlan(
+        learning_rate=_positive_float(plan, "learning_rate"),
+        batch_size=_positive(plan, "batch_size", minimum=1),
+        local_epochs=_positive(plan, "local_epochs", minimum=1),
+        seed=_positive(plan, "seed"),
+        compression=_spec(plan, default="dense"),
+    )
+
+
+def decode_global_delta(payload: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> GlobalDelta:
+    """Decode the compact global; ``apply_global_delta`` rebuilds and checks the model."""
+    obj = _unpack(payload, "global_delta", max_bytes)
+    return GlobalDelta(
+        federation=_name(obj, "federation"),
+        round=_positive(obj, "round", minimum=1),
+        model=_get(obj, "model", str),
+        model_id=_model_id(obj, "model_id"),
+        base_model_id=_model_id(obj, "base_model_id"),
+        final=_get(obj, "final", bool),
+        created_at=_get(obj, "created_at", float),
+        plan=_plan(obj),
+        xor=_get(obj, "xor", bytes),
+    )
 
 
 def decode_update(
@@ -593,5 +699,6 @@ def decode_metrics(payload: bytes, *, max_bytes: int = 16 * 1024 * 1024) -> Roun
         closed_by=_choice(obj, "closed_by", CLOSED_BY),
         at=_get(obj, "at", float),
         train_seconds_median=_get(obj, "train_seconds_median", float, optional=True),
+        global_delta_bytes=_optional(obj, "global_delta_bytes", _positive),
         extra={k: v for k, v in obj.items() if k not in _METRICS_KEYS},
     )

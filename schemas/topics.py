@@ -41,6 +41,11 @@ class Topics:
         return f"{self.prefix}/global"
 
     @property
+    def global_delta(self) -> str:
+        """Compact form of each new global model for nodes that hold the previous one."""
+        return f"{self.prefix}/global/delta"
+
+    @property
     def metrics(self) -> str:
         return f"{self.prefix}/metrics"
 

@@ -39,7 +39,7 @@ class Pipeline:
     def __str__(self) -> str:
         stages = []
         if self.top_k is not None:
-            stages.append(f"topk:{self.top_k:g}")
+            stages.append(f"topk:{self.top_k:.6f}".rstrip("0").rstrip("."))  # never an exponent
         if self.values:
             stages.append(self.values)
         if self.error_feedback:
@@ -106,8 +106,8 @@ def parse_spec(text: str) -> Pipeline:
                 top = float(argument)
             except ValueError:
                 top = -1.0
-            if not 0 < top <= 1:
-                raise ValueError(f"compression {text!r}: topk needs a fraction in (0, 1]")
+            if not 1e-6 <= top <= 1:
+                raise ValueError(f"compression {text!r}: topk needs a fraction in [1e-6, 1]")
         elif kind in VALUE_CODINGS and not argument:
             if values is not None:
                 raise ValueError(f"compression {text!r}: choose one of {', '.join(VALUE_CODINGS)}")

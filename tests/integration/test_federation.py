@@ -61,7 +61,8 @@ def test_three_nodes_three_rounds(mosquitto, federation, spawn, node_data, colle
         assert m.rejected == {}
         assert m.closed_by == "all_reported"
         assert m.uplink_bytes > 3 * 4 * 2410  # three dense float32 updates of digits-mlp
-        assert m.downlink_bytes == 3 * m.global_bytes
+        assert m.downlink_bytes == 3 * (m.global_delta_bytes or m.global_bytes)
+        assert (m.global_delta_bytes is None) == (m.round == 1)  # compact from round 2 on
     assert metrics[-1].accuracy > metrics[0].accuracy > 0.1
     # Every node ended "done", published retained on its own status topic.
     final_states = {}

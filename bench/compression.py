@@ -1,0 +1,131 @@
+"""Uplink compression: bytes per update as published, accuracy, and codec cost.
+
+    .venv/bin/python bench/compression.py [--models digits-mlp,digits-mlp-large]
+        [--partitions iid,dirichlet:0.5] [--pipelines dense,fp16,...] [--rounds 30]
+
+Each (model, partition, pipeline) is a real federation (``fedmq demo``: mosquitto, an
+aggregator and 10 node processes), so bytes are the payloads the nodes published,
+headers included, as the aggregator counted them. Ratios are against dense float32 of the
+same model and partition, measured in the same run of this script. Encode (compress +
+msgpack) and decode (decode + validate + accumulate into the running sum) are timed
+in-process on a delta from one real local epoch.
+"""
+
+import argparse
+import json
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from aggregator.fedavg import WeightedSum
+from fedmq import logs
+from fedmq.compression import parse_spec
+from fedmq.compression.transforms import error_feedback_init
+from fedmq.datasets import digits, partition
+from fedmq.demo import DemoConfig, run
+from fedmq.models import get_model
+from schemas import NodeUpdate, decode_update, encode
+
+PIPELINES = [
+    "dense", "fp16", "int8", "int4", "topk:0.1+ef", "topk:0.01+ef", "topk:0.01+int8+ef",
+    "topk:0.02+int4+ef", "topk:0.02+int4+ef+zlib",
+]  # fmt: skip
+
+
+def federation(model: str, part: str, spec: str, rounds: int) -> list[dict]:
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "r.json"
+        config = DemoConfig(nodes=10, rounds=rounds, model=model, partition=part,
+                            compression=spec, report=report)  # fmt: skip
+        with open("/dev/null", "w") as quiet:
+            if run(config, threading.Event(), out=quiet) != 0:
+                raise RuntimeError(f"federation {model} {part} {spec} failed")
+        return json.loads(report.read_text())["rounds"]
+
+
+def codec_seconds(model_name: str, spec: str, repeats: int = 20) -> tuple[float, float, int]:
+    """(encode s, decode+accumulate s, numbers bytes) for one update of a real delta."""
+    from node.training import LocalTrainer, delta
+
+    train, _ = digits()
+    shard = partition(train.y, 10, "iid", 0)[0]
+    model = get_model(model_name)
+    params = model.init(0)
+    trained, _ = LocalTrainer(model, train.x[shard], train.y[shard]).train(
+        params, learning_rate=0.1, batch_size=16, local_epochs=1, seed=0, node_id="n", round=1
+    )
+    change = delta(trained, params)
+    pipeline = parse_spec(spec)
+    layout = model.layout
+
+    def encode_once() -> bytes:
+        state = error_feedback_init(layout) if pipeline.error_feedback else None
+        encoded, _ = pipeline.compress(change, np.random.default_rng(0), state)
+        return encode(NodeUpdate(federation="bench", node_id="n", round=1, base_model_id="0" * 32,
+                                 num_examples=150, train_loss=0.5, train_seconds=0.0,
+                                 delta=encoded, compression=str(pipeline)))  # fmt: skip
+
+    payload = encode_once()
+    encode_s = statistics.median(_timed(encode_once) for _ in range(repeats))
+    total = WeightedSum(layout)
+
+    def decode_once() -> None:
+        update = decode_update(payload, layout=layout)
+        total.add(update.delta, update.num_examples)
+
+    decode_s = statistics.median(_timed(decode_once) for _ in range(repeats))
+    return encode_s, decode_s, len(payload)
+
+
+def _timed(fn) -> float:  # type: ignore[no-untyped-def]
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="digits-mlp,digits-mlp-large")
+    parser.add_argument("--partitions", default="iid,dirichlet:0.5")
+    parser.add_argument("--pipelines", default=",".join(PIPELINES))
+    parser.add_argument("--rounds", type=int, default=30)
+    args = parser.parse_args()
+    logs.configure(json=True, level="error")
+    pipelines = args.pipelines.split(",")
+    for model in args.models.split(","):
+        dense_numbers = 4 * get_model(model).num_params
+        codecs = {spec: codec_seconds(model, spec) for spec in pipelines}
+        dense_decode = codecs["dense"][1] if "dense" in codecs else float("nan")
+        for part in args.partitions.split(","):
+            print(
+                f"\n{model} ({dense_numbers // 4:,} params), {part}, 10 nodes, {args.rounds} rounds"
+            )
+            print(f"{'pipeline':<24} {'B/update':>9} {'vs dense':>9} {'final acc':>9} {'Δ pp':>6}"
+                  f" {'→95% rnd':>8} {'enc ms':>7} {'dec+acc ms':>10} {'dec vs dense':>12}")  # fmt: skip
+            dense = None
+            for spec in pipelines:
+                rows = federation(model, part, spec, args.rounds)
+                per_update = statistics.mean(r["uplink_bytes"] / r["participants"] for r in rows)
+                accuracy = rows[-1]["accuracy"]
+                if spec == "dense":
+                    dense = (per_update, accuracy)
+                reach = next((r["round"] for r in rows if r["accuracy"] >= 0.95), None)
+                ratio = dense[0] / per_update if dense else float("nan")
+                diff = (accuracy - dense[1]) * 100 if dense else float("nan")
+                enc, dec, _ = codecs[spec]
+                print(f"{spec:<24} {per_update:>9.0f} {ratio:>8.1f}x {accuracy:>9.4f} {diff:>+6.2f}"
+                      f" {reach if reach else '-':>8} {enc * 1e3:>7.2f} {dec * 1e3:>10.3f}"
+                      f" {dec / dense_decode:>11.2f}x")  # fmt: skip
+        if "dense" in codecs:
+            print(
+                f"fixed overhead of a dense {model} update: {codecs['dense'][2] - dense_numbers} B"
+                f" ({codecs['dense'][2]} B payload, {dense_numbers} B of numbers)"
+            )
+
+
+if __name__ == "__main__":
+    main()
