@@ -7,6 +7,7 @@ missed rounds or a new run began) and is discarded, as docs/PROTOCOL.md document
 """
 
 import json
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,5 +50,5 @@ def load(path: Path) -> SavedResidual | None:
                 name: archive[f"t{i}"].astype(np.float32) for i, name in enumerate(meta["names"])
             }
         return SavedResidual(round=int(meta["round"]), spec=str(meta["spec"]), residual=residual)
-    except (OSError, KeyError, ValueError, TypeError):
+    except (OSError, KeyError, ValueError, TypeError, EOFError, zipfile.BadZipFile):
         return None

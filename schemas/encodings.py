@@ -109,20 +109,22 @@ def encode_varints(values: np.ndarray) -> bytes:
 def decode_varints(data: bytes, count: int, field: str) -> np.ndarray:
     """Exactly ``count`` unsigned LEB128 values filling ``data``, as int64."""
     raw = np.frombuffer(data, dtype=np.uint8)
-    ends = np.flatnonzero(raw < 0x80)
-    if len(ends) != count or (count and ends[-1] != len(raw) - 1) or (not count and len(raw)):
+    last = raw < 0x80  # the final byte of each varint
+    if int(np.count_nonzero(last)) != count or (len(raw) and not last[-1]):
         raise SchemaError("bad_index", f"{field} does not hold exactly {count} varints")
-    starts = np.concatenate(([0], ends[:-1] + 1)) if count else ends
-    lengths = ends - starts + 1
-    if count and lengths.max() > MAX_VARINT_BYTES:
+    if len(raw) == count:  # every varint is one byte: the common case for small gaps
+        return raw.astype(np.int64)
+    index = np.arange(len(raw))
+    begins = np.empty(len(raw), dtype=bool)  # first byte of a varint
+    begins[0] = True
+    begins[1:] = last[:-1]
+    start_of = np.maximum.accumulate(np.where(begins, index, 0))
+    position = index - start_of  # byte index within its varint
+    if position.max() >= MAX_VARINT_BYTES:
         raise SchemaError("bad_index", f"{field} has a varint longer than {MAX_VARINT_BYTES} bytes")
-    values = np.zeros(count, dtype=np.int64)
-    for j in range(MAX_VARINT_BYTES):
-        has = lengths > j
-        if not has.any():
-            break
-        values[has] |= (raw[starts[has] + j] & 0x7F).astype(np.int64) << (7 * j)
-    return values
+    totals = np.cumsum((raw & 0x7F).astype(np.int64) << (7 * position))
+    ends = np.flatnonzero(last)
+    return np.diff(totals[ends], prepend=0)
 
 
 # ------------------------------------------------------------------------ encoding
