@@ -36,10 +36,10 @@ PIPELINES = [
 ]  # fmt: skip
 
 
-def federation(model: str, part: str, spec: str, rounds: int) -> list[dict]:
+def federation(model: str, part: str, spec: str, rounds: int, seed: int) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "r.json"
-        config = DemoConfig(nodes=10, rounds=rounds, model=model, partition=part,
+        config = DemoConfig(nodes=10, rounds=rounds, model=model, partition=part, seed=seed,
                             compression=spec, report=report)  # fmt: skip
         with open("/dev/null", "w") as quiet:
             if run(config, threading.Event(), out=quiet) != 0:
@@ -93,6 +93,7 @@ def main() -> None:
     parser.add_argument("--partitions", default="iid,dirichlet:0.5")
     parser.add_argument("--pipelines", default=",".join(PIPELINES))
     parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--seeds", default="0", help="comma-separated; accuracy is the mean")
     args = parser.parse_args()
     logs.configure(json=True, level="error")
     pipelines = args.pipelines.split(",")
@@ -101,24 +102,31 @@ def main() -> None:
         codecs = {spec: codec_seconds(model, spec) for spec in pipelines}
         dense_decode = codecs["dense"][1] if "dense" in codecs else float("nan")
         for part in args.partitions.split(","):
+            seeds = [int(x) for x in args.seeds.split(",")]
             print(
-                f"\n{model} ({dense_numbers // 4:,} params), {part}, 10 nodes, {args.rounds} rounds"
+                f"\n{model} ({dense_numbers // 4:,} params), {part}, 10 nodes, {args.rounds} rounds,"
+                f" seeds {seeds} (final acc: mean over seeds; rounds to 95%: per seed)"
             )
             print(f"{'pipeline':<24} {'B/update':>9} {'vs dense':>9} {'final acc':>9} {'Δ pp':>6}"
                   f" {'→95% rnd':>8} {'enc ms':>7} {'dec+acc ms':>10} {'dec vs dense':>12}")  # fmt: skip
             dense = None
             for spec in pipelines:
-                rows = federation(model, part, spec, args.rounds)
-                per_update = statistics.mean(r["uplink_bytes"] / r["participants"] for r in rows)
-                accuracy = rows[-1]["accuracy"]
+                runs = [federation(model, part, spec, args.rounds, seed) for seed in seeds]
+                per_update = statistics.mean(
+                    r["uplink_bytes"] / r["participants"] for rows in runs for r in rows
+                )
+                accuracy = statistics.mean(rows[-1]["accuracy"] for rows in runs)
                 if spec == "dense":
                     dense = (per_update, accuracy)
-                reach = next((r["round"] for r in rows if r["accuracy"] >= 0.95), None)
+                reach = "/".join(
+                    str(next((r["round"] for r in rows if r["accuracy"] >= 0.95), "-"))
+                    for rows in runs
+                )
                 ratio = dense[0] / per_update if dense else float("nan")
                 diff = (accuracy - dense[1]) * 100 if dense else float("nan")
                 enc, dec, _ = codecs[spec]
                 print(f"{spec:<24} {per_update:>9.0f} {ratio:>8.1f}x {accuracy:>9.4f} {diff:>+6.2f}"
-                      f" {reach if reach else '-':>8} {enc * 1e3:>7.2f} {dec * 1e3:>10.3f}"
+                      f" {reach:>8} {enc * 1e3:>7.2f} {dec * 1e3:>10.3f}"
                       f" {dec / dense_decode:>11.2f}x")  # fmt: skip
         if "dense" in codecs:
             print(
