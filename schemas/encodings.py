@@ -27,8 +27,11 @@ from schemas.errors import SchemaError
 from schemas.tensors import decode_tensor, encode_tensor
 
 QUANT_BITS = (8, 4)
-# Largest scale: code * scale stays finite in float32 (|code| <= 127), with room to spare.
-MAX_SCALE = 1e30
+# Largest magnitude a delta value may have. Weighted by up to 2**24 examples in float32
+# and summed over a round in float64 it stays finite with room to spare, so one accepted
+# update can never turn the global model into Inf. Real deltas are many orders smaller.
+MAX_ABS = 1e15
+MAX_SCALE = MAX_ABS / 127  # |code| <= 127
 MAX_VARINT_BYTES = 5  # positions < 2**35, far above any tensor we accept
 
 
@@ -263,15 +266,19 @@ def decode_encoded(obj: Any, field: str, *, max_elements: int) -> Encoded:
     return Sparse(shape=shape, indices=indices, values=values)
 
 
-def non_finite(tensor: Encoded) -> bool:
-    """Whether decoding would produce a NaN or Inf (quantized values never do)."""
-    if isinstance(tensor, Quantized):
-        return False
+def value_problem(tensor: Encoded) -> str | None:
+    """ "non_finite" if decoding gives NaN or Inf, "out_of_range" if some |value| exceeds
+    MAX_ABS, else None. Quantized values are bounded by their checked scales already."""
     values = tensor.values if isinstance(tensor, Sparse) else tensor
     if isinstance(values, Quantized):
-        return False
+        return None
     flat = values.reshape(-1)
     with np.errstate(over="ignore", invalid="ignore"):
-        if np.isfinite(np.dot(flat, flat)):
-            return False
-    return not np.isfinite(flat).all()
+        squared = float(np.dot(flat, flat))  # one pass; small enough means every value is
+    if squared <= MAX_ABS * MAX_ABS:  # False for NaN and Inf
+        return None
+    if not np.isfinite(flat).all():
+        return "non_finite"
+    if (np.abs(flat.astype(np.float32, copy=False)) > MAX_ABS).any():
+        return "out_of_range"
+    return None

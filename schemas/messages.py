@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import msgpack
 import numpy as np
 
-from schemas.encodings import Encoded, decode_encoded, encode_encoded, non_finite, shape_of
+from schemas.encodings import Encoded, decode_encoded, encode_encoded, shape_of, value_problem
 from schemas.errors import SchemaError
 from schemas.tensors import all_finite, decode_tensor, encode_tensor
 from schemas.topics import validate_name
@@ -621,8 +621,9 @@ def _delta(
                 "layout_mismatch",
                 f"delta.{name} has shape {shape_of(decoded)}, the model has {layout[name]}",
             )
-        if non_finite(decoded):
-            raise SchemaError("non_finite", f"delta.{name} holds NaN or Inf")
+        problem = value_problem(decoded)
+        if problem is not None:
+            raise SchemaError(problem, f"delta.{name} holds NaN, Inf or a value beyond 1e15")
         delta[name] = decoded
     return delta
 

@@ -1,0 +1,84 @@
+"""A compressed federation through a real mosquitto: top-k + int8 + error feedback."""
+
+import json
+import math
+
+import pytest
+
+from fedmq.models import get_model
+from node import residual
+from schemas import Topics, decode_global, decode_metrics, decode_update
+from schemas.encodings import Quantized, Sparse
+
+pytestmark = [pytest.mark.integration]
+
+SPEC = "topk:0.1+int8+ef"
+DENSE_UPDATE_BYTES = 9_971  # one dense digits-mlp update (docs/PROTOCOL.md, section 10)
+
+
+def test_three_nodes_send_sparse_int8_updates_with_error_feedback(
+    mosquitto, federation, spawn, node_data, collect, tmp_path
+):
+    topics = Topics(federation)
+    watcher = collect([topics.metrics, topics.global_model, topics.all_updates])
+    common = ["--broker", mosquitto.address, "--federation", federation, "--log-json"]
+    report = tmp_path / "report.json"
+    aggregator = spawn(
+        "aggregator", "aggregator", *common, "--compression", SPEC, "--nodes", "3",
+        "--rounds", "4", "--report", str(report),
+    )  # fmt: skip
+    states = [tmp_path / f"state-{i}" for i in range(3)]
+    nodes = [
+        spawn(f"node-{i}", "node", *common, "--node-id", f"pi-{i}", "--data", str(path),
+              "--state-dir", str(states[i]), "--exit-when-done")
+        for i, path in enumerate(node_data(3))
+    ]  # fmt: skip
+
+    assert aggregator.wait(90) == 0, aggregator.log()
+    for node in nodes:
+        assert node.wait(60) == 0, node.log()
+
+    metrics = [decode_metrics(p) for p in watcher.on(topics.metrics)]
+    assert [m.round for m in metrics] == [1, 2, 3, 4]
+    for m in metrics:
+        assert m.participants == ["pi-0", "pi-1", "pi-2"], m
+        assert m.rejected == {}, m
+        assert m.closed_by == "all_reported"
+        assert 0 < m.uplink_bytes < 0.4 * 3 * DENSE_UPDATE_BYTES, m.uplink_bytes
+    assert metrics[-1].accuracy > metrics[0].accuracy > 0.1
+
+    # Every global, the final one included, announces the canonical SPEC.
+    globals_ = [decode_global(p) for p in watcher.on(topics.global_model) if p]
+    assert [g.round for g in globals_] == [1, 2, 3, 4, 5]
+    assert {g.plan.compression for g in globals_} == {SPEC}
+
+    # The updates on the wire: sparse tensors with int8 values, as the SPEC says.
+    layout = get_model("digits-mlp").layout
+    payloads = [p for i in range(3) for p in watcher.on(topics.update(f"pi-{i}"))]
+    updates = [decode_update(p, layout=layout) for p in payloads]
+    assert sorted((u.round, u.node_id) for u in updates) == [
+        (r, f"pi-{i}") for r in range(1, 5) for i in range(3)
+    ]
+    for update in updates:
+        assert update.compression == SPEC
+        for name, tensor in update.delta.items():
+            assert isinstance(tensor, Sparse), name
+            assert isinstance(tensor.values, Quantized) and tensor.values.bits == 8
+            size = math.prod(layout[name])
+            assert tensor.indices.size == max(1, math.ceil(0.1 * size))
+    assert sum(len(p) for p in payloads) == sum(m.uplink_bytes for m in metrics)
+
+    # The report agrees with the wire.
+    written = json.loads(report.read_text())
+    assert [r["uplink_bytes"] for r in written["rounds"]] == [m.uplink_bytes for m in metrics]
+    assert [r["accuracy"] for r in written["rounds"]] == [m.accuracy for m in metrics]
+
+    # Each node kept its error-feedback residual of the last round on disk.
+    for state in states:
+        path = state / "residual.npz"
+        assert path.is_file(), sorted(p.name for p in state.iterdir())
+        saved = residual.load(path)
+        assert saved is not None
+        assert (saved.round, saved.spec) == (4, SPEC)
+        assert {name: a.shape for name, a in saved.residual.items()} == layout
+        assert any(a.any() for a in saved.residual.values())  # top-k left something behind
