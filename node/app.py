@@ -248,11 +248,17 @@ class Node:
                 node_id=self.config.node_id,
                 round=model.round,
             )
+            change = delta(trained, params)
+            if not all(np.isfinite(array).all() for array in change.values()):
+                # diverged: sending would be rejected, and keeping it would poison the residual
+                log.error("training.diverged", round=model.round)
+                self.status("error", round=model.round, detail="local training gave NaN or Inf")
+                return
             started_compress = time.perf_counter()
             state = self._residual_for(model, pipeline)
             rng = np.random.default_rng([model.plan.seed, zlib.crc32(self.config.node_id.encode()),
                                          model.round, 0, 1])  # fmt: skip
-            encoded, new_state = pipeline.compress(delta(trained, params), rng, state)
+            encoded, new_state = pipeline.compress(change, rng, state)
             update = NodeUpdate(
                 federation=self.config.federation,
                 node_id=self.config.node_id,

@@ -56,7 +56,10 @@ def _on_values(fn: ValueCoder) -> Transform:
 
 
 def to_float16() -> Transform:
-    return _on_values(lambda values, _rng: values.astype(np.float16))
+    # clipped to float16's range: an Inf sent would be rejected, an Inf kept in the
+    # error-feedback residual would poison every later round
+    largest = float(np.finfo(np.float16).max)
+    return _on_values(lambda values, _rng: np.clip(values, -largest, largest).astype(np.float16))
 
 
 def quantize_values(

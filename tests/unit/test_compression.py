@@ -1046,3 +1046,16 @@ def test_all_pipelines_are_distinct_and_named_canonically():
     ):
         assert str(pipeline) == canonical(top, values, ef, packed)
         assert parse_spec(str(pipeline)) == pipeline
+
+
+def test_fp16_clips_to_its_range_so_nothing_sent_or_kept_is_infinite() -> None:
+    from fedmq.compression.transforms import error_feedback_init as _init
+
+    pipeline = parse_spec("fp16+ef")
+    delta = {"w": np.array([1e6, -1e6, 0.5], dtype=np.float32)}
+    encoded, state = pipeline.compress(delta, np.random.default_rng(0), _init({"w": (3,)}))
+    sent = to_dense(encoded["w"])
+    assert np.isfinite(sent).all()
+    assert sent[0] == np.finfo(np.float16).max and sent[1] == -np.finfo(np.float16).max
+    assert state is not None and np.isfinite(state.residual["w"]).all()
+    np.testing.assert_allclose(sent + state.residual["w"], delta["w"])
