@@ -236,8 +236,10 @@ class Aggregator:
         if previous is not None:
             compact = encode(make_global_delta(previous[0], message, previous[1]))
             self._delta_bytes = len(compact)
-            self._delta_payload = compact
-            self._publish(self.topics.global_delta, compact, False)
+        else:  # nothing to XOR against: nodes following compact forms get it whole
+            compact = payload
+        self._delta_payload = compact
+        self._publish(self.topics.global_delta, compact, False)
         self._publish(self.topics.global_model, payload, True)
         self._publish_server_status()
         log.info(

@@ -25,6 +25,7 @@ from node import residual
 if TYPE_CHECKING:  # JAX is imported only once a node has a model to train
     from node.training import LocalTrainer
 from schemas import (
+    GlobalDelta,
     GlobalModel,
     NodeStatus,
     NodeUpdate,
@@ -141,12 +142,21 @@ class Node:
         return self._seen
 
     def on_global_delta(self, payload: bytes) -> None:
-        """The compact form: rebuild the new model from the one we hold, or fetch it whole."""
+        """The compact form: rebuild the new model from the one we hold, or fetch it whole.
+
+        A round with no previous model (round 1 of a run) comes on this topic in full, so
+        nodes that follow compact forms see a new run start."""
+        compact: GlobalModel | GlobalDelta
         try:
             compact = decode_global_delta(payload)
         except SchemaError as error:
-            log.warning("global_delta.rejected", reason=error.reason, detail=error.detail)
-            return
+            try:
+                if error.reason != "wrong_type":
+                    raise
+                compact = decode_global(payload)
+            except SchemaError as error:
+                log.warning("global_delta.rejected", reason=error.reason, detail=error.detail)
+                return
         if compact.federation != self.config.federation:
             return
         self._follow_full(False)  # compact forms flow: the full model is needed only to catch up
@@ -154,6 +164,9 @@ class Node:
         if (compact.round, compact.model_id) == self.last_trained:
             if seen["delta"] > 1:  # published once per round: a second one is a republish
                 self._resend(compact.round)
+            return
+        if isinstance(compact, GlobalModel):
+            self._accept(compact, resend=False)
             return
         if self._held is None or self._held.model_id != compact.base_model_id:
             log.info("global_delta.no_base", round=compact.round)
