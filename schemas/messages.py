@@ -336,25 +336,30 @@ T = TypeVar("T")
 _MISSING = object()
 
 
+def _unpackb(data: bytes | bytearray | memoryview, what: str) -> Any:
+    """msgpack with every length capped by the input's size, no ext types, str keys only."""
+    try:
+        return msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,
+            max_bin_len=len(data),
+            max_str_len=len(data),
+            max_array_len=len(data),
+            max_map_len=len(data),
+            max_ext_len=0,
+            use_list=True,
+        )
+    except Exception as error:  # msgpack raises a zoo of types; all mean the same here
+        raise SchemaError("malformed", f"{what}: {error}") from None
+
+
 def _unpack(payload: Any, kind: str, max_bytes: int) -> dict[str, Any]:
     if not isinstance(payload, bytes | bytearray | memoryview):
         raise SchemaError("malformed", f"payload must be bytes, got {type(payload).__name__}")
     if len(payload) > max_bytes:
         raise SchemaError("oversized", f"{len(payload)} bytes is more than the {max_bytes} allowed")
-    try:
-        obj = msgpack.unpackb(
-            payload,
-            raw=False,
-            strict_map_key=True,
-            max_bin_len=len(payload),
-            max_str_len=len(payload),
-            max_array_len=len(payload),
-            max_map_len=len(payload),
-            max_ext_len=0,
-            use_list=True,
-        )
-    except Exception as error:  # msgpack raises a zoo of types; all mean the same here
-        raise SchemaError("malformed", f"not valid msgpack: {error}") from None
+    obj = _unpackb(payload, "not valid msgpack")
     if not isinstance(obj, dict):
         raise SchemaError("malformed", f"message must be a map, got {type(obj).__name__}")
     version = obj.get("v", _MISSING)
@@ -445,6 +450,12 @@ _ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # node and federation ids, as in sche
 _TENSOR_NAME = re.compile(r"[A-Za-z0-9_./-]{1,64}")
 
 
+def _check_names(wire: Mapping[Any, Any], key: str) -> None:
+    bad = [n for n in wire if not (isinstance(n, str) and _TENSOR_NAME.fullmatch(n))]
+    if bad:
+        raise SchemaError("bad_field", f"{key} has invalid tensor names {bad[:3]!r}")
+
+
 def _params(
     obj: Mapping[str, Any],
     key: str,
@@ -456,9 +467,7 @@ def _params(
     wire = _get(obj, key, dict)
     if not wire:
         raise SchemaError("bad_field", f"{key} holds no tensors")
-    bad_names = [n for n in wire if not (isinstance(n, str) and _TENSOR_NAME.fullmatch(n))]
-    if bad_names:
-        raise SchemaError("bad_field", f"{key} has invalid tensor names {bad_names[:3]!r}")
+    _check_names(wire, key)
     if layout is not None and list(wire) != list(layout):
         raise SchemaError(
             "layout_mismatch", f"{key} has tensors {list(wire)}, the model has {list(layout)}"
@@ -589,24 +598,10 @@ def _delta(
             raise SchemaError("malformed", f"delta is not zlib data: {error}") from None
         if inflater.unconsumed_tail or not inflater.eof:
             raise SchemaError("oversized", f"delta inflates beyond {max_bytes} bytes or is cut")
-        try:
-            wire = msgpack.unpackb(
-                packed,
-                raw=False,
-                strict_map_key=True,
-                max_ext_len=0,
-                max_bin_len=len(packed),
-                max_str_len=len(packed),
-                max_array_len=len(packed),
-                max_map_len=len(packed),
-            )
-        except Exception as error:
-            raise SchemaError("malformed", f"inflated delta is not msgpack: {error}") from None
+        wire = _unpackb(packed, "inflated delta is not msgpack")
     if not isinstance(wire, dict) or not wire:
         raise SchemaError("bad_field", "delta must be a non-empty map of tensors")
-    bad_names = [n for n in wire if not (isinstance(n, str) and _TENSOR_NAME.fullmatch(n))]
-    if bad_names:
-        raise SchemaError("bad_field", f"delta has invalid tensor names {bad_names[:3]!r}")
+    _check_names(wire, "delta")
     if layout is not None and list(wire) != list(layout):
         raise SchemaError(
             "layout_mismatch", f"delta has tensors {list(wire)}, the model has {list(layout)}"
