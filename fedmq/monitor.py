@@ -98,17 +98,21 @@ class FleetView:
         for start in range(0, len(cells), 3):
             lines.append("  " + " | ".join(cells[start : start + 3]))
         lines.append("round  accuracy   loss   nodes  uplink B  downlink B   seconds  rejected")
-        for m in self.rounds[-10:]:
-            acc = f"{m.accuracy:.4f}" if m.accuracy is not None else "-"
-            loss = f"{m.loss:.4f}" if m.loss is not None else "-"
-            rejected = ",".join(f"{k}:{v}" for k, v in m.rejected.items()) or "-"
-            lines.append(
-                f"{m.round:>5}  {acc:>8} {loss:>7} {len(m.participants):>6} {m.uplink_bytes:>9}"
-                f" {m.downlink_bytes:>11} {m.seconds:>9.4f}  {rejected}"
-            )
+        lines.extend(round_line(m) for m in self.rounds[-10:])
         if self.invalid:
             lines.append(f"unreadable messages: {dict(self.invalid)}")
         return "\n".join(lines)
+
+
+def round_line(m: RoundMetrics) -> str:
+    """One row of the rounds table."""
+    acc = f"{m.accuracy:.4f}" if m.accuracy is not None else "-"
+    loss = f"{m.loss:.4f}" if m.loss is not None else "-"
+    rejected = ",".join(f"{k}:{v}" for k, v in m.rejected.items()) or "-"
+    return (
+        f"{m.round:>5}  {acc:>8} {loss:>7} {len(m.participants):>6} {m.uplink_bytes:>9}"
+        f" {m.downlink_bytes:>11} {m.seconds:>9.4f}  {rejected}"
+    )
 
 
 _KIND = {NodeStatus: "status", ServerStatus: "server", RoundMetrics: "metrics"}
@@ -157,7 +161,7 @@ def run(
                 out.flush()
                 last_draw = time.monotonic()
             elif not live and row["type"] == "metrics":
-                out.write(view.render(time.time()).splitlines()[-1] + "\n")
+                out.write(round_line(view.rounds[-1]) + "\n")
                 out.flush()
         if live:
             out.write("\x1b[H\x1b[2J" + view.render(time.time()) + "\n")

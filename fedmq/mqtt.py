@@ -4,7 +4,7 @@ import queue
 import random
 import socket
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -173,9 +173,7 @@ def start(client: mqtt.Client, broker: BrokerAddress, *, keepalive: int = 30) ->
     client.loop_start()
 
 
-def stop(client: mqtt.Client, *, before_disconnect: Callable[[], None] | None = None) -> None:
-    if before_disconnect is not None:
-        before_disconnect()
+def stop(client: mqtt.Client) -> None:
     client.disconnect()
     client.loop_stop()
 

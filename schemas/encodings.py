@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from schemas.errors import SchemaError
-from schemas.tensors import decode_tensor, encode_tensor
+from schemas.tensors import decode_tensor, encode_tensor, squared_norm
 
 QUANT_BITS = (8, 4)
 # Largest magnitude a delta value may have. Weighted by up to 2**24 examples in float32
@@ -273,9 +273,7 @@ def value_problem(tensor: Encoded) -> str | None:
     if isinstance(values, Quantized):
         return None
     flat = values.reshape(-1)
-    with np.errstate(over="ignore", invalid="ignore"):
-        squared = float(np.dot(flat, flat))  # one pass; small enough means every value is
-    if squared <= MAX_ABS * MAX_ABS:  # False for NaN and Inf
+    if squared_norm(flat) <= MAX_ABS * MAX_ABS:  # False for NaN and Inf
         return None
     if not np.isfinite(flat).all():
         return "non_finite"

@@ -4,6 +4,7 @@ Byte order is explicit in the dtype string so a big-endian reader decodes correc
 Decoding returns a read-only view on the payload (no copy) after checking every field.
 """
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -65,16 +66,17 @@ def decode_tensor(obj: Any, field: str, *, max_elements: int) -> np.ndarray:
     return np.frombuffer(data, dtype=dtype).reshape(shape)
 
 
-def all_finite(arrays: Mapping[str, np.ndarray]) -> str | None:
-    """Name of the first array holding NaN or Inf, or None if all are finite.
+def squared_norm(flat: np.ndarray) -> float:
+    """``dot(x, x)`` in one BLAS pass: finite and small means every value is finite and
+    small; NaN, Inf or overflow send the caller to an exact (rarer, dearer) check."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return float(np.dot(flat, flat))
 
-    ``dot(x, x)`` is one BLAS pass and is non-finite iff some value is non-finite or the
-    squared norm overflows; the second case is rare enough to pay an exact check for.
-    """
+
+def all_finite(arrays: Mapping[str, np.ndarray]) -> str | None:
+    """Name of the first array holding NaN or Inf, or None if all are finite."""
     for name, array in arrays.items():
         flat = array.reshape(-1)
-        with np.errstate(over="ignore", invalid="ignore"):
-            squared = np.dot(flat, flat)
-        if not np.isfinite(squared) and not np.isfinite(flat).all():
+        if not math.isfinite(squared_norm(flat)) and not np.isfinite(flat).all():
             return name
     return None
