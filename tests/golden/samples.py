@@ -10,6 +10,7 @@ binary), timestamps and sizes are constants.
 """
 
 import dataclasses
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -17,6 +18,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from schemas import (
+    GlobalDelta,
     GlobalModel,
     NodeStatus,
     NodeUpdate,
@@ -24,12 +26,14 @@ from schemas import (
     ServerStatus,
     TrainingPlan,
     decode_global,
+    decode_global_delta,
     decode_metrics,
     decode_server_status,
     decode_status,
     decode_update,
     model_id_of,
 )
+from schemas.encodings import Quantized, Sparse
 
 GOLDEN_DIR = Path(__file__).resolve().parent
 FEDERATION = "golden"
@@ -71,6 +75,36 @@ UPDATE = NodeUpdate(
     delta=DELTA,
     compression="dense",
     sent_at=1_700_000_001.5,
+)
+
+# A compressed update as topk+int8 produces it: sparse positions, 8-bit codes, one scale
+# per chunk. Built by hand (no random rounding) so the bytes are fixed.
+SPARSE_INT8_DELTA = {
+    name: Sparse(
+        shape=shape,
+        indices=np.array([0, int(np.prod(shape)) - 1], dtype=np.int64),
+        values=Quantized(shape=(2,), bits=8, chunk=256, scales=np.array([0.0625], np.float32),
+                         codes=np.array([-127, 64], dtype=np.int8)),
+    )
+    for name, shape in LAYOUT.items()
+}  # fmt: skip
+
+UPDATE_SPARSE_INT8 = dataclasses.replace(
+    UPDATE, delta=SPARSE_INT8_DELTA, compression="topk:0.1+int8+ef"
+)
+
+# The compact downlink. zlib at level 0 (stored blocks) keeps the bytes the same for every
+# zlib implementation; the aggregator compresses for real, which decodes the same way.
+GLOBAL_DELTA = GlobalDelta(
+    federation=FEDERATION,
+    round=4,
+    model="tiny-mlp",
+    model_id=MODEL_ID,
+    base_model_id="0123456789abcdef0123456789abcdef",
+    plan=GLOBAL.plan,
+    xor=zlib.compress(bytes(range(32)), 0),
+    final=False,
+    created_at=1_700_000_020.5,
 )
 
 STATUS = NodeStatus(
@@ -126,6 +160,8 @@ class Sample(NamedTuple):
 SAMPLES: dict[str, Sample] = {
     "global": Sample(GLOBAL, decode_global),
     "update": Sample(UPDATE, decode_update),
+    "update_sparse_int8": Sample(UPDATE_SPARSE_INT8, decode_update),
+    "global_delta": Sample(GLOBAL_DELTA, decode_global_delta),
     "status": Sample(STATUS, decode_status),
     "status_minimal": Sample(STATUS_MINIMAL, decode_status),
     "server": Sample(SERVER, decode_server_status),

@@ -39,7 +39,9 @@ def test_every_golden_file_has_a_sample_and_every_sample_a_file():
 
 def test_there_is_a_sample_of_every_message_kind():
     kinds = {type(sample.message).__name__ for sample in samples.SAMPLES.values()}
-    assert kinds == {"GlobalModel", "NodeUpdate", "NodeStatus", "ServerStatus", "RoundMetrics"}
+    assert kinds == {
+        "GlobalModel", "GlobalDelta", "NodeUpdate", "NodeStatus", "ServerStatus", "RoundMetrics",
+    }  # fmt: skip
 
 
 @pytest.mark.parametrize("name", NAMES)
