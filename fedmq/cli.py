@@ -193,6 +193,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="reject larger updates unread (default: dense model size + 64 KiB)",
     )
     p.add_argument("--report", type=Path, default=None, help="write report.json here at the end")
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        default=Path(".fedmq-aggregator"),
+        help="checkpoint and journal of the run, resumed after a crash or restart "
+        "(default ./.fedmq-aggregator)",
+    )
+    p.add_argument(
+        "--fresh",
+        action="store_true",
+        help="discard the run kept in --state-dir and start a new one",
+    )
 
     p = sub.add_parser(
         "node",
@@ -359,6 +371,8 @@ def dispatch(args: argparse.Namespace, stop: threading.Event) -> int:
                 test_data=None if args.test_data == "none" else args.test_data,
                 max_update_bytes=args.max_update_bytes,
                 report=args.report,
+                state_dir=args.state_dir,
+                fresh=args.fresh,
             ),
             stop,
         )

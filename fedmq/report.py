@@ -26,6 +26,7 @@ def round_row(metrics: RoundMetrics) -> dict[str, Any]:
         "closed_by": metrics.closed_by,
         "at": metrics.at,
         "rejected": metrics.rejected,
+        "broker_dropped": metrics.broker_dropped,
         "model_id": metrics.model_id,
     }
 

@@ -20,7 +20,7 @@ from fedmq.compression import Pipeline, parse_spec
 from fedmq.compression.transforms import ErrorFeedbackState, error_feedback_init
 from fedmq.datasets import Dataset, digits, load_npz, partition
 from fedmq.models import MLP, check_layout
-from node import residual
+from node import progress, residual
 
 if TYPE_CHECKING:  # JAX is imported only once a node has a model to train
     from node.training import LocalTrainer
@@ -88,6 +88,10 @@ class Node:
         self.outbox = outbox
         self.last_trained: tuple[int, str] | None = None  # (round, base model id)
         self._last_update: bytes | None = None  # payload of that round's update
+        saved = progress.load(self.progress_path)
+        if saved is not None:  # a restart: resend rather than train that round again
+            self.last_trained = (saved.round, saved.model_id)
+            self._last_update = saved.payload
         self._held: GlobalModel | None = None  # the newest global model we have
         self._following_full = True  # subscribed to the full global model topic
         self._seen_key: tuple[int, str] | None = None
@@ -217,6 +221,10 @@ class Node:
     def residual_path(self) -> Path:
         return self.config.state_dir / "residual.npz"
 
+    @property
+    def progress_path(self) -> Path:
+        return self.config.state_dir / "last_update.msgpack"
+
     def _residual_for(self, model: GlobalModel, pipeline: Pipeline) -> ErrorFeedbackState | None:
         """The error-feedback state to start this round from (zeros when stale or absent)."""
         if not pipeline.error_feedback:
@@ -286,14 +294,18 @@ class Node:
             )
             payload = encode(update)
             compress_seconds = time.perf_counter() - started_compress
-            self.outbox.publish(self.topics.update(self.config.node_id), payload)
-            self.last_trained = (model.round, model.model_id)
-            self._last_update = payload
+            # on disk before it leaves: a crash from here on resends these bytes
             if new_state is not None:
                 residual.save(
                     self.residual_path,
                     residual.SavedResidual(model.round, str(pipeline), new_state.residual),
                 )
+            progress.save(
+                self.progress_path, progress.LastUpdate(model.round, model.model_id, payload)
+            )
+            self.outbox.publish(self.topics.update(self.config.node_id), payload)
+            self.last_trained = (model.round, model.model_id)
+            self._last_update = payload
             self.status("submitted", round=model.round, model_id=model.model_id)
             log.debug(
                 "update.published",
@@ -302,16 +314,6 @@ class Node:
                 loss=loss,
                 train_seconds=update.train_seconds,
             )
-
-
-def drain(inbox: "queue.Queue[edge.Received]", first: edge.Received) -> list[edge.Received]:
-    """``first`` and everything queued behind it."""
-    batch = [first]
-    while True:
-        try:
-            batch.append(inbox.get_nowait())
-        except queue.Empty:
-            return batch
 
 
 def run(config: NodeConfig, stop: threading.Event) -> int:
@@ -326,13 +328,14 @@ def run(config: NodeConfig, stop: threading.Event) -> int:
         subscriptions=[(topics.global_model, 1), (topics.global_delta, 1)],
         will=(topics.status(config.node_id), encode(offline)),
         inbox=inbox,
+        persistent=True,  # the broker queues the rounds' models while we are away
     )
     node = Node(config, data, edge.Outbox(client))
     edge.start(client, config.broker)
     log.info("node.started", examples=len(data), broker=str(config.broker))
     while not stop.is_set() and not (node.finished and config.exit_when_done):
         try:
-            batch = drain(inbox, inbox.get(timeout=0.5))
+            batch = edge.drain(inbox, inbox.get(timeout=0.5))
         except queue.Empty:
             continue
         if any(r.topic == edge.CONNECTED for r in batch):

@@ -6,12 +6,15 @@ after the one that made it, with the same SPEC and layout; otherwise it is stale
 missed rounds or a new run began) and is discarded, as docs/PROTOCOL.md documents.
 """
 
+import io
 import json
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from fedmq.files import write_atomically
 
 
 @dataclass(frozen=True)
@@ -33,12 +36,12 @@ class SavedResidual:
 
 def save(path: Path, saved: SavedResidual) -> None:
     """Write atomically: a crash leaves the old file or the new one, never half of one."""
-    tmp = path.with_name(path.name + ".tmp.npz")
     meta = json.dumps({"round": saved.round, "spec": saved.spec, "names": list(saved.residual)})
     arrays = {f"t{i}": array for i, array in enumerate(saved.residual.values())}
     arrays["meta"] = np.array(meta)
-    np.savez(tmp, **arrays)  # type: ignore[arg-type]
-    tmp.replace(path)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)  # type: ignore[arg-type]
+    write_atomically(path, buffer.getvalue())
 
 
 def load(path: Path) -> SavedResidual | None:

@@ -198,6 +198,7 @@ class RoundMetrics:
     at: float = 0.0
     train_seconds_median: float | None = None
     global_delta_bytes: int | None = None
+    broker_dropped: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -320,6 +321,7 @@ def _to_wire(message: Message) -> dict[str, Any]:
                 "at": float(message.at),
                 "train_seconds_median": message.train_seconds_median,
                 "global_delta_bytes": message.global_delta_bytes,
+                "broker_dropped": message.broker_dropped,
             }
             return known | {k: v for k, v in message.extra.items() if k not in known}
     raise TypeError(f"not a fedmq message: {type(message).__name__}")
@@ -696,5 +698,6 @@ def decode_metrics(payload: bytes, *, max_bytes: int = 16 * 1024 * 1024) -> Roun
         at=_get(obj, "at", float),
         train_seconds_median=_get(obj, "train_seconds_median", float, optional=True),
         global_delta_bytes=_optional(obj, "global_delta_bytes", _positive),
+        broker_dropped=_optional(obj, "broker_dropped", _positive),
         extra={k: v for k, v in obj.items() if k not in _METRICS_KEYS},
     )

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from aggregator.evaluate import evaluate
 from aggregator.fedavg import fedavg
 from aggregator.rounds import RoundPolicy
-from aggregator.server import Aggregator, RoundSettings, dense_update_bound
+from aggregator.server import Aggregator, RoundSettings, Store, dense_update_bound
 from fedmq.datasets import Dataset
 from fedmq.models import get_model
 from schemas import (
@@ -55,6 +55,7 @@ class Harness:
         rounds: int = 3,
         max_update_bytes: int | None = None,
         test: Dataset | None = None,
+        store: Store | None = None,
     ) -> None:
         self.settings = RoundSettings(
             federation=FEDERATION,
@@ -75,6 +76,7 @@ class Harness:
             test=test,
             clock=self.clock,
             wall_clock=lambda: 1.7e9,
+            store=store,
         )
 
     # ---------------------------------------------------------------- what went out
