@@ -173,7 +173,11 @@ class Aggregator:
 
     def republish(self) -> None:
         """Publish the open round's global model and server status again (after a
-        reconnect: a restarted broker without persistence has forgotten them)."""
+        reconnect or a restart: the broker or the nodes may have missed them), and the
+        last closed round's metrics (a crash may have come before they went out:
+        metrics are at-least-once, consumers keep one per round)."""
+        if self.history:
+            self._publish(self.topics.metrics, encode(self.history[-1]), False)
         if self.round >= 1:
             if self._delta_payload is not None:  # nodes following compact forms see this
                 self._publish(self.topics.global_delta, self._delta_payload, False)

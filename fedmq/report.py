@@ -33,7 +33,8 @@ def round_row(metrics: RoundMetrics) -> dict[str, Any]:
 
 def build_report(rounds: list[RoundMetrics], **run: Any) -> dict[str, Any]:
     """Top level: ``final_accuracy``, the run's settings, and ``rounds`` in order."""
-    ordered = sorted(rounds, key=lambda m: m.round)
+    # a round's metrics may arrive twice (after an aggregator restart): keep the last
+    ordered = sorted({m.round: m for m in rounds}.values(), key=lambda m: m.round)
     return {
         "final_accuracy": ordered[-1].accuracy if ordered else None,
         **run,

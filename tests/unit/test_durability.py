@@ -179,7 +179,9 @@ def test_a_resumed_run_ends_bitwise_equal_to_an_uninterrupted_one(
 
     for name, array in reference.agg.params.items():
         assert h.agg.params[name].tobytes() == array.tobytes()
-    assert [m.participants for m in h.agg.history] == [m.participants for m in reference.agg.history]
+    assert [m.participants for m in h.agg.history] == [
+        m.participants for m in reference.agg.history
+    ]
     assert sum(len(m.participants) for m in h.agg.history) == len(NODES) * 4
 
 
@@ -213,6 +215,9 @@ def test_resume_republishes_the_open_round(tmp_path: Path) -> None:
     h.agg.republish()
     assert h.on(TOPICS.global_model) == [(global_2, True)]
     assert len(h.agg.history) == 1
+    # round 1's metrics again: the crash may have come before they went out
+    assert [m.round for m in h.metrics()] == [1]
+    assert h.metrics()[0].model_id == h.agg.model_id
 
 
 def test_only_the_open_rounds_journal_is_kept(tmp_path: Path) -> None:
