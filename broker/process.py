@@ -47,7 +47,7 @@ def render_config(
     location = str(data_dir.resolve())
     if "\n" in location or "\r" in location:
         raise ValueError(f"persistence directory {location!r} has a line break")
-    # mosquitto joins location and file name as they are: the location must end in "/".
+    # mosquitto 2.0 adds the "/" before the file name itself; 1.x needed it here.
     line = f"persistence_location {location.rstrip('/')}/"
     rendered, count = _PERSISTENCE_LOCATION.subn(lambda _: line, rendered)
     if count > 1:
