@@ -37,6 +37,12 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 0")
+    return int(text)
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -269,7 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="run a whole federation on this machine",
         description="Start mosquitto on a free loopback port (or use --broker), an "
         "aggregator and N node processes, run the digits-mlp reference task, show "
-        "progress, print a summary and write a JSON report.",
+        "progress, print a summary and write a JSON report. A child that dies before "
+        "the run is over is restarted with the same arguments (see --max-restarts).",
     )
     p.add_argument("--nodes", type=_positive_int, default=10, help="node processes (default 10)")
     p.add_argument("--rounds", type=_positive_int, default=30, help="rounds (default 30)")
@@ -310,6 +317,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=None,
         help="keep data and logs here (default: temp, removed)",
+    )
+    p.add_argument(
+        "--max-restarts",
+        type=_count,
+        default=3,
+        metavar="N",
+        help="restart a child that dies before the run is over up to N times, after a short "
+        "back-off (default 3 per child; 0 = fail at once)",
     )
     _add_common(p, broker_required=False)
     return parser
@@ -428,6 +443,7 @@ def dispatch(args: argparse.Namespace, stop: threading.Event) -> int:
                 federation=args.federation,
                 workdir=args.workdir,
                 round_timeout=args.round_timeout,
+                max_restarts=args.max_restarts,
             ),
             stop,
         )
