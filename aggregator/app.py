@@ -23,7 +23,7 @@ from fedmq.compression import parse_spec
 from fedmq.datasets import Dataset, digits, load_npz
 from fedmq.models import get_model
 from fedmq.report import build_report, write_report
-from schemas import ServerStatus, Topics, TrainingPlan, encode
+from schemas import SchemaError, ServerStatus, Topics, TrainingPlan, decode_status, encode
 
 log = structlog.get_logger()
 
@@ -47,6 +47,8 @@ class AggregatorConfig:
     report: Path | None = None
     state_dir: Path | None = None  # None: keep nothing on disk (no crash recovery)
     fresh: bool = False  # discard a run kept in state_dir
+    node_ids: tuple[str, ...] | None = None  # the fleet; None: any well-formed node id
+    sample_fraction: float = 1.0  # of the nodes asked to train each round
 
 
 def load_test_set(spec: str | None) -> Dataset | None:
@@ -70,6 +72,7 @@ def build_aggregator(
             expected_nodes=config.nodes,
             min_nodes=config.min_nodes if config.min_nodes is not None else config.nodes,
             deadline_seconds=config.round_timeout,
+            sample_fraction=config.sample_fraction,
         ),
         plan=TrainingPlan(
             learning_rate=config.learning_rate,
@@ -79,6 +82,7 @@ def build_aggregator(
             compression=str(parse_spec(config.compression)),
         ),
         max_update_bytes=config.max_update_bytes or dense_update_bound(model),
+        known_nodes=frozenset(config.node_ids) if config.node_ids is not None else None,
     )
     return Aggregator(
         settings,
@@ -87,6 +91,19 @@ def build_aggregator(
         test=load_test_set(config.test_data),
         store=store,
     )
+
+
+def note_presence(aggregator: Aggregator, node_id: str, payload: bytes) -> None:
+    """A node's retained status or last will: online unless it says offline (or was
+    cleared); an unreadable status is ignored."""
+    if not payload:
+        aggregator.note_presence(node_id, False)
+        return
+    try:
+        status = decode_status(payload)
+    except SchemaError:
+        return
+    aggregator.note_presence(node_id, status.state != "offline")
 
 
 def resume_or_start(aggregator: Aggregator, store: StateDir | None) -> bool:
@@ -126,7 +143,7 @@ def run(config: AggregatorConfig, stop: threading.Event) -> int:
         store.clear()
     client = edge.make_client(
         edge.make_client_id(config.federation, "aggregator"),
-        subscriptions=[(topics.all_updates, 1), (DROPPED, 0)],
+        subscriptions=[(topics.all_updates, 1), (topics.all_status, 1), (DROPPED, 0)],
         will=(topics.server, encode(offline)),
         inbox=inbox,
         ready=ready,
@@ -168,6 +185,10 @@ def run(config: AggregatorConfig, stop: threading.Event) -> int:
                 connects += 1
                 if connects > 1:  # a reconnect, not the connect that preceded start()
                     aggregator.republish()
+            elif received.topic.startswith(topics.prefix + "/status/"):
+                node_id = topics.node_of(received.topic)
+                if node_id is not None:
+                    note_presence(aggregator, node_id, received.payload)
             elif received.topic == DROPPED:
                 count = parse_counter(received.payload)
                 if count is not None:

@@ -26,7 +26,7 @@ import structlog
 from aggregator.checkpoint import Checkpoint
 from aggregator.evaluate import evaluate
 from aggregator.fedavg import WeightedSum, apply_mean_delta
-from aggregator.rounds import RoundPolicy, close_reason, seconds_until_check
+from aggregator.rounds import RoundPolicy, close_reason, seconds_until_check, select_nodes
 from fedmq.compression import Pipeline, parse_spec
 from fedmq.datasets import Dataset
 from fedmq.models import MLP
@@ -64,6 +64,9 @@ class RoundSettings:
     policy: RoundPolicy
     plan: TrainingPlan  # plan.compression is the SPEC every update must follow
     max_update_bytes: int
+    # The fleet's node ids: updates from others are rejected (unknown_node), and rounds
+    # sample from them. None: any node id; sampling draws from the nodes present.
+    known_nodes: frozenset[str] | None = None
 
     @property
     def pipeline(self) -> Pipeline:
@@ -131,6 +134,8 @@ class Aggregator:
         self._dropped_at_open: int | None = None
         self._accepted: dict[str, NodeUpdate] = {}
         self._reporters: list[str] = []
+        self._present: dict[str, bool] = {}  # node id -> online, from retained status
+        self._selected: tuple[str, ...] | None = None  # of the open round
         self._reset_round()
 
     # ------------------------------------------------------------------ lifecycle
@@ -153,6 +158,7 @@ class Aggregator:
         self._global_bytes = len(checkpoint.global_payload)
         self._delta_payload = checkpoint.delta_payload
         self._delta_bytes = checkpoint.delta_bytes
+        self._selected = model.selected
         self._reporters = list(checkpoint.previous_reporters)
         self._reset_round()
         for topic, payload in journal:
@@ -164,6 +170,10 @@ class Aggregator:
             replayed=len(self._accepted),
             done=self.done,
         )
+
+    def note_presence(self, node_id: str, online: bool) -> None:
+        """A node's retained status (its last will says offline): candidates for sampling."""
+        self._present[node_id] = online
 
     def note_broker_dropped(self, count: int) -> None:
         """The broker's ``$SYS/.../messages/dropped`` counter, read whenever it is published."""
@@ -200,6 +210,7 @@ class Aggregator:
             reported=self.reported,
             opened_at=self._opened_at,
             now=self._clock(),
+            selected=None if self._selected is None else len(self._selected),
         )
         if reason is not None:
             self._close_round(reason)
@@ -253,11 +264,16 @@ class Aggregator:
             return "wrong_federation", f"federation {update.federation!r}"
         if update.node_id != topic_node:
             return "node_id_mismatch", f"payload says {update.node_id!r}, topic says {topic_node!r}"
+        known = self.settings.known_nodes
+        if known is not None and topic_node not in known:
+            return "unknown_node", f"{topic_node!r} is not in the federation's node list"
         if update.round == self.round - 1 and topic_node in self._previous_reporters:
             # a resent copy (after a reconnect) of an update the last round already has
             return "duplicate", f"{topic_node} already reported in round {update.round}"
         if self.done or update.round != self.round:
             return "wrong_round", f"update for round {update.round}, open round is {self.round}"
+        if self._selected is not None and topic_node not in self._selected:
+            return "not_selected", f"{topic_node} was not sampled for round {self.round}"
         if update.compression != self.settings.plan.compression:
             return (
                 "wrong_compression",
@@ -296,6 +312,18 @@ class Aggregator:
         """Publish the global model opening ``round`` (retained, in full) and, when the
         previous one is known, its compact XOR form for nodes that hold that one."""
         final = round > self.settings.rounds
+        policy = self.settings.policy
+        self._selected = None
+        if not final and policy.sample_fraction < 1:
+            known = self.settings.known_nodes
+            candidates = known if known is not None else self._online()
+            self._selected = select_nodes(
+                candidates,
+                fraction=policy.sample_fraction,
+                minimum=policy.min_nodes,
+                seed=self.settings.plan.seed,
+                round=round,
+            )
         message = GlobalModel(
             federation=self.settings.federation,
             round=round,
@@ -305,6 +333,7 @@ class Aggregator:
             plan=self.settings.plan,
             final=final,
             created_at=self._wall(),
+            selected=self._selected,
         )
         payload = encode(message)
         self.round = round
@@ -328,6 +357,9 @@ class Aggregator:
             "round.opened", round=round, model_id=self.model_id, final=final, bytes=len(payload)
         )
 
+    def _online(self) -> list[str]:
+        return [node for node, online in self._present.items() if online]
+
     def _checkpoint(self) -> Checkpoint:
         return Checkpoint(
             round=self.round,
@@ -340,12 +372,14 @@ class Aggregator:
         )
 
     def server_status(self, state: str | None = None) -> ServerStatus:
+        policy = self.settings.policy
+        expected = policy.expected_nodes if self._selected is None else len(self._selected)
         return ServerStatus(
             federation=self.settings.federation,
             state=state or ("done" if self.done else "waiting"),
             round=self.round,
-            expected_nodes=self.settings.policy.expected_nodes,
-            min_nodes=self.settings.policy.min_nodes,
+            expected_nodes=expected,
+            min_nodes=min(self.settings.policy.min_nodes, expected),
             reported=self.reported,
             deadline_seconds=self.settings.policy.deadline_seconds,
             at=self._wall(),

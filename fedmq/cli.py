@@ -43,6 +43,26 @@ def _count(text: str) -> int:
     return int(text)
 
 
+def _node_ids(text: str) -> tuple[str, ...]:
+    from schemas.topics import validate_name
+
+    try:
+        ids = tuple(sorted({validate_name("node id", i.strip()) for i in text.split(",")}))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return ids
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a fraction in (0, 1]")
+    return value
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -210,6 +230,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--fresh",
         action="store_true",
         help="discard the run kept in --state-dir and start a new one",
+    )
+    p.add_argument(
+        "--node-ids",
+        type=_node_ids,
+        default=None,
+        metavar="ID,ID,...",
+        help="the fleet's node ids: updates from any other id are rejected (unknown_node), "
+        "and --sample-fraction draws from them (default: any id; sampling draws from the "
+        "nodes online)",
+    )
+    p.add_argument(
+        "--sample-fraction",
+        type=_fraction,
+        default=1.0,
+        metavar="F",
+        help="ask a seeded random fraction F of the nodes to train each round, announced "
+        "in the global model (default 1: every node)",
     )
 
     p = sub.add_parser(
@@ -388,6 +425,8 @@ def dispatch(args: argparse.Namespace, stop: threading.Event) -> int:
                 report=args.report,
                 state_dir=args.state_dir,
                 fresh=args.fresh,
+                node_ids=args.node_ids,
+                sample_fraction=args.sample_fraction,
             ),
             stop,
         )

@@ -77,6 +77,12 @@ def enable_compile_cache(directory: Path) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
 
+# The global model is retained and sent again on every (re)subscribe, so a node loses
+# nothing by taking it at QoS 0; and an offline node's persistent session then queues
+# no stale models on the broker (QoS 0 is not queued for absent clients).
+DOWNLINK_QOS = 0
+
+
 class Node:
     """One device's participation: state across rounds plus what it publishes."""
 
@@ -189,7 +195,7 @@ class Node:
         if follow != self._following_full:
             self._following_full = follow
             if follow:
-                self.client.subscribe(self.topics.global_model, qos=1)
+                self.client.subscribe(self.topics.global_model, qos=DOWNLINK_QOS)
             else:
                 self.client.unsubscribe(self.topics.global_model)
 
@@ -214,6 +220,9 @@ class Node:
         if (model.round, model.model_id) == self.last_trained:
             if resend:
                 self._resend(model.round)
+            return
+        if not model.selects(self.config.node_id):
+            self.status("idle", round=model.round, detail="not selected for this round")
             return
         self.train_and_publish(model)
 
@@ -325,7 +334,7 @@ def run(config: NodeConfig, stop: threading.Event) -> int:
     inbox: queue.Queue[edge.Received] = queue.Queue()
     client = edge.make_client(
         edge.make_client_id(config.federation, "node", config.node_id),
-        subscriptions=[(topics.global_model, 1), (topics.global_delta, 1)],
+        subscriptions=[(topics.global_model, DOWNLINK_QOS), (topics.global_delta, DOWNLINK_QOS)],
         will=(topics.status(config.node_id), encode(offline)),
         inbox=inbox,
         persistent=True,  # the broker queues the rounds' models while we are away

@@ -67,6 +67,12 @@ class GlobalModel:
     plan: TrainingPlan
     final: bool = False
     created_at: float = 0.0
+    # The nodes sampled to train this round, sorted; None: every node. Not selected:
+    # do not train (the aggregator rejects the update as not_selected).
+    selected: tuple[str, ...] | None = None
+
+    def selects(self, node_id: str) -> bool:
+        return self.selected is None or node_id in self.selected
 
     @property
     def layout(self) -> Layout:
@@ -91,6 +97,7 @@ class GlobalDelta:
     xor: bytes  # zlib of the XORed little-endian bytes of all tensors, in layout order
     final: bool = False
     created_at: float = 0.0
+    selected: tuple[str, ...] | None = None  # as in GlobalModel
 
 
 def make_global_delta(
@@ -103,6 +110,7 @@ def make_global_delta(
         federation=model.federation, round=model.round, model=model.model,
         model_id=model.model_id, base_model_id=base_id, plan=model.plan,
         xor=zlib.compress(xored, 6), final=model.final, created_at=model.created_at,
+        selected=model.selected,
     )  # fmt: skip
 
 
@@ -136,7 +144,7 @@ def apply_global_delta(base: Mapping[str, np.ndarray], message: GlobalDelta) -> 
     return GlobalModel(
         federation=message.federation, round=message.round, model=message.model,
         model_id=message.model_id, params=params, plan=message.plan, final=message.final,
-        created_at=message.created_at,
+        created_at=message.created_at, selected=message.selected,
     )  # fmt: skip
 
 
@@ -233,35 +241,48 @@ def _plan_to_wire(plan: TrainingPlan) -> dict[str, Any]:
     }
 
 
+def _selected_to_wire(selected: tuple[str, ...] | None) -> dict[str, Any]:
+    """Only when sampling: without the key a message is byte for byte what it was."""
+    return {} if selected is None else {"selected": list(selected)}
+
+
 def _to_wire(message: Message) -> dict[str, Any]:
     head: dict[str, Any] = {"v": SCHEMA_VERSION}
     match message:
         case GlobalModel():
             plan = message.plan
-            return head | {
-                "type": "global",
-                "federation": message.federation,
-                "round": message.round,
-                "model": message.model,
-                "model_id": message.model_id,
-                "final": message.final,
-                "created_at": float(message.created_at),
-                "plan": _plan_to_wire(plan),
-                "params": _params_to_wire(message.params),
-            }
+            return (
+                head
+                | {
+                    "type": "global",
+                    "federation": message.federation,
+                    "round": message.round,
+                    "model": message.model,
+                    "model_id": message.model_id,
+                    "final": message.final,
+                    "created_at": float(message.created_at),
+                    "plan": _plan_to_wire(plan),
+                    "params": _params_to_wire(message.params),
+                }
+                | _selected_to_wire(message.selected)
+            )
         case GlobalDelta():
-            return head | {
-                "type": "global_delta",
-                "federation": message.federation,
-                "round": message.round,
-                "model": message.model,
-                "model_id": message.model_id,
-                "base_model_id": message.base_model_id,
-                "final": message.final,
-                "created_at": float(message.created_at),
-                "plan": _plan_to_wire(message.plan),
-                "xor": message.xor,
-            }
+            return (
+                head
+                | {
+                    "type": "global_delta",
+                    "federation": message.federation,
+                    "round": message.round,
+                    "model": message.model,
+                    "model_id": message.model_id,
+                    "base_model_id": message.base_model_id,
+                    "final": message.final,
+                    "created_at": float(message.created_at),
+                    "plan": _plan_to_wire(message.plan),
+                    "xor": message.xor,
+                }
+                | _selected_to_wire(message.selected)
+            )
         case NodeUpdate():
             return head | {
                 "type": "update",
@@ -510,6 +531,7 @@ def decode_global(
         created_at=_get(obj, "created_at", float),
         plan=_plan(obj),
         params=_params(obj, "params", max_elements=max_elements, layout=None),
+        selected=_optional(obj, "selected", _node_ids),
     )
     if model_id_of(decoded.params) != decoded.model_id:
         raise SchemaError("bad_model_id", "model_id does not match the hash of params")
@@ -540,6 +562,7 @@ def decode_global_delta(payload: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -
         created_at=_get(obj, "created_at", float),
         plan=_plan(obj),
         xor=_get(obj, "xor", bytes),
+        selected=_optional(obj, "selected", _node_ids),
     )
 
 
@@ -648,6 +671,16 @@ def decode_status(payload: bytes, *, max_bytes: int = 64 * 1024) -> NodeStatus:
 
 def _optional(obj: Mapping[str, Any], key: str, check: Callable[..., T]) -> T | None:
     return None if obj.get(key) is None else check(obj, key)
+
+
+def _node_ids(obj: Mapping[str, Any], key: str) -> tuple[str, ...]:
+    """A sorted list of distinct node ids."""
+    ids = _get(obj, key, list)
+    if not all(isinstance(i, str) and _ID.fullmatch(i) for i in ids):
+        raise SchemaError("bad_field", f"{key} must be a list of node ids")
+    if ids != sorted(set(ids)):
+        raise SchemaError("bad_field", f"{key} must be sorted and without repeats")
+    return tuple(ids)
 
 
 def decode_server_status(payload: bytes, *, max_bytes: int = 64 * 1024) -> ServerStatus:
