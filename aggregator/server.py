@@ -390,14 +390,20 @@ class Aggregator:
         status = self.server_status()
         self._publish(self.topics.server, encode(status), True)
 
-    def _close_round(self, closed_by: str) -> None:
-        started = self._clock()
+    def sum_accepted(self) -> tuple[WeightedSum, float]:
+        """The open round's example-weighted sums (deltas, training loss), in node-id
+        order: a fixed order, see the module docstring."""
         total = WeightedSum(self.layout)
         train_loss_sum = 0.0
-        for node_id in sorted(self._accepted):  # a fixed order: see the module docstring
+        for node_id in sorted(self._accepted):
             update = self._accepted[node_id]
             total.add(update.delta, update.num_examples)
             train_loss_sum += update.train_loss * update.num_examples
+        return total, train_loss_sum
+
+    def _close_round(self, closed_by: str) -> None:
+        started = self._clock()
+        total, train_loss_sum = self.sum_accepted()
         mean_delta = total.mean()
         previous = (self.params, self.model_id)
         self.params = apply_mean_delta(self.params, mean_delta)

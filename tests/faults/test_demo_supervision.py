@@ -166,3 +166,48 @@ def test_ctrl_c_after_a_restart_stops_every_child(start_demo):
     code, out = _finish(demo, seen)
     assert code == 130, out
     assert [pid for pid in [*first, restarted] if _alive(pid)] == []
+
+
+def _aggregator_pid(demo: int) -> int | None:
+    for pid in _children(demo):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"aggregator" in argv:
+            return pid
+    return None
+
+
+def test_a_killed_aggregator_resumes_and_the_report_matches_an_undisturbed_run(
+    start_demo, tmp_path
+):
+    rounds = 15
+    args = ("--nodes", "4", "--rounds", str(rounds), "--seed", "0")
+    reference = start_demo(*args)
+    code, out = _finish(reference, [], timeout=80)
+    assert code == 0, out
+    undisturbed = json.loads((tmp_path / "report.json").read_text())
+    (tmp_path / "report.json").unlink()
+
+    demo = start_demo(*args)
+    seen: list[str] = []
+    _read_until(demo, "round   4/", seen)
+    victim = _aggregator_pid(demo.pid)
+    assert victim is not None, _children(demo.pid)
+    os.kill(victim, signal.SIGKILL)
+    _read_until(demo, "aggregator restarted", seen)
+    code, out = _finish(demo, seen, timeout=80)
+    assert code == 0, out
+
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["restarts"] == {"total": 1, "by_child": {"aggregator": 1}}
+    assert [r["accuracy"] for r in report["rounds"]] == [
+        r["accuracy"] for r in undisturbed["rounds"]
+    ]
+    assert [r["model_id"] for r in report["rounds"]] == [
+        r["model_id"] for r in undisturbed["rounds"]
+    ]
+    assert report["final_accuracy"] == undisturbed["final_accuracy"]
+    log = (tmp_path / "work" / "logs" / "aggregator.log").read_text()
+    assert "aggregator.resumed" in log
