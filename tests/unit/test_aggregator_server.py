@@ -652,3 +652,34 @@ def test_republish_sends_the_open_rounds_global_again() -> None:
     first, again = h.on(TOPICS.global_model)
     assert first == again and again[1] is True
     assert decode_server_status(h.on(TOPICS.server)[-1][0]).round == 1
+
+
+wire_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=20)
+    | st.binary(max_size=64),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)  # fmt: skip
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.data())
+def test_a_valid_update_with_any_field_replaced_is_accepted_or_rejected_never_raises(data) -> None:  # type: ignore[no-untyped-def]
+    """Structured fuzzing: one field anywhere in a valid update (top level, a tensor's
+    header, the delta map) gets an arbitrary msgpack value."""
+    h = Harness()
+    h.agg.start()
+    message = msgpack.unpackb(h.update("pi-x")[0], raw=False)
+    target = data.draw(st.sampled_from(["top", "delta", "tensor"]))
+    container = {
+        "top": message,
+        "delta": message["delta"],
+        "tensor": message["delta"][data.draw(st.sampled_from(sorted(message["delta"])))],
+    }[target]
+    key = data.draw(st.sampled_from([*sorted(container), "extra"]))
+    container[key] = data.draw(wire_values)
+    with structlog.testing.capture_logs() as logs:
+        h.send("pi-x", msgpack.packb(message, use_bin_type=True))
+    outcomes = [e["event"] for e in logs if e["event"] in ("update.accepted", "update.rejected")]
+    assert len(outcomes) == 1
+    assert (outcomes == ["update.accepted"]) == (h.agg.reported == 1)
