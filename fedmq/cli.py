@@ -2,6 +2,7 @@
 configures logging and installs signal handlers."""
 
 import argparse
+import dataclasses
 import os
 import signal
 import sys
@@ -9,7 +10,7 @@ import threading
 from pathlib import Path
 
 from fedmq import logs
-from fedmq.mqtt import BrokerAddress
+from fedmq.mqtt import BrokerAddress, Credentials
 
 DESCRIPTION = """\
 Federated learning for fleets of small devices over MQTT.
@@ -130,6 +131,7 @@ def _add_common(parser: argparse.ArgumentParser, *, broker_required: bool = True
             metavar="ID",
             help="federation id, the second topic level (default 'default')",
         )
+        _add_credentials(parser)
     parser.add_argument(
         "--log-json",
         action="store_true",
@@ -139,6 +141,43 @@ def _add_common(parser: argparse.ArgumentParser, *, broker_required: bool = True
     parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
+
+
+def _add_credentials(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "broker credentials", "for a broker with passwords and TLS (see docs/security.md)"
+    )
+    group.add_argument("--username", default=None, help="MQTT username")
+    group.add_argument(
+        "--password-file", type=Path, default=None, metavar="PATH", help="first line: password"
+    )
+    group.add_argument(
+        "--tls-ca", type=Path, default=None, metavar="PATH", help="CA certificate: use TLS"
+    )
+    group.add_argument(
+        "--tls-cert", type=Path, default=None, metavar="PATH", help="client certificate (mTLS)"
+    )
+    group.add_argument(
+        "--tls-key", type=Path, default=None, metavar="PATH", help="client key (mTLS)"
+    )
+
+
+def _with_credentials(args: argparse.Namespace) -> None:
+    """Fold the credential options into ``args.broker``; exit with the reason if they
+    cannot work (a missing file, a certificate without its key)."""
+    if getattr(args, "broker", None) is None or not hasattr(args, "username"):
+        return
+    credentials = Credentials(
+        username=args.username,
+        password_file=args.password_file,
+        ca_file=args.tls_ca,
+        cert_file=args.tls_cert,
+        key_file=args.tls_key,
+    )
+    problem = credentials.problem()
+    if problem is not None:
+        raise ValueError(f"broker credentials: {problem}")
+    args.broker = dataclasses.replace(args.broker, credentials=credentials)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -383,6 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure(json=args.log_json, level=args.log_level)
     stop = _stop_on_signals()
     try:
+        _with_credentials(args)
         return dispatch(args, stop)
     except (ValueError, RuntimeError, OSError) as error:
         print(f"fedmq {args.command}: error: {error}", file=sys.stderr)

@@ -3,9 +3,11 @@
 import queue
 import random
 import socket
+import ssl
 import threading
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -15,9 +17,55 @@ log = structlog.get_logger()
 
 
 @dataclass(frozen=True)
+class Credentials:
+    """Who we are to the broker, and how we know it is the broker (TLS).
+
+    ``ca_file`` switches TLS on (1.2 or newer): the broker's certificate must be signed
+    by that CA and name the host we connect to. ``cert_file``/``key_file`` add our own
+    certificate (mutual TLS). The password is read from a file, never given on a command
+    line (where ``ps`` would show it)."""
+
+    username: str | None = None
+    password_file: Path | None = None
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+    def problem(self) -> str | None:
+        """Why these settings cannot work, naming the setting; None if they can."""
+        if self.password_file is not None and self.username is None:
+            return "a password file needs a username"
+        if (self.cert_file is None) != (self.key_file is None):
+            return "a client certificate needs its key, and a key its certificate"
+        if self.cert_file is not None and self.ca_file is None:
+            return "a client certificate needs TLS: give the CA file too"
+        for name in ("password_file", "ca_file", "cert_file", "key_file"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                return f"{name.replace('_', ' ')} {path} does not exist"
+        return None
+
+    def password(self) -> str | None:
+        if self.password_file is None:
+            return None
+        lines = Path(self.password_file).read_text().splitlines()
+        return lines[0] if lines else ""
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        if self.ca_file is None:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(self.ca_file))
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        if self.cert_file is not None and self.key_file is not None:
+            context.load_cert_chain(str(self.cert_file), str(self.key_file))
+        return context
+
+
+@dataclass(frozen=True)
 class BrokerAddress:
     host: str = "127.0.0.1"
     port: int = 1883
+    credentials: Credentials = field(default_factory=Credentials, compare=False)
 
     @classmethod
     def parse(cls, text: str) -> "BrokerAddress":
@@ -28,7 +76,8 @@ class BrokerAddress:
         return cls(host, int(port))
 
     def __str__(self) -> str:
-        return f"{self.host}:{self.port}"
+        tls = " (TLS)" if self.credentials.ca_file is not None else ""
+        return f"{self.host}:{self.port}{tls}"
 
 
 # Pseudo-topic of the message ``make_client`` puts in the inbox after every successful
@@ -219,6 +268,15 @@ def acknowledge(client: mqtt.Client, received: Received) -> None:
 
 def start(client: mqtt.Client, broker: BrokerAddress, *, keepalive: int = 30) -> None:
     """Connect in the background (retrying until the broker answers) and run paho's loop."""
+    credentials = broker.credentials
+    problem = credentials.problem()
+    if problem is not None:
+        raise ValueError(problem)
+    if credentials.username is not None:
+        client.username_pw_set(credentials.username, credentials.password())
+    context = credentials.tls_context()
+    if context is not None:
+        client.tls_set_context(context)
     client.connect_async(broker.host, broker.port, keepalive=keepalive)
     client.loop_start()
 
