@@ -206,6 +206,8 @@ def run(config: AggregatorConfig, stop: threading.Event) -> int:
         )
     if not aggregator.done:
         publish(topics.server, encode(aggregator.server_status("offline")), True)
+    else:  # the run is over: let the broker stop queueing updates for this session
+        client.unsubscribe([topics.all_updates, topics.all_status])
     if not outbox.flush(timeout=10):
         log.warning("aggregator.unacknowledged", messages=outbox.unacknowledged)
     edge.stop(client)
