@@ -39,18 +39,18 @@ class RoundPolicy:
 
 
 def select_nodes(
-    population: Iterable[str], *, fraction: float, minimum: int, seed: int, round: int
+    population: Iterable[str], *, fraction: float, seed: int, round: int
 ) -> tuple[str, ...] | None:
     """The nodes asked to train in ``round``, sorted; None asks every node.
 
-    ``ceil(fraction * N)`` of the N candidate nodes, at least ``minimum``, drawn without
+    ``ceil(fraction * N)`` of the N candidate nodes (at least one), drawn without
     replacement by a generator seeded with (seed, round): the same candidates give the
     same selection in every run and after a restart. With no candidates known yet, or
     ``fraction`` 1, nobody is left out (None)."""
     pool = sorted(set(population))
     if fraction >= 1 or not pool:
         return None
-    count = min(len(pool), max(minimum, math.ceil(fraction * len(pool))))
+    count = min(len(pool), max(1, math.ceil(fraction * len(pool))))
     chosen = np.random.default_rng([seed, round]).choice(len(pool), size=count, replace=False)
     return tuple(sorted(pool[i] for i in chosen))
 

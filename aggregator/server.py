@@ -130,8 +130,8 @@ class Aggregator:
         self._delta_payload: bytes | None = None
         self._status_published_at = float("-inf")
         self._delta_bytes: int | None = None
-        self._broker_dropped: int | None = None  # latest $SYS dropped counter seen
-        self._dropped_at_open: int | None = None
+        self._dropped_reading: int | None = None  # latest $SYS dropped counter seen
+        self._dropped_in_round: int | None = None  # None until the broker told us
         self._accepted: dict[str, NodeUpdate] = {}
         self._reporters: list[str] = []
         self._present: dict[str, bool] = {}  # node id -> online, from retained status
@@ -176,10 +176,17 @@ class Aggregator:
         self._present[node_id] = online
 
     def note_broker_dropped(self, count: int) -> None:
-        """The broker's ``$SYS/.../messages/dropped`` counter, read whenever it is published."""
-        if self._dropped_at_open is None:
-            self._dropped_at_open = count  # first reading: count from here
-        self._broker_dropped = count
+        """The broker's ``$SYS/.../messages/dropped`` counter, read whenever it is published.
+
+        The counter starts again from 0 when the broker restarts: a reading below the
+        last one counts in full."""
+        last, self._dropped_reading = self._dropped_reading, count
+        if last is None:  # first reading: count from here
+            self._dropped_in_round = self._dropped_in_round or 0
+            return
+        self._dropped_in_round = (self._dropped_in_round or 0) + (
+            count - last if count >= last else count
+        )
 
     def republish(self) -> None:
         """Publish the open round's global model and server status again (after a
@@ -306,7 +313,7 @@ class Aggregator:
         self._reporters = []
         self._uplink_bytes = 0
         self._opened_at = self._clock()
-        self._dropped_at_open = self._broker_dropped
+        self._dropped_in_round = None if self._dropped_reading is None else 0
 
     def _open_round(self, round: int, previous: tuple[Params, str] | None = None) -> None:
         """Publish the global model opening ``round`` (retained, in full) and, when the
@@ -320,7 +327,6 @@ class Aggregator:
             self._selected = select_nodes(
                 candidates,
                 fraction=policy.sample_fraction,
-                minimum=policy.min_nodes,
                 seed=self.settings.plan.seed,
                 round=round,
             )
@@ -434,11 +440,7 @@ class Aggregator:
             train_seconds_median=statistics.median(
                 update.train_seconds for update in self._accepted.values()
             ),
-            broker_dropped=(
-                None
-                if self._dropped_at_open is None or self._broker_dropped is None
-                else self._broker_dropped - self._dropped_at_open
-            ),
+            broker_dropped=self._dropped_in_round,
         )
         self.history.append(metrics)
         log.info(

@@ -360,8 +360,9 @@ def run(config: DemoConfig, stop: threading.Event, out: TextIO = sys.stdout) -> 
             except SchemaError as error:
                 log.warning("demo.bad_metrics", reason=str(error))
                 continue
-            if metrics.round not in rounds:
-                rounds[metrics.round] = metrics
+            new = metrics.round not in rounds
+            rounds[metrics.round] = metrics  # a repeat (aggregator restart) supersedes
+            if new:
                 progress.round(metrics)
         if not children.wait_all(timeout=30):
             raise ChildFailed("processes did not exit after the last round")

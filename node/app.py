@@ -94,10 +94,14 @@ class Node:
         self.outbox = outbox
         self.last_trained: tuple[int, str] | None = None  # (round, base model id)
         self._last_update: bytes | None = None  # payload of that round's update
+        # After a restart: the update on disk is resent (not trained again) the first
+        # time this process sees its model, whether that copy is retained or live.
+        self._resend_saved = False
         saved = progress.load(self.progress_path)
-        if saved is not None:  # a restart: resend rather than train that round again
+        if saved is not None:
             self.last_trained = (saved.round, saved.model_id)
             self._last_update = saved.payload
+            self._resend_saved = True
         self._held: GlobalModel | None = None  # the newest global model we have
         self._following_full = True  # subscribed to the full global model topic
         self._seen_key: tuple[int, str] | None = None
@@ -172,7 +176,8 @@ class Node:
         self._follow_full(False)  # compact forms flow: the full model is needed only to catch up
         seen = self._count(compact.round, compact.model_id, "delta")
         if (compact.round, compact.model_id) == self.last_trained:
-            if seen["delta"] > 1:  # published once per round: a second one is a republish
+            if seen["delta"] > 1 or self._resend_saved:  # a republish, or we restarted
+                self._resend_saved = False
                 self._resend(compact.round)
             return
         if isinstance(compact, GlobalModel):
@@ -218,7 +223,8 @@ class Node:
             self.finished = True
             return
         if (model.round, model.model_id) == self.last_trained:
-            if resend:
+            if resend or self._resend_saved:
+                self._resend_saved = False
                 self._resend(model.round)
             return
         if not model.selects(self.config.node_id):
@@ -314,6 +320,7 @@ class Node:
             )
             self.outbox.publish(self.topics.update(self.config.node_id), payload)
             self.last_trained = (model.round, model.model_id)
+            self._resend_saved = False
             self._last_update = payload
             self.status("submitted", round=model.round, model_id=model.model_id)
             log.debug(
@@ -337,7 +344,7 @@ def run(config: NodeConfig, stop: threading.Event) -> int:
         subscriptions=[(topics.global_model, DOWNLINK_QOS), (topics.global_delta, DOWNLINK_QOS)],
         will=(topics.status(config.node_id), encode(offline)),
         inbox=inbox,
-        persistent=True,  # the broker queues the rounds' models while we are away
+        persistent=True,  # a stable session; the QoS 0 downlink queues nothing while away
     )
     node = Node(config, data, edge.Outbox(client))
     edge.start(client, config.broker)

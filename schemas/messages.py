@@ -678,8 +678,8 @@ def _node_ids(obj: Mapping[str, Any], key: str) -> tuple[str, ...]:
     ids = _get(obj, key, list)
     if not all(isinstance(i, str) and _ID.fullmatch(i) for i in ids):
         raise SchemaError("bad_field", f"{key} must be a list of node ids")
-    if ids != sorted(set(ids)):
-        raise SchemaError("bad_field", f"{key} must be sorted and without repeats")
+    if not ids or ids != sorted(set(ids)):
+        raise SchemaError("bad_field", f"{key} must be sorted, without repeats, not empty")
     return tuple(ids)
 
 

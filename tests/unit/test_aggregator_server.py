@@ -683,3 +683,16 @@ def test_a_valid_update_with_any_field_replaced_is_accepted_or_rejected_never_ra
     outcomes = [e["event"] for e in logs if e["event"] in ("update.accepted", "update.rejected")]
     assert len(outcomes) == 1
     assert (outcomes == ["update.accepted"]) == (h.agg.reported == 1)
+
+
+def test_broker_dropped_counts_the_rounds_increase_across_a_broker_restart() -> None:
+    h = Harness(policy=RoundPolicy(expected_nodes=1, min_nodes=1), rounds=3)
+    h.agg.start()
+    h.report("pi-a")  # round 1: the broker never published its counter
+    h.agg.note_broker_dropped(40)  # first reading: counting starts here
+    h.agg.note_broker_dropped(45)
+    h.report("pi-a")  # round 2
+    h.agg.note_broker_dropped(47)
+    h.agg.note_broker_dropped(3)  # the broker restarted: its counter began again at 0
+    h.report("pi-a")  # round 3
+    assert [m.broker_dropped for m in h.metrics()] == [None, 5, 5]

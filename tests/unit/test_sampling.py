@@ -25,30 +25,28 @@ FLEET = frozenset(f"pi-{i:02d}" for i in range(10))
 ids = st.lists(st.from_regex(r"[a-z0-9]{1,8}", fullmatch=True), max_size=40, unique=True)
 
 
-@given(ids, st.floats(0.01, 0.99), st.integers(1, 5), st.integers(0, 2**32), st.integers(1, 99))
+@given(ids, st.floats(0.01, 0.99), st.integers(0, 2**32), st.integers(1, 99))
 def test_a_sample_is_a_sorted_seeded_subset_of_the_right_size(
-    population: list[str], fraction: float, minimum: int, seed: int, round: int
+    population: list[str], fraction: float, seed: int, round: int
 ) -> None:
-    chosen = select_nodes(population, fraction=fraction, minimum=minimum, seed=seed, round=round)
+    chosen = select_nodes(population, fraction=fraction, seed=seed, round=round)
     if not population:
         assert chosen is None
         return
     assert chosen is not None
     assert list(chosen) == sorted(set(chosen)) and set(chosen) <= set(population)
-    assert len(chosen) == min(len(population), max(minimum, math.ceil(fraction * len(population))))
-    again = select_nodes(
-        list(reversed(population)), fraction=fraction, minimum=minimum, seed=seed, round=round
-    )
+    assert len(chosen) == max(1, math.ceil(fraction * len(population)))
+    again = select_nodes(list(reversed(population)), fraction=fraction, seed=seed, round=round)
     assert again == chosen  # the order candidates were learnt in does not matter
 
 
 def test_fraction_one_or_nobody_known_asks_everyone() -> None:
-    assert select_nodes(FLEET, fraction=1.0, minimum=1, seed=0, round=1) is None
-    assert select_nodes([], fraction=0.5, minimum=1, seed=0, round=1) is None
+    assert select_nodes(FLEET, fraction=1.0, seed=0, round=1) is None
+    assert select_nodes([], fraction=0.5, seed=0, round=1) is None
 
 
 def test_rounds_draw_different_samples() -> None:
-    samples = {select_nodes(FLEET, fraction=0.3, minimum=1, seed=0, round=r) for r in range(1, 21)}
+    samples = {select_nodes(FLEET, fraction=0.3, seed=0, round=r) for r in range(1, 21)}
     assert len(samples) > 5
     assert all(s is not None and len(s) == 3 for s in samples)
 
@@ -71,7 +69,7 @@ def test_selected_is_on_the_wire_and_checked() -> None:
     assert b"selected" not in h.on(TOPICS.global_model)[0][0]  # unchanged bytes without it
     sampled = replace(model, selected=("pi-01", "pi-07"))
     assert decode_global(encode(sampled)).selected == ("pi-01", "pi-07")
-    for bad in (("pi-07", "pi-01"), ("pi-01", "pi-01"), ("no/slash",)):
+    for bad in (("pi-07", "pi-01"), ("pi-01", "pi-01"), ("no/slash",), ()):
         with pytest.raises(SchemaError, match="selected"):
             decode_global(encode(replace(model, selected=bad)))
     compact = make_global_delta(model.params, sampled, model.model_id)
@@ -80,9 +78,7 @@ def test_selected_is_on_the_wire_and_checked() -> None:
 
 
 def sampled_harness(**kwargs: object) -> Harness:
-    h = Harness(
-        policy=RoundPolicy(expected_nodes=10, min_nodes=2, sample_fraction=0.3), rounds=3
-    )
+    h = Harness(policy=RoundPolicy(expected_nodes=10, min_nodes=2, sample_fraction=0.3), rounds=3)
     h.settings = replace(h.settings, known_nodes=FLEET)
     h.agg.settings = h.settings
     return h
@@ -126,3 +122,15 @@ def test_without_a_fleet_list_the_sample_is_drawn_from_nodes_online() -> None:
     selected = decode_global(h.on(TOPICS.global_model)[-1][0]).selected
     assert selected is not None and len(selected) == 2
     assert set(selected) <= {"pi-a", "pi-b", "pi-c"}
+
+
+def test_sampling_alone_does_not_need_a_lower_quorum() -> None:
+    """--sample-fraction with the default quorum (every expected node) still samples."""
+    h = Harness(policy=RoundPolicy(expected_nodes=10, min_nodes=10, sample_fraction=0.2))
+    h.settings = replace(h.settings, known_nodes=FLEET)
+    h.agg.settings = h.settings
+    h.agg.start()
+    selected = decode_global(h.on(TOPICS.global_model)[-1][0]).selected
+    assert selected is not None and len(selected) == 2
+    status = decode_server_status(h.on(TOPICS.server)[-1][0])
+    assert (status.expected_nodes, status.min_nodes) == (2, 2)

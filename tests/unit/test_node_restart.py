@@ -1,0 +1,63 @@
+"""A restarted node resends the update it kept on disk instead of training the round
+again, however the model reaches it (a retained copy, or live from a new aggregator)."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedmq.datasets import Dataset
+from fedmq.models import get_model
+from fedmq.mqtt import BrokerAddress
+from node import progress
+from node.app import Node, NodeConfig
+from schemas import GlobalModel, Topics, TrainingPlan, encode, model_id_of
+
+FEDERATION = "unit-node"
+TOPICS = Topics(FEDERATION)
+
+
+class FakeClient:
+    def subscribe(self, *_args: object, **_kwargs: object) -> None: ...
+
+    def unsubscribe(self, *_args: object) -> None: ...
+
+
+class RecordingOutbox:
+    def __init__(self) -> None:
+        self.client = FakeClient()
+        self.sent: list[tuple[str, bytes]] = []
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        self.sent.append((topic, payload))
+
+
+def global_model(round: int) -> GlobalModel:
+    params = get_model("digits-mlp").init(0)
+    return GlobalModel(
+        federation=FEDERATION, round=round, model="digits-mlp", model_id=model_id_of(params),
+        params=params, plan=TrainingPlan(learning_rate=0.1, batch_size=16, local_epochs=1, seed=0),
+    )  # fmt: skip
+
+
+def restarted_node(tmp_path: Path, saved_round: int) -> tuple[Node, RecordingOutbox]:
+    model = global_model(saved_round)
+    progress.save(
+        tmp_path / "last_update.msgpack",
+        progress.LastUpdate(saved_round, model.model_id, b"the saved update"),
+    )
+    config = NodeConfig(
+        broker=BrokerAddress(), federation=FEDERATION, node_id="pi-1", state_dir=tmp_path
+    )
+    data = Dataset(np.zeros((4, 64), np.float32), np.zeros(4, np.int64))
+    outbox = RecordingOutbox()
+    return Node(config, data, outbox), outbox  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("retained", [True, False])
+def test_the_saved_update_is_resent_on_first_sight(tmp_path: Path, retained: bool) -> None:
+    node, outbox = restarted_node(tmp_path, saved_round=3)
+    node.on_global(encode(global_model(3)), retained=retained)
+    updates = [p for t, p in outbox.sent if t == TOPICS.update("pi-1")]
+    assert updates == [b"the saved update"]
+    assert node.last_trained == (3, global_model(3).model_id)
