@@ -22,6 +22,8 @@ PERSISTENCE_FILE = "mosquitto.db"  # mosquitto's default, as in mosquitto.conf
 _LISTENER = re.compile(r"^(\s*listener\s+)(\d+)(\s+127\.0\.0\.1\s*)$", re.MULTILINE)
 _PERSISTENCE_LOCATION = re.compile(r"^[ \t]*persistence_location[ \t].*$", re.MULTILINE)
 _USER = re.compile(r"^[ \t]*user[ \t]", re.MULTILINE)
+_ANY_LISTENER = re.compile(r"^[ \t]*listener[ \t]", re.MULTILINE)
+_TLS_OPTION = re.compile(r"^[ \t]*(certfile|keyfile|psk_hint)[ \t]", re.MULTILINE)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -34,12 +36,22 @@ def free_port(host: str = "127.0.0.1") -> int:
 def render_config(
     template: str, port: int, *, data_dir: Path | None = None, user: str | None = None
 ) -> str:
-    """The config with its loopback development listener moved to ``port``; given
-    ``data_dir``, its persistence directory there (added if the config has none); given
-    ``user``, a ``user`` line unless the config has one (see ``Mosquitto.start``)."""
-    rendered, count = _LISTENER.subn(rf"\g<1>{port}\g<3>", template)
-    if count != 1:
+    """The config with its loopback development listener (the plain one, not a TLS
+    listener) moved to ``port``; given ``data_dir``, its persistence directory there (added
+    if the config has none); given ``user``, a ``user`` line unless the config has one (see
+    ``Mosquitto.start``)."""
+    # A TLS listener on loopback (a config from `fedmq broker init --listen 127.0.0.1`) is
+    # not the development listener: it keeps its port.
+    starts = [m.start() for m in _ANY_LISTENER.finditer(template)] + [len(template)]
+    plain = [
+        m
+        for m in _LISTENER.finditer(template)
+        if not _TLS_OPTION.search(template, m.end(), min(s for s in starts if s >= m.end()))
+    ]
+    if len(plain) != 1:
         raise ValueError("mosquitto.conf must have exactly one 'listener PORT 127.0.0.1' line")
+    [m] = plain
+    rendered = f"{template[: m.start()]}{m.group(1)}{port}{m.group(3)}{template[m.end() :]}"
     if user is not None and not _USER.search(rendered):
         rendered = f"{rendered.rstrip()}\nuser {user}\n"
     if data_dir is None:

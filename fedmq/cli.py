@@ -180,6 +180,82 @@ def _with_credentials(args: argparse.Namespace) -> None:
     args.broker = dataclasses.replace(args.broker, credentials=credentials)
 
 
+def _port(text: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (1-65535)")
+    return int(text)
+
+
+def _add_broker_admin(broker: argparse.ArgumentParser) -> None:
+    """``fedmq broker init|add-node|revoke-node``: credentials for a deployment
+    (docs/security.md); ``fedmq broker`` alone runs mosquitto."""
+    sub = broker.add_subparsers(dest="broker_command", metavar="ACTION")
+    p = sub.add_parser(
+        "init",
+        help="generate CA, certificates, passwords, ACLs and per-node bundles",
+        description="Write a deployment into DIR: a CA and the broker's TLS certificate, "
+        "mosquitto's password and ACL files, DIR/mosquitto.conf (the project's settings "
+        "with the TLS listener enabled), and one bundle per node in DIR/nodes/ID plus "
+        "DIR/aggregator and DIR/monitor, ready to copy to each machine.",
+    )
+    p.add_argument("dir", type=Path, metavar="DIR", help="deployment directory (e.g. /etc/fedmq)")
+    p.add_argument("--nodes", type=_node_ids, required=True, metavar="ID,ID,...", help="node ids")
+    p.add_argument("--federation", default="default", metavar="ID", help="(default 'default')")
+    p.add_argument(
+        "--hostname",
+        action="append",
+        dest="hostnames",
+        metavar="NAME",
+        help="name or IP address devices use to reach the broker, put in its certificate; "
+        "repeat for several, the first goes in the bundles (default: this host's name, "
+        "localhost, 127.0.0.1)",
+    )
+    p.add_argument("--tls-port", type=_port, default=8883, help="TLS listener port (default 8883)")
+    p.add_argument(
+        "--listen",
+        default=None,
+        metavar="ADDRESS",
+        help="bind the TLS listener to one address (default: every interface)",
+    )
+    p.add_argument(
+        "--mtls", action="store_true", help="require client certificates too (mutual TLS)"
+    )
+    for name, text in (
+        ("add-node", "give a new node an account and a bundle"),
+        ("revoke-node", "remove a node's account (then reload the broker)"),
+    ):
+        p = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+        p.add_argument("dir", type=Path, metavar="DIR", help="deployment directory")
+        p.add_argument("node_id", metavar="ID", help="node id")
+
+
+def _broker_admin(args: argparse.Namespace) -> int:
+    import socket
+
+    from broker import credentials
+
+    if args.broker_command == "init":
+        hostnames = args.hostnames or [socket.gethostname(), "localhost", "127.0.0.1"]
+        deployment = credentials.init_deployment(
+            args.dir, nodes=list(args.nodes), federation=args.federation, hostnames=hostnames,
+            tls_port=args.tls_port, listen=args.listen, mtls=args.mtls,
+        )  # fmt: skip
+        print(
+            f"deployment for federation {deployment.federation!r} in {args.dir}: "
+            f"{len(args.nodes)} node bundles in {args.dir / 'nodes'}, aggregator and monitor "
+            f"bundles; start the broker with: mosquitto -c {args.dir / 'mosquitto.conf'}"
+        )
+    elif args.broker_command == "add-node":
+        target = credentials.add_node(args.dir, args.node_id)
+        print(
+            f"node {args.node_id!r} added, bundle in {target}; {credentials.reload_hint(args.dir)}"
+        )
+    else:
+        credentials.revoke_node(args.dir, args.node_id)
+        print(f"node {args.node_id!r} revoked; {credentials.reload_hint(args.dir)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedmq", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -199,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", type=Path, default=None, help="mosquitto.conf to use (default: the project's)"
     )
     _add_common(p, broker_required=False)
+    _add_broker_admin(p)
 
     p = sub.add_parser(
         "aggregator",
@@ -430,6 +507,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def dispatch(args: argparse.Namespace, stop: threading.Event) -> int:
+    if args.command == "broker" and args.broker_command is not None:
+        return _broker_admin(args)
     if args.command == "broker":
         from broker.process import PROJECT_CONF, Mosquitto
 
