@@ -9,7 +9,7 @@ import sys
 import threading
 from pathlib import Path
 
-from fedmq import logs
+from fedmq import config, logs
 from fedmq.mqtt import BrokerAddress, Credentials
 
 DESCRIPTION = """\
@@ -21,6 +21,8 @@ Federated learning for fleets of small devices over MQTT.
   fedmq node        train on local data and publish updates (one per device)
   fedmq monitor     watch node status and round metrics live
 
+node, aggregator, broker and monitor also read a TOML file (--config PATH or
+$FEDMQ_CONFIG) and FEDMQ_<SECTION>_<KEY> variables: see deploy/config/.
 Topics and messages are documented in docs/PROTOCOL.md.
 """
 
@@ -272,7 +274,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--port", type=int, default=1883, help="listener port (default 1883, 0 = any free)"
     )
     p.add_argument(
-        "--config", type=Path, default=None, help="mosquitto.conf to use (default: the project's)"
+        "--mosquitto-conf",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="mosquitto.conf to use (default: the project's)",
     )
     _add_common(p, broker_required=False)
     _add_broker_admin(p)
@@ -480,6 +486,8 @@ def build_parser() -> argparse.ArgumentParser:
         "back-off (default 3 per child; 0 = fail at once)",
     )
     _add_common(p, broker_required=False)
+    for command in config.COMMANDS:  # --config PATH: settings from a TOML file
+        config.add_option(sub.choices[command])
     return parser
 
 
@@ -495,7 +503,12 @@ def _stop_on_signals() -> threading.Event:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = config.parse_args(build_parser(), argv, os.environ)
+    except config.ConfigError as error:
+        command = next((a for a in argv or sys.argv[1:] if not a.startswith("-")), "")
+        print(f"fedmq {command}: error: {error}", file=sys.stderr)
+        return 2
     logs.configure(json=args.log_json, level=args.log_level)
     stop = _stop_on_signals()
     try:
@@ -512,7 +525,8 @@ def dispatch(args: argparse.Namespace, stop: threading.Event) -> int:
     if args.command == "broker":
         from broker.process import PROJECT_CONF, Mosquitto
 
-        with Mosquitto(port=args.port or None, config=args.config or PROJECT_CONF) as broker:
+        conf = args.mosquitto_conf or PROJECT_CONF
+        with Mosquitto(port=args.port or None, config=conf) as broker:
             print(
                 f"mosquitto listening on {broker.address} (pid {broker.pid}); Ctrl-C stops it",
                 flush=True,
