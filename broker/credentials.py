@@ -78,6 +78,8 @@ class Layout:
 def node_id(text: str) -> str:
     """A node id that may have an account: a legal id, not a role's name."""
     validate_name("node id", text)
+    if text in (".", ".."):  # a legal topic level, but not a bundle directory's name
+        raise ValueError(f"node id {text!r} cannot name a bundle directory")
     if text in ROLES:
         raise ValueError(f"node id {text!r} is reserved for the {text} account")
     return text

@@ -219,7 +219,7 @@ def test_add_and_revoke(deployment: Path, tmp_path: Path):
     assert credentials.Layout(root).listener_files.acl.read_text() == acl_before  # patterns
     with pytest.raises(ValueError, match="no account"):
         credentials.revoke_node(root, "pi-02")
-    for bad in ["aggregator", "monitor", "a/b", "+", ""]:
+    for bad in ["aggregator", "monitor", "a/b", "+", "", ".", ".."]:
         with pytest.raises(ValueError):
             credentials.add_node(root, bad)
 
