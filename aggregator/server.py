@@ -45,6 +45,7 @@ from schemas import (
     make_global_delta,
     model_id_of,
 )
+from schemas.messages import update_bound
 
 log = structlog.get_logger()
 
@@ -93,9 +94,9 @@ class Store(Protocol):
 
 
 def dense_update_bound(model: MLP) -> int:
-    """Largest dense update the aggregator accepts: the float32 numbers plus 64 KiB of
-    headroom for headers. Checked before msgpack is even parsed."""
-    return 4 * model.num_params + 64 * 1024
+    """Largest update the aggregator accepts (``schemas.messages.update_bound``).
+    Checked before msgpack is even parsed."""
+    return update_bound(model.num_params)
 
 
 class Aggregator:

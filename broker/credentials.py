@@ -24,6 +24,8 @@ from broker import bundle, certs, passwords
 from broker.acl import AGGREGATOR, MONITOR, ROLES, render_acl
 from broker.process import PROJECT_CONF
 from broker.production import ListenerFiles, render_production
+from fedmq.models import get_model
+from schemas.messages import packet_bound
 from schemas.topics import validate_name
 
 STATE = "deployment.toml"
@@ -166,6 +168,7 @@ def init_deployment(
     tls_port: int = 8883,
     listen: str | None = None,
     mtls: bool = False,
+    model: str = "digits-mlp",
     project_conf: Path = PROJECT_CONF,
 ) -> Deployment:
     """Create everything in ``root`` (which must not hold a deployment yet)."""
@@ -186,7 +189,12 @@ def init_deployment(
     )
     files = layout.listener_files
     config = render_production(
-        project_conf.read_text(), files=files, port=tls_port, listen=listen, mtls=mtls
+        project_conf.read_text(),
+        files=files,
+        port=tls_port,
+        listen=listen,
+        mtls=mtls,
+        max_packet_size=packet_bound(get_model(model).num_params),
     )
     layout.root.mkdir(parents=True, exist_ok=True)
     for private in (layout.ca_key.parent, files.server_key.parent, layout.root / "nodes"):

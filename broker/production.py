@@ -17,6 +17,7 @@ MARKER = "# ---- Production listener"
 DEFAULT_ROOT = "/etc/fedmq"
 _DISABLED = re.compile(r"^#([a-z_]+)( .*)?$")
 _ANONYMOUS = "allow_anonymous true"
+_MAX_PACKET = re.compile(r"^max_packet_size \d+$", re.MULTILINE)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -31,7 +32,13 @@ class ListenerFiles:
 
 
 def render_production(
-    project: str, *, files: ListenerFiles, port: int, listen: str | None, mtls: bool
+    project: str,
+    *,
+    files: ListenerFiles,
+    port: int,
+    listen: str | None,
+    mtls: bool,
+    max_packet_size: int | None = None,
 ) -> str:
     """The deployment's config text (see the module docstring)."""
     head, marker, tail = project.partition(MARKER)
@@ -76,6 +83,14 @@ def render_production(
         ]
     )
     head = head.replace(f"\n{_ANONYMOUS}\n", f"\n{lockdown}\n")
+    if max_packet_size is not None:  # derived from the deployment's model
+        head, count = _MAX_PACKET.subn(
+            f"# Derived from the model by fedmq broker init (schemas.messages.packet_bound).\n"
+            f"max_packet_size {max_packet_size}",
+            head,
+        )
+        if count != 1:
+            raise ValueError("mosquitto.conf must have exactly one max_packet_size line")
     header = (
         "# Written by `fedmq broker init` from fedmq's mosquitto.conf: the production\n"
         "# listener at the end is enabled and the loopback listener locked down (no\n"

@@ -222,6 +222,13 @@ def _add_broker_admin(broker: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--mtls", action="store_true", help="require client certificates too (mutual TLS)"
     )
+    p.add_argument(
+        "--model",
+        type=_model,
+        default="digits-mlp",
+        help="the federation's model: the broker's max_packet_size is derived from its size "
+        "(default digits-mlp)",
+    )
     for name, text in (
         ("add-node", "give a new node an account and a bundle"),
         ("revoke-node", "remove a node's account (then reload the broker)"),
@@ -240,7 +247,7 @@ def _broker_admin(args: argparse.Namespace) -> int:
         hostnames = args.hostnames or [socket.gethostname(), "localhost", "127.0.0.1"]
         deployment = credentials.init_deployment(
             args.dir, nodes=list(args.nodes), federation=args.federation, hostnames=hostnames,
-            tls_port=args.tls_port, listen=args.listen, mtls=args.mtls,
+            tls_port=args.tls_port, listen=args.listen, mtls=args.mtls, model=args.model,
         )  # fmt: skip
         print(
             f"deployment for federation {deployment.federation!r} in {args.dir}: "

@@ -26,6 +26,25 @@ SCHEMA_VERSION = 1
 # broker's max_packet_size in mosquitto.conf.
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_ELEMENTS = DEFAULT_MAX_BYTES // 2
+# Headroom over a model's float32 numbers for the rest of an update (ids, plan, tensor
+# headers: a few hundred bytes in practice).
+UPDATE_HEADROOM = 64 * 1024
+# Extra room a broker's packet limit leaves for a global model's `selected` list (over
+# 14,000 node ids of 64 characters) and MQTT's own header and topic.
+PACKET_HEADROOM = 1024 * 1024
+
+
+def update_bound(num_params: int) -> int:
+    """Largest update payload of a model with ``num_params`` parameters that a receiver
+    accepts: the dense float32 numbers plus ``UPDATE_HEADROOM``."""
+    return 4 * num_params + UPDATE_HEADROOM
+
+
+def packet_bound(num_params: int) -> int:
+    """The broker's ``max_packet_size`` for such a model (``fedmq broker init``): any
+    update or global model message fits, and nothing far larger reaches a decoder."""
+    return update_bound(num_params) + PACKET_HEADROOM
+
 
 NODE_STATES = ("online", "training", "submitted", "idle", "done", "offline", "error")
 SERVER_STATES = ("waiting", "done", "offline")

@@ -237,3 +237,20 @@ def test_bundle_loading_names_the_bad_key(tmp_path: Path):
     (tmp_path / bundle.CONFIG).write_text('role = "node"\nfederation = "f"\n[broker]\nhost = "h"\n')
     with pytest.raises(ValueError, match="port"):
         bundle.load(tmp_path)
+
+
+def test_the_brokers_packet_limit_is_derived_from_the_model(deployment: Path, tmp_path: Path):
+    from fedmq.models import get_model
+    from schemas.messages import packet_bound, update_bound
+
+    small = (deployment / "mosquitto.conf").read_text()
+    assert f"\nmax_packet_size {packet_bound(get_model('digits-mlp').num_params)}\n" in small
+    credentials.init_deployment(
+        tmp_path / "large", nodes=["pi-01"], hostnames=["h"], model="digits-mlp-large"
+    )
+    large = (tmp_path / "large" / "mosquitto.conf").read_text()
+    bound = packet_bound(get_model("digits-mlp-large").num_params)
+    assert f"\nmax_packet_size {bound}\n" in large
+    assert large.count("\nmax_packet_size ") == 1
+    # the aggregator's own decoding bound is inside the broker's
+    assert update_bound(get_model("digits-mlp-large").num_params) < bound
