@@ -20,6 +20,7 @@ Federated learning for fleets of small devices over MQTT.
   fedmq aggregator  average the nodes' updates each round and publish the global model
   fedmq node        train on local data and publish updates (one per device)
   fedmq monitor     watch node status and round metrics live
+  fedmq report      summarise a report.json; --plot draws it as a PNG or SVG chart
 
 node, aggregator, broker and monitor also read a TOML file (--config PATH or
 $FEDMQ_CONFIG) and FEDMQ_<SECTION>_<KEY> variables: see deploy/config/.
@@ -110,6 +111,13 @@ def _compression(text: str) -> str:
         return str(parse_spec(text))
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _plot_path(text: str) -> Path:
+    path = Path(text)
+    if path.suffix.lower() not in (".png", ".svg"):
+        raise argparse.ArgumentTypeError(f"{text!r} does not end in .png or .svg")
+    return path
 
 
 COMPRESSION_HELP = (
@@ -437,6 +445,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = sub.add_parser(
+        "report",
+        help="summarise a report.json, and chart it with --plot",
+        description="Print a short summary of a report.json (from fedmq aggregator --report "
+        "or fedmq demo --report): accuracy, loss, bytes and rejections. With --plot, also "
+        "draw test accuracy, loss and bytes per round (uplink and downlink) as a picture: "
+        "PNG, or SVG if the file name ends in .svg. Needs no plotting library.",
+    )
+    p.add_argument("report_path", type=Path, metavar="REPORT.json", help="the report to read")
+    p.add_argument(
+        "--plot",
+        type=_plot_path,
+        default=None,
+        metavar="FILE.png|FILE.svg",
+        help="write the chart here",
+    )
+    _add_common(p, broker_required=False)
+
+    p = sub.add_parser(
         "demo",
         help="run a whole federation on this machine",
         description="Start mosquitto on a free loopback port (or use --broker), an "
@@ -605,6 +631,17 @@ def dispatch(args: argparse.Namespace, stop: threading.Event) -> int:
             until_done=args.until_done,
             timeout=args.timeout,
         )
+    if args.command == "report":
+        from fedmq.report import read_report, summary_lines
+
+        report = read_report(args.report_path)
+        print("\n".join(summary_lines(report)))
+        if args.plot is not None:
+            from fedmq.plot import save_plot
+
+            save_plot(report, args.plot)
+            print(f"chart written to {args.plot}")
+        return 0
     if args.command == "demo":
         from fedmq.demo import DemoConfig
         from fedmq.demo import run as run_demo
