@@ -40,32 +40,39 @@ class Bundle:
 
 
 def render(bundle: Bundle) -> str:
-    """fedmq.toml's text; paths are written as names relative to the bundle directory."""
+    """fedmq.toml's text, in the format of ``fedmq <role> --config`` (fedmq/config.py:
+    a [connection] section and the role's own); paths are names relative to the bundle
+    directory, which the config loader resolves against the file's directory."""
 
     def q(value: str) -> str:
         return json.dumps(value)  # a JSON string is a valid TOML basic string
 
     lines = [
-        f"# fedmq {bundle.role} credentials, written by `fedmq broker`. Relative paths are",
-        "# relative to this file's directory. Keep `password` and `client.key` secret.",
-        f"role = {q(bundle.role)}",
-        f"federation = {q(bundle.federation)}",
-    ]
-    if bundle.node_id is not None:
-        lines.append(f"node_id = {q(bundle.node_id)}")
-    lines += [
+        f"# fedmq {bundle.role} credentials, written by `fedmq broker`. Use it as",
+        f"#   fedmq {bundle.role} --config THIS_FILE",
+        "# Relative paths are relative to this file's directory. Keep `password` and",
+        "# `client.key` secret.",
         "",
-        "[broker]",
-        f"host = {q(bundle.host)}",
-        f"port = {bundle.port}",
+        "[connection]",
+        f"broker = {q(f'{bundle.host}:{bundle.port}')}",
+        f"federation = {q(bundle.federation)}",
         f"username = {q(bundle.username)}",
         f"password_file = {q(bundle.password_file.name)}",
-        f"ca_file = {q(bundle.ca_file.name)}",
+        f"tls_ca = {q(bundle.ca_file.name)}",
     ]
     if bundle.cert_file is not None and bundle.key_file is not None:
         lines += [
-            f"cert_file = {q(bundle.cert_file.name)}",
-            f"key_file = {q(bundle.key_file.name)}",
+            f"tls_cert = {q(bundle.cert_file.name)}",
+            f"tls_key = {q(bundle.key_file.name)}",
+        ]
+    lines += ["", f"[{bundle.role}]"]
+    if bundle.node_id is not None:
+        lines += [
+            f"node_id = {q(bundle.node_id)}",
+            "# Add this device's training data (an .npz with arrays x and y) and a state",
+            "# directory, e.g.:",
+            '# data = "/var/lib/fedmq-node/data.npz"',
+            '# state_dir = "/var/lib/fedmq-node"',
         ]
     return "\n".join(lines) + "\n"
 
@@ -77,9 +84,13 @@ def load(path: Path) -> Bundle:
     with path.open("rb") as handle:
         data = tomllib.load(handle)
     base = path.resolve().parent
-    broker = data.get("broker")
-    if not isinstance(broker, dict):
-        raise ValueError(f"{path}: no [broker] table")
+    connection = data.get("connection")
+    if not isinstance(connection, dict):
+        raise ValueError(f"{path}: no [connection] table")
+    roles = [role for role in ("node", "aggregator", "monitor") if role in data]
+    if len(roles) != 1:
+        raise ValueError(f"{path}: needs exactly one of [node], [aggregator], [monitor]")
+    role = roles[0]
 
     def text(table: dict[str, object], key: str, *, optional: bool = False) -> str | None:
         value = table.get(key)
@@ -90,24 +101,24 @@ def load(path: Path) -> Bundle:
         return value
 
     def file(key: str) -> Path | None:
-        name = text(broker, key, optional=key in ("cert_file", "key_file"))
+        name = text(connection, key, optional=key in ("tls_cert", "tls_key"))
         return None if name is None else base / name
 
-    port = broker.get("port")
-    if not isinstance(port, int) or not 0 < port < 65536:
-        raise ValueError(f"{path}: broker.port must be a port number")
-    cert, key = file("cert_file"), file("key_file")
+    host, _, port_text = str(text(connection, "broker")).rpartition(":")
+    if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"{path}: connection.broker must be HOST:PORT")
+    cert, key = file("tls_cert"), file("tls_key")
     if (cert is None) != (key is None):
-        raise ValueError(f"{path}: cert_file and key_file go together")
+        raise ValueError(f"{path}: tls_cert and tls_key go together")
     return Bundle(
-        role=str(text(data, "role")),
-        federation=str(text(data, "federation")),
-        node_id=text(data, "node_id", optional=True),
-        host=str(text(broker, "host")),
-        port=port,
-        username=str(text(broker, "username")),
-        password_file=base / str(text(broker, "password_file")),
-        ca_file=base / str(text(broker, "ca_file")),
+        role=role,
+        federation=str(text(connection, "federation")),
+        node_id=text(data[role], "node_id", optional=role != "node"),
+        host=host,
+        port=int(port_text),
+        username=str(text(connection, "username")),
+        password_file=base / str(text(connection, "password_file")),
+        ca_file=base / str(text(connection, "tls_ca")),
         cert_file=cert,
         key_file=key,
     )

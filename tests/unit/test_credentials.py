@@ -184,7 +184,7 @@ def test_generated_config_enables_the_production_listener(deployment: Path):
     # everything else is the project's
     security = {"listener", "allow_anonymous", "password_file", "acl_file", "certfile",
                 "keyfile", "cafile", "tls_version", "require_certificate",
-                "use_username_as_clientid"}  # fmt: skip
+                "use_username_as_clientid", "max_packet_size"}  # fmt: skip
     assert {k: v for k, v in found.items() if k not in security} == {
         k: v for k, v in project.items() if k not in security
     }
@@ -234,8 +234,11 @@ def test_init_refuses_to_overwrite_and_bad_input(deployment: Path, tmp_path: Pat
 
 
 def test_bundle_loading_names_the_bad_key(tmp_path: Path):
-    (tmp_path / bundle.CONFIG).write_text('role = "node"\nfederation = "f"\n[broker]\nhost = "h"\n')
-    with pytest.raises(ValueError, match="port"):
+    (tmp_path / bundle.CONFIG).write_text('[connection]\nbroker = "h"\n[node]\nnode_id = "n"\n')
+    with pytest.raises(ValueError, match=r"connection\.broker must be HOST:PORT"):
+        bundle.load(tmp_path)
+    (tmp_path / bundle.CONFIG).write_text('[connection]\nbroker = "h:1"\n')
+    with pytest.raises(ValueError, match=r"exactly one of \[node\]"):
         bundle.load(tmp_path)
 
 
