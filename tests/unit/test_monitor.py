@@ -162,3 +162,55 @@ def test_small_helpers():
     assert human_bytes(512) == "512 B" and human_bytes(9971) == "9.7 KiB"
     assert sparkline([0.1, None, 0.5, 0.9], 10) == "▁ ▅█"
     assert sparkline([None], 10) == "" and sparkline([1.0, 1.0], 1) == "▁"
+
+
+class FakeTTY(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_run_only_subscribes_uses_the_given_broker_and_redraws_in_place(monkeypatch):
+    import re
+    import threading
+
+    from fedmq import monitor
+    from fedmq.mqtt import BrokerAddress, Credentials, Received
+
+    made: dict = {}
+
+    class ReadOnlyClient:
+        def publish(self, *_args, **_kwargs):
+            raise AssertionError("the monitor must never publish")
+
+    def make_client(client_id, **kwargs):
+        made.update(kwargs, client_id=client_id)
+        for topic, payload in [
+            (TOPICS.status("pi-001"), encode(NodeStatus(FED, "pi-001", "done", 1, at=NOW))),
+            (TOPICS.metrics, encode(metrics(1))),
+            (TOPICS.server, encode(server(state="done", round=2, reported=0))),
+        ]:
+            kwargs["inbox"].put(Received(topic, payload, retain=topic != TOPICS.metrics))
+        return ReadOnlyClient()
+
+    started = []
+    monkeypatch.setattr(monitor.edge, "make_client", make_client)
+    monkeypatch.setattr(monitor.edge, "start", lambda _client, broker: started.append(broker))
+    monkeypatch.setattr(monitor.edge, "stop", lambda _client: None)
+    broker = BrokerAddress("10.0.0.1", 8883, Credentials(username="monitor"))
+    out = FakeTTY()
+    code = monitor.run(
+        broker, FED, threading.Event(), until_done=True, timeout=10, out=out, size=(100, 30)
+    )
+    assert code == 0
+    assert made.get("will") is None and not made.get("persistent")
+    assert sorted(t for t, _ in made["subscriptions"]) == sorted(
+        [TOPICS.all_status, TOPICS.server, TOPICS.metrics]
+    )
+    assert made["client_id"].startswith(f"fedmq:{FED}:monitor:")
+    assert started == [broker] and started[0].credentials.username == "monitor"
+    screen = out.getvalue()
+    assert screen.startswith("\x1b[?25l") and screen.endswith("\x1b[?25h")  # cursor back
+    frames = [f for f in screen.split("\x1b[H") if f.strip()]
+    last = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", frames[-1]).splitlines()
+    assert len(last) <= 29 and all(len(line) <= 99 for line in last)
+    assert "server done  round 2" in "\n".join(last)
