@@ -131,15 +131,12 @@ def test_hostile_stream_leaves_the_run_as_a_clean_one(
 ):  # type: ignore[no-untyped-def]
     paths = node_data(NODES)
 
+    # the clean run goes alongside the attacked one (another federation, same broker)
     clean = Topics("hostile-clean")
     clean_watcher = collect([clean.metrics])
-    aggregator = start_aggregator(spawn, mosquitto, clean.federation, tmp_path)
-    nodes = [start_node(spawn, mosquitto, clean.federation, i, p, tmp_path)
-             for i, p in enumerate(paths)]  # fmt: skip
-    assert aggregator.wait(120) == 0, aggregator.log()[-3000:]
-    for node in nodes:
-        assert node.wait(60) == 0, node.log()[-3000:]
-    reference = per_round(clean_watcher, clean)
+    clean_aggregator = start_aggregator(spawn, mosquitto, clean.federation, tmp_path)
+    clean_nodes = [start_node(spawn, mosquitto, clean.federation, i, p, tmp_path)
+                   for i, p in enumerate(paths)]  # fmt: skip
 
     topics = Topics("hostile-attacked")
     watcher = collect([topics.metrics, topics.global_model, topics.all_updates])
@@ -162,11 +159,14 @@ def test_hostile_stream_leaves_the_run_as_a_clean_one(
     # round 1 waits for pi-3, so every rejection so far was in round 1
     assert {e["round"] for e in rejections()} == {1}
     nodes.append(start_node(spawn, mosquitto, topics.federation, 3, paths[-1], tmp_path))
-    assert aggregator.wait(120) == 0, aggregator.log()[-3000:]
-    for node in nodes:
-        assert node.wait(60) == 0, node.log()[-3000:]
+    for child in [clean_aggregator, aggregator]:
+        assert child.wait(120) == 0, child.log()[-3000:]
+    for child in [*clean_nodes, *nodes]:
+        assert child.wait(60) == 0, child.log()[-3000:]
+    reference = per_round(clean_watcher, clean)
     attacked = per_round(watcher, topics)
 
+    assert all(m.rejected == {} for m in reference)
     assert [m.model_id for m in attacked] == [m.model_id for m in reference]
     assert [m.accuracy for m in attacked] == [m.accuracy for m in reference]
     assert attacked[-1].accuracy == reference[-1].accuracy
