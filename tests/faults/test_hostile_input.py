@@ -35,7 +35,7 @@ ROUNDS = 5
 MAX_UPDATE_BYTES = 16_384
 
 
-def start_aggregator(spawn, mosquitto, federation: str, tmp_path: Path):  # type: ignore[no-untyped-def]
+def start_aggregator(spawn, mosquitto, federation: str, tmp_path: Path):
     return spawn(
         f"{federation}-aggregator", "aggregator", "--broker", mosquitto.address,
         "--federation", federation, "--log-json", "--nodes", str(NODES),
@@ -44,7 +44,7 @@ def start_aggregator(spawn, mosquitto, federation: str, tmp_path: Path):  # type
     )  # fmt: skip
 
 
-def start_node(spawn, mosquitto, federation: str, index: int, data: Path, tmp_path: Path):  # type: ignore[no-untyped-def]
+def start_node(spawn, mosquitto, federation: str, index: int, data: Path, tmp_path: Path):
     return spawn(
         f"{federation}-node-{index}", "node", "--broker", mosquitto.address,
         "--federation", federation, "--log-json", "--node-id", f"pi-{index}",
@@ -53,14 +53,14 @@ def start_node(spawn, mosquitto, federation: str, index: int, data: Path, tmp_pa
     )  # fmt: skip
 
 
-def per_round(watcher, topics: Topics):  # type: ignore[no-untyped-def]
+def per_round(watcher, topics: Topics):
     """The last metrics message of each round (metrics are at least once), in order."""
     metrics = {m.round: m for m in (decode_metrics(p) for p in watcher.on(topics.metrics))}
     assert sorted(metrics) == list(range(1, ROUNDS + 1))
     return [metrics[r] for r in sorted(metrics)]
 
 
-def log_events(child) -> list[dict]:  # type: ignore[no-untyped-def]
+def log_events(child) -> list[dict]:
     events = []
     for line in child.log().splitlines():
         try:
@@ -70,20 +70,20 @@ def log_events(child) -> list[dict]:  # type: ignore[no-untyped-def]
     return events
 
 
-def bad_messages(topics: Topics, opened, real_copy: bytes) -> list[tuple[str, bytes, str]]:  # type: ignore[no-untyped-def]
+def bad_messages(topics: Topics, opened, real_copy: bytes) -> list[tuple[str, bytes, str]]:
     """(topic, payload, reason the aggregator must give) for each hostile message.
 
     ``opened`` is round 1's global model; ``real_copy`` a real node's (pi-0's) update."""
     federation = topics.federation
 
-    def update(node_id: str, **overrides) -> bytes:  # type: ignore[no-untyped-def]
+    def update(node_id: str, **overrides) -> bytes:
         fields = dict(
             federation=federation, node_id=node_id, round=opened.round,
             base_model_id=opened.model_id, num_examples=50, train_loss=1.0, train_seconds=0.1,
             delta={name: np.full(a.shape, 0.5, np.float32) for name, a in opened.params.items()},
         )  # fmt: skip
         fields.update(overrides)
-        return encode(NodeUpdate(**fields))  # type: ignore[arg-type]
+        return encode(NodeUpdate(**fields))
 
     def delta_with(name: str, index: tuple[int, ...], value: float) -> dict[str, np.ndarray]:
         delta = {n: np.zeros(a.shape, np.float32) for n, a in opened.params.items()}
@@ -128,7 +128,7 @@ def bad_messages(topics: Topics, opened, real_copy: bytes) -> list[tuple[str, by
 
 def test_hostile_stream_leaves_the_run_as_a_clean_one(
     mosquitto, spawn, collect, node_data, tmp_path
-):  # type: ignore[no-untyped-def]
+):
     paths = node_data(NODES)
 
     # the clean run goes alongside the attacked one (another federation, same broker)

@@ -20,7 +20,7 @@ EVERYONE = [f"pi-{i}" for i in range(NODES)]
 SURVIVORS = EVERYONE[:-1]
 
 
-def aggregator_args(mosquitto, federation: str, tmp_path: Path, *extra: str) -> list[str]:  # type: ignore[no-untyped-def]
+def aggregator_args(mosquitto, federation: str, tmp_path: Path, *extra: str) -> list[str]:
     return [
         "aggregator", "--broker", mosquitto.address, "--federation", federation, "--log-json",
         "--nodes", str(NODES), "--min-nodes", str(NODES - 1),
@@ -28,7 +28,7 @@ def aggregator_args(mosquitto, federation: str, tmp_path: Path, *extra: str) -> 
     ]  # fmt: skip
 
 
-def node_args(mosquitto, federation: str, index: int, data: Path, tmp_path: Path) -> list[str]:  # type: ignore[no-untyped-def]
+def node_args(mosquitto, federation: str, index: int, data: Path, tmp_path: Path) -> list[str]:
     return [
         "node", "--broker", mosquitto.address, "--federation", federation, "--log-json",
         "--log-level", "debug",  # update.published is a debug line
@@ -37,20 +37,20 @@ def node_args(mosquitto, federation: str, index: int, data: Path, tmp_path: Path
     ]  # fmt: skip
 
 
-def per_round(watcher, topics: Topics, rounds: int):  # type: ignore[no-untyped-def]
+def per_round(watcher, topics: Topics, rounds: int):
     """The last metrics message of each round (metrics are at least once), in order."""
     metrics = {m.round: m for m in (decode_metrics(p) for p in watcher.on(topics.metrics))}
     assert sorted(metrics) == list(range(1, rounds + 1))
     return [metrics[r] for r in sorted(metrics)]
 
 
-def kill_on(watcher, topic: str, predicate, child) -> list[bytes]:  # type: ignore[no-untyped-def]
+def kill_on(watcher, topic: str, predicate, child) -> list[bytes]:
     """SIGKILL ``child`` from the collector's network thread as soon as a message on
     ``topic`` satisfies ``predicate`` (milliseconds, where polling would take tens).
     Returns the list the triggering payload is appended to."""
     fired: list[bytes] = []
 
-    def on_message(_client, _userdata, message) -> None:  # type: ignore[no-untyped-def]
+    def on_message(_client, _userdata, message) -> None:
         if not fired and message.payload and predicate(bytes(message.payload)):
             child.proc.send_signal(signal.SIGKILL)
             fired.append(bytes(message.payload))
@@ -59,7 +59,7 @@ def kill_on(watcher, topic: str, predicate, child) -> list[bytes]:  # type: igno
     return fired
 
 
-def events(child, name: str) -> list[dict]:  # type: ignore[no-untyped-def]
+def events(child, name: str) -> list[dict]:
     found = []
     for line in child.log().splitlines():
         try:
@@ -73,7 +73,7 @@ def events(child, name: str) -> list[dict]:  # type: ignore[no-untyped-def]
 
 def test_a_node_killed_mid_round_restarts_and_rejoins_with_its_state(
     mosquitto, federation, spawn, collect, node_data, tmp_path
-):  # type: ignore[no-untyped-def]
+):
     rounds, killed_in = 5, 2
     paths = node_data(NODES)
     topics = Topics(federation)
@@ -151,7 +151,7 @@ def test_a_node_killed_mid_round_restarts_and_rejoins_with_its_state(
 
 def test_a_node_that_never_comes_back_rounds_close_at_the_deadline(
     mosquitto, federation, spawn, collect, node_data, tmp_path
-):  # type: ignore[no-untyped-def]
+):
     rounds = 4
     paths = node_data(NODES)
     topics = Topics(federation)
@@ -193,7 +193,7 @@ def test_a_node_that_never_comes_back_rounds_close_at_the_deadline(
 )
 def test_residual_survives_a_crash_between_its_two_files(
     mosquitto, spawn, collect, node_data, tmp_path
-):  # type: ignore[no-untyped-def]
+):
     """A node that dies after writing round 2's residual but before round 2's update is on
     record must, once restarted, send the round 2 update an uninterrupted node sends: the
     run ends with the same models as an uninterrupted one (run alongside).
@@ -205,7 +205,7 @@ def test_residual_survives_a_crash_between_its_two_files(
     rounds = 3
     paths = node_data(2)
 
-    def start(federation: str):  # type: ignore[no-untyped-def]
+    def start(federation: str):
         (tmp_path / federation).mkdir()
         topics = Topics(federation)
         watcher = collect([topics.metrics, topics.update("pi-0")])
@@ -216,17 +216,17 @@ def test_residual_survives_a_crash_between_its_two_files(
         )  # fmt: skip
         return topics, watcher, aggregator
 
-    def node(federation: str, index: int, name: str = ""):  # type: ignore[no-untyped-def]
+    def node(federation: str, index: int, name: str = ""):
         args = node_args(mosquitto, federation, index, paths[index], tmp_path / federation)
         return spawn(f"{federation}-node-{index}{name}", *args)
 
-    def finish(topics, watcher, aggregator, nodes):  # type: ignore[no-untyped-def]
+    def finish(topics, watcher, aggregator, nodes):
         assert aggregator.wait(120) == 0, aggregator.log()[-3000:]
         for child in nodes:
             assert child.wait(60) == 0, child.log()[-3000:]
         return per_round(watcher, topics, rounds)
 
-    reference = start("reference")
+    reference_topics, reference_watcher, reference_aggregator = start("reference")
     reference_nodes = [node("reference", 0), node("reference", 1)]
     topics, watcher, aggregator = start("crashed")
     first = node("crashed", 0)
@@ -237,12 +237,16 @@ def test_residual_survives_a_crash_between_its_two_files(
     (state / "last_update.msgpack.tmp").mkdir()
     second = node("crashed", 1)
     assert first.wait(120) == 2, first.log()[-3000:]  # died saving round 2's update
-    assert progress.load(state / "last_update.msgpack").round == 1  # type: ignore[union-attr]
-    assert residual.load(state / "residual.npz").round == 2  # type: ignore[union-attr]
+    on_record = progress.load(state / "last_update.msgpack")
+    saved_residual = residual.load(state / "residual.npz")
+    assert on_record is not None and on_record.round == 1
+    assert saved_residual is not None and saved_residual.round == 2
     (state / "last_update.msgpack.tmp").rmdir()
     restarted = node("crashed", 0, "-restarted")
     crashed = finish(topics, watcher, aggregator, [restarted, second])
-    uninterrupted = finish(*reference, reference_nodes)
+    uninterrupted = finish(
+        reference_topics, reference_watcher, reference_aggregator, reference_nodes
+    )
 
     assert [m.participants for m in crashed] == [["pi-0", "pi-1"]] * rounds
     assert not events(restarted, "residual.discarded"), events(restarted, "residual.discarded")
