@@ -80,15 +80,18 @@ _UNSET: Any = _Unset()
 
 
 def add_option(parser: argparse.ArgumentParser) -> None:
-    """``--config PATH`` on one subcommand's parser."""
+    """``--config PATH`` on one subcommand's parser (after its other options)."""
+    name = parser.prog.split()[-1]
+    connects = any(action.dest in CONNECTION_KEYS for action in parser._actions)
+    sections = f"sections [{CONNECTION}] and [{name}]" if connects else f"section [{name}]"
     parser.add_argument(
         "--config",
         type=Path,
         default=None,
         metavar="PATH",
-        help=f"TOML settings file, sections [connection] and [{parser.prog.split()[-1]}] "
-        f"(default: ${CONFIG_ENV}); options and FEDMQ_<SECTION>_<KEY> variables override "
-        "it. Examples: deploy/config/",
+        help=f"TOML settings file, {sections} (default: ${CONFIG_ENV}); options "
+        "and FEDMQ_<SECTION>_<KEY> variables override it. Relative paths in it are "
+        "relative to its directory. Examples: deploy/config/",
     )
 
 
