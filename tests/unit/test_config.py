@@ -4,6 +4,7 @@ deploy/config/ (they parse, set what they say, and their commented defaults are 
 real defaults)."""
 
 import argparse
+import os
 import re
 import subprocess
 import sys
@@ -382,3 +383,23 @@ def test_examples_with_every_commented_setting_switched_on_still_parse(tmp_path)
         path = write(tmp_path / name, "\n".join(lines) + "\n")
         config.read_file(cli.build_parser(), path)
         assert role in tomllib.loads(path.read_text())
+
+
+def test_the_demo_children_do_not_inherit_a_deployments_settings(monkeypatch, tmp_path):
+    import threading
+
+    import fedmq.demo
+
+    seen: dict[str, str] = {}
+
+    def fake_run(_config: object, _stop: object) -> int:
+        seen.update({k: v for k, v in os.environ.items() if k.startswith("FEDMQ_")})
+        return 0
+
+    monkeypatch.setenv("FEDMQ_CONFIG", str(write(tmp_path / "node.toml", NODE)))
+    monkeypatch.setenv("FEDMQ_CONNECTION_BROKER", "elsewhere:8883")
+    monkeypatch.setattr(fedmq.demo, "run", fake_run)
+    monkeypatch.setattr(cli.logs, "configure", lambda **_: None)  # no global logging set-up
+    monkeypatch.setattr(cli, "_stop_on_signals", threading.Event)
+    assert cli.main(["demo", "--nodes", "1", "--rounds", "1"]) == 0
+    assert seen == {}
