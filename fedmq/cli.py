@@ -643,6 +643,10 @@ def dispatch(args: argparse.Namespace, stop: threading.Event) -> int:
             print(f"chart written to {args.plot}")
         return 0
     if args.command == "demo":
+        # The demo configures its children itself: they must not pick up the settings
+        # (FEDMQ_CONFIG, FEDMQ_<SECTION>_<KEY>) of a deployment on this machine.
+        for name in [name for name in os.environ if name.startswith("FEDMQ_")]:
+            del os.environ[name]
         from fedmq.demo import DemoConfig
         from fedmq.demo import run as run_demo
 
