@@ -102,6 +102,9 @@ class Node:
             self.last_trained = (saved.round, saved.model_id)
             self._last_update = saved.payload
             self._resend_saved = True
+        residual.settle(
+            self.pending_residual_path, self.residual_path, saved.round if saved else None
+        )
         self._held: GlobalModel | None = None  # the newest global model we have
         self._following_full = True  # subscribed to the full global model topic
         self._seen_key: tuple[int, str] | None = None
@@ -237,6 +240,10 @@ class Node:
         return self.config.state_dir / "residual.npz"
 
     @property
+    def pending_residual_path(self) -> Path:
+        return self.config.state_dir / "residual.next.npz"
+
+    @property
     def progress_path(self) -> Path:
         return self.config.state_dir / "last_update.msgpack"
 
@@ -309,15 +316,20 @@ class Node:
             )
             payload = encode(update)
             compress_seconds = time.perf_counter() - started_compress
-            # on disk before it leaves: a crash from here on resends these bytes
+            # On disk before it leaves: a crash from here on resends these bytes. The
+            # update on record is the commit point; the residual that goes with it waits
+            # beside it until then (residual.settle), so a crash between the two writes
+            # keeps the previous round's residual, which that round's retraining needs.
             if new_state is not None:
                 residual.save(
-                    self.residual_path,
+                    self.pending_residual_path,
                     residual.SavedResidual(model.round, str(pipeline), new_state.residual),
                 )
             progress.save(
                 self.progress_path, progress.LastUpdate(model.round, model.model_id, payload)
             )
+            if new_state is not None:
+                residual.promote(self.pending_residual_path, self.residual_path)
             self.outbox.publish(self.topics.update(self.config.node_id), payload)
             self.last_trained = (model.round, model.model_id)
             self._resend_saved = False

@@ -4,6 +4,9 @@ One .npz file in the node's state directory: the residual tensors plus the round
 layout and compression SPEC they belong to. A residual is reused only for the round right
 after the one that made it, with the same SPEC and layout; otherwise it is stale (the node
 missed rounds or a new run began) and is discarded, as docs/PROTOCOL.md documents.
+
+A new residual is first written as ``residual.next.npz`` and becomes ``residual.npz``
+only once its round's update is on record (node.progress): see ``settle``.
 """
 
 import io
@@ -14,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedmq.files import write_atomically
+from fedmq.files import fsync_directory, write_atomically
 
 
 @dataclass(frozen=True)
@@ -55,3 +58,23 @@ def load(path: Path) -> SavedResidual | None:
         return SavedResidual(round=int(meta["round"]), spec=str(meta["spec"]), residual=residual)
     except (OSError, KeyError, ValueError, TypeError, EOFError, zipfile.BadZipFile):
         return None
+
+
+def promote(pending: Path, path: Path) -> None:
+    """Make the pending residual the current one (after its update went on record)."""
+    pending.replace(path)
+    fsync_directory(path.parent)
+
+
+def settle(pending: Path, path: Path, on_record: int | None) -> None:
+    """At start-up (``on_record``: the round of the update on record, if any): a pending
+    residual whose round's update is on record was about to be promoted when the node
+    stopped, so promote it; any other pending one belongs to an update that never went
+    on record (that round is trained again, from the current residual), so drop it."""
+    if not pending.exists():
+        return
+    waiting = load(pending)
+    if waiting is not None and waiting.round == on_record:
+        promote(pending, path)
+    else:
+        pending.unlink()

@@ -185,12 +185,6 @@ def test_a_node_that_never_comes_back_rounds_close_at_the_deadline(
         assert set(m.rejected) <= {"wrong_round"}, m.rejected
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="node/app.py saves residual.npz before last_update.msgpack: a node that dies "
-    "between the two writes restarts, trains that round again and discards the residual "
-    "as stale (made in this very round), so error feedback from the round before is lost",
-)
 def test_residual_survives_a_crash_between_its_two_files(
     mosquitto, spawn, collect, node_data, tmp_path
 ):
@@ -239,8 +233,11 @@ def test_residual_survives_a_crash_between_its_two_files(
     assert first.wait(120) == 2, first.log()[-3000:]  # died saving round 2's update
     on_record = progress.load(state / "last_update.msgpack")
     saved_residual = residual.load(state / "residual.npz")
+    pending = residual.load(state / "residual.next.npz")
     assert on_record is not None and on_record.round == 1
-    assert saved_residual is not None and saved_residual.round == 2
+    # round 2's residual waits beside round 1's until round 2's update is on record
+    assert saved_residual is not None and saved_residual.round == 1
+    assert pending is not None and pending.round == 2
     (state / "last_update.msgpack.tmp").rmdir()
     restarted = node("crashed", 0, "-restarted")
     crashed = finish(topics, watcher, aggregator, [restarted, second])

@@ -5,11 +5,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import structlog
 
 from fedmq.datasets import Dataset
 from fedmq.models import get_model
 from fedmq.mqtt import BrokerAddress
-from node import progress
+from node import progress, residual
 from node.app import Node, NodeConfig
 from schemas import GlobalModel, Topics, TrainingPlan, encode, model_id_of
 
@@ -57,7 +58,34 @@ def restarted_node(tmp_path: Path, saved_round: int) -> tuple[Node, RecordingOut
 @pytest.mark.parametrize("retained", [True, False])
 def test_the_saved_update_is_resent_on_first_sight(tmp_path: Path, retained: bool) -> None:
     node, outbox = restarted_node(tmp_path, saved_round=3)
-    node.on_global(encode(global_model(3)), retained=retained)
+    with structlog.testing.capture_logs():
+        node.on_global(encode(global_model(3)), retained=retained)
     updates = [p for t, p in outbox.sent if t == TOPICS.update("pi-1")]
     assert updates == [b"the saved update"]
     assert node.last_trained == (3, global_model(3).model_id)
+
+
+def residual_of(round: int) -> residual.SavedResidual:
+    return residual.SavedResidual(round, "topk:0.1+ef", {"w": np.full(3, round, np.float32)})
+
+
+@pytest.mark.parametrize(
+    ("on_record", "pending", "kept"),
+    [
+        (2, 2, 2),  # stopped between recording the update and promoting its residual
+        (1, 2, 1),  # stopped before round 2's update went on record: round 2 again
+        (None, 1, 0),  # nothing on record: nothing pending survives
+    ],
+)
+def test_settle_keeps_the_residual_that_goes_with_the_update_on_record(
+    tmp_path: Path, on_record: int | None, pending: int, kept: int
+) -> None:
+    current, waiting = tmp_path / "residual.npz", tmp_path / "residual.next.npz"
+    residual.save(
+        current, residual_of(0 if on_record is None else on_record - (pending == on_record))
+    )
+    residual.save(waiting, residual_of(pending))
+    residual.settle(waiting, current, on_record)
+    assert not waiting.exists()
+    loaded = residual.load(current)
+    assert loaded is not None and loaded.round == kept
