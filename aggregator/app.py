@@ -15,6 +15,7 @@ from pathlib import Path
 import structlog
 
 from aggregator.checkpoint import CheckpointError, StateDir, fingerprint_mismatch
+from aggregator.robust import Clip, Rule, parse_rule, with_clip
 from aggregator.rounds import RoundPolicy
 from aggregator.server import Aggregator, Publish, RoundSettings, dense_update_bound
 from broker.sys_topics import DROPPED, parse_counter
@@ -49,6 +50,8 @@ class AggregatorConfig:
     fresh: bool = False  # discard a run kept in state_dir
     node_ids: tuple[str, ...] | None = None  # the fleet; None: any well-formed node id
     sample_fraction: float = 1.0  # of the nodes asked to train each round
+    aggregation: str = "fedavg"  # a RULE of aggregator.robust: fedavg, median, trimmed-mean:B
+    clip_norm: float | None = None  # clip each update's delta to this L2 norm first
 
 
 def load_test_set(spec: str | None) -> Dataset | None:
@@ -57,6 +60,12 @@ def load_test_set(spec: str | None) -> Dataset | None:
     if spec == "digits":
         return digits()[1]
     return load_npz(Path(spec))
+
+
+def aggregation_rule(config: AggregatorConfig) -> Rule:
+    """``--aggregation`` with ``--clip-norm`` folded in; ValueError if they clash."""
+    rule = parse_rule(config.aggregation)
+    return rule if config.clip_norm is None else with_clip(rule, Clip(config.clip_norm))
 
 
 def build_aggregator(
@@ -83,6 +92,7 @@ def build_aggregator(
         ),
         max_update_bytes=config.max_update_bytes or dense_update_bound(model),
         known_nodes=frozenset(config.node_ids) if config.node_ids is not None else None,
+        aggregation=aggregation_rule(config),
     )
     return Aggregator(
         settings,

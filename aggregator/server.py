@@ -26,6 +26,7 @@ import structlog
 from aggregator.checkpoint import Checkpoint
 from aggregator.evaluate import evaluate
 from aggregator.fedavg import WeightedSum, apply_mean_delta
+from aggregator.robust import FEDAVG, Rule, aggregate, check_memory
 from aggregator.rounds import RoundPolicy, close_reason, seconds_until_check, select_nodes
 from fedmq.compression import Pipeline, parse_spec
 from fedmq.datasets import Dataset
@@ -68,6 +69,20 @@ class RoundSettings:
     # The fleet's node ids: updates from others are rejected (unknown_node), and rounds
     # sample from them. None: any node id; sampling draws from the nodes present.
     known_nodes: frozenset[str] | None = None
+    # How a round's updates become the new model (aggregator.robust). Not part of the
+    # fingerprint: like the round policy it is the server's choice, which an operator may
+    # change on restart (say to median, once an attack shows); metrics record it per round.
+    aggregation: Rule = FEDAVG
+
+    def __post_init__(self) -> None:
+        # At most one update per node and round: the fleet if known, else the quorum (a
+        # sampled round with no node list may take more; the bound cannot know).
+        check_memory(
+            self.aggregation,
+            nodes=max(self.policy.expected_nodes, len(self.known_nodes or ())),
+            update_bytes=self.max_update_bytes,
+            model_floats=self.model.num_params,
+        )
 
     @property
     def pipeline(self) -> Pipeline:
@@ -408,10 +423,22 @@ class Aggregator:
             train_loss_sum += update.train_loss * update.num_examples
         return total, train_loss_sum
 
+    def _aggregate(self, total: WeightedSum) -> tuple[Params, dict[str, Any]]:
+        """The round's mean delta under the configured rule, and what its metrics add.
+
+        Plain FedAvg is the running sum's mean, exactly as before; the other rules read
+        the held updates in node-id order (``total`` still gives the weights and losses)."""
+        rule = self.settings.aggregation
+        if rule.plain:
+            return total.mean(), {}
+        updates = [(u.delta, u.num_examples) for _, u in sorted(self._accepted.items())]
+        outcome = aggregate(rule, updates, self.layout)
+        return outcome.delta, outcome.metrics(rule)
+
     def _close_round(self, closed_by: str) -> None:
         started = self._clock()
         total, train_loss_sum = self.sum_accepted()
-        mean_delta = total.mean()
+        mean_delta, extra = self._aggregate(total)
         previous = (self.params, self.model_id)
         self.params = apply_mean_delta(self.params, mean_delta)
         self.model_id = model_id_of(self.params)
@@ -438,6 +465,7 @@ class Aggregator:
             aggregate_seconds=self._clock() - started,
             closed_by=closed_by,
             at=self._wall(),
+            extra=extra,
             train_seconds_median=statistics.median(
                 update.train_seconds for update in self._accepted.values()
             ),
@@ -446,6 +474,7 @@ class Aggregator:
         self.history.append(metrics)
         log.info(
             "round.closed",
+            **extra,
             round=self.round,
             closed_by=closed_by,
             participants=len(participants),

@@ -120,6 +120,15 @@ def _plot_path(text: str) -> Path:
     return path
 
 
+def _aggregation(text: str) -> str:
+    from aggregator.robust import parse_rule
+
+    try:
+        return str(parse_rule(text))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 COMPRESSION_HELP = (
     "how nodes compress their deltas: dense (default), fp16, int8, int4, topk:F, joined "
     "with + and optionally ef (error feedback) and zlib, e.g. topk:0.01+int8+ef"
@@ -385,6 +394,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="ask a seeded random fraction F of the nodes to train each round, announced "
         "in the global model (default 1: every node)",
     )
+    p.add_argument(
+        "--aggregation",
+        type=_aggregation,
+        default="fedavg",
+        metavar="RULE",
+        help="how a round's updates are combined: fedavg (default; weighted by examples), "
+        "median or trimmed-mean:BETA (coordinate-wise, one vote per node, BETA < 0.5 cut "
+        "from each side; they hold the round's updates in memory), optionally with "
+        "+clip-norm:X or +clip-median:F (clip each update's L2 norm to X, or to F x the "
+        "round's median norm), e.g. trimmed-mean:0.2+clip-median:2",
+    )
+    p.add_argument(
+        "--clip-norm",
+        type=_positive_float,
+        default=None,
+        metavar="X",
+        help="clip each update's delta to L2 norm X before aggregating "
+        "(the same as adding +clip-norm:X to --aggregation)",
+    )
 
     p = sub.add_parser(
         "node",
@@ -593,6 +621,8 @@ def dispatch(args: argparse.Namespace, stop: threading.Event) -> int:
                 fresh=args.fresh,
                 node_ids=args.node_ids,
                 sample_fraction=args.sample_fraction,
+                aggregation=args.aggregation,
+                clip_norm=args.clip_norm,
             ),
             stop,
         )
