@@ -6,6 +6,18 @@ import sys
 import structlog
 
 
+class _CurrentStderr:
+    """``sys.stderr`` as it is at each write, not as it was when logging was set up:
+    whoever swaps the stream later (pytest's capture, an embedding program) still gets
+    the lines, and a closed old stream is never written to."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def configure(*, json: bool | None = None, level: str = "info") -> None:
     """JSON lines when stderr is not a terminal (systemd, CI, demo children), console otherwise.
 
@@ -28,10 +40,10 @@ def configure(*, json: bool | None = None, level: str = "info") -> None:
     structlog.configure(
         processors=[*shared, structlog.processors.format_exc_info, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(_CurrentStderr()),  # type: ignore[arg-type]
         cache_logger_on_first_use=True,
     )
-    handler = logging.StreamHandler(sys.stderr)
+    handler = logging.StreamHandler(_CurrentStderr())
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(foreign_pre_chain=shared, processor=renderer)
     )
