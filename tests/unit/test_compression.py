@@ -43,13 +43,16 @@ from schemas import (
     model_id_of,
 )
 from schemas.encodings import (
+    MAX_SCALE,
     Quantized,
     Sparse,
     decode_encoded,
     decode_varints,
     encode_encoded,
     encode_varints,
+    float16_into,
     to_dense,
+    value_problem,
 )
 
 PROPERTY = settings(
@@ -359,6 +362,41 @@ def test_varints_round_trip_any_value_below_2_to_35(gaps):
         assert len(encode_varints(np.array([value], dtype=np.uint64))) == length
 
 
+@PROPERTY
+@given(
+    gaps=st.lists(st.integers(0, 2**14 - 1) | st.integers(0, 127), min_size=1, max_size=60),
+    longer=st.booleans(),
+)
+def test_varints_of_one_and_two_bytes_decode_like_the_general_path(gaps, longer):
+    # gaps below 2**14 take the two-byte path; one longer gap sends all to the general one
+    values = [*gaps, 2**20] if longer else gaps
+    data = encode_varints(np.array(values, dtype=np.uint64))
+    assert decode_varints(data, len(values), "index").tolist() == values
+
+
+@pytest.mark.parametrize(
+    "data, count, words",
+    [
+        (b"\x81\x00", 1, None),  # overlong 1: accepted, fits in 5 bytes
+        (b"\x80\x80\x00", 1, None),  # overlong 0 in three bytes
+        (b"\x05\x81\x00\x80\x01", 3, None),  # 5, 1, 128
+        (b"\x05\x81", 2, "exactly 2"),  # cut inside the last varint
+        (b"\x81\x80\x80\x80\x80\x00", 1, "longer than 5"),
+        (b"\x05\x06", 1, "exactly 1"),
+        (b"\x85", 1, "exactly 1"),
+        (b"\x00\x85\x01", 1, "exactly 1"),
+        (b"\x80", 0, "exactly 0"),
+    ],
+)
+def test_varint_decoding_checks_every_boundary(data, count, words):
+    if words is None:
+        expected = {b"\x81\x00": [1], b"\x80\x80\x00": [0]}.get(data, [5, 1, 128])
+        assert decode_varints(data, count, "index").tolist() == expected
+    else:
+        with pytest.raises(SchemaError, match=words):
+            decode_varints(data, count, "index")
+
+
 def test_varint_of_2_to_35_cannot_be_written():
     with pytest.raises(ValueError):
         encode_varints(np.array([2**35], dtype=np.uint64))
@@ -509,6 +547,63 @@ def test_weighted_sum_of_a_quantized_tensor_larger_than_its_buffer(chunk):
     total = WeightedSum({"w": (size,)})
     total.add({"w": wire_round_trip(q, max_elements=size)}, 3)
     assert np.array_equal(total.sums["w"], (to_dense(q) * np.float32(3)).astype(np.float64))
+
+
+@PROPERTY
+@given(
+    size=st.integers(1, 3000),
+    chunk=st.integers(1, 700),
+    window=st.tuples(st.integers(0, 3000), st.integers(0, 3000)),
+    bits=st.sampled_from([8, 4]),
+)
+def test_dequantizing_any_window_equals_the_per_element_formula(size, chunk, window, bits):
+    rng = np.random.default_rng(size * 7 + chunk)
+    limit = (1 << (bits - 1)) - 1
+    q = Quantized(
+        shape=(size,), bits=bits, chunk=chunk,
+        scales=rng.uniform(0, 2, -(-size // chunk)).astype(np.float32),
+        codes=rng.integers(-limit, limit + 1, size).astype(np.int8),
+    )  # fmt: skip
+    start, stop = sorted(min(x, size) for x in window)
+    reference = q.codes.astype(np.float32) * np.repeat(q.scales, chunk)[:size]
+    out = q.dequantize_into(np.full(stop - start, np.nan, np.float32), start)
+    assert np.array_equal(bits_of(out), bits_of(reference[start:stop]))
+    assert np.array_equal(bits_of(q.dequantize()), bits_of(reference))
+
+
+def test_float16_table_converts_every_bit_pattern_exactly():
+    every = np.arange(1 << 16, dtype=np.uint16).view(np.float16)
+    out = float16_into(every, np.empty(every.size, np.float32))
+    assert np.array_equal(bits_of(out), bits_of(every.astype(np.float32)))
+
+
+@pytest.mark.parametrize(
+    "value, problem",
+    [(np.inf, "non_finite"), (-np.inf, "non_finite"), (np.nan, "non_finite"),
+     (65504.0, None), (-65504.0, None), (-0.0, None), (6e-8, None)],
+)  # fmt: skip
+def test_float16_values_are_checked_by_their_bits(value, problem):
+    values = np.array([0.5, value, -1.0], dtype=np.float16)
+    assert value_problem(values) == problem
+    assert value_problem(Sparse(shape=(9,), indices=np.array([0, 4, 8]), values=values)) == problem
+
+
+@pytest.mark.parametrize(
+    "scales, ok",
+    [([0.0, -0.0, 1.0], True), ([np.float32(MAX_SCALE)], True),
+     ([np.nextafter(np.float32(MAX_SCALE), np.float32(np.inf))], False),
+     ([-1e-30], False), ([np.nan], False), ([np.inf], False)],
+)  # fmt: skip
+def test_scales_are_checked_exactly_at_the_edges_of_the_fast_path(scales, ok):
+    wire = encode_encoded(
+        Quantized(shape=(len(scales),), bits=8, chunk=1,
+                  scales=np.array(scales, np.float32), codes=np.ones(len(scales), np.int8))
+    )  # fmt: skip
+    if ok:
+        assert decode_encoded(wire, "delta.t", max_elements=10).scales.size == len(scales)
+    else:
+        with pytest.raises(SchemaError, match="scales"):
+            decode_encoded(wire, "delta.t", max_elements=10)
 
 
 MODEL = get_model("digits-mlp")
