@@ -2,9 +2,10 @@
 
 A tensor map without ``"enc"`` is dense (``schemas.tensors``). Two more forms exist:
 
-- ``{"enc": "quant", "shape", "bits": 8|4, "chunk", "scales": bin <f4, "data": bin}``:
+- ``{"enc": "quant", "shape", "bits": 8|4|1, "chunk", "scales": bin <f4, "data": bin}``:
   value = code * scales[i // chunk]; codes are signed, stored offset by 2**(bits-1)
-  (8 bits: one byte each; 4 bits: two per byte, the first element in the low nibble).
+  (8 bits: one byte each; 4 bits: two per byte, the first element in the low nibble);
+  1 bit: code +1 (bit set) or -1 (clear), eight per byte, the first in the lowest bit.
 - ``{"enc": "sparse", "shape", "count": k, "index": bin, ...values}``: k elements of the
   flattened tensor at strictly increasing positions; ``index`` holds the gaps between
   positions (the first one from 0) as unsigned LEB128 varints; all other elements are 0.
@@ -28,7 +29,7 @@ import numpy as np
 from schemas.errors import SchemaError
 from schemas.tensors import decode_tensor, encode_tensor, squared_norm
 
-QUANT_BITS = (8, 4)
+QUANT_BITS = (8, 4, 1)
 # Largest magnitude a delta value may have. Weighted by up to 2**24 examples in float32
 # and summed over a round in float64 it stays finite with room to spare, so one accepted
 # update can never turn the global model into Inf. Real deltas are many orders smaller.
@@ -41,6 +42,13 @@ MAX_VARINT_BYTES = 5  # positions < 2**35, far above any tensor we accept
 _TIMES_IF_CONTINUED = np.where(np.arange(256) >= 0x80, 128, 1).astype(np.int64)
 _LOW_BITS_IF_CONTINUED = np.where(np.arange(256) >= 0x80, np.arange(256) & 0x7F, 0)
 _LOW_BITS_IF_CONTINUED = _LOW_BITS_IF_CONTINUED.astype(np.int64)
+# The eight 1-bit codes (bit set: +1, clear: -1) of each byte value, lowest bit first,
+# as one int64 per byte.
+_SIGN_OCTETS = (
+    np.array([[1 if b >> i & 1 else -1 for i in range(8)] for b in range(256)], dtype=np.int8)
+    .view(np.int64)
+    .reshape(-1)
+)
 # The two signed 4-bit codes of each byte value, low nibble first (stored offset by 8),
 # as one int16 per byte so that unpacking is a single np.take.
 _NIBBLE_PAIRS = (
@@ -58,7 +66,7 @@ class Quantized:
     bits: int
     chunk: int
     scales: np.ndarray  # float32, one per chunk
-    codes: np.ndarray  # int8 in [-(2**(bits-1)-1), 2**(bits-1)-1], one per element
+    codes: np.ndarray  # int8 in [-(2**(bits-1)-1), 2**(bits-1)-1] (1 bit: -1 or +1), one each
 
     @property
     def size(self) -> int:
@@ -193,6 +201,8 @@ def decode_varints(data: bytes, count: int, field: str) -> np.ndarray:
 
 
 def _pack_codes(codes: np.ndarray, bits: int) -> bytes:
+    if bits == 1:  # bit set for +1, first element in the lowest bit
+        return np.packbits(codes > 0, bitorder="little").tobytes()
     offset = (codes.astype(np.int16) + (1 << (bits - 1))).astype(np.uint8)
     if bits == 8:
         return offset.tobytes()
@@ -286,10 +296,15 @@ def _decode_quantized(
     ):
         raise SchemaError("non_finite", f"{field}.scales must be in [0, {MAX_SCALE:g}]")
     data = _bin(obj, "data", field)
-    needed = count if bits == 8 else -(-count // 2)
+    needed = -(-count * bits // 8)
     if len(data) != needed:
         raise SchemaError("bad_shape", f"{field}.data holds {len(data)} bytes, needs {needed}")
     raw = np.frombuffer(data, dtype=np.uint8)
+    if bits == 1:  # every bit pattern is valid: +1 or -1
+        return Quantized(
+            shape=shape, bits=bits, chunk=chunk, scales=scales,
+            codes=np.take(_SIGN_OCTETS, raw).view(np.int8)[:count],
+        )  # fmt: skip
     if bits == 8:
         codes = (raw ^ 0x80).view(np.int8)  # stored c + 128: flipping the top bit gives c
     else:

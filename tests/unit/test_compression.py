@@ -26,6 +26,7 @@ from fedmq.compression.transforms import (
     compress_tree,
     error_feedback_init,
     quantize_values,
+    sign_values,
 )
 from fedmq.models import get_model
 from node import residual
@@ -63,7 +64,7 @@ PROPERTY = settings(
 
 # Every pipeline the grammar allows, as (Pipeline, canonical SPEC).
 FRACTIONS = {0.1: "0.1", 0.5: "0.5", 1.0: "1"}
-VALUE_CODINGS = (None, "fp16", "int8", "int4")
+VALUE_CODINGS = (None, "fp16", "int8", "int4", "sign")
 ALL_PIPELINES = [
     Pipeline(top_k=top, values=values, error_feedback=ef, zlib=packed)
     for top in (None, *FRACTIONS)
@@ -137,6 +138,7 @@ def test_every_spec_parses_in_any_order_and_prints_canonically(top, values, ef, 
         ("topk:.5+fp16:", "topk:0.5+fp16"),
         ("topk:1e-2+int8", "topk:0.01+int8"),
         ("zlib+ef+int4+topk:0.020", "topk:0.02+int4+ef+zlib"),
+        ("zlib+ef+sign+topk:0.035", "topk:0.035+sign+ef+zlib"),
     ],
 )
 def test_spec_spellings_print_as_the_canonical_spec(text, spec):
@@ -196,6 +198,22 @@ def test_a_spec_sparse_map_packs_to_the_documented_bytes():
     assert wire[0] == 0x86 and wire.endswith(bytes.fromhex("c4 08 00 00 80 3f 00 00 fe c1"))
 
 
+def test_a_sign_sparse_map_packs_to_the_documented_bytes():
+    """docs/PROTOCOL.md 12.7, the second example: one-bit values."""
+    x = np.zeros((4, 3), np.float32)
+    x.reshape(-1)[[0, 1, 11]] = [0.25, -0.125, 0.1875]  # mean magnitude 0.1875
+    encoded, _ = parse_spec("topk:0.25+sign").compress({"x": x}, np.random.default_rng(0), None)
+    packed = msgpack.packb(encode_encoded(encoded["x"]), use_bin_type=True)
+    assert packed.hex(" ") == (
+        "88 a3 65 6e 63 a6 73 70 61 72 73 65 a5 73 68 61 70 65 92 04 03 a5 63 6f 75 6e 74 03 "
+        "a5 69 6e 64 65 78 c4 03 00 01 0a a4 62 69 74 73 01 a5 63 68 75 6e 6b cd 01 00 a6 73 63 "
+        "61 6c 65 73 c4 04 00 00 40 3e a4 64 61 74 61 c4 01 05"
+    )
+    assert to_dense(wire_round_trip(encoded["x"])).reshape(-1)[[0, 1, 11]].tolist() == [
+        0.1875, -0.1875, 0.1875,
+    ]  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("text", "problem"),
     [
@@ -214,8 +232,10 @@ def test_a_spec_sparse_map_packs_to_the_documented_bytes():
         ("topk:0.5:1", "topk needs a fraction"),
         ("topk:nan", "topk needs a fraction"),
         ("topk:inf", "topk needs a fraction"),
-        ("int8+fp16", "choose one of fp16, int8, int4"),
-        ("topk:0.1+fp16+int4", "choose one of fp16, int8, int4"),
+        ("int8+fp16", "choose one of fp16, int8, int4, sign"),
+        ("topk:0.1+fp16+int4", "choose one of fp16, int8, int4, sign"),
+        ("sign+int4", "choose one of fp16, int8, int4, sign"),
+        ("sign:1", "unknown stage 'sign:1'"),
         ("ef+ef", "stage 'ef' appears twice"),
         ("zlib+int8+zlib", "stage 'zlib' appears twice"),
         ("int8+int8", "stage 'int8' appears twice"),
@@ -282,6 +302,15 @@ def check_error_bound(pipeline: Pipeline, x: np.ndarray, sent: Any) -> None:
         got = values.reshape(-1).astype(np.float32)
         assert np.array_equal(got, kept.astype(np.float16).astype(np.float32))
         assert (np.abs(got - kept) <= np.maximum(np.abs(kept) * 2.0**-11, 2.0**-25)).all()
+    elif pipeline.values == "sign":
+        assert isinstance(values, Quantized) and values.bits == 1
+        assert values.size == kept.size
+        assert np.array_equal(values.codes, np.where(kept >= 0, 1, -1))
+        means = [
+            np.abs(kept[i : i + values.chunk]).mean(dtype=np.float64)
+            for i in range(0, kept.size, values.chunk)
+        ]
+        np.testing.assert_allclose(values.scales, means, rtol=1e-5, atol=0)
     else:
         bits = int(pipeline.values[3])
         limit = 2 ** (bits - 1) - 1
@@ -705,6 +734,8 @@ REJECTIONS = [
     ("fp16", "fp16", "dense", "wrong_encoding"),
     ("int4+zlib", "int4+zlib", "int8", "wrong_encoding"),
     ("int8", "int8", "topk:1+int8", "wrong_encoding"),
+    ("topk:0.1+sign+ef", "topk:0.1+sign+ef", "topk:0.1+int4+ef", "wrong_encoding"),
+    ("topk:0.1+int4+ef", "topk:0.1+int4+ef", "topk:0.1+sign+ef", "wrong_encoding"),
 ]
 
 
@@ -767,7 +798,7 @@ POSITIONS = [0, 3, 7, 19]
 
 
 def sparse_wire(values: str) -> dict[str, Any]:
-    """A valid sparse map over SHAPE with values '<f4', '<f2', 'int8' or 'int4'."""
+    """A valid sparse map over SHAPE with values '<f4', '<f2', 'int8', 'int4' or 'sign'."""
     x = np.zeros(20, np.float32)
     x[POSITIONS] = [0.5, -1.0, 0.25, 2.0]
     sent = Sparse(shape=SHAPE, indices=np.array(POSITIONS, np.int64), values=x[POSITIONS])
@@ -776,11 +807,15 @@ def sparse_wire(values: str) -> dict[str, Any]:
     elif values.startswith("int"):
         q = quantize_values(x[POSITIONS], int(values[3]), 3, np.random.default_rng(0))
         sent = Sparse(shape=SHAPE, indices=sent.indices, values=q)
+    elif values == "sign":
+        sent = Sparse(shape=SHAPE, indices=sent.indices, values=sign_values(x[POSITIONS], 3))
     return encode_encoded(sent)
 
 
 def quant_wire(bits: int, size: int = 11, chunk: int = 4) -> dict[str, Any]:
     x = np.random.default_rng(1).normal(0, 1, size).astype(np.float32)
+    if bits == 1:
+        return encode_encoded(sign_values(x, chunk))
     return encode_encoded(quantize_values(x, bits, chunk, np.random.default_rng(2)))
 
 
@@ -789,10 +824,10 @@ def decode(obj: Any) -> Any:
 
 
 def test_the_hostile_samples_start_out_valid():
-    for values in ("<f4", "<f2", "int8", "int4"):
+    for values in ("<f4", "<f2", "int8", "int4", "sign"):
         decoded = decode(sparse_wire(values))
         assert isinstance(decoded, Sparse) and decoded.indices.tolist() == POSITIONS
-    for bits in (8, 4):
+    for bits in (8, 4, 1):
         assert isinstance(decode(quant_wire(bits)), Quantized)
 
 
@@ -837,6 +872,11 @@ HOSTILE = [  # (wire map, reason, words in the error)
     (changed(sparse_wire("int4"), data=b"\x88" * 3), "bad_shape", "needs 2"),
     (changed(sparse_wire("int8"), scales=b"\0" * 4), "bad_shape", "needs 8"),
     (changed(sparse_wire("int8"), bits=2), "bad_field", "bits is 2"),
+    (changed(sparse_wire("sign"), data=b""), "bad_shape", "needs 1"),
+    (changed(sparse_wire("sign"), data=b"\x0f\x00"), "bad_shape", "needs 1"),
+    (changed(sparse_wire("sign"), scales=b"\0" * 4), "bad_shape", "needs 8"),
+    (changed(quant_wire(1), data=b"\xff"), "bad_shape", "needs 2"),
+    (changed(quant_wire(1), scales=np.array([1, -1, 1], "<f4").tobytes()), "non_finite", "scales"),
     # quantized
     (changed(quant_wire(8), data=quant_wire(8)["data"][:-1]), "bad_shape", "needs 11"),
     (changed(quant_wire(4), data=quant_wire(4)["data"] + b"\x88"), "bad_shape", "needs 6"),
@@ -953,7 +993,9 @@ INTS = st.integers(-3, 300) | st.sampled_from([2**31, 2**35, 2**63 - 1, 1 << 20]
 @st.composite
 def mutated_wires(draw: st.DrawFn) -> dict[str, Any]:
     """A valid sparse or quantized wire map with one to three fields broken."""
-    kind = draw(st.sampled_from(["<f4", "<f2", "int8", "int4", "quant8", "quant4"]))
+    kind = draw(
+        st.sampled_from(["<f4", "<f2", "int8", "int4", "sign", "quant8", "quant4", "quant1"])
+    )
     obj = quant_wire(int(kind[5])) if kind.startswith("quant") else sparse_wire(kind)
     for _ in range(draw(st.integers(1, 3))):
         key = draw(st.sampled_from([*sorted(obj), "bits", "dtype", "chunk", "scales", "enc"]))
@@ -1133,7 +1175,7 @@ def test_an_unreadable_residual_loads_as_none(tmp_path, spoil):
 
 def test_all_pipelines_are_distinct_and_named_canonically():
     names = [str(p) for p in ALL_PIPELINES]
-    assert len(set(names)) == len(ALL_PIPELINES) == 64
+    assert len(set(names)) == len(ALL_PIPELINES) == 80  # 4 x 5 x 2 x 2
     for pipeline, (top, values, ef, packed) in zip(
         ALL_PIPELINES,
         itertools.product((None, *FRACTIONS), VALUE_CODINGS, (False, True), (False, True)),
