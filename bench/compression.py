@@ -34,8 +34,8 @@ from schemas import NodeUpdate, decode_update, encode
 
 PIPELINES = [
     "dense", "fp16", "int8", "int4", "topk:0.1+ef", "topk:0.01+ef", "topk:0.01+int8+ef",
-    "topk:0.02+int4+ef+zlib", "topk:0.025+int4+ef", "topk:0.025+int4+ef+zlib",
-    "topk:0.03+int4+ef+zlib",
+    "topk:0.02+int4+ef", "topk:0.025+int4+ef+zlib", "topk:0.035+sign+ef",
+    "topk:0.035+sign+ef+zlib",
 ]  # fmt: skip
 
 
