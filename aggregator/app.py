@@ -1,4 +1,11 @@
-"""The aggregator process: config in, MQTT loop around ``Aggregator``, report out."""
+"""The aggregator process: config in, MQTT loop around ``Aggregator``, report out.
+
+Crash safety lives here at the edge: the process resumes from its state directory
+(checkpoint + journal of the open round), uses a persistent MQTT session so the broker
+queues updates while it is away, and acknowledges each update (PUBACK) only after the
+journal holding it was fsynced, once per batch of messages (group commit). An update
+that was not yet acknowledged when the process died is redelivered by the broker.
+"""
 
 import queue
 import threading
@@ -7,14 +14,16 @@ from pathlib import Path
 
 import structlog
 
+from aggregator.checkpoint import CheckpointError, StateDir, fingerprint_mismatch
 from aggregator.rounds import RoundPolicy
 from aggregator.server import Aggregator, Publish, RoundSettings, dense_update_bound
+from broker.sys_topics import DROPPED, parse_counter
 from fedmq import mqtt as edge
 from fedmq.compression import parse_spec
 from fedmq.datasets import Dataset, digits, load_npz
 from fedmq.models import get_model
 from fedmq.report import build_report, write_report
-from schemas import ServerStatus, Topics, TrainingPlan, encode
+from schemas import SchemaError, ServerStatus, Topics, TrainingPlan, decode_status, encode
 
 log = structlog.get_logger()
 
@@ -36,6 +45,10 @@ class AggregatorConfig:
     test_data: str | None = "digits"  # "digits", a path to an .npz, or None
     max_update_bytes: int | None = None
     report: Path | None = None
+    state_dir: Path | None = None  # None: keep nothing on disk (no crash recovery)
+    fresh: bool = False  # discard a run kept in state_dir
+    node_ids: tuple[str, ...] | None = None  # the fleet; None: any well-formed node id
+    sample_fraction: float = 1.0  # of the nodes asked to train each round
 
 
 def load_test_set(spec: str | None) -> Dataset | None:
@@ -46,7 +59,9 @@ def load_test_set(spec: str | None) -> Dataset | None:
     return load_npz(Path(spec))
 
 
-def build_aggregator(config: AggregatorConfig, publish: Publish) -> Aggregator:
+def build_aggregator(
+    config: AggregatorConfig, publish: Publish, store: StateDir | None = None
+) -> Aggregator:
     model = get_model(config.model)
     settings = RoundSettings(
         federation=config.federation,
@@ -57,6 +72,7 @@ def build_aggregator(config: AggregatorConfig, publish: Publish) -> Aggregator:
             expected_nodes=config.nodes,
             min_nodes=config.min_nodes if config.min_nodes is not None else config.nodes,
             deadline_seconds=config.round_timeout,
+            sample_fraction=config.sample_fraction,
         ),
         plan=TrainingPlan(
             learning_rate=config.learning_rate,
@@ -66,10 +82,46 @@ def build_aggregator(config: AggregatorConfig, publish: Publish) -> Aggregator:
             compression=str(parse_spec(config.compression)),
         ),
         max_update_bytes=config.max_update_bytes or dense_update_bound(model),
+        known_nodes=frozenset(config.node_ids) if config.node_ids is not None else None,
     )
     return Aggregator(
-        settings, model.init(config.seed), publish=publish, test=load_test_set(config.test_data)
+        settings,
+        model.init(config.seed),
+        publish=publish,
+        test=load_test_set(config.test_data),
+        store=store,
     )
+
+
+def note_presence(aggregator: Aggregator, node_id: str, payload: bytes) -> None:
+    """A node's retained status or last will: online unless it says offline (or was
+    cleared); an unreadable status is ignored."""
+    if not payload:
+        aggregator.note_presence(node_id, False)
+        return
+    try:
+        status = decode_status(payload)
+    except SchemaError:
+        return
+    aggregator.note_presence(node_id, status.state != "offline")
+
+
+def resume_or_start(aggregator: Aggregator, store: StateDir | None) -> bool:
+    """Restore the run kept in ``store`` if there is one (True); else False (a new run).
+
+    Raises CheckpointError if the directory holds another run's state."""
+    checkpoint = store.load() if store is not None else None
+    if store is None or checkpoint is None:
+        return False
+    problem = fingerprint_mismatch(checkpoint.fingerprint, aggregator.settings.fingerprint)
+    if problem is not None:
+        raise CheckpointError(
+            f"{store.directory} holds another run ({problem}): "
+            "use another --state-dir or remove it to start afresh"
+        )
+    store.open_journal(checkpoint.round)
+    aggregator.resume(checkpoint, store.journal_records(checkpoint.round))
+    return True
 
 
 def run(config: AggregatorConfig, stop: threading.Event) -> int:
@@ -85,40 +137,68 @@ def run(config: AggregatorConfig, stop: threading.Event) -> int:
         min_nodes=config.min_nodes or config.nodes,
         reported=0,
     )
+    structlog.contextvars.bind_contextvars(federation=config.federation, role="aggregator")
+    store = StateDir(config.state_dir) if config.state_dir is not None else None
+    if store is not None and config.fresh:
+        store.clear()
     client = edge.make_client(
         edge.make_client_id(config.federation, "aggregator"),
-        subscriptions=[(topics.all_updates, 1)],
+        subscriptions=[(topics.all_updates, 1), (topics.all_status, 1), (DROPPED, 0)],
         will=(topics.server, encode(offline)),
         inbox=inbox,
         ready=ready,
+        persistent=store is not None,  # the broker queues updates while we restart
+        manual_ack=True,
     )
     outbox = edge.Outbox(client)
 
     def publish(topic: str, payload: bytes, retain: bool) -> None:
         outbox.publish(topic, payload, retain=retain)
 
-    aggregator = build_aggregator(config, publish)
-    structlog.contextvars.bind_contextvars(federation=config.federation, role="aggregator")
+    aggregator = build_aggregator(config, publish, store)
+    try:
+        resumed = resume_or_start(aggregator, store)
+    except CheckpointError as error:
+        log.error("aggregator.cannot_resume", reason=str(error))
+        return 2
     edge.start(client, config.broker)
     while not ready.wait(0.2):
         if stop.is_set():
             edge.stop(client)
             return 130
-    aggregator.start()
+    if resumed:
+        aggregator.republish()
+        aggregator.tick()  # the journal may already hold the whole round
+    else:
+        aggregator.start()
     connects = 0
     while not aggregator.done and not stop.is_set():
         timeout = aggregator.timeout()
         try:
-            received = inbox.get(timeout=0.5 if timeout is None else min(timeout, 0.5))
+            first = inbox.get(timeout=0.5 if timeout is None else min(timeout, 0.5))
         except queue.Empty:
             aggregator.tick()
             continue
-        if received.topic == edge.CONNECTED:
-            connects += 1
-            if connects > 1:  # a reconnect, not the connect that preceded start()
-                aggregator.republish()
-        else:
-            aggregator.handle(received.topic, received.payload)
+        batch = edge.drain(inbox, first, limit=4096)
+        for received in batch:
+            if received.topic == edge.CONNECTED:
+                connects += 1
+                if connects > 1:  # a reconnect, not the connect that preceded start()
+                    aggregator.republish()
+            elif received.topic.startswith(topics.prefix + "/status/"):
+                node_id = topics.node_of(received.topic)
+                if node_id is not None:
+                    note_presence(aggregator, node_id, received.payload)
+            elif received.topic == DROPPED:
+                count = parse_counter(received.payload)
+                if count is not None:
+                    aggregator.note_broker_dropped(count)
+            else:
+                aggregator.handle(received.topic, received.payload)
+        if store is not None:
+            store.sync()  # group commit: one fsync for the batch, before its PUBACKs
+        for received in batch:
+            edge.acknowledge(client, received)
     if config.report is not None:
         write_report(
             config.report,
@@ -126,8 +206,12 @@ def run(config: AggregatorConfig, stop: threading.Event) -> int:
         )
     if not aggregator.done:
         publish(topics.server, encode(aggregator.server_status("offline")), True)
+    else:  # the run is over: let the broker stop queueing updates for this session
+        client.unsubscribe([topics.all_updates, topics.all_status])
     if not outbox.flush(timeout=10):
         log.warning("aggregator.unacknowledged", messages=outbox.unacknowledged)
     edge.stop(client)
+    if store is not None:
+        store.close()
     log.info("aggregator.finished", rounds=len(aggregator.history), stopped=stop.is_set())
     return 0 if aggregator.done else 130

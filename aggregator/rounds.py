@@ -1,6 +1,11 @@
-"""The round lifecycle as an explicit policy and a pure "is the round ready?" function."""
+"""The round lifecycle as an explicit policy and pure functions: who is asked to train
+(``select_nodes``) and whether the round is ready to close (``close_reason``)."""
 
+import math
+from collections.abc import Iterable
 from dataclasses import dataclass
+
+import numpy as np
 
 
 @dataclass(frozen=True)
@@ -11,11 +16,16 @@ class RoundPolicy:
     ``deadline_seconds`` have passed since it opened if at least ``min_nodes`` have
     reported. With fewer than ``min_nodes`` at the deadline the round stays open (it is
     extended) until the minimum is reached. ``deadline_seconds=None`` waits for everyone.
+
+    With ``sample_fraction`` below 1 each round asks only a seeded sample of the nodes
+    (``select_nodes``); the round then expects the sampled nodes, and ``min_nodes`` is
+    capped at their number.
     """
 
     expected_nodes: int
     min_nodes: int
     deadline_seconds: float | None = None
+    sample_fraction: float = 1.0
 
     def __post_init__(self) -> None:
         if self.expected_nodes < 1:
@@ -24,15 +34,44 @@ class RoundPolicy:
             raise ValueError("min_nodes must be between 1 and expected_nodes")
         if self.deadline_seconds is not None and not 0 < self.deadline_seconds < float("inf"):
             raise ValueError("deadline_seconds must be a positive number of seconds")
+        if not 0 < self.sample_fraction <= 1:
+            raise ValueError("sample_fraction must be in (0, 1]")
 
 
-def close_reason(policy: RoundPolicy, *, reported: int, opened_at: float, now: float) -> str | None:
-    """``"all_reported"``, ``"deadline"`` or None (keep the round open)."""
-    if reported >= policy.expected_nodes:
+def select_nodes(
+    population: Iterable[str], *, fraction: float, seed: int, round: int
+) -> tuple[str, ...] | None:
+    """The nodes asked to train in ``round``, sorted; None asks every node.
+
+    ``ceil(fraction * N)`` of the N candidate nodes (at least one), drawn without
+    replacement by a generator seeded with (seed, round): the same candidates give the
+    same selection in every run and after a restart. With no candidates known yet, or
+    ``fraction`` 1, nobody is left out (None)."""
+    pool = sorted(set(population))
+    if fraction >= 1 or not pool:
+        return None
+    count = min(len(pool), max(1, math.ceil(fraction * len(pool))))
+    chosen = np.random.default_rng([seed, round]).choice(len(pool), size=count, replace=False)
+    return tuple(sorted(pool[i] for i in chosen))
+
+
+def close_reason(
+    policy: RoundPolicy,
+    *,
+    reported: int,
+    opened_at: float,
+    now: float,
+    selected: int | None = None,
+) -> str | None:
+    """``"all_reported"``, ``"deadline"`` or None (keep the round open).
+
+    ``selected``: how many nodes this round sampled (None: no sampling)."""
+    expected = policy.expected_nodes if selected is None else selected
+    if reported >= expected:
         return "all_reported"
     if (
         policy.deadline_seconds is not None
-        and reported >= policy.min_nodes
+        and reported >= min(policy.min_nodes, expected)
         and now - opened_at >= policy.deadline_seconds
     ):
         return "deadline"

@@ -4,6 +4,13 @@
 deadline has passed. Both publish through the ``publish`` callable they were given, so the
 whole lifecycle is testable without a broker, and the MQTT edge (``aggregator.app``)
 stays a thin loop.
+
+Durability goes through the optional ``store`` (``aggregator.checkpoint.StateDir``):
+every accepted update is appended to the open round's journal, and every round opened is
+checkpointed before its global model is published, so ``resume`` can rebuild the exact
+state after a crash. Accepted updates are summed when the round closes, in node-id order,
+so the new model does not depend on the order updates arrived in: a crashed-and-resumed
+run gives bitwise the same model as an uninterrupted one.
 """
 
 import statistics
@@ -11,13 +18,15 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 import structlog
 
+from aggregator.checkpoint import Checkpoint
 from aggregator.evaluate import evaluate
 from aggregator.fedavg import WeightedSum, apply_mean_delta
-from aggregator.rounds import RoundPolicy, close_reason, seconds_until_check
+from aggregator.rounds import RoundPolicy, close_reason, seconds_until_check, select_nodes
 from fedmq.compression import Pipeline, parse_spec
 from fedmq.datasets import Dataset
 from fedmq.models import MLP
@@ -29,11 +38,14 @@ from schemas import (
     ServerStatus,
     Topics,
     TrainingPlan,
+    decode_global,
+    decode_metrics,
     decode_update,
     encode,
     make_global_delta,
     model_id_of,
 )
+from schemas.messages import update_bound
 
 log = structlog.get_logger()
 
@@ -53,16 +65,38 @@ class RoundSettings:
     policy: RoundPolicy
     plan: TrainingPlan  # plan.compression is the SPEC every update must follow
     max_update_bytes: int
+    # The fleet's node ids: updates from others are rejected (unknown_node), and rounds
+    # sample from them. None: any node id; sampling draws from the nodes present.
+    known_nodes: frozenset[str] | None = None
 
     @property
     def pipeline(self) -> Pipeline:
         return parse_spec(self.plan.compression)
 
+    @property
+    def fingerprint(self) -> dict[str, Any]:
+        """What a run must keep across restarts (rounds and the round policy may change)."""
+        plan = self.plan
+        return {
+            "federation": self.federation,
+            "model": self.model_name,
+            "plan": [plan.learning_rate, plan.batch_size, plan.local_epochs, plan.seed],
+            "compression": plan.compression,
+        }
+
+
+class Store(Protocol):
+    """Where the aggregator makes its state durable (``aggregator.checkpoint.StateDir``)."""
+
+    def save(self, checkpoint: Checkpoint) -> None: ...
+
+    def append(self, topic: str, payload: bytes) -> None: ...
+
 
 def dense_update_bound(model: MLP) -> int:
-    """Largest dense update the aggregator accepts: the float32 numbers plus 64 KiB of
-    headroom for headers. Checked before msgpack is even parsed."""
-    return 4 * model.num_params + 64 * 1024
+    """Largest update the aggregator accepts (``schemas.messages.update_bound``).
+    Checked before msgpack is even parsed."""
+    return update_bound(model.num_params)
 
 
 class Aggregator:
@@ -75,8 +109,10 @@ class Aggregator:
         test: Dataset | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        store: Store | None = None,
     ) -> None:
         self.settings = settings
+        self._store = store
         self._pipeline = settings.pipeline
         self.topics = Topics(settings.federation)
         self._publish = publish
@@ -94,6 +130,13 @@ class Aggregator:
         self._global_payload = b""
         self._delta_payload: bytes | None = None
         self._status_published_at = float("-inf")
+        self._delta_bytes: int | None = None
+        self._dropped_reading: int | None = None  # latest $SYS dropped counter seen
+        self._dropped_in_round: int | None = None  # None until the broker told us
+        self._accepted: dict[str, NodeUpdate] = {}
+        self._reporters: list[str] = []
+        self._present: dict[str, bool] = {}  # node id -> online, from retained status
+        self._selected: tuple[str, ...] | None = None  # of the open round
         self._reset_round()
 
     # ------------------------------------------------------------------ lifecycle
@@ -102,9 +145,57 @@ class Aggregator:
         """Publish the initial global model, which opens round 1."""
         self._open_round(1)
 
+    def resume(self, checkpoint: Checkpoint, journal: list[tuple[str, bytes]]) -> None:
+        """Carry on from ``checkpoint`` (the state when its round opened) and the updates
+        that round's journal holds. Publishes nothing: call ``republish`` once connected
+        (and ``tick``, in case the journal completed the round)."""
+        model = decode_global(checkpoint.global_payload)
+        self.params = {name: np.array(array) for name, array in model.params.items()}
+        self.model_id = model.model_id
+        self.round = model.round
+        self.done = model.final
+        self.history = [decode_metrics(item) for item in checkpoint.history]
+        self._global_payload = checkpoint.global_payload
+        self._global_bytes = len(checkpoint.global_payload)
+        self._delta_payload = checkpoint.delta_payload
+        self._delta_bytes = checkpoint.delta_bytes
+        self._selected = model.selected
+        self._reporters = list(checkpoint.previous_reporters)
+        self._reset_round()
+        for topic, payload in journal:
+            self._ingest(topic, payload, journal=False)
+        log.info(
+            "aggregator.resumed",
+            round=self.round,
+            model_id=self.model_id,
+            replayed=len(self._accepted),
+            done=self.done,
+        )
+
+    def note_presence(self, node_id: str, online: bool) -> None:
+        """A node's retained status (its last will says offline): candidates for sampling."""
+        self._present[node_id] = online
+
+    def note_broker_dropped(self, count: int) -> None:
+        """The broker's ``$SYS/.../messages/dropped`` counter, read whenever it is published.
+
+        The counter starts again from 0 when the broker restarts: a reading below the
+        last one counts in full."""
+        last, self._dropped_reading = self._dropped_reading, count
+        if last is None:  # first reading: count from here
+            self._dropped_in_round = self._dropped_in_round or 0
+            return
+        self._dropped_in_round = (self._dropped_in_round or 0) + (
+            count - last if count >= last else count
+        )
+
     def republish(self) -> None:
         """Publish the open round's global model and server status again (after a
-        reconnect: a restarted broker without persistence has forgotten them)."""
+        reconnect or a restart: the broker or the nodes may have missed them), and the
+        last closed round's metrics (a crash may have come before they went out:
+        metrics are at-least-once, consumers keep one per round)."""
+        if self.history:
+            self._publish(self.topics.metrics, encode(self.history[-1]), False)
         if self.round >= 1:
             if self._delta_payload is not None:  # nodes following compact forms see this
                 self._publish(self.topics.global_delta, self._delta_payload, False)
@@ -124,15 +215,28 @@ class Aggregator:
             return
         reason = close_reason(
             self.settings.policy,
-            reported=self._sum.count,
+            reported=self.reported,
             opened_at=self._opened_at,
             now=self._clock(),
+            selected=None if self._selected is None else len(self._selected),
         )
         if reason is not None:
             self._close_round(reason)
 
     def handle(self, topic: str, payload: bytes) -> None:
-        """Validate one update; accept it into the running sum or reject it with a reason."""
+        """Validate one update; accept it (journaled) or reject it with a reason."""
+        self._ingest(topic, payload, journal=True)
+        self.tick()
+        if not self.done and self._clock() - self._status_published_at >= STATUS_INTERVAL:
+            self._publish_server_status()  # progress toward the quorum, for monitors
+
+    @property
+    def reported(self) -> int:
+        return len(self._accepted)
+
+    # ------------------------------------------------------------------ internals
+
+    def _ingest(self, topic: str, payload: bytes, *, journal: bool) -> None:
         node_id = self.topics.node_of(topic)
         if node_id is None or not topic.startswith(self.topics.prefix + "/updates/"):
             self._reject("bad_topic", f"not an update topic: {topic!r}", node_id=None)
@@ -155,17 +259,12 @@ class Aggregator:
         if problem is not None:
             self._reject(*problem, node_id=node_id)
             return
-        self._sum.add(update.delta, update.num_examples)
+        if journal and self._store is not None:
+            self._store.append(topic, payload)
+        self._accepted[node_id] = update
         self._reporters.append(node_id)
         self._uplink_bytes += len(payload)
-        self._train_loss_sum += update.train_loss * update.num_examples
-        self._train_seconds.append(update.train_seconds)
         log.debug("update.accepted", node=node_id, round=self.round, bytes=len(payload))
-        self.tick()
-        if not self.done and self._clock() - self._status_published_at >= STATUS_INTERVAL:
-            self._publish_server_status()  # progress toward the quorum, for monitors
-
-    # ------------------------------------------------------------------ internals
 
     def _check_context(self, update: NodeUpdate, *, topic_node: str) -> tuple[str, str] | None:
         """Why a well-formed update does not belong in the open round, or None."""
@@ -173,11 +272,16 @@ class Aggregator:
             return "wrong_federation", f"federation {update.federation!r}"
         if update.node_id != topic_node:
             return "node_id_mismatch", f"payload says {update.node_id!r}, topic says {topic_node!r}"
+        known = self.settings.known_nodes
+        if known is not None and topic_node not in known:
+            return "unknown_node", f"{topic_node!r} is not in the federation's node list"
         if update.round == self.round - 1 and topic_node in self._previous_reporters:
             # a resent copy (after a reconnect) of an update the last round already has
             return "duplicate", f"{topic_node} already reported in round {update.round}"
         if self.done or update.round != self.round:
             return "wrong_round", f"update for round {update.round}, open round is {self.round}"
+        if self._selected is not None and topic_node not in self._selected:
+            return "not_selected", f"{topic_node} was not sampled for round {self.round}"
         if update.compression != self.settings.plan.compression:
             return (
                 "wrong_compression",
@@ -194,7 +298,7 @@ class Aggregator:
                 "wrong_base_model",
                 f"trained from {update.base_model_id}, open model is {self.model_id}",
             )
-        if topic_node in self._reporters:
+        if topic_node in self._accepted:
             return "duplicate", f"{topic_node} already reported in round {self.round}"
         return None
 
@@ -203,18 +307,30 @@ class Aggregator:
         log.warning("update.rejected", reason=reason, detail=detail, node=node_id, round=self.round)
 
     def _reset_round(self) -> None:
-        self._sum = WeightedSum(self.layout)
-        self._previous_reporters = frozenset(getattr(self, "_reporters", ()))
-        self._reporters: list[str] = []
+        # Held until the round closes (memory: the open round's updates as decoded, about
+        # their wire size), then summed in node-id order: see the module docstring.
+        self._accepted = {}
+        self._previous_reporters = frozenset(self._reporters)
+        self._reporters = []
         self._uplink_bytes = 0
-        self._train_loss_sum = 0.0
-        self._train_seconds: list[float] = []
         self._opened_at = self._clock()
+        self._dropped_in_round = None if self._dropped_reading is None else 0
 
     def _open_round(self, round: int, previous: tuple[Params, str] | None = None) -> None:
         """Publish the global model opening ``round`` (retained, in full) and, when the
         previous one is known, its compact XOR form for nodes that hold that one."""
         final = round > self.settings.rounds
+        policy = self.settings.policy
+        self._selected = None
+        if not final and policy.sample_fraction < 1:
+            known = self.settings.known_nodes
+            candidates = known if known is not None else self._online()
+            self._selected = select_nodes(
+                candidates,
+                fraction=policy.sample_fraction,
+                seed=self.settings.plan.seed,
+                round=round,
+            )
         message = GlobalModel(
             federation=self.settings.federation,
             round=round,
@@ -224,13 +340,13 @@ class Aggregator:
             plan=self.settings.plan,
             final=final,
             created_at=self._wall(),
+            selected=self._selected,
         )
         payload = encode(message)
         self.round = round
         self._global_bytes = len(payload)
         self._global_payload = payload
-        self._delta_bytes: int | None = None
-        self._delta_payload = None
+        self._delta_bytes = None
         self._reset_round()
         self.done = final
         if previous is not None:
@@ -239,6 +355,8 @@ class Aggregator:
         else:  # nothing to XOR against: nodes following compact forms get it whole
             compact = payload
         self._delta_payload = compact
+        if self._store is not None:  # durable before anyone can train on it
+            self._store.save(self._checkpoint())
         self._publish(self.topics.global_delta, compact, False)
         self._publish(self.topics.global_model, payload, True)
         self._publish_server_status()
@@ -246,14 +364,30 @@ class Aggregator:
             "round.opened", round=round, model_id=self.model_id, final=final, bytes=len(payload)
         )
 
+    def _online(self) -> list[str]:
+        return [node for node, online in self._present.items() if online]
+
+    def _checkpoint(self) -> Checkpoint:
+        return Checkpoint(
+            round=self.round,
+            fingerprint=self.settings.fingerprint,
+            global_payload=self._global_payload,
+            delta_payload=self._delta_payload,
+            delta_bytes=self._delta_bytes,
+            history=[encode(metrics) for metrics in self.history],
+            previous_reporters=sorted(self._previous_reporters),
+        )
+
     def server_status(self, state: str | None = None) -> ServerStatus:
+        policy = self.settings.policy
+        expected = policy.expected_nodes if self._selected is None else len(self._selected)
         return ServerStatus(
             federation=self.settings.federation,
             state=state or ("done" if self.done else "waiting"),
             round=self.round,
-            expected_nodes=self.settings.policy.expected_nodes,
-            min_nodes=self.settings.policy.min_nodes,
-            reported=self._sum.count,
+            expected_nodes=expected,
+            min_nodes=min(self.settings.policy.min_nodes, expected),
+            reported=self.reported,
             deadline_seconds=self.settings.policy.deadline_seconds,
             at=self._wall(),
         )
@@ -263,9 +397,21 @@ class Aggregator:
         status = self.server_status()
         self._publish(self.topics.server, encode(status), True)
 
+    def sum_accepted(self) -> tuple[WeightedSum, float]:
+        """The open round's example-weighted sums (deltas, training loss), in node-id
+        order: a fixed order, see the module docstring."""
+        total = WeightedSum(self.layout)
+        train_loss_sum = 0.0
+        for node_id in sorted(self._accepted):
+            update = self._accepted[node_id]
+            total.add(update.delta, update.num_examples)
+            train_loss_sum += update.train_loss * update.num_examples
+        return total, train_loss_sum
+
     def _close_round(self, closed_by: str) -> None:
         started = self._clock()
-        mean_delta = self._sum.mean()
+        total, train_loss_sum = self.sum_accepted()
+        mean_delta = total.mean()
         previous = (self.params, self.model_id)
         self.params = apply_mean_delta(self.params, mean_delta)
         self.model_id = model_id_of(self.params)
@@ -278,10 +424,10 @@ class Aggregator:
             round=self.round,
             model_id=self.model_id,
             participants=participants,
-            num_examples=self._sum.total_weight,
+            num_examples=total.total_weight,
             accuracy=accuracy,
             loss=loss,
-            train_loss=self._train_loss_sum / self._sum.total_weight,
+            train_loss=train_loss_sum / total.total_weight,
             uplink_bytes=self._uplink_bytes,
             # what the participants needed: the compact form if there was one
             downlink_bytes=(self._delta_bytes or self._global_bytes) * len(participants),
@@ -292,7 +438,10 @@ class Aggregator:
             aggregate_seconds=self._clock() - started,
             closed_by=closed_by,
             at=self._wall(),
-            train_seconds_median=statistics.median(self._train_seconds),
+            train_seconds_median=statistics.median(
+                update.train_seconds for update in self._accepted.values()
+            ),
+            broker_dropped=self._dropped_in_round,
         )
         self.history.append(metrics)
         log.info(

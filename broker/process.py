@@ -1,8 +1,11 @@
 """Start mosquitto from the project's config on a chosen port, wait until it accepts
-connections, and stop it by its PID."""
+connections, and stop, restart or kill it by its PID."""
 
+import os
+import pwd
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -15,7 +18,12 @@ import structlog
 log = structlog.get_logger()
 
 PROJECT_CONF = Path(__file__).resolve().parent.parent / "mosquitto.conf"
+PERSISTENCE_FILE = "mosquitto.db"  # mosquitto's default, as in mosquitto.conf
 _LISTENER = re.compile(r"^(\s*listener\s+)(\d+)(\s+127\.0\.0\.1\s*)$", re.MULTILINE)
+_PERSISTENCE_LOCATION = re.compile(r"^[ \t]*persistence_location[ \t].*$", re.MULTILINE)
+_USER = re.compile(r"^[ \t]*user[ \t]", re.MULTILINE)
+_ANY_LISTENER = re.compile(r"^[ \t]*listener[ \t]", re.MULTILINE)
+_TLS_OPTION = re.compile(r"^[ \t]*(certfile|keyfile|psk_hint)[ \t]", re.MULTILINE)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -25,12 +33,38 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(probe.getsockname()[1])
 
 
-def render_config(template: str, port: int) -> str:
-    """The config with its loopback development listener moved to ``port``."""
-    rendered, count = _LISTENER.subn(rf"\g<1>{port}\g<3>", template)
-    if count != 1:
+def render_config(
+    template: str, port: int, *, data_dir: Path | None = None, user: str | None = None
+) -> str:
+    """The config with its loopback development listener (the plain one, not a TLS
+    listener) moved to ``port``; given ``data_dir``, its persistence directory there (added
+    if the config has none); given ``user``, a ``user`` line unless the config has one (see
+    ``Mosquitto.start``)."""
+    # A TLS listener on loopback (a config from `fedmq broker init --listen 127.0.0.1`) is
+    # not the development listener: it keeps its port.
+    starts = [m.start() for m in _ANY_LISTENER.finditer(template)] + [len(template)]
+    plain = [
+        m
+        for m in _LISTENER.finditer(template)
+        if not _TLS_OPTION.search(template, m.end(), min(s for s in starts if s >= m.end()))
+    ]
+    if len(plain) != 1:
         raise ValueError("mosquitto.conf must have exactly one 'listener PORT 127.0.0.1' line")
-    return rendered
+    [m] = plain
+    rendered = f"{template[: m.start()]}{m.group(1)}{port}{m.group(3)}{template[m.end() :]}"
+    if user is not None and not _USER.search(rendered):
+        rendered = f"{rendered.rstrip()}\nuser {user}\n"
+    if data_dir is None:
+        return rendered
+    location = str(data_dir.resolve())
+    if "\n" in location or "\r" in location:
+        raise ValueError(f"persistence directory {location!r} has a line break")
+    # mosquitto 2.0 adds the "/" before the file name itself; 1.x needed it here.
+    line = f"persistence_location {location.rstrip('/')}/"
+    rendered, count = _PERSISTENCE_LOCATION.subn(lambda _: line, rendered)
+    if count > 1:
+        raise ValueError("mosquitto.conf has more than one persistence_location line")
+    return rendered if count == 1 else f"{rendered.rstrip()}\n{line}\n"
 
 
 def mosquitto_binary() -> str:
@@ -43,14 +77,27 @@ def mosquitto_binary() -> str:
 
 
 class Mosquitto:
-    """One mosquitto process; use as a context manager or call start()/stop()."""
+    """One mosquitto process; use as a context manager or call start()/stop().
+
+    Its persistence file (retained messages, persistent sessions, queued messages) is in
+    ``data_dir``, or, without one, in a temporary directory that lives until ``stop()``:
+    ``restart()`` and ``kill()`` followed by ``start()`` keep it, so a restarted broker
+    comes back with what it had saved. Two objects given the same ``data_dir`` and port
+    act as one broker stopped and started again.
+    """
 
     def __init__(
-        self, *, port: int | None = None, config: Path = PROJECT_CONF, host: str = "127.0.0.1"
+        self,
+        *,
+        port: int | None = None,
+        config: Path = PROJECT_CONF,
+        host: str = "127.0.0.1",
+        data_dir: Path | None = None,
     ) -> None:
         self.host = host
         self.port = port if port is not None else free_port(host)
         self.config = config
+        self.data_dir = data_dir
         self.process: subprocess.Popen[bytes] | None = None
         self._workdir: tempfile.TemporaryDirectory[str] | None = None
 
@@ -62,26 +109,51 @@ class Mosquitto:
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
+    @property
+    def persistence_path(self) -> Path:
+        """Where mosquitto keeps its database (it exists once mosquitto has saved)."""
+        return self._data_dir() / PERSISTENCE_FILE
+
+    @property
+    def log_path(self) -> Path:
+        """mosquitto's stderr and stdout, all runs of this object until ``stop()``."""
+        return self._work() / "mosquitto.log"
+
+    def _work(self) -> Path:
+        if self._workdir is None:
+            self._workdir = tempfile.TemporaryDirectory(prefix="fedmq-broker-")
+        return Path(self._workdir.name)
+
+    def _data_dir(self) -> Path:
+        return self.data_dir if self.data_dir is not None else self._work() / "data"
+
     def start(self, *, timeout: float = 10.0) -> "Mosquitto":
+        if self.process is not None and self.process.poll() is None:
+            raise RuntimeError(f"mosquitto is already running (pid {self.process.pid})")
         if not self.config.exists():
             raise RuntimeError(f"mosquitto config {self.config} does not exist")
-        self._workdir = tempfile.TemporaryDirectory(prefix="fedmq-broker-")
-        conf = Path(self._workdir.name) / "mosquitto.conf"
-        conf.write_text(render_config(self.config.read_text(), self.port))
-        log_path = Path(self._workdir.name) / "mosquitto.log"
-        with log_path.open("wb") as log_file:
+        data_dir = self._data_dir()
+        data_dir.mkdir(parents=True, exist_ok=True)
+        conf = self._work() / "mosquitto.conf"
+        # Started as root, mosquitto switches to the user "mosquitto", who could not write
+        # a data directory we made; so it runs as us (a non-root mosquitto ignores `user`).
+        user = pwd.getpwuid(os.geteuid()).pw_name
+        conf.write_text(
+            render_config(self.config.read_text(), self.port, data_dir=data_dir, user=user)
+        )
+        with self.log_path.open("ab") as log_file:
             self.process = subprocess.Popen(
                 [mosquitto_binary(), "-c", str(conf)],
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                cwd=self._workdir.name,
+                cwd=self._work(),
                 start_new_session=True,  # Ctrl-C in a terminal reaches us, not the broker
             )
         deadline = time.monotonic() + timeout
         while not self._accepts_connections():
             if self.process.poll() is not None or time.monotonic() > deadline:
-                output = log_path.read_text(errors="replace")[-2000:]
+                output = self.log_path.read_text(errors="replace")[-2000:]
                 self.stop()
                 raise RuntimeError(f"mosquitto did not start on port {self.port}: {output}")
             time.sleep(0.02)
@@ -95,19 +167,38 @@ class Mosquitto:
         except OSError:
             return False
 
-    def stop(self, *, timeout: float = 5.0) -> None:
+    def _end(self, sig: signal.Signals, timeout: float) -> None:
+        """Send ``sig`` to our mosquitto and reap it (SIGKILL after ``timeout``)."""
         process, self.process = self.process, None
-        if process is not None and process.poll() is None:
-            process.terminate()
+        if process is None:
+            return
+        if process.poll() is None:
+            process.send_signal(sig)
             try:
                 process.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
-            log.info("broker.stopped", pid=process.pid)
+            log.info("broker.stopped", pid=process.pid, signal=sig.name)
+
+    def stop(self, *, timeout: float = 5.0) -> None:
+        """SIGTERM (mosquitto saves its database on the way out), then remove the
+        temporary directory this object created; ``data_dir`` is left in place."""
+        self._end(signal.SIGTERM, timeout)
         if self._workdir is not None:
             self._workdir.cleanup()
             self._workdir = None
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would: nothing is saved beyond the last autosave. The
+        persistence file stays for the next ``start()``."""
+        self._end(signal.SIGKILL, timeout=5.0)
+
+    def restart(self, *, timeout: float = 10.0) -> "Mosquitto":
+        """Stop cleanly (the database is saved) and start again on the same port with
+        the same persistence file."""
+        self._end(signal.SIGTERM, timeout=5.0)
+        return self.start(timeout=timeout)
 
     def __enter__(self) -> "Mosquitto":
         return self.start()

@@ -1,7 +1,6 @@
 """Print a fedmq federation's round metrics and node status, one line per message.
 
-Usage: python monitor_metrics.py HOST PORT FEDERATION  (paho-mqtt 2.x + msgpack; docs/PROTOCOL.md)
-"""
+Usage: python monitor_metrics.py HOST PORT FEDERATION  (paho-mqtt 2.x, msgpack; docs/PROTOCOL.md)"""
 
 import sys
 
@@ -23,7 +22,8 @@ def on_message(client, federation, message):
         m = None
     if not isinstance(m, dict) or m.get("v") != 1:
         print(f"{message.topic}: not a schema version 1 message, skipped")
-    elif m.get("type") == "metrics":
+    elif m.get("type") == "metrics" and (m["round"], m["model_id"]) not in seen:
+        seen.add((m["round"], m["model_id"]))  # metrics come again after an aggregator restart
         acc = "-" if m["accuracy"] is None else f"{m['accuracy']:.4f}"
         print(f"round {m['round']}  accuracy {acc}  participants {len(m['participants'])}"
               f"  up {m['uplink_bytes']} B  down {m['downlink_bytes']} B")  # fmt: skip
@@ -31,7 +31,7 @@ def on_message(client, federation, message):
         print(f"node {m['node_id']}  {m['state']}  round {m.get('round')}")
 
 
-host, port, federation = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+host, port, federation, seen = sys.argv[1], int(sys.argv[2]), sys.argv[3], set()
 sys.stdout.reconfigure(line_buffering=True)  # one line per message, even into a pipe
 client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311, userdata=federation)
 client.on_connect, client.on_message = on_connect, on_message

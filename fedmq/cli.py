@@ -2,14 +2,15 @@
 configures logging and installs signal handlers."""
 
 import argparse
+import dataclasses
 import os
 import signal
 import sys
 import threading
 from pathlib import Path
 
-from fedmq import logs
-from fedmq.mqtt import BrokerAddress
+from fedmq import config, logs
+from fedmq.mqtt import BrokerAddress, Credentials
 
 DESCRIPTION = """\
 Federated learning for fleets of small devices over MQTT.
@@ -19,7 +20,10 @@ Federated learning for fleets of small devices over MQTT.
   fedmq aggregator  average the nodes' updates each round and publish the global model
   fedmq node        train on local data and publish updates (one per device)
   fedmq monitor     watch node status and round metrics live
+  fedmq report      summarise a report.json; --plot draws it as a PNG or SVG chart
 
+node, aggregator, broker and monitor also read a TOML file (--config PATH or
+$FEDMQ_CONFIG) and FEDMQ_<SECTION>_<KEY> variables: see deploy/config/.
 Topics and messages are documented in docs/PROTOCOL.md.
 """
 
@@ -35,6 +39,32 @@ def _positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
     return int(text)
+
+
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 0")
+    return int(text)
+
+
+def _node_ids(text: str) -> tuple[str, ...]:
+    from schemas.topics import validate_name
+
+    try:
+        ids = tuple(sorted({validate_name("node id", i.strip()) for i in text.split(",")}))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return ids
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a fraction in (0, 1]")
+    return value
 
 
 def _positive_float(text: str) -> float:
@@ -83,6 +113,13 @@ def _compression(text: str) -> str:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def _plot_path(text: str) -> Path:
+    path = Path(text)
+    if path.suffix.lower() not in (".png", ".svg"):
+        raise argparse.ArgumentTypeError(f"{text!r} does not end in .png or .svg")
+    return path
+
+
 COMPRESSION_HELP = (
     "how nodes compress their deltas: dense (default), fp16, int8, int4, sign, topk:F, joined "
     "with + and optionally ef (error feedback) and zlib, e.g. topk:0.01+int8+ef"
@@ -104,6 +141,7 @@ def _add_common(parser: argparse.ArgumentParser, *, broker_required: bool = True
             metavar="ID",
             help="federation id, the second topic level (default 'default')",
         )
+        _add_credentials(parser)
     parser.add_argument(
         "--log-json",
         action="store_true",
@@ -113,6 +151,126 @@ def _add_common(parser: argparse.ArgumentParser, *, broker_required: bool = True
     parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
+
+
+def _add_credentials(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "broker credentials", "for a broker with passwords and TLS (see docs/security.md)"
+    )
+    group.add_argument("--username", default=None, help="MQTT username")
+    group.add_argument(
+        "--password-file", type=Path, default=None, metavar="PATH", help="first line: password"
+    )
+    group.add_argument(
+        "--tls-ca", type=Path, default=None, metavar="PATH", help="CA certificate: use TLS"
+    )
+    group.add_argument(
+        "--tls-cert", type=Path, default=None, metavar="PATH", help="client certificate (mTLS)"
+    )
+    group.add_argument(
+        "--tls-key", type=Path, default=None, metavar="PATH", help="client key (mTLS)"
+    )
+
+
+def _with_credentials(args: argparse.Namespace) -> None:
+    """Fold the credential options into ``args.broker``; exit with the reason if they
+    cannot work (a missing file, a certificate without its key)."""
+    if getattr(args, "broker", None) is None or not hasattr(args, "username"):
+        return
+    credentials = Credentials(
+        username=args.username,
+        password_file=args.password_file,
+        ca_file=args.tls_ca,
+        cert_file=args.tls_cert,
+        key_file=args.tls_key,
+    )
+    problem = credentials.problem()
+    if problem is not None:
+        raise ValueError(f"broker credentials: {problem}")
+    args.broker = dataclasses.replace(args.broker, credentials=credentials)
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (1-65535)")
+    return int(text)
+
+
+def _add_broker_admin(broker: argparse.ArgumentParser) -> None:
+    """``fedmq broker init|add-node|revoke-node``: credentials for a deployment
+    (docs/security.md); ``fedmq broker`` alone runs mosquitto."""
+    sub = broker.add_subparsers(dest="broker_command", metavar="ACTION")
+    p = sub.add_parser(
+        "init",
+        help="generate CA, certificates, passwords, ACLs and per-node bundles",
+        description="Write a deployment into DIR: a CA and the broker's TLS certificate, "
+        "mosquitto's password and ACL files, DIR/mosquitto.conf (the project's settings "
+        "with the TLS listener enabled), and one bundle per node in DIR/nodes/ID plus "
+        "DIR/aggregator and DIR/monitor, ready to copy to each machine.",
+    )
+    p.add_argument("dir", type=Path, metavar="DIR", help="deployment directory (e.g. /etc/fedmq)")
+    p.add_argument("--nodes", type=_node_ids, required=True, metavar="ID,ID,...", help="node ids")
+    p.add_argument("--federation", default="default", metavar="ID", help="(default 'default')")
+    p.add_argument(
+        "--hostname",
+        action="append",
+        dest="hostnames",
+        metavar="NAME",
+        help="name or IP address devices use to reach the broker, put in its certificate; "
+        "repeat for several, the first goes in the bundles (default: this host's name, "
+        "localhost, 127.0.0.1)",
+    )
+    p.add_argument("--tls-port", type=_port, default=8883, help="TLS listener port (default 8883)")
+    p.add_argument(
+        "--listen",
+        default=None,
+        metavar="ADDRESS",
+        help="bind the TLS listener to one address (default: every interface)",
+    )
+    p.add_argument(
+        "--mtls", action="store_true", help="require client certificates too (mutual TLS)"
+    )
+    p.add_argument(
+        "--model",
+        type=_model,
+        default="digits-mlp",
+        help="the federation's model: the broker's max_packet_size is derived from its size "
+        "(default digits-mlp)",
+    )
+    for name, text in (
+        ("add-node", "give a new node an account and a bundle"),
+        ("revoke-node", "remove a node's account (then reload the broker)"),
+    ):
+        p = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+        p.add_argument("dir", type=Path, metavar="DIR", help="deployment directory")
+        p.add_argument("node_id", metavar="ID", help="node id")
+
+
+def _broker_admin(args: argparse.Namespace) -> int:
+    import socket
+
+    from broker import credentials
+
+    if args.broker_command == "init":
+        hostnames = args.hostnames or [socket.gethostname(), "localhost", "127.0.0.1"]
+        deployment = credentials.init_deployment(
+            args.dir, nodes=list(args.nodes), federation=args.federation, hostnames=hostnames,
+            tls_port=args.tls_port, listen=args.listen, mtls=args.mtls, model=args.model,
+        )  # fmt: skip
+        print(
+            f"deployment for federation {deployment.federation!r} in {args.dir}: "
+            f"{len(args.nodes)} node bundles in {args.dir / 'nodes'}, aggregator and monitor "
+            f"bundles; start the broker with: mosquitto -c {args.dir / 'mosquitto.conf'}"
+        )
+    elif args.broker_command == "add-node":
+        target = credentials.add_node(args.dir, args.node_id)
+        print(
+            f"node {args.node_id!r} added, bundle in {target}; {credentials.reload_hint(args.dir)}"
+        )
+    else:
+        credentials.revoke_node(args.dir, args.node_id)
+        print(f"node {args.node_id!r} revoked; {credentials.reload_hint(args.dir)}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,9 +289,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--port", type=int, default=1883, help="listener port (default 1883, 0 = any free)"
     )
     p.add_argument(
-        "--config", type=Path, default=None, help="mosquitto.conf to use (default: the project's)"
+        "--mosquitto-conf",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="mosquitto.conf to use (default: the project's)",
     )
     _add_common(p, broker_required=False)
+    _add_broker_admin(p)
 
     p = sub.add_parser(
         "aggregator",
@@ -193,6 +356,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="reject larger updates unread (default: dense model size + 64 KiB)",
     )
     p.add_argument("--report", type=Path, default=None, help="write report.json here at the end")
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        default=Path(".fedmq-aggregator"),
+        help="checkpoint and journal of the run, resumed after a crash or restart "
+        "(default ./.fedmq-aggregator)",
+    )
+    p.add_argument(
+        "--fresh",
+        action="store_true",
+        help="discard the run kept in --state-dir and start a new one",
+    )
+    p.add_argument(
+        "--node-ids",
+        type=_node_ids,
+        default=None,
+        metavar="ID,ID,...",
+        help="the fleet's node ids: updates from any other id are rejected (unknown_node), "
+        "and --sample-fraction draws from them (default: any id; sampling draws from the "
+        "nodes online)",
+    )
+    p.add_argument(
+        "--sample-fraction",
+        type=_fraction,
+        default=1.0,
+        metavar="F",
+        help="ask a seeded random fraction F of the nodes to train each round, announced "
+        "in the global model (default 1: every node)",
+    )
 
     p = sub.add_parser(
         "node",
@@ -253,11 +445,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = sub.add_parser(
+        "report",
+        help="summarise a report.json, and chart it with --plot",
+        description="Print a short summary of a report.json (from fedmq aggregator --report "
+        "or fedmq demo --report): accuracy, loss, bytes and rejections. With --plot, also "
+        "draw test accuracy, loss and bytes per round (uplink and downlink) as a picture: "
+        "PNG, or SVG if the file name ends in .svg. Needs no plotting library.",
+    )
+    p.add_argument("report_path", type=Path, metavar="REPORT.json", help="the report to read")
+    p.add_argument(
+        "--plot",
+        type=_plot_path,
+        default=None,
+        metavar="FILE.png|FILE.svg",
+        help="write the chart here",
+    )
+    _add_common(p, broker_required=False)
+
+    p = sub.add_parser(
         "demo",
         help="run a whole federation on this machine",
         description="Start mosquitto on a free loopback port (or use --broker), an "
         "aggregator and N node processes, run the digits-mlp reference task, show "
-        "progress, print a summary and write a JSON report.",
+        "progress, print a summary and write a JSON report. A child that dies before "
+        "the run is over is restarted with the same arguments (see --max-restarts).",
     )
     p.add_argument("--nodes", type=_positive_int, default=10, help="node processes (default 10)")
     p.add_argument("--rounds", type=_positive_int, default=30, help="rounds (default 30)")
@@ -299,7 +510,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="keep data and logs here (default: temp, removed)",
     )
+    p.add_argument(
+        "--max-restarts",
+        type=_count,
+        default=3,
+        metavar="N",
+        help="restart a child that dies before the run is over up to N times, after a short "
+        "back-off (default 3 per child; 0 = fail at once)",
+    )
     _add_common(p, broker_required=False)
+    for command in config.COMMANDS:  # --config PATH: settings from a TOML file
+        config.add_option(sub.choices[command])
     return parser
 
 
@@ -315,10 +536,16 @@ def _stop_on_signals() -> threading.Event:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = config.parse_args(build_parser(), argv, os.environ)
+    except config.ConfigError as error:
+        command = next((a for a in argv or sys.argv[1:] if not a.startswith("-")), "")
+        print(f"fedmq {command}: error: {error}", file=sys.stderr)
+        return 2
     logs.configure(json=args.log_json, level=args.log_level)
     stop = _stop_on_signals()
     try:
+        _with_credentials(args)
         return dispatch(args, stop)
     except (ValueError, RuntimeError, OSError) as error:
         print(f"fedmq {args.command}: error: {error}", file=sys.stderr)
@@ -326,10 +553,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def dispatch(args: argparse.Namespace, stop: threading.Event) -> int:
+    if args.command == "broker" and args.broker_command is not None:
+        return _broker_admin(args)
     if args.command == "broker":
         from broker.process import PROJECT_CONF, Mosquitto
 
-        with Mosquitto(port=args.port or None, config=args.config or PROJECT_CONF) as broker:
+        conf = args.mosquitto_conf or PROJECT_CONF
+        with Mosquitto(port=args.port or None, config=conf) as broker:
             print(
                 f"mosquitto listening on {broker.address} (pid {broker.pid}); Ctrl-C stops it",
                 flush=True,
@@ -359,6 +589,10 @@ def dispatch(args: argparse.Namespace, stop: threading.Event) -> int:
                 test_data=None if args.test_data == "none" else args.test_data,
                 max_update_bytes=args.max_update_bytes,
                 report=args.report,
+                state_dir=args.state_dir,
+                fresh=args.fresh,
+                node_ids=args.node_ids,
+                sample_fraction=args.sample_fraction,
             ),
             stop,
         )
@@ -397,7 +631,22 @@ def dispatch(args: argparse.Namespace, stop: threading.Event) -> int:
             until_done=args.until_done,
             timeout=args.timeout,
         )
+    if args.command == "report":
+        from fedmq.report import read_report, summary_lines
+
+        report = read_report(args.report_path)
+        print("\n".join(summary_lines(report)))
+        if args.plot is not None:
+            from fedmq.plot import save_plot
+
+            save_plot(report, args.plot)
+            print(f"chart written to {args.plot}")
+        return 0
     if args.command == "demo":
+        # The demo configures its children itself: they must not pick up the settings
+        # (FEDMQ_CONFIG, FEDMQ_<SECTION>_<KEY>) of a deployment on this machine.
+        for name in [name for name in os.environ if name.startswith("FEDMQ_")]:
+            del os.environ[name]
         from fedmq.demo import DemoConfig
         from fedmq.demo import run as run_demo
 
@@ -414,6 +663,7 @@ def dispatch(args: argparse.Namespace, stop: threading.Event) -> int:
                 federation=args.federation,
                 workdir=args.workdir,
                 round_timeout=args.round_timeout,
+                max_restarts=args.max_restarts,
             ),
             stop,
         )

@@ -3,7 +3,11 @@
 Its own mosquitto (or ``--broker``), one aggregator process and N node processes, each its
 own MQTT client as on separate devices, all on loopback. The demo watches the public
 metrics topic like any monitoring script, shows progress, and writes report.json. Every
-child runs in its own session and is ended by PID on exit, Ctrl-C or a child's failure.
+child runs in its own session and is ended by PID on exit, Ctrl-C or the demo's failure.
+
+Children are supervised like systemd's ``Restart=on-failure`` on a device: one that dies
+before the run is over is started again with the same arguments after a short back-off,
+up to ``RestartPolicy.max_restarts`` times per child; past that the demo fails.
 """
 
 import queue
@@ -17,7 +21,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Literal, TextIO
 
 import structlog
 
@@ -44,22 +48,87 @@ class DemoConfig:
     workdir: Path | None = None
     round_timeout: float | None = None
     start_timeout: float = 120.0
+    max_restarts: int = 3
 
 
 class ChildFailed(RuntimeError):
     pass
 
 
+@dataclass(frozen=True, kw_only=True)
+class RestartPolicy:
+    """systemd's ``Restart=on-failure`` for the demo's children.
+
+    A child that ends before the run is over (non-zero exit, killed by a signal, or exit 0
+    with rounds still to come) is started again after ``delay(n)`` seconds; the back-off
+    doubles per restart of that child. An exit 0 is given ``clean_exit_grace`` seconds for
+    the run's last metrics to arrive before it counts as premature: a node exits as soon as
+    it sees the final model, which may be just before the demo sees the last round.
+    """
+
+    max_restarts: int = 3
+    backoff: float = 0.5
+    max_backoff: float = 4.0
+    clean_exit_grace: float = 3.0
+
+    def delay(self, restarts: int) -> float:
+        return min(self.max_backoff, self.backoff * 2**restarts)
+
+
+Verdict = Literal["running", "done", "undecided", "failed"]
+
+
+def exit_verdict(
+    code: int | None, *, exited_for: float, run_done: bool, policy: RestartPolicy
+) -> Verdict:
+    """What a child's state means: "undecided" is a clean exit still in its grace period;
+    "failed" means restart it (or give up, past the cap)."""
+    if code is None:
+        return "running"
+    if code != 0:
+        return "failed"
+    if run_done:
+        return "done"
+    return "undecided" if exited_for < policy.clean_exit_grace else "failed"
+
+
+def describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"exited with {code} ({signal.Signals(-code).name})"
+        except ValueError:
+            pass
+    return f"exited with {code}"
+
+
+@dataclass
+class Child:
+    args: list[str]
+    proc: subprocess.Popen[bytes]
+    restarts: int = 0
+    exited_at: float | None = None  # when the supervisor first saw the current process gone
+    restart_at: float | None = None  # a restart is due then (back-off)
+
+
 class Children:
-    """Child processes started by the demo, each logging to its own file."""
+    """Child processes started by the demo, each logging to its own file (appended to
+    when it is restarted, so nothing a crashed process wrote is lost)."""
 
-    def __init__(self, logs: Path) -> None:
+    def __init__(self, logs: Path, policy: RestartPolicy) -> None:
         self.logs = logs
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.policy = policy
+        self.children: dict[str, Child] = {}
 
-    def spawn(self, name: str, args: list[str]) -> None:
-        with (self.logs / f"{name}.log").open("wb") as log_file:
-            self.procs[name] = subprocess.Popen(
+    @property
+    def procs(self) -> dict[str, subprocess.Popen[bytes]]:
+        return {name: child.proc for name, child in self.children.items()}
+
+    def log_path(self, name: str) -> Path:
+        return self.logs / f"{name}.log"
+
+    def _popen(self, name: str, args: list[str], mode: str) -> subprocess.Popen[bytes]:
+        with self.log_path(name).open(mode) as log_file:
+            return subprocess.Popen(
                 [sys.executable, "-m", "fedmq", *args],
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
@@ -67,13 +136,62 @@ class Children:
                 start_new_session=True,
             )
 
-    def check(self, *, allowed_to_exit: set[str]) -> None:
-        """Raise if a child ended with an error, or ended when it should still be running."""
-        for name, proc in self.procs.items():
-            code = proc.poll()
-            if code is not None and (code != 0 or name not in allowed_to_exit):
-                tail = (self.logs / f"{name}.log").read_text(errors="replace")[-1500:]
-                raise ChildFailed(f"{name} (pid {proc.pid}) exited with {code}:\n{tail}")
+    def spawn(self, name: str, args: list[str]) -> None:
+        self.children[name] = Child(args=args, proc=self._popen(name, args, "wb"))
+
+    def restarts(self) -> dict[str, int]:
+        """Restarts so far of each child that had any."""
+        return {name: c.restarts for name, c in sorted(self.children.items()) if c.restarts}
+
+    def _tail(self, name: str) -> str:
+        return self.log_path(name).read_text(errors="replace")[-1500:]
+
+    def supervise(self, now: float, *, run_done: bool) -> list[str]:
+        """Restart children that died before their job was done; return what was done, one
+        line each. Raises ``ChildFailed`` for a child past the cap, or one that failed
+        after the run was over (there is nothing left to restart it for)."""
+        events = []
+        for name, child in self.children.items():
+            if child.restart_at is not None:
+                if run_done:  # the run finished without it: nothing left to do
+                    child.restart_at = None
+                elif now >= child.restart_at:
+                    child.restarts += 1
+                    child.restart_at = child.exited_at = None
+                    with self.log_path(name).open("ab") as log_file:
+                        log_file.write(
+                            f"\n--- fedmq demo: restart {child.restarts} of {name} ---\n".encode()
+                        )
+                    child.proc = self._popen(name, child.args, "ab")
+                    events.append(f"{name} restarted (pid {child.proc.pid})")
+                continue
+            code = child.proc.poll()
+            if code is None:
+                continue
+            if child.exited_at is None:
+                child.exited_at = now
+            verdict = exit_verdict(
+                code, exited_for=now - child.exited_at, run_done=run_done, policy=self.policy
+            )
+            if verdict != "failed":
+                continue
+            what = f"{name} (pid {child.proc.pid}) {describe_exit(code)}"
+            if code == 0:
+                what += " before the run was over"
+            if run_done:
+                raise ChildFailed(f"{what}:\n{self._tail(name)}")
+            if child.restarts >= self.policy.max_restarts:
+                raise ChildFailed(
+                    f"{what}; giving up after {child.restarts} restarts"
+                    f" (--max-restarts {self.policy.max_restarts}):\n{self._tail(name)}"
+                )
+            delay = self.policy.delay(child.restarts)
+            child.restart_at = now + delay
+            events.append(
+                f"{what}; restarting in {delay:.1f} s"
+                f" ({child.restarts + 1} of {self.policy.max_restarts})"
+            )
+        return events
 
     def wait_all(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -111,12 +229,14 @@ def write_node_data(config: DemoConfig, directory: Path) -> tuple[list[Path], Pa
 
 
 class Progress:
-    """One line per round; rewritten in place on a terminal."""
+    """One line per round; rewritten in place on a terminal. Restarts get a line of their own."""
 
     def __init__(self, total: int, out: TextIO) -> None:
         self.total = total
         self.out = out
         self.tty = out.isatty()
+        self.restarts = 0  # shown on round lines once there are any
+        self._line = ""  # the round line shown in place (terminal only)
 
     def round(self, m: RoundMetrics) -> None:
         acc = f"{m.accuracy:.4f}" if m.accuracy is not None else "-"
@@ -124,10 +244,21 @@ class Progress:
             f"round {m.round:>3}/{self.total}  accuracy {acc}  nodes {len(m.participants):>3}"
             f"  up {m.uplink_bytes:>8} B  down {m.downlink_bytes:>8} B  {m.seconds * 1000:8.1f} ms"
         )
+        if self.restarts:
+            line += f"  restarts {self.restarts}"
         if self.tty:
-            self.out.write("\r" + line + ("\n" if m.round == self.total else ""))
+            last = m.round == self.total
+            self.out.write("\r" + line + ("\n" if last else ""))
+            self._line = "" if last else line
         else:
             self.out.write(line + "\n")
+        self.out.flush()
+
+    def note(self, text: str) -> None:
+        if self.tty:  # above the round line, which stays at the bottom
+            self.out.write(f"\r\x1b[K{text}\n{self._line}")
+        else:
+            self.out.write(text + "\n")
         self.out.flush()
 
 
@@ -136,7 +267,7 @@ def run(config: DemoConfig, stop: threading.Event, out: TextIO = sys.stdout) -> 
     (workdir / "data").mkdir(parents=True, exist_ok=True)
     (workdir / "logs").mkdir(exist_ok=True)
     broker = None if config.broker else Mosquitto()
-    children = Children(workdir / "logs")
+    children = Children(workdir / "logs", RestartPolicy(max_restarts=config.max_restarts))
     client = None
     started = time.monotonic()
     try:
@@ -181,6 +312,11 @@ def run(config: DemoConfig, stop: threading.Event, out: TextIO = sys.stdout) -> 
         ]
         if config.round_timeout is not None:
             aggregator_args += ["--round-timeout", str(config.round_timeout)]
+        # Its checkpoint and journal, so a restarted aggregator resumes this run. Each demo
+        # is a new run: a run kept in the same --workdir by an earlier demo is discarded.
+        aggregator_state = workdir / "aggregator"
+        shutil.rmtree(aggregator_state, ignore_errors=True)
+        aggregator_args += ["--state-dir", str(aggregator_state)]
         children.spawn("aggregator", aggregator_args)
         for index, path in enumerate(node_paths):
             node_id = f"node-{index + 1:02d}"
@@ -201,11 +337,16 @@ def run(config: DemoConfig, stop: threading.Event, out: TextIO = sys.stdout) -> 
             )
         progress = Progress(config.rounds, out)
         rounds: dict[int, RoundMetrics] = {}
-        while len(rounds) < config.rounds:
+        while True:
             if stop.is_set():
                 out.write("\ninterrupted; stopping every process the demo started\n")
                 return 130
-            children.check(allowed_to_exit=set())
+            run_done = len(rounds) >= config.rounds
+            for event in children.supervise(time.monotonic(), run_done=run_done):
+                progress.restarts = sum(children.restarts().values())
+                progress.note(event)
+            if run_done:
+                break
             if not rounds and time.monotonic() - started > config.start_timeout:
                 raise ChildFailed(f"no round finished within {config.start_timeout:.0f} s")
             try:
@@ -219,12 +360,13 @@ def run(config: DemoConfig, stop: threading.Event, out: TextIO = sys.stdout) -> 
             except SchemaError as error:
                 log.warning("demo.bad_metrics", reason=str(error))
                 continue
-            if metrics.round not in rounds:
-                rounds[metrics.round] = metrics
+            new = metrics.round not in rounds
+            rounds[metrics.round] = metrics  # a repeat (aggregator restart) supersedes
+            if new:
                 progress.round(metrics)
         if not children.wait_all(timeout=30):
             raise ChildFailed("processes did not exit after the last round")
-        children.check(allowed_to_exit=set(children.procs))
+        children.supervise(time.monotonic(), run_done=True)
         total = time.monotonic() - started
         report = build_report(
             list(rounds.values()),
@@ -236,6 +378,7 @@ def run(config: DemoConfig, stop: threading.Event, out: TextIO = sys.stdout) -> 
             compression=config.compression,
             seed=config.seed,
             total_seconds=total,
+            restarts=restart_counts(children.restarts()),
         )
         print_summary(report, out)
         if config.report is not None:
@@ -255,6 +398,11 @@ def run(config: DemoConfig, stop: threading.Event, out: TextIO = sys.stdout) -> 
             shutil.rmtree(workdir, ignore_errors=True)
 
 
+def restart_counts(by_child: dict[str, int]) -> dict[str, Any]:
+    """report.json's ``restarts``: the total and each restarted child's count."""
+    return {"total": sum(by_child.values()), "by_child": by_child}
+
+
 def print_summary(report: dict[str, Any], out: TextIO) -> None:
     rows = report["rounds"]
     seconds = [r["seconds"] for r in rows]
@@ -266,3 +414,7 @@ def print_summary(report: dict[str, Any], out: TextIO) -> None:
         f" uplink {statistics.mean(r['uplink_bytes'] for r in rows):.0f} B/round,"
         f" downlink {statistics.mean(r['downlink_bytes'] for r in rows):.0f} B/round\n"
     )
+    restarts = report["restarts"]
+    if restarts["total"]:
+        each = ", ".join(f"{name} {count}" for name, count in restarts["by_child"].items())
+        out.write(f"restarts {restarts['total']} ({each})\n")

@@ -64,11 +64,46 @@ MODELS: dict[str, MLP] = {
 }
 
 
+# Your own model, without code: ``mlp:IN-HIDDEN-...-CLASSES`` names an MLP by its layer
+# sizes, e.g. ``mlp:8-32-3`` (8 features, a hidden layer of 32, 3 classes). The name travels
+# in the global model, and every node builds the same architecture from it, so nothing but
+# this string is shared: no code, no pickle. Bounds keep a typo from asking a Pi for
+# gigabytes: at most 16 layers of at most 65,536 units and 16,000,000 parameters (64 MB of
+# float32, the broker's packet limit).
+SPEC_PREFIX = "mlp:"
+MAX_LAYERS, MAX_UNITS, MAX_PARAMS = 16, 65_536, 16_000_000
+
+
+def parse_spec(spec: str) -> MLP:
+    """``mlp:64-128-10`` -> ``MLP((64, 128, 10))``; ValueError saying what is wrong."""
+    sizes = spec[len(SPEC_PREFIX) :].split("-")
+    if not all(s.isdigit() and s[0] != "0" and s.isascii() for s in sizes):
+        raise ValueError(
+            f"model {spec!r}: after 'mlp:' give layer sizes >= 1 joined by '-', "
+            "e.g. mlp:8-32-3 (inputs, hidden layers, classes)"
+        )
+    model = MLP(tuple(int(s) for s in sizes))
+    if not 2 <= len(sizes) <= MAX_LAYERS + 1:
+        raise ValueError(f"model {spec!r}: give 2 to {MAX_LAYERS + 1} layer sizes")
+    if max(model.sizes) > MAX_UNITS or model.num_params > MAX_PARAMS:
+        raise ValueError(
+            f"model {spec!r}: too large (at most {MAX_UNITS} units per layer and "
+            f"{MAX_PARAMS:,} parameters; this has {model.num_params:,})"
+        )
+    return model
+
+
 def get_model(name: str) -> MLP:
+    """A registered model by name, or an ``mlp:...`` spec (above)."""
+    if name.startswith(SPEC_PREFIX):
+        return parse_spec(name)
     try:
         return MODELS[name]
     except KeyError:
-        raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(MODELS))}") from None
+        raise ValueError(
+            f"unknown model {name!r}; known: {', '.join(sorted(MODELS))}, "
+            "or your own as mlp:IN-HIDDEN-...-CLASSES (e.g. mlp:8-32-3)"
+        ) from None
 
 
 def check_layout(model_name: str, layout: dict[str, tuple[int, ...]]) -> MLP:

@@ -3,9 +3,11 @@
 import queue
 import random
 import socket
+import ssl
 import threading
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -15,9 +17,55 @@ log = structlog.get_logger()
 
 
 @dataclass(frozen=True)
+class Credentials:
+    """Who we are to the broker, and how we know it is the broker (TLS).
+
+    ``ca_file`` switches TLS on (1.2 or newer): the broker's certificate must be signed
+    by that CA and name the host we connect to. ``cert_file``/``key_file`` add our own
+    certificate (mutual TLS). The password is read from a file, never given on a command
+    line (where ``ps`` would show it)."""
+
+    username: str | None = None
+    password_file: Path | None = None
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+    def problem(self) -> str | None:
+        """Why these settings cannot work, naming the setting; None if they can."""
+        if self.password_file is not None and self.username is None:
+            return "a password file needs a username"
+        if (self.cert_file is None) != (self.key_file is None):
+            return "a client certificate needs its key, and a key its certificate"
+        if self.cert_file is not None and self.ca_file is None:
+            return "a client certificate needs TLS: give the CA file too"
+        for name in ("password_file", "ca_file", "cert_file", "key_file"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                return f"{name.replace('_', ' ')} {path} does not exist"
+        return None
+
+    def password(self) -> str | None:
+        if self.password_file is None:
+            return None
+        lines = Path(self.password_file).read_text().splitlines()
+        return lines[0] if lines else ""
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        if self.ca_file is None:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(self.ca_file))
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        if self.cert_file is not None and self.key_file is not None:
+            context.load_cert_chain(str(self.cert_file), str(self.key_file))
+        return context
+
+
+@dataclass(frozen=True)
 class BrokerAddress:
     host: str = "127.0.0.1"
     port: int = 1883
+    credentials: Credentials = field(default_factory=Credentials, compare=False)
 
     @classmethod
     def parse(cls, text: str) -> "BrokerAddress":
@@ -28,12 +76,22 @@ class BrokerAddress:
         return cls(host, int(port))
 
     def __str__(self) -> str:
-        return f"{self.host}:{self.port}"
+        tls = " (TLS)" if self.credentials.ca_file is not None else ""
+        return f"{self.host}:{self.port}{tls}"
 
 
 # Pseudo-topic of the message ``make_client`` puts in the inbox after every successful
 # (re)connect, so the worker thread that owns the state can republish what it owns.
 CONNECTED = "$fedmq/connected"
+
+
+# First reconnect delay in seconds, before jitter (each outage draws 0.5x-1.5x of it).
+RECONNECT_MIN_DELAY = 1.0
+
+
+def _jittered(seconds: float) -> float:
+    # paho annotates the delay as int but sleeps any number of seconds
+    return seconds * random.uniform(0.5, 1.5)
 
 
 def make_client_id(federation: str, role: str, node_id: str | None = None) -> str:
@@ -49,6 +107,8 @@ class Received:
     topic: str
     payload: bytes
     retain: bool
+    mid: int = 0  # with manual acknowledgement: pass to ``acknowledge`` once handled
+    qos: int = 0
 
 
 def make_client(
@@ -58,25 +118,35 @@ def make_client(
     will: tuple[str, bytes] | None = None,
     inbox: "queue.Queue[Received] | None" = None,
     ready: threading.Event | None = None,
+    persistent: bool = False,
+    manual_ack: bool = False,
 ) -> mqtt.Client:
     """A client that (re)subscribes on every connect and drops messages into ``inbox``.
 
     ``ready`` is set once the broker has granted the subscriptions (or, without any, once
     connected): publish what others answer only after that, or their answers are missed.
 
-    Reconnects are paho's own loop with exponential back-off from 1 s to 30 s; the first
-    connect is retried the same way, so a node may start before its broker. After every
-    successful connect a ``Received(CONNECTED, ...)`` is put into ``inbox``.
+    Reconnects are paho's own loop with exponential back-off up to 30 s, starting from a
+    random 0.5-1.5 s drawn anew after every disconnect, so a fleet that lost its broker
+    does not reconnect in lock-step. The first connect is retried the same way, so a node
+    may start before its broker. After every successful connect a
+    ``Received(CONNECTED, ...)`` is put into ``inbox``.
+
+    ``persistent``: a persistent session (clean session off) under this stable client id,
+    so the broker keeps the subscriptions and queues QoS 1 messages while we are away.
+    ``manual_ack``: PUBACK only when the receiver calls ``acknowledge`` (after it has
+    made the message durable); unacknowledged messages are redelivered on reconnect.
     """
     client = mqtt.Client(
         mqtt.CallbackAPIVersion.VERSION2,
         client_id=client_id,
         protocol=mqtt.MQTTv311,
-        clean_session=True,
+        clean_session=not persistent,
+        manual_ack=manual_ack,
     )
     client.max_queued_messages_set(0)  # keep every QoS 1 publish until the broker has it
     client.max_inflight_messages_set(100)
-    client.reconnect_delay_set(min_delay=1, max_delay=30)
+    client.reconnect_delay_set(min_delay=_jittered(RECONNECT_MIN_DELAY), max_delay=30)  # type: ignore[arg-type]
     if will is not None:
         client.will_set(will[0], will[1], qos=1, retain=True)
     wanted = list(subscriptions)
@@ -100,9 +170,11 @@ def make_client(
         elif ready is not None:
             ready.set()
 
-    def on_disconnect(_c: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+    def on_disconnect(client: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
         if reason.is_failure:
             log.warning("mqtt.disconnected", client_id=client_id, reason=str(reason))
+        # a fresh random start for this outage's back-off (also resets the doubling)
+        client.reconnect_delay_set(min_delay=_jittered(RECONNECT_MIN_DELAY), max_delay=30)  # type: ignore[arg-type]
 
     def on_socket_open(_c: mqtt.Client, _u: Any, sock: Any) -> None:
         # paho leaves Nagle's algorithm on: a small publish after a large one would then
@@ -117,7 +189,15 @@ def make_client(
     if inbox is not None:
 
         def on_message(_c: mqtt.Client, _u: Any, message: mqtt.MQTTMessage) -> None:
-            inbox.put(Received(message.topic, bytes(message.payload), bool(message.retain)))
+            inbox.put(
+                Received(
+                    message.topic,
+                    bytes(message.payload),
+                    bool(message.retain),
+                    mid=message.mid,
+                    qos=message.qos,
+                )
+            )
 
         client.on_message = on_message
     return client
@@ -167,8 +247,36 @@ class Outbox:
             return self._changed.wait_for(lambda: not self._unacked, timeout=timeout)
 
 
+def drain(
+    inbox: "queue.Queue[Received]", first: Received, *, limit: int | None = None
+) -> list[Received]:
+    """``first`` and what is queued behind it (up to ``limit`` messages in all)."""
+    batch = [first]
+    while limit is None or len(batch) < limit:
+        try:
+            batch.append(inbox.get_nowait())
+        except queue.Empty:
+            break
+    return batch
+
+
+def acknowledge(client: mqtt.Client, received: Received) -> None:
+    """Send the PUBACK of a message received with ``manual_ack`` (no-op for QoS 0)."""
+    if received.qos > 0:
+        client.ack(received.mid, received.qos)
+
+
 def start(client: mqtt.Client, broker: BrokerAddress, *, keepalive: int = 30) -> None:
     """Connect in the background (retrying until the broker answers) and run paho's loop."""
+    credentials = broker.credentials
+    problem = credentials.problem()
+    if problem is not None:
+        raise ValueError(problem)
+    if credentials.username is not None:
+        client.username_pw_set(credentials.username, credentials.password())
+    context = credentials.tls_context()
+    if context is not None:
+        client.tls_set_context(context)
     client.connect_async(broker.host, broker.port, keepalive=keepalive)
     client.loop_start()
 

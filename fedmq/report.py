@@ -26,13 +26,15 @@ def round_row(metrics: RoundMetrics) -> dict[str, Any]:
         "closed_by": metrics.closed_by,
         "at": metrics.at,
         "rejected": metrics.rejected,
+        "broker_dropped": metrics.broker_dropped,
         "model_id": metrics.model_id,
     }
 
 
 def build_report(rounds: list[RoundMetrics], **run: Any) -> dict[str, Any]:
     """Top level: ``final_accuracy``, the run's settings, and ``rounds`` in order."""
-    ordered = sorted(rounds, key=lambda m: m.round)
+    # a round's metrics may arrive twice (after an aggregator restart): keep the last
+    ordered = sorted({m.round: m for m in rounds}.values(), key=lambda m: m.round)
     return {
         "final_accuracy": ordered[-1].accuracy if ordered else None,
         **run,
@@ -45,3 +47,57 @@ def write_report(path: Path, report: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(report, indent=2) + "\n")
     tmp.replace(path)
+
+
+def summary_lines(report: dict[str, Any]) -> list[str]:
+    """A report in a few lines of text: setup, final and best accuracy, bytes, rejections."""
+    rows = report.get("rounds", [])
+    keys = ("federation", "model", "compression", "nodes")
+    setup = [f"{key} {report[key]}" for key in keys if report.get(key) is not None]
+    lines = [" · ".join(setup) or "fedmq report"]
+    if not rows:
+        return [*lines, "no rounds"]
+    scored = [(r["accuracy"], r["round"]) for r in rows if r.get("accuracy") is not None]
+    text = f"{len(rows)} rounds (round {rows[0]['round']} to {rows[-1]['round']})"
+    if scored:
+        best, best_round = max(scored)
+        text += f"; final accuracy {scored[-1][0]:.4f}, best {best:.4f} in round {best_round}"
+    lines.append(text)
+    losses = [r["loss"] for r in rows if r.get("loss") is not None]
+    if losses:
+        lines.append(f"test loss {losses[0]:.4f} -> {losses[-1]:.4f}")
+    up = sum(r.get("uplink_bytes") or 0 for r in rows)
+    down = sum(r.get("downlink_bytes") or 0 for r in rows)
+    lines.append(
+        f"bytes: uplink {up / len(rows):,.0f} B/round ({up:,} in all),"
+        f" downlink {down / len(rows):,.0f} B/round ({down:,} in all)"
+    )
+    seconds = sorted(r.get("seconds") or 0.0 for r in rows)
+    lines.append(f"round time: median {seconds[len(seconds) // 2]:.2f} s, max {seconds[-1]:.2f} s")
+    rejected: dict[str, int] = {}
+    for r in rows:
+        for reason, count in (r.get("rejected") or {}).items():
+            rejected[reason] = rejected.get(reason, 0) + count
+    if rejected:
+        each = ", ".join(f"{k} {v}" for k, v in sorted(rejected.items(), key=lambda kv: -kv[1]))
+        lines.append(f"rejected {sum(rejected.values())}: {each}")
+    else:
+        lines.append("rejected: none")
+    dropped = sum(r.get("broker_dropped") or 0 for r in rows)
+    if dropped:
+        lines.append(f"broker dropped {dropped} messages: its queues are too small")
+    return lines
+
+
+def read_report(path: Path) -> dict[str, Any]:
+    """A report.json, or ValueError naming what is wrong with it."""
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: cannot read a report ({error})") from None
+    rows = report.get("rounds") if isinstance(report, dict) else None
+    if not isinstance(rows, list) or not all(
+        isinstance(r, dict) and isinstance(r.get("round"), int) for r in rows
+    ):
+        raise ValueError(f"{path}: not a fedmq report (no 'rounds' list of rounds)")
+    return report

@@ -20,7 +20,7 @@ from fedmq.compression import Pipeline, parse_spec
 from fedmq.compression.transforms import ErrorFeedbackState, error_feedback_init
 from fedmq.datasets import Dataset, digits, load_npz, partition
 from fedmq.models import MLP, check_layout
-from node import residual
+from node import progress, residual
 
 if TYPE_CHECKING:  # JAX is imported only once a node has a model to train
     from node.training import LocalTrainer
@@ -77,6 +77,12 @@ def enable_compile_cache(directory: Path) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
 
+# The global model is retained and sent again on every (re)subscribe, so a node loses
+# nothing by taking it at QoS 0; and an offline node's persistent session then queues
+# no stale models on the broker (QoS 0 is not queued for absent clients).
+DOWNLINK_QOS = 0
+
+
 class Node:
     """One device's participation: state across rounds plus what it publishes."""
 
@@ -88,6 +94,17 @@ class Node:
         self.outbox = outbox
         self.last_trained: tuple[int, str] | None = None  # (round, base model id)
         self._last_update: bytes | None = None  # payload of that round's update
+        # After a restart: the update on disk is resent (not trained again) the first
+        # time this process sees its model, whether that copy is retained or live.
+        self._resend_saved = False
+        saved = progress.load(self.progress_path)
+        if saved is not None:
+            self.last_trained = (saved.round, saved.model_id)
+            self._last_update = saved.payload
+            self._resend_saved = True
+        residual.settle(
+            self.pending_residual_path, self.residual_path, saved.round if saved else None
+        )
         self._held: GlobalModel | None = None  # the newest global model we have
         self._following_full = True  # subscribed to the full global model topic
         self._seen_key: tuple[int, str] | None = None
@@ -162,7 +179,8 @@ class Node:
         self._follow_full(False)  # compact forms flow: the full model is needed only to catch up
         seen = self._count(compact.round, compact.model_id, "delta")
         if (compact.round, compact.model_id) == self.last_trained:
-            if seen["delta"] > 1:  # published once per round: a second one is a republish
+            if seen["delta"] > 1 or self._resend_saved:  # a republish, or we restarted
+                self._resend_saved = False
                 self._resend(compact.round)
             return
         if isinstance(compact, GlobalModel):
@@ -185,7 +203,7 @@ class Node:
         if follow != self._following_full:
             self._following_full = follow
             if follow:
-                self.client.subscribe(self.topics.global_model, qos=1)
+                self.client.subscribe(self.topics.global_model, qos=DOWNLINK_QOS)
             else:
                 self.client.unsubscribe(self.topics.global_model)
 
@@ -208,14 +226,26 @@ class Node:
             self.finished = True
             return
         if (model.round, model.model_id) == self.last_trained:
-            if resend:
+            if resend or self._resend_saved:
+                self._resend_saved = False
                 self._resend(model.round)
+            return
+        if not model.selects(self.config.node_id):
+            self.status("idle", round=model.round, detail="not selected for this round")
             return
         self.train_and_publish(model)
 
     @property
     def residual_path(self) -> Path:
         return self.config.state_dir / "residual.npz"
+
+    @property
+    def pending_residual_path(self) -> Path:
+        return self.config.state_dir / "residual.next.npz"
+
+    @property
+    def progress_path(self) -> Path:
+        return self.config.state_dir / "last_update.msgpack"
 
     def _residual_for(self, model: GlobalModel, pipeline: Pipeline) -> ErrorFeedbackState | None:
         """The error-feedback state to start this round from (zeros when stale or absent)."""
@@ -286,14 +316,24 @@ class Node:
             )
             payload = encode(update)
             compress_seconds = time.perf_counter() - started_compress
-            self.outbox.publish(self.topics.update(self.config.node_id), payload)
-            self.last_trained = (model.round, model.model_id)
-            self._last_update = payload
+            # On disk before it leaves: a crash from here on resends these bytes. The
+            # update on record is the commit point; the residual that goes with it waits
+            # beside it until then (residual.settle), so a crash between the two writes
+            # keeps the previous round's residual, which that round's retraining needs.
             if new_state is not None:
                 residual.save(
-                    self.residual_path,
+                    self.pending_residual_path,
                     residual.SavedResidual(model.round, str(pipeline), new_state.residual),
                 )
+            progress.save(
+                self.progress_path, progress.LastUpdate(model.round, model.model_id, payload)
+            )
+            if new_state is not None:
+                residual.promote(self.pending_residual_path, self.residual_path)
+            self.outbox.publish(self.topics.update(self.config.node_id), payload)
+            self.last_trained = (model.round, model.model_id)
+            self._resend_saved = False
+            self._last_update = payload
             self.status("submitted", round=model.round, model_id=model.model_id)
             log.debug(
                 "update.published",
@@ -302,16 +342,6 @@ class Node:
                 loss=loss,
                 train_seconds=update.train_seconds,
             )
-
-
-def drain(inbox: "queue.Queue[edge.Received]", first: edge.Received) -> list[edge.Received]:
-    """``first`` and everything queued behind it."""
-    batch = [first]
-    while True:
-        try:
-            batch.append(inbox.get_nowait())
-        except queue.Empty:
-            return batch
 
 
 def run(config: NodeConfig, stop: threading.Event) -> int:
@@ -323,16 +353,17 @@ def run(config: NodeConfig, stop: threading.Event) -> int:
     inbox: queue.Queue[edge.Received] = queue.Queue()
     client = edge.make_client(
         edge.make_client_id(config.federation, "node", config.node_id),
-        subscriptions=[(topics.global_model, 1), (topics.global_delta, 1)],
+        subscriptions=[(topics.global_model, DOWNLINK_QOS), (topics.global_delta, DOWNLINK_QOS)],
         will=(topics.status(config.node_id), encode(offline)),
         inbox=inbox,
+        persistent=True,  # a stable session; the QoS 0 downlink queues nothing while away
     )
     node = Node(config, data, edge.Outbox(client))
     edge.start(client, config.broker)
     log.info("node.started", examples=len(data), broker=str(config.broker))
     while not stop.is_set() and not (node.finished and config.exit_when_done):
         try:
-            batch = drain(inbox, inbox.get(timeout=0.5))
+            batch = edge.drain(inbox, inbox.get(timeout=0.5))
         except queue.Empty:
             continue
         if any(r.topic == edge.CONNECTED for r in batch):

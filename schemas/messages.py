@@ -26,6 +26,25 @@ SCHEMA_VERSION = 1
 # broker's max_packet_size in mosquitto.conf.
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_ELEMENTS = DEFAULT_MAX_BYTES // 2
+# Headroom over a model's float32 numbers for the rest of an update (ids, plan, tensor
+# headers: a few hundred bytes in practice).
+UPDATE_HEADROOM = 64 * 1024
+# Extra room a broker's packet limit leaves for a global model's `selected` list (over
+# 14,000 node ids of 64 characters) and MQTT's own header and topic.
+PACKET_HEADROOM = 1024 * 1024
+
+
+def update_bound(num_params: int) -> int:
+    """Largest update payload of a model with ``num_params`` parameters that a receiver
+    accepts: the dense float32 numbers plus ``UPDATE_HEADROOM``."""
+    return 4 * num_params + UPDATE_HEADROOM
+
+
+def packet_bound(num_params: int) -> int:
+    """The broker's ``max_packet_size`` for such a model (``fedmq broker init``): any
+    update or global model message fits, and nothing far larger reaches a decoder."""
+    return update_bound(num_params) + PACKET_HEADROOM
+
 
 NODE_STATES = ("online", "training", "submitted", "idle", "done", "offline", "error")
 SERVER_STATES = ("waiting", "done", "offline")
@@ -67,6 +86,12 @@ class GlobalModel:
     plan: TrainingPlan
     final: bool = False
     created_at: float = 0.0
+    # The nodes sampled to train this round, sorted; None: every node. Not selected:
+    # do not train (the aggregator rejects the update as not_selected).
+    selected: tuple[str, ...] | None = None
+
+    def selects(self, node_id: str) -> bool:
+        return self.selected is None or node_id in self.selected
 
     @property
     def layout(self) -> Layout:
@@ -91,6 +116,7 @@ class GlobalDelta:
     xor: bytes  # zlib of the XORed little-endian bytes of all tensors, in layout order
     final: bool = False
     created_at: float = 0.0
+    selected: tuple[str, ...] | None = None  # as in GlobalModel
 
 
 def make_global_delta(
@@ -103,6 +129,7 @@ def make_global_delta(
         federation=model.federation, round=model.round, model=model.model,
         model_id=model.model_id, base_model_id=base_id, plan=model.plan,
         xor=zlib.compress(xored, 6), final=model.final, created_at=model.created_at,
+        selected=model.selected,
     )  # fmt: skip
 
 
@@ -136,7 +163,7 @@ def apply_global_delta(base: Mapping[str, np.ndarray], message: GlobalDelta) -> 
     return GlobalModel(
         federation=message.federation, round=message.round, model=message.model,
         model_id=message.model_id, params=params, plan=message.plan, final=message.final,
-        created_at=message.created_at,
+        created_at=message.created_at, selected=message.selected,
     )  # fmt: skip
 
 
@@ -198,6 +225,7 @@ class RoundMetrics:
     at: float = 0.0
     train_seconds_median: float | None = None
     global_delta_bytes: int | None = None
+    broker_dropped: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -232,35 +260,48 @@ def _plan_to_wire(plan: TrainingPlan) -> dict[str, Any]:
     }
 
 
+def _selected_to_wire(selected: tuple[str, ...] | None) -> dict[str, Any]:
+    """Only when sampling: without the key a message is byte for byte what it was."""
+    return {} if selected is None else {"selected": list(selected)}
+
+
 def _to_wire(message: Message) -> dict[str, Any]:
     head: dict[str, Any] = {"v": SCHEMA_VERSION}
     match message:
         case GlobalModel():
             plan = message.plan
-            return head | {
-                "type": "global",
-                "federation": message.federation,
-                "round": message.round,
-                "model": message.model,
-                "model_id": message.model_id,
-                "final": message.final,
-                "created_at": float(message.created_at),
-                "plan": _plan_to_wire(plan),
-                "params": _params_to_wire(message.params),
-            }
+            return (
+                head
+                | {
+                    "type": "global",
+                    "federation": message.federation,
+                    "round": message.round,
+                    "model": message.model,
+                    "model_id": message.model_id,
+                    "final": message.final,
+                    "created_at": float(message.created_at),
+                    "plan": _plan_to_wire(plan),
+                    "params": _params_to_wire(message.params),
+                }
+                | _selected_to_wire(message.selected)
+            )
         case GlobalDelta():
-            return head | {
-                "type": "global_delta",
-                "federation": message.federation,
-                "round": message.round,
-                "model": message.model,
-                "model_id": message.model_id,
-                "base_model_id": message.base_model_id,
-                "final": message.final,
-                "created_at": float(message.created_at),
-                "plan": _plan_to_wire(message.plan),
-                "xor": message.xor,
-            }
+            return (
+                head
+                | {
+                    "type": "global_delta",
+                    "federation": message.federation,
+                    "round": message.round,
+                    "model": message.model,
+                    "model_id": message.model_id,
+                    "base_model_id": message.base_model_id,
+                    "final": message.final,
+                    "created_at": float(message.created_at),
+                    "plan": _plan_to_wire(message.plan),
+                    "xor": message.xor,
+                }
+                | _selected_to_wire(message.selected)
+            )
         case NodeUpdate():
             return head | {
                 "type": "update",
@@ -320,6 +361,7 @@ def _to_wire(message: Message) -> dict[str, Any]:
                 "at": float(message.at),
                 "train_seconds_median": message.train_seconds_median,
                 "global_delta_bytes": message.global_delta_bytes,
+                "broker_dropped": message.broker_dropped,
             }
             return known | {k: v for k, v in message.extra.items() if k not in known}
     raise TypeError(f"not a fedmq message: {type(message).__name__}")
@@ -508,6 +550,7 @@ def decode_global(
         created_at=_get(obj, "created_at", float),
         plan=_plan(obj),
         params=_params(obj, "params", max_elements=max_elements, layout=None),
+        selected=_optional(obj, "selected", _node_ids),
     )
     if model_id_of(decoded.params) != decoded.model_id:
         raise SchemaError("bad_model_id", "model_id does not match the hash of params")
@@ -538,6 +581,7 @@ def decode_global_delta(payload: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -
         created_at=_get(obj, "created_at", float),
         plan=_plan(obj),
         xor=_get(obj, "xor", bytes),
+        selected=_optional(obj, "selected", _node_ids),
     )
 
 
@@ -648,6 +692,16 @@ def _optional(obj: Mapping[str, Any], key: str, check: Callable[..., T]) -> T | 
     return None if obj.get(key) is None else check(obj, key)
 
 
+def _node_ids(obj: Mapping[str, Any], key: str) -> tuple[str, ...]:
+    """A sorted list of distinct node ids."""
+    ids = _get(obj, key, list)
+    if not all(isinstance(i, str) and _ID.fullmatch(i) for i in ids):
+        raise SchemaError("bad_field", f"{key} must be a list of node ids")
+    if not ids or ids != sorted(set(ids)):
+        raise SchemaError("bad_field", f"{key} must be sorted, without repeats, not empty")
+    return tuple(ids)
+
+
 def decode_server_status(payload: bytes, *, max_bytes: int = 64 * 1024) -> ServerStatus:
     obj = _unpack(payload, "server", max_bytes)
     status = ServerStatus(
@@ -696,5 +750,6 @@ def decode_metrics(payload: bytes, *, max_bytes: int = 16 * 1024 * 1024) -> Roun
         at=_get(obj, "at", float),
         train_seconds_median=_get(obj, "train_seconds_median", float, optional=True),
         global_delta_bytes=_optional(obj, "global_delta_bytes", _positive),
+        broker_dropped=_optional(obj, "broker_dropped", _positive),
         extra={k: v for k, v in obj.items() if k not in _METRICS_KEYS},
     )

@@ -32,7 +32,7 @@ def federation() -> str:
 
 
 class Child:
-    def __init__(self, name: str, args: list[str], log: Path) -> None:
+    def __init__(self, name: str, args: list[str], log: Path, cwd: Path | None = None) -> None:
         self.name = name
         self.log_path = log
         with log.open("wb") as out:
@@ -42,6 +42,7 @@ class Child:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
+                cwd=cwd,  # default state dirs (.fedmq-node, .fedmq-aggregator) land here
             )
 
     def log(self) -> str:
@@ -69,7 +70,7 @@ def spawn(tmp_path: Path) -> Iterator[object]:
     children: list[Child] = []
 
     def start(name: str, *args: str) -> Child:
-        child = Child(name, list(args), tmp_path / f"{name}.log")
+        child = Child(name, list(args), tmp_path / f"{name}.log", cwd=tmp_path)
         children.append(child)
         return child
 

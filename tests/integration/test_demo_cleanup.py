@@ -1,4 +1,5 @@
-"""`fedmq demo` ends every process it started: on Ctrl-C, and when a child dies."""
+"""`fedmq demo` ends every process it started: on Ctrl-C, and when a child dies past its
+restart cap (restarts themselves are tested in tests/faults/test_demo_supervision.py)."""
 
 import os
 import signal
@@ -32,9 +33,9 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def _start_long_demo() -> tuple[subprocess.Popen[str], list[int]]:
+def _start_long_demo(*extra: str) -> tuple[subprocess.Popen[str], list[int]]:
     demo = subprocess.Popen(
-        [sys.executable, "-m", "fedmq", "demo", "--nodes", "3", "--rounds", "100000"],
+        [sys.executable, "-m", "fedmq", "demo", "--nodes", "3", "--rounds", "100000", *extra],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )  # fmt: skip
     for line in demo.stdout:
@@ -66,10 +67,10 @@ def test_ctrl_c_stops_every_child():
 
 
 def test_a_dead_child_fails_the_demo_and_the_rest_are_stopped():
-    demo, children = _start_long_demo()
+    demo, children = _start_long_demo("--max-restarts", "0")
     node = max(children)  # the last node started
     os.kill(node, signal.SIGKILL)
     code, out = _finish(demo)
     assert code == 1, out
-    assert "exited with -9" in out
+    assert "exited with -9" in out and "giving up after 0 restarts" in out
     assert [pid for pid in children if _alive(pid)] == []

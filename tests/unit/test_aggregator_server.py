@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from aggregator.evaluate import evaluate
 from aggregator.fedavg import fedavg
 from aggregator.rounds import RoundPolicy
-from aggregator.server import Aggregator, RoundSettings, dense_update_bound
+from aggregator.server import Aggregator, RoundSettings, Store, dense_update_bound
 from fedmq.datasets import Dataset
 from fedmq.models import get_model
 from schemas import (
@@ -55,6 +55,7 @@ class Harness:
         rounds: int = 3,
         max_update_bytes: int | None = None,
         test: Dataset | None = None,
+        store: Store | None = None,
     ) -> None:
         self.settings = RoundSettings(
             federation=FEDERATION,
@@ -75,6 +76,7 @@ class Harness:
             test=test,
             clock=self.clock,
             wall_clock=lambda: 1.7e9,
+            store=store,
         )
 
     # ---------------------------------------------------------------- what went out
@@ -650,3 +652,47 @@ def test_republish_sends_the_open_rounds_global_again() -> None:
     first, again = h.on(TOPICS.global_model)
     assert first == again and again[1] is True
     assert decode_server_status(h.on(TOPICS.server)[-1][0]).round == 1
+
+
+wire_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=20)
+    | st.binary(max_size=64),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)  # fmt: skip
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.data())
+def test_a_valid_update_with_any_field_replaced_is_accepted_or_rejected_never_raises(data) -> None:  # type: ignore[no-untyped-def]
+    """Structured fuzzing: one field anywhere in a valid update (top level, a tensor's
+    header, the delta map) gets an arbitrary msgpack value."""
+    h = Harness()
+    h.agg.start()
+    message = msgpack.unpackb(h.update("pi-x")[0], raw=False)
+    target = data.draw(st.sampled_from(["top", "delta", "tensor"]))
+    container = {
+        "top": message,
+        "delta": message["delta"],
+        "tensor": message["delta"][data.draw(st.sampled_from(sorted(message["delta"])))],
+    }[target]
+    key = data.draw(st.sampled_from([*sorted(container), "extra"]))
+    container[key] = data.draw(wire_values)
+    with structlog.testing.capture_logs() as logs:
+        h.send("pi-x", msgpack.packb(message, use_bin_type=True))
+    outcomes = [e["event"] for e in logs if e["event"] in ("update.accepted", "update.rejected")]
+    assert len(outcomes) == 1
+    assert (outcomes == ["update.accepted"]) == (h.agg.reported == 1)
+
+
+def test_broker_dropped_counts_the_rounds_increase_across_a_broker_restart() -> None:
+    h = Harness(policy=RoundPolicy(expected_nodes=1, min_nodes=1), rounds=3)
+    h.agg.start()
+    h.report("pi-a")  # round 1: the broker never published its counter
+    h.agg.note_broker_dropped(40)  # first reading: counting starts here
+    h.agg.note_broker_dropped(45)
+    h.report("pi-a")  # round 2
+    h.agg.note_broker_dropped(47)
+    h.agg.note_broker_dropped(3)  # the broker restarted: its counter began again at 0
+    h.report("pi-a")  # round 3
+    assert [m.broker_dropped for m in h.metrics()] == [None, 5, 5]

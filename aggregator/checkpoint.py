@@ -1,0 +1,135 @@
+"""The aggregator's state at the opening of a round, written atomically, plus its journal.
+
+``checkpoint.msgpack`` holds what a restarted aggregator needs to carry on exactly where
+it stopped: the open round's global model message as published (the params, round,
+model id and plan are in it), its compact form, the metrics of every closed round, the
+previous round's participants (to recognise resent duplicates) and a fingerprint of the
+settings that must not change within a run. It is written to a temporary file, fsynced,
+renamed over the old one and the directory fsynced: a crash leaves the old or the new
+checkpoint, never a mix. The open round's accepted updates are in its journal
+(``aggregator.journal``); a journal older than the checkpoint's round is obsolete.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+from aggregator.journal import RoundJournal, journal_path, read_journal
+from fedmq.files import write_atomically
+
+CHECKPOINT_VERSION = 1
+CHECKPOINT_FILE = "checkpoint.msgpack"
+
+
+class CheckpointError(RuntimeError):
+    """The state directory cannot be resumed (unreadable, or another run's)."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    round: int  # the round this checkpoint opened (also inside global_payload)
+    fingerprint: dict[str, Any]  # settings a run must keep (federation, model, plan)
+    global_payload: bytes  # the open round's GlobalModel message, as published
+    delta_payload: bytes | None  # its compact form on global/delta
+    delta_bytes: int | None  # size of the XOR form (None if there was no previous model)
+    history: list[bytes]  # RoundMetrics messages of the closed rounds, in order
+    previous_reporters: list[str]
+
+
+def to_bytes(checkpoint: Checkpoint) -> bytes:
+    return msgpack.packb(
+        {
+            "v": CHECKPOINT_VERSION,
+            "round": checkpoint.round,
+            "fingerprint": checkpoint.fingerprint,
+            "global": checkpoint.global_payload,
+            "global_delta": checkpoint.delta_payload,
+            "delta_bytes": checkpoint.delta_bytes,
+            "history": checkpoint.history,
+            "previous_reporters": checkpoint.previous_reporters,
+        },
+        use_bin_type=True,
+    )
+
+
+def from_bytes(data: bytes) -> Checkpoint:
+    try:
+        raw = msgpack.unpackb(data, raw=False)
+        if raw.get("v") != CHECKPOINT_VERSION:
+            raise CheckpointError(f"checkpoint version {raw.get('v')!r}, expected 1")
+        return Checkpoint(
+            round=int(raw["round"]),
+            fingerprint=dict(raw["fingerprint"]),
+            global_payload=bytes(raw["global"]),
+            delta_payload=None if raw["global_delta"] is None else bytes(raw["global_delta"]),
+            delta_bytes=raw["delta_bytes"],
+            history=[bytes(item) for item in raw["history"]],
+            previous_reporters=[str(node) for node in raw["previous_reporters"]],
+        )
+    except (ValueError, TypeError, KeyError, AttributeError, msgpack.UnpackException) as error:
+        raise CheckpointError(f"unreadable checkpoint: {error}") from error
+
+
+def fingerprint_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> str | None:
+    """Which setting differs between the saved run and this configuration, or None."""
+    for key in sorted(set(saved) | set(current)):
+        if saved.get(key) != current.get(key):
+            return f"{key} was {saved.get(key)!r}, now {current.get(key)!r}"
+    return None
+
+
+class StateDir:
+    """An aggregator's durable state: the checkpoint and the open round's journal."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        self._journal: RoundJournal | None = None
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.directory / CHECKPOINT_FILE
+
+    def load(self) -> Checkpoint | None:
+        if not self.checkpoint_path.exists():
+            return None
+        return from_bytes(self.checkpoint_path.read_bytes())
+
+    def clear(self) -> None:
+        """Forget the kept run: the next start is a new one."""
+        self.close()
+        for path in [self.checkpoint_path, *self.directory.glob("journal-*.log")]:
+            path.unlink(missing_ok=True)
+
+    def journal_records(self, round: int) -> list[tuple[str, bytes]]:
+        return read_journal(journal_path(self.directory, round))
+
+    def save(self, checkpoint: Checkpoint) -> None:
+        """Checkpoint a newly opened round, start its journal, drop older journals."""
+        write_atomically(self.checkpoint_path, to_bytes(checkpoint))
+        self.open_journal(checkpoint.round)
+
+    def open_journal(self, round: int) -> None:
+        if self._journal is not None and self._journal.round == round:
+            return
+        if self._journal is not None:
+            self._journal.close()
+        self._journal = RoundJournal(self.directory, round)
+        for old in self.directory.glob("journal-*.log"):
+            if old != self._journal.path:
+                old.unlink()
+
+    def append(self, topic: str, payload: bytes) -> None:
+        if self._journal is None:
+            raise RuntimeError("no open journal: save() or open_journal() first")
+        self._journal.append(topic, payload)
+
+    def sync(self) -> bool:
+        return self._journal.sync() if self._journal is not None else False
+
+    def close(self) -> None:
+        if self._journal is not None:
+            self._journal.close()
+            self._journal = None

@@ -1,0 +1,105 @@
+"""The open round's accepted updates on disk, so an aggregator crash loses none of them.
+
+One append-only file per round, ``journal-<round>.log``: a sequence of records, each
+
+    u32 length (big-endian) | u32 CRC-32 of the body | body
+
+where the body is msgpack ``[topic, payload]``: the update exactly as it arrived. The
+aggregator appends every accepted update, and the MQTT edge calls ``sync`` (one fsync for
+all updates handled since the last one: group commit) before it sends their PUBACKs, so
+an update the broker has stopped holding for us is always on disk. A crash can leave a
+torn last record; reading stops there and the file is cut back to its last whole record.
+"""
+
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import msgpack
+import structlog
+
+from fedmq.files import fsync_directory
+
+log = structlog.get_logger()
+
+_HEADER = struct.Struct(">II")
+# A record longer than this is corruption, not an update (the broker's packet limit).
+MAX_RECORD = 64 * 1024 * 1024 + 1024
+
+
+def journal_path(directory: Path, round: int) -> Path:
+    return directory / f"journal-{round:06d}.log"
+
+
+def encode_record(topic: str, payload: bytes) -> bytes:
+    body = msgpack.packb([topic, payload], use_bin_type=True)
+    return _HEADER.pack(len(body), zlib.crc32(body)) + body
+
+
+def decode_records(data: bytes) -> tuple[list[tuple[str, bytes]], int]:
+    """The whole records at the start of ``data`` and the length they cover.
+
+    Stops at the first incomplete or corrupt record (a torn write from a crash)."""
+    records: list[tuple[str, bytes]] = []
+    offset = 0
+    while offset + _HEADER.size <= len(data):
+        length, crc = _HEADER.unpack_from(data, offset)
+        start, end = offset + _HEADER.size, offset + _HEADER.size + length
+        if length > MAX_RECORD or end > len(data) or zlib.crc32(data[start:end]) != crc:
+            break
+        try:
+            topic, payload = msgpack.unpackb(data[start:end], raw=False)
+        except (ValueError, TypeError, msgpack.UnpackException):
+            break
+        if not isinstance(topic, str) or not isinstance(payload, bytes):
+            break
+        records.append((topic, payload))
+        offset = end
+    return records, offset
+
+
+class RoundJournal:
+    """Appends accepted updates of one round; ``sync`` makes them durable."""
+
+    def __init__(self, directory: Path, round: int) -> None:
+        self.path = journal_path(directory, round)
+        self.round = round
+        existed = self.path.exists()
+        self._file = self.path.open("ab")
+        self._dirty = False
+        self.appended = 0
+        if not existed:
+            fsync_directory(directory)
+
+    def append(self, topic: str, payload: bytes) -> None:
+        self._file.write(encode_record(topic, payload))
+        self._dirty = True
+        self.appended += 1
+
+    def sync(self) -> bool:
+        """fsync what was appended since the last call; True if there was anything."""
+        if not self._dirty:
+            return False
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._dirty = False
+        return True
+
+    def close(self) -> None:
+        self.sync()
+        self._file.close()
+
+
+def read_journal(path: Path) -> list[tuple[str, bytes]]:
+    """The records of a journal file, cutting off a torn tail in place."""
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    records, length = decode_records(data)
+    if length < len(data):
+        log.warning("journal.torn_tail", path=str(path), kept=length, dropped=len(data) - length)
+        with path.open("r+b") as file:
+            file.truncate(length)
+            os.fsync(file.fileno())
+    return records

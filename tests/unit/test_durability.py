@@ -1,0 +1,258 @@
+"""Crash safety of the aggregator without MQTT: journal records, checkpoints, resume.
+
+A "crash" here is dropping the Aggregator object at some point and building a new one
+from the same state directory, which is what a restarted process does.
+"""
+
+import random
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from aggregator.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    StateDir,
+    fingerprint_mismatch,
+    from_bytes,
+    to_bytes,
+)
+from aggregator.journal import decode_records, encode_record, read_journal
+from aggregator.rounds import RoundPolicy
+from tests.unit.test_aggregator_server import TOPICS, Harness
+
+NODES = [f"node-{i}" for i in range(5)]
+
+# ------------------------------------------------------------------------ journal records
+
+
+@given(st.lists(st.tuples(st.text(max_size=30), st.binary(max_size=300)), max_size=8))
+def test_records_round_trip(records: list[tuple[str, bytes]]) -> None:
+    data = b"".join(encode_record(topic, payload) for topic, payload in records)
+    assert decode_records(data) == (records, len(data))
+
+
+@settings(max_examples=300)
+@given(
+    st.lists(st.tuples(st.text(max_size=10), st.binary(max_size=50)), min_size=1, max_size=5),
+    st.data(),
+)
+def test_a_torn_tail_keeps_exactly_the_whole_records_before_it(records, data) -> None:  # type: ignore[no-untyped-def]
+    frames = [encode_record(topic, payload) for topic, payload in records]
+    blob = b"".join(frames)
+    cut = data.draw(st.integers(0, len(blob) - 1))
+    whole = 0
+    covered = 0
+    for frame in frames:
+        if covered + len(frame) > cut:
+            break
+        covered += len(frame)
+        whole += 1
+    assert decode_records(blob[:cut]) == (records[:whole], covered)
+
+
+def test_a_corrupt_record_ends_the_journal_there() -> None:
+    first, second = encode_record("a", b"one"), encode_record("b", b"two")
+    damaged = bytearray(first + second)
+    damaged[len(first) + 9] ^= 0xFF  # a body byte of the second record: CRC mismatch
+    assert decode_records(bytes(damaged)) == ([("a", b"one")], len(first))
+
+
+def test_read_journal_cuts_a_torn_tail_off_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "journal-000001.log"
+    whole = encode_record("t", b"kept")
+    path.write_bytes(whole + encode_record("t", b"torn")[:-3])
+    assert read_journal(path) == [("t", b"kept")]
+    assert path.read_bytes() == whole  # appends continue after the last whole record
+
+
+# ------------------------------------------------------------------------ checkpoint file
+
+
+def test_checkpoint_round_trips_and_rejects_garbage() -> None:
+    checkpoint = Checkpoint(
+        round=3,
+        fingerprint={"federation": "f", "plan": [0.1, 16, 1, 0]},
+        global_payload=b"\x01\x02",
+        delta_payload=None,
+        delta_bytes=None,
+        history=[b"m1", b"m2"],
+        previous_reporters=["a", "b"],
+    )
+    assert from_bytes(to_bytes(checkpoint)) == checkpoint
+    with pytest.raises(CheckpointError, match="unreadable"):
+        from_bytes(b"\xc1 not msgpack")
+    with pytest.raises(CheckpointError, match="version"):
+        from_bytes(to_bytes(checkpoint).replace(b"\xa1v\x01", b"\xa1v\x07"))
+
+
+def test_fingerprint_mismatch_names_the_setting() -> None:
+    assert fingerprint_mismatch({"a": 1, "b": 2}, {"a": 1, "b": 2}) is None
+    assert fingerprint_mismatch({"a": 1, "b": 2}, {"a": 1, "b": 3}) == "b was 2, now 3"
+
+
+# ------------------------------------------------------------------------ resume
+
+
+def delta_seed(node: str, round: int) -> int:
+    return zlib.crc32(f"{node}/{round}".encode())
+
+
+def send_round(h: Harness, nodes: list[str]) -> None:
+    """Every node in ``nodes`` reports the open round (updates depend on node and round)."""
+    round = h.agg.round
+    for node in nodes:
+        h.report(node, seed=delta_seed(node, round), num_examples=10 + NODES.index(node))
+
+
+def harness(tmp_path: Path | None, rounds: int = 4) -> Harness:
+    store = StateDir(tmp_path) if tmp_path is not None else None
+    return Harness(
+        policy=RoundPolicy(expected_nodes=len(NODES), min_nodes=len(NODES)),
+        rounds=rounds,
+        store=store,
+    )
+
+
+def resumed(tmp_path: Path, rounds: int = 4) -> Harness:
+    """A new aggregator on the same state directory, as a restarted process builds it."""
+    h = harness(tmp_path, rounds)
+    store = h.agg._store
+    assert isinstance(store, StateDir)
+    checkpoint = store.load()
+    assert checkpoint is not None
+    store.open_journal(checkpoint.round)
+    h.agg.resume(checkpoint, store.journal_records(checkpoint.round))
+    h.agg.tick()
+    return h
+
+
+def crash(h: Harness) -> None:
+    """The process dies after the edge's group commit: memory is gone, the files stay."""
+    assert isinstance(h.agg._store, StateDir)
+    h.agg._store.close()  # (fsyncs; the edge had done so before acknowledging anyway)
+
+
+def run_to_end(h: Harness, order: random.Random | None = None) -> None:
+    while not h.agg.done:
+        reported = set(h.agg._accepted)
+        missing = [node for node in NODES if node not in reported]
+        if order is not None:
+            order.shuffle(missing)
+        send_round(h, missing)
+
+
+def test_arrival_order_does_not_change_the_model() -> None:
+    reference = harness(None)
+    reference.agg.start()
+    run_to_end(reference)
+    for seed in range(3):
+        shuffled = harness(None)
+        shuffled.agg.start()
+        run_to_end(shuffled, random.Random(seed))
+        for name, array in reference.agg.params.items():
+            assert shuffled.agg.params[name].tobytes() == array.tobytes()
+
+
+@pytest.mark.parametrize("crash_after", [0, 1, 2, 5, 7, 11, 13, 19])
+def test_a_resumed_run_ends_bitwise_equal_to_an_uninterrupted_one(
+    tmp_path: Path, crash_after: int
+) -> None:
+    reference = harness(None)
+    reference.agg.start()
+    run_to_end(reference)
+
+    h = harness(tmp_path)
+    h.agg.start()
+    sent = 0
+    while sent < crash_after and not h.agg.done:  # some whole rounds, then part of one
+        node = next(n for n in NODES if n not in h.agg._accepted)
+        h.report(node, seed=delta_seed(node, h.agg.round), num_examples=10 + NODES.index(node))
+        sent += 1
+    crash(h)
+    h = resumed(tmp_path)
+    run_to_end(h)
+
+    for name, array in reference.agg.params.items():
+        assert h.agg.params[name].tobytes() == array.tobytes()
+    assert [m.participants for m in h.agg.history] == [
+        m.participants for m in reference.agg.history
+    ]
+    assert sum(len(m.participants) for m in h.agg.history) == len(NODES) * 4
+
+
+def test_a_redelivered_update_after_resume_is_a_duplicate_not_a_second_vote(
+    tmp_path: Path,
+) -> None:
+    h = harness(tmp_path)
+    h.agg.start()
+    payload, _ = h.update("node-0", seed=1)
+    h.send("node-0", payload)
+    crash(h)
+    h = resumed(tmp_path)
+    assert h.agg.reported == 1
+    h.send("node-0", payload)  # the broker redelivers what we had not acknowledged
+    assert h.agg.reported == 1
+    send_round(h, NODES[1:])
+    (metrics,) = h.metrics()
+    assert metrics.rejected == {"duplicate": 1}
+    assert metrics.participants == NODES
+
+
+def test_resume_republishes_the_open_round(tmp_path: Path) -> None:
+    first = harness(tmp_path)
+    first.agg.start()
+    send_round(first, NODES)  # round 1 closes, round 2 opens
+    (global_2, _) = first.on(TOPICS.global_model)[-1]
+    crash(first)
+    h = resumed(tmp_path)
+    assert h.agg.round == 2
+    assert h.published == []  # nothing goes out before the edge is connected
+    h.agg.republish()
+    assert h.on(TOPICS.global_model) == [(global_2, True)]
+    assert len(h.agg.history) == 1
+    # round 1's metrics again: the crash may have come before they went out
+    assert [m.round for m in h.metrics()] == [1]
+    assert h.metrics()[0].model_id == h.agg.model_id
+
+
+def test_only_the_open_rounds_journal_is_kept(tmp_path: Path) -> None:
+    h = harness(tmp_path)
+    h.agg.start()
+    send_round(h, NODES)
+    send_round(h, NODES[:2])
+    crash(h)
+    assert sorted(p.name for p in tmp_path.glob("journal-*.log")) == ["journal-000002.log"]
+    assert len(read_journal(tmp_path / "journal-000002.log")) == 2
+
+
+def test_a_finished_run_resumes_as_done(tmp_path: Path) -> None:
+    h = harness(tmp_path, rounds=1)
+    h.agg.start()
+    send_round(h, NODES)
+    assert h.agg.done
+    crash(h)
+    again = resumed(tmp_path, rounds=1)
+    assert again.agg.done
+    assert len(again.agg.history) == 1
+    np.testing.assert_array_equal(again.agg.params["l0.w"], h.agg.params["l0.w"])
+
+
+@pytest.fixture(autouse=True)
+def _close_state_dirs(monkeypatch: pytest.MonkeyPatch) -> object:
+    """Close every journal a test opened (a resumed harness is never crashed again)."""
+    opened: list[StateDir] = []
+    original = StateDir.__init__
+
+    def tracking_init(self: StateDir, directory: Path) -> None:
+        original(self, directory)
+        opened.append(self)
+
+    monkeypatch.setattr(StateDir, "__init__", tracking_init)
+    yield
+    for store in opened:
+        store.close()

@@ -1,0 +1,73 @@
+"""The MQTT edge's pure parts: broker addresses, credentials, reconnect jitter, draining."""
+
+import queue
+import ssl
+from pathlib import Path
+
+import pytest
+
+from fedmq import mqtt as edge
+from fedmq.cli import main
+
+
+def test_broker_address_parses_and_prints() -> None:
+    assert edge.BrokerAddress.parse("10.0.0.2:8883") == edge.BrokerAddress("10.0.0.2", 8883)
+    assert edge.BrokerAddress.parse("broker.local").port == 1883
+    with_tls = edge.BrokerAddress("h", 8883, edge.Credentials(ca_file=Path("/ca.pem")))
+    assert str(with_tls) == "h:8883 (TLS)"
+    for bad in ("h:0", "h:x", ":1883", "h:70000"):
+        with pytest.raises(ValueError, match="HOST:PORT"):
+            edge.BrokerAddress.parse(bad)
+
+
+def test_credentials_problems_name_the_setting(tmp_path: Path) -> None:
+    existing = tmp_path / "f"
+    existing.write_text("secret\n")
+    assert edge.Credentials().problem() is None
+    assert edge.Credentials(username="pi-01", password_file=existing).problem() is None
+    assert "needs a username" in (edge.Credentials(password_file=existing).problem() or "")
+    assert "needs its key" in (
+        edge.Credentials(ca_file=existing, cert_file=existing).problem() or ""
+    )
+    assert "needs TLS" in (edge.Credentials(cert_file=existing, key_file=existing).problem() or "")
+    missing = edge.Credentials(username="u", password_file=tmp_path / "nope")
+    assert missing.problem() == f"password file {tmp_path / 'nope'} does not exist"
+
+
+def test_the_password_is_the_first_line_of_its_file(tmp_path: Path) -> None:
+    path = tmp_path / "password"
+    path.write_text("s3cret\nignored\n")
+    assert edge.Credentials(username="u", password_file=path).password() == "s3cret"
+    assert edge.Credentials(username="u").password() is None
+
+
+def test_no_ca_means_no_tls_and_a_ca_means_verified_tls_1_2_or_newer(tmp_path: Path) -> None:
+    assert edge.Credentials().tls_context() is None
+    ca = Path(ssl.get_default_verify_paths().cafile or "")
+    if not ca.is_file():
+        pytest.skip("no system CA bundle to load as a stand-in CA file")
+    context = edge.Credentials(ca_file=ca).tls_context()
+    assert context is not None
+    assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
+    assert context.minimum_version == ssl.TLSVersion.TLSv1_2
+
+
+def test_the_cli_refuses_unusable_credentials_before_connecting(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    code = main(["monitor", "--password-file", str(tmp_path / "missing"), "--username", "m"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fedmq monitor: error: broker credentials: password file")
+
+
+def test_reconnect_delays_are_jittered() -> None:
+    delays = {edge._jittered(1.0) for _ in range(50)}
+    assert len(delays) > 40 and all(0.5 <= d <= 1.5 for d in delays)
+
+
+def test_drain_takes_what_is_queued_up_to_a_limit() -> None:
+    inbox: queue.Queue[edge.Received] = queue.Queue()
+    for i in range(5):
+        inbox.put(edge.Received(f"t{i}", b"", False))
+    first = edge.Received("first", b"", False)
+    assert [r.topic for r in edge.drain(inbox, first, limit=3)] == ["first", "t0", "t1"]
+    assert [r.topic for r in edge.drain(inbox, first)] == ["first", "t2", "t3", "t4"]
