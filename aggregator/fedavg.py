@@ -8,7 +8,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from schemas.encodings import Encoded, Quantized, Sparse, shape_of
+from schemas.encodings import Encoded, Quantized, Sparse, float16_into, shape_of
 
 Params = dict[str, np.ndarray]
 
@@ -58,20 +58,16 @@ class WeightedSum:
     def _add_dense(
         self, target: np.ndarray, tensor: "np.ndarray | Quantized", factor: np.float32
     ) -> None:
-        size = target.size
-        for start in range(0, size, CHUNK):
-            stop = min(start + CHUNK, size)
+        flat = tensor if isinstance(tensor, Quantized) else tensor.reshape(-1)
+        for start in range(0, target.size, CHUNK):
+            stop = min(start + CHUNK, target.size)
             scaled = self._scratch[: stop - start]
-            if isinstance(tensor, Quantized):
-                first = start // tensor.chunk
-                scales = np.repeat(tensor.scales[first : -(-stop // tensor.chunk)], tensor.chunk)
-                offset = start - first * tensor.chunk
-                np.multiply(
-                    tensor.codes[start:stop], scales[offset : offset + stop - start], out=scaled
-                )
-                np.multiply(scaled, factor, out=scaled)
+            if isinstance(flat, Quantized):
+                np.multiply(flat.dequantize_into(scaled, start), factor, out=scaled)
+            elif flat.dtype == np.float16:
+                np.multiply(float16_into(flat[start:stop], scaled), factor, out=scaled)
             else:
-                np.multiply(tensor.reshape(-1)[start:stop], factor, out=scaled)
+                np.multiply(flat[start:stop], factor, out=scaled)
             window = target[start:stop]
             np.add(window, scaled, out=window)
 

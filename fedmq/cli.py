@@ -130,7 +130,7 @@ def _aggregation(text: str) -> str:
 
 
 COMPRESSION_HELP = (
-    "how nodes compress their deltas: dense (default), fp16, int8, int4, topk:F, joined "
+    "how nodes compress their deltas: dense (default), fp16, int8, int4, sign, topk:F, joined "
     "with + and optionally ef (error feedback) and zlib, e.g. topk:0.01+int8+ef"
 )
 

@@ -654,7 +654,7 @@ def _delta(
     budget = max_elements
     for name, tensor in wire.items():
         decoded = decode_encoded(tensor, f"delta.{name}", max_elements=max(budget, 0))
-        budget -= int(np.prod(shape_of(decoded)))
+        budget -= math.prod(shape_of(decoded))
         if layout is not None and shape_of(decoded) != layout[name]:
             raise SchemaError(
                 "layout_mismatch",

@@ -1,11 +1,11 @@
 """The SPEC grammar that names a compression pipeline (docs/PROTOCOL.md, "Compression").
 
     SPEC    := "dense" | STAGE ("+" STAGE)*
-    STAGE   := "topk:" FRACTION | "fp16" | "int8" | "int4" | "ef" | "zlib"
+    STAGE   := "topk:" FRACTION | "fp16" | "int8" | "int4" | "sign" | "ef" | "zlib"
 
-At most one of fp16/int8/int4; each stage at most once. Stages always run in the order
-topk, value coding, and the lossless ``zlib`` last; ``ef`` (error feedback) wraps the
-lossy part. ``str(pipeline)`` is the canonical SPEC, which is what travels.
+At most one value coding (fp16/int8/int4/sign); each stage at most once. Stages always
+run in the order topk, value coding, and the lossless ``zlib`` last; ``ef`` (error
+feedback) wraps the lossy part. ``str(pipeline)`` is the canonical SPEC, which travels.
 """
 
 from collections.abc import Mapping
@@ -20,12 +20,14 @@ from fedmq.compression.transforms import (
     compress_tree,
     identity,
     quantize,
+    scaled_sign,
     to_float16,
     top_k,
 )
 from schemas.encodings import Encoded, Quantized, Sparse
 
-VALUE_CODINGS = ("fp16", "int8", "int4")
+VALUE_CODINGS = ("fp16", "int8", "int4", "sign")
+QUANT_BITS = {"int8": 8, "int4": 4, "sign": 1}  # value codings sent in the quantized form
 QUANT_CHUNK = 256
 
 
@@ -55,8 +57,10 @@ class Pipeline:
             stages.append(top_k(self.top_k))
         if self.values == "fp16":
             stages.append(to_float16())
-        elif self.values in ("int8", "int4"):
-            stages.append(quantize(int(self.values[3]), QUANT_CHUNK))
+        elif self.values == "sign":
+            stages.append(scaled_sign(QUANT_CHUNK))
+        elif self.values in QUANT_BITS:
+            stages.append(quantize(QUANT_BITS[self.values], QUANT_CHUNK))
         return chain(*stages) if stages else identity()
 
     def compress(
@@ -76,8 +80,8 @@ class Pipeline:
             values = tensor.values
         elif isinstance(tensor, Sparse):
             return "unexpected sparse tensor"
-        if self.values in ("int8", "int4"):
-            bits = int(self.values[3])
+        if self.values in QUANT_BITS:
+            bits = QUANT_BITS[self.values]
             if not isinstance(values, Quantized) or values.bits != bits:
                 return f"expected {bits}-bit quantized values"
             return None
@@ -115,6 +119,6 @@ def parse_spec(text: str) -> Pipeline:
         elif kind not in ("ef", "zlib") or argument:
             raise ValueError(
                 f"compression {text!r}: unknown stage {stage!r} (dense, topk:F, fp16, int8, "
-                "int4, ef, zlib)"
+                "int4, sign, ef, zlib)"
             )
     return Pipeline(top_k=top, values=values, error_feedback="ef" in seen, zlib="zlib" in seen)

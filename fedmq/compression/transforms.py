@@ -85,6 +85,25 @@ def quantize_values(
     return Quantized(shape=values.shape, bits=bits, chunk=chunk, scales=scales, codes=codes)
 
 
+def sign_values(values: np.ndarray, chunk: int) -> Quantized:
+    """Scaled sign, one bit per value: per chunk, scale = mean |x| (float32) and code =
+    +1 for x >= 0, -1 otherwise. Biased per element, deterministic; error feedback
+    carries what it gets wrong into the next round."""
+    flat = values.reshape(-1).astype(np.float32)
+    n = flat.size
+    chunks = -(-n // chunk)
+    padded = np.zeros(chunks * chunk, dtype=np.float32)
+    padded[:n] = flat
+    counts = np.minimum(chunk, n - chunk * np.arange(chunks)).astype(np.float32)
+    scales = (np.abs(padded.reshape(chunks, chunk)).sum(axis=1) / counts).astype(np.float32)
+    codes = np.where(flat >= 0, 1, -1).astype(np.int8)
+    return Quantized(shape=values.shape, bits=1, chunk=chunk, scales=scales, codes=codes)
+
+
+def scaled_sign(chunk: int = 256) -> Transform:
+    return _on_values(lambda values, _rng: sign_values(values, chunk))
+
+
 def quantize(bits: int, chunk: int = 256) -> Transform:
     if bits not in (8, 4):
         raise ValueError("quantization has 8 or 4 bits")

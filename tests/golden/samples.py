@@ -93,6 +93,29 @@ UPDATE_SPARSE_INT8 = dataclasses.replace(
     UPDATE, delta=SPARSE_INT8_DELTA, compression="topk:0.1+int8+ef"
 )
 
+
+# The same with one-bit values (topk+sign): codes +1, -1, +1 are the bits 1, 0, 1 of the
+# byte 0x05, lowest bit first; one scale, the mean magnitude. l0.w is the example of
+# docs/PROTOCOL.md 12.7; l1.b (2 elements) sends its two elements, +1 and -1 (0x01).
+def sign_sparse(size: int, shape: tuple[int, ...]) -> Sparse:
+    positions = [0, 1, size - 1] if size >= 3 else list(range(size))
+    return Sparse(
+        shape=shape,
+        indices=np.array(positions, dtype=np.int64),
+        values=Quantized(shape=(len(positions),), bits=1, chunk=256,
+                         scales=np.array([0.1875], np.float32),
+                         codes=np.array([1, -1, 1][: len(positions)], dtype=np.int8)),
+    )  # fmt: skip
+
+
+SPARSE_SIGN_DELTA = {
+    name: sign_sparse(int(np.prod(shape)), shape) for name, shape in LAYOUT.items()
+}
+
+UPDATE_SPARSE_SIGN = dataclasses.replace(
+    UPDATE, delta=SPARSE_SIGN_DELTA, compression="topk:0.1+sign+ef"
+)
+
 # The compact downlink. zlib at level 0 (stored blocks) keeps the bytes the same for every
 # zlib implementation; the aggregator compresses for real, which decodes the same way.
 GLOBAL_DELTA = GlobalDelta(
@@ -161,6 +184,7 @@ SAMPLES: dict[str, Sample] = {
     "global": Sample(GLOBAL, decode_global),
     "update": Sample(UPDATE, decode_update),
     "update_sparse_int8": Sample(UPDATE_SPARSE_INT8, decode_update),
+    "update_sparse_sign": Sample(UPDATE_SPARSE_SIGN, decode_update),
     "global_delta": Sample(GLOBAL_DELTA, decode_global_delta),
     "status": Sample(STATUS, decode_status),
     "status_minimal": Sample(STATUS_MINIMAL, decode_status),

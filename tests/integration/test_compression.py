@@ -1,4 +1,5 @@
-"""A compressed federation through a real mosquitto: top-k + int8 + error feedback."""
+"""A compressed federation through a real mosquitto: top-k + int8 (or one-bit sign
+values and zlib) + error feedback."""
 
 import json
 import math
@@ -12,19 +13,19 @@ from schemas.encodings import Quantized, Sparse
 
 pytestmark = [pytest.mark.integration]
 
-SPEC = "topk:0.1+int8+ef"
 DENSE_UPDATE_BYTES = 9_971  # one dense digits-mlp update (docs/PROTOCOL.md, section 10)
 
 
-def test_three_nodes_send_sparse_int8_updates_with_error_feedback(
-    mosquitto, federation, spawn, node_data, collect, tmp_path
+@pytest.mark.parametrize(("spec", "bits"), [("topk:0.1+int8+ef", 8), ("topk:0.1+sign+ef+zlib", 1)])
+def test_three_nodes_send_sparse_quantized_updates_with_error_feedback(
+    mosquitto, federation, spawn, node_data, collect, tmp_path, spec, bits
 ):
     topics = Topics(federation)
     watcher = collect([topics.metrics, topics.global_model, topics.all_updates])
     common = ["--broker", mosquitto.address, "--federation", federation, "--log-json"]
     report = tmp_path / "report.json"
     aggregator = spawn(
-        "aggregator", "aggregator", *common, "--compression", SPEC, "--nodes", "3",
+        "aggregator", "aggregator", *common, "--compression", spec, "--nodes", "3",
         "--rounds", "4", "--report", str(report),
     )  # fmt: skip
     states = [tmp_path / f"state-{i}" for i in range(3)]
@@ -50,9 +51,9 @@ def test_three_nodes_send_sparse_int8_updates_with_error_feedback(
     # Every global, the final one included, announces the canonical SPEC.
     globals_ = [decode_global(p) for p in watcher.on(topics.global_model) if p]
     assert [g.round for g in globals_] == [1, 2, 3, 4, 5]
-    assert {g.plan.compression for g in globals_} == {SPEC}
+    assert {g.plan.compression for g in globals_} == {spec}
 
-    # The updates on the wire: sparse tensors with int8 values, as the SPEC says.
+    # The updates on the wire: sparse tensors with quantized values, as the SPEC says.
     layout = get_model("digits-mlp").layout
     payloads = [p for i in range(3) for p in watcher.on(topics.update(f"pi-{i}"))]
     updates = [decode_update(p, layout=layout) for p in payloads]
@@ -60,10 +61,10 @@ def test_three_nodes_send_sparse_int8_updates_with_error_feedback(
         (r, f"pi-{i}") for r in range(1, 5) for i in range(3)
     ]
     for update in updates:
-        assert update.compression == SPEC
+        assert update.compression == spec
         for name, tensor in update.delta.items():
             assert isinstance(tensor, Sparse), name
-            assert isinstance(tensor.values, Quantized) and tensor.values.bits == 8
+            assert isinstance(tensor.values, Quantized) and tensor.values.bits == bits
             size = math.prod(layout[name])
             assert tensor.indices.size == max(1, math.ceil(0.1 * size))
     assert sum(len(p) for p in payloads) == sum(m.uplink_bytes for m in metrics)
@@ -79,6 +80,6 @@ def test_three_nodes_send_sparse_int8_updates_with_error_feedback(
         assert path.is_file(), sorted(p.name for p in state.iterdir())
         saved = residual.load(path)
         assert saved is not None
-        assert (saved.round, saved.spec) == (4, SPEC)
+        assert (saved.round, saved.spec) == (4, spec)
         assert {name: a.shape for name, a in saved.residual.items()} == layout
         assert any(a.any() for a in saved.residual.values())  # top-k left something behind

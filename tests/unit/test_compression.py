@@ -26,6 +26,7 @@ from fedmq.compression.transforms import (
     compress_tree,
     error_feedback_init,
     quantize_values,
+    sign_values,
 )
 from fedmq.models import get_model
 from node import residual
@@ -43,13 +44,16 @@ from schemas import (
     model_id_of,
 )
 from schemas.encodings import (
+    MAX_SCALE,
     Quantized,
     Sparse,
     decode_encoded,
     decode_varints,
     encode_encoded,
     encode_varints,
+    float16_into,
     to_dense,
+    value_problem,
 )
 
 PROPERTY = settings(
@@ -60,7 +64,7 @@ PROPERTY = settings(
 
 # Every pipeline the grammar allows, as (Pipeline, canonical SPEC).
 FRACTIONS = {0.1: "0.1", 0.5: "0.5", 1.0: "1"}
-VALUE_CODINGS = (None, "fp16", "int8", "int4")
+VALUE_CODINGS = (None, "fp16", "int8", "int4", "sign")
 ALL_PIPELINES = [
     Pipeline(top_k=top, values=values, error_feedback=ef, zlib=packed)
     for top in (None, *FRACTIONS)
@@ -134,6 +138,7 @@ def test_every_spec_parses_in_any_order_and_prints_canonically(top, values, ef, 
         ("topk:.5+fp16:", "topk:0.5+fp16"),
         ("topk:1e-2+int8", "topk:0.01+int8"),
         ("zlib+ef+int4+topk:0.020", "topk:0.02+int4+ef+zlib"),
+        ("zlib+ef+sign+topk:0.035", "topk:0.035+sign+ef+zlib"),
     ],
 )
 def test_spec_spellings_print_as_the_canonical_spec(text, spec):
@@ -193,6 +198,22 @@ def test_a_spec_sparse_map_packs_to_the_documented_bytes():
     assert wire[0] == 0x86 and wire.endswith(bytes.fromhex("c4 08 00 00 80 3f 00 00 fe c1"))
 
 
+def test_a_sign_sparse_map_packs_to_the_documented_bytes():
+    """docs/PROTOCOL.md 12.7, the second example: one-bit values."""
+    x = np.zeros((4, 3), np.float32)
+    x.reshape(-1)[[0, 1, 11]] = [0.25, -0.125, 0.1875]  # mean magnitude 0.1875
+    encoded, _ = parse_spec("topk:0.25+sign").compress({"x": x}, np.random.default_rng(0), None)
+    packed = msgpack.packb(encode_encoded(encoded["x"]), use_bin_type=True)
+    assert packed.hex(" ") == (
+        "88 a3 65 6e 63 a6 73 70 61 72 73 65 a5 73 68 61 70 65 92 04 03 a5 63 6f 75 6e 74 03 "
+        "a5 69 6e 64 65 78 c4 03 00 01 0a a4 62 69 74 73 01 a5 63 68 75 6e 6b cd 01 00 a6 73 63 "
+        "61 6c 65 73 c4 04 00 00 40 3e a4 64 61 74 61 c4 01 05"
+    )
+    assert to_dense(wire_round_trip(encoded["x"])).reshape(-1)[[0, 1, 11]].tolist() == [
+        0.1875, -0.1875, 0.1875,
+    ]  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("text", "problem"),
     [
@@ -211,8 +232,10 @@ def test_a_spec_sparse_map_packs_to_the_documented_bytes():
         ("topk:0.5:1", "topk needs a fraction"),
         ("topk:nan", "topk needs a fraction"),
         ("topk:inf", "topk needs a fraction"),
-        ("int8+fp16", "choose one of fp16, int8, int4"),
-        ("topk:0.1+fp16+int4", "choose one of fp16, int8, int4"),
+        ("int8+fp16", "choose one of fp16, int8, int4, sign"),
+        ("topk:0.1+fp16+int4", "choose one of fp16, int8, int4, sign"),
+        ("sign+int4", "choose one of fp16, int8, int4, sign"),
+        ("sign:1", "unknown stage 'sign:1'"),
         ("ef+ef", "stage 'ef' appears twice"),
         ("zlib+int8+zlib", "stage 'zlib' appears twice"),
         ("int8+int8", "stage 'int8' appears twice"),
@@ -279,6 +302,15 @@ def check_error_bound(pipeline: Pipeline, x: np.ndarray, sent: Any) -> None:
         got = values.reshape(-1).astype(np.float32)
         assert np.array_equal(got, kept.astype(np.float16).astype(np.float32))
         assert (np.abs(got - kept) <= np.maximum(np.abs(kept) * 2.0**-11, 2.0**-25)).all()
+    elif pipeline.values == "sign":
+        assert isinstance(values, Quantized) and values.bits == 1
+        assert values.size == kept.size
+        assert np.array_equal(values.codes, np.where(kept >= 0, 1, -1))
+        means = [
+            np.abs(kept[i : i + values.chunk]).mean(dtype=np.float64)
+            for i in range(0, kept.size, values.chunk)
+        ]
+        np.testing.assert_allclose(values.scales, means, rtol=1e-5, atol=0)
     else:
         bits = int(pipeline.values[3])
         limit = 2 ** (bits - 1) - 1
@@ -357,6 +389,41 @@ def test_varints_round_trip_any_value_below_2_to_35(gaps):
     assert decode_varints(data, len(gaps), "index").tolist() == gaps
     for value, length in ((0, 1), (127, 1), (128, 2), (2**14, 3), (2**35 - 1, 5)):
         assert len(encode_varints(np.array([value], dtype=np.uint64))) == length
+
+
+@PROPERTY
+@given(
+    gaps=st.lists(st.integers(0, 2**14 - 1) | st.integers(0, 127), min_size=1, max_size=60),
+    longer=st.booleans(),
+)
+def test_varints_of_one_and_two_bytes_decode_like_the_general_path(gaps, longer):
+    # gaps below 2**14 take the two-byte path; one longer gap sends all to the general one
+    values = [*gaps, 2**20] if longer else gaps
+    data = encode_varints(np.array(values, dtype=np.uint64))
+    assert decode_varints(data, len(values), "index").tolist() == values
+
+
+@pytest.mark.parametrize(
+    "data, count, words",
+    [
+        (b"\x81\x00", 1, None),  # overlong 1: accepted, fits in 5 bytes
+        (b"\x80\x80\x00", 1, None),  # overlong 0 in three bytes
+        (b"\x05\x81\x00\x80\x01", 3, None),  # 5, 1, 128
+        (b"\x05\x81", 2, "exactly 2"),  # cut inside the last varint
+        (b"\x81\x80\x80\x80\x80\x00", 1, "longer than 5"),
+        (b"\x05\x06", 1, "exactly 1"),
+        (b"\x85", 1, "exactly 1"),
+        (b"\x00\x85\x01", 1, "exactly 1"),
+        (b"\x80", 0, "exactly 0"),
+    ],
+)
+def test_varint_decoding_checks_every_boundary(data, count, words):
+    if words is None:
+        expected = {b"\x81\x00": [1], b"\x80\x80\x00": [0]}.get(data, [5, 1, 128])
+        assert decode_varints(data, count, "index").tolist() == expected
+    else:
+        with pytest.raises(SchemaError, match=words):
+            decode_varints(data, count, "index")
 
 
 def test_varint_of_2_to_35_cannot_be_written():
@@ -511,6 +578,63 @@ def test_weighted_sum_of_a_quantized_tensor_larger_than_its_buffer(chunk):
     assert np.array_equal(total.sums["w"], (to_dense(q) * np.float32(3)).astype(np.float64))
 
 
+@PROPERTY
+@given(
+    size=st.integers(1, 3000),
+    chunk=st.integers(1, 700),
+    window=st.tuples(st.integers(0, 3000), st.integers(0, 3000)),
+    bits=st.sampled_from([8, 4]),
+)
+def test_dequantizing_any_window_equals_the_per_element_formula(size, chunk, window, bits):
+    rng = np.random.default_rng(size * 7 + chunk)
+    limit = (1 << (bits - 1)) - 1
+    q = Quantized(
+        shape=(size,), bits=bits, chunk=chunk,
+        scales=rng.uniform(0, 2, -(-size // chunk)).astype(np.float32),
+        codes=rng.integers(-limit, limit + 1, size).astype(np.int8),
+    )  # fmt: skip
+    start, stop = sorted(min(x, size) for x in window)
+    reference = q.codes.astype(np.float32) * np.repeat(q.scales, chunk)[:size]
+    out = q.dequantize_into(np.full(stop - start, np.nan, np.float32), start)
+    assert np.array_equal(bits_of(out), bits_of(reference[start:stop]))
+    assert np.array_equal(bits_of(q.dequantize()), bits_of(reference))
+
+
+def test_float16_table_converts_every_bit_pattern_exactly():
+    every = np.arange(1 << 16, dtype=np.uint16).view(np.float16)
+    out = float16_into(every, np.empty(every.size, np.float32))
+    assert np.array_equal(bits_of(out), bits_of(every.astype(np.float32)))
+
+
+@pytest.mark.parametrize(
+    "value, problem",
+    [(np.inf, "non_finite"), (-np.inf, "non_finite"), (np.nan, "non_finite"),
+     (65504.0, None), (-65504.0, None), (-0.0, None), (6e-8, None)],
+)  # fmt: skip
+def test_float16_values_are_checked_by_their_bits(value, problem):
+    values = np.array([0.5, value, -1.0], dtype=np.float16)
+    assert value_problem(values) == problem
+    assert value_problem(Sparse(shape=(9,), indices=np.array([0, 4, 8]), values=values)) == problem
+
+
+@pytest.mark.parametrize(
+    "scales, ok",
+    [([0.0, -0.0, 1.0], True), ([np.float32(MAX_SCALE)], True),
+     ([np.nextafter(np.float32(MAX_SCALE), np.float32(np.inf))], False),
+     ([-1e-30], False), ([np.nan], False), ([np.inf], False)],
+)  # fmt: skip
+def test_scales_are_checked_exactly_at_the_edges_of_the_fast_path(scales, ok):
+    wire = encode_encoded(
+        Quantized(shape=(len(scales),), bits=8, chunk=1,
+                  scales=np.array(scales, np.float32), codes=np.ones(len(scales), np.int8))
+    )  # fmt: skip
+    if ok:
+        assert decode_encoded(wire, "delta.t", max_elements=10).scales.size == len(scales)
+    else:
+        with pytest.raises(SchemaError, match="scales"):
+            decode_encoded(wire, "delta.t", max_elements=10)
+
+
 MODEL = get_model("digits-mlp")
 LAYOUT = MODEL.layout
 FEDERATION = "comp-fed"
@@ -610,6 +734,8 @@ REJECTIONS = [
     ("fp16", "fp16", "dense", "wrong_encoding"),
     ("int4+zlib", "int4+zlib", "int8", "wrong_encoding"),
     ("int8", "int8", "topk:1+int8", "wrong_encoding"),
+    ("topk:0.1+sign+ef", "topk:0.1+sign+ef", "topk:0.1+int4+ef", "wrong_encoding"),
+    ("topk:0.1+int4+ef", "topk:0.1+int4+ef", "topk:0.1+sign+ef", "wrong_encoding"),
 ]
 
 
@@ -672,7 +798,7 @@ POSITIONS = [0, 3, 7, 19]
 
 
 def sparse_wire(values: str) -> dict[str, Any]:
-    """A valid sparse map over SHAPE with values '<f4', '<f2', 'int8' or 'int4'."""
+    """A valid sparse map over SHAPE with values '<f4', '<f2', 'int8', 'int4' or 'sign'."""
     x = np.zeros(20, np.float32)
     x[POSITIONS] = [0.5, -1.0, 0.25, 2.0]
     sent = Sparse(shape=SHAPE, indices=np.array(POSITIONS, np.int64), values=x[POSITIONS])
@@ -681,11 +807,15 @@ def sparse_wire(values: str) -> dict[str, Any]:
     elif values.startswith("int"):
         q = quantize_values(x[POSITIONS], int(values[3]), 3, np.random.default_rng(0))
         sent = Sparse(shape=SHAPE, indices=sent.indices, values=q)
+    elif values == "sign":
+        sent = Sparse(shape=SHAPE, indices=sent.indices, values=sign_values(x[POSITIONS], 3))
     return encode_encoded(sent)
 
 
 def quant_wire(bits: int, size: int = 11, chunk: int = 4) -> dict[str, Any]:
     x = np.random.default_rng(1).normal(0, 1, size).astype(np.float32)
+    if bits == 1:
+        return encode_encoded(sign_values(x, chunk))
     return encode_encoded(quantize_values(x, bits, chunk, np.random.default_rng(2)))
 
 
@@ -694,10 +824,10 @@ def decode(obj: Any) -> Any:
 
 
 def test_the_hostile_samples_start_out_valid():
-    for values in ("<f4", "<f2", "int8", "int4"):
+    for values in ("<f4", "<f2", "int8", "int4", "sign"):
         decoded = decode(sparse_wire(values))
         assert isinstance(decoded, Sparse) and decoded.indices.tolist() == POSITIONS
-    for bits in (8, 4):
+    for bits in (8, 4, 1):
         assert isinstance(decode(quant_wire(bits)), Quantized)
 
 
@@ -742,6 +872,11 @@ HOSTILE = [  # (wire map, reason, words in the error)
     (changed(sparse_wire("int4"), data=b"\x88" * 3), "bad_shape", "needs 2"),
     (changed(sparse_wire("int8"), scales=b"\0" * 4), "bad_shape", "needs 8"),
     (changed(sparse_wire("int8"), bits=2), "bad_field", "bits is 2"),
+    (changed(sparse_wire("sign"), data=b""), "bad_shape", "needs 1"),
+    (changed(sparse_wire("sign"), data=b"\x0f\x00"), "bad_shape", "needs 1"),
+    (changed(sparse_wire("sign"), scales=b"\0" * 4), "bad_shape", "needs 8"),
+    (changed(quant_wire(1), data=b"\xff"), "bad_shape", "needs 2"),
+    (changed(quant_wire(1), scales=np.array([1, -1, 1], "<f4").tobytes()), "non_finite", "scales"),
     # quantized
     (changed(quant_wire(8), data=quant_wire(8)["data"][:-1]), "bad_shape", "needs 11"),
     (changed(quant_wire(4), data=quant_wire(4)["data"] + b"\x88"), "bad_shape", "needs 6"),
@@ -858,7 +993,9 @@ INTS = st.integers(-3, 300) | st.sampled_from([2**31, 2**35, 2**63 - 1, 1 << 20]
 @st.composite
 def mutated_wires(draw: st.DrawFn) -> dict[str, Any]:
     """A valid sparse or quantized wire map with one to three fields broken."""
-    kind = draw(st.sampled_from(["<f4", "<f2", "int8", "int4", "quant8", "quant4"]))
+    kind = draw(
+        st.sampled_from(["<f4", "<f2", "int8", "int4", "sign", "quant8", "quant4", "quant1"])
+    )
     obj = quant_wire(int(kind[5])) if kind.startswith("quant") else sparse_wire(kind)
     for _ in range(draw(st.integers(1, 3))):
         key = draw(st.sampled_from([*sorted(obj), "bits", "dtype", "chunk", "scales", "enc"]))
@@ -1038,7 +1175,7 @@ def test_an_unreadable_residual_loads_as_none(tmp_path, spoil):
 
 def test_all_pipelines_are_distinct_and_named_canonically():
     names = [str(p) for p in ALL_PIPELINES]
-    assert len(set(names)) == len(ALL_PIPELINES) == 64
+    assert len(set(names)) == len(ALL_PIPELINES) == 80  # 4 x 5 x 2 x 2
     for pipeline, (top, values, ef, packed) in zip(
         ALL_PIPELINES,
         itertools.product((None, *FRACTIONS), VALUE_CODINGS, (False, True), (False, True)),
