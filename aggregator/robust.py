@@ -180,8 +180,9 @@ def check_memory(
         raise ValueError(
             f"aggregation {rule} holds every update of a round at once: {nodes} nodes x "
             f"{update_bytes} bytes per update need about {need / 2**20:.0f} MiB, over the "
-            f"{limit / 2**20:.0f} MiB limit; use fewer nodes per round (--sample-fraction), "
-            "a smaller --max-update-bytes (compressed updates) or fedavg with clipping"
+            f"{limit / 2**20:.0f} MiB limit; use fewer nodes per round (--nodes, or "
+            "--sample-fraction with --node-ids), a smaller --max-update-bytes (compressed "
+            "updates) or fedavg with clipping"
         )
 
 

@@ -13,6 +13,7 @@ so the new model does not depend on the order updates arrived in: a crashed-and-
 run gives bitwise the same model as an uninterrupted one.
 """
 
+import math
 import statistics
 import time
 from collections import Counter
@@ -75,14 +76,22 @@ class RoundSettings:
     aggregation: Rule = FEDAVG
 
     def __post_init__(self) -> None:
-        # At most one update per node and round: the fleet if known, else the quorum (a
-        # sampled round with no node list may take more; the bound cannot know).
         check_memory(
             self.aggregation,
-            nodes=max(self.policy.expected_nodes, len(self.known_nodes or ())),
+            nodes=self.most_updates_per_round,
             update_bytes=self.max_update_bytes,
             model_floats=self.model.num_params,
         )
+
+    @property
+    def most_updates_per_round(self) -> int:
+        """A round closes as soon as its expected nodes, or the nodes sampled from the
+        fleet (``select_nodes``' count), have reported. Sampling without a node list
+        draws from the nodes online, unknown here: expected_nodes stands in for them."""
+        policy, fleet = self.policy, len(self.known_nodes or ())
+        if policy.sample_fraction < 1 and fleet:
+            return min(fleet, max(1, math.ceil(policy.sample_fraction * fleet)))
+        return policy.expected_nodes
 
     @property
     def pipeline(self) -> Pipeline:

@@ -312,6 +312,20 @@ def test_refused_at_start_up_by_settings_config_and_cli() -> None:
     assert str(built.settings.aggregation) == "trimmed-mean:0.2+clip-norm:2"
 
 
+def test_the_bound_counts_the_updates_a_round_can_take() -> None:
+    base = replace(Harness().settings, aggregation=parse_rule("median"))
+    fleet = frozenset(f"n{i}" for i in range(200_000))
+    sampled = replace(
+        base,
+        known_nodes=fleet,
+        policy=RoundPolicy(expected_nodes=10, min_nodes=1, sample_fraction=0.0001),
+    )
+    assert sampled.most_updates_per_round == 20  # the sample, not the fleet
+    assert replace(base, known_nodes=fleet).most_updates_per_round == 3  # closes at 3
+    with pytest.raises(ValueError, match="MiB limit"):
+        replace(sampled, policy=RoundPolicy(expected_nodes=10, min_nodes=1, sample_fraction=0.5))
+
+
 def test_cli_options(capsys: pytest.CaptureFixture[str]) -> None:
     args = build_parser().parse_args(
         ["aggregator", "--aggregation", "trimmed-mean:0.20", "--clip-norm", "3"]
