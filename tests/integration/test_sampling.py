@@ -38,6 +38,8 @@ def test_only_sampled_nodes_train(mosquitto, federation, spawn, collect, node_da
     assert len({selected[r] for r in range(1, 5)}) > 1  # the sample changes between rounds
     left_out = [
         decode_status(p)
-        for p in watcher.on(topics.all_status.replace("+", sorted(set(fleet) - set(selected[1])).pop()))
+        for p in watcher.on(
+            topics.all_status.replace("+", sorted(set(fleet) - set(selected[1])).pop())
+        )
     ]
     assert any(s.state == "idle" and s.round == 1 for s in left_out)
