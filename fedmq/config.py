@@ -32,6 +32,7 @@ This module reads no environment itself: the entry point passes ``os.environ`` i
 """
 
 import argparse
+import datetime
 import sys
 import tomllib
 from collections.abc import Mapping
@@ -170,7 +171,7 @@ def _from_toml(key: str, action: argparse.Action, value: Any, base: Path) -> Any
             raise ValueError(f"{_show(value)} is not a list of strings")
         value = ",".join(value)
     if isinstance(value, bool) or not isinstance(value, str | int | float):
-        raise ValueError(f"{_show(value)} is not a {'string' if _wants_text(action) else 'number'}")
+        raise ValueError(f"{_show(value)} is not {_kind(action)}")
     if isinstance(value, int | float) and _wants_text(action):
         raise ValueError(f"{_show(value)} is not a string (quote it)")
     text = str(value)
@@ -183,9 +184,20 @@ def _wants_text(action: argparse.Action) -> bool:
     return action.type is None or _is_path(action)
 
 
+def _kind(action: argparse.Action) -> str:
+    """What the option takes, for messages (its check gives the details)."""
+    if _wants_text(action) or isinstance(action.default, str):
+        return "a string"
+    if isinstance(action.default, int | float):
+        return "a number"
+    return "a number or a string"
+
+
 def _show(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, datetime.date | datetime.time):
+        return value.isoformat()  # as written in the file
     return repr(value)
 
 
@@ -196,6 +208,8 @@ def load(path: Path) -> dict[str, Any]:
             return tomllib.load(file)
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"config {path}: not valid TOML: {error}") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"config {path}: not valid TOML: not UTF-8 ({error.reason})") from None
     except OSError as error:
         raise ConfigError(f"config {path}: cannot read: {error.strerror or error}") from None
 

@@ -186,6 +186,11 @@ FILE_ERRORS = [
     ("[node]\nnode_id = 3\n", "node.node_id: 3 is not a string (quote it)"),
     ("[aggregator]\nmodel = 3\n", "aggregator.model: unknown model '3'"),
     ("[aggregator]\nrounds = true\n", "aggregator.rounds: true is not a number"),
+    (
+        "[aggregator]\ncompression = 1979-05-27\n",
+        "aggregator.compression: 1979-05-27 is not a string",
+    ),
+    ("[aggregator]\nmin_nodes = [3]\n", "aggregator.min_nodes: [3] is not a number or a string"),
     ("[aggregator]\nnode_ids = [1, 2]\n", "aggregator.node_ids: [1, 2] is not a list of strings"),
     ('[aggregator]\nnode_ids = "a/b"\n', "aggregator.node_ids: "),
     (
@@ -403,3 +408,16 @@ def test_the_demo_children_do_not_inherit_a_deployments_settings(monkeypatch, tm
     monkeypatch.setattr(cli, "_stop_on_signals", threading.Event)
     assert cli.main(["demo", "--nodes", "1", "--rounds", "1"]) == 0
     assert seen == {}
+
+
+def test_a_file_that_is_not_utf8(tmp_path):
+    path = tmp_path / "latin1.toml"
+    path.write_bytes('[node]\nnode_id = "caf\xe9"\n'.encode("latin-1"))
+    assert error_of(["node", "--config", str(path)]) == (
+        f"config {path}: not valid TOML: not UTF-8 (invalid continuation byte)"
+    )
+
+
+def test_a_directory_given_as_config(tmp_path):
+    message = error_of(["node", "--config", str(tmp_path)])
+    assert message == f"config {tmp_path}: cannot read: Is a directory"

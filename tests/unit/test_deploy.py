@@ -111,3 +111,19 @@ def test_the_deploy_guide_names_every_unit_and_example():
     guide = (ROOT / "docs" / "deploy-raspberry-pi.md").read_text()
     for name in (*NAMES, "node.toml", "aggregator.toml", "broker.toml"):
         assert name in guide, name
+
+
+@pytest.mark.parametrize(
+    ("row", "command", "section"),
+    [
+        ("`[connection]`", "node", "connection"),
+        ("`[node]`", "node", "node"),
+        ("`[aggregator]`", "aggregator", "aggregator"),
+        ("`[broker]`", "broker", "broker"),
+    ],
+)
+def test_the_guides_key_table_is_complete(row, command, section):
+    guide = (ROOT / "docs" / "deploy-raspberry-pi.md").read_text()
+    [line] = [line for line in guide.splitlines() if line.startswith(f"| {row}")]
+    listed = set(re.findall(r"`([a-z_]+)`", line.split("|")[2]))
+    assert listed == set(config.section_keys(cli.build_parser(), command)[section])
