@@ -237,10 +237,7 @@ def _read(source: Any, start: int, stop: int, out: np.ndarray) -> None:
         out[:] = 0
         out[indices[lo:hi] - start] = values[lo:hi]
     elif isinstance(source, Quantized):
-        first = start // source.chunk
-        scales = np.repeat(source.scales[first : -(-stop // source.chunk)], source.chunk)
-        offset = start - first * source.chunk
-        np.multiply(source.codes[start:stop], scales[offset : offset + stop - start], out=out)
+        source.dequantize_into(out, start)
     else:
         out[:] = source[start:stop]
 

@@ -221,9 +221,10 @@ def test_even_count_median_and_trim_counts() -> None:
     assert trimmed_mean(deltas, {"x": (1,)}, 0.25)["x"][0] == 2.5
 
 
+@pytest.mark.parametrize("bits", [8, 1])
 @pytest.mark.parametrize("work", [1, 7, 1 << 20])
 def test_compressed_forms_and_blocks_agree_with_dense(
-    work: int, monkeypatch: pytest.MonkeyPatch
+    work: int, bits: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Quantized and sparse updates read block by block give what their dense form gives."""
     monkeypatch.setattr(robust, "WORK_FLOATS", work)
@@ -231,8 +232,10 @@ def test_compressed_forms_and_blocks_agree_with_dense(
     layout = {"w": (7, 9), "b": (11,)}
     deltas = []
     for i in range(5):
-        codes = rng.integers(-127, 128, 63).astype(np.int8)
-        quantized = Quantized((7, 9), 8, 10, rng.uniform(0, 1, 7).astype(np.float32), codes)
+        codes = (rng.integers(-127, 128, 63) if bits == 8 else rng.choice([-1, 1], 63)).astype(
+            np.int8
+        )
+        quantized = Quantized((7, 9), bits, 10, rng.uniform(0, 1, 7).astype(np.float32), codes)
         positions = np.sort(rng.choice(11, size=i + 1, replace=False))
         values = rng.normal(0, 1, i + 1).astype(np.float32)
         sparse = Sparse((11,), positions.astype(np.int64), values)
