@@ -258,6 +258,10 @@ class Aggregator:
     def reported(self) -> int:
         return len(self._accepted)
 
+    def round_age(self) -> float:
+        """Seconds since the open round opened."""
+        return self._clock() - self._opened_at
+
     # ------------------------------------------------------------------ internals
 
     def _ingest(self, topic: str, payload: bytes, *, journal: bool) -> None:

@@ -20,6 +20,7 @@ from fedmq.compression import Pipeline, parse_spec
 from fedmq.compression.transforms import ErrorFeedbackState, error_feedback_init
 from fedmq.datasets import Dataset, digits, load_npz, partition
 from fedmq.models import MLP, check_layout
+from fedmq.progress import ProgressLine
 from node import progress, residual
 
 if TYPE_CHECKING:  # JAX is imported only once a node has a model to train
@@ -110,6 +111,7 @@ class Node:
         self._seen_key: tuple[int, str] | None = None
         self._seen = {"full": 0, "delta": 0}
         self.finished = False
+        self.progress = ProgressLine()  # on a terminal only
         self._trainer: LocalTrainer | None = None
         self._model: MLP | None = None
 
@@ -132,6 +134,9 @@ class Node:
             detail=detail,
         )
         self.outbox.publish(self.topics.status(self.config.node_id), encode(message), retain=True)
+        where = f" round {round}" if round is not None else ""
+        why = f": {detail}" if detail else ""
+        self.progress.show(f"{self.config.node_id}{where}: {state}{why}", force=True)
 
     def on_global(self, payload: bytes, *, retained: bool = False) -> None:
         if not payload:
@@ -376,6 +381,7 @@ def run(config: NodeConfig, stop: threading.Event) -> int:
             node.on_global(full.payload, retained=full.retain)
         if topics.global_delta in newest:
             node.on_global_delta(newest[topics.global_delta].payload)
+    node.progress.close()
     if not node.finished:
         node.status("offline")
     if not node.outbox.flush(timeout=10):

@@ -1,0 +1,48 @@
+"""The terminal progress line: drawn in place on a TTY, throttled, silent elsewhere."""
+
+import io
+
+from fedmq.progress import ProgressLine
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_terminal_gets_the_line_redrawn_in_place_and_throttled() -> None:
+    now = [0.0]
+    out = FakeTerminal()
+    line = ProgressLine(out, interval=0.1, clock=lambda: now[0])
+    line.show("round 1/3: 0/2 reported")
+    line.show("round 1/3: 1/2 reported")  # too soon: skipped
+    now[0] = 0.2
+    line.show("round 1/3: 1/2 reported")
+    line.show("round 1/3: 1/2 reported")  # unchanged: skipped
+    line.show("round 2/3: 0/2 reported", force=True)
+    line.close()
+    assert out.getvalue() == (
+        "\rround 1/3: 0/2 reported\x1b[K"
+        "\rround 1/3: 1/2 reported\x1b[K"
+        "\rround 2/3: 0/2 reported\x1b[K\n"
+    )
+
+
+def test_nothing_is_written_when_not_on_a_terminal() -> None:
+    out = io.StringIO()  # systemd's journal, a pipe, a file
+    line = ProgressLine(out)
+    line.show("round 1/3: 0/2 reported", force=True)
+    line.close()
+    assert out.getvalue() == ""
+
+
+def test_the_aggregators_line_says_round_reports_and_quorum() -> None:
+    from aggregator.app import progress_text
+    from aggregator.rounds import RoundPolicy
+    from tests.unit.test_aggregator_server import Harness
+
+    h = Harness(policy=RoundPolicy(expected_nodes=3, min_nodes=2, deadline_seconds=5), rounds=4)
+    h.agg.start()
+    h.report("pi-a")
+    h.clock.now += 2.5
+    assert progress_text(h.agg) == "round 1/4: 1/3 reported (min 2), open 2.5 s"
