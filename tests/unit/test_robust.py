@@ -2,6 +2,7 @@
 as plain functions and inside the aggregator (fedavg unchanged, order-independent)."""
 
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ from hypothesis import strategies as st
 
 from aggregator import robust
 from aggregator.app import AggregatorConfig, build_aggregator
+from aggregator.checkpoint import StateDir
 from aggregator.fedavg import WeightedSum
 from aggregator.robust import (
     Clip,
@@ -344,9 +346,9 @@ def test_cli_options(capsys: pytest.CaptureFixture[str]) -> None:
 # --------------------------------------------------------------------------- in the aggregator
 
 
-def robust_harness(rule: str) -> Harness:
+def robust_harness(rule: str, store: StateDir | None = None, nodes: int = 3) -> Harness:
     """The unit Harness with its aggregator rebuilt under ``rule``."""
-    h = Harness()
+    h = Harness(policy=RoundPolicy(expected_nodes=nodes, min_nodes=nodes))
     h.settings = replace(h.settings, aggregation=parse_rule(rule))
     h.agg = Aggregator(
         h.settings,
@@ -354,6 +356,7 @@ def robust_harness(rule: str) -> Harness:
         publish=lambda topic, payload, retain: h.published.append((topic, payload, retain)),
         clock=h.clock,
         wall_clock=lambda: 1.7e9,
+        store=store,
     )
     return h
 
@@ -397,3 +400,37 @@ def test_robust_rules_in_the_aggregator_ignore_arrival_order(rule: str) -> None:
     plain = Harness()
     run_round(plain, [0, 1, 2], scale=1e6)
     assert max(np.abs(plain.agg.params[n] - plain.initial[n]).max() for n in MODEL.layout) > 100
+
+
+@pytest.mark.parametrize("rule", ["median", "trimmed-mean:0.2+clip-median:1"])
+def test_a_crash_and_resume_gives_bitwise_the_same_model(rule: str, tmp_path: Path) -> None:
+    nodes = [f"n{i}" for i in range(5)]
+
+    def send(h: Harness, who: list[str]) -> None:
+        for node in who:
+            seed = 100 * h.agg.round + int(node[1:])
+            h.report(node, seed=seed, num_examples=10 + int(node[1:]))
+
+    straight = robust_harness(rule, nodes=5)
+    straight.agg.start()
+    for _ in range(3):
+        send(straight, nodes)
+
+    store = StateDir(tmp_path)
+    first = robust_harness(rule, store, nodes=5)
+    first.agg.start()
+    send(first, nodes)
+    send(first, nodes[3:])  # round 2, half-way: then the process dies
+    store.close()
+    store = StateDir(tmp_path)
+    again = robust_harness(rule, store, nodes=5)
+    checkpoint = store.load()
+    assert checkpoint is not None
+    store.open_journal(checkpoint.round)
+    again.agg.resume(checkpoint, store.journal_records(checkpoint.round))
+    send(again, nodes[:3])
+    send(again, nodes)
+    store.close()
+    assert again.agg.done and straight.agg.done
+    assert again.agg.model_id == straight.agg.model_id
+    assert [m.extra for m in again.agg.history] == [m.extra for m in straight.agg.history]
