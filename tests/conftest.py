@@ -163,3 +163,30 @@ def collect(mosquitto: Mosquitto) -> Iterator[object]:
     yield make
     for collector in collectors:
         collector.close()
+
+
+def child_pids(pid: int) -> list[int]:
+    """PIDs whose parent is ``pid`` (from /proc: Linux only), for tests that check or end
+    the processes a process they started has started."""
+    listed = list(Path(f"/proc/{pid}/task").glob("*/children"))
+    if listed:
+        return [int(c) for path in listed for c in path.read_text().split()]
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Running (not gone, not a zombie)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"

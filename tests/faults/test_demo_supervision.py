@@ -15,28 +15,13 @@ from pathlib import Path
 
 import pytest
 
+from ..conftest import alive, child_pids
+
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(90)]
 
 
-def _children(pid: int) -> list[int]:
-    """PIDs whose parent is ``pid``: /proc/PID/task/*/children where the kernel has it."""
-    listed = list(Path(f"/proc/{pid}/task").glob("*/children"))
-    if listed:
-        return [int(c) for path in listed for c in path.read_text().split()]
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry.name))
-    return found
-
-
 def _node_pid(demo: int, node_id: str) -> int | None:
-    for pid in _children(demo):
+    for pid in child_pids(demo):
         try:
             argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
@@ -51,18 +36,10 @@ def _new_node_pid(demo: int, node_id: str, old: int, seen: list[str]) -> int:
     deadline = time.monotonic() + 10
     while (pid := _node_pid(demo, node_id)) in (None, old):
         if time.monotonic() > deadline:
-            pytest.fail(f"no new {node_id} among {_children(demo)}:\n{''.join(seen)}")
+            pytest.fail(f"no new {node_id} among {child_pids(demo)}:\n{''.join(seen)}")
         time.sleep(0.05)
     assert pid is not None
     return pid
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 @pytest.fixture
@@ -113,7 +90,7 @@ def test_a_killed_node_is_restarted_and_the_run_completes(start_demo, tmp_path):
     seen: list[str] = []
     _read_until(demo, "round   3/", seen)
     victim = _node_pid(demo.pid, "node-02")
-    assert victim is not None, _children(demo.pid)
+    assert victim is not None, child_pids(demo.pid)
     killed_at = time.time()
     os.kill(victim, signal.SIGKILL)
     _read_until(demo, "node-02 restarted", seen)
@@ -133,7 +110,7 @@ def test_a_killed_node_is_restarted_and_the_run_completes(start_demo, tmp_path):
     log = (tmp_path / "work" / "logs" / "node-02.log").read_text()
     assert log.count('"node.started"') == 2  # the first life's lines are kept
     assert "--- fedmq demo: restart 1 of node-02 ---" in log
-    assert not _alive(restarted)
+    assert not alive(restarted)
 
 
 def test_a_node_that_keeps_failing_makes_the_demo_give_up_after_the_cap(start_demo, tmp_path):
@@ -156,7 +133,7 @@ def test_ctrl_c_after_a_restart_stops_every_child(start_demo):
     demo = start_demo("--nodes", "3", "--rounds", "100000")
     seen: list[str] = []
     _read_until(demo, "round   2/", seen)
-    first = _children(demo.pid)
+    first = child_pids(demo.pid)
     victim = _node_pid(demo.pid, "node-01")
     assert victim is not None
     os.kill(victim, signal.SIGKILL)
@@ -165,11 +142,11 @@ def test_ctrl_c_after_a_restart_stops_every_child(start_demo):
     demo.send_signal(signal.SIGINT)
     code, out = _finish(demo, seen)
     assert code == 130, out
-    assert [pid for pid in [*first, restarted] if _alive(pid)] == []
+    assert [pid for pid in [*first, restarted] if alive(pid)] == []
 
 
 def _aggregator_pid(demo: int) -> int | None:
-    for pid in _children(demo):
+    for pid in child_pids(demo):
         try:
             argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
@@ -194,7 +171,7 @@ def test_a_killed_aggregator_resumes_and_the_report_matches_an_undisturbed_run(
     seen: list[str] = []
     _read_until(demo, "round   4/", seen)
     victim = _aggregator_pid(demo.pid)
-    assert victim is not None, _children(demo.pid)
+    assert victim is not None, child_pids(demo.pid)
     os.kill(victim, signal.SIGKILL)
     _read_until(demo, "aggregator restarted", seen)
     code, out = _finish(demo, seen, timeout=80)

@@ -5,32 +5,12 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
+from ..conftest import alive, child_pids
+
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry.name))
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def _start_long_demo(*extra: str) -> tuple[subprocess.Popen[str], list[int]]:
@@ -43,7 +23,7 @@ def _start_long_demo(*extra: str) -> tuple[subprocess.Popen[str], list[int]]:
             break
     else:
         pytest.fail(f"the demo never reached round 2 (exit {demo.wait()})")
-    children = _children(demo.pid)
+    children = child_pids(demo.pid)
     assert len(children) == 5, children  # mosquitto, aggregator, 3 nodes
     return demo, children
 
@@ -63,7 +43,7 @@ def test_ctrl_c_stops_every_child():
     code, out = _finish(demo)
     assert code == 130, out
     assert "interrupted" in out
-    assert [pid for pid in children if _alive(pid)] == []
+    assert [pid for pid in children if alive(pid)] == []
 
 
 def test_a_dead_child_fails_the_demo_and_the_rest_are_stopped():
@@ -73,4 +53,4 @@ def test_a_dead_child_fails_the_demo_and_the_rest_are_stopped():
     code, out = _finish(demo)
     assert code == 1, out
     assert "exited with -9" in out and "giving up after 0 restarts" in out
-    assert [pid for pid in children if _alive(pid)] == []
+    assert [pid for pid in children if alive(pid)] == []
