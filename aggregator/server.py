@@ -158,7 +158,6 @@ class Aggregator:
         self._dropped_reading: int | None = None  # latest $SYS dropped counter seen
         self._dropped_in_round: int | None = None  # None until the broker told us
         self._accepted: dict[str, NodeUpdate] = {}
-        self._reporters: list[str] = []
         self._present: dict[str, bool] = {}  # node id -> online, from retained status
         self._selected: tuple[str, ...] | None = None  # of the open round
         self._reset_round()
@@ -184,8 +183,8 @@ class Aggregator:
         self._delta_payload = checkpoint.delta_payload
         self._delta_bytes = checkpoint.delta_bytes
         self._selected = model.selected
-        self._reporters = list(checkpoint.previous_reporters)
         self._reset_round()
+        self._previous_reporters = frozenset(checkpoint.previous_reporters)
         for topic, payload in journal:
             self._ingest(topic, payload, journal=False)
         log.info(
@@ -290,7 +289,6 @@ class Aggregator:
         if journal and self._store is not None:
             self._store.append(topic, payload)
         self._accepted[node_id] = update
-        self._reporters.append(node_id)
         self._uplink_bytes += len(payload)
         log.debug("update.accepted", node=node_id, round=self.round, bytes=len(payload))
 
@@ -337,9 +335,8 @@ class Aggregator:
     def _reset_round(self) -> None:
         # Held until the round closes (memory: the open round's updates as decoded, about
         # their wire size), then summed in node-id order: see the module docstring.
+        self._previous_reporters = frozenset(self._accepted)
         self._accepted = {}
-        self._previous_reporters = frozenset(self._reporters)
-        self._reporters = []
         self._uplink_bytes = 0
         self._opened_at = self._clock()
         self._dropped_in_round = None if self._dropped_reading is None else 0
@@ -458,7 +455,7 @@ class Aggregator:
         loss = accuracy = None
         if self._test is not None:
             loss, accuracy = evaluate(self.settings.model, self.params, self._test)
-        participants = sorted(self._reporters)
+        participants = sorted(self._accepted)
         metrics = RoundMetrics(
             federation=self.settings.federation,
             round=self.round,
