@@ -33,6 +33,7 @@ from schemas.encodings import (
 )
 from schemas.errors import SchemaError
 
+_INT_ONLY = frozenset([int])
 # Byte values of varint continuation bytes: deleting them leaves one byte per varint.
 _HIGH_BYTES = bytes(range(0x80, 0x100))
 
@@ -110,7 +111,7 @@ def _decode(
 ) -> FlatSparse | None:
     # Headers, in Python: every numpy call costs a microsecond or two, a dict look-up far less.
     bits = None
-    indexes, scale_bytes, data_bytes, counts, runs, per_scale = [], [], [], [], [], []
+    indexes, scale_bytes, data_bytes, runs, per_scale = [], [], [], [], []
     parts: dict[str, tuple[int, int, int, int, int, int]] = {}
     live: list[tuple[int, int, int]] = []  # (first value, offset, size) of non-empty tensors
     offset = first = n_scales = 0
@@ -122,7 +123,7 @@ def _decode(
         wire_shape = obj.get("shape")
         if (
             wire_shape != list(shape)
-            or not all(type(d) is int for d in wire_shape)
+            or not _INT_ONLY.issuperset(map(type, wire_shape))  # no 1.0 or True for 1
             or offset + size > max_elements
             or (size == 0 and max(shape, default=0) > max_elements - offset)
         ):
@@ -159,7 +160,6 @@ def _decode(
         indexes.append(index)
         scale_bytes.append(scales)
         data_bytes.append(data)
-        counts.append(count)
         runs.append((first, first + count, len(data) * 8 // bits - count))
         offset += size
         first += count
