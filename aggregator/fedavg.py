@@ -4,10 +4,12 @@ Memory is O(model size) whatever the number of nodes: each update is folded into
 float64 running sum as it arrives and then dropped.
 """
 
+import math
 from collections.abc import Mapping
 
 import numpy as np
 
+from schemas.batched import FlatSparse
 from schemas.encodings import Encoded, Quantized, Sparse, float16_into, shape_of
 
 Params = dict[str, np.ndarray]
@@ -30,7 +32,16 @@ class WeightedSum:
     """
 
     def __init__(self, layout: Mapping[str, tuple[int, ...]]) -> None:
-        self.sums = {name: np.zeros(shape, dtype=np.float64) for name, shape in layout.items()}
+        self._layout = tuple((name, tuple(shape)) for name, shape in layout.items())
+        # One buffer for the whole model (tensors one after the other, in layout order), so
+        # a FlatSparse update is one scatter-add; ``sums`` are views on it.
+        self._flat = np.zeros(sum(math.prod(shape) for _, shape in self._layout), np.float64)
+        self.sums = {}
+        offset = 0
+        for name, shape in self._layout:
+            size = math.prod(shape)
+            self.sums[name] = self._flat[offset : offset + size].reshape(shape)
+            offset += size
         self._scratch = np.empty(CHUNK, dtype=np.float32)
         self.total_weight = 0
         self.count = 0
@@ -39,6 +50,12 @@ class WeightedSum:
         """Fold in one update: dense, quantized or sparse tensors, as decoded."""
         if not 0 < weight <= MAX_WEIGHT:
             raise ValueError(f"weight must be in 1..{MAX_WEIGHT}, got {weight}")
+        if isinstance(delta, FlatSparse) and delta.layout == self._layout:
+            # Same per element as the per-tensor path below: positions are unique
+            self._flat[delta.positions] += delta.values_f32() * np.float32(weight)
+            self.total_weight += weight
+            self.count += 1
+            return
         for name, total in self.sums.items():  # check all before touching any
             if shape_of(delta[name]) != total.shape:
                 raise ValueError(

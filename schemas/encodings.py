@@ -176,8 +176,9 @@ def decode_varints(data: bytes, count: int, field: str) -> np.ndarray:
     if not high.size:
         return raw.astype(np.int64)
     if not (raw[high + 1] >= 0x80).any():  # each is followed by a last byte: 2 bytes at most
-        values = np.delete(raw, high + 1).astype(np.int64)  # each varint's first byte
-        values[high - np.arange(high.size)] += (raw[high + 1].astype(np.int64) << 7) - 0x80
+        values = raw[raw < 0x80].astype(np.int64)  # each varint's last byte: bits 7.. if 2
+        two = high - np.arange(high.size)  # the varints of two bytes
+        values[two] = (values[two] << 7) + raw[high] - 0x80  # bits 0..6 from the first byte
         return values
     ends = (raw < 0x80).nonzero()[0]
     lengths = np.empty(count, dtype=np.int64)

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import msgpack
 import numpy as np
 
+from schemas.batched import decode_flat_sparse
 from schemas.encodings import Encoded, decode_encoded, encode_encoded, shape_of, value_problem
 from schemas.errors import SchemaError
 from schemas.tensors import all_finite, decode_tensor, encode_tensor
@@ -630,7 +631,7 @@ def _delta(
     max_bytes: int,
     max_elements: int,
     layout: Layout | None,
-) -> dict[str, Encoded]:
+) -> Mapping[str, Encoded]:
     wire = obj.get("delta")
     if _uses_zlib(compression):
         if not isinstance(wire, bytes):
@@ -650,6 +651,10 @@ def _delta(
         raise SchemaError(
             "layout_mismatch", f"delta has tensors {list(wire)}, the model has {list(layout)}"
         )
+    if layout is not None:  # the usual case at 100x: all tensors in one pass
+        flat = decode_flat_sparse(wire, layout, max_elements)
+        if flat is not None:
+            return flat
     delta: dict[str, Encoded] = {}
     budget = max_elements
     for name, tensor in wire.items():

@@ -127,13 +127,17 @@ def test_a_delta_with_the_wrong_shape_is_not_added() -> None:
 
 
 def _arrays_held(obj: object) -> list[np.ndarray]:
-    """Every ndarray reachable from an object's attributes through dicts, lists and tuples."""
+    """Every ndarray reachable from an object's attributes through dicts, lists and tuples,
+    a view counted as the array that owns its memory (each once)."""
     found: list[np.ndarray] = []
     stack: list[object] = list(vars(obj).values())
     while stack:
         item = stack.pop()
         if isinstance(item, np.ndarray):
-            found.append(item)
+            while isinstance(item.base, np.ndarray):
+                item = item.base
+            if all(item is not seen for seen in found):
+                found.append(item)
         elif isinstance(item, dict):
             stack.extend(item.values())
         elif isinstance(item, list | tuple):
