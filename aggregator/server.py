@@ -149,6 +149,7 @@ class Aggregator:
         self.model_id = model_id_of(initial_params)
         self.done = False
         self.history: list[RoundMetrics] = []
+        self._history_wire: list[bytes] = []  # the same, as published (for checkpoints)
         self._rejected: Counter[str] = Counter()  # of the open round; reset when it closes
         self._global_bytes = 0
         self._global_payload = b""
@@ -178,6 +179,7 @@ class Aggregator:
         self.round = model.round
         self.done = model.final
         self.history = [decode_metrics(item) for item in checkpoint.history]
+        self._history_wire = list(checkpoint.history)
         self._global_payload = checkpoint.global_payload
         self._global_bytes = len(checkpoint.global_payload)
         self._delta_payload = checkpoint.delta_payload
@@ -217,8 +219,8 @@ class Aggregator:
         reconnect or a restart: the broker or the nodes may have missed them), and the
         last closed round's metrics (a crash may have come before they went out:
         metrics are at-least-once, consumers keep one per round)."""
-        if self.history:
-            self._publish(self.topics.metrics, encode(self.history[-1]), False)
+        if self._history_wire:
+            self._publish(self.topics.metrics, self._history_wire[-1], False)
         if self.round >= 1:
             if self._delta_payload is not None:  # nodes following compact forms see this
                 self._publish(self.topics.global_delta, self._delta_payload, False)
@@ -399,7 +401,7 @@ class Aggregator:
             global_payload=self._global_payload,
             delta_payload=self._delta_payload,
             delta_bytes=self._delta_bytes,
-            history=[encode(metrics) for metrics in self.history],
+            history=self._history_wire,
             previous_reporters=sorted(self._previous_reporters),
         )
 
@@ -481,7 +483,9 @@ class Aggregator:
             ),
             broker_dropped=self._dropped_in_round,
         )
+        metrics_payload = encode(metrics)
         self.history.append(metrics)
+        self._history_wire.append(metrics_payload)
         log.info(
             "round.closed",
             **extra,
@@ -494,5 +498,5 @@ class Aggregator:
             seconds=round(metrics.seconds, 4),
         )
         self._rejected = Counter()
-        self._publish(self.topics.metrics, encode(metrics), False)
+        self._publish(self.topics.metrics, metrics_payload, False)
         self._open_round(self.round + 1, previous)

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import paho.mqtt.client as mqtt
 
+from aggregator.app import resume_or_start
 from aggregator.checkpoint import StateDir
 from aggregator.rounds import RoundPolicy
 from aggregator.server import Aggregator, RoundSettings, dense_update_bound
@@ -97,10 +98,7 @@ def time_resume(messages: list[tuple[str, bytes]]) -> float:
         started = time.perf_counter()
         again_store = StateDir(directory)
         again = Aggregator(settings(10**6), params, publish=lambda *_: None, store=again_store)
-        checkpoint = again_store.load()
-        assert checkpoint is not None
-        again_store.open_journal(checkpoint.round)
-        again.resume(checkpoint, again_store.journal_records(checkpoint.round))
+        assert resume_or_start(again, again_store)
         runs.append(time.perf_counter() - started)
         assert again.reported == len(messages)
         again_store.close()

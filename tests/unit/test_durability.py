@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from aggregator.app import resume_or_start
 from aggregator.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -123,10 +124,7 @@ def resumed(tmp_path: Path, rounds: int = 4) -> Harness:
     h = harness(tmp_path, rounds)
     store = h.agg._store
     assert isinstance(store, StateDir)
-    checkpoint = store.load()
-    assert checkpoint is not None
-    store.open_journal(checkpoint.round)
-    h.agg.resume(checkpoint, store.journal_records(checkpoint.round))
+    assert resume_or_start(h.agg, store)  # what aggregator.app does at start
     h.agg.tick()
     return h
 
