@@ -9,8 +9,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from schemas.batched import FlatSparse
 from schemas.encodings import Encoded, Quantized, Sparse, float16_into, shape_of
+from schemas.flat import FlatSparse
 
 Params = dict[str, np.ndarray]
 

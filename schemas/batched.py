@@ -5,8 +5,8 @@ tensors, and decoding them one by one costs a dozen numpy calls per tensor: fixe
 overhead that outweighs the numbers. Here the index, scale and code bytes of all
 tensors are joined and decoded with one call each, positions land directly in the
 model's flat layout (tensors one after the other, in layout order), and the result is a
-``FlatSparse``, a read-only mapping that the aggregator folds into its sum with a single
-scatter-add and that yields the per-tensor ``Sparse`` objects on demand.
+``FlatSparse`` (``schemas.flat``), a read-only mapping that the aggregator folds into its
+sum with a single scatter-add and that yields the per-tensor ``Sparse`` objects on demand.
 
 The batch path only accepts what the per-tensor decoder (``decode_encoded``) accepts,
 and gives the same numbers; when anything is off it returns None and the caller decodes
@@ -15,7 +15,7 @@ stay those of ``schemas.encodings``.
 """
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -26,72 +26,14 @@ from schemas.encodings import (
     _SIGN_OCTETS,
     MAX_SCALE,
     QUANT_BITS,
-    Encoded,
-    Quantized,
-    Sparse,
     decode_varints,
 )
 from schemas.errors import SchemaError
+from schemas.flat import FlatSparse
 
 _INT_ONLY = frozenset([int])
 # Byte values of varint continuation bytes: deleting them leaves one byte per varint.
 _HIGH_BYTES = bytes(range(0x80, 0x100))
-
-
-class FlatSparse(Mapping[str, Encoded]):
-    """A sparse, quantized delta over a whole layout.
-
-    ``positions`` index the concatenation of the flattened tensors (int64, strictly
-    increasing); element ``i`` has value ``codes[i] * scales[chunk_of[i]]`` in float32.
-    As a mapping it gives each tensor as the ``Sparse`` the per-tensor decoder returns.
-    """
-
-    __slots__ = ("_parts", "_scale_of", "bits", "codes", "layout", "positions", "scales")
-
-    def __init__(
-        self,
-        layout: tuple[tuple[str, tuple[int, ...]], ...],
-        positions: np.ndarray,
-        codes: np.ndarray,
-        scales: np.ndarray,
-        bits: int,
-        parts: dict[str, tuple[int, int, int, int, int, int]],
-        scale_of: np.ndarray,
-    ) -> None:
-        self.layout = layout
-        self.positions = positions
-        self.codes = codes
-        self.scales = scales
-        self.bits = bits
-        # name -> (offset in the flat layout, first value, end value, chunk,
-        #          first scale, end scale)
-        self._parts = parts
-        self._scale_of = scale_of  # per value: its scale (float32)
-
-    def values_f32(self) -> np.ndarray:
-        """All values in position order, float32, exactly as ``Quantized.dequantize``."""
-        return np.multiply(self.codes, self._scale_of, dtype=np.float32)
-
-    def __getitem__(self, name: str) -> Sparse:
-        offset, first, end, chunk, s_first, s_end = self._parts[name]
-        count = end - first
-        return Sparse(
-            shape=dict(self.layout)[name],
-            indices=self.positions[first:end] - offset,
-            values=Quantized(
-                shape=(count,), bits=self.bits, chunk=chunk,
-                scales=self.scales[s_first:s_end], codes=self.codes[first:end],
-            ),
-        )  # fmt: skip
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._parts
-
-    def __iter__(self) -> Iterator[str]:
-        return (name for name, _ in self.layout)
-
-    def __len__(self) -> int:
-        return len(self.layout)
 
 
 def decode_flat_sparse(
@@ -212,6 +154,6 @@ def _decode(
     positions = gaps.cumsum()
     scale_of = np.repeat(scales, per_scale)
     return FlatSparse(
-        tuple((name, tuple(shape)) for name, shape in layout.items()),
-        positions, codes, scales, bits, parts, scale_of,
+        tuple((name, tuple(shape)) for name, shape in layout.items()), positions, parts,
+        codes=codes, scales=scales, bits=bits, scale_of=scale_of,
     )  # fmt: skip

@@ -276,13 +276,16 @@ def _decode_quantized(
         raise SchemaError("bad_field", f"{field}.bits is {bits}, not one of {QUANT_BITS}")
     if not 1 <= chunk <= 1 << 20:
         raise SchemaError("bad_field", f"{field}.chunk {chunk} is not in 1..{1 << 20}")
-    chunks = -(-count // chunk)
-    scales_raw = _bin(obj, "scales", field)
-    if len(scales_raw) != 4 * chunks:
-        raise SchemaError(
-            "bad_shape", f"{field}.scales holds {len(scales_raw)} bytes, needs {4 * chunks}"
-        )
-    scales = np.frombuffer(scales_raw, dtype="<f4")
+    scales = decode_scales(_bin(obj, "scales", field), -(-count // chunk), field)
+    codes = decode_codes(_bin(obj, "data", field), bits, count, field)
+    return Quantized(shape=shape, bits=bits, chunk=chunk, scales=scales, codes=codes)
+
+
+def decode_scales(raw: bytes, chunks: int, field: str) -> np.ndarray:
+    """``chunks`` float32 scales, each finite and in [0, MAX_SCALE]."""
+    if len(raw) != 4 * chunks:
+        raise SchemaError("bad_shape", f"{field}.scales holds {len(raw)} bytes, needs {4 * chunks}")
+    scales = np.frombuffer(raw, dtype="<f4")
     # One reduction in the usual case: as uint32, the bits of floats in [+0, MAX_SCALE]
     # are ordered like the floats, and negatives, -0.0, Inf and NaN all lie above them;
     # only then the exact comparison (-0.0 passes, NaN fails).
@@ -292,16 +295,17 @@ def _decode_quantized(
         and not (scales.min() >= 0 and scales.max() <= MAX_SCALE)
     ):
         raise SchemaError("non_finite", f"{field}.scales must be in [0, {MAX_SCALE:g}]")
-    data = _bin(obj, "data", field)
+    return scales
+
+
+def decode_codes(data: bytes, bits: int, count: int, field: str) -> np.ndarray:
+    """``count`` signed codes of ``bits`` (8, 4 or 1) packed in ``data``, as int8."""
     needed = -(-count * bits // 8)
     if len(data) != needed:
         raise SchemaError("bad_shape", f"{field}.data holds {len(data)} bytes, needs {needed}")
     raw = np.frombuffer(data, dtype=np.uint8)
     if bits == 1:  # every bit pattern is valid: +1 or -1
-        return Quantized(
-            shape=shape, bits=bits, chunk=chunk, scales=scales,
-            codes=np.take(_SIGN_OCTETS, raw).view(np.int8)[:count],
-        )  # fmt: skip
+        return np.take(_SIGN_OCTETS, raw).view(np.int8)[:count]
     if bits == 8:
         codes = (raw ^ 0x80).view(np.int8)  # stored c + 128: flipping the top bit gives c
     else:
@@ -309,7 +313,7 @@ def _decode_quantized(
     limit = (1 << (bits - 1)) - 1
     if count and codes.min() < -limit:
         raise SchemaError("bad_field", f"{field}.data has a code below -{limit}")
-    return Quantized(shape=shape, bits=bits, chunk=chunk, scales=scales, codes=codes)
+    return codes
 
 
 def _decode_values(obj: Mapping[str, Any], field: str, count: int) -> "np.ndarray | Quantized":

@@ -19,6 +19,7 @@ import numpy as np
 from schemas.batched import decode_flat_sparse
 from schemas.encodings import Encoded, decode_encoded, encode_encoded, shape_of, value_problem
 from schemas.errors import SchemaError
+from schemas.flat import decode_flat, encode_flat
 from schemas.tensors import all_finite, decode_tensor, encode_tensor
 from schemas.topics import validate_name
 
@@ -240,13 +241,16 @@ def _params_to_wire(params: Mapping[str, np.ndarray]) -> dict[str, Any]:
     return {name: encode_tensor(array) for name, array in params.items()}
 
 
-def _uses_zlib(compression: str) -> bool:
-    return "zlib" in compression.split("+")
+def _uses(stage: str, compression: str) -> bool:
+    return stage in compression.split("+")
 
 
 def _delta_to_wire(delta: Mapping[str, Encoded], compression: str) -> Any:
-    wire = {name: encode_encoded(tensor) for name, tensor in delta.items()}
-    if _uses_zlib(compression):  # lossless last stage over the whole delta map
+    if _uses("flat", compression):  # one sparse run for the whole delta (schemas.flat)
+        wire: Any = encode_flat(delta)
+    else:
+        wire = {name: encode_encoded(tensor) for name, tensor in delta.items()}
+    if _uses("zlib", compression):  # lossless last stage over the whole delta map
         return zlib.compress(msgpack.packb(wire, use_bin_type=True), 9)
     return wire
 
@@ -633,7 +637,7 @@ def _delta(
     layout: Layout | None,
 ) -> Mapping[str, Encoded]:
     wire = obj.get("delta")
-    if _uses_zlib(compression):
+    if _uses("zlib", compression):
         if not isinstance(wire, bytes):
             raise SchemaError("bad_field", "delta must be zlib bytes with compression +zlib")
         inflater = zlib.decompressobj()
@@ -644,6 +648,8 @@ def _delta(
         if inflater.unconsumed_tail or not inflater.eof:
             raise SchemaError("oversized", f"delta inflates beyond {max_bytes} bytes or is cut")
         wire = _unpackb(packed, "inflated delta is not msgpack")
+    if _uses("flat", compression):
+        return decode_flat(wire, layout, max_elements=max_elements)
     if not isinstance(wire, dict) or not wire:
         raise SchemaError("bad_field", "delta must be a non-empty map of tensors")
     _check_names(wire, "delta")

@@ -1,11 +1,14 @@
 """The SPEC grammar that names a compression pipeline (docs/PROTOCOL.md, "Compression").
 
     SPEC    := "dense" | STAGE ("+" STAGE)*
-    STAGE   := "topk:" FRACTION | "fp16" | "int8" | "int4" | "sign" | "ef" | "zlib"
+    STAGE   := "topk:" FRACTION | "fp16" | "int8" | "int4" | "sign" | "ef" | "flat" | "zlib"
 
 At most one value coding (fp16/int8/int4/sign); each stage at most once. Stages always
 run in the order topk, value coding, and the lossless ``zlib`` last; ``ef`` (error
-feedback) wraps the lossy part. ``str(pipeline)`` is the canonical SPEC, which travels.
+feedback) wraps the lossy part. ``flat`` (needs ``topk``) changes only the encoding: the
+kept elements of all tensors travel as one run with Elias-Fano coded positions, so the
+same numbers arrive in fewer bytes and decode in fewer steps. ``str(pipeline)`` is the
+canonical SPEC, which travels.
 """
 
 from collections.abc import Mapping
@@ -36,6 +39,7 @@ class Pipeline:
     top_k: float | None = None
     values: str | None = None  # one of VALUE_CODINGS, None = float32
     error_feedback: bool = False
+    flat: bool = False  # encoding only: the whole delta as one sparse run (schemas.flat)
     zlib: bool = False
 
     def __str__(self) -> str:
@@ -46,6 +50,8 @@ class Pipeline:
             stages.append(self.values)
         if self.error_feedback:
             stages.append("ef")
+        if self.flat:
+            stages.append("flat")
         if self.zlib:
             stages.append("zlib")
         return "+".join(stages) or "dense"
@@ -116,9 +122,14 @@ def parse_spec(text: str) -> Pipeline:
             if values is not None:
                 raise ValueError(f"compression {text!r}: choose one of {', '.join(VALUE_CODINGS)}")
             values = kind
-        elif kind not in ("ef", "zlib") or argument:
+        elif kind not in ("ef", "flat", "zlib") or argument:
             raise ValueError(
                 f"compression {text!r}: unknown stage {stage!r} (dense, topk:F, fp16, int8, "
-                "int4, sign, ef, zlib)"
+                "int4, sign, ef, flat, zlib)"
             )
-    return Pipeline(top_k=top, values=values, error_feedback="ef" in seen, zlib="zlib" in seen)
+    if "flat" in seen and top is None:
+        raise ValueError(f"compression {text!r}: flat encodes a sparse delta, it needs topk:F")
+    return Pipeline(
+        top_k=top, values=values, error_feedback="ef" in seen, flat="flat" in seen,
+        zlib="zlib" in seen,
+    )  # fmt: skip

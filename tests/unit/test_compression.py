@@ -65,19 +65,27 @@ PROPERTY = settings(
 # Every pipeline the grammar allows, as (Pipeline, canonical SPEC).
 FRACTIONS = {0.1: "0.1", 0.5: "0.5", 1.0: "1"}
 VALUE_CODINGS = (None, "fp16", "int8", "int4", "sign")
-ALL_PIPELINES = [
-    Pipeline(top_k=top, values=values, error_feedback=ef, zlib=packed)
+PIPELINE_CHOICES = [
+    (top, values, ef, flat, packed)
     for top in (None, *FRACTIONS)
     for values in VALUE_CODINGS
     for ef in (False, True)
+    for flat in ((False, True) if top is not None else (False,))  # flat needs topk
     for packed in (False, True)
+]
+ALL_PIPELINES = [
+    Pipeline(top_k=top, values=values, error_feedback=ef, flat=flat, zlib=packed)
+    for top, values, ef, flat, packed in PIPELINE_CHOICES
 ]
 
 
-def canonical(top: float | None, values: str | None, ef: bool, packed: bool) -> str:
+def canonical(
+    top: float | None, values: str | None, ef: bool, packed: bool, flat: bool = False
+) -> str:
     stages = [f"topk:{FRACTIONS[top]}"] if top is not None else []
     stages += [values] if values else []
     stages += ["ef"] if ef else []
+    stages += ["flat"] if flat else []
     stages += ["zlib"] if packed else []
     return "+".join(stages) or "dense"
 
@@ -106,20 +114,25 @@ def wire_round_trip(tensor: Any, max_elements: int = 1 << 20) -> Any:
     values=st.sampled_from(VALUE_CODINGS),
     ef=st.booleans(),
     packed=st.booleans(),
+    flat=st.booleans(),
     order=st.randoms(use_true_random=False),
 )
-def test_every_spec_parses_in_any_order_and_prints_canonically(top, values, ef, packed, order):
+def test_every_spec_parses_in_any_order_and_prints_canonically(
+    top, values, ef, packed, flat, order
+):
+    flat = flat and top is not None
     stages = [f"topk:{FRACTIONS[top]}"] if top is not None else []
     stages += [values] if values else []
     stages += ["ef"] if ef else []
+    stages += ["flat"] if flat else []
     stages += ["zlib"] if packed else []
     order.shuffle(stages)
     text = "+".join(stages) or "dense"
 
     pipeline = parse_spec(text)
 
-    assert pipeline == Pipeline(top_k=top, values=values, error_feedback=ef, zlib=packed)
-    assert str(pipeline) == canonical(top, values, ef, packed)
+    assert pipeline == Pipeline(top_k=top, values=values, error_feedback=ef, flat=flat, zlib=packed)
+    assert str(pipeline) == canonical(top, values, ef, packed, flat)
     assert parse_spec(str(pipeline)) == pipeline
 
 
@@ -237,6 +250,10 @@ def test_a_sign_sparse_map_packs_to_the_documented_bytes():
         ("sign+int4", "choose one of fp16, int8, int4, sign"),
         ("sign:1", "unknown stage 'sign:1'"),
         ("ef+ef", "stage 'ef' appears twice"),
+        ("int8+flat", "flat encodes a sparse delta, it needs topk:F"),
+        ("flat", "flat encodes a sparse delta, it needs topk:F"),
+        ("topk:0.1+flat+flat", "stage 'flat' appears twice"),
+        ("topk:0.1+flat:1", "unknown stage 'flat:1'"),
         ("zlib+int8+zlib", "stage 'zlib' appears twice"),
         ("int8+int8", "stage 'int8' appears twice"),
         ("topk:0.1+topk:0.2", "stage 'topk' appears twice"),
@@ -1175,13 +1192,18 @@ def test_an_unreadable_residual_loads_as_none(tmp_path, spoil):
 
 def test_all_pipelines_are_distinct_and_named_canonically():
     names = [str(p) for p in ALL_PIPELINES]
-    assert len(set(names)) == len(ALL_PIPELINES) == 80  # 4 x 5 x 2 x 2
-    for pipeline, (top, values, ef, packed) in zip(
-        ALL_PIPELINES,
-        itertools.product((None, *FRACTIONS), VALUE_CODINGS, (False, True), (False, True)),
-        strict=True,
-    ):
-        assert str(pipeline) == canonical(top, values, ef, packed)
+    # without topk: 5 value codings x ef x zlib; with each of 3 fractions: also x flat
+    assert len(set(names)) == len(ALL_PIPELINES) == 5 * 2 * 2 + 3 * 5 * 2 * 2 * 2
+    expected = [
+        choice
+        for choice in itertools.product(
+            (None, *FRACTIONS), VALUE_CODINGS, (False, True), (False, True), (False, True)
+        )
+        if choice[0] is not None or not choice[3]
+    ]
+    assert PIPELINE_CHOICES == expected
+    for pipeline, (top, values, ef, flat, packed) in zip(ALL_PIPELINES, expected, strict=True):
+        assert str(pipeline) == canonical(top, values, ef, packed, flat)
         assert parse_spec(str(pipeline)) == pipeline
 
 
