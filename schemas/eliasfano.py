@@ -1,4 +1,4 @@
-"""Elias-Fano coding of a strictly increasing run of positions (docs/PROTOCOL.md 12.4).
+"""Elias-Fano coding of a strictly increasing run of positions (docs/PROTOCOL.md 12.9).
 
 k positions below n cost about 2 + log2(n / k) bits each, close to the log2(C(n, k)) / k
 bits any code needs for positions chosen at random, and both halves decode with a few

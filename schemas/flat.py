@@ -1,4 +1,4 @@
-"""A whole sparse delta as one run: the ``flat`` wire form (docs/PROTOCOL.md 12.4).
+"""A whole sparse delta as one run: the ``flat`` wire form (docs/PROTOCOL.md 12.9).
 
 With ``topk`` at 100x an update holds a few thousand numbers. Sent tensor by tensor,
 each tensor pays a header (shape, count, chunk, key names: about 70 bytes) and the
@@ -171,7 +171,7 @@ def decode_flat(
         raise SchemaError("bad_field", f"{field} must be a map, got {type(obj).__name__}")
     if obj.get("enc") != "flat":
         raise SchemaError("bad_encoding", f"{field}.enc {obj.get('enc')!r} is not 'flat'")
-    size, count, low_bits = (_int(obj, key, field) for key in ("size", "count", "low"))
+    size = _int(obj, "size", field)
     if not 0 <= size <= max_elements:
         raise SchemaError("oversized", f"{field}.size {size} is not in 0..{max_elements}")
     if layout is None:
@@ -181,8 +181,10 @@ def decode_flat(
         raise SchemaError(
             "layout_mismatch", f"{field}.size is {size}, the model has {sum(sizes)} parameters"
         )
+    count = _int(obj, "count", field)
     if not 0 <= count <= size:
         raise SchemaError("bad_index", f"{field}.count {count} is not in 0..{size}")
+    low_bits = _int(obj, "low", field)
     upper, lower = _bin(obj, "upper", field), _bin(obj, "lower", field)
     positions = decode_positions(EliasFano(low_bits, upper, lower), count, size, field)
 

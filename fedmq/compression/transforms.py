@@ -59,7 +59,9 @@ def to_float16() -> Transform:
     # clipped to float16's range: an Inf sent would be rejected, an Inf kept in the
     # error-feedback residual would poison every later round
     largest = float(np.finfo(np.float16).max)
-    return _on_values(lambda values, _rng: np.clip(values, -largest, largest).astype(np.float16))
+    return _on_values(
+        lambda values, _rng: np.asarray(np.clip(values, -largest, largest), dtype=np.float16)
+    )  # np.asarray: a 0-d tensor stays an array, not a numpy scalar
 
 
 def quantize_values(
@@ -140,8 +142,9 @@ def compress_tree(
     encoded: dict[str, Encoded] = {}
     residual: dict[str, np.ndarray] = {}
     for name, tensor in delta.items():
-        corrected = tensor if state is None else tensor + state.residual[name]
+        # np.asarray: numpy turns arithmetic on 0-d arrays into scalars; keep arrays
+        corrected = np.asarray(tensor if state is None else tensor + state.residual[name])
         encoded[name] = transform(corrected.astype(np.float32), rng)
         if state is not None:
-            residual[name] = corrected - to_dense(encoded[name])
+            residual[name] = np.asarray(corrected - to_dense(encoded[name]))
     return encoded, (None if state is None else ErrorFeedbackState(residual))

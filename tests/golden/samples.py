@@ -116,6 +116,20 @@ UPDATE_SPARSE_SIGN = dataclasses.replace(
     UPDATE, delta=SPARSE_SIGN_DELTA, compression="topk:0.1+sign+ef"
 )
 
+# The same numbers in the flat form (topk+sign+flat): one run over the 23 parameters laid
+# end to end, positions Elias-Fano coded; docs/PROTOCOL.md 12.9 walks through its bytes.
+UPDATE_FLAT_SIGN = dataclasses.replace(
+    UPDATE, delta=SPARSE_SIGN_DELTA, compression="topk:0.1+sign+ef+flat"
+)
+
+
+def decode_update_of_layout(payload: bytes) -> NodeUpdate:
+    """A flat delta names no tensors: the aggregator reads it against its model's layout;
+    as a dict of the per-tensor sparse forms it compares with the sample."""
+    update = decode_update(payload, layout=LAYOUT)
+    return dataclasses.replace(update, delta=dict(update.delta.items()))
+
+
 # The compact downlink. zlib at level 0 (stored blocks) keeps the bytes the same for every
 # zlib implementation; the aggregator compresses for real, which decodes the same way.
 GLOBAL_DELTA = GlobalDelta(
@@ -185,6 +199,7 @@ SAMPLES: dict[str, Sample] = {
     "update": Sample(UPDATE, decode_update),
     "update_sparse_int8": Sample(UPDATE_SPARSE_INT8, decode_update),
     "update_sparse_sign": Sample(UPDATE_SPARSE_SIGN, decode_update),
+    "update_flat_sign": Sample(UPDATE_FLAT_SIGN, decode_update_of_layout),
     "global_delta": Sample(GLOBAL_DELTA, decode_global_delta),
     "status": Sample(STATUS, decode_status),
     "status_minimal": Sample(STATUS_MINIMAL, decode_status),

@@ -1201,7 +1201,7 @@ def test_all_pipelines_are_distinct_and_named_canonically():
         )
         if choice[0] is not None or not choice[3]
     ]
-    assert PIPELINE_CHOICES == expected
+    assert expected == PIPELINE_CHOICES
     for pipeline, (top, values, ef, flat, packed) in zip(ALL_PIPELINES, expected, strict=True):
         assert str(pipeline) == canonical(top, values, ef, packed, flat)
         assert parse_spec(str(pipeline)) == pipeline
@@ -1218,3 +1218,22 @@ def test_fp16_clips_to_its_range_so_nothing_sent_or_kept_is_infinite() -> None:
     assert sent[0] == np.finfo(np.float16).max and sent[1] == -np.finfo(np.float16).max
     assert state is not None and np.isfinite(state.residual["w"]).all()
     np.testing.assert_allclose(sent + state.residual["w"], delta["w"])
+
+
+@pytest.mark.parametrize("pipeline", ALL_PIPELINES, ids=str)
+def test_a_scalar_parameter_stays_an_array_through_every_pipeline(pipeline):
+    """numpy turns arithmetic on 0-d arrays into scalars: fp16 and error feedback used to
+    hand a numpy scalar to the next stage ("values are already coded")."""
+    delta = {"s": np.asarray(-0.75, np.float32), "w": np.arange(6, dtype=np.float32) / 8}
+    layout = {name: x.shape for name, x in delta.items()}
+    encoded, state = pipeline.compress(delta, np.random.default_rng(0), error_feedback_init(layout))
+    assert to_dense(encoded["s"]).shape == ()
+    if state is not None:
+        assert isinstance(state.residual["s"], np.ndarray) and state.residual["s"].shape == ()
+    payload = encode(
+        NodeUpdate(federation="f", node_id="n", round=1, base_model_id="0" * 32,
+                   num_examples=1, train_loss=0.0, train_seconds=0.0, delta=encoded,
+                   compression=str(pipeline))
+    )  # fmt: skip
+    got = decode_update(payload, layout=layout).delta
+    assert np.array_equal(to_dense(got["s"]), to_dense(encoded["s"]))
