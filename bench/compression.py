@@ -33,9 +33,10 @@ from fedmq.models import get_model
 from schemas import NodeUpdate, decode_update, encode
 
 PIPELINES = [
-    "dense", "fp16", "int8", "int4", "topk:0.1+ef", "topk:0.01+ef", "topk:0.01+int8+ef",
-    "topk:0.02+int4+ef", "topk:0.025+int4+ef+zlib", "topk:0.035+sign+ef",
-    "topk:0.035+sign+ef+zlib",
+    "dense", "fp16", "int8", "int4", "topk:0.1+ef", "topk:0.1+ef+flat", "topk:0.01+ef",
+    "topk:0.01+ef+flat", "topk:0.01+int8+ef", "topk:0.01+int8+ef+flat", "topk:0.02+int4+ef+flat",
+    "topk:0.035+sign+ef", "topk:0.035+sign+ef+zlib", "topk:0.035+sign+ef+flat",
+    "topk:0.035+sign+ef+flat+zlib",
 ]  # fmt: skip
 
 

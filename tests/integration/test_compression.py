@@ -1,9 +1,11 @@
 """A compressed federation through a real mosquitto: top-k + int8 (or one-bit sign
-values and zlib) + error feedback."""
+values and zlib, or sign values in the flat form) + error feedback."""
 
 import json
 import math
+import zlib
 
+import msgpack
 import pytest
 
 from fedmq.models import get_model
@@ -16,7 +18,10 @@ pytestmark = [pytest.mark.integration]
 DENSE_UPDATE_BYTES = 9_971  # one dense digits-mlp update (docs/PROTOCOL.md, section 10)
 
 
-@pytest.mark.parametrize(("spec", "bits"), [("topk:0.1+int8+ef", 8), ("topk:0.1+sign+ef+zlib", 1)])
+@pytest.mark.parametrize(
+    ("spec", "bits"),
+    [("topk:0.1+int8+ef", 8), ("topk:0.1+sign+ef+zlib", 1), ("topk:0.1+sign+ef+flat", 1)],
+)
 def test_three_nodes_send_sparse_quantized_updates_with_error_feedback(
     mosquitto, federation, spawn, node_data, collect, tmp_path, spec, bits
 ):
@@ -57,6 +62,11 @@ def test_three_nodes_send_sparse_quantized_updates_with_error_feedback(
     layout = get_model("digits-mlp").layout
     payloads = [p for i in range(3) for p in watcher.on(topics.update(f"pi-{i}"))]
     updates = [decode_update(p, layout=layout) for p in payloads]
+    for payload in payloads:  # with +flat one map for the whole delta, else one per tensor
+        wire = msgpack.unpackb(payload, raw=False)["delta"]
+        if spec.endswith("+zlib"):
+            wire = msgpack.unpackb(zlib.decompress(wire), raw=False)
+        assert (wire.get("enc") == "flat") == spec.endswith("+flat"), sorted(wire)
     assert sorted((u.round, u.node_id) for u in updates) == [
         (r, f"pi-{i}") for r in range(1, 5) for i in range(3)
     ]

@@ -710,8 +710,12 @@ class Federation:
 
 
 @pytest.mark.parametrize(
-    "spec", ["dense", "fp16+zlib", "int8", "int4+ef", "topk:0.1+int8+ef", "topk:0.05+int4+ef+zlib"]
-)
+    "spec",
+    [
+        "dense", "fp16+zlib", "int8", "int4+ef", "topk:0.1+int8+ef", "topk:0.05+int4+ef+zlib",
+        "topk:0.1+sign+ef+flat", "topk:0.05+int4+ef+flat+zlib", "topk:0.1+fp16+flat",
+    ],
+)  # fmt: skip
 def test_aggregator_averages_updates_made_with_the_announced_spec(spec):
     fed = Federation(spec)
     announced = decode_global(fed.on(TOPICS.global_model)[0])
@@ -753,6 +757,11 @@ REJECTIONS = [
     ("int8", "int8", "topk:1+int8", "wrong_encoding"),
     ("topk:0.1+sign+ef", "topk:0.1+sign+ef", "topk:0.1+int4+ef", "wrong_encoding"),
     ("topk:0.1+int4+ef", "topk:0.1+int4+ef", "topk:0.1+sign+ef", "wrong_encoding"),
+    # flat changes only the bytes, but the SPEC is compared character for character
+    ("topk:0.1+sign+ef+flat", "topk:0.1+sign+ef", "topk:0.1+sign+ef", "wrong_compression"),
+    ("topk:0.1+sign+ef", "topk:0.1+sign+ef+flat", "topk:0.1+sign+ef+flat", "wrong_compression"),
+    ("topk:0.1+sign+ef+flat", "topk:0.1+sign+ef+flat", "topk:0.1+int4+ef+flat", "wrong_encoding"),
+    ("topk:0.1+flat", "topk:0.1+flat", "topk:0.1+fp16+flat", "wrong_encoding"),
 ]
 
 
