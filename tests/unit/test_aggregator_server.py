@@ -15,6 +15,7 @@ from aggregator.evaluate import evaluate
 from aggregator.fedavg import fedavg
 from aggregator.rounds import RoundPolicy
 from aggregator.server import Aggregator, RoundSettings, Store, dense_update_bound
+from fedmq.compression import parse_spec
 from fedmq.datasets import Dataset
 from fedmq.models import get_model
 from schemas import (
@@ -56,6 +57,7 @@ class Harness:
         max_update_bytes: int | None = None,
         test: Dataset | None = None,
         store: Store | None = None,
+        plan: TrainingPlan = PLAN,
     ) -> None:
         self.settings = RoundSettings(
             federation=FEDERATION,
@@ -63,7 +65,7 @@ class Harness:
             model=MODEL,
             rounds=rounds,
             policy=policy or RoundPolicy(expected_nodes=3, min_nodes=3),
-            plan=PLAN,
+            plan=plan,
             max_update_bytes=max_update_bytes or dense_update_bound(MODEL),
         )
         self.initial = MODEL.init(0)
@@ -678,6 +680,48 @@ def test_a_valid_update_with_any_field_replaced_is_accepted_or_rejected_never_ra
     }[target]
     key = data.draw(st.sampled_from([*sorted(container), "extra"]))
     container[key] = data.draw(wire_values)
+    with structlog.testing.capture_logs() as logs:
+        h.send("pi-x", msgpack.packb(message, use_bin_type=True))
+    outcomes = [e["event"] for e in logs if e["event"] in ("update.accepted", "update.rejected")]
+    assert len(outcomes) == 1
+    assert (outcomes == ["update.accepted"]) == (h.agg.reported == 1)
+
+
+FLAT_SPEC = "topk:0.05+sign+ef+flat"
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.data())
+def test_a_valid_flat_update_with_any_field_replaced_or_its_bytes_spoiled_never_raises(
+    data,
+) -> None:  # type: ignore[no-untyped-def]
+    """Structured fuzzing of the flat form: a key of the update or of its flat delta map
+    gets an arbitrary msgpack value, or one of its bin fields is cut, grown or has a byte
+    changed. Exactly one outcome is logged; only an accepted update is counted."""
+    h = Harness(plan=replace(PLAN, compression=FLAT_SPEC))
+    h.agg.start()
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**16)))
+    delta = {n: rng.normal(0.0, 0.01, s).astype(np.float32) for n, s in MODEL.layout.items()}
+    encoded, _ = parse_spec(FLAT_SPEC).compress(delta, rng, None)
+    message = msgpack.unpackb(
+        h.update("pi-x", delta=encoded, compression=FLAT_SPEC)[0],
+        raw=False,  # type: ignore[arg-type]
+    )
+    flat = message["delta"]
+    assert flat["enc"] == "flat"
+    how = data.draw(st.sampled_from(["top", "flat", "bytes"]))
+    if how == "bytes":
+        key = data.draw(st.sampled_from(["upper", "lower", "scales", "data"]))
+        raw = bytearray(flat[key])
+        if raw and data.draw(st.booleans()):
+            raw[data.draw(st.integers(0, len(raw) - 1))] ^= 1 << data.draw(st.integers(0, 7))
+        flat[key] = bytes(raw[: data.draw(st.integers(0, len(raw) + 1))]) + data.draw(
+            st.binary(max_size=3)
+        )
+    else:
+        container = message if how == "top" else flat
+        key = data.draw(st.sampled_from([*sorted(container), "extra"]))
+        container[key] = data.draw(wire_values)
     with structlog.testing.capture_logs() as logs:
         h.send("pi-x", msgpack.packb(message, use_bin_type=True))
     outcomes = [e["event"] for e in logs if e["event"] in ("update.accepted", "update.rejected")]
