@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import msgpack
 import numpy as np
 
 from aggregator.fedavg import WeightedSum
@@ -104,6 +105,27 @@ def codec_costs(
     return {spec: (encode_s[spec], decode_s[spec], len(payloads[spec])) for spec in specs}
 
 
+def flat_overhead(model_name: str, spec: str) -> str:
+    """Bytes of a flat update that are not positions, codes, scales or values: the
+    envelope (ids, round, loss, SPEC, ...) and the flat map's keys and bin headers."""
+    model = get_model(model_name)
+    rng = np.random.default_rng(0)
+    change = {n: rng.normal(0, 0.01, s).astype(np.float32) for n, s in model.layout.items()}
+    encoded, _ = parse_spec(spec).compress(change, rng, None)
+    update = NodeUpdate(federation="demo", node_id="node-01", round=1, base_model_id="0" * 32,
+                        num_examples=150, train_loss=0.5, train_seconds=1.0, delta=encoded,
+                        compression=spec, sent_at=1.0)  # fmt: skip
+    payload = encode(update)
+    flat = msgpack.unpackb(payload, raw=False)["delta"]
+    numbers = sum(len(flat.get(key, b"")) for key in ("upper", "lower", "scales", "data"))
+    envelope = len(payload) - len(msgpack.packb(flat, use_bin_type=True))
+    return (
+        f"{len(payload) - numbers} B ({len(payload)} B payload: {numbers} B of positions and"
+        f" values, {envelope} B of envelope, {len(payload) - numbers - envelope} B of flat-map"
+        " keys and bin headers)"
+    )
+
+
 def _cpu_seconds(fn: Callable[[], object], calls: int = 10) -> float:
     started = time.thread_time()
     for _ in range(calls):
@@ -169,6 +191,9 @@ def main() -> None:
                 f"fixed overhead of a dense {model} update: {codecs['dense'][2] - dense_numbers} B"
                 f" ({codecs['dense'][2]} B payload, {dense_numbers} B of numbers)"
             )
+        for spec in pipelines:
+            if parse_spec(spec).flat and not parse_spec(spec).zlib:
+                print(f"fixed overhead of a {spec} {model} update: {flat_overhead(model, spec)}")
 
 
 if __name__ == "__main__":
