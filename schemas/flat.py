@@ -165,7 +165,8 @@ def encode_flat(delta: Mapping[str, Encoded]) -> dict[str, Any]:
 def decode_flat(
     obj: Any, layout: Mapping[str, tuple[int, ...]] | None, *, max_elements: int
 ) -> FlatSparse:
-    """Check a flat delta against ``layout`` (without one: a single tensor of ``size``)."""
+    """Check a flat delta against ``layout`` (without one: a single tensor of ``size``,
+    dense values only)."""
     field = "delta"
     if not isinstance(obj, Mapping):
         raise SchemaError("bad_field", f"{field} must be a map, got {type(obj).__name__}")
@@ -175,6 +176,8 @@ def decode_flat(
     if not 0 <= size <= max_elements:
         raise SchemaError("oversized", f"{field}.size {size} is not in 0..{max_elements}")
     if layout is None:
+        if "bits" in obj:  # each tensor's scales restart: without the tensors, no values
+            raise SchemaError("layout_mismatch", f"{field} has quantized values: needs the layout")
         layout = {FLAT_LAYOUT_NAME: (size,)}
     sizes = [math.prod(shape) for shape in layout.values()]
     if sum(sizes) != size:
