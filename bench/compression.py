@@ -156,6 +156,7 @@ def main() -> None:
             for spec, (enc, dec, size) in codecs.items():
                 print(f"{spec:<24} {size:>9} {enc * 1e3:>7.2f} {dec * 1e3:>10.3f}"
                       f" {dec / dense_decode:>11.2f}x")  # fmt: skip
+            print_overheads(model, pipelines, codecs)
             continue
         for part in args.partitions.split(","):
             seeds = [int(x) for x in args.seeds.split(",")]
@@ -186,14 +187,21 @@ def main() -> None:
                       f" {reach:>8} {enc * 1e3:>7.2f} {dec * 1e3:>10.3f}"
                       f" {dec / dense_decode:>11.2f}x  "
                       + "/".join(f"{rows[-1]['accuracy']:.4f}" for rows in runs))  # fmt: skip
-        if "dense" in codecs:
-            print(
-                f"fixed overhead of a dense {model} update: {codecs['dense'][2] - dense_numbers} B"
-                f" ({codecs['dense'][2]} B payload, {dense_numbers} B of numbers)"
-            )
-        for spec in pipelines:
-            if parse_spec(spec).flat and not parse_spec(spec).zlib:
-                print(f"fixed overhead of a {spec} {model} update: {flat_overhead(model, spec)}")
+        print_overheads(model, pipelines, codecs)
+
+
+def print_overheads(
+    model: str, pipelines: list[str], codecs: dict[str, tuple[float, float, int]]
+) -> None:
+    dense_numbers = 4 * get_model(model).num_params
+    if "dense" in codecs:
+        print(
+            f"fixed overhead of a dense {model} update: {codecs['dense'][2] - dense_numbers} B"
+            f" ({codecs['dense'][2]} B payload, {dense_numbers} B of numbers)"
+        )
+    for spec in pipelines:
+        if parse_spec(spec).flat and not parse_spec(spec).zlib:
+            print(f"fixed overhead of a {spec} {model} update: {flat_overhead(model, spec)}")
 
 
 if __name__ == "__main__":
