@@ -717,3 +717,31 @@ def test_without_a_layout_quantized_flat_values_are_refused_not_misread():
             decode_update(quantized)
         assert info.value.reason == "layout_mismatch", str(info.value)
         assert info.value.detail == "delta has quantized values: needs the layout"
+
+
+@pytest.mark.parametrize(
+    "rule",
+    ["fedavg", "median", "trimmed-mean:0.2", "fedavg+clip-median:2", "median+clip-norm:0.05"],
+)
+def test_every_aggregation_rule_gives_bitwise_the_same_delta_from_flat_updates(rule):
+    """Robust rules read a flat update through its per-tensor view: the round's delta is
+    the one the compressor's own per-tensor Sparse tensors give."""
+    from aggregator.robust import aggregate, parse_rule
+
+    layout = {"w": (30, 20), "b": (20,), "v": (20, 4)}
+    spec = "topk:0.2+sign+ef"
+    flat_updates, tensor_updates = [], []
+    for i in range(6):
+        rng = np.random.default_rng(i)
+        raw = {n: rng.normal(0, 0.01 * (i + 1), s).astype(np.float32) for n, s in layout.items()}
+        encoded, _ = parse_spec(spec).compress(raw, rng, error_feedback_init(layout))
+        payload = encode(make_update(encoded, spec + "+flat", num_examples=10 + i))
+        flat_updates.append((decode_update(payload, layout=layout).delta, 10 + i))
+        tensor_updates.append((encoded, 10 + i))  # the compressor's own Sparse tensors
+    assert isinstance(flat_updates[0][0], FlatSparse)
+    got = aggregate(parse_rule(rule), flat_updates, layout).delta
+    want = aggregate(parse_rule(rule), tensor_updates, layout).delta
+    for name in layout:
+        assert np.array_equal(
+            np.asarray(got[name]).view(np.uint64), np.asarray(want[name]).view(np.uint64)
+        )
