@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from schemas.eliasfano import EliasFano, decode_positions, encode_positions
+from schemas.eliasfano import MAX_LOW_BITS, EliasFano, decode_positions, encode_positions
 from schemas.encodings import (
     QUANT_BITS,
     Encoded,
@@ -188,6 +188,8 @@ def decode_flat(
     if not 0 <= count <= size:
         raise SchemaError("bad_index", f"{field}.count {count} is not in 0..{size}")
     low_bits = _int(obj, "low", field)
+    if not 0 <= low_bits <= MAX_LOW_BITS:
+        raise SchemaError("bad_index", f"{field}.low {low_bits} is not in 0..{MAX_LOW_BITS}")
     upper, lower = _bin(obj, "upper", field), _bin(obj, "lower", field)
     positions = decode_positions(EliasFano(low_bits, upper, lower), count, size, field)
 

@@ -439,8 +439,8 @@ HOSTILE_FLAT = [  # (flat map, reason, words in the error)
     (changed(flat_map("int8"), count="6"), "bad_field", "delta.count"),
     (changed(flat_map("int8"), count=DELETE), "bad_field", "delta.count"),
     (changed(flat_map("int8"), low=2), "bad_index", "lower holds 1 bytes, needs 2"),
-    (changed(flat_map("int8"), low=41), "bad_index", "low is not an int in 0..40"),
-    (changed(flat_map("int8"), low=-1), "bad_index", "low is not an int in 0..40"),
+    (changed(flat_map("int8"), low=41), "bad_index", "delta.low 41 is not in 0..40"),
+    (changed(flat_map("int8"), low=-1), "bad_index", "delta.low -1 is not in 0..40"),
     (changed(flat_map("int8"), low=True), "bad_field", "delta.low"),
     (changed(flat_map("int8"), low=1.0), "bad_field", "delta.low"),
     (changed(flat_map("int8"), low=DELETE), "bad_field", "delta.low"),
@@ -745,3 +745,12 @@ def test_every_aggregation_rule_gives_bitwise_the_same_delta_from_flat_updates(r
         assert np.array_equal(
             np.asarray(got[name]).view(np.uint64), np.asarray(want[name]).view(np.uint64)
         )
+
+
+def test_low_out_of_range_is_named_before_the_bins_are_looked_at():
+    """PROTOCOL 12.9 checks the keys in table order: `low` before `upper` and `lower`."""
+    layout = {"w": (10,)}
+    obj = {"enc": "flat", "size": 10, "count": 1, "low": 41, "upper": None, "lower": None}
+    with pytest.raises(SchemaError) as info:
+        decode_flat(obj, layout, max_elements=100)
+    assert info.value.reason == "bad_index" and "delta.low 41" in info.value.detail
