@@ -17,7 +17,7 @@ from ..conftest import wait_until
 pytestmark = pytest.mark.integration
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "monitor_metrics.py"
-ROUNDS = 4
+ROUNDS = 12  # rounds close in ~15 ms: enough that the restart lands mid-run
 
 
 def test_monitors_see_every_round_once_across_an_aggregator_restart(
@@ -43,10 +43,19 @@ def test_monitors_see_every_round_once_across_an_aggregator_restart(
                   "--state-dir", str(tmp_path / f"state-{i}"), "--exit-when-done")
             for i, path in enumerate(node_data(3))
         ]  # fmt: skip
-        wait_until(lambda: len(wire.on(topics.metrics)) >= 1, 120, "round 1's metrics")
-        first.proc.send_signal(signal.SIGTERM)  # resumes from .fedmq-aggregator in tmp_path
-        stopped_early = first.wait(30) != 0
-        second = spawn("aggregator-2", *aggregator_args)
+        wait_until(lambda: len(wire.on(topics.metrics)) >= 1, 120, "round 1's metrics", 0.002)
+        # Hold pi-2 so that no further round can close (every round waits for all three):
+        # with 4 rounds and no hold, the run could finish within wait_until's 50 ms poll (now 2),
+        # before the SIGTERM landed; the monitors (--until-done) then left at the first
+        # "done", and the resumed aggregator's copy of the last metrics reached only the
+        # wire collector (CI, 2026-12-05).
+        nodes[2].proc.send_signal(signal.SIGSTOP)
+        try:
+            first.proc.send_signal(signal.SIGTERM)  # resumes from .fedmq-aggregator in tmp_path
+            first.wait(30)  # a clean stop on SIGTERM: exit status 0
+            second = spawn("aggregator-2", *aggregator_args)
+        finally:
+            nodes[2].proc.send_signal(signal.SIGCONT)
         assert second.wait(180) == 0, second.log()[-3000:]
         for node in nodes:
             assert node.wait(60) == 0, node.log()[-3000:]
@@ -58,8 +67,7 @@ def test_monitors_see_every_round_once_across_an_aggregator_restart(
 
     on_wire = [decode_metrics(p).round for p in wire.on(topics.metrics)]
     assert sorted(set(on_wire)) == list(range(1, ROUNDS + 1))
-    if stopped_early:  # the resumed aggregator republished the last closed round's metrics
-        assert len(on_wire) > ROUNDS, on_wire
+    assert len(on_wire) > ROUNDS, on_wire  # the resumed aggregator republished a round's metrics
 
     rows = [json.loads(line) for line in as_json.log().splitlines() if line.startswith("{")]
     metrics = [row for row in rows if row["type"] == "metrics"]
