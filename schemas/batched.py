@@ -21,11 +21,10 @@ from typing import Any
 import numpy as np
 
 from schemas.encodings import (
-    _MAX_SCALE_BITS,
     _NIBBLE_PAIRS,
     _SIGN_OCTETS,
-    MAX_SCALE,
     QUANT_BITS,
+    decode_scales,
     decode_varints,
 )
 from schemas.errors import SchemaError
@@ -110,13 +109,7 @@ def _decode(
         return None
     total = first
 
-    scales = np.frombuffer(b"".join(scale_bytes), dtype="<f4")
-    if (
-        scales.size
-        and scales.view("<u4").max() > _MAX_SCALE_BITS
-        and not (scales.min() >= 0 and scales.max() <= MAX_SCALE)
-    ):
-        return None
+    scales = decode_scales(b"".join(scale_bytes), n_scales, "delta")  # SchemaError: None
     raw = np.frombuffer(b"".join(data_bytes), dtype=np.uint8)
     if bits == 1:
         codes = np.take(_SIGN_OCTETS, raw).view(np.int8)
