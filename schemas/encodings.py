@@ -270,15 +270,21 @@ def _decode_quantized(
 ) -> Quantized:
     """A quantized tensor; with ``flat`` the k values inlined in a sparse map."""
     shape, count = _shape(obj, field, max_elements) if flat is None else ((flat,), flat)
-    bits = _int(obj, "bits", field)
-    chunk = _int(obj, "chunk", field)
+    bits, chunk = decode_bits_and_chunk(obj, field)
+    scales = decode_scales(_bin(obj, "scales", field), -(-count // chunk), field)
+    codes = decode_codes(_bin(obj, "data", field), bits, count, field)
+    return Quantized(shape=shape, bits=bits, chunk=chunk, scales=scales, codes=codes)
+
+
+def decode_bits_and_chunk(obj: Mapping[str, Any], field: str) -> tuple[int, int]:
+    """``bits`` (8, 4 or 1) and ``chunk`` (1..2**20) of quantized values: both must be
+    ints before either is range-checked."""
+    bits, chunk = _int(obj, "bits", field), _int(obj, "chunk", field)
     if bits not in QUANT_BITS:
         raise SchemaError("bad_field", f"{field}.bits is {bits}, not one of {QUANT_BITS}")
     if not 1 <= chunk <= 1 << 20:
         raise SchemaError("bad_field", f"{field}.chunk {chunk} is not in 1..{1 << 20}")
-    scales = decode_scales(_bin(obj, "scales", field), -(-count // chunk), field)
-    codes = decode_codes(_bin(obj, "data", field), bits, count, field)
-    return Quantized(shape=shape, bits=bits, chunk=chunk, scales=scales, codes=codes)
+    return bits, chunk
 
 
 def decode_scales(raw: bytes, chunks: int, field: str) -> np.ndarray:

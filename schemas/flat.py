@@ -28,12 +28,12 @@ import numpy as np
 
 from schemas.eliasfano import MAX_LOW_BITS, EliasFano, decode_positions, encode_positions
 from schemas.encodings import (
-    QUANT_BITS,
     Encoded,
     Quantized,
     Sparse,
     _bin,
     _int,
+    decode_bits_and_chunk,
     decode_codes,
     decode_scales,
     encode_encoded,
@@ -58,7 +58,10 @@ class FlatSparse(Mapping[str, Encoded]):
     each tensor as the ``Sparse`` the per-tensor decoder returns.
     """
 
-    __slots__ = ("_parts", "_scale_of", "bits", "codes", "dense", "layout", "positions", "scales")
+    __slots__ = (
+        "_parts", "_scale_of", "_shapes", "bits", "codes", "dense", "layout", "positions",
+        "scales",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -73,6 +76,7 @@ class FlatSparse(Mapping[str, Encoded]):
         scale_of: np.ndarray | None = None,
     ) -> None:
         self.layout = layout
+        self._shapes = dict(layout)
         self.positions = positions
         self._parts = parts
         self.dense = dense
@@ -102,9 +106,8 @@ class FlatSparse(Mapping[str, Encoded]):
                 scales=self.scales[s_first:s_end], codes=self.codes[first:end],
             )  # fmt: skip
         return Sparse(
-            shape=dict(self.layout)[name], indices=self.positions[first:end] - offset,
-            values=values,
-        )  # fmt: skip
+            shape=self._shapes[name], indices=self.positions[first:end] - offset, values=values
+        )
 
     def __contains__(self, name: object) -> bool:
         return name in self._parts
@@ -206,11 +209,7 @@ def decode_flat(
             parts[name] = (int(offsets[i]), bounds[i], bounds[i + 1], 1, 0, 0)
         return FlatSparse(_frozen(layout), positions, parts, dense=dense)
 
-    bits, chunk = _int(obj, "bits", field), _int(obj, "chunk", field)
-    if bits not in QUANT_BITS:
-        raise SchemaError("bad_field", f"{field}.bits is {bits}, not one of {QUANT_BITS}")
-    if not 1 <= chunk <= 1 << 20:
-        raise SchemaError("bad_field", f"{field}.chunk {chunk} is not in 1..{1 << 20}")
+    bits, chunk = decode_bits_and_chunk(obj, field)
     per_scale: list[int] = []  # values per scale, chunk after chunk, tensor after tensor
     n_scales = 0
     for i, name in enumerate(layout):

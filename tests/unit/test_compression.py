@@ -1239,10 +1239,5 @@ def test_a_scalar_parameter_stays_an_array_through_every_pipeline(pipeline):
     assert to_dense(encoded["s"]).shape == ()
     if state is not None:
         assert isinstance(state.residual["s"], np.ndarray) and state.residual["s"].shape == ()
-    payload = encode(
-        NodeUpdate(federation="f", node_id="n", round=1, base_model_id="0" * 32,
-                   num_examples=1, train_loss=0.0, train_seconds=0.0, delta=encoded,
-                   compression=str(pipeline))
-    )  # fmt: skip
-    got = decode_update(payload, layout=layout).delta
+    got = decode_update(encode(make_update(encoded, str(pipeline))), layout=layout).delta
     assert np.array_equal(to_dense(got["s"]), to_dense(encoded["s"]))

@@ -11,8 +11,9 @@ import pytest
 
 from fedmq.compression import parse_spec
 from fedmq.compression.transforms import error_feedback_init
-from schemas import NodeUpdate, decode_update, encode
+from schemas import decode_update, encode
 from schemas.encodings import to_dense
+from tests.unit.test_compression import make_update
 
 PROTOCOL = Path(__file__).resolve().parents[2] / "docs" / "PROTOCOL.md"
 LAYOUT = {"l0.w": (7, 40), "l0.b": (40,), "l1.w": (40, 3), "l1.b": (3,), "one": ()}
@@ -55,11 +56,7 @@ def test_the_documented_decoder_gives_the_reference_arrays_bit_for_bit(spec, see
     }
     pipeline = parse_spec(spec)
     encoded, _ = pipeline.compress(delta, rng, error_feedback_init(LAYOUT))
-    payload = encode(
-        NodeUpdate(federation="doc", node_id="n", round=1, base_model_id="0" * 32,
-                   num_examples=5, train_loss=0.1, train_seconds=0.0, delta=encoded,
-                   compression=str(pipeline))
-    )  # fmt: skip
+    payload = encode(make_update(encoded, str(pipeline)))
     reference = decode_update(payload, layout=LAYOUT).delta
 
     update = msgpack.unpackb(payload, raw=False, strict_map_key=True)
