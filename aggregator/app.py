@@ -14,18 +14,18 @@ from pathlib import Path
 
 import structlog
 
-from aggregator.checkpoint import CheckpointError, StateDir, fingerprint_mismatch
-from aggregator.robust import Clip, Rule, parse_rule, with_clip
-from aggregator.rounds import RoundPolicy
-from aggregator.server import Aggregator, Publish, RoundSettings, dense_update_bound
-from broker.sys_topics import DROPPED, parse_counter
 from fedmq import mqtt as edge
+from fedmq.aggregator.checkpoint import CheckpointError, StateDir, fingerprint_mismatch
+from fedmq.aggregator.robust import Clip, Rule, parse_rule, with_clip
+from fedmq.aggregator.rounds import RoundPolicy
+from fedmq.aggregator.server import Aggregator, Publish, RoundSettings, dense_update_bound
+from fedmq.broker.sys_topics import DROPPED, parse_counter
 from fedmq.compression import parse_spec
 from fedmq.datasets import Dataset, digits, load_npz
 from fedmq.models import get_model
 from fedmq.progress import ProgressLine
 from fedmq.report import build_report, write_report
-from schemas import SchemaError, ServerStatus, Topics, TrainingPlan, decode_status, encode
+from fedmq.schemas import SchemaError, ServerStatus, Topics, TrainingPlan, decode_status, encode
 
 log = structlog.get_logger()
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import msgpack
 
-from aggregator.journal import RoundJournal, journal_path, read_journal
+from fedmq.aggregator.journal import RoundJournal, journal_path, read_journal
 from fedmq.files import write_atomically
 
 CHECKPOINT_VERSION = 1

@@ -9,8 +9,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from schemas.encodings import Encoded, Quantized, Sparse, float16_into, shape_of
-from schemas.flat import FlatSparse
+from fedmq.schemas.encodings import Encoded, Quantized, Sparse, float16_into, shape_of
+from fedmq.schemas.flat import FlatSparse
 
 Params = dict[str, np.ndarray]
 

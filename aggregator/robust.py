@@ -47,8 +47,8 @@ from typing import Any
 
 import numpy as np
 
-from aggregator.fedavg import WeightedSum
-from schemas.encodings import Encoded, Quantized, Sparse, shape_of
+from fedmq.aggregator.fedavg import WeightedSum
+from fedmq.schemas.encodings import Encoded, Quantized, Sparse, shape_of
 
 Params = dict[str, np.ndarray]
 Layout = Mapping[str, tuple[int, ...]]

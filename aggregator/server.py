@@ -24,15 +24,15 @@ from typing import Any, Protocol
 import numpy as np
 import structlog
 
-from aggregator.checkpoint import Checkpoint
-from aggregator.evaluate import evaluate
-from aggregator.fedavg import WeightedSum, apply_mean_delta
-from aggregator.robust import FEDAVG, Rule, aggregate, check_memory
-from aggregator.rounds import RoundPolicy, close_reason, seconds_until_check, select_nodes
+from fedmq.aggregator.checkpoint import Checkpoint
+from fedmq.aggregator.evaluate import evaluate
+from fedmq.aggregator.fedavg import WeightedSum, apply_mean_delta
+from fedmq.aggregator.robust import FEDAVG, Rule, aggregate, check_memory
+from fedmq.aggregator.rounds import RoundPolicy, close_reason, seconds_until_check, select_nodes
 from fedmq.compression import Pipeline, parse_spec
 from fedmq.datasets import Dataset
 from fedmq.models import MLP
-from schemas import (
+from fedmq.schemas import (
     GlobalModel,
     NodeUpdate,
     RoundMetrics,
@@ -47,7 +47,7 @@ from schemas import (
     make_global_delta,
     model_id_of,
 )
-from schemas.messages import update_bound
+from fedmq.schemas.messages import update_bound
 
 log = structlog.get_logger()
 

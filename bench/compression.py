@@ -24,14 +24,14 @@ from pathlib import Path
 import msgpack
 import numpy as np
 
-from aggregator.fedavg import WeightedSum
 from fedmq import logs
+from fedmq.aggregator.fedavg import WeightedSum
 from fedmq.compression import parse_spec
 from fedmq.compression.transforms import error_feedback_init
 from fedmq.datasets import digits, partition
 from fedmq.demo import DemoConfig, run
 from fedmq.models import get_model
-from schemas import NodeUpdate, decode_update, encode
+from fedmq.schemas import NodeUpdate, decode_update, encode
 
 PIPELINES = [
     "dense", "fp16", "int8", "int4", "topk:0.1+ef", "topk:0.1+ef+flat", "topk:0.01+ef",
@@ -59,7 +59,7 @@ def codec_costs(
     delta. Costs are CPU time of this thread (other work on a shared machine does not
     count), the minimum over rounds of 10 calls, the SPECs taking turns in every round so
     that dense and compressed are measured under the same conditions."""
-    from node.training import LocalTrainer, delta
+    from fedmq.node.training import LocalTrainer, delta
 
     train, _ = digits()
     shard = partition(train.y, 10, "iid", 0)[0]

@@ -25,14 +25,14 @@ from pathlib import Path
 import numpy as np
 import paho.mqtt.client as mqtt
 
-from aggregator.app import resume_or_start
-from aggregator.checkpoint import StateDir
-from aggregator.rounds import RoundPolicy
-from aggregator.server import Aggregator, RoundSettings, dense_update_bound
-from broker.process import Mosquitto
 from fedmq import logs
+from fedmq.aggregator.app import resume_or_start
+from fedmq.aggregator.checkpoint import StateDir
+from fedmq.aggregator.rounds import RoundPolicy
+from fedmq.aggregator.server import Aggregator, RoundSettings, dense_update_bound
+from fedmq.broker.process import Mosquitto
 from fedmq.models import get_model
-from schemas import NodeUpdate, Topics, TrainingPlan, encode, model_id_of
+from fedmq.schemas import NodeUpdate, Topics, TrainingPlan, encode, model_id_of
 
 MODEL = get_model("digits-mlp")
 UPDATES = 200

@@ -15,11 +15,11 @@ import timeit
 
 import numpy as np
 
-from aggregator.rounds import RoundPolicy
-from aggregator.server import Aggregator, RoundSettings
 from fedmq import logs
+from fedmq.aggregator.rounds import RoundPolicy
+from fedmq.aggregator.server import Aggregator, RoundSettings
 from fedmq.models import MLP
-from schemas import NodeUpdate, TrainingPlan, encode, model_id_of
+from fedmq.schemas import NodeUpdate, TrainingPlan, encode, model_id_of
 
 UPDATES = 20  # distinct nodes per measured round
 REPEATS = 7

@@ -44,10 +44,10 @@ from pathlib import Path
 import numpy as np
 import paho.mqtt.client as mqtt
 
-from broker.process import Mosquitto
+from fedmq.broker.process import Mosquitto
 from fedmq.datasets import digits, partition
-from schemas import Topics
-from schemas.messages import decode_status, decode_update
+from fedmq.schemas import Topics
+from fedmq.schemas.messages import decode_status, decode_update
 
 TICKS = os.sysconf("SC_CLK_TCK")
 

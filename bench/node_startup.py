@@ -19,12 +19,12 @@ CHILD = """
 import json, resource, sys, time
 t0 = time.perf_counter()
 from pathlib import Path
-from node.app import enable_compile_cache
+from fedmq.node.app import enable_compile_cache
 if sys.argv[1] != "off":
     enable_compile_cache(Path(sys.argv[1]))
 import numpy as np
 from fedmq.models import get_model
-from node.training import LocalTrainer
+from fedmq.node.training import LocalTrainer
 imported = time.perf_counter() - t0
 model = get_model(sys.argv[2])
 rng = np.random.default_rng(0)

@@ -24,15 +24,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from aggregator.evaluate import evaluate
-from aggregator.robust import aggregate, parse_rule
-from aggregator.rounds import RoundPolicy
-from aggregator.server import Aggregator, RoundSettings, dense_update_bound
 from fedmq import logs
+from fedmq.aggregator.evaluate import evaluate
+from fedmq.aggregator.robust import aggregate, parse_rule
+from fedmq.aggregator.rounds import RoundPolicy
+from fedmq.aggregator.server import Aggregator, RoundSettings, dense_update_bound
 from fedmq.datasets import digits, partition
 from fedmq.models import get_model
-from node.training import LocalTrainer, delta
-from schemas import NodeUpdate, Topics, TrainingPlan, encode
+from fedmq.node.training import LocalTrainer, delta
+from fedmq.schemas import NodeUpdate, Topics, TrainingPlan, encode
 
 MODEL_NAME = "digits-mlp"
 MODEL = get_model(MODEL_NAME)

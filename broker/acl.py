@@ -12,7 +12,7 @@ mosquitto checks ``read`` when it delivers a message, not when a client subscrib
 node may subscribe to ``updates/+`` and is granted it, but receives nothing there.
 """
 
-from schemas.topics import ROOT, Topics
+from fedmq.schemas.topics import ROOT, Topics
 
 AGGREGATOR = "aggregator"
 MONITOR = "monitor"

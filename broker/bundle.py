@@ -40,7 +40,7 @@ class Bundle:
 
 
 def render(bundle: Bundle) -> str:
-    """fedmq.toml's text, in the format of ``fedmq <role> --config`` (fedmq/config.py:
+    """fedmq.toml's text, in the format of ``fedmq <role> --config`` (src/fedmq/config.py:
     a [connection] section and the role's own); paths are names relative to the bundle
     directory, which the config loader resolves against the file's directory."""
 

@@ -20,13 +20,13 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from broker import bundle, certs, passwords
-from broker.acl import AGGREGATOR, MONITOR, ROLES, render_acl
-from broker.process import PROJECT_CONF
-from broker.production import ListenerFiles, render_production
+from fedmq.broker import bundle, certs, passwords
+from fedmq.broker.acl import AGGREGATOR, MONITOR, ROLES, render_acl
+from fedmq.broker.process import PROJECT_CONF
+from fedmq.broker.production import ListenerFiles, render_production
 from fedmq.models import get_model
-from schemas.messages import packet_bound
-from schemas.topics import validate_name
+from fedmq.schemas.messages import packet_bound
+from fedmq.schemas.topics import validate_name
 
 STATE = "deployment.toml"
 

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from importlib import resources
 from pathlib import Path
 from types import TracebackType
 
@@ -17,7 +18,9 @@ import structlog
 
 log = structlog.get_logger()
 
-PROJECT_CONF = Path(__file__).resolve().parent.parent / "mosquitto.conf"
+# The top-level mosquitto.conf, shipped in the wheel as this package's data (a wheel is
+# installed unzipped, so the resource is a real file that mosquitto can be pointed at).
+PROJECT_CONF = Path(str(resources.files(__package__ or "fedmq.broker") / "mosquitto.conf"))
 PERSISTENCE_FILE = "mosquitto.db"  # mosquitto's default, as in mosquitto.conf
 _LISTENER = re.compile(r"^(\s*listener\s+)(\d+)(\s+127\.0\.0\.1\s*)$", re.MULTILINE)
 _PERSISTENCE_LOCATION = re.compile(r"^[ \t]*persistence_location[ \t].*$", re.MULTILINE)

@@ -20,12 +20,12 @@ from fedmq.compression import Pipeline, parse_spec
 from fedmq.compression.transforms import ErrorFeedbackState, error_feedback_init
 from fedmq.datasets import Dataset, digits, load_npz, partition
 from fedmq.models import MLP, check_layout
+from fedmq.node import progress, residual
 from fedmq.progress import ProgressLine
-from node import progress, residual
 
 if TYPE_CHECKING:  # JAX is imported only once a node has a model to train
-    from node.training import LocalTrainer
-from schemas import (
+    from fedmq.node.training import LocalTrainer
+from fedmq.schemas import (
     GlobalDelta,
     GlobalModel,
     NodeStatus,
@@ -271,7 +271,7 @@ class Node:
         self.status("submitted" if round else "online", round=round, model_id=model_id)
 
     def train_and_publish(self, model: GlobalModel) -> None:
-        from node.training import LocalTrainer, delta
+        from fedmq.node.training import LocalTrainer, delta
 
         try:
             architecture = check_layout(model.model, model.layout)

@@ -3,8 +3,8 @@
 docs/PROTOCOL.md is the human contract; this package is its executable form.
 """
 
-from schemas.errors import SchemaError
-from schemas.messages import (
+from fedmq.schemas.errors import SchemaError
+from fedmq.schemas.messages import (
     SCHEMA_VERSION,
     GlobalDelta,
     GlobalModel,
@@ -24,7 +24,7 @@ from schemas.messages import (
     make_global_delta,
     model_id_of,
 )
-from schemas.topics import Topics, validate_name
+from fedmq.schemas.topics import Topics, validate_name
 
 __all__ = [
     "SCHEMA_VERSION",

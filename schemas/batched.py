@@ -20,15 +20,15 @@ from typing import Any
 
 import numpy as np
 
-from schemas.encodings import (
+from fedmq.schemas.encodings import (
     _NIBBLE_PAIRS,
     _SIGN_OCTETS,
     QUANT_BITS,
     decode_scales,
     decode_varints,
 )
-from schemas.errors import SchemaError
-from schemas.flat import FlatSparse
+from fedmq.schemas.errors import SchemaError
+from fedmq.schemas.flat import FlatSparse
 
 _INT_ONLY = frozenset([int])
 # Byte values of varint continuation bytes: deleting them leaves one byte per varint.

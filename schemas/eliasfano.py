@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from schemas.errors import SchemaError
+from fedmq.schemas.errors import SchemaError
 
 MAX_LOW_BITS = 40  # positions stay far below 2**40 (models are limited to 2**25 elements)
 

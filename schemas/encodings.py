@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from schemas.errors import SchemaError
-from schemas.tensors import decode_tensor, encode_tensor, squared_norm
+from fedmq.schemas.errors import SchemaError
+from fedmq.schemas.tensors import decode_tensor, encode_tensor, squared_norm
 
 QUANT_BITS = (8, 4, 1)
 # Largest magnitude a delta value may have. Weighted by up to 2**24 examples in float32

@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from schemas.eliasfano import MAX_LOW_BITS, EliasFano, decode_positions, encode_positions
-from schemas.encodings import (
+from fedmq.schemas.eliasfano import MAX_LOW_BITS, EliasFano, decode_positions, encode_positions
+from fedmq.schemas.encodings import (
     Encoded,
     Quantized,
     Sparse,
@@ -40,8 +40,8 @@ from schemas.encodings import (
     float16_into,
     value_problem,
 )
-from schemas.errors import SchemaError
-from schemas.tensors import decode_tensor
+from fedmq.schemas.errors import SchemaError
+from fedmq.schemas.tensors import decode_tensor
 
 Layout = tuple[tuple[str, tuple[int, ...]], ...]
 # name -> (offset in the flat layout, first value, end value, chunk, first scale, end scale)

@@ -16,12 +16,12 @@ from typing import Any, TypeVar
 import msgpack
 import numpy as np
 
-from schemas.batched import decode_flat_sparse
-from schemas.encodings import Encoded, decode_encoded, encode_encoded, shape_of, value_problem
-from schemas.errors import SchemaError
-from schemas.flat import decode_flat, encode_flat
-from schemas.tensors import all_finite, decode_tensor, encode_tensor
-from schemas.topics import validate_name
+from fedmq.schemas.batched import decode_flat_sparse
+from fedmq.schemas.encodings import Encoded, decode_encoded, encode_encoded, shape_of, value_problem
+from fedmq.schemas.errors import SchemaError
+from fedmq.schemas.flat import decode_flat, encode_flat
+from fedmq.schemas.tensors import all_finite, decode_tensor, encode_tensor
+from fedmq.schemas.topics import validate_name
 
 SCHEMA_VERSION = 1
 # Ceiling for any one decoded message unless the caller gives a tighter one. Matches the

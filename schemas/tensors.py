@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from schemas.errors import SchemaError
+from fedmq.schemas.errors import SchemaError
 
 # dtypes a parameter tensor may have on the wire, by their numpy string.
 WIRE_DTYPES: dict[str, np.dtype] = {"<f4": np.dtype("<f4"), "<f2": np.dtype("<f2")}

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from broker.process import Mosquitto
+from fedmq.broker.process import Mosquitto
 from fedmq.datasets import Dataset, digits, partition
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from bench.broker_burst import Burst, default_queue_config, run_burst
-from broker.process import PROJECT_CONF, Mosquitto
+from fedmq.broker.process import PROJECT_CONF, Mosquitto
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(240)]
 

@@ -15,7 +15,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from schemas import (
+from fedmq.schemas import (
     NodeStatus,
     NodeUpdate,
     Topics,

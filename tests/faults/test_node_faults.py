@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from node import progress, residual
-from schemas import Topics, decode_metrics, decode_status, decode_update
+from fedmq.node import progress, residual
+from fedmq.schemas import Topics, decode_metrics, decode_status, decode_update
 
 from ..conftest import wait_until
 

@@ -13,7 +13,7 @@ import sys
 
 from samples import SAMPLES, golden_path  # this directory is sys.path[0] when run as a script
 
-from schemas import encode
+from fedmq.schemas import encode
 
 
 def stale() -> list[str]:

@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from schemas import (
+from fedmq.schemas import (
     GlobalDelta,
     GlobalModel,
     NodeStatus,
@@ -33,7 +33,7 @@ from schemas import (
     decode_update,
     model_id_of,
 )
-from schemas.encodings import Quantized, Sparse
+from fedmq.schemas.encodings import Quantized, Sparse
 
 GOLDEN_DIR = Path(__file__).resolve().parent
 FEDERATION = "golden"

@@ -10,7 +10,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 
-from broker.process import Mosquitto
+from fedmq.broker.process import Mosquitto
 
 pytestmark = [pytest.mark.integration]
 

@@ -9,9 +9,9 @@ import msgpack
 import pytest
 
 from fedmq.models import get_model
-from node import residual
-from schemas import Topics, decode_global, decode_metrics, decode_update
-from schemas.encodings import Quantized, Sparse
+from fedmq.node import residual
+from fedmq.schemas import Topics, decode_global, decode_metrics, decode_update
+from fedmq.schemas.encodings import Quantized, Sparse
 
 pytestmark = [pytest.mark.integration]
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from schemas import Topics, decode_metrics, decode_status
+from fedmq.schemas import Topics, decode_metrics, decode_status
 
 from ..conftest import wait_until
 
@@ -90,7 +90,7 @@ def test_node_refuses_a_model_it_cannot_build(
     import numpy as np
 
     from fedmq.models import get_model
-    from schemas import GlobalModel, TrainingPlan, encode, model_id_of
+    from fedmq.schemas import GlobalModel, TrainingPlan, encode, model_id_of
 
     topics = Topics(federation)
     watcher = collect([topics.status("pi-x"), topics.all_updates])
@@ -123,7 +123,7 @@ def test_node_refuses_a_model_it_cannot_build(
 
 
 def test_broker_command_starts_and_stops_cleanly(tmp_path):
-    from broker.process import free_port
+    from fedmq.broker.process import free_port
 
     port = free_port()
     with subprocess.Popen(

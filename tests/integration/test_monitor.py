@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from schemas import Topics, decode_metrics
+from fedmq.schemas import Topics, decode_metrics
 
 from ..conftest import wait_until
 

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from broker.process import Mosquitto, free_port
-from schemas import Topics, decode_metrics
+from fedmq.broker.process import Mosquitto, free_port
+from fedmq.schemas import Topics, decode_metrics
 
 from ..conftest import Collector, wait_until
 

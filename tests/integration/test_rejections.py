@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from fedmq.models import get_model
-from schemas import NodeUpdate, Topics, decode_global, decode_metrics, encode, model_id_of
+from fedmq.schemas import NodeUpdate, Topics, decode_global, decode_metrics, encode, model_id_of
 
 from ..conftest import wait_until
 

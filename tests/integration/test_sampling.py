@@ -2,7 +2,7 @@
 
 import pytest
 
-from schemas import Topics, decode_global, decode_metrics, decode_status
+from fedmq.schemas import Topics, decode_global, decode_metrics, decode_status
 
 pytestmark = pytest.mark.integration
 

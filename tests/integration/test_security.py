@@ -16,9 +16,9 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 
-from broker import bundle, certs, credentials
-from broker.process import Mosquitto, free_port
-from schemas.topics import Topics
+from fedmq.broker import bundle, certs, credentials
+from fedmq.broker.process import Mosquitto, free_port
+from fedmq.schemas.topics import Topics
 
 pytestmark = pytest.mark.integration
 

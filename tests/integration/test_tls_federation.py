@@ -10,9 +10,9 @@ import uuid
 import numpy as np
 import pytest
 
-from broker import bundle, credentials
-from broker.process import Mosquitto, free_port
-from schemas import NodeUpdate, Topics, decode_global, encode
+from fedmq.broker import bundle, credentials
+from fedmq.broker.process import Mosquitto, free_port
+from fedmq.schemas import NodeUpdate, Topics, decode_global, encode
 
 from .test_security import Probe
 

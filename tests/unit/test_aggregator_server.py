@@ -11,14 +11,14 @@ import structlog
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aggregator.evaluate import evaluate
-from aggregator.fedavg import fedavg
-from aggregator.rounds import RoundPolicy
-from aggregator.server import Aggregator, RoundSettings, Store, dense_update_bound
+from fedmq.aggregator.evaluate import evaluate
+from fedmq.aggregator.fedavg import fedavg
+from fedmq.aggregator.rounds import RoundPolicy
+from fedmq.aggregator.server import Aggregator, RoundSettings, Store, dense_update_bound
 from fedmq.compression import parse_spec
 from fedmq.datasets import Dataset
 from fedmq.models import get_model
-from schemas import (
+from fedmq.schemas import (
     GlobalModel,
     NodeUpdate,
     RoundMetrics,
@@ -30,7 +30,7 @@ from schemas import (
     encode,
     model_id_of,
 )
-from schemas.messages import MAX_EXAMPLES, MAX_LOSS
+from fedmq.schemas.messages import MAX_EXAMPLES, MAX_LOSS
 
 FEDERATION = "unit-fed"
 MODEL = get_model("digits-mlp")

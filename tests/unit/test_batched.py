@@ -10,12 +10,12 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from aggregator.fedavg import WeightedSum
+from fedmq.aggregator.fedavg import WeightedSum
 from fedmq.compression.transforms import quantize_values, sign_values
-from schemas import NodeUpdate, SchemaError, decode_update, encode
-from schemas.batched import decode_flat_sparse
-from schemas.encodings import Quantized, Sparse, decode_encoded, encode_encoded
-from schemas.flat import FlatSparse
+from fedmq.schemas import NodeUpdate, SchemaError, decode_update, encode
+from fedmq.schemas.batched import decode_flat_sparse
+from fedmq.schemas.encodings import Quantized, Sparse, decode_encoded, encode_encoded
+from fedmq.schemas.flat import FlatSparse
 
 PROPERTY = settings(
     max_examples=300,

@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from aggregator.server import dense_update_bound
-from broker.process import PROJECT_CONF, render_config
-from broker.sys_topics import DROPPED, parse_counter
+from fedmq.aggregator.server import dense_update_bound
+from fedmq.broker.process import PROJECT_CONF, render_config
+from fedmq.broker.sys_topics import DROPPED, parse_counter
 from fedmq.models import get_model
 
 

@@ -17,9 +17,9 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from structlog.testing import capture_logs
 
-from aggregator.fedavg import CHUNK, WeightedSum, fedavg
-from aggregator.rounds import RoundPolicy
-from aggregator.server import Aggregator, RoundSettings, dense_update_bound
+from fedmq.aggregator.fedavg import CHUNK, WeightedSum, fedavg
+from fedmq.aggregator.rounds import RoundPolicy
+from fedmq.aggregator.server import Aggregator, RoundSettings, dense_update_bound
 from fedmq.compression import Pipeline, parse_spec
 from fedmq.compression.transforms import (
     ErrorFeedbackState,
@@ -29,9 +29,9 @@ from fedmq.compression.transforms import (
     sign_values,
 )
 from fedmq.models import get_model
-from node import residual
-from node.residual import SavedResidual
-from schemas import (
+from fedmq.node import residual
+from fedmq.node.residual import SavedResidual
+from fedmq.schemas import (
     GlobalModel,
     NodeUpdate,
     SchemaError,
@@ -43,7 +43,7 @@ from schemas import (
     encode,
     model_id_of,
 )
-from schemas.encodings import (
+from fedmq.schemas.encodings import (
     MAX_SCALE,
     Quantized,
     Sparse,

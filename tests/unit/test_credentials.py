@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker import acl, bundle, credentials, passwords
-from broker.process import PROJECT_CONF, render_config
-from broker.production import MARKER
+from fedmq.broker import acl, bundle, credentials, passwords
+from fedmq.broker.process import PROJECT_CONF, render_config
+from fedmq.broker.production import MARKER
 from tests.unit.test_broker import settings_of
 
 # ---- password hashes ------------------------------------------------------------------------
@@ -244,7 +244,7 @@ def test_bundle_loading_names_the_bad_key(tmp_path: Path):
 
 def test_the_brokers_packet_limit_is_derived_from_the_model(deployment: Path, tmp_path: Path):
     from fedmq.models import get_model
-    from schemas.messages import packet_bound, update_bound
+    from fedmq.schemas.messages import packet_bound, update_bound
 
     small = (deployment / "mosquitto.conf").read_text()
     assert f"\nmax_packet_size {packet_bound(get_model('digits-mlp').num_params)}\n" in small

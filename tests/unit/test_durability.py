@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aggregator.app import resume_or_start
-from aggregator.checkpoint import (
+from fedmq.aggregator.app import resume_or_start
+from fedmq.aggregator.checkpoint import (
     Checkpoint,
     CheckpointError,
     StateDir,
@@ -22,8 +22,8 @@ from aggregator.checkpoint import (
     from_bytes,
     to_bytes,
 )
-from aggregator.journal import decode_records, encode_record, read_journal
-from aggregator.rounds import RoundPolicy
+from fedmq.aggregator.journal import decode_records, encode_record, read_journal
+from fedmq.aggregator.rounds import RoundPolicy
 from tests.unit.test_aggregator_server import TOPICS, Harness
 
 NODES = [f"node-{i}" for i in range(5)]

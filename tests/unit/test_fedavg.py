@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aggregator.fedavg import MAX_WEIGHT, WeightedSum, apply_mean_delta, fedavg
+from fedmq.aggregator.fedavg import MAX_WEIGHT, WeightedSum, apply_mean_delta, fedavg
 from fedmq.models import get_model
 
 LAYOUT = {"l0.w": (6, 4), "l0.b": (4,), "l1.w": (4, 3), "l1.b": (3,)}

@@ -11,11 +11,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from aggregator.fedavg import WeightedSum
+from fedmq.aggregator.fedavg import WeightedSum
 from fedmq.compression import parse_spec
 from fedmq.compression.transforms import error_feedback_init, quantize_values, sign_values
-from schemas import SchemaError, decode_update, encode
-from schemas.eliasfano import (
+from fedmq.schemas import SchemaError, decode_update, encode
+from fedmq.schemas.eliasfano import (
     MAX_LOW_BITS,
     EliasFano,
     _unpack_fixed,
@@ -23,8 +23,8 @@ from schemas.eliasfano import (
     decode_positions,
     encode_positions,
 )
-from schemas.encodings import Encoded, Quantized, Sparse, to_dense
-from schemas.flat import FLAT_LAYOUT_NAME, FlatSparse, decode_flat, encode_flat
+from fedmq.schemas.encodings import Encoded, Quantized, Sparse, to_dense
+from fedmq.schemas.flat import FLAT_LAYOUT_NAME, FlatSparse, decode_flat, encode_flat
 from tests.unit.test_batched import PROPERTY
 from tests.unit.test_compression import DELETE, VALUES, bits_of, changed, make_update
 
@@ -726,7 +726,7 @@ def test_without_a_layout_quantized_flat_values_are_refused_not_misread():
 def test_every_aggregation_rule_gives_bitwise_the_same_delta_from_flat_updates(rule):
     """Robust rules read a flat update through its per-tensor view: the round's delta is
     the one the compressor's own per-tensor Sparse tensors give."""
-    from aggregator.robust import aggregate, parse_rule
+    from fedmq.aggregator.robust import aggregate, parse_rule
 
     layout = {"w": (30, 20), "b": (20,), "v": (20, 4)}
     spec = "topk:0.2+sign+ef"

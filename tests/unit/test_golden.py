@@ -12,7 +12,7 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from schemas import SCHEMA_VERSION, encode
+from fedmq.schemas import SCHEMA_VERSION, encode
 
 GOLDEN_DIR = Path(__file__).resolve().parents[1] / "golden"
 

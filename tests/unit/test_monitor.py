@@ -7,7 +7,7 @@ import random
 import pytest
 
 from fedmq.monitor import FleetView, _plain, age, human_bytes, render_lines, sparkline
-from schemas import NodeStatus, RoundMetrics, ServerStatus, Topics, encode
+from fedmq.schemas import NodeStatus, RoundMetrics, ServerStatus, Topics, encode
 
 NOW = 1_800_000_000.0
 FED = "pi-fleet"

@@ -10,9 +10,9 @@ import structlog
 from fedmq.datasets import Dataset
 from fedmq.models import get_model
 from fedmq.mqtt import BrokerAddress
-from node import progress, residual
-from node.app import Node, NodeConfig
-from schemas import GlobalModel, Topics, TrainingPlan, encode, model_id_of
+from fedmq.node import progress, residual
+from fedmq.node.app import Node, NodeConfig
+from fedmq.schemas import GlobalModel, Topics, TrainingPlan, encode, model_id_of
 
 FEDERATION = "unit-node"
 TOPICS = Topics(FEDERATION)

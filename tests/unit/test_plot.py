@@ -139,5 +139,5 @@ def test_report_command(tmp_path, capsys):
 
 
 def test_plotting_needs_no_plotting_library():
-    source = (Path(__file__).parents[2] / "fedmq" / "plot.py").read_text()
+    source = (Path(__file__).parents[2] / "src" / "fedmq" / "plot.py").read_text()
     assert "matplotlib" not in source.split('"""', 2)[2]  # only named in the docstring

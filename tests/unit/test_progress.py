@@ -37,8 +37,8 @@ def test_nothing_is_written_when_not_on_a_terminal() -> None:
 
 
 def test_the_aggregators_line_says_round_reports_and_quorum() -> None:
-    from aggregator.app import progress_text
-    from aggregator.rounds import RoundPolicy
+    from fedmq.aggregator.app import progress_text
+    from fedmq.aggregator.rounds import RoundPolicy
     from tests.unit.test_aggregator_server import Harness
 
     h = Harness(policy=RoundPolicy(expected_nodes=3, min_nodes=2, deadline_seconds=5), rounds=4)

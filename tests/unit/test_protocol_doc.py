@@ -11,8 +11,8 @@ import pytest
 
 from fedmq.compression import parse_spec
 from fedmq.compression.transforms import error_feedback_init
-from schemas import decode_update, encode
-from schemas.encodings import to_dense
+from fedmq.schemas import decode_update, encode
+from fedmq.schemas.encodings import to_dense
 from tests.unit.test_compression import make_update
 
 PROTOCOL = Path(__file__).resolve().parents[2] / "docs" / "PROTOCOL.md"
@@ -88,7 +88,7 @@ def test_the_documented_flat_decoder_reads_the_golden_sample():
 
 def test_the_documented_elias_fano_example():
     """12.9: positions 3, 9, 10, 30 of 40 with L = 2 are upper 19 04, lower a7."""
-    from schemas.eliasfano import EliasFano, decode_positions, encode_positions
+    from fedmq.schemas.eliasfano import EliasFano, decode_positions, encode_positions
 
     assert encode_positions(np.array([3, 9, 10, 30]), 40) == EliasFano(2, b"\x19\x04", b"\xa7")
     assert decode_positions(EliasFano(2, b"\x19\x04", b"\xa7"), 4, 40, "d").tolist() == [

@@ -9,11 +9,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aggregator import robust
-from aggregator.app import AggregatorConfig, build_aggregator
-from aggregator.checkpoint import StateDir
-from aggregator.fedavg import WeightedSum
-from aggregator.robust import (
+from fedmq.aggregator import robust
+from fedmq.aggregator.app import AggregatorConfig, build_aggregator
+from fedmq.aggregator.checkpoint import StateDir
+from fedmq.aggregator.fedavg import WeightedSum
+from fedmq.aggregator.robust import (
     Clip,
     Rule,
     aggregate,
@@ -26,12 +26,12 @@ from aggregator.robust import (
     update_norm,
     with_clip,
 )
-from aggregator.rounds import RoundPolicy
-from aggregator.server import Aggregator
+from fedmq.aggregator.rounds import RoundPolicy
+from fedmq.aggregator.server import Aggregator
 from fedmq.cli import build_parser
 from fedmq.mqtt import BrokerAddress
-from schemas import decode_metrics
-from schemas.encodings import Quantized, Sparse, to_dense
+from fedmq.schemas import decode_metrics
+from fedmq.schemas.encodings import Quantized, Sparse, to_dense
 from tests.unit.test_aggregator_server import MODEL, TOPICS, Harness
 
 LAYOUT = {"w": (3, 4), "b": (5,)}

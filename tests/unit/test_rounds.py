@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from aggregator.rounds import RoundPolicy, close_reason, seconds_until_check
+from fedmq.aggregator.rounds import RoundPolicy, close_reason, seconds_until_check
 
 
 @pytest.mark.parametrize(

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from aggregator.rounds import RoundPolicy, close_reason, select_nodes
-from schemas import (
+from fedmq.aggregator.rounds import RoundPolicy, close_reason, select_nodes
+from fedmq.schemas import (
     SchemaError,
     apply_global_delta,
     decode_global,

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from schemas import (
+from fedmq.schemas import (
     SCHEMA_VERSION,
     GlobalModel,
     NodeStatus,
@@ -35,7 +35,7 @@ from schemas import (
     encode,
     model_id_of,
 )
-from schemas.messages import CLOSED_BY, NODE_STATES, SERVER_STATES
+from fedmq.schemas.messages import CLOSED_BY, NODE_STATES, SERVER_STATES
 
 # --------------------------------------------------------------------------- samples
 

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from schemas import Topics, validate_name
+from fedmq.schemas import Topics, validate_name
 
 VALID_NAME = st.from_regex(r"[A-Za-z0-9_.-]{1,64}", fullmatch=True)
 BAD_NAMES = [

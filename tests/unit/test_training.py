@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from fedmq.models import cross_entropy_and_accuracy, get_model
-from node.training import LocalTrainer, delta, epoch_order
+from fedmq.node.training import LocalTrainer, delta, epoch_order
 
 MODEL = get_model("digits-mlp")  # 64 -> 32 ReLU -> 10
 ORDER_ARGS = {"seed": 7, "node_id": "pi-1", "round": 3, "epoch": 0}

@@ -25,11 +25,11 @@ from typing import Any, Literal, TextIO
 
 import structlog
 
-from broker.process import Mosquitto
 from fedmq import mqtt as edge
+from fedmq.broker.process import Mosquitto
 from fedmq.datasets import Dataset, digits, partition
 from fedmq.report import build_report, write_report
-from schemas import RoundMetrics, SchemaError, Topics, decode_metrics
+from fedmq.schemas import RoundMetrics, SchemaError, Topics, decode_metrics
 
 log = structlog.get_logger()
 

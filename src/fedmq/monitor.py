@@ -26,7 +26,7 @@ from typing import Any, TextIO
 import structlog
 
 from fedmq import mqtt as edge
-from schemas import (
+from fedmq.schemas import (
     NodeStatus,
     RoundMetrics,
     SchemaError,

@@ -27,7 +27,7 @@ from fedmq.compression.transforms import (
     to_float16,
     top_k,
 )
-from schemas.encodings import Encoded, Quantized, Sparse
+from fedmq.schemas.encodings import Encoded, Quantized, Sparse
 
 VALUE_CODINGS = ("fp16", "int8", "int4", "sign")
 QUANT_BITS = {"int8": 8, "int4": 4, "sign": 1}  # value codings sent in the quantized form

@@ -48,7 +48,7 @@ def _count(text: str) -> int:
 
 
 def _node_ids(text: str) -> tuple[str, ...]:
-    from schemas.topics import validate_name
+    from fedmq.schemas.topics import validate_name
 
     try:
         ids = tuple(sorted({validate_name("node id", i.strip()) for i in text.split(",")}))
@@ -121,7 +121,7 @@ def _plot_path(text: str) -> Path:
 
 
 def _aggregation(text: str) -> str:
-    from aggregator.robust import parse_rule
+    from fedmq.aggregator.robust import parse_rule
 
     try:
         return str(parse_rule(text))
@@ -259,7 +259,7 @@ def _add_broker_admin(broker: argparse.ArgumentParser) -> None:
 def _broker_admin(args: argparse.Namespace) -> int:
     import socket
 
-    from broker import credentials
+    from fedmq.broker import credentials
 
     if args.broker_command == "init":
         hostnames = args.hostnames or [socket.gethostname(), "localhost", "127.0.0.1"]
@@ -585,7 +585,7 @@ def dispatch(args: argparse.Namespace, stop: threading.Event) -> int:
     if args.command == "broker" and args.broker_command is not None:
         return _broker_admin(args)
     if args.command == "broker":
-        from broker.process import PROJECT_CONF, Mosquitto
+        from fedmq.broker.process import PROJECT_CONF, Mosquitto
 
         conf = args.mosquitto_conf or PROJECT_CONF
         with Mosquitto(port=args.port or None, config=conf) as broker:
@@ -599,7 +599,7 @@ def dispatch(args: argparse.Namespace, stop: threading.Event) -> int:
                     return 1
         return 0
     if args.command == "aggregator":
-        from aggregator.app import AggregatorConfig, run
+        from fedmq.aggregator.app import AggregatorConfig, run
 
         return run(
             AggregatorConfig(
@@ -634,8 +634,8 @@ def dispatch(args: argparse.Namespace, stop: threading.Event) -> int:
             "XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
         )
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
-        from node.app import NodeConfig
-        from node.app import run as run_node
+        from fedmq.node.app import NodeConfig
+        from fedmq.node.app import run as run_node
 
         return run_node(
             NodeConfig(

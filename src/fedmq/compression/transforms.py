@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from schemas.encodings import Encoded, Quantized, Sparse, to_dense
+from fedmq.schemas.encodings import Encoded, Quantized, Sparse, to_dense
 
 Transform = Callable[[Encoded, np.random.Generator], Encoded]
 

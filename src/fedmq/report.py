@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from schemas import RoundMetrics
+from fedmq.schemas import RoundMetrics
 
 
 def round_row(metrics: RoundMetrics) -> dict[str, Any]:
