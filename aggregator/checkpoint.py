@@ -10,7 +10,8 @@ checkpoint, never a mix. The open round's accepted updates are in its journal
 (``aggregator.journal``); a journal older than the checkpoint's round is obsolete.
 """
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import msgpack
 
 from fedmq.aggregator.journal import RoundJournal, journal_path, read_journal
 from fedmq.files import write_atomically
+from fedmq.schemas import RoundMetrics, SchemaError, decode_metrics, encode
 
 CHECKPOINT_VERSION = 1
 CHECKPOINT_FILE = "checkpoint.msgpack"
@@ -70,6 +72,67 @@ def from_bytes(data: bytes) -> Checkpoint:
         )
     except (ValueError, TypeError, KeyError, AttributeError, msgpack.UnpackException) as error:
         raise CheckpointError(f"unreadable checkpoint: {error}") from error
+
+
+# The metrics a round's model or its nodes' reports decide, which may come out NaN or
+# Inf (a diverged model's test loss): sent and kept as nil, their names in ``non_finite``.
+NULLABLE_METRICS = ("accuracy", "loss", "train_loss", "train_seconds_median")
+
+
+def nil_non_finite(wire: dict[str, Any]) -> dict[str, Any]:
+    """A metrics map with NaN and Inf in ``NULLABLE_METRICS`` replaced by nil, and the
+    names of those fields in ``non_finite`` (absent when there were none)."""
+    bad = sorted(
+        key
+        for key in NULLABLE_METRICS
+        if isinstance(wire.get(key), float) and not math.isfinite(wire[key])
+    )
+    if not bad:
+        return wire
+    return {**wire, **dict.fromkeys(bad), "non_finite": bad}
+
+
+def read_history(history: list[bytes]) -> tuple[list[RoundMetrics], list[bytes]]:
+    """The closed rounds' metrics of a checkpoint, decoded, and their wire form.
+
+    Checkpoints written before the aggregator sent non-finite metrics as nil may hold
+    NaN there (a diverged model's test loss): such an entry is read with them as nil, and
+    its wire form rewritten so, rather than refusing the run. Anything else unreadable
+    is a CheckpointError."""
+    decoded: list[RoundMetrics] = []
+    wire: list[bytes] = []
+    for index, payload in enumerate(history, start=1):
+        try:
+            try:
+                decoded.append(decode_metrics(payload))
+                wire.append(payload)
+                continue
+            except SchemaError as error:
+                if error.reason != "non_finite":
+                    raise
+            raw = msgpack.unpackb(payload, raw=False)
+            payload = msgpack.packb(nil_non_finite(raw), use_bin_type=True)
+            decoded.append(decode_metrics(payload))
+            wire.append(payload)
+        except (SchemaError, ValueError, TypeError, msgpack.UnpackException) as error:
+            raise CheckpointError(
+                f"unreadable checkpoint: metrics of closed round {index}: {error}"
+            ) from error
+    return decoded, wire
+
+
+def metrics_payload(metrics: RoundMetrics) -> tuple[RoundMetrics, bytes]:
+    """``metrics`` with non-finite values as nil (``nil_non_finite``), and its bytes."""
+    bad = sorted(
+        key
+        for key in NULLABLE_METRICS
+        if isinstance(getattr(metrics, key), float) and not math.isfinite(getattr(metrics, key))
+    )
+    if bad:
+        changes: dict[str, Any] = dict.fromkeys(bad)
+        changes["extra"] = {**metrics.extra, "non_finite": bad}
+        metrics = replace(metrics, **changes)
+    return metrics, encode(metrics)
 
 
 def fingerprint_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> str | None:

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import numpy as np
 import structlog
 
-from fedmq.aggregator.checkpoint import Checkpoint
+from fedmq.aggregator.checkpoint import Checkpoint, metrics_payload, read_history
 from fedmq.aggregator.evaluate import evaluate
 from fedmq.aggregator.fedavg import WeightedSum, apply_mean_delta
 from fedmq.aggregator.robust import FEDAVG, Rule, aggregate, check_memory
@@ -41,7 +41,6 @@ from fedmq.schemas import (
     Topics,
     TrainingPlan,
     decode_global,
-    decode_metrics,
     decode_update,
     encode,
     make_global_delta,
@@ -178,8 +177,7 @@ class Aggregator:
         self.model_id = model.model_id
         self.round = model.round
         self.done = model.final
-        self.history = [decode_metrics(item) for item in checkpoint.history]
-        self._history_wire = list(checkpoint.history)
+        self.history, self._history_wire = read_history(checkpoint.history)
         self._global_payload = checkpoint.global_payload
         self._global_bytes = len(checkpoint.global_payload)
         self._delta_payload = checkpoint.delta_payload
@@ -483,20 +481,20 @@ class Aggregator:
             ),
             broker_dropped=self._dropped_in_round,
         )
-        metrics_payload = encode(metrics)
+        metrics, payload = metrics_payload(metrics)  # a diverged model's loss: nil
         self.history.append(metrics)
-        self._history_wire.append(metrics_payload)
+        self._history_wire.append(payload)
         log.info(
             "round.closed",
             **extra,
             round=self.round,
             closed_by=closed_by,
             participants=len(participants),
-            accuracy=accuracy,
-            loss=loss,
+            accuracy=metrics.accuracy,
+            loss=metrics.loss,
             rejected=dict(self._rejected),
             seconds=round(metrics.seconds, 4),
         )
         self._rejected = Counter()
-        self._publish(self.topics.metrics, metrics_payload, False)
+        self._publish(self.topics.metrics, payload, False)
         self._open_round(self.round + 1, previous)

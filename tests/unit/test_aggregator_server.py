@@ -3,6 +3,7 @@
 import copy
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 
 import msgpack
 import numpy as np
@@ -742,3 +743,66 @@ def test_broker_dropped_counts_the_rounds_increase_across_a_broker_restart() -> 
     h.agg.note_broker_dropped(3)  # the broker restarted: its counter began again at 0
     h.report("pi-a")  # round 3
     assert [m.broker_dropped for m in h.metrics()] == [None, 5, 5]
+
+
+# --------------------------------------------------------------------------- non-finite metrics
+
+
+def test_a_diverged_model_gives_metrics_that_decode_and_a_checkpoint_that_resumes(
+    tmp_path: Path,
+) -> None:
+    """On digits-mlp-large one accepted update of large (in-range) values made the test
+    loss NaN: the metrics went out undecodable and the checkpoint holding them could not
+    be resumed (``non_finite: loss is nan``). A non-finite metric goes out as nil, named
+    in ``non_finite``."""
+    from fedmq.aggregator.app import resume_or_start
+    from fedmq.aggregator.checkpoint import StateDir
+    from fedmq.datasets import digits
+
+    large = get_model("digits-mlp-large")
+    settings = RoundSettings(
+        federation=FEDERATION,
+        model_name="digits-mlp-large",
+        model=large,
+        rounds=3,
+        policy=RoundPolicy(expected_nodes=1, min_nodes=1),
+        plan=PLAN,
+        max_update_bytes=dense_update_bound(large),
+    )
+    published: list[tuple[str, bytes, bool]] = []
+
+    def build(store: StateDir) -> Aggregator:
+        return Aggregator(
+            settings,
+            large.init(0),
+            publish=lambda t, p, r: published.append((t, p, r)),
+            test=digits()[1],
+            clock=FakeClock(),
+            wall_clock=lambda: 1.7e9,
+            store=store,
+        )
+
+    store = StateDir(tmp_path)
+    agg = build(store)
+    agg.start()
+    signs = np.random.default_rng(1)
+    delta = {
+        name: (1e15 * np.sign(signs.normal(size=shape))).astype(np.float32)
+        for name, shape in large.layout.items()
+    }
+    update = NodeUpdate(
+        federation=FEDERATION, node_id="pi-a", round=1, base_model_id=agg.model_id,
+        num_examples=10, train_loss=1.0, train_seconds=0.5, delta=delta,
+    )  # fmt: skip
+    agg.handle(TOPICS.update("pi-a"), encode(update))
+    assert agg.round == 2
+    (metrics,) = [decode_metrics(p) for t, p, _ in published if t == TOPICS.metrics]
+    assert metrics.loss is None and metrics.extra["non_finite"] == ["loss"]
+    assert metrics.accuracy is not None
+    store.close()
+
+    store = StateDir(tmp_path)
+    again = build(store)
+    assert resume_or_start(again, store)
+    store.close()
+    assert again.round == 2 and again.history[0].loss is None

@@ -8,6 +8,7 @@ import random
 import zlib
 from pathlib import Path
 
+import msgpack
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -238,6 +239,31 @@ def test_a_finished_run_resumes_as_done(tmp_path: Path) -> None:
     assert again.agg.done
     assert len(again.agg.history) == 1
     np.testing.assert_array_equal(again.agg.params["l0.w"], h.agg.params["l0.w"])
+
+
+def test_a_checkpoint_whose_metrics_hold_nan_resumes(tmp_path: Path) -> None:
+    """Checkpoints written before non-finite metrics were sent as nil hold NaN in their
+    history; resuming one failed with ``non_finite: loss is nan``. It resumes, the value
+    read as nil and named in ``non_finite``, and the metrics republished decode."""
+    h = harness(tmp_path)
+    h.agg.start()
+    send_round(h, NODES)
+    crash(h)
+    path = tmp_path / "checkpoint.msgpack"
+    raw = msgpack.unpackb(path.read_bytes(), raw=False)
+    metrics = msgpack.unpackb(raw["history"][0], raw=False)
+    metrics["loss"] = float("nan")
+    metrics["accuracy"] = float("inf")
+    raw["history"][0] = msgpack.packb(metrics, use_bin_type=True)
+    path.write_bytes(msgpack.packb(raw, use_bin_type=True))
+
+    again = resumed(tmp_path)
+    assert again.agg.round == 2
+    (kept,) = again.agg.history
+    assert kept.loss is None and kept.accuracy is None
+    assert kept.extra["non_finite"] == ["accuracy", "loss"]
+    again.agg.republish()
+    assert [m.round for m in again.metrics()] == [1]  # decodes
 
 
 @pytest.fixture(autouse=True)
