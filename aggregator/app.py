@@ -15,7 +15,13 @@ from pathlib import Path
 import structlog
 
 from fedmq import mqtt as edge
-from fedmq.aggregator.checkpoint import CheckpointError, StateDir, fingerprint_mismatch
+from fedmq.aggregator.checkpoint import (
+    CheckpointError,
+    StateDir,
+    changed_setting,
+    fingerprint_mismatch,
+    ways_out,
+)
 from fedmq.aggregator.robust import Clip, Rule, parse_rule, with_clip
 from fedmq.aggregator.rounds import RoundPolicy
 from fedmq.aggregator.server import Aggregator, Publish, RoundSettings, dense_update_bound
@@ -25,7 +31,15 @@ from fedmq.datasets import Dataset, digits, load_npz
 from fedmq.models import get_model
 from fedmq.progress import ProgressLine
 from fedmq.report import build_report, write_report
-from fedmq.schemas import SchemaError, ServerStatus, Topics, TrainingPlan, decode_status, encode
+from fedmq.schemas import (
+    SchemaError,
+    ServerStatus,
+    Topics,
+    TrainingPlan,
+    decode_global,
+    decode_status,
+    encode,
+)
 
 log = structlog.get_logger()
 
@@ -131,18 +145,34 @@ def note_presence(aggregator: Aggregator, node_id: str, payload: bytes) -> None:
 def resume_or_start(aggregator: Aggregator, store: StateDir | None) -> bool:
     """Restore the run kept in ``store`` if there is one (True); else False (a new run).
 
-    Raises CheckpointError if the directory holds another run's state."""
+    A larger ``rounds`` than the kept run's continues it (a finished run reopens its
+    last model as the next round). Raises CheckpointError, with one line naming what
+    differs and the ways out, if the directory holds another run's state or the run has
+    already gone past ``rounds``."""
     checkpoint = store.load() if store is not None else None
     if store is None or checkpoint is None:
         return False
-    problem = fingerprint_mismatch(checkpoint.fingerprint, aggregator.settings.fingerprint)
-    if problem is not None:
+    changed = fingerprint_mismatch(checkpoint.fingerprint, aggregator.settings.fingerprint)
+    if changed is not None:
+        raise CheckpointError(changed_setting(store.directory, *changed))
+    kept = decode_global(checkpoint.global_payload)
+    # the fewest rounds that continue the run: those it closed, or up to its open round
+    least = kept.round - 1 if kept.final else kept.round
+    rounds = aggregator.settings.rounds
+    if rounds < least:
+        reached = f"finished after {least} rounds" if kept.final else f"round {least} is open"
         raise CheckpointError(
-            f"{store.directory} holds another run ({problem}): "
-            "use another --state-dir or remove it to start afresh"
+            f"--rounds {rounds} is fewer than the run kept in {store.directory} has "
+            f"reached ({reached}): {ways_out(f'--rounds {least} or more')}"
         )
     store.open_journal(checkpoint.round)
     aggregator.resume(checkpoint, store.journal_records(checkpoint.round))
+    if aggregator.done:
+        log.info(
+            "aggregator.already_finished",
+            rounds=least,
+            hint=f"--rounds above {least} continues the run, --fresh starts a new one",
+        )
     return True
 
 
@@ -178,11 +208,8 @@ def run(config: AggregatorConfig, stop: threading.Event) -> int:
         outbox.publish(topic, payload, retain=retain)
 
     aggregator = build_aggregator(config, publish, store)
-    try:
-        resumed = resume_or_start(aggregator, store)
-    except CheckpointError as error:
-        log.error("aggregator.cannot_resume", reason=str(error))
-        return 2
+    # A CheckpointError goes up to the command: one line on stderr, exit status 2.
+    resumed = resume_or_start(aggregator, store)
     edge.start(client, config.broker)
     while not ready.wait(0.2):
         if stop.is_set():

@@ -135,12 +135,47 @@ def metrics_payload(metrics: RoundMetrics) -> tuple[RoundMetrics, bytes]:
     return metrics, encode(metrics)
 
 
-def fingerprint_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> str | None:
-    """Which setting differs between the saved run and this configuration, or None."""
-    for key in sorted(set(saved) | set(current)):
-        if saved.get(key) != current.get(key):
-            return f"{key} was {saved.get(key)!r}, now {current.get(key)!r}"
+# The command-line option behind each fingerprint entry; "plan" is a list of four.
+_OPTIONS = {"federation": "--federation", "model": "--model", "compression": "--compression"}
+_PLAN_OPTIONS = ("--learning-rate", "--batch-size", "--local-epochs", "--seed")
+
+
+def _by_option(fingerprint: dict[str, Any]) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in fingerprint.items():
+        if key == "plan" and isinstance(value, list) and len(value) == len(_PLAN_OPTIONS):
+            flat.update(zip(_PLAN_OPTIONS, value, strict=True))
+        else:
+            flat[_OPTIONS.get(key, key)] = value
+    return flat
+
+
+def fingerprint_mismatch(
+    saved: dict[str, Any], current: dict[str, Any]
+) -> tuple[str, Any, Any] | None:
+    """The first setting that differs between the saved run and this configuration, as
+    (option, kept value, new value), or None."""
+    kept, now = _by_option(saved), _by_option(current)
+    for option in sorted(set(kept) | set(now)):
+        if kept.get(option) != now.get(option):
+            return option, kept.get(option), now.get(option)
     return None
+
+
+def ways_out(keep: str) -> str:
+    """The end of every refusal to resume: how to continue, discard, or start beside."""
+    return (
+        f"start with {keep} to continue it, add --fresh to discard it, "
+        f"or give another --state-dir to start a new run beside it"
+    )
+
+
+def changed_setting(directory: Path, option: str, kept: Any, new: Any) -> str:
+    """One line: a setting a run must keep was changed (the message of a refusal)."""
+    return (
+        f"{option} {new} does not match the run kept in {directory}, which uses "
+        f"{option} {kept}: {ways_out(f'{option} {kept}')}"
+    )
 
 
 class StateDir:

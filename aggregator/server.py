@@ -160,6 +160,7 @@ class Aggregator:
         self._accepted: dict[str, NodeUpdate] = {}
         self._present: dict[str, bool] = {}  # node id -> online, from retained status
         self._selected: tuple[str, ...] | None = None  # of the open round
+        self._reopen = False  # resumed a finished run whose last model opens another round
         self._reset_round()
 
     # ------------------------------------------------------------------ lifecycle
@@ -171,12 +172,16 @@ class Aggregator:
     def resume(self, checkpoint: Checkpoint, journal: list[tuple[str, bytes]]) -> None:
         """Carry on from ``checkpoint`` (the state when its round opened) and the updates
         that round's journal holds. Publishes nothing: call ``republish`` once connected
-        (and ``tick``, in case the journal completed the round)."""
+        (and ``tick``, in case the journal completed the round). A finished run whose
+        ``rounds`` were raised goes on: ``republish`` then opens the next round."""
         model = decode_global(checkpoint.global_payload)
         self.params = {name: np.array(array) for name, array in model.params.items()}
         self.model_id = model.model_id
         self.round = model.round
-        self.done = model.final
+        # A finished run whose rounds were raised since reopens its final model as the
+        # next round (``republish``); otherwise it stays finished.
+        self._reopen = model.final and model.round <= self.settings.rounds
+        self.done = model.final and not self._reopen
         self.history, self._history_wire = read_history(checkpoint.history)
         self._global_payload = checkpoint.global_payload
         self._global_bytes = len(checkpoint.global_payload)
@@ -219,6 +224,11 @@ class Aggregator:
         metrics are at-least-once, consumers keep one per round)."""
         if self._history_wire:
             self._publish(self.topics.metrics, self._history_wire[-1], False)
+        if self._reopen:  # the run goes on: its final model opens the next round
+            self._reopen = False
+            log.info("run.continued", round=self.round, rounds=self.settings.rounds)
+            self._open_round(self.round, reporters=self._previous_reporters)
+            return
         if self.round >= 1:
             if self._delta_payload is not None:  # nodes following compact forms see this
                 self._publish(self.topics.global_delta, self._delta_payload, False)
@@ -332,18 +342,25 @@ class Aggregator:
         self._rejected[reason] += 1
         log.warning("update.rejected", reason=reason, detail=detail, node=node_id, round=self.round)
 
-    def _reset_round(self) -> None:
+    def _reset_round(self, reporters: frozenset[str] | None = None) -> None:
         # Held until the round closes (memory: the open round's updates as decoded, about
         # their wire size), then summed in node-id order: see the module docstring.
-        self._previous_reporters = frozenset(self._accepted)
+        self._previous_reporters = frozenset(self._accepted) if reporters is None else reporters
         self._accepted = {}
         self._uplink_bytes = 0
         self._opened_at = self._clock()
         self._dropped_in_round = None if self._dropped_reading is None else 0
 
-    def _open_round(self, round: int, previous: tuple[Params, str] | None = None) -> None:
+    def _open_round(
+        self,
+        round: int,
+        previous: tuple[Params, str] | None = None,
+        *,
+        reporters: frozenset[str] | None = None,
+    ) -> None:
         """Publish the global model opening ``round`` (retained, in full) and, when the
-        previous one is known, its compact XOR form for nodes that hold that one."""
+        previous one is known, its compact XOR form for nodes that hold that one.
+        ``reporters``: the previous round's participants, if not the ones just held."""
         final = round > self.settings.rounds
         policy = self.settings.policy
         self._selected = None
@@ -372,7 +389,7 @@ class Aggregator:
         self._global_bytes = len(payload)
         self._global_payload = payload
         self._delta_bytes = None
-        self._reset_round()
+        self._reset_round(reporters)
         self.done = final
         if previous is not None:
             compact = encode(make_global_delta(previous[0], message, previous[1]))

@@ -5,7 +5,10 @@ from the same state directory, which is what a restarted process does.
 """
 
 import random
+import subprocess
+import sys
 import zlib
+from dataclasses import replace
 from pathlib import Path
 
 import msgpack
@@ -25,7 +28,7 @@ from fedmq.aggregator.checkpoint import (
 )
 from fedmq.aggregator.journal import decode_records, encode_record, read_journal
 from fedmq.aggregator.rounds import RoundPolicy
-from tests.unit.test_aggregator_server import TOPICS, Harness
+from tests.unit.test_aggregator_server import FEDERATION, PLAN, TOPICS, Harness
 
 NODES = [f"node-{i}" for i in range(5)]
 
@@ -94,7 +97,10 @@ def test_checkpoint_round_trips_and_rejects_garbage() -> None:
 
 def test_fingerprint_mismatch_names_the_setting() -> None:
     assert fingerprint_mismatch({"a": 1, "b": 2}, {"a": 1, "b": 2}) is None
-    assert fingerprint_mismatch({"a": 1, "b": 2}, {"a": 1, "b": 3}) == "b was 2, now 3"
+    assert fingerprint_mismatch({"a": 1, "b": 2}, {"a": 1, "b": 3}) == ("b", 2, 3)
+    plan = {"plan": [0.1, 16, 1, 0], "compression": "dense"}
+    changed = {"plan": [0.1, 32, 1, 0], "compression": "dense"}
+    assert fingerprint_mismatch(plan, changed) == ("--batch-size", 16, 32)
 
 
 # ------------------------------------------------------------------------ resume
@@ -264,6 +270,118 @@ def test_a_checkpoint_whose_metrics_hold_nan_resumes(tmp_path: Path) -> None:
     assert kept.extra["non_finite"] == ["accuracy", "loss"]
     again.agg.republish()
     assert [m.round for m in again.metrics()] == [1]  # decodes
+
+
+# ------------------------------------------------------------------------ changed settings
+
+
+def reference_params(rounds: int) -> dict[str, np.ndarray]:
+    reference = harness(None, rounds)
+    reference.agg.start()
+    run_to_end(reference)
+    return reference.agg.params
+
+
+def test_a_finished_run_continues_to_a_larger_rounds(tmp_path: Path) -> None:
+    """A finished 2-round run restarted with --rounds 4 did nothing and exited 0; it goes
+    on to round 4 and ends bitwise where an uninterrupted 4-round run ends."""
+    h = harness(tmp_path, rounds=2)
+    h.agg.start()
+    run_to_end(h)
+    crash(h)
+    h = resumed(tmp_path, rounds=4)
+    assert not h.agg.done and h.agg.round == 3
+    h.agg.republish()  # what the edge does once connected: reopens round 3
+    opened = h.globals()[-1]
+    assert (opened.round, opened.final) == (3, False)
+    assert opened.model_id == h.agg.model_id
+    run_to_end(h)
+    assert [m.round for m in h.agg.history] == [1, 2, 3, 4]
+    for name, array in reference_params(4).items():
+        assert h.agg.params[name].tobytes() == array.tobytes()
+
+
+def test_a_running_run_continues_to_a_larger_rounds(tmp_path: Path) -> None:
+    h = harness(tmp_path, rounds=2)
+    h.agg.start()
+    send_round(h, NODES)
+    send_round(h, NODES[:2])
+    crash(h)
+    h = resumed(tmp_path, rounds=3)
+    run_to_end(h)
+    assert [m.round for m in h.agg.history] == [1, 2, 3]
+    for name, array in reference_params(3).items():
+        assert h.agg.params[name].tobytes() == array.tobytes()
+
+
+def test_a_finished_run_restarted_with_its_rounds_stays_finished(tmp_path: Path) -> None:
+    h = harness(tmp_path, rounds=2)
+    h.agg.start()
+    run_to_end(h)
+    crash(h)
+    again = resumed(tmp_path, rounds=2)
+    assert again.agg.done
+    again.agg.republish()
+    assert again.globals()[-1].final
+
+
+@pytest.mark.parametrize(
+    ("rounds", "finish", "least"),
+    [(1, True, 2), (1, False, 2)],
+)
+def test_fewer_rounds_than_the_run_has_reached_are_refused_in_one_line(
+    tmp_path: Path, rounds: int, finish: bool, least: int
+) -> None:
+    h = harness(tmp_path, rounds=2)
+    h.agg.start()
+    send_round(h, NODES)
+    if finish:
+        send_round(h, NODES)
+    crash(h)
+    with pytest.raises(CheckpointError) as refused:
+        resumed(tmp_path, rounds=rounds)
+    message = str(refused.value)
+    assert "\n" not in message
+    assert f"--rounds {rounds}" in message and f"--rounds {least} or more" in message
+    assert "--fresh" in message and "--state-dir" in message and str(tmp_path) in message
+
+
+def test_a_changed_plan_is_refused_in_one_line_naming_the_option_and_both_values(
+    tmp_path: Path,
+) -> None:
+    """It was one JSON log line with the plan as an unlabelled list of numbers."""
+    h = harness(tmp_path)
+    h.agg.start()
+    crash(h)
+    changed = Harness(
+        policy=RoundPolicy(expected_nodes=len(NODES), min_nodes=len(NODES)),
+        store=StateDir(tmp_path),
+        plan=replace(PLAN, learning_rate=0.05),
+    )
+    assert isinstance(changed.agg._store, StateDir)
+    with pytest.raises(CheckpointError) as refused:
+        resume_or_start(changed.agg, changed.agg._store)
+    message = str(refused.value)
+    assert "\n" not in message and "[" not in message
+    assert "--learning-rate 0.05" in message and "--learning-rate 0.1 " in message
+    assert "--fresh" in message and "--state-dir" in message
+
+
+def test_the_command_refuses_a_changed_plan_with_exit_2_and_one_line(tmp_path: Path) -> None:
+    h = harness(tmp_path)
+    h.agg.start()
+    crash(h)
+    done = subprocess.run(
+        [sys.executable, "-m", "fedmq", "aggregator", "--broker", "127.0.0.1:9",
+         "--federation", FEDERATION, "--state-dir", str(tmp_path), "--batch-size", "32",
+         "--test-data", "none", "--log-json"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("fedmq aggregator: error: --batch-size 32 ")
+    assert "--batch-size 16 " in lines[0]
 
 
 @pytest.fixture(autouse=True)
