@@ -16,6 +16,7 @@ import structlog
 
 from fedmq import mqtt as edge
 from fedmq.aggregator.checkpoint import (
+    Checkpoint,
     CheckpointError,
     StateDir,
     changed_setting,
@@ -23,7 +24,7 @@ from fedmq.aggregator.checkpoint import (
     ways_out,
 )
 from fedmq.aggregator.robust import Clip, Rule, parse_rule, with_clip
-from fedmq.aggregator.rounds import RoundPolicy
+from fedmq.aggregator.rounds import DEFAULT_DEADLINE_SECONDS, RoundPolicy, default_quorum
 from fedmq.aggregator.server import Aggregator, Publish, RoundSettings, dense_update_bound
 from fedmq.broker.sys_topics import DROPPED, parse_counter
 from fedmq.compression import parse_spec
@@ -51,8 +52,8 @@ class AggregatorConfig:
     model: str = "digits-mlp"
     rounds: int = 30
     nodes: int = 10
-    min_nodes: int | None = None
-    round_timeout: float | None = None
+    min_nodes: int | None = None  # None: more than half of nodes (default_quorum)
+    round_timeout: float | None = DEFAULT_DEADLINE_SECONDS  # None: wait for every node
     learning_rate: float = 0.1
     batch_size: int = 16
     local_epochs: int = 1
@@ -63,6 +64,7 @@ class AggregatorConfig:
     report: Path | None = None
     state_dir: Path | None = None  # None: keep nothing on disk (no crash recovery)
     fresh: bool = False  # discard a run kept in state_dir
+    rollback_to: int | None = None  # resume from the kept checkpoint of this round
     node_ids: tuple[str, ...] | None = None  # the fleet; None: any well-formed node id
     sample_fraction: float = 1.0  # of the nodes asked to train each round
     aggregation: str = "fedavg"  # a RULE of aggregator.robust: fedavg, median, trimmed-mean:B
@@ -83,6 +85,19 @@ def aggregation_rule(config: AggregatorConfig) -> Rule:
     return rule if config.clip_norm is None else with_clip(rule, Clip(config.clip_norm))
 
 
+def round_policy(config: AggregatorConfig) -> RoundPolicy:
+    """When rounds close: ``--round-timeout`` (default 300 s) and ``--min-nodes`` (default
+    more than half of ``--nodes``)."""
+    return RoundPolicy(
+        expected_nodes=config.nodes,
+        min_nodes=config.min_nodes
+        if config.min_nodes is not None
+        else default_quorum(config.nodes),
+        deadline_seconds=config.round_timeout,
+        sample_fraction=config.sample_fraction,
+    )
+
+
 def build_aggregator(
     config: AggregatorConfig, publish: Publish, store: StateDir | None = None
 ) -> Aggregator:
@@ -92,12 +107,7 @@ def build_aggregator(
         model_name=config.model,
         model=model,
         rounds=config.rounds,
-        policy=RoundPolicy(
-            expected_nodes=config.nodes,
-            min_nodes=config.min_nodes if config.min_nodes is not None else config.nodes,
-            deadline_seconds=config.round_timeout,
-            sample_fraction=config.sample_fraction,
-        ),
+        policy=round_policy(config),
         plan=TrainingPlan(
             learning_rate=config.learning_rate,
             batch_size=config.batch_size,
@@ -142,14 +152,22 @@ def note_presence(aggregator: Aggregator, node_id: str, payload: bytes) -> None:
     aggregator.note_presence(node_id, status.state != "offline")
 
 
-def resume_or_start(aggregator: Aggregator, store: StateDir | None) -> bool:
+def resume_or_start(
+    aggregator: Aggregator, store: StateDir | None, *, rollback_to: int | None = None
+) -> bool:
     """Restore the run kept in ``store`` if there is one (True); else False (a new run).
 
-    A larger ``rounds`` than the kept run's continues it (a finished run reopens its
-    last model as the next round). Raises CheckpointError, with one line naming what
-    differs and the ways out, if the directory holds another run's state or the run has
-    already gone past ``rounds``."""
+    ``rollback_to``: resume instead from the kept checkpoint of that round, forgetting
+    the rounds after it (``StateDir.rollback``); the aggregation rule may differ. A
+    larger ``rounds`` than the kept run's continues it (a finished run reopens its last
+    model as the next round). Raises CheckpointError, with one line naming what differs
+    and the ways out, if the directory holds another run's state, the run has gone past
+    ``rounds`` or the round to roll back to is not kept."""
     checkpoint = store.load() if store is not None else None
+    if rollback_to is not None:
+        if store is None:
+            raise CheckpointError(f"--rollback-to {rollback_to} needs a --state-dir")
+        checkpoint = rollback_point(store, checkpoint, rollback_to)
     if store is None or checkpoint is None:
         return False
     changed = fingerprint_mismatch(checkpoint.fingerprint, aggregator.settings.fingerprint)
@@ -165,6 +183,11 @@ def resume_or_start(aggregator: Aggregator, store: StateDir | None) -> bool:
             f"--rounds {rounds} is fewer than the run kept in {store.directory} has "
             f"reached ({reached}): {ways_out(f'--rounds {least} or more')}"
         )
+    if rollback_to is not None:
+        store.rollback(rollback_to)
+        log.warning("run.rolled_back", round=rollback_to, model_id=kept.model_id)
+    else:
+        store.forget_after(checkpoint.round)  # rounds a rollback discarded, if any
     store.open_journal(checkpoint.round)
     aggregator.resume(checkpoint, store.journal_records(checkpoint.round))
     if aggregator.done:
@@ -174,6 +197,21 @@ def resume_or_start(aggregator: Aggregator, store: StateDir | None) -> bool:
             hint=f"--rounds above {least} continues the run, --fresh starts a new one",
         )
     return True
+
+
+def rollback_point(store: StateDir, current: Checkpoint | None, round: int) -> Checkpoint:
+    """The kept checkpoint to roll back to; CheckpointError (one line) if there is none."""
+    if current is None:
+        raise CheckpointError(f"--rollback-to {round}: no run is kept in {store.directory}")
+    kept = [r for r in store.kept_rounds() if r <= current.round]
+    checkpoint = store.load_kept(round) if round in kept else None
+    if checkpoint is None:
+        which = f"rounds {kept[0]}-{kept[-1]}" if kept else "no earlier rounds"
+        raise CheckpointError(
+            f"--rollback-to {round}: the run kept in {store.directory} keeps {which} "
+            f"(the last {store.keep} opened): give one of those"
+        )
+    return checkpoint
 
 
 def run(config: AggregatorConfig, stop: threading.Event) -> int:
@@ -186,7 +224,7 @@ def run(config: AggregatorConfig, stop: threading.Event) -> int:
         state="offline",
         round=0,
         expected_nodes=config.nodes,
-        min_nodes=config.min_nodes or config.nodes,
+        min_nodes=round_policy(config).min_nodes,
         reported=0,
     )
     structlog.contextvars.bind_contextvars(federation=config.federation, role="aggregator")
@@ -209,7 +247,7 @@ def run(config: AggregatorConfig, stop: threading.Event) -> int:
 
     aggregator = build_aggregator(config, publish, store)
     # A CheckpointError goes up to the command: one line on stderr, exit status 2.
-    resumed = resume_or_start(aggregator, store)
+    resumed = resume_or_start(aggregator, store, rollback_to=config.rollback_to)
     edge.start(client, config.broker)
     while not ready.wait(0.2):
         if stop.is_set():

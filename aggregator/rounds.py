@@ -7,6 +7,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# The deadline `fedmq aggregator` gives a round unless told otherwise. A healthy Pi fleet
+# on the reference task never reaches it: a round there takes seconds (a few ms of CPU
+# per node), and even round 1, which includes every node's JAX start-up and JIT compile
+# (8 s on the loaded development machine, expected several times that on a Pi; docs/
+# deploy-raspberry-pi.md 2.6), stays far below 5 minutes. What it bounds is a round
+# with a missing or diverged node: 5 minutes, not forever.
+DEFAULT_DEADLINE_SECONDS = 300.0
+
+
+def default_quorum(nodes: int) -> int:
+    """The quorum unless told otherwise: more than half of the expected nodes."""
+    return nodes // 2 + 1
+
 
 @dataclass(frozen=True)
 class RoundPolicy:
@@ -78,8 +91,25 @@ def close_reason(
     return None
 
 
-def seconds_until_check(policy: RoundPolicy, *, opened_at: float, now: float) -> float | None:
-    """How long the event loop may sleep before the deadline could change the answer."""
+def seconds_until_check(
+    policy: RoundPolicy,
+    *,
+    opened_at: float,
+    now: float,
+    reported: int | None = None,
+    selected: int | None = None,
+) -> float | None:
+    """How long the event loop may sleep before the deadline could change the answer;
+    None if only a message can (no deadline, or it has passed short of the quorum:
+    ``reported`` updates, ``selected`` as in ``close_reason``)."""
     if policy.deadline_seconds is None:
         return None
-    return max(0.0, opened_at + policy.deadline_seconds - now)
+    left = max(0.0, opened_at + policy.deadline_seconds - now)
+    if left == 0 and reported is not None and reported < quorum(policy, selected):
+        return None
+    return left
+
+
+def quorum(policy: RoundPolicy, selected: int | None = None) -> int:
+    """The updates a round needs to close at its deadline (capped at the sample)."""
+    return min(policy.min_nodes, policy.expected_nodes if selected is None else selected)

@@ -28,7 +28,13 @@ from fedmq.aggregator.checkpoint import Checkpoint, metrics_payload, read_histor
 from fedmq.aggregator.evaluate import evaluate
 from fedmq.aggregator.fedavg import WeightedSum, apply_mean_delta
 from fedmq.aggregator.robust import FEDAVG, Rule, aggregate, check_memory
-from fedmq.aggregator.rounds import RoundPolicy, close_reason, seconds_until_check, select_nodes
+from fedmq.aggregator.rounds import (
+    RoundPolicy,
+    close_reason,
+    quorum,
+    seconds_until_check,
+    select_nodes,
+)
 from fedmq.compression import Pipeline, parse_spec
 from fedmq.datasets import Dataset
 from fedmq.models import MLP
@@ -161,6 +167,7 @@ class Aggregator:
         self._present: dict[str, bool] = {}  # node id -> online, from retained status
         self._selected: tuple[str, ...] | None = None  # of the open round
         self._reopen = False  # resumed a finished run whose last model opens another round
+        self._said_short = False  # round.short_of_quorum logged for the open round
         self._reset_round()
 
     # ------------------------------------------------------------------ lifecycle
@@ -240,21 +247,37 @@ class Aggregator:
         if self.done:
             return 0.0
         return seconds_until_check(
-            self.settings.policy, opened_at=self._opened_at, now=self._clock()
+            self.settings.policy,
+            opened_at=self._opened_at,
+            now=self._clock(),
+            reported=self.reported,
+            selected=None if self._selected is None else len(self._selected),
         )
 
     def tick(self) -> None:
         if self.done:
             return
+        policy, selected = self.settings.policy, self._selected
+        sampled = None if selected is None else len(selected)
+        now = self._clock()
         reason = close_reason(
-            self.settings.policy,
-            reported=self.reported,
-            opened_at=self._opened_at,
-            now=self._clock(),
-            selected=None if self._selected is None else len(self._selected),
+            policy, reported=self.reported, opened_at=self._opened_at, now=now, selected=sampled
         )
         if reason is not None:
             self._close_round(reason)
+        elif (
+            not self._said_short
+            and policy.deadline_seconds is not None
+            and now - self._opened_at >= policy.deadline_seconds
+        ):  # the round stays open until the quorum is reached: say so, once
+            self._said_short = True
+            log.warning(
+                "round.short_of_quorum",
+                round=self.round,
+                reported=self.reported,
+                min_nodes=quorum(policy, sampled),
+                deadline_seconds=policy.deadline_seconds,
+            )
 
     def handle(self, topic: str, payload: bytes) -> None:
         """Validate one update; accept it (journaled) or reject it with a reason."""
@@ -349,6 +372,7 @@ class Aggregator:
         self._accepted = {}
         self._uplink_bytes = 0
         self._opened_at = self._clock()
+        self._said_short = False
         self._dropped_in_round = None if self._dropped_reading is None else 0
 
     def _open_round(

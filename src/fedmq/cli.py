@@ -77,6 +77,16 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _deadline(text: str) -> float | None:
+    """``--round-timeout``: seconds, or ``none`` (no deadline)."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        return _positive_float(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number > 0 or none") from None
+
+
 def _shard(text: str) -> tuple[int, int]:
     index, _, count = text.partition("/")
     if not (index.isdigit() and count.isdigit() and 1 <= int(index) <= int(count)):
@@ -313,8 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="average updates per round, publish the global model",
         description="Open rounds by publishing the global model (retained), "
         "accept each node's update once per round, close the round when every "
-        "expected node has reported (or, with --round-timeout, when --min-nodes "
-        "have and the deadline passed), apply FedAvg weighted by examples, "
+        "expected node has reported (or, once --round-timeout has passed, when "
+        "--min-nodes have), apply FedAvg weighted by examples, "
         "publish metrics. Exits after --rounds rounds.",
     )
     _add_common(p)
@@ -328,14 +338,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--min-nodes",
         type=_positive_int,
         default=None,
-        help="quorum at the deadline (default: all)",
+        help="quorum at the deadline (default: more than half of --nodes)",
     )
     p.add_argument(
         "--round-timeout",
-        type=_positive_float,
-        default=None,
+        type=_deadline,
+        default=300.0,
         metavar="SECONDS",
-        help="deadline for stragglers (default: wait for every expected node)",
+        help="deadline of a round: past it, the round closes with the updates it has once "
+        "--min-nodes have reported (default 300; none: wait for every expected node)",
     )
     p.add_argument("--rounds", type=_positive_int, default=30, help="rounds to run (default 30)")
     p.add_argument(
@@ -373,10 +384,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="checkpoint and journal of the run, resumed after a crash or restart "
         "(default ./.fedmq-aggregator)",
     )
-    p.add_argument(
+    restart = p.add_mutually_exclusive_group()
+    restart.add_argument(
         "--fresh",
         action="store_true",
         help="discard the run kept in --state-dir and start a new one",
+    )
+    restart.add_argument(
+        "--rollback-to",
+        type=_positive_int,
+        default=None,
+        metavar="ROUND",
+        help="continue the run kept in --state-dir from the model that opened ROUND (one "
+        "of the last 30 opened), forgetting the rounds after it; may come with another "
+        "--aggregation, e.g. to leave a poisoned run. Give it once: every start with it "
+        "rolls back again",
     )
     p.add_argument(
         "--node-ids",
@@ -620,6 +642,7 @@ def dispatch(args: argparse.Namespace, stop: threading.Event) -> int:
                 report=args.report,
                 state_dir=args.state_dir,
                 fresh=args.fresh,
+                rollback_to=args.rollback_to,
                 node_ids=args.node_ids,
                 sample_fraction=args.sample_fraction,
                 aggregation=args.aggregation,

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from fedmq.aggregator.evaluate import evaluate
 from fedmq.aggregator.fedavg import fedavg
+from fedmq.aggregator.robust import FEDAVG, Rule
 from fedmq.aggregator.rounds import RoundPolicy
 from fedmq.aggregator.server import Aggregator, RoundSettings, Store, dense_update_bound
 from fedmq.compression import parse_spec
@@ -59,6 +60,7 @@ class Harness:
         test: Dataset | None = None,
         store: Store | None = None,
         plan: TrainingPlan = PLAN,
+        aggregation: Rule = FEDAVG,
     ) -> None:
         self.settings = RoundSettings(
             federation=FEDERATION,
@@ -68,6 +70,7 @@ class Harness:
             policy=policy or RoundPolicy(expected_nodes=3, min_nodes=3),
             plan=plan,
             max_update_bytes=max_update_bytes or dense_update_bound(MODEL),
+            aggregation=aggregation,
         )
         self.initial = MODEL.init(0)
         self.clock = FakeClock()
@@ -806,3 +809,57 @@ def test_a_diverged_model_gives_metrics_that_decode_and_a_checkpoint_that_resume
     assert resume_or_start(again, store)
     store.close()
     assert again.round == 2 and again.history[0].loss is None
+
+
+# --------------------------------------------------------------------------- default policy
+
+
+def test_by_default_a_round_closes_at_a_deadline_with_a_majority() -> None:
+    """`fedmq aggregator` without --round-timeout / --min-nodes waited for every node:
+    one missing node stalled the fleet forever."""
+    from fedmq import cli
+    from fedmq.aggregator.app import AggregatorConfig, round_policy
+    from fedmq.aggregator.rounds import DEFAULT_DEADLINE_SECONDS
+
+    args = cli.build_parser().parse_args(["aggregator", "--broker", "127.0.0.1:1883"])
+    assert args.round_timeout == DEFAULT_DEADLINE_SECONDS == 300.0
+    assert args.min_nodes is None
+    config = AggregatorConfig(
+        broker=args.broker, federation="f", nodes=3, round_timeout=args.round_timeout
+    )
+    h = Harness(policy=round_policy(config))
+    h.agg.start()
+    h.report("pi-a")
+    h.report("pi-b", seed=1)
+    h.clock.now += DEFAULT_DEADLINE_SECONDS - 1
+    h.agg.tick()
+    assert h.metrics() == []
+    h.clock.now += 1
+    h.agg.tick()
+    (metrics,) = h.metrics()
+    assert (metrics.closed_by, metrics.participants) == ("deadline", ["pi-a", "pi-b"])
+
+
+def test_round_timeout_none_waits_for_every_node() -> None:
+    from fedmq import cli
+
+    args = cli.build_parser().parse_args(
+        ["aggregator", "--broker", "127.0.0.1:1883", "--round-timeout", "none"]
+    )
+    assert args.round_timeout is None
+
+
+def test_past_the_deadline_short_of_the_quorum_it_says_so_once_and_waits() -> None:
+    h = Harness(policy=RoundPolicy(expected_nodes=3, min_nodes=2, deadline_seconds=5))
+    h.agg.start()
+    h.report("pi-a")
+    with structlog.testing.capture_logs() as logs:
+        for _ in range(3):
+            h.clock.now += 10.0
+            h.agg.tick()
+    waiting = [e for e in logs if e["event"] == "round.short_of_quorum"]
+    assert len(waiting) == 1
+    assert (waiting[0]["reported"], waiting[0]["min_nodes"]) == (1, 2)
+    assert h.agg.timeout() is None  # only an update can close it now: no busy polling
+    h.report("pi-b", seed=5)
+    assert h.metrics()[0].closed_by == "deadline"

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from fedmq.aggregator.app import resume_or_start
 from fedmq.aggregator.checkpoint import (
+    KEEP_CHECKPOINTS,
     Checkpoint,
     CheckpointError,
     StateDir,
@@ -27,6 +28,7 @@ from fedmq.aggregator.checkpoint import (
     to_bytes,
 )
 from fedmq.aggregator.journal import decode_records, encode_record, read_journal
+from fedmq.aggregator.robust import parse_rule
 from fedmq.aggregator.rounds import RoundPolicy
 from tests.unit.test_aggregator_server import FEDERATION, PLAN, TOPICS, Harness
 
@@ -384,14 +386,124 @@ def test_the_command_refuses_a_changed_plan_with_exit_2_and_one_line(tmp_path: P
     assert "--batch-size 16 " in lines[0]
 
 
+# ------------------------------------------------------------------------ kept checkpoints
+
+
+def kept_rounds(directory: Path) -> list[int]:
+    return sorted(int(p.name[11:17]) for p in directory.glob("checkpoint-*.msgpack"))
+
+
+def finished_run(tmp_path: Path, *, keep: int = KEEP_CHECKPOINTS) -> Harness:
+    h = Harness(
+        policy=RoundPolicy(expected_nodes=len(NODES), min_nodes=len(NODES)),
+        rounds=4,
+        store=StateDir(tmp_path, keep=keep),
+    )
+    h.agg.start()
+    run_to_end(h)
+    crash(h)
+    return h
+
+
+def rolled_back(tmp_path: Path, to: int, **kwargs: object) -> Harness:
+    h = Harness(
+        policy=RoundPolicy(expected_nodes=len(NODES), min_nodes=len(NODES)),
+        rounds=4,
+        store=StateDir(tmp_path),
+        **kwargs,  # type: ignore[arg-type]
+    )
+    assert isinstance(h.agg._store, StateDir)
+    assert resume_or_start(h.agg, h.agg._store, rollback_to=to)
+    return h
+
+
+def test_the_last_checkpoints_are_kept_and_older_ones_dropped(tmp_path: Path) -> None:
+    finished_run(tmp_path, keep=3)
+    assert kept_rounds(tmp_path) == [3, 4, 5]  # 5: the final model
+    assert (tmp_path / "checkpoint.msgpack").read_bytes() == (
+        tmp_path / "checkpoint-000005.msgpack"
+    ).read_bytes()
+
+
+def test_rollback_continues_from_the_model_that_opened_that_round(tmp_path: Path) -> None:
+    """The same updates after a rollback to round 2 give bitwise the same run; the
+    rounds after it are forgotten (metrics, kept checkpoints, journal)."""
+    reference = harness(None)
+    reference.agg.start()
+    run_to_end(reference)
+    first = finished_run(tmp_path)
+    opened_2 = first.globals()[1]
+    h = rolled_back(tmp_path, 2)
+    assert (h.agg.round, h.agg.done, h.agg.model_id) == (2, False, opened_2.model_id)
+    assert [m.round for m in h.agg.history] == [1]
+    assert kept_rounds(tmp_path) == [1, 2]
+    h.agg.republish()
+    assert h.globals()[-1].model_id == opened_2.model_id and not h.globals()[-1].final
+    run_to_end(h)
+    assert [m.round for m in h.agg.history] == [1, 2, 3, 4]
+    for name, array in reference.agg.params.items():
+        assert h.agg.params[name].tobytes() == array.tobytes()
+
+
+def test_rollback_may_change_the_aggregation_rule(tmp_path: Path) -> None:
+    """The way out of a poisoned run: back to a clean round, with a robust rule."""
+    finished_run(tmp_path)
+    h = rolled_back(tmp_path, 3, aggregation=parse_rule("median"))
+    run_to_end(h)
+    assert [m.extra.get("aggregation") for m in h.agg.history] == [None, None, "median", "median"]
+
+
+def test_rollback_of_the_open_round_discards_its_journal(tmp_path: Path) -> None:
+    h = harness(tmp_path)
+    h.agg.start()
+    send_round(h, NODES)
+    send_round(h, NODES[:3])
+    crash(h)
+    h = rolled_back(tmp_path, 2)
+    assert (h.agg.round, h.agg.reported) == (2, 0)
+
+
+@pytest.mark.parametrize(("to", "says"), [(1, "keeps rounds 3-5"), (6, "keeps rounds 3-5")])
+def test_rollback_to_a_round_not_kept_is_refused_in_one_line(
+    tmp_path: Path, to: int, says: str
+) -> None:
+    finished_run(tmp_path, keep=3)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(CheckpointError) as refused:
+        rolled_back(tmp_path, to)
+    assert f"--rollback-to {to}" in str(refused.value) and says in str(refused.value)
+    assert "\n" not in str(refused.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_a_crash_in_the_middle_of_a_rollback_leaves_a_run_that_resumes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed after the checkpoint was switched to round 2, before the later rounds'
+    files went: a plain restart resumes round 2 and drops them."""
+    finished_run(tmp_path)
+
+    def killed(self: StateDir, round: int) -> None:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(StateDir, "forget_after", killed)
+        with pytest.raises(KeyboardInterrupt):
+            rolled_back(tmp_path, 2)
+    assert 5 in kept_rounds(tmp_path)
+    h = resumed(tmp_path)
+    assert h.agg.round == 2 and [m.round for m in h.agg.history] == [1]
+    assert kept_rounds(tmp_path) == [1, 2]
+
+
 @pytest.fixture(autouse=True)
 def _close_state_dirs(monkeypatch: pytest.MonkeyPatch) -> object:
     """Close every journal a test opened (a resumed harness is never crashed again)."""
     opened: list[StateDir] = []
     original = StateDir.__init__
 
-    def tracking_init(self: StateDir, directory: Path) -> None:
-        original(self, directory)
+    def tracking_init(self: StateDir, directory: Path, **kwargs: int) -> None:
+        original(self, directory, **kwargs)
         opened.append(self)
 
     monkeypatch.setattr(StateDir, "__init__", tracking_init)

@@ -4,7 +4,13 @@ import math
 
 import pytest
 
-from fedmq.aggregator.rounds import RoundPolicy, close_reason, seconds_until_check
+from fedmq.aggregator.rounds import (
+    DEFAULT_DEADLINE_SECONDS,
+    RoundPolicy,
+    close_reason,
+    default_quorum,
+    seconds_until_check,
+)
 
 
 @pytest.mark.parametrize(
@@ -105,3 +111,25 @@ def test_seconds_until_check_never_goes_negative() -> None:
 def test_seconds_until_check_without_deadline_is_none() -> None:
     assert seconds_until_check(NO_DEADLINE, opened_at=100.0, now=100.0) is None
     assert seconds_until_check(NO_DEADLINE, opened_at=100.0, now=1e9) is None
+
+
+@pytest.mark.parametrize(("nodes", "quorum"), [(1, 1), (2, 2), (3, 2), (4, 3), (10, 6), (51, 26)])
+def test_the_default_quorum_is_more_than_half(nodes: int, quorum: int) -> None:
+    assert default_quorum(nodes) == quorum
+
+
+def test_the_default_deadline_closes_a_round_a_node_never_reports_to() -> None:
+    """Without a deadline by default, one missing node stalled a fleet forever."""
+    policy = RoundPolicy(
+        expected_nodes=10, min_nodes=default_quorum(10), deadline_seconds=DEFAULT_DEADLINE_SECONDS
+    )
+    before = DEFAULT_DEADLINE_SECONDS - 1
+    assert close_reason(policy, reported=9, opened_at=0.0, now=before) is None
+    assert close_reason(policy, reported=9, opened_at=0.0, now=before + 1) == "deadline"
+
+
+def test_past_the_deadline_short_of_the_quorum_only_an_update_can_close() -> None:
+    """The event loop then waits for a message instead of polling every 0 s."""
+    assert seconds_until_check(WITH_DEADLINE, opened_at=100.0, now=106.0, reported=0) is None
+    assert seconds_until_check(WITH_DEADLINE, opened_at=100.0, now=106.0, reported=2) == 0.0
+    assert seconds_until_check(WITH_DEADLINE, opened_at=100.0, now=101.0, reported=0) == 4.0
