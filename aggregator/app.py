@@ -205,11 +205,15 @@ def rollback_point(store: StateDir, current: Checkpoint | None, round: int) -> C
         raise CheckpointError(f"--rollback-to {round}: no run is kept in {store.directory}")
     kept = [r for r in store.kept_rounds() if r <= current.round]
     checkpoint = store.load_kept(round) if round in kept else None
-    if checkpoint is None:
-        which = f"rounds {kept[0]}-{kept[-1]}" if kept else "no earlier rounds"
+    if checkpoint is None and not kept:  # a state directory of an older fedmq
         raise CheckpointError(
-            f"--rollback-to {round}: the run kept in {store.directory} keeps {which} "
-            f"(the last {store.keep} opened): give one of those"
+            f"--rollback-to {round}: the run kept in {store.directory} has no checkpoints "
+            "of earlier rounds (it was written before fedmq kept them)"
+        )
+    if checkpoint is None:
+        raise CheckpointError(
+            f"--rollback-to {round}: the run kept in {store.directory} keeps rounds "
+            f"{kept[0]}-{kept[-1]} (the last {store.keep} opened): give one of those"
         )
     return checkpoint
 

@@ -496,6 +496,14 @@ def test_a_crash_in_the_middle_of_a_rollback_leaves_a_run_that_resumes(
     assert kept_rounds(tmp_path) == [1, 2]
 
 
+def test_rollback_in_a_state_dir_without_kept_checkpoints_says_why(tmp_path: Path) -> None:
+    finished_run(tmp_path)
+    for round in kept_rounds(tmp_path):  # as an older fedmq left it
+        (tmp_path / f"checkpoint-{round:06d}.msgpack").unlink()
+    with pytest.raises(CheckpointError, match="no checkpoints of earlier rounds"):
+        rolled_back(tmp_path, 2)
+
+
 @pytest.fixture(autouse=True)
 def _close_state_dirs(monkeypatch: pytest.MonkeyPatch) -> object:
     """Close every journal a test opened (a resumed harness is never crashed again)."""
