@@ -7,7 +7,9 @@ previous round's participants (to recognise resent duplicates) and a fingerprint
 settings that must not change within a run. It is written to a temporary file, fsynced,
 renamed over the old one and the directory fsynced: a crash leaves the old or the new
 checkpoint, never a mix. The open round's accepted updates are in its journal
-(``aggregator.journal``); a journal older than the checkpoint's round is obsolete.
+(``aggregator.journal``); a journal older than the checkpoint's round is obsolete. The
+checkpoints of the last ``KEEP_CHECKPOINTS`` rounds opened are kept beside it
+(``checkpoint-<round>.msgpack``) for ``StateDir.rollback`` (``--rollback-to``).
 """
 
 import math

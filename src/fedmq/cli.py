@@ -553,7 +553,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_float,
         default=None,
         metavar="SECONDS",
-        help="close rounds at this deadline with whoever reported",
+        help="close rounds at this deadline with whoever reported, if more than half of "
+        "the nodes have (default: the aggregator's, 300)",
     )
     p.add_argument(
         "--workdir",
