@@ -15,7 +15,9 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -91,6 +93,15 @@ def test_broker_unit_runs_mosquitto_with_the_deployment_config():
     assert unit["ReadWritePaths"] == [location.rstrip("/")]
 
 
+def test_broker_unit_gives_mosquitto_its_files_before_start_and_reload():
+    # mosquitto reads the password and ACL files as the user mosquitto; init, add-node and
+    # revoke-node write them for root, and a reload that cannot read them refuses everyone
+    unit = directives(UNITS / "fedmq-broker.service")
+    chown = "-+/bin/chown -R mosquitto: /etc/fedmq/broker"
+    assert unit["ExecStartPre"] == [chown]
+    assert unit["ExecReload"] == [chown, "/bin/kill -HUP $MAINPID"]
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_units_restart_on_failure_after_the_network(name):
     unit = directives(UNITS / name)
@@ -127,3 +138,84 @@ def test_the_guides_key_table_is_complete(row, command, section):
     [line] = [line for line in guide.splitlines() if line.startswith(f"| {row}")]
     listed = set(re.findall(r"`([a-z_]+)`", line.split("|")[2]))
     assert listed == set(config.section_keys(cli.build_parser(), command)[section])
+
+
+# --- the guide's commands agree with the example configs and with each other ----------
+
+GUIDE = ROOT / "docs" / "deploy-raspberry-pi.md"
+
+
+def guide_blocks(language: str) -> list[str]:
+    """The guide's fenced code blocks of one language (sh, toml)."""
+    return re.findall(rf"^```{language}\n(.*?)^```", GUIDE.read_text(), re.MULTILINE | re.DOTALL)
+
+
+def shell_commands(text: str) -> list[str]:
+    """Commands of sh blocks, continuation lines joined, comments dropped."""
+    joined = re.sub(r"\\\n\s*", " ", text)
+    return [line.split(" #")[0].strip() for line in joined.splitlines() if line.strip()]
+
+
+def guide_commands() -> list[str]:
+    return [command for block in guide_blocks("sh") for command in shell_commands(block)]
+
+
+def example(name: str, command: str) -> Any:
+    return config.parse_args(cli.build_parser(), [command, "--config", str(EXAMPLES / name)], {})
+
+
+def test_the_node_example_reaches_the_host_the_brokers_certificate_names():
+    # The node checks the broker's certificate against the host name it connects to, so
+    # node.toml, the guide's node config and `broker init --hostname` must agree.
+    [init] = [c for c in guide_commands() if "fedmq broker init" in c]
+    hostnames = re.findall(r"--hostname (\S+)", init)
+    node_host = example("node.toml", "node").broker.host
+    assert node_host in hostnames, (node_host, hostnames)
+    assert hostnames[0] == node_host, "the bundles' broker = is the first --hostname"
+    guide_brokers = re.findall(r'^broker = "([^":]+):8883"', "\n".join(guide_blocks("toml")), re.M)
+    assert guide_brokers and set(guide_brokers) == {node_host}
+
+
+def test_the_aggregator_example_sets_a_deadline_and_a_quorum():
+    args = example("aggregator.toml", "aggregator")
+    assert args.round_timeout is not None and args.round_timeout > 0
+    assert args.min_nodes is not None and 1 <= args.min_nodes < args.nodes
+
+
+def test_the_guide_configures_the_aggregator_with_a_deadline_and_a_quorum():
+    tables = [tomllib.loads(block) for block in guide_blocks("toml")]
+    [aggregator] = [t["aggregator"] for t in tables if "aggregator" in t]
+    assert aggregator["round_timeout"] > 0
+    assert 1 <= aggregator["min_nodes"] < aggregator["nodes"]
+
+
+def test_the_guides_offline_download_gets_jaxlib_0_10_2():
+    # From jaxlib 0.7.2 on the aarch64 wheels are tagged manylinux_2_27 only: with
+    # manylinux2014_aarch64 alone pip silently falls back to jax/jaxlib 0.7.1.
+    [download] = [c for c in guide_commands() if " pip download " in f" {c}"]
+    platforms = re.findall(r"--platform (\S+)", download)
+    assert "manylinux_2_27_aarch64" in platforms
+    assert {"manylinux2014_aarch64", "manylinux_2_17_aarch64"} <= set(platforms)
+    assert "--python-version 3.11" in download and "--only-binary=:all:" in download
+    # scripts/check-arm64 installs what this line downloads
+    script = (ROOT / "scripts" / "check-arm64").read_text()
+    [listed] = re.findall(r"^platforms=\((.*)\)$", script, re.MULTILINE)
+    assert listed.split() == platforms
+
+
+def test_the_guide_installs_no_compiler():
+    # python3-pip recommends build-essential and python3-dev (gcc and ~170 packages);
+    # the venv's own pip is all the guide needs.
+    installs = [c for c in guide_commands() if "apt-get install" in c]
+    assert installs
+    for command in installs:
+        packages = set(command.split())
+        assert not packages & {"python3-pip", "build-essential", "gcc", "python3-dev"}, command
+
+
+def test_the_guide_gives_mosquitto_its_files():
+    # mosquitto runs as the user `mosquitto` and re-reads the password and ACL files as
+    # that user on every reload: the guide says how, not where to look it up.
+    commands = guide_commands()
+    assert any(re.search(r"chown -R mosquitto: /etc/fedmq/broker\b", c) for c in commands)
+    assert any("chmod 0644 /etc/fedmq/ca/ca.crt" in c for c in commands)
