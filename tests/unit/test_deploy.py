@@ -219,3 +219,12 @@ def test_the_guide_gives_mosquitto_its_files():
     commands = guide_commands()
     assert any(re.search(r"chown -R mosquitto: /etc/fedmq/broker\b", c) for c in commands)
     assert any("chmod 0644 /etc/fedmq/ca/ca.crt" in c for c in commands)
+
+
+def test_check_arm64_answers_help_and_refuses_a_bad_argument_in_one_line():
+    script = ROOT / "scripts" / "check-arm64"
+    helped = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=30)
+    assert helped.returncode == 0 and "--cache DIR" in helped.stdout
+    bad = subprocess.run([script, "--rounds", "x"], capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2
+    assert bad.stderr.splitlines() == ["check-arm64: error: --rounds needs a whole number >= 1"]
