@@ -8,6 +8,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import NoReturn
 
 from fedmq import config, logs
 from fedmq.mqtt import BrokerAddress, Credentials
@@ -26,6 +27,14 @@ node, aggregator, broker and monitor also read a TOML file (--config PATH or
 $FEDMQ_CONFIG) and FEDMQ_<SECTION>_<KEY> variables: see deploy/config/.
 Topics and messages are documented in docs/PROTOCOL.md.
 """
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line (the cause, and where the options are
+    listed) instead of the whole usage text before it."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _broker(text: str) -> BrokerAddress:
@@ -294,7 +303,7 @@ def _broker_admin(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="fedmq", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -599,6 +608,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _with_credentials(args)
         return dispatch(args, stop)
+    except BrokenPipeError:
+        # The reader went away (`fedmq report r.json | head`): stop quietly, with the status
+        # a shell shows for a tool ended by SIGPIPE. Python's last flush goes nowhere.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except (ValueError, RuntimeError, OSError) as error:
         print(f"fedmq {args.command}: error: {error}", file=sys.stderr)
         return 2
