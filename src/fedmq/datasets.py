@@ -12,6 +12,8 @@ import numpy as np
 
 DIGITS_TRAIN = 1500
 DIGITS_TEST = 297
+DIGITS_FEATURES = 64  # 8 x 8 pixels
+DIGITS_CLASSES = 10
 
 
 @dataclass(frozen=True)

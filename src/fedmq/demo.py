@@ -27,7 +27,9 @@ import structlog
 
 from fedmq import mqtt as edge
 from fedmq.broker.process import Mosquitto
-from fedmq.datasets import Dataset, digits, partition
+from fedmq.datasets import DIGITS_CLASSES, DIGITS_FEATURES, Dataset, digits, partition
+from fedmq.files import output_problem
+from fedmq.models import get_model
 from fedmq.report import build_report, write_report
 from fedmq.schemas import RoundMetrics, SchemaError, Topics, decode_metrics
 
@@ -49,6 +51,25 @@ class DemoConfig:
     round_timeout: float | None = None
     start_timeout: float = 120.0
     max_restarts: int = 3
+
+
+def config_problem(config: DemoConfig) -> str | None:
+    """What makes ``config`` unworkable, with the fix, or None: found before anything starts
+    rather than by every child failing, or by a report that cannot be written at the end."""
+    model = get_model(config.model)
+    features, classes = model.sizes[0], model.sizes[-1]
+    if (features, classes) != (DIGITS_FEATURES, DIGITS_CLASSES):
+        return (
+            f"model {config.model} takes {features} features and {classes} classes; the demo's "
+            f"digits data has {DIGITS_FEATURES} features and {DIGITS_CLASSES} classes: use "
+            f"--model digits-mlp, or mlp:{DIGITS_FEATURES}-...-{DIGITS_CLASSES} "
+            f"(e.g. mlp:{DIGITS_FEATURES}-32-{DIGITS_CLASSES})"
+        )
+    if config.report is not None:
+        problem = output_problem(config.report)
+        if problem is not None:
+            return f"--report {config.report}: {problem}"
+    return None
 
 
 class ChildFailed(RuntimeError):
@@ -263,6 +284,9 @@ class Progress:
 
 
 def run(config: DemoConfig, stop: threading.Event, out: TextIO = sys.stdout) -> int:
+    problem = config_problem(config)
+    if problem is not None:
+        raise ValueError(problem)
     workdir = config.workdir or Path(tempfile.mkdtemp(prefix="fedmq-demo-"))
     (workdir / "data").mkdir(parents=True, exist_ok=True)
     (workdir / "logs").mkdir(exist_ok=True)
