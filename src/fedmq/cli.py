@@ -625,14 +625,17 @@ def dispatch(args: argparse.Namespace, stop: threading.Event) -> int:
         from fedmq.broker.process import PROJECT_CONF, Mosquitto
 
         conf = args.mosquitto_conf or PROJECT_CONF
-        with Mosquitto(port=args.port or None, config=conf) as broker:
+        with Mosquitto(port=args.port or None, config=conf, die_with_parent=True) as broker:
             print(
                 f"mosquitto listening on {broker.address} (pid {broker.pid}); Ctrl-C stops it",
                 flush=True,
             )
             while not stop.wait(0.5):
                 if broker.process is None or broker.process.poll() is not None:
-                    print("fedmq broker: error: mosquitto exited", file=sys.stderr)
+                    print(
+                        f"fedmq broker: error: mosquitto exited: {broker.failure()}",
+                        file=sys.stderr,
+                    )
                     return 1
         return 0
     if args.command == "aggregator":

@@ -3,11 +3,15 @@
 Its own mosquitto (or ``--broker``), one aggregator process and N node processes, each its
 own MQTT client as on separate devices, all on loopback. The demo watches the public
 metrics topic like any monitoring script, shows progress, and writes report.json. Every
-child runs in its own session and is ended by PID on exit, Ctrl-C or the demo's failure.
+child runs in its own session and is ended by PID on exit, Ctrl-C or the demo's failure;
+if the demo itself is killed (SIGKILL, nothing to catch), the kernel ends them
+(``fedmq.lifeline``: every child is started from the main thread for that).
 
 Children are supervised like systemd's ``Restart=on-failure`` on a device: one that dies
 before the run is over is started again with the same arguments after a short back-off,
-up to ``RestartPolicy.max_restarts`` times per child; past that the demo fails.
+up to ``RestartPolicy.max_restarts`` times per child; past that the demo fails. A child
+that exits 2, fedmq's exit status for a configuration error, is not restarted (it would
+fail again): the demo stops at once with that child's one-line error.
 """
 
 import queue
@@ -29,6 +33,7 @@ from fedmq import mqtt as edge
 from fedmq.broker.process import Mosquitto
 from fedmq.datasets import DIGITS_CLASSES, DIGITS_FEATURES, Dataset, digits, partition
 from fedmq.files import output_problem
+from fedmq.lifeline import tied
 from fedmq.models import get_model
 from fedmq.report import build_report, write_report
 from fedmq.schemas import RoundMetrics, SchemaError, Topics, decode_metrics
@@ -73,7 +78,18 @@ def config_problem(config: DemoConfig) -> str | None:
 
 
 class ChildFailed(RuntimeError):
-    pass
+    """The demo cannot go on; ``exit_status`` is what ``fedmq demo`` exits with."""
+
+    exit_status = 1
+
+
+class ChildMisconfigured(ChildFailed):
+    """A child exited with CONFIGURATION_ERROR: the run's settings cannot work."""
+
+    exit_status = 2
+
+
+CONFIGURATION_ERROR = 2  # what `fedmq <command>` exits with for a bad setting (cli.main)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -150,7 +166,7 @@ class Children:
     def _popen(self, name: str, args: list[str], mode: str) -> subprocess.Popen[bytes]:
         with self.log_path(name).open(mode) as log_file:
             return subprocess.Popen(
-                [sys.executable, "-m", "fedmq", *args],
+                tied([sys.executable, "-m", "fedmq", *args]),
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -166,6 +182,18 @@ class Children:
 
     def _tail(self, name: str) -> str:
         return self.log_path(name).read_text(errors="replace")[-1500:]
+
+    def _error_line(self, name: str) -> str | None:
+        """The one-line error (``fedmq node: error: ...``) the child's current process
+        printed last, if any."""
+        text = self.log_path(name).read_text(errors="replace")
+        last_life = text.rpartition("--- fedmq demo: restart ")[2]
+        errors = [
+            line.strip()
+            for line in last_life.splitlines()
+            if line.startswith("fedmq ") and ": error: " in line
+        ]
+        return errors[-1] if errors else None
 
     def supervise(self, now: float, *, run_done: bool) -> list[str]:
         """Restart children that died before their job was done; return what was done, one
@@ -197,6 +225,15 @@ class Children:
             if verdict != "failed":
                 continue
             what = f"{name} (pid {child.proc.pid}) {describe_exit(code)}"
+            if code == CONFIGURATION_ERROR:
+                line = self._error_line(name)
+                if line is not None:
+                    raise ChildMisconfigured(
+                        f"{what}, a configuration error (not restarted): {line}"
+                    )
+                raise ChildMisconfigured(
+                    f"{what}, a configuration error (not restarted):\n{self._tail(name)}"
+                )
             if code == 0:
                 what += " before the run was over"
             if run_done:
@@ -290,7 +327,7 @@ def run(config: DemoConfig, stop: threading.Event, out: TextIO = sys.stdout) -> 
     workdir = config.workdir or Path(tempfile.mkdtemp(prefix="fedmq-demo-"))
     (workdir / "data").mkdir(parents=True, exist_ok=True)
     (workdir / "logs").mkdir(exist_ok=True)
-    broker = None if config.broker else Mosquitto()
+    broker = None if config.broker else Mosquitto(die_with_parent=True)
     children = Children(workdir / "logs", RestartPolicy(max_restarts=config.max_restarts))
     client = None
     started = time.monotonic()
@@ -411,7 +448,7 @@ def run(config: DemoConfig, stop: threading.Event, out: TextIO = sys.stdout) -> 
         return 0
     except ChildFailed as error:
         out.write(f"\nfedmq demo failed: {error}\n")
-        return 1
+        return error.exit_status
     finally:
         children.stop_all()
         if client is not None:
