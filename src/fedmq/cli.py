@@ -299,6 +299,12 @@ def _broker_admin(args: argparse.Namespace) -> int:
     else:
         credentials.revoke_node(args.dir, args.node_id)
         print(f"node {args.node_id!r} revoked; {credentials.reload_hint(args.dir)}")
+    if args.broker_command != "init":
+        fleet = credentials.nodes_of(args.dir)
+        print(
+            f"{args.dir / 'aggregator' / 'fedmq.toml'} now expects {len(fleet)} nodes: copy it "
+            "to the aggregator and restart it"
+        )
     return 0
 
 
