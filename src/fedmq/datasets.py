@@ -94,6 +94,12 @@ class _NotXAndY(Exception):
 
 
 def _read_x_and_y(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    with path.open("rb") as file:
+        magic = file.read(6)
+    # .npz is a zip archive, .npy starts with numpy's magic; anything else (CSV, pickle...)
+    # would get numpy's message, which suggests loading it unsafely
+    if not magic.startswith((b"PK\x03\x04", b"PK\x05\x06", b"\x93NUMPY")):
+        raise _NotXAndY(f"not an .npz file (nor .npy): {SAVE_HINT}")
     loaded = np.load(path, allow_pickle=False)
     if not isinstance(loaded, np.lib.npyio.NpzFile):  # an .npy: one array
         raise _NotXAndY(f"one array (an .npy file), not an .npz holding x and y: {SAVE_HINT}")

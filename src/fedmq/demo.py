@@ -31,7 +31,14 @@ import structlog
 
 from fedmq import mqtt as edge
 from fedmq.broker.process import Mosquitto
-from fedmq.datasets import DIGITS_CLASSES, DIGITS_FEATURES, Dataset, digits, partition
+from fedmq.datasets import (
+    DIGITS_CLASSES,
+    DIGITS_FEATURES,
+    DIGITS_TRAIN,
+    Dataset,
+    digits,
+    partition,
+)
 from fedmq.files import output_problem
 from fedmq.lifeline import tied
 from fedmq.models import get_model
@@ -69,6 +76,11 @@ def config_problem(config: DemoConfig) -> str | None:
             f"digits data has {DIGITS_FEATURES} features and {DIGITS_CLASSES} classes: use "
             f"--model digits-mlp, or mlp:{DIGITS_FEATURES}-...-{DIGITS_CLASSES} "
             f"(e.g. mlp:{DIGITS_FEATURES}-32-{DIGITS_CLASSES})"
+        )
+    if config.nodes > DIGITS_TRAIN:
+        return (
+            f"--nodes {config.nodes}: the digits data has {DIGITS_TRAIN} training samples to "
+            f"split: use at most {DIGITS_TRAIN}"
         )
     if config.report is not None:
         problem = output_problem(config.report)
@@ -325,8 +337,14 @@ def run(config: DemoConfig, stop: threading.Event, out: TextIO = sys.stdout) -> 
     if problem is not None:
         raise ValueError(problem)
     workdir = config.workdir or Path(tempfile.mkdtemp(prefix="fedmq-demo-"))
-    (workdir / "data").mkdir(parents=True, exist_ok=True)
-    (workdir / "logs").mkdir(exist_ok=True)
+    try:
+        (workdir / "data").mkdir(parents=True, exist_ok=True)
+        (workdir / "logs").mkdir(exist_ok=True)
+    except OSError as error:
+        raise ValueError(
+            f"--workdir {workdir}: cannot use it ({error.strerror or error}): choose a "
+            "directory you can write"
+        ) from None
     broker = None if config.broker else Mosquitto(die_with_parent=True)
     children = Children(workdir / "logs", RestartPolicy(max_restarts=config.max_restarts))
     client = None
@@ -347,6 +365,11 @@ def run(config: DemoConfig, stop: threading.Event, out: TextIO = sys.stdout) -> 
         )
         edge.start(client, address)
         if not ready.wait(10):
+            if config.broker is not None:  # the user's broker: a configuration error
+                raise ValueError(
+                    f"no MQTT broker answered at {address} within 10 s: check --broker, or "
+                    "leave it out and the demo starts its own"
+                )
             raise ChildFailed(f"could not subscribe at the broker {address}")
         out.write(
             f"fedmq demo: {config.nodes} nodes, {config.rounds} rounds, model {config.model}, "

@@ -7,7 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fedmq.broker.process import free_port
 from fedmq.cli import main
+from fedmq.datasets import load_npz
 from fedmq.demo import DemoConfig, config_problem
 
 
@@ -81,3 +83,47 @@ def test_a_node_given_bad_data_says_so_in_one_line(tmp_path: Path, name, make, s
     assert done.returncode == 2, done.stderr
     assert done.stderr.count("\n") == 1, done.stderr
     assert done.stderr.startswith(f"fedmq node: error: {data}") and says in done.stderr
+
+
+def test_more_nodes_than_the_digits_data_has_samples() -> None:
+    assert config_problem(DemoConfig(nodes=1501)) == (
+        "--nodes 1501: the digits data has 1500 training samples to split: use at most 1500"
+    )
+    assert config_problem(DemoConfig(nodes=1500)) is None
+
+
+@pytest.mark.parametrize("workdir", ["/proc/fedmq-demo", "/etc/hostname"])
+def test_a_workdir_that_cannot_be_used_is_one_line(workdir: str, capsys) -> None:  # type: ignore[no-untyped-def]
+    """It was an errno with a path inside it ('/etc/hostname/data')."""
+    assert main(["demo", "--workdir", workdir]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"fedmq demo: error: --workdir {workdir}: cannot use it (")
+    assert err.endswith("): choose a directory you can write\n") and err.count("\n") == 1
+
+
+def test_a_file_that_is_not_npz_is_not_told_to_load_it_unsafely(tmp_path: Path) -> None:
+    """numpy's own message suggested allow_pickle=True for a CSV file."""
+    path = tmp_path / "data.csv"
+    path.write_text("a,b,label\n1,2,0\n")
+    with pytest.raises(ValueError) as raised:
+        load_npz(path)
+    assert str(raised.value) == (
+        f"{path}: not an .npz file (nor .npy): save it with numpy.savez(PATH, x=x, y=y)"
+    )
+
+
+@pytest.mark.slow
+def test_a_broker_that_does_not_answer_is_a_configuration_error(tmp_path: Path) -> None:
+    """`--broker` with nothing listening ended "fedmq demo failed: could not subscribe"."""
+    port = free_port()  # nothing listens there
+    done = subprocess.run(
+        [sys.executable, "-m", "fedmq", "demo", "--broker", f"127.0.0.1:{port}",
+         "--nodes", "1", "--rounds", "1", "--workdir", str(tmp_path / "work")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.splitlines()[-1] == (
+        f"fedmq demo: error: no MQTT broker answered at 127.0.0.1:{port} within 10 s: check "
+        "--broker, or leave it out and the demo starts its own"
+    )
+    assert not list((tmp_path / "work" / "logs").iterdir())  # no child was started
