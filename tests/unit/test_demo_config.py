@@ -127,3 +127,14 @@ def test_a_broker_that_does_not_answer_is_a_configuration_error(tmp_path: Path) 
         "--broker, or leave it out and the demo starts its own"
     )
     assert not list((tmp_path / "work" / "logs").iterdir())  # no child was started
+
+
+def test_the_issues_model_typo_ends_the_demo_in_one_line_before_it_starts() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "fedmq", "demo", "--model", "mlp:8-32-3"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stdout == ""  # nothing started: no banner, no broker
+    assert done.stderr.startswith("fedmq demo: error: model mlp:8-32-3 takes 8 features")
+    assert done.stderr.count("\n") == 1
