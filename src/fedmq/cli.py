@@ -225,6 +225,14 @@ def _port(text: str) -> int:
     return int(text)
 
 
+def _listen_port(text: str) -> int:
+    if not text.isdigit() or not 0 <= int(text) < 65536:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a port number (0-65535, 0 = any free port)"
+        )
+    return int(text)
+
+
 def _add_broker_admin(broker: argparse.ArgumentParser) -> None:
     """``fedmq broker init|add-node|revoke-node``: credentials for a deployment
     (docs/security.md); ``fedmq broker`` alone runs mosquitto."""
@@ -321,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
         "listener), wait until it accepts connections, stop it on Ctrl-C.",
     )
     p.add_argument(
-        "--port", type=int, default=1883, help="listener port (default 1883, 0 = any free)"
+        "--port", type=_listen_port, default=1883, help="listener port (default 1883, 0 = any free)"
     )
     p.add_argument(
         "--mosquitto-conf",
