@@ -1,13 +1,19 @@
 """A port that is already taken: `fedmq broker` and the Mosquitto class say so in one line,
 instead of "listening on ..." (they saw the other program accept) then "mosquitto exited"."""
 
+import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
-from fedmq.broker.process import Mosquitto
+from fedmq.broker.process import Mosquitto, port_in_use
+
+from ..conftest import alive
 
 pytestmark = pytest.mark.integration
 
@@ -59,3 +65,27 @@ def test_a_config_mosquitto_refuses_is_one_line_with_its_reason(tmp_path) -> Non
     assert "\n" not in message
     assert message.startswith(f"mosquitto did not start on port {broker.port}: ")
     assert "bogus_option" in message and message.endswith(f"(config {conf})")
+
+
+def test_mosquitto_ends_with_a_sigkilled_fedmq_broker() -> None:
+    """Like the demo's: no orphan broker holding the port after `kill -9` of its parent."""
+    with subprocess.Popen(
+        [sys.executable, "-m", "fedmq", "broker", "--port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True,
+    ) as command:  # fmt: skip
+        try:
+            assert command.stdout is not None
+            line = command.stdout.readline()
+            match = re.search(r"listening on 127\.0\.0\.1:(\d+) \(pid (\d+)\)", line)
+            assert match, line
+            port, pid = int(match.group(1)), int(match.group(2))
+            os.kill(command.pid, signal.SIGKILL)
+            command.wait(timeout=10)
+            deadline = time.monotonic() + 10
+            while alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert not alive(pid)
+            assert not port_in_use("127.0.0.1", port)
+        finally:
+            if command.poll() is None:
+                command.kill()
