@@ -3,6 +3,7 @@ instead of "listening on ..." (they saw the other program accept) then "mosquitt
 
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -13,7 +14,7 @@ import pytest
 
 from fedmq.broker.process import Mosquitto, port_in_use
 
-from ..conftest import alive
+from ..conftest import alive, mosquitto_workdir
 
 pytestmark = pytest.mark.integration
 
@@ -79,11 +80,13 @@ def test_mosquitto_ends_with_a_sigkilled_fedmq_broker() -> None:
             match = re.search(r"listening on 127\.0\.0\.1:(\d+) \(pid (\d+)\)", line)
             assert match, line
             port, pid = int(match.group(1)), int(match.group(2))
+            leftover = mosquitto_workdir(pid)  # the killed command cannot remove it
             os.kill(command.pid, signal.SIGKILL)
             command.wait(timeout=10)
             deadline = time.monotonic() + 10
             while alive(pid) and time.monotonic() < deadline:
                 time.sleep(0.02)
+            shutil.rmtree(leftover, ignore_errors=True)
             assert not alive(pid)
             assert not port_in_use("127.0.0.1", port)
         finally:
