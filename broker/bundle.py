@@ -8,11 +8,14 @@ the broker, in one directory ready to copy to it.
     client.key    with mutual TLS: its private key (mode 0600)
 
 Paths in fedmq.toml are relative to the directory fedmq.toml is in, so the directory can
-be moved as a whole (e.g. to /etc/fedmq/node on the device).
+be moved as a whole (e.g. to /etc/fedmq/node on the device). The aggregator's fedmq.toml
+also names the fleet (``set_fleet``).
 """
 
 import json
+import re
 import tomllib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,14 +42,15 @@ class Bundle:
     key_file: Path | None = None
 
 
+def _q(value: str) -> str:
+    return json.dumps(value)  # a JSON string is a valid TOML basic string
+
+
 def render(bundle: Bundle) -> str:
     """fedmq.toml's text, in the format of ``fedmq <role> --config`` (src/fedmq/config.py:
     a [connection] section and the role's own); paths are names relative to the bundle
     directory, which the config loader resolves against the file's directory."""
-
-    def q(value: str) -> str:
-        return json.dumps(value)  # a JSON string is a valid TOML basic string
-
+    q = _q
     lines = [
         f"# fedmq {bundle.role} credentials, written by `fedmq broker`. Use it as",
         f"#   fedmq {bundle.role} --config THIS_FILE",
@@ -74,7 +78,54 @@ def render(bundle: Bundle) -> str:
             '# data = "/var/lib/fedmq-node/data.npz"',
             '# state_dir = "/var/lib/fedmq-node"',
         ]
+    if bundle.role == "aggregator":
+        lines += [
+            "# The fleet (`fedmq broker add-node` and `revoke-node` rewrite nodes and node_ids):",
+            "# a round waits for `nodes` updates, and updates from other ids are rejected.",
+        ]
     return "\n".join(lines) + "\n"
+
+
+# The [aggregator] keys that name the fleet: the options --nodes and --node-ids
+# (src/fedmq/config.py: a key is the option's name with "_" for "-").
+FLEET_KEYS = ("nodes", "node_ids")
+_SECTION = re.compile(r"^\s*\[")
+_FLEET_KEY = re.compile(rf"^\s*({'|'.join(FLEET_KEYS)})\s*=\s*(.*)$")
+
+
+def set_fleet(path: Path, node_ids: Iterable[str]) -> None:
+    """Make the aggregator's fedmq.toml at ``path`` expect exactly ``node_ids``: ``nodes``
+    (updates a round waits for) and ``node_ids`` (updates from any other id are rejected),
+    right after the [aggregator] header and its comments. Every other line is kept, so an
+    operator's own settings survive add-node and revoke-node."""
+    ids = sorted(set(node_ids))
+    lines = path.read_text().splitlines()
+    header = next(
+        (i for i, line in enumerate(lines) if re.match(r"^\s*\[aggregator\]\s*(#.*)?$", line)),
+        None,
+    )
+    if header is None:
+        raise ValueError(f"{path}: no [aggregator] section")
+    end = next((i for i in range(header + 1, len(lines)) if _SECTION.match(lines[i])), len(lines))
+    body: list[str] = []
+    open_array = False  # inside an old fleet key's multi-line array
+    for line in lines[header + 1 : end]:
+        if open_array:
+            open_array = "]" not in line
+            continue
+        match = _FLEET_KEY.match(line)
+        if match is None:
+            body.append(line)
+            continue
+        value = match.group(2).lstrip()
+        open_array = value.startswith("[") and "]" not in value
+    comments = next(
+        (i for i, line in enumerate(body) if not line.lstrip().startswith("#")), len(body)
+    )
+    # no nodes left: no fleet lines (nodes = 0 is not a setting the aggregator takes)
+    fleet = [f"nodes = {len(ids)}", f"node_ids = [{', '.join(_q(i) for i in ids)}]"] if ids else []
+    lines[header + 1 : end] = [*body[:comments], *fleet, *body[comments:]]
+    path.write_text("\n".join(lines) + "\n")
 
 
 def load(path: Path) -> Bundle:

@@ -157,6 +157,7 @@ def _add_accounts(layout: Layout, deployment: Deployment, usernames: list[str]) 
         _write_bundle(layout, deployment, username, password)
         entries[username] = passwords.hash_password(password)
     passwords.write_secret(files.passwords, passwords.render(entries))
+    bundle.set_fleet(layout.bundle_dir(AGGREGATOR) / bundle.CONFIG, nodes_of(layout.root))
 
 
 def init_deployment(
@@ -245,6 +246,7 @@ def revoke_node(root: Path, node: str) -> None:
         raise ValueError(f"node {node!r} has no account")
     del entries[node]
     passwords.write_secret(files.passwords, passwords.render(entries))
+    bundle.set_fleet(layout.bundle_dir(AGGREGATOR) / bundle.CONFIG, nodes_of(layout.root))
     shutil.rmtree(layout.bundle_dir(node), ignore_errors=True)
 
 

@@ -1,6 +1,7 @@
 """Start mosquitto from the project's config on a chosen port, wait until it accepts
 connections, and stop, restart or kill it by its PID."""
 
+import errno
 import os
 import pwd
 import re
@@ -15,6 +16,8 @@ from pathlib import Path
 from types import TracebackType
 
 import structlog
+
+from fedmq.lifeline import tied
 
 log = structlog.get_logger()
 
@@ -70,6 +73,18 @@ def render_config(
     return rendered if count == 1 else f"{rendered.rstrip()}\n{line}\n"
 
 
+def port_in_use(host: str, port: int) -> bool:
+    """Whether another socket holds ``host:port``, so mosquitto could not listen there.
+    Bound as mosquitto binds (SO_REUSEADDR), so a port left in TIME_WAIT counts as free."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            return error.errno == errno.EADDRINUSE
+    return False
+
+
 def mosquitto_binary() -> str:
     found = shutil.which("mosquitto") or next(
         (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if Path(p).exists()), None
@@ -87,6 +102,9 @@ class Mosquitto:
     ``restart()`` and ``kill()`` followed by ``start()`` keep it, so a restarted broker
     comes back with what it had saved. Two objects given the same ``data_dir`` and port
     act as one broker stopped and started again.
+
+    With ``die_with_parent``, mosquitto ends when the thread that called ``start()`` does
+    (``fedmq.lifeline``), even if this process is SIGKILLed.
     """
 
     def __init__(
@@ -96,8 +114,10 @@ class Mosquitto:
         config: Path = PROJECT_CONF,
         host: str = "127.0.0.1",
         data_dir: Path | None = None,
+        die_with_parent: bool = False,
     ) -> None:
         self.host = host
+        self.die_with_parent = die_with_parent
         self.port = port if port is not None else free_port(host)
         self.config = config
         self.data_dir = data_dir
@@ -135,6 +155,13 @@ class Mosquitto:
             raise RuntimeError(f"mosquitto is already running (pid {self.process.pid})")
         if not self.config.exists():
             raise RuntimeError(f"mosquitto config {self.config} does not exist")
+        # Checked first: with the port taken, the other program would accept our
+        # connection test below while mosquitto fails.
+        if port_in_use(self.host, self.port):
+            raise RuntimeError(
+                f"{self.address} is already in use (another broker running?): stop it, "
+                "or choose another --port"
+            )
         data_dir = self._data_dir()
         data_dir.mkdir(parents=True, exist_ok=True)
         conf = self._work() / "mosquitto.conf"
@@ -145,8 +172,9 @@ class Mosquitto:
             render_config(self.config.read_text(), self.port, data_dir=data_dir, user=user)
         )
         with self.log_path.open("ab") as log_file:
+            command = [mosquitto_binary(), "-c", str(conf)]
             self.process = subprocess.Popen(
-                [mosquitto_binary(), "-c", str(conf)],
+                tied(command) if self.die_with_parent else command,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -156,12 +184,25 @@ class Mosquitto:
         deadline = time.monotonic() + timeout
         while not self._accepts_connections():
             if self.process.poll() is not None or time.monotonic() > deadline:
-                output = self.log_path.read_text(errors="replace")[-2000:]
+                reason = self.failure()
                 self.stop()
-                raise RuntimeError(f"mosquitto did not start on port {self.port}: {output}")
+                raise RuntimeError(reason)
             time.sleep(0.02)
         log.info("broker.started", address=self.address, pid=self.process.pid)
         return self
+
+    def failure(self) -> str:
+        """Why mosquitto did not start or ended, in one line, from its log."""
+        output = self.log_path.read_text(errors="replace") if self._workdir else ""
+        if "Address already in use" in output:
+            return (
+                f"mosquitto cannot listen: an address in {self.config} is already in use "
+                "(another broker running?): stop it, or change the port"
+            )
+        lines = [line.strip() for line in output.splitlines() if line.strip()]
+        errors = [line.split("Error: ", 1)[1] for line in lines if "Error: " in line]
+        reason = errors[-1] if errors else lines[-1] if lines else "no output"
+        return f"mosquitto did not start on port {self.port}: {reason} (config {self.config})"
 
     def _accepts_connections(self) -> bool:
         try:

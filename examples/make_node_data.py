@@ -27,8 +27,10 @@ def save(path: Path, x: np.ndarray, y: np.ndarray) -> None:
     y = np.asarray(y)
     if x.ndim != 2 or y.ndim != 1 or len(x) != len(y) or len(y) == 0:
         sys.exit(f"{path}: x must be (n, features) and y (n,) with n > 0")
-    if not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
-        sys.exit(f"{path}: y must hold class ids >= 0")
+    if not np.issubdtype(y.dtype, np.integer):
+        sys.exit(f"{path}: y holds {y.dtype} values; it must hold integer class ids 0, 1, 2, ...")
+    if y.min() < 0:
+        sys.exit(f"{path}: y holds {y.min()}; class ids are 0, 1, 2, ... (>= 0)")
     if not np.isfinite(x).all():
         sys.exit(f"{path}: x holds NaN or Inf")
     np.savez(path, x=x, y=y.astype(np.int32))

@@ -183,6 +183,13 @@ def child_pids(pid: int) -> list[int]:
     return found
 
 
+def mosquitto_workdir(pid: int) -> Path:
+    """The temporary directory of a mosquitto started by ``Mosquitto`` (its ``-c`` file's
+    folder), for a test that kills that object's owner and so must remove it itself."""
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    return Path(argv[argv.index(b"-c") + 1].decode()).parent
+
+
 def alive(pid: int) -> bool:
     """Running (not gone, not a zombie)."""
     try:

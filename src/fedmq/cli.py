@@ -8,6 +8,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import NoReturn
 
 from fedmq import config, logs
 from fedmq.mqtt import BrokerAddress, Credentials
@@ -26,6 +27,14 @@ node, aggregator, broker and monitor also read a TOML file (--config PATH or
 $FEDMQ_CONFIG) and FEDMQ_<SECTION>_<KEY> variables: see deploy/config/.
 Topics and messages are documented in docs/PROTOCOL.md.
 """
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line (the cause, and where the options are
+    listed) instead of the whole usage text before it."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _broker(text: str) -> BrokerAddress:
@@ -216,6 +225,14 @@ def _port(text: str) -> int:
     return int(text)
 
 
+def _listen_port(text: str) -> int:
+    if not text.isdigit() or not 0 <= int(text) < 65536:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a port number (0-65535, 0 = any free port)"
+        )
+    return int(text)
+
+
 def _add_broker_admin(broker: argparse.ArgumentParser) -> None:
     """``fedmq broker init|add-node|revoke-node``: credentials for a deployment
     (docs/security.md); ``fedmq broker`` alone runs mosquitto."""
@@ -290,11 +307,17 @@ def _broker_admin(args: argparse.Namespace) -> int:
     else:
         credentials.revoke_node(args.dir, args.node_id)
         print(f"node {args.node_id!r} revoked; {credentials.reload_hint(args.dir)}")
+    if args.broker_command != "init":
+        fleet = credentials.nodes_of(args.dir)
+        print(
+            f"{args.dir / 'aggregator' / 'fedmq.toml'} now expects {len(fleet)} nodes: copy it "
+            "to the aggregator and restart it"
+        )
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="fedmq", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -306,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
         "listener), wait until it accepts connections, stop it on Ctrl-C.",
     )
     p.add_argument(
-        "--port", type=int, default=1883, help="listener port (default 1883, 0 = any free)"
+        "--port", type=_listen_port, default=1883, help="listener port (default 1883, 0 = any free)"
     )
     p.add_argument(
         "--mosquitto-conf",
@@ -599,6 +622,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _with_credentials(args)
         return dispatch(args, stop)
+    except BrokenPipeError:
+        # The reader went away (`fedmq report r.json | head`): stop quietly, with the status
+        # a shell shows for a tool ended by SIGPIPE. Python's last flush goes nowhere.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except (ValueError, RuntimeError, OSError) as error:
         print(f"fedmq {args.command}: error: {error}", file=sys.stderr)
         return 2
@@ -611,14 +639,17 @@ def dispatch(args: argparse.Namespace, stop: threading.Event) -> int:
         from fedmq.broker.process import PROJECT_CONF, Mosquitto
 
         conf = args.mosquitto_conf or PROJECT_CONF
-        with Mosquitto(port=args.port or None, config=conf) as broker:
+        with Mosquitto(port=args.port or None, config=conf, die_with_parent=True) as broker:
             print(
                 f"mosquitto listening on {broker.address} (pid {broker.pid}); Ctrl-C stops it",
                 flush=True,
             )
             while not stop.wait(0.5):
                 if broker.process is None or broker.process.poll() is not None:
-                    print("fedmq broker: error: mosquitto exited", file=sys.stderr)
+                    print(
+                        f"fedmq broker: error: mosquitto exited: {broker.failure()}",
+                        file=sys.stderr,
+                    )
                     return 1
         return 0
     if args.command == "aggregator":

@@ -12,6 +12,8 @@ import numpy as np
 
 DIGITS_TRAIN = 1500
 DIGITS_TEST = 297
+DIGITS_FEATURES = 64  # 8 x 8 pixels
+DIGITS_CLASSES = 10
 
 
 @dataclass(frozen=True)
@@ -84,17 +86,62 @@ def partition(labels: np.ndarray, nodes: int, spec: str, seed: int) -> list[np.n
     return [np.sort(np.asarray(s, dtype=np.int64)) for s in shards]
 
 
+SAVE_HINT = "save it with numpy.savez(PATH, x=x, y=y)"
+
+
+class _NotXAndY(Exception):
+    """A readable file without arrays x and y; the message says what it holds."""
+
+
+def _read_x_and_y(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    with path.open("rb") as file:
+        magic = file.read(6)
+    # .npz is a zip archive, .npy starts with numpy's magic; anything else (CSV, pickle...)
+    # would get numpy's message, which suggests loading it unsafely
+    if not magic.startswith((b"PK\x03\x04", b"PK\x05\x06", b"\x93NUMPY")):
+        raise _NotXAndY(f"not an .npz file (nor .npy): {SAVE_HINT}")
+    loaded = np.load(path, allow_pickle=False)
+    if not isinstance(loaded, np.lib.npyio.NpzFile):  # an .npy: one array
+        raise _NotXAndY(f"one array (an .npy file), not an .npz holding x and y: {SAVE_HINT}")
+    with loaded as archive:
+        missing = [name for name in ("x", "y") if name not in archive.files]
+        if missing:
+            has = ", ".join(archive.files) or "nothing"
+            raise _NotXAndY(
+                f"cannot read x and y from it: no array {' or '.join(missing)} (it holds {has});"
+                f" {SAVE_HINT}"
+            )
+        return archive["x"], archive["y"]
+
+
 def load_npz(path: Path) -> Dataset:
-    """A node's own data: an .npz with ``x`` (n, features) numbers and ``y`` (n,) class ids."""
+    """A node's own data: an .npz with ``x`` (n, features) numbers and ``y`` (n,) class ids.
+    ValueError, one line naming the file, what is wrong and how to fix it."""
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            x, y = archive["x"], archive["y"]
-    except (OSError, KeyError, ValueError) as error:
+        x, y = _read_x_and_y(path)
+    except OSError as error:
+        reason = error.strerror or error
+        raise ValueError(f"{path}: cannot read x and y from it ({reason})") from None
+    except (KeyError, ValueError, EOFError) as error:  # not an .npy/.npz, or pickled objects
         raise ValueError(f"{path}: cannot read x and y from it ({error})") from None
+    except _NotXAndY as error:
+        raise ValueError(f"{path}: {error}") from None
     if x.ndim != 2 or y.ndim != 1 or len(x) != len(y) or len(y) == 0:
         raise ValueError(f"{path}: x must be (n, features) and y (n,) with n > 0")
-    if not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
-        raise ValueError(f"{path}: y must hold class ids >= 0")
+    if np.iscomplexobj(x) or not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
+        raise ValueError(f"{path}: x holds {x.dtype} values, not real numbers")
+    if y.dtype.kind in "USO":
+        raise ValueError(
+            f"{path}: y holds strings; it must hold class ids 0, 1, 2, ...: map each label to"
+            " its id, e.g. names, y = numpy.unique(y, return_inverse=True)"
+        )
+    if not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(
+            f"{path}: y holds {y.dtype} values; it must hold integer class ids 0, 1, 2, ...:"
+            " store y.astype(int) if they are whole numbers"
+        )
+    if y.min() < 0:
+        raise ValueError(f"{path}: y holds {y.min()}; class ids are 0, 1, 2, ... (>= 0)")
     x = x.astype(np.float32)
     if not np.isfinite(x).all():
         raise ValueError(f"{path}: x holds NaN or Inf")

@@ -3,11 +3,15 @@
 Its own mosquitto (or ``--broker``), one aggregator process and N node processes, each its
 own MQTT client as on separate devices, all on loopback. The demo watches the public
 metrics topic like any monitoring script, shows progress, and writes report.json. Every
-child runs in its own session and is ended by PID on exit, Ctrl-C or the demo's failure.
+child runs in its own session and is ended by PID on exit, Ctrl-C or the demo's failure;
+if the demo itself is killed (SIGKILL, nothing to catch), the kernel ends them
+(``fedmq.lifeline``: every child is started from the main thread for that).
 
 Children are supervised like systemd's ``Restart=on-failure`` on a device: one that dies
 before the run is over is started again with the same arguments after a short back-off,
-up to ``RestartPolicy.max_restarts`` times per child; past that the demo fails.
+up to ``RestartPolicy.max_restarts`` times per child; past that the demo fails. A child
+that exits 2, fedmq's exit status for a configuration error, is not restarted (it would
+fail again): the demo stops at once with that child's one-line error.
 """
 
 import queue
@@ -27,7 +31,17 @@ import structlog
 
 from fedmq import mqtt as edge
 from fedmq.broker.process import Mosquitto
-from fedmq.datasets import Dataset, digits, partition
+from fedmq.datasets import (
+    DIGITS_CLASSES,
+    DIGITS_FEATURES,
+    DIGITS_TRAIN,
+    Dataset,
+    digits,
+    partition,
+)
+from fedmq.files import output_problem
+from fedmq.lifeline import tied
+from fedmq.models import get_model
 from fedmq.report import build_report, write_report
 from fedmq.schemas import RoundMetrics, SchemaError, Topics, decode_metrics
 
@@ -51,8 +65,43 @@ class DemoConfig:
     max_restarts: int = 3
 
 
+def config_problem(config: DemoConfig) -> str | None:
+    """What makes ``config`` unworkable, with the fix, or None: found before anything starts
+    rather than by every child failing, or by a report that cannot be written at the end."""
+    model = get_model(config.model)
+    features, classes = model.sizes[0], model.sizes[-1]
+    if (features, classes) != (DIGITS_FEATURES, DIGITS_CLASSES):
+        return (
+            f"model {config.model} takes {features} features and {classes} classes; the demo's "
+            f"digits data has {DIGITS_FEATURES} features and {DIGITS_CLASSES} classes: use "
+            f"--model digits-mlp, or mlp:{DIGITS_FEATURES}-...-{DIGITS_CLASSES} "
+            f"(e.g. mlp:{DIGITS_FEATURES}-32-{DIGITS_CLASSES})"
+        )
+    if config.nodes > DIGITS_TRAIN:
+        return (
+            f"--nodes {config.nodes}: the digits data has {DIGITS_TRAIN} training samples to "
+            f"split: use at most {DIGITS_TRAIN}"
+        )
+    if config.report is not None:
+        problem = output_problem(config.report)
+        if problem is not None:
+            return f"--report {config.report}: {problem}"
+    return None
+
+
 class ChildFailed(RuntimeError):
-    pass
+    """The demo cannot go on; ``exit_status`` is what ``fedmq demo`` exits with."""
+
+    exit_status = 1
+
+
+class ChildMisconfigured(ChildFailed):
+    """A child exited with CONFIGURATION_ERROR: the run's settings cannot work."""
+
+    exit_status = 2
+
+
+CONFIGURATION_ERROR = 2  # what `fedmq <command>` exits with for a bad setting (cli.main)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -129,7 +178,7 @@ class Children:
     def _popen(self, name: str, args: list[str], mode: str) -> subprocess.Popen[bytes]:
         with self.log_path(name).open(mode) as log_file:
             return subprocess.Popen(
-                [sys.executable, "-m", "fedmq", *args],
+                tied([sys.executable, "-m", "fedmq", *args]),
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -145,6 +194,18 @@ class Children:
 
     def _tail(self, name: str) -> str:
         return self.log_path(name).read_text(errors="replace")[-1500:]
+
+    def _error_line(self, name: str) -> str | None:
+        """The one-line error (``fedmq node: error: ...``) the child's current process
+        printed last, if any."""
+        text = self.log_path(name).read_text(errors="replace")
+        last_life = text.rpartition("--- fedmq demo: restart ")[2]
+        errors = [
+            line.strip()
+            for line in last_life.splitlines()
+            if line.startswith("fedmq ") and ": error: " in line
+        ]
+        return errors[-1] if errors else None
 
     def supervise(self, now: float, *, run_done: bool) -> list[str]:
         """Restart children that died before their job was done; return what was done, one
@@ -176,6 +237,15 @@ class Children:
             if verdict != "failed":
                 continue
             what = f"{name} (pid {child.proc.pid}) {describe_exit(code)}"
+            if code == CONFIGURATION_ERROR:
+                line = self._error_line(name)
+                if line is not None:
+                    raise ChildMisconfigured(
+                        f"{what}, a configuration error (not restarted): {line}"
+                    )
+                raise ChildMisconfigured(
+                    f"{what}, a configuration error (not restarted):\n{self._tail(name)}"
+                )
             if code == 0:
                 what += " before the run was over"
             if run_done:
@@ -263,10 +333,19 @@ class Progress:
 
 
 def run(config: DemoConfig, stop: threading.Event, out: TextIO = sys.stdout) -> int:
+    problem = config_problem(config)
+    if problem is not None:
+        raise ValueError(problem)
     workdir = config.workdir or Path(tempfile.mkdtemp(prefix="fedmq-demo-"))
-    (workdir / "data").mkdir(parents=True, exist_ok=True)
-    (workdir / "logs").mkdir(exist_ok=True)
-    broker = None if config.broker else Mosquitto()
+    try:
+        (workdir / "data").mkdir(parents=True, exist_ok=True)
+        (workdir / "logs").mkdir(exist_ok=True)
+    except OSError as error:
+        raise ValueError(
+            f"--workdir {workdir}: cannot use it ({error.strerror or error}): choose a "
+            "directory you can write"
+        ) from None
+    broker = None if config.broker else Mosquitto(die_with_parent=True)
     children = Children(workdir / "logs", RestartPolicy(max_restarts=config.max_restarts))
     client = None
     started = time.monotonic()
@@ -286,6 +365,11 @@ def run(config: DemoConfig, stop: threading.Event, out: TextIO = sys.stdout) -> 
         )
         edge.start(client, address)
         if not ready.wait(10):
+            if config.broker is not None:  # the user's broker: a configuration error
+                raise ValueError(
+                    f"no MQTT broker answered at {address} within 10 s: check --broker, or "
+                    "leave it out and the demo starts its own"
+                )
             raise ChildFailed(f"could not subscribe at the broker {address}")
         out.write(
             f"fedmq demo: {config.nodes} nodes, {config.rounds} rounds, model {config.model}, "
@@ -387,7 +471,7 @@ def run(config: DemoConfig, stop: threading.Event, out: TextIO = sys.stdout) -> 
         return 0
     except ChildFailed as error:
         out.write(f"\nfedmq demo failed: {error}\n")
-        return 1
+        return error.exit_status
     finally:
         children.stop_all()
         if client is not None:

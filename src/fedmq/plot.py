@@ -21,6 +21,8 @@ from xml.sax.saxutils import escape
 
 import numpy as np
 
+from fedmq.files import write_output
+
 WIDTH, HEIGHT = 960, 840
 BLUE, RED, ORANGE, GREEN, PURPLE = "#1f77b4", "#d62728", "#ff7f0e", "#2ca02c", "#9467bd"
 INK, GRID, FRAME, MUTED = "#222222", "#e6e6e6", "#b0b0b0", "#666666"
@@ -506,9 +508,4 @@ def save_plot(report: dict[str, Any], path: Path) -> None:
     if not figure.panels:
         raise ValueError("the report has no rounds to plot")
     ops = layout(figure)
-    tmp = path.with_name(path.name + ".tmp")
-    if path.suffix.lower() == ".svg":
-        tmp.write_text(to_svg(ops))
-    else:
-        tmp.write_bytes(to_png(ops))
-    tmp.replace(path)
+    write_output(path, to_svg(ops).encode() if path.suffix.lower() == ".svg" else to_png(ops))

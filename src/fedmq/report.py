@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from fedmq.files import write_output
 from fedmq.schemas import RoundMetrics
 
 
@@ -43,10 +44,8 @@ def build_report(rounds: list[RoundMetrics], **run: Any) -> dict[str, Any]:
 
 
 def write_report(path: Path, report: dict[str, Any]) -> None:
-    """Write atomically, so a reader never sees half a report."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(path)
+    """Write atomically, so a reader never sees half a report; ValueError naming ``path``."""
+    write_output(path, (json.dumps(report, indent=2) + "\n").encode())
 
 
 def summary_lines(report: dict[str, Any]) -> list[str]:

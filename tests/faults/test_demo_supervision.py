@@ -6,6 +6,8 @@ from /proc by their parent PID and named by the ``--node-id`` on their command l
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import alive, child_pids
+from ..conftest import alive, child_pids, mosquitto_workdir, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(90)]
 
@@ -113,20 +115,69 @@ def test_a_killed_node_is_restarted_and_the_run_completes(start_demo, tmp_path):
     assert not alive(restarted)
 
 
-def test_a_node_that_keeps_failing_makes_the_demo_give_up_after_the_cap(start_demo, tmp_path):
-    # node-03's state dir cannot be created: it fails at start, every time
-    (tmp_path / "work").mkdir()
-    (tmp_path / "work" / "node-03").write_text("not a directory")
-    demo = start_demo("--nodes", "4", "--rounds", "5", "--max-restarts", "2")
-    code, out = _finish(demo, [])
+def test_a_node_that_keeps_dying_makes_the_demo_give_up_after_the_cap(start_demo, tmp_path):
+    demo = start_demo("--nodes", "4", "--rounds", "100000", "--max-restarts", "2")
+    seen: list[str] = []
+    _read_until(demo, "round   2/", seen)
+    victim = _node_pid(demo.pid, "node-03")
+    assert victim is not None, child_pids(demo.pid)
+    log = tmp_path / "work" / "logs" / "node-03.log"
+    for restart in (1, 2):
+        os.kill(victim, signal.SIGKILL)
+        _read_until(demo, "node-03 restarted", seen)
+        victim = _new_node_pid(demo.pid, "node-03", victim, seen)
+        assert f"({restart} of 2)" in seen[-2]
+        wait_until(
+            lambda n=restart + 1: log.read_text().count('"node.started"') == n,
+            timeout=30,
+            what=f"node-03's start number {restart + 1}",
+        )
+    os.kill(victim, signal.SIGKILL)
+    code, out = _finish(demo, seen)
     assert code == 1, out
-    assert "fedmq demo failed: node-03 (pid" in out
+    assert f"fedmq demo failed: node-03 (pid {victim}) exited with -9 (SIGKILL)" in out
     assert "giving up after 2 restarts (--max-restarts 2)" in out
-    assert "Not a directory" in out  # the child's log tail, as without restarts
+    assert '"node.started"' in out  # the child's log tail, as without restarts
     assert out.count("node-03 restarted") == 2
-    log = (tmp_path / "work" / "logs" / "node-03.log").read_text()
-    assert log.count("Not a directory") == 3  # every attempt's output kept
+    assert log.read_text().count('"node.started"') == 3  # every attempt's output kept
     assert not (tmp_path / "report.json").exists()
+
+
+def test_a_child_with_a_configuration_error_fails_the_demo_at_once(start_demo, tmp_path):
+    """Exit 2 is fedmq's "configuration error": starting the child again cannot help, so
+    the demo stops with the child's one-line error; it was restarted 3 times (issue 11)."""
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "node-03").write_text("not a directory")  # its --state-dir
+    demo = start_demo("--nodes", "4", "--rounds", "5")
+    code, out = _finish(demo, [])
+    assert code == 2, out
+    assert "restarting in" not in out and "restarted (pid" not in out
+    [failed] = [line for line in out.splitlines() if line.startswith("fedmq demo failed:")]
+    assert re.fullmatch(
+        r"fedmq demo failed: node-03 \(pid \d+\) exited with 2, a configuration error "
+        r"\(not restarted\): fedmq node: error: .*Not a directory.*",
+        failed,
+    ), failed
+    assert not (tmp_path / "report.json").exists()
+
+
+def test_a_demo_killed_with_sigkill_takes_its_children_with_it(start_demo):
+    """SIGKILL gives the demo no chance to stop anything: its children end through the
+    kernel's parent-death signal (fedmq.lifeline). mosquitto was left running (issue 11)."""
+    demo = start_demo("--nodes", "3", "--rounds", "100000")
+    _read_until(demo, "round   2/", [])
+    children = child_pids(demo.pid)
+    assert len(children) == 5, children  # mosquitto, aggregator, 3 nodes
+    names = {pid: Path(f"/proc/{pid}/comm").read_text().strip() for pid in children}
+    [broker] = [pid for pid, name in names.items() if name == "mosquitto"]
+    leftover = mosquitto_workdir(broker)  # the killed demo cannot remove it
+    os.kill(demo.pid, signal.SIGKILL)
+    demo.wait(timeout=10)
+    deadline = time.monotonic() + 10
+    while (left := [pid for pid in children if alive(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    shutil.rmtree(leftover, ignore_errors=True)
+    assert left == [], {pid: names[pid] for pid in left}
 
 
 def test_ctrl_c_after_a_restart_stops_every_child(start_demo):

@@ -145,3 +145,17 @@ def test_queues_hold_the_worst_round_of_1000_nodes():
     assert "max_inflight_bytes" not in PROJECT  # else the byte limit excludes in-flight bytes
     # the count limit never binds first for the default model, even for 10,000 nodes
     assert 10_000 * copies <= int(one("max_queued_messages"))
+
+
+@pytest.mark.parametrize("port", ["99999", "-5", "1.5"])
+def test_a_port_out_of_range_is_a_usage_error(port: str, capsys) -> None:  # type: ignore[no-untyped-def]
+    from fedmq.cli import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main(["broker", "--port", port])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"fedmq broker: error: argument --port: {port!r} is not a port number (0-65535, "
+        "0 = any free port) (see fedmq broker --help)\n"
+    )

@@ -212,7 +212,10 @@ FILE_ERRORS = [
         '[node]\ndemo_shard = "3/2"\n',
         "node.demo_shard: '3/2' is not INDEX/COUNT with 1 <= INDEX <= COUNT",
     ),
-    ('[broker]\nport = "x"\n', "broker.port: 'x' is not an integer"),
+    (
+        '[broker]\nport = "x"\n',
+        "broker.port: 'x' is not a port number (0-65535, 0 = any free port)",
+    ),
     (
         '[nod]\nnode_id = "x"\n',
         "unknown section [nod] (known: [connection], [node], [aggregator], [broker], [monitor])",

@@ -1,6 +1,7 @@
 """Password hashes, ACL rules, the generated broker config and bundles, without a broker
 (tests/integration/test_security.py starts one with these files)."""
 
+import argparse
 import shutil
 import stat
 import subprocess
@@ -10,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fedmq import cli, config
 from fedmq.broker import acl, bundle, credentials, passwords
 from fedmq.broker.process import PROJECT_CONF, render_config
 from fedmq.broker.production import MARKER
@@ -257,3 +259,51 @@ def test_the_brokers_packet_limit_is_derived_from_the_model(deployment: Path, tm
     assert large.count("\nmax_packet_size ") == 1
     # the aggregator's own decoding bound is inside the broker's
     assert update_bound(get_model("digits-mlp-large").num_params) < bound
+
+
+# ---- the aggregator bundle knows the fleet -------------------------------------------------
+
+
+def _aggregator_settings(root: Path) -> argparse.Namespace:
+    """What `fedmq aggregator --config DIR/aggregator/fedmq.toml` runs with."""
+    path = credentials.Layout(root).bundle_dir("aggregator") / bundle.CONFIG
+    return config.parse_args(cli.build_parser(), ["aggregator", "--config", str(path)], {})
+
+
+def test_the_aggregator_bundle_sets_the_fleet(deployment: Path):
+    """It set neither, so the aggregator waited for 10 nodes from any id (issue 11)."""
+    settings = _aggregator_settings(deployment)
+    assert settings.node_ids == ("pi-01", "pi-02")
+    assert settings.nodes == 2
+
+
+def test_adding_and_revoking_nodes_updates_the_aggregator_bundle(deployment: Path, tmp_path):
+    root = tmp_path / "copy"
+    shutil.copytree(deployment, root)
+    toml = credentials.Layout(root).bundle_dir("aggregator") / bundle.CONFIG
+    toml.write_text(toml.read_text() + "rounds = 50  # the operator's own line\n")
+    credentials.add_node(root, "pi-03")
+    settings = _aggregator_settings(root)
+    assert (settings.node_ids, settings.nodes, settings.rounds) == (
+        ("pi-01", "pi-02", "pi-03"),
+        3,
+        50,
+    )
+    credentials.revoke_node(root, "pi-01")
+    settings = _aggregator_settings(root)
+    assert (settings.node_ids, settings.nodes, settings.rounds) == (("pi-02", "pi-03"), 2, 50)
+    assert toml.read_text().count("node_ids =") == 1
+
+
+def test_setting_the_fleet_keeps_the_rest_of_the_file(tmp_path: Path):
+    path = tmp_path / bundle.CONFIG
+    path.write_text(
+        '[connection]\nbroker = "h:8883"\n\n[aggregator]\nnodes = 9\nmodel = "mlp:8-16-3"\n'
+        'node_ids = ["old"]\n\n[monitor]\n'
+    )
+    bundle.set_fleet(path, ["b", "a"])
+    text = path.read_text()
+    assert 'model = "mlp:8-16-3"' in text and "[monitor]" in text
+    assert "nodes = 9" not in text and '"old"' not in text
+    assert 'nodes = 2\nnode_ids = ["a", "b"]\n' in text
+    assert text.index("[aggregator]") < text.index("node_ids") < text.index("[monitor]")

@@ -288,3 +288,44 @@ def test_load_npz_rejects_labels_that_are_not_class_ids(tmp_path: Path, y: np.nd
     np.savez(path, x=np.zeros((4, 3)), y=y)
     with pytest.raises(ValueError, match="class ids"):
         load_npz(path)
+
+
+def test_load_npz_names_an_npy_file_for_what_it_is(tmp_path: Path) -> None:
+    """A single .npy array got a TypeError traceback (issue 11)."""
+    path = tmp_path / "x.npy"
+    np.save(path, np.zeros((4, 3)))
+    with pytest.raises(
+        ValueError, match=r"x\.npy: one array \(an \.npy file\), not an \.npz.*savez"
+    ):
+        load_npz(path)
+
+
+@pytest.mark.parametrize(("arrays", "missing"), [({"x": np.zeros((3, 2))}, "y"), ({}, "x or y")])
+def test_load_npz_says_which_array_is_missing(tmp_path: Path, arrays: dict, missing: str) -> None:
+    path = tmp_path / "partial.npz"
+    np.savez(path, features=np.zeros(3), **arrays)
+    with pytest.raises(ValueError, match=rf"no array {missing} \(it holds .*features.*savez"):
+        load_npz(path)
+
+
+@pytest.mark.parametrize(
+    ("y", "says"),
+    [
+        (np.array([0.0, 1.0, 2.0, 1.0]), r"y holds float64 values; .*integer class ids.*astype"),
+        (np.array(["cat", "dog", "cat", "cat"]), r"y holds strings; .*numpy\.unique"),
+        (np.array([0, 1, -1, 2]), r"y holds -1; class ids are 0, 1, 2"),
+    ],
+)
+def test_load_npz_says_what_is_wrong_with_the_labels(tmp_path: Path, y: np.ndarray, says: str):
+    """Float and string labels were told "y must hold class ids >= 0" (issue 11)."""
+    path = tmp_path / "labels.npz"
+    np.savez(path, x=np.zeros((4, 3)), y=y)
+    with pytest.raises(ValueError, match=says):
+        load_npz(path)
+
+
+def test_load_npz_rejects_features_that_are_not_numbers(tmp_path: Path) -> None:
+    path = tmp_path / "text.npz"
+    np.savez(path, x=np.array([["a"], ["b"]]), y=np.array([0, 1]))
+    with pytest.raises(ValueError, match=r"text\.npz: x holds <U1 values, not real numbers"):
+        load_npz(path)

@@ -1,7 +1,11 @@
 """``fedmq report --plot``: charts written with numpy and zlib only, as valid PNG and SVG."""
 
 import json
+import os
+import signal
 import struct
+import subprocess
+import sys
 import xml.etree.ElementTree as ET
 import zlib
 from pathlib import Path
@@ -141,3 +145,36 @@ def test_report_command(tmp_path, capsys):
 def test_plotting_needs_no_plotting_library():
     source = (Path(__file__).parents[2] / "src" / "fedmq" / "plot.py").read_text()
     assert "matplotlib" not in source.split('"""', 2)[2]  # only named in the docstring
+
+
+@pytest.mark.parametrize("name", ["chart.png", "chart.svg"])
+def test_a_chart_in_a_missing_directory_names_the_users_path(tmp_path, capsys, name):
+    """It named the internal '<path>.tmp' (issue 11)."""
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps(make_report()))
+    target = tmp_path / "nonexistent" / name
+    assert main(["report", str(report), "--plot", str(target)]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"fedmq report: error: cannot write {target}: directory {target.parent} does not "
+        "exist (create it or choose another path)\n"
+    )
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_report_into_a_closed_pipe_stops_quietly(tmp_path):
+    """`fedmq report r.json | head` ended with a BrokenPipe error (issue 11). The reader is
+    gone before the first write, which makes the broken pipe certain, not timed."""
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps(make_report()))
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "fedmq", "report", str(report)],
+            stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60,
+        )  # fmt: skip
+    finally:
+        os.close(write_end)
+    assert done.stderr == ""
+    assert done.returncode == 128 + signal.SIGPIPE  # what a shell shows for `yes | head`
