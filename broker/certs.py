@@ -61,6 +61,7 @@ def make_ca(cert: Path, key: Path, *, name: str) -> None:
         "-addext", "keyUsage=critical,keyCertSign,cRLSign",
         "-addext", "subjectKeyIdentifier=hash",
     )  # fmt: skip
+    cert.chmod(0o644)  # openssl creates it under the umask
 
 
 def make_leaf(
@@ -100,3 +101,4 @@ def make_leaf(
             "-set_serial", f"0x{secrets.token_hex(16)}",
             "-extfile", str(config), "-extensions", "leaf", "-out", str(cert),
         )  # fmt: skip
+    cert.chmod(0o644)  # openssl creates it under the umask

@@ -11,7 +11,9 @@ Layout of a deployment directory DIR (docs/security.md explains each file):
     DIR/nodes/<id>/              one bundle per node (broker.bundle), to copy to the device
     DIR/aggregator/, DIR/monitor/  the role accounts' bundles
 
-Secrets (keys, passwords, password file) are mode 0600 and their directories 0700.
+Secrets (keys, passwords, password file) are mode 0600 and their directories 0700;
+every other file is 0644 and DIR itself 0755. Each mode is set explicitly, whatever the
+umask.
 """
 
 import json
@@ -29,6 +31,12 @@ from fedmq.schemas.messages import packet_bound
 from fedmq.schemas.topics import validate_name
 
 STATE = "deployment.toml"
+
+
+def _write_public(path: Path, text: str) -> None:
+    """A file that holds no secret: mode 0644 whatever the umask."""
+    path.write_text(text)
+    path.chmod(0o644)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -99,7 +107,7 @@ def _save_state(layout: Layout, deployment: Deployment) -> None:
             f"mtls = {str(deployment.mtls).lower()}",
         ]
     )
-    layout.state.write_text(text + "\n")
+    _write_public(layout.state, text + "\n")
 
 
 def load_deployment(root: Path) -> Deployment:
@@ -126,6 +134,7 @@ def _write_bundle(layout: Layout, deployment: Deployment, username: str, passwor
     target.chmod(0o700)
     passwords.write_secret(target / bundle.PASSWORD, password + "\n")
     shutil.copyfile(layout.ca_cert, target / bundle.CA)
+    (target / bundle.CA).chmod(0o644)
     cert = key = None
     if deployment.mtls:
         cert, key = target / bundle.CERT, target / bundle.KEY
@@ -145,7 +154,7 @@ def _write_bundle(layout: Layout, deployment: Deployment, username: str, passwor
         cert_file=cert,
         key_file=key,
     )
-    (target / bundle.CONFIG).write_text(bundle.render(settings))
+    _write_public(target / bundle.CONFIG, bundle.render(settings))
     return target
 
 
@@ -198,8 +207,10 @@ def init_deployment(
         max_packet_size=packet_bound(get_model(model).num_params),
     )
     layout.root.mkdir(parents=True, exist_ok=True)
+    layout.root.chmod(0o755)
     for private in (layout.ca_key.parent, files.server_key.parent, layout.root / "nodes"):
         private.mkdir(mode=0o700, exist_ok=True)
+        private.chmod(0o700)  # mkdir's mode is masked by the umask, and an old one stays
     certs.make_ca(layout.ca_cert, layout.ca_key, name=f"fedmq {federation} CA")
     certs.make_leaf(
         files.server_cert,
@@ -209,9 +220,9 @@ def init_deployment(
         common_name=hostnames[0],
         server_names=hostnames,
     )
-    files.acl.write_text(render_acl(federation))
+    _write_public(files.acl, render_acl(federation))
     _add_accounts(layout, deployment, [AGGREGATOR, MONITOR, *sorted(set(nodes))])
-    layout.config.write_text(config)
+    _write_public(layout.config, config)
     _save_state(layout, deployment)
     return deployment
 

@@ -57,6 +57,9 @@ class FleetView:
     round_opened_at: float | None = None  # of the server's open round, if we saw it open
     by_round: dict[int, RoundMetrics] = field(default_factory=dict)
     invalid: Counter[str] = field(default_factory=Counter)
+    # node id of the topic -> the other node id its last status payload named: the topic
+    # wins (the broker's ACL ties a node's account to its own topic, not to the payload)
+    mismatched: dict[str, str] = field(default_factory=dict)
 
     @property
     def rounds(self) -> list[RoundMetrics]:
@@ -75,10 +78,12 @@ class FleetView:
             if node_id is not None:  # a cleared retained status: the node is gone
                 self.nodes.pop(node_id, None)
                 self.seen.pop(node_id, None)
+                self.mismatched.pop(node_id, None)
             return None
         if topic != self.topics.metrics and topic != self.topics.server and node_id is None:
             return None  # not one of ours (e.g. the edge's connected marker)
         repeat = None
+        claimed = None
         try:
             message: NodeStatus | ServerStatus | RoundMetrics
             if topic == self.topics.metrics:
@@ -90,8 +95,15 @@ class FleetView:
                 self._server(message)
             else:
                 message = decode_status(payload)
-                self.nodes[message.node_id] = message
-                self.seen[message.node_id] = (
+                assert node_id is not None  # not metrics nor server: a status topic
+                if message.node_id != node_id:
+                    claimed = message.node_id
+                    message = dataclasses.replace(message, node_id=node_id)
+                    self.mismatched[node_id] = claimed
+                else:
+                    self.mismatched.pop(node_id, None)
+                self.nodes[node_id] = message
+                self.seen[node_id] = (
                     message.at if message.at is not None else None if retained else now
                 )
         except SchemaError as error:
@@ -107,6 +119,8 @@ class FleetView:
         result = {"topic": topic, "type": _KIND[type(message)], **row, **extra}
         if repeat is not None:
             result["repeat"] = repeat
+        if claimed is not None:
+            result["payload_node_id"] = claimed
         return result
 
     def _server(self, status: ServerStatus) -> None:
@@ -190,6 +204,14 @@ def bar(done: int, total: int, width: int) -> str:
     return "█" * filled + "░" * (width - filled)
 
 
+def server_text(status: ServerStatus) -> str:
+    """``server waiting round 7``; ``server done after round 15`` for a done status,
+    whose ``round`` is that of the final global, one past the last round run."""
+    if status.state == "done":
+        return f"server done after round {status.round - 1}"
+    return f"server {status.state} round {status.round}"
+
+
 def header_lines(view: FleetView, now: float) -> list[str]:
     lines = [f"fedmq monitor  federation {view.topics.federation}"]
     s = view.server
@@ -197,7 +219,7 @@ def header_lines(view: FleetView, now: float) -> list[str]:
         lines.append("server: not heard from yet (no retained server status)")
         return lines
     when = f"  ({age(now - s.at)} ago)" if s.at is not None else ""
-    lines.append(f"server {s.state}  round {s.round}{when}")
+    lines.append(f"{server_text(s)}{when}")
     if s.state == "waiting":
         progress = f"reported {s.reported}/{s.expected_nodes} (min {s.min_nodes})"
         progress += "  " + bar(s.reported, s.expected_nodes, 20)
@@ -284,6 +306,11 @@ def metrics_lines(view: FleetView, *, width: int, table_rows: int) -> list[str]:
         lines.append(
             "unreadable messages: "
             + ", ".join(f"{reason} {n}" for reason, n in view.invalid.most_common())
+        )
+    if view.mismatched:
+        lines.append(
+            "STATUS NAMES ANOTHER NODE (shown under its topic's): "
+            + ", ".join(f"{n} says it is {view.mismatched[n]}" for n in sorted(view.mismatched))
         )
     return [fit(line, width) for line in lines]
 
@@ -448,10 +475,14 @@ def _plain(
     elif row["type"] == "server" and view.server is not None:
         s = view.server
         if (s.state, s.round) != last_server:
-            out.write(
-                f"server {s.state} round {s.round} expects {s.expected_nodes} (min {s.min_nodes})\n"
-            )
+            if s.state == "done":
+                out.write(f"{server_text(s)}\n")
+            else:
+                out.write(f"{server_text(s)} expects {s.expected_nodes} (min {s.min_nodes})\n")
             out.flush()
+    elif row["type"] == "status" and "payload_node_id" in row:
+        out.write(f"status on {row['topic']} names node {row['payload_node_id']}\n")
+        out.flush()
     elif row["type"] == "invalid":
         out.write(f"unreadable message on {row['topic']}: {row['reason']}\n")
         out.flush()

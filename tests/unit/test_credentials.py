@@ -2,6 +2,7 @@
 (tests/integration/test_security.py starts one with these files)."""
 
 import argparse
+import os
 import shutil
 import stat
 import subprocess
@@ -307,3 +308,43 @@ def test_setting_the_fleet_keeps_the_rest_of_the_file(tmp_path: Path):
     assert "nodes = 9" not in text and '"old"' not in text
     assert 'nodes = 2\nnode_ids = ["a", "b"]\n' in text
     assert text.index("[aggregator]") < text.index("node_ids") < text.index("[monitor]")
+
+
+def _modes(root: Path) -> dict[str, int]:
+    return {
+        str(path.relative_to(root)): stat.S_IMODE(path.lstat().st_mode)
+        for path in [root, *sorted(root.rglob("*"))]
+    }
+
+
+def _intended(relative: str, is_dir: bool) -> int:
+    """Secrets 0600 in 0700 directories; everything else 0644, the top directory 0755."""
+    if is_dir:
+        return 0o755 if relative == "." else 0o700
+    name = Path(relative).name
+    return (
+        0o600 if name in ("ca.key", "server.key", "passwords", "password", "client.key") else 0o644
+    )
+
+
+def test_init_sets_every_mode_whatever_the_umask(tmp_path: Path):
+    # issue 11: under umask 000, init wrote its directory 0777 and mosquitto.conf 0666
+    root = tmp_path / "fedmq"
+    previous = os.umask(0)
+    try:
+        credentials.init_deployment(
+            root, nodes=["pi-01"], federation="farm", hostnames=["broker.lan"], mtls=True
+        )
+        credentials.add_node(root, "pi-02")
+    finally:
+        os.umask(previous)
+    modes = _modes(root)
+    assert {"mosquitto.conf", "deployment.toml", "ca/ca.key", "nodes/pi-02/client.key"} <= set(
+        modes
+    )
+    wrong = {
+        relative: f"{mode:o}"
+        for relative, mode in modes.items()
+        if mode != _intended(relative, (root / relative).is_dir())
+    }
+    assert wrong == {}

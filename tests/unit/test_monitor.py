@@ -213,4 +213,59 @@ def test_run_only_subscribes_uses_the_given_broker_and_redraws_in_place(monkeypa
     frames = [f for f in screen.split("\x1b[H") if f.strip()]
     last = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", frames[-1]).splitlines()
     assert len(last) <= 29 and all(len(line) <= 99 for line in last)
-    assert "server done  round 2" in "\n".join(last)
+    assert "server done after round 1" in "\n".join(last)
+
+
+def node_status(node_id: str, state: str, **changes: object) -> NodeStatus:
+    fields: dict[str, object] = dict(
+        federation=FED, node_id=node_id, state=state, round=3, num_examples=150, at=NOW - 2
+    )
+    fields.update(changes)
+    return NodeStatus(**fields)  # type: ignore[arg-type]
+
+
+def test_the_topic_names_the_node_not_the_payload():
+    # issue 11: pi-02, publishing on its own topic with other ids in the payload, showed
+    # 41 offline nodes and overwrote pi-01's entry
+    view = FleetView(TOPICS)
+    view.update(TOPICS.status("pi-01"), encode(node_status("pi-01", "training")), now=NOW)
+    rows = [
+        view.update(TOPICS.status("pi-02"), encode(node_status(f"pi-{i:02d}", "offline")), now=NOW)
+        for i in range(1, 42)
+    ]
+    assert sorted(view.nodes) == ["pi-01", "pi-02"]
+    assert view.nodes["pi-01"].state == "training"
+    assert view.nodes["pi-02"].state == "offline"
+    last = rows[-1]
+    assert last is not None and last["node_id"] == "pi-02" and last["payload_node_id"] == "pi-41"
+    text = "\n".join(render_lines(view, NOW, width=100, height=30))
+    assert "nodes 2:" in text
+    assert "pi-02 says it is pi-41" in text
+    # a status that agrees with its topic again clears the mismatch
+    row = view.update(TOPICS.status("pi-02"), encode(node_status("pi-02", "online")), now=NOW)
+    assert row is not None and "payload_node_id" not in row
+    assert "says it is" not in "\n".join(render_lines(view, NOW, width=100, height=30))
+
+
+def test_plain_output_names_a_status_whose_payload_names_another_node():
+    view = FleetView(TOPICS)
+    out = io.StringIO()
+    row = view.update(TOPICS.status("pi-02"), encode(node_status("pi-01", "offline")), now=NOW)
+    assert row is not None
+    _plain(view, row, None, out)
+    assert out.getvalue() == f"status on {TOPICS.status('pi-02')} names node pi-01\n"
+
+
+def test_done_shows_the_rounds_run_not_the_final_globals_round():
+    # issue 11: a 15-round run showed "server done round 16": the final global and the
+    # done status carry R+1 (PROTOCOL 4.3), the last round that ran is R
+    view = FleetView(TOPICS)
+    out = io.StringIO()
+    done = server(state="done", round=16, reported=0, expected_nodes=2, min_nodes=2)
+    row = view.update(TOPICS.server, encode(done), now=NOW)
+    assert row is not None
+    _plain(view, row, None, out)
+    assert out.getvalue() == "server done after round 15\n"
+    header = render_lines(view, NOW, width=100, height=20)[1]
+    assert header.startswith("server done after round 15")
+    assert "16" not in header
