@@ -12,6 +12,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+import paho.mqtt.client as mqtt
 import structlog
 
 from fedmq import mqtt as edge
@@ -26,7 +27,7 @@ from fedmq.aggregator.checkpoint import (
 from fedmq.aggregator.robust import Clip, Rule, parse_rule, with_clip
 from fedmq.aggregator.rounds import DEFAULT_DEADLINE_SECONDS, RoundPolicy, default_quorum
 from fedmq.aggregator.server import Aggregator, Publish, RoundSettings, dense_update_bound
-from fedmq.broker.sys_topics import DROPPED, parse_counter
+from fedmq.broker.sys_topics import DROPPED, VERSION, parse_counter
 from fedmq.compression import parse_spec
 from fedmq.datasets import Dataset, digits, load_npz
 from fedmq.models import get_model
@@ -218,6 +219,41 @@ def rollback_point(store: StateDir, current: Checkpoint | None, round: int) -> C
     return checkpoint
 
 
+def make_publish(outbox: edge.Outbox, topics: Topics) -> Publish:
+    """How the aggregator publishes: ``global`` and ``global/delta`` at QoS 0, the rest at
+    QoS 1 (docs/PROTOCOL.md section 1, "QoS").
+
+    The broker delivers at the lower of the publish and the subscription QoS and queues
+    no QoS 0 message for an offline session, so no node account, whatever QoS it
+    subscribes with, can make the broker keep models for it while it is away. A model
+    lost on the way to the broker is sent again after a reconnect (``republish``), and
+    the ``server`` status that follows each model is QoS 1: its PUBACK means the broker
+    has the model before it (one connection, handled in order)."""
+    downlink = (topics.global_model, topics.global_delta)
+
+    def publish(topic: str, payload: bytes, retain: bool) -> None:
+        outbox.publish(topic, payload, retain=retain, qos=0 if topic in downlink else 1)
+
+    return publish
+
+
+def leave(client: mqtt.Client, outbox: edge.Outbox, topics: Topics, *, done: bool) -> None:
+    """Wait for the broker to acknowledge what we published, then disconnect cleanly.
+
+    After a finished run (``done``) first unsubscribe from everything and wait for the
+    UNSUBACK: the broker stops queueing updates for this session and sends us nothing
+    more, so we close no socket with unread data in it, the broker reads our DISCONNECT
+    and discards the will (``offline``, round 0) that would otherwise replace the
+    retained ``done`` (``edge.unsubscribe``). A stopped run keeps its subscriptions: the
+    broker queues updates for its restart."""
+    wanted = [topics.all_updates, topics.all_status, DROPPED, VERSION]
+    if done and not edge.unsubscribe(client, wanted, timeout=10):
+        log.warning("aggregator.unsubscribe_unacknowledged")
+    if not outbox.flush(timeout=10):
+        log.warning("aggregator.unacknowledged", messages=outbox.unacknowledged)
+    edge.stop(client)
+
+
 def run(config: AggregatorConfig, stop: threading.Event) -> int:
     """Run rounds until the last one closes (exit 0) or ``stop`` is set (exit 130)."""
     topics = Topics(config.federation)
@@ -237,7 +273,7 @@ def run(config: AggregatorConfig, stop: threading.Event) -> int:
         store.clear()
     client = edge.make_client(
         edge.make_client_id(config.federation, "aggregator"),
-        subscriptions=[(topics.all_updates, 1), (topics.all_status, 1), (DROPPED, 0)],
+        subscriptions=[(topics.all_updates, 1), (topics.all_status, 1), (DROPPED, 0), (VERSION, 0)],
         will=(topics.server, encode(offline)),
         inbox=inbox,
         ready=ready,
@@ -245,10 +281,7 @@ def run(config: AggregatorConfig, stop: threading.Event) -> int:
         manual_ack=True,
     )
     outbox = edge.Outbox(client)
-
-    def publish(topic: str, payload: bytes, retain: bool) -> None:
-        outbox.publish(topic, payload, retain=retain)
-
+    publish = make_publish(outbox, topics)
     aggregator = build_aggregator(config, publish, store)
     # A CheckpointError goes up to the command: one line on stderr, exit status 2.
     resumed = resume_or_start(aggregator, store, rollback_to=config.rollback_to)
@@ -286,6 +319,8 @@ def run(config: AggregatorConfig, stop: threading.Event) -> int:
                 count = parse_counter(received.payload)
                 if count is not None:
                     aggregator.note_broker_dropped(count)
+            elif received.topic == VERSION:  # sent after the counter, if it had one to send
+                aggregator.note_broker_dropped_unchanged()
             else:
                 aggregator.handle(received.topic, received.payload)
         if store is not None:
@@ -300,11 +335,7 @@ def run(config: AggregatorConfig, stop: threading.Event) -> int:
         )
     if not aggregator.done:
         publish(topics.server, encode(aggregator.server_status("offline")), True)
-    else:  # the run is over: let the broker stop queueing updates for this session
-        client.unsubscribe([topics.all_updates, topics.all_status])
-    if not outbox.flush(timeout=10):
-        log.warning("aggregator.unacknowledged", messages=outbox.unacknowledged)
-    edge.stop(client)
+    leave(client, outbox, topics, done=aggregator.done)
     if store is not None:
         store.close()
     log.info("aggregator.finished", rounds=len(aggregator.history), stopped=stop.is_set())

@@ -163,6 +163,7 @@ class Aggregator:
         self._delta_bytes: int | None = None
         self._dropped_reading: int | None = None  # latest $SYS dropped counter seen
         self._dropped_in_round: int | None = None  # None until the broker told us
+        self._dropped_still = False  # no reading, but the counter has not moved for 60 s
         self._accepted: dict[str, NodeUpdate] = {}
         self._present: dict[str, bool] = {}  # node id -> online, from retained status
         self._selected: tuple[str, ...] | None = None  # of the open round
@@ -215,14 +216,26 @@ class Aggregator:
         """The broker's ``$SYS/.../messages/dropped`` counter, read whenever it is published.
 
         The counter starts again from 0 when the broker restarts: a reading below the
-        last one counts in full."""
+        last one counts in full. The first reading after ``note_broker_dropped_unchanged``
+        is a change from a value we never saw: it counts as 1 (at least one dropped)."""
         last, self._dropped_reading = self._dropped_reading, count
         if last is None:  # first reading: count from here
-            self._dropped_in_round = self._dropped_in_round or 0
+            self._dropped_in_round = (self._dropped_in_round or 0) + int(self._dropped_still)
+            self._dropped_still = False
             return
         self._dropped_in_round = (self._dropped_in_round or 0) + (
             count - last if count >= last else count
         )
+
+    def note_broker_dropped_unchanged(self) -> None:
+        """The broker publishes $SYS, yet sent no dropped counter with our subscription.
+
+        mosquitto publishes the counter retained with a 60 s expiry, and only when it
+        changes (broker.sys_topics): it has not changed for a minute, so nothing was
+        dropped since and the rounds count 0 from here. A no-op once a reading is known."""
+        if self._dropped_reading is None:
+            self._dropped_still = True
+            self._dropped_in_round = self._dropped_in_round or 0
 
     def republish(self) -> None:
         """Publish the open round's global model and server status again (after a
@@ -373,7 +386,8 @@ class Aggregator:
         self._uplink_bytes = 0
         self._opened_at = self._clock()
         self._said_short = False
-        self._dropped_in_round = None if self._dropped_reading is None else 0
+        known = self._dropped_reading is not None or self._dropped_still
+        self._dropped_in_round = 0 if known else None
 
     def _open_round(
         self,

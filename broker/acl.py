@@ -18,6 +18,7 @@ AGGREGATOR = "aggregator"
 MONITOR = "monitor"
 ROLES = (AGGREGATOR, MONITOR)
 DROPPED = "$SYS/broker/publish/messages/dropped"  # as broker.sys_topics.DROPPED
+VERSION = "$SYS/broker/version"  # as broker.sys_topics.VERSION
 
 
 def rules(federation: str) -> dict[str, list[tuple[str, str]]]:
@@ -35,6 +36,7 @@ def rules(federation: str) -> dict[str, list[tuple[str, str]]]:
             ("read", topics.all_updates),
             ("read", topics.all_status),
             ("read", DROPPED),
+            ("read", VERSION),
             ("write", topics.global_model),
             ("write", topics.global_delta),
             ("write", topics.server),
@@ -65,8 +67,8 @@ def render_acl(federation: str) -> str:
     ]
     lines += [f"pattern {access} {topic}" for access, topic in table["%u"]]
     notes = {
-        AGGREGATOR: "reads updates, status and the broker's drop counter; writes the global "
-        "model, server status and metrics",
+        AGGREGATOR: "reads updates, status, the broker's drop counter and version; writes "
+        "the global model, server status and metrics",
         MONITOR: "reads status, server status, metrics and the global model; writes nothing",
     }
     for role in ROLES:

@@ -1,15 +1,23 @@
 """mosquitto's $SYS statistics that fedmq reads, and their payloads.
 
-mosquitto 2.0 publishes each counter as decimal ASCII text, retained: once when it
-starts ("0"), then at its ``sys_interval`` tick (1 s in the project's mosquitto.conf;
-mosquitto 2.0.11 was seen to tick every 2 s with it) whenever the value has changed. A
-new subscriber gets the current value at once, from the retained copy.
+mosquitto 2.0 (src/sys_tree.c) publishes each counter as decimal ASCII text, retained
+with a message expiry of 60 s: once at its first ``sys_interval`` tick ("0"), then at a
+later tick (1 s in the project's mosquitto.conf; 2.0.11 was seen to tick every 2 s with
+it) only when the value has changed. So a new subscriber gets the current value from
+the retained copy only if it changed within the last minute; on a broker whose counter
+has been still for longer it gets nothing until the next change. ``$SYS/broker/version``
+is retained without expiry: a subscriber that gets it knows the broker publishes $SYS,
+and (subscribed after the counter, in the same SUBSCRIBE, whose retained messages
+mosquitto sends filter by filter) that a missing counter means an unchanged one.
 """
 
 # PUBLISH messages the broker dropped because a subscriber's queue was full
 # (max_queued_messages / max_queued_bytes) since the broker started. Each one was
 # acknowledged to its publisher and reached no one.
 DROPPED = "$SYS/broker/publish/messages/dropped"
+
+# "mosquitto version 2.0.11": retained, never expires; sent on every subscribe.
+VERSION = "$SYS/broker/version"
 
 # Longest counter accepted: 20 digits hold any unsigned 64-bit value.
 _MAX_DIGITS = 20

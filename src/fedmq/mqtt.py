@@ -208,12 +208,14 @@ class Outbox:
 
     paho queues a QoS 1 message published while disconnected and sends it on reconnect,
     but its ``wait_for_publish`` raises for such a message; tracking PUBACKs by message id
-    works whatever the connection state.
+    works whatever the connection state. A QoS 0 message (``qos=0``) is sent if connected
+    and otherwise dropped; nothing waits for it.
     """
 
     def __init__(self, client: mqtt.Client) -> None:
         self.client = client
         self._unacked: set[int] = set()
+        self._unsent: set[int] = set()  # QoS 0: paho calls on_publish once written
         self._acked_early: set[int] = set()
         self._changed = threading.Condition()
         client.on_publish = self._on_publish
@@ -222,17 +224,23 @@ class Outbox:
         with self._changed:
             if mid in self._unacked:
                 self._unacked.discard(mid)
-            else:  # PUBACK raced ahead of publish() returning
+            elif mid in self._unsent:
+                self._unsent.discard(mid)
+            else:  # PUBACK (or QoS 0 write) raced ahead of publish() returning
                 self._acked_early.add(mid)
             self._changed.notify_all()
 
-    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
-        info = self.client.publish(topic, payload, qos=1, retain=retain)
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False, qos: int = 1) -> None:
+        info = self.client.publish(topic, payload, qos=qos, retain=retain)
         if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
             raise RuntimeError(f"paho's queue is full, {topic} not sent")
+        if qos == 0 and info.rc != mqtt.MQTT_ERR_SUCCESS:
+            return  # not connected: dropped, no on_publish will come
         with self._changed:
             if info.mid in self._acked_early:
                 self._acked_early.discard(info.mid)
+            elif qos == 0:
+                self._unsent.add(info.mid)
             else:
                 self._unacked.add(info.mid)
 
@@ -284,6 +292,34 @@ def start(client: mqtt.Client, broker: BrokerAddress, *, keepalive: int = 30) ->
 def stop(client: mqtt.Client) -> None:
     client.disconnect()
     client.loop_stop()
+
+
+def unsubscribe(client: mqtt.Client, topics: list[str], *, timeout: float) -> bool:
+    """Unsubscribe from ``topics`` and wait for the broker's UNSUBACK; False on timeout.
+
+    Call it before ``stop`` when the broker must discard our last will: the broker sends
+    nothing on these topics after its UNSUBACK, and paho has read all it sent before. A
+    socket closed with unread data is reset instead of closed, and mosquitto 2.0 writes
+    to a writable socket before reading it: a write that meets the reset drops the
+    connection as lost, with our DISCONNECT unread behind it, and publishes the will."""
+    acked: set[int] = set()
+    changed = threading.Condition()
+
+    def on_unsubscribe(_c: mqtt.Client, _u: Any, mid: int, _codes: Any, _p: Any) -> None:
+        with changed:  # may come before unsubscribe() returns its mid
+            acked.add(mid)
+            changed.notify_all()
+
+    previous = client.on_unsubscribe
+    client.on_unsubscribe = on_unsubscribe
+    try:
+        rc, mid = client.unsubscribe(topics)
+        if rc != mqtt.MQTT_ERR_SUCCESS or mid is None:
+            return False
+        with changed:
+            return changed.wait_for(lambda: mid in acked, timeout=timeout)
+    finally:
+        client.on_unsubscribe = previous
 
 
 def unique_suffix() -> str:

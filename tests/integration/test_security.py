@@ -16,6 +16,8 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 
+from fedmq import mqtt as edge
+from fedmq.aggregator.app import make_publish
 from fedmq.broker import bundle, certs, credentials
 from fedmq.broker.process import Mosquitto, free_port
 from fedmq.schemas.topics import Topics
@@ -65,11 +67,12 @@ def deployed_mtls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployed
 class Probe:
     """A raw paho client: connects once (no reconnects) and records what it gets."""
 
-    def __init__(self, client_id: str | None = None) -> None:
+    def __init__(self, client_id: str | None = None, *, persistent: bool = False) -> None:
         self.client = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2,
             client_id=client_id or f"probe-{uuid.uuid4().hex[:8]}",
             protocol=mqtt.MQTTv311,
+            clean_session=not persistent,
         )
         self.connack: str | None = None
         self.connected = threading.Event()
@@ -129,9 +132,9 @@ class Probe:
         self.answered.wait(timeout)
         return self.connected.is_set() and not self.dropped.is_set()
 
-    def subscribe(self, *filters: str) -> None:
+    def subscribe(self, *filters: str, qos: int = 1) -> None:
         self.subscribed.clear()
-        self.client.subscribe([(f, 1) for f in filters])
+        self.client.subscribe([(f, qos) for f in filters])
         assert self.subscribed.wait(10), "no SUBACK"
 
     def publish(self, topic: str, payload: bytes) -> None:
@@ -146,8 +149,8 @@ class Probe:
 def probes() -> Iterator[object]:
     made: list[Probe] = []
 
-    def make(client_id: str | None = None) -> Probe:
-        made.append(Probe(client_id))
+    def make(client_id: str | None = None, *, persistent: bool = False) -> Probe:
+        made.append(Probe(client_id, persistent=persistent))
         return made[-1]
 
     yield make
@@ -357,3 +360,86 @@ def test_add_and_revoke_take_effect_on_sighup(deployed: Deployed, probes):
     assert not staying.dropped.is_set()
     staying.publish(topics.update("pi-01"), b"after")
     wait_for(lambda: (topics.update("pi-01"), b"after") in aggregator.got(), "pi-01's update")
+
+
+# ---- what the broker keeps for a node while it is away -------------------------------------
+
+MODELS = 16
+MODEL = b"m" * 9_000  # about digits-mlp's size
+
+
+def publish_models(deployed: Deployed, probes, count: int) -> None:  # type: ignore[no-untyped-def]
+    """``count`` rounds' models, published as the aggregator publishes them, then a QoS 1
+    server status: once it is acknowledged the broker has handled every model."""
+    topics = deployed.topics
+    aggregator = probes()
+    assert login(aggregator, deployed, "aggregator")
+    outbox = edge.Outbox(aggregator.client)
+    publish = make_publish(outbox, topics)
+    for _ in range(count):
+        publish(topics.global_delta, MODEL, False)
+        publish(topics.global_model, MODEL, True)
+        publish(topics.server, b"status", True)
+    assert outbox.flush(10)
+    aggregator.close()
+
+
+def queued_for(deployed: Deployed, probes, username: str) -> list[tuple[str, bytes]]:  # type: ignore[no-untyped-def]
+    """What the broker sends ``username`` when it comes back on its persistent session,
+    without subscribing (so no retained copy is sent): its queue, which the broker sends
+    before a QoS 1 marker published after the login. Retries the login until the broker
+    (after a reload) accepts it; a refused login leaves the session alone, and a
+    clean-session login would end it, so no other probe logs in as ``username``."""
+    topics = deployed.topics
+    deadline = time.monotonic() + 10
+    while not login(back := probes(persistent=True), deployed, username, timeout=2):
+        assert time.monotonic() < deadline, f"{username} not accepted"
+    marker = probes()
+    assert login(marker, deployed, "aggregator")
+    marker.publish(topics.global_delta, b"marker")
+    wait_for(lambda: (topics.global_delta, b"marker") in back.got(), "the marker")
+    back.close()  # away again, on the same session
+    got = back.got()
+    return got[: got.index((topics.global_delta, b"marker"))]
+
+
+def test_a_node_account_makes_the_broker_keep_no_models_for_it(deployed: Deployed, probes):
+    # issue 11: a node account subscribed to the global topics at QoS 1 on a persistent
+    # session and disconnected; the broker queued 32 models in 6 s, kept queueing after
+    # revoke-node, and a re-added device inherited them.
+    topics = deployed.topics
+    root, pid = deployed.root, deployed.broker.pid
+    assert pid is not None
+    credentials.add_node(root, "pi-q")
+    os.kill(pid, signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while not login(away := probes(persistent=True), deployed, "pi-q", timeout=2):
+        assert time.monotonic() < deadline, "pi-q not accepted"
+    away.subscribe(topics.global_model, topics.global_delta, qos=1)
+    away.close()
+    try:
+        publish_models(deployed, probes, MODELS)
+        assert queued_for(deployed, probes, "pi-q") == []
+
+        kept = deployed.bundle("pi-q")  # the device's copy of its bundle
+        password = kept.password_file.read_text().strip()
+        ca = deployed.bundle("pi-01").ca_file  # the same CA; pi-q's copy goes with it
+        credentials.revoke_node(root, "pi-q")
+        os.kill(pid, signal.SIGHUP)
+
+        def refused() -> bool:
+            probe = probes(persistent=True)
+            return not probe.connect(
+                deployed.tls_port, username="pi-q", password=password, ca=ca, timeout=2
+            )
+
+        wait_for(refused, "pi-q refused")
+        publish_models(deployed, probes, MODELS)
+        credentials.add_node(root, "pi-q")  # the device re-added: a new password, same id
+        os.kill(pid, signal.SIGHUP)
+        assert queued_for(deployed, probes, "pi-q") == []
+    finally:  # clear the retained copies for other tests
+        cleaner = probes()
+        assert login(cleaner, deployed, "aggregator")
+        cleaner.publish(topics.global_model, b"")
+        cleaner.publish(topics.server, b"")

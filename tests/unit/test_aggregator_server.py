@@ -748,6 +748,24 @@ def test_broker_dropped_counts_the_rounds_increase_across_a_broker_restart() -> 
     assert [m.broker_dropped for m in h.metrics()] == [None, 5, 5]
 
 
+def test_broker_dropped_is_zero_when_the_counter_has_been_still_for_a_minute() -> None:
+    # issue 11: mosquitto publishes the counter (retained, expiring after 60 s) only when
+    # it changes, so an aggregator that joins a broker whose counter has not moved for a
+    # minute gets no reading; $SYS/broker/version (retained, no expiry) arriving after the
+    # subscription with no counter before it says so
+    h = Harness(policy=RoundPolicy(expected_nodes=1, min_nodes=1), rounds=4)
+    h.agg.start()
+    h.agg.note_broker_dropped_unchanged()
+    h.report("pi-a")  # round 1: nothing dropped
+    h.report("pi-a")  # round 2: nothing dropped
+    h.agg.note_broker_dropped(1234)  # a change from an unknown value: at least one
+    h.agg.note_broker_dropped_unchanged()  # a reconnect: the reading stands
+    h.agg.note_broker_dropped(1240)
+    h.report("pi-a")  # round 3
+    h.report("pi-a")  # round 4
+    assert [m.broker_dropped for m in h.metrics()] == [0, 0, 7, 0]
+
+
 # --------------------------------------------------------------------------- non-finite metrics
 
 

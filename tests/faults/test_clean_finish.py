@@ -1,0 +1,117 @@
+"""A finished run always leaves ``done`` on the retained server topic (issue 11: in 2 of
+13 runs the aggregator's last will, ``offline`` round 0, replaced it).
+
+mosquitto publishes a client's will when the connection ends without a DISCONNECT it has
+read. mosquitto 2.0 writes to a writable socket before reading it (src/mux_epoll.c): if
+the client closed its socket with messages still unread in it, its kernel answers with a
+reset, the broker's next write fails and it drops the connection as lost, the DISCONNECT
+unread behind it. Status messages go on arriving while an aggregator shuts down. Here the
+aggregator's own shutdown (``aggregator.app.leave``) runs many times on a real broker,
+with a client publishing on ``status/`` all along; a fresh subscriber reads the retained
+``server`` after each.
+"""
+
+import queue
+import threading
+import uuid
+from collections.abc import Iterator
+
+import paho.mqtt.client as mqtt
+import pytest
+
+from fedmq import mqtt as edge
+from fedmq.aggregator.app import leave, make_publish
+from fedmq.broker.process import Mosquitto
+from fedmq.broker.sys_topics import DROPPED, VERSION
+from fedmq.schemas import ServerStatus, Topics, decode_server_status, encode
+
+from ..conftest import wait_until
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+RUNS = 30
+
+
+@pytest.fixture
+def broker() -> Iterator[Mosquitto]:
+    """A broker of our own: the chatter below would slow the session's broker."""
+    with Mosquitto() as started:
+        yield started
+
+
+class Chatter:
+    """Publishes unreadable status messages as fast as paho takes them, until closed:
+    traffic the aggregator receives while it shuts down (it ignores them)."""
+
+    def __init__(self, broker: Mosquitto, topic: str) -> None:
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=uuid.uuid4().hex)
+        self.client.connect(broker.host, broker.port)
+        self.client.loop_start()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(topic,), daemon=True)
+        self._thread.start()
+
+    def _run(self, topic: str) -> None:
+        while not self._stop.is_set():
+            if self.client.publish(topic, b"x" * 20_000, qos=0).rc != mqtt.MQTT_ERR_SUCCESS:
+                self._stop.wait(0.01)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def retained(broker: Mosquitto, topic: str) -> bytes:
+    got: list[bytes] = []
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=uuid.uuid4().hex)
+    client.on_connect = lambda c, *_: c.subscribe(topic, 1)
+    client.on_message = lambda _c, _u, m: got.append(bytes(m.payload)) if m.retain else None
+    client.connect(broker.host, broker.port)
+    client.loop_start()
+    try:
+        wait_until(lambda: bool(got), 10, f"the retained {topic}")
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return got[0]
+
+
+def finish_once(broker: Mosquitto, topics: Topics) -> None:
+    """Connect as the aggregator does, publish ``done`` and leave as it does."""
+
+    def status(state: str, round_: int) -> bytes:
+        return encode(ServerStatus(topics.federation, state, round_, 1, 1, 0))
+
+    inbox: queue.Queue[edge.Received] = queue.Queue()
+    ready = threading.Event()
+    client = edge.make_client(
+        edge.make_client_id(topics.federation, "aggregator"),
+        subscriptions=[(topics.all_updates, 1), (topics.all_status, 1), (DROPPED, 0), (VERSION, 0)],
+        will=(topics.server, status("offline", 0)),
+        inbox=inbox,
+        ready=ready,
+        persistent=True,
+        manual_ack=True,
+    )
+    outbox = edge.Outbox(client)
+    edge.start(client, edge.BrokerAddress(broker.host, broker.port))
+    assert ready.wait(10)
+    wait_until(lambda: inbox.qsize() > 20, 10, "status messages flowing in")
+    make_publish(outbox, topics)(topics.server, status("done", 2), True)
+    leave(client, outbox, topics, done=True)
+
+
+def test_a_finished_run_always_leaves_done(broker: Mosquitto):
+    topics = Topics(f"t-{uuid.uuid4().hex[:12]}")
+    chatter = Chatter(broker, topics.status("chatty"))
+    states = []
+    try:
+        for _ in range(RUNS):
+            finish_once(broker, topics)
+            status = decode_server_status(retained(broker, topics.server))
+            states.append((status.state, status.round))
+    finally:
+        chatter.close()
+    assert states == [("done", 2)] * RUNS
