@@ -94,23 +94,25 @@ UPDATE_SPARSE_INT8 = dataclasses.replace(
 )
 
 
-# The same with one-bit values (topk+sign): codes +1, -1, +1 are the bits 1, 0, 1 of the
-# byte 0x05, lowest bit first; one scale, the mean magnitude. l0.w is the example of
-# docs/PROTOCOL.md 12.7; l1.b (2 elements) sends its two elements, +1 and -1 (0x01).
-def sign_sparse(size: int, shape: tuple[int, ...]) -> Sparse:
-    positions = [0, 1, size - 1] if size >= 3 else list(range(size))
+# The same with one-bit values (topk+sign), as many as topk:0.1 keeps: ceil(0.1 n) of
+# each tensor's n elements, so 2 of l0.w's 12 and 1 of each other tensor's. Codes +1 and
+# -1 are the bits 1 and 0, lowest bit first; one scale, the mean magnitude.
+# docs/PROTOCOL.md 12.7 shows l0.w's map, 12.9 the whole delta in the flat form.
+SIGN_KEPT = {"l0.w": ([0, 11], [1, -1]), "l0.b": ([1], [1]), "l1.w": ([5], [-1]), "l1.b": ([0], [1])}
+
+
+def sign_sparse(name: str, shape: tuple[int, ...]) -> Sparse:
+    positions, codes = SIGN_KEPT[name]
     return Sparse(
         shape=shape,
         indices=np.array(positions, dtype=np.int64),
         values=Quantized(shape=(len(positions),), bits=1, chunk=256,
                          scales=np.array([0.1875], np.float32),
-                         codes=np.array([1, -1, 1][: len(positions)], dtype=np.int8)),
+                         codes=np.array(codes, dtype=np.int8)),
     )  # fmt: skip
 
 
-SPARSE_SIGN_DELTA = {
-    name: sign_sparse(int(np.prod(shape)), shape) for name, shape in LAYOUT.items()
-}
+SPARSE_SIGN_DELTA = {name: sign_sparse(name, shape) for name, shape in LAYOUT.items()}
 
 UPDATE_SPARSE_SIGN = dataclasses.replace(
     UPDATE, delta=SPARSE_SIGN_DELTA, compression="topk:0.1+sign+ef"

@@ -80,10 +80,10 @@ def test_the_documented_flat_decoder_reads_the_golden_sample():
     layout = {"l0.w": [4, 3], "l0.b": [3], "l1.w": [3, 2], "l1.b": [2]}
     arrays = DOC["flat_of"](DOC["delta_of"](update), layout)
     s = np.float32(0.1875)
-    assert arrays["l0.w"].reshape(-1).tolist() == [s, -s] + [0] * 9 + [s]
-    assert arrays["l0.b"].tolist() == [s, -s, s]
-    assert arrays["l1.w"].reshape(-1).tolist() == [s, -s, 0, 0, 0, s]
-    assert arrays["l1.b"].tolist() == [s, -s]
+    assert arrays["l0.w"].reshape(-1).tolist() == [s] + [0] * 10 + [-s]
+    assert arrays["l0.b"].tolist() == [0, s, 0]
+    assert arrays["l1.w"].reshape(-1).tolist() == [0, 0, 0, 0, 0, -s]
+    assert arrays["l1.b"].tolist() == [s, 0]
 
 
 def test_the_documented_elias_fano_example():
