@@ -98,7 +98,12 @@ UPDATE_SPARSE_INT8 = dataclasses.replace(
 # each tensor's n elements, so 2 of l0.w's 12 and 1 of each other tensor's. Codes +1 and
 # -1 are the bits 1 and 0, lowest bit first; one scale, the mean magnitude.
 # docs/PROTOCOL.md 12.7 shows l0.w's map, 12.9 the whole delta in the flat form.
-SIGN_KEPT = {"l0.w": ([0, 11], [1, -1]), "l0.b": ([1], [1]), "l1.w": ([5], [-1]), "l1.b": ([0], [1])}
+SIGN_KEPT = {
+    "l0.w": ([0, 11], [1, -1]),
+    "l0.b": ([1], [1]),
+    "l1.w": ([5], [-1]),
+    "l1.b": ([0], [1]),
+}
 
 
 def sign_sparse(name: str, shape: tuple[int, ...]) -> Sparse:
