@@ -72,7 +72,10 @@ class FleetView:
         """Fold one message in; return it as a JSON-ready dict (None for a cleared topic).
 
         Metrics rows get ``"repeat": true`` when that round's metrics had already arrived
-        (an aggregator republishes them after a reconnect or restart)."""
+        (an aggregator republishes them after a reconnect or restart). A status is filed
+        under its topic's node id (the broker ties the topic to the publishing account);
+        its row's ``node_id`` is that id, and ``payload_node_id`` the other id its payload
+        named, if it named another."""
         node_id = self.topics.node_of(topic)
         if not payload:
             if node_id is not None:  # a cleared retained status: the node is gone

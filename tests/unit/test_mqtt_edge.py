@@ -71,3 +71,49 @@ def test_drain_takes_what_is_queued_up_to_a_limit() -> None:
     first = edge.Received("first", b"", False)
     assert [r.topic for r in edge.drain(inbox, first, limit=3)] == ["first", "t0", "t1"]
     assert [r.topic for r in edge.drain(inbox, first)] == ["first", "t2", "t3", "t4"]
+
+
+class _Info:
+    def __init__(self, mid: int, rc: int = 0) -> None:
+        self.mid, self.rc = mid, rc
+
+
+class _FakeClient:
+    """Stands for paho: numbers publishes, calls on_publish when told to."""
+
+    def __init__(self) -> None:
+        self.on_publish = None
+        self.mid = 0
+        self.early: set[int] = set()  # mids whose on_publish comes before publish returns
+        self.connected = True
+
+    def publish(self, _topic: str, _payload: bytes, *, qos: int, retain: bool) -> _Info:
+        self.mid += 1
+        if qos == 0 and not self.connected:
+            return _Info(self.mid, rc=4)  # MQTT_ERR_NO_CONN: dropped
+        if self.mid in self.early:
+            self.done(self.mid)
+        return _Info(self.mid)
+
+    def done(self, mid: int) -> None:
+        self.on_publish(self, None, mid, 0, None)  # type: ignore[misc]
+
+
+def test_the_outbox_waits_for_qos_1_only() -> None:
+    from fedmq.mqtt import Outbox
+
+    client = _FakeClient()
+    client.early = {2}
+    outbox = Outbox(client)  # type: ignore[arg-type]
+    outbox.publish("global", b"m", retain=True, qos=0)  # mid 1, written later
+    outbox.publish("global/delta", b"d", qos=0)  # mid 2, written before publish returned
+    outbox.publish("server", b"s", retain=True)  # mid 3, QoS 1
+    assert outbox.unacknowledged == 1 and not outbox.flush(timeout=0)
+    client.done(1)
+    assert outbox.unacknowledged == 1  # a QoS 0 write is no PUBACK
+    client.done(3)
+    assert outbox.flush(timeout=0)
+    client.connected = False
+    outbox.publish("global", b"m", qos=0)  # dropped by paho: nothing to wait for
+    assert outbox.flush(timeout=0)
+    assert outbox._acked_early == set() and outbox._unsent == set()
