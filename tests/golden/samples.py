@@ -77,17 +77,23 @@ UPDATE = NodeUpdate(
     sent_at=1_700_000_001.5,
 )
 
-# A compressed update as topk+int8 produces it: sparse positions, 8-bit codes, one scale
-# per chunk. Built by hand (no random rounding) so the bytes are fixed.
-SPARSE_INT8_DELTA = {
-    name: Sparse(
+
+# A compressed update as topk:0.1+int8 produces it: ceil(0.1 n) of each tensor's n
+# elements (2 of l0.w's 12, 1 of each other's), 8-bit codes, one scale per chunk. Built
+# by hand (no random rounding) so the bytes are fixed.
+def int8_sparse(shape: tuple[int, ...]) -> Sparse:
+    size = int(np.prod(shape))
+    kept = max(1, -(-size // 10))
+    positions, codes = ([0, size - 1], [-127, 64]) if kept == 2 else ([size - 1], [-127])
+    return Sparse(
         shape=shape,
-        indices=np.array([0, int(np.prod(shape)) - 1], dtype=np.int64),
-        values=Quantized(shape=(2,), bits=8, chunk=256, scales=np.array([0.0625], np.float32),
-                         codes=np.array([-127, 64], dtype=np.int8)),
-    )
-    for name, shape in LAYOUT.items()
-}  # fmt: skip
+        indices=np.array(positions, dtype=np.int64),
+        values=Quantized(shape=(kept,), bits=8, chunk=256, scales=np.array([0.0625], np.float32),
+                         codes=np.array(codes, dtype=np.int8)),
+    )  # fmt: skip
+
+
+SPARSE_INT8_DELTA = {name: int8_sparse(shape) for name, shape in LAYOUT.items()}
 
 UPDATE_SPARSE_INT8 = dataclasses.replace(
     UPDATE, delta=SPARSE_INT8_DELTA, compression="topk:0.1+int8+ef"

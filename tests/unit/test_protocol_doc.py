@@ -1,6 +1,7 @@
 """The decoding code printed in docs/PROTOCOL.md (sections 12.8 and 12.9) is run here
 against the reference decoder, so a third party copying it gets the same numbers."""
 
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -98,3 +99,15 @@ def test_the_documented_elias_fano_example():
         30,
     ]
     assert "`19 04`" in section("12.9") and "the byte `a7`" in section("12.9")
+
+
+def test_the_flat_worked_example_prints_the_golden_samples_delta():
+    """12.9's hex dump is the golden sample's `delta` map, and keeps what its SPEC keeps."""
+    golden = PROTOCOL.parent.parent / "tests" / "golden" / "update_flat_sign.msgpack"
+    update = msgpack.unpackb(golden.read_bytes(), raw=False, strict_map_key=True)
+    assert update["compression"] == "topk:0.1+sign+ef+flat"
+    packed = msgpack.packb(update["delta"], use_bin_type=True).hex(" ")
+    blocks = [" ".join(block.split()) for block in section("12.9").split("```")[1::2]]
+    assert packed in blocks
+    sizes = [int(np.prod(shape)) for shape in ([4, 3], [3], [3, 2], [2])]
+    assert update["delta"]["count"] == sum(math.ceil(0.1 * n) for n in sizes)
