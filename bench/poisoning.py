@@ -33,6 +33,8 @@ from fedmq.datasets import digits, partition
 from fedmq.models import get_model
 from fedmq.node.training import LocalTrainer, delta
 from fedmq.schemas import NodeUpdate, Topics, TrainingPlan, encode
+from fedmq.schemas.encodings import MAX_ABS
+from fedmq.schemas.messages import MAX_EXAMPLES, MAX_LOSS
 
 MODEL_NAME = "digits-mlp"
 MODEL = get_model(MODEL_NAME)
@@ -46,30 +48,70 @@ RULES = [
 ]  # fmt: skip
 
 Delta = dict[str, np.ndarray]
-Attack = Callable[[Delta, np.random.Generator], Delta]
+# An attack: the poisoned node's honest delta and the global model's last change (zero in
+# round 1) in, what it sends out: a delta, or a delta and the num_examples it claims.
+Attack = Callable[[Delta, Delta, np.random.Generator], "Delta | tuple[Delta, int]"]
 
 
-def scale(honest: Delta, rng: np.random.Generator) -> Delta:
+def scale(honest: Delta, trend: Delta, rng: np.random.Generator) -> Delta:
     return {name: (value * np.float32(-10)).astype(np.float32) for name, value in honest.items()}
 
 
-def noise(honest: Delta, rng: np.random.Generator) -> Delta:
+def noise(honest: Delta, trend: Delta, rng: np.random.Generator) -> Delta:
     return {name: rng.normal(0.0, 1.0, v.shape).astype(np.float32) for name, v in honest.items()}
 
 
 ATTACKS: dict[str, Attack | None] = {"clean": None, "scale": scale, "noise": noise}
 
+# One hostile node of ten (issue 11), every round, claiming the most examples the schema
+# allows (2**24) and the largest training loss, and sending: its own delta sign-flipped
+# (``examples``: the claim is the attack), a sign flip scaled by 1e6 (``flip``), the
+# global model's last change reversed and scaled to the schema's largest value (``trend``:
+# straight against the fleet's direction), or every value at the schema's limit, 1e15,
+# with random signs (``huge``).
+
+
+def _claimed(delta: Delta) -> tuple[Delta, int]:
+    return {n: np.clip(v, -MAX_ABS, MAX_ABS).astype(np.float32) for n, v in delta.items()}, (
+        MAX_EXAMPLES
+    )
+
+
+def inflated_flip(honest: Delta, trend: Delta, rng: np.random.Generator) -> tuple[Delta, int]:
+    return _claimed({name: -value for name, value in honest.items()})
+
+
+def inflated_scaled_flip(
+    honest: Delta, trend: Delta, rng: np.random.Generator
+) -> tuple[Delta, int]:
+    return _claimed({name: value * np.float32(-1e6) for name, value in honest.items()})
+
+
+def against_trend(honest: Delta, trend: Delta, rng: np.random.Generator) -> tuple[Delta, int]:
+    peak = max(float(np.abs(v).max()) for v in trend.values()) or 1.0
+    return _claimed({name: -value * (MAX_ABS / peak) for name, value in trend.items()})
+
+
+def inflated_huge(honest: Delta, trend: Delta, rng: np.random.Generator) -> tuple[Delta, int]:
+    return _claimed({n: rng.choice([-MAX_ABS, MAX_ABS], v.shape) for n, v in honest.items()})
+
+
+HOSTILE: dict[str, Attack | None] = {
+    "clean": None, "examples": inflated_flip, "flip": inflated_scaled_flip,
+    "trend": against_trend, "huge": inflated_huge,
+}  # fmt: skip
+
 
 class Fleet:
     """The ten nodes' trainers on the reference split, compiled once for all of them."""
 
-    def __init__(self) -> None:
+    def __init__(self, split: str = "iid") -> None:
         train, self.test = digits()
-        shards = partition(train.y, NODES, "iid", 0)
+        shards = partition(train.y, NODES, split, 0)
         self.trainers = [LocalTrainer(MODEL, train.x[s], train.y[s]) for s in shards]
         # One process per node compiles its own epoch; here the equal-sized shards share
         # the first one's (the compile dominates a short run on a loaded machine).
-        for trainer in self.trainers[1:]:
+        for trainer in self.trainers[1:] if split == "iid" else ():
             trainer._epochs = self.trainers[0]._epochs
 
 
@@ -78,10 +120,13 @@ class Run:
     accuracies: list[float]  # per closed round
     final: float  # test accuracy of the last model
     diverged_at: int | None  # the round nobody could complete, if any
+    model_id: str  # of the last model: equal ids, bitwise equal models
 
 
-def simulate(fleet: Fleet, rule: str, attack: Attack | None, *, rounds: int = 30) -> Run:
-    """A whole federation in-process under ``rule``, the first POISONED nodes running
+def simulate(
+    fleet: Fleet, rule: str, attack: Attack | None, *, rounds: int = 30, poisoned: int = POISONED
+) -> Run:
+    """A whole federation in-process under ``rule``, the first ``poisoned`` nodes running
     ``attack`` (None: all honest)."""
     settings = RoundSettings(
         federation=FEDERATION,
@@ -104,8 +149,11 @@ def simulate(fleet: Fleet, rule: str, attack: Attack | None, *, rounds: int = 30
     topics = Topics(FEDERATION)
     aggregator.start()
     diverged_at = None
+    previous = aggregator.params
     while not aggregator.done:
         opened, base = aggregator.round, aggregator.params
+        trend = {name: (base[name] - previous[name]).astype(np.float32) for name in base}
+        previous = base
         for i, trainer in enumerate(fleet.trainers):
             node = f"n{i:02d}"
             trained, loss = trainer.train(
@@ -115,11 +163,14 @@ def simulate(fleet: Fleet, rule: str, attack: Attack | None, *, rounds: int = 30
             change = delta(trained, base)
             if not np.isfinite(loss) or not all(np.isfinite(v).all() for v in change.values()):
                 continue  # fedmq node sends nothing when its training diverged
-            if attack is not None and i < POISONED:
-                change = attack(change, np.random.default_rng([i, opened]))
+            examples = trainer.num_examples
+            if attack is not None and i < poisoned:
+                sent = attack(change, trend, np.random.default_rng([i, opened]))
+                change, examples = sent if isinstance(sent, tuple) else (sent, examples)
+                loss = MAX_LOSS if isinstance(sent, tuple) else loss
             update = NodeUpdate(
                 federation=FEDERATION, node_id=node, round=opened,
-                base_model_id=aggregator.model_id, num_examples=trainer.num_examples,
+                base_model_id=aggregator.model_id, num_examples=examples,
                 train_loss=loss, train_seconds=0.0, delta=change,
             )  # fmt: skip
             aggregator.handle(topics.update(node), encode(update))
@@ -128,7 +179,7 @@ def simulate(fleet: Fleet, rule: str, attack: Attack | None, *, rounds: int = 30
             break
     _, final = evaluate(MODEL, aggregator.params, fleet.test)
     accuracies = [m.accuracy for m in aggregator.history if m.accuracy is not None]
-    return Run(accuracies, final, diverged_at)
+    return Run(accuracies, final, diverged_at, aggregator.model_id)
 
 
 def close_cost(params: int, nodes: int, rule: str, repeats: int = 3) -> tuple[float, float]:
