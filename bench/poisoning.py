@@ -2,7 +2,13 @@
 
     .venv/bin/python bench/poisoning.py [--rounds 30] [--rules fedavg,median,...]
 
-Ten nodes, the reference IID split, 30 rounds, 2 of the 10 nodes poisoned: each trains
+First (issue 11) one hostile node of ten, every round, under plain FedAvg, the default
+rule and the robust ones (``HOSTILE``: it claims 2**24 examples and the largest loss and
+sends its delta sign-flipped, a sign flip x 1e6, the fleet's last step reversed at the
+schema's limit, or every value at the schema's limit), on the reference IID split and on
+a Dirichlet(0.5) one.
+
+Then (issue 5) ten nodes, the reference IID split, 30 rounds, 2 of the 10 nodes poisoned: each trains
 honestly and then sends either its delta times -10 (``scale``) or Gaussian noise with
 sigma 1 per number (``noise``, norm ~49, about 100x an honest update's). Everything is
 in-process and real except the network: ``node.training.LocalTrainer`` trains each node's
@@ -26,7 +32,7 @@ import numpy as np
 
 from fedmq import logs
 from fedmq.aggregator.evaluate import evaluate
-from fedmq.aggregator.robust import aggregate, parse_rule
+from fedmq.aggregator.robust import DEFAULT, aggregate, parse_rule
 from fedmq.aggregator.rounds import RoundPolicy
 from fedmq.aggregator.server import Aggregator, RoundSettings, dense_update_bound
 from fedmq.datasets import digits, partition
@@ -43,9 +49,10 @@ POISONED = 2  # the first POISONED node ids
 PLAN = TrainingPlan(learning_rate=0.1, batch_size=16, local_epochs=1, seed=0)
 FEDERATION = "poisoning"
 RULES = [
-    "fedavg", "clip-norm:1", "clip-median:2", "median", "trimmed-mean:0.2",
+    "fedavg", "clip-norm:1", "clip-median:2", str(DEFAULT), "median", "trimmed-mean:0.2",
     "trimmed-mean:0.2+clip-median:2",
 ]  # fmt: skip
+HOSTILE_RULES = ["fedavg", str(DEFAULT), "median", "trimmed-mean:0.2"]
 
 Delta = dict[str, np.ndarray]
 # An attack: the poisoned node's honest delta and the global model's last change (zero in
@@ -200,18 +207,39 @@ def close_cost(params: int, nodes: int, rule: str, repeats: int = 3) -> tuple[fl
     return min(seconds), peak / 2**20
 
 
+def hostile_table(rounds: int, split: str) -> None:
+    fleet = Fleet(split)
+    print(
+        f"{MODEL_NAME}, {NODES} nodes {split}, 1 hostile every round, {rounds} rounds: final "
+        "test accuracy (change vs the same rule's clean run, points)"
+    )
+    print(f"{'rule':38s}" + "".join(f"{name:>14s}" for name in HOSTILE))
+    for rule in HOSTILE_RULES:
+        cells, clean = [], None
+        for attack in HOSTILE.values():
+            run = simulate(fleet, rule, attack, rounds=rounds, poisoned=1)
+            clean = run.final if clean is None else clean
+            cell = f"{100 * run.final:5.1f} ({100 * (run.final - clean):+5.1f})"
+            cells.append(cell + ("*" if run.diverged_at else " "))
+        print(f"{rule:38s}" + "".join(f"{cell:>14s}" for cell in cells))
+    print("* stalled: a round no honest update reached (the poisoned model's training blew up)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--rules", default=",".join(RULES))
     args = parser.parse_args()
     logs.configure(level="error")  # a poisoned run rejects many updates, by design
+    for split in ("iid", "dirichlet:0.5"):
+        hostile_table(args.rounds, split)
+        print()
     fleet = Fleet()
     print(
         f"{MODEL_NAME}, {NODES} nodes IID, {POISONED} poisoned, {args.rounds} rounds: "
         "final test accuracy (change vs clean fedavg, points)"
     )
-    print(f"{'rule':32s} {'clean':>14s} {'scale -10':>14s} {'noise':>14s} {'s/run':>6s}")
+    print(f"{'rule':38s} {'clean':>14s} {'scale -10':>14s} {'noise':>14s} {'s/run':>6s}")
     baseline = None
     for rule in args.rules.split(","):
         cells, seconds = [], []
@@ -223,14 +251,14 @@ def main() -> None:
                 baseline = run.final
             cell = f"{100 * run.final:5.1f} ({100 * (run.final - baseline):+5.1f})"
             cells.append(cell + ("*" if run.diverged_at else " "))
-        print(f"{rule:32s} {cells[0]:>14s} {cells[1]:>14s} {cells[2]:>14s} {min(seconds):6.1f}")
+        print(f"{rule:38s} {cells[0]:>14s} {cells[1]:>14s} {cells[2]:>14s} {min(seconds):6.1f}")
     print("* diverged: a round no node could complete (training blew up), model of that round")
     print("\nround close: aggregate() alone, dense float32 updates already held")
-    print(f"{'rule':32s} {'params':>9s} {'nodes':>5s} {'ms':>8s} {'peak MiB':>9s}")
+    print(f"{'rule':38s} {'params':>9s} {'nodes':>5s} {'ms':>8s} {'peak MiB':>9s}")
     for params, nodes in ((MODEL.num_params, NODES), (1_000_000, 10), (1_000_000, 100)):
-        for rule in ("fedavg", "fedavg+clip-median:2", "median", "trimmed-mean:0.2"):
+        for rule in ("fedavg", "fedavg+clip-median:2", str(DEFAULT), "median", "trimmed-mean:0.2"):
             seconds, peak = close_cost(params, nodes, rule)
-            print(f"{rule:32s} {params:9d} {nodes:5d} {1e3 * seconds:8.2f} {peak:9.1f}")
+            print(f"{rule:38s} {params:9d} {nodes:5d} {1e3 * seconds:8.2f} {peak:9.1f}")
 
 
 if __name__ == "__main__":
