@@ -78,6 +78,7 @@ class RoundSettings:
     # How a round's updates become the new model (aggregator.robust). Not part of the
     # fingerprint: like the round policy it is the server's choice, which an operator may
     # change on restart (say to median, once an attack shows); metrics record it per round.
+    # Plain FedAvg here; `fedmq aggregator` defaults to robust.DEFAULT (AggregatorConfig).
     aggregation: Rule = FEDAVG
 
     def __post_init__(self) -> None:
