@@ -347,7 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Open rounds by publishing the global model (retained), "
         "accept each node's update once per round, close the round when every "
         "expected node has reported (or, once --round-timeout has passed, when "
-        "--min-nodes have), apply FedAvg weighted by examples, "
+        "--min-nodes have), apply FedAvg weighted by examples "
+        "(each node's weight and update size bounded by the round's medians: --aggregation), "
         "publish metrics. Exits after --rounds rounds.",
     )
     _add_common(p)
