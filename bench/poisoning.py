@@ -213,7 +213,7 @@ def hostile_table(rounds: int, split: str) -> None:
         f"{MODEL_NAME}, {NODES} nodes {split}, 1 hostile every round, {rounds} rounds: final "
         "test accuracy (change vs the same rule's clean run, points)"
     )
-    print(f"{'rule':38s}" + "".join(f"{name:>14s}" for name in HOSTILE))
+    print(f"{'rule':38s} " + "".join(f"{name:>14s}" for name in HOSTILE))
     for rule in HOSTILE_RULES:
         cells, clean = [], None
         for attack in HOSTILE.values():
@@ -221,7 +221,7 @@ def hostile_table(rounds: int, split: str) -> None:
             clean = run.final if clean is None else clean
             cell = f"{100 * run.final:5.1f} ({100 * (run.final - clean):+5.1f})"
             cells.append(cell + ("*" if run.diverged_at else " "))
-        print(f"{rule:38s}" + "".join(f"{cell:>14s}" for cell in cells))
+        print(f"{rule:38s} " + "".join(f"{cell:>14s}" for cell in cells))
     print("* stalled: a round no honest update reached (the poisoned model's training blew up)")
 
 
