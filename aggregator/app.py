@@ -9,7 +9,7 @@ that was not yet acknowledged when the process died is redelivered by the broker
 
 import queue
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -24,7 +24,7 @@ from fedmq.aggregator.checkpoint import (
     fingerprint_mismatch,
     ways_out,
 )
-from fedmq.aggregator.robust import Clip, Rule, parse_rule, with_clip
+from fedmq.aggregator.robust import DEFAULT, Clip, Rule, parse_rule, with_clip
 from fedmq.aggregator.rounds import DEFAULT_DEADLINE_SECONDS, RoundPolicy, default_quorum
 from fedmq.aggregator.server import Aggregator, Publish, RoundSettings, dense_update_bound
 from fedmq.broker.sys_topics import DROPPED, VERSION, parse_counter
@@ -68,7 +68,9 @@ class AggregatorConfig:
     rollback_to: int | None = None  # resume from the kept checkpoint of this round
     node_ids: tuple[str, ...] | None = None  # the fleet; None: any well-formed node id
     sample_fraction: float = 1.0  # of the nodes asked to train each round
-    aggregation: str = "fedavg"  # a RULE of aggregator.robust: fedavg, median, trimmed-mean:B
+    # A RULE of aggregator.robust: fedavg, median, trimmed-mean:B, ... (default: capped
+    # and clipped FedAvg, docs/aggregation.md)
+    aggregation: str = str(DEFAULT)
     clip_norm: float | None = None  # clip each update's delta to this L2 norm first
 
 
@@ -81,9 +83,14 @@ def load_test_set(spec: str | None) -> Dataset | None:
 
 
 def aggregation_rule(config: AggregatorConfig) -> Rule:
-    """``--aggregation`` with ``--clip-norm`` folded in; ValueError if they clash."""
+    """``--aggregation`` with ``--clip-norm`` folded in; ValueError if they clash. The
+    default rule's adaptive clip gives way to ``--clip-norm`` (its examples cap stays)."""
     rule = parse_rule(config.aggregation)
-    return rule if config.clip_norm is None else with_clip(rule, Clip(config.clip_norm))
+    if config.clip_norm is None:
+        return rule
+    if rule == DEFAULT:
+        rule = replace(rule, clip=None)
+    return with_clip(rule, Clip(config.clip_norm))
 
 
 def round_policy(config: AggregatorConfig) -> RoundPolicy:

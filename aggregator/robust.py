@@ -2,17 +2,28 @@
 
 A RULE names how a round's updates become the mean delta (``parse_rule``)::
 
-    RULE  := BASE ["+" CLIP] | CLIP          (CLIP alone means fedavg+CLIP)
+    RULE  := BASE ["+" CLIP] ["+" CAP] | CLIP ["+" CAP] | CAP   (no BASE means fedavg)
     BASE  := "fedavg" | "median" | "trimmed-mean:" BETA      0 <= BETA < 0.5
     CLIP  := "clip-norm:" X | "clip-median:" F                X, F > 0
+    CAP   := "cap-examples:" C                               C >= 1, fedavg only
+
+The aggregator's default is ``DEFAULT`` (``fedavg+clip-median:2+cap-examples:1.25``):
+FedAvg in which no node counts for more than 1.25 x the round's median example count
+(room for shards that differ a little) nor moves the model by more than twice the
+round's median update norm: one hostile node in ten (any claim, any values the schema
+admits) cannot outweigh the rest.
 
 - ``fedavg``: the example-weighted mean (``aggregator.fedavg.WeightedSum``).
+- ``cap-examples:C``: before FedAvg, every claimed ``num_examples`` above C times the
+  round's low median claim (``statistics.median_low``: a claim one of the nodes made) is
+  lowered to it. Fewer than half of the nodes cannot raise that median above every honest
+  claim, so a node that claims 2**24 examples weighs at most C times an honest one.
 - ``clip-norm:X``: before the rule, every update whose whole delta (all tensors as one
   vector, L2) has norm N > X is scaled by X / N; its direction is kept. ``clip-median:F``
   is the adaptive form: X is F times the median of this round's update norms, so it
   follows the honest nodes' scale as training converges; it cannot be pushed up by fewer
   than half of the nodes. Clipping bounds what one node moves the model by, but with
-  ``fedavg`` a node still weighs in by the ``num_examples`` it claims.
+  ``fedavg`` a node still weighs in by the ``num_examples`` it claims, unless capped.
 - ``median``: per coordinate, the median of the n values (for even n, the mean of the
   two middle ones). ``trimmed-mean:BETA``: per coordinate, drop the floor(BETA * n)
   largest and as many smallest values and average the rest. Both are **unweighted**: each
@@ -24,8 +35,9 @@ A RULE names how a round's updates become the mean delta (``parse_rule``)::
   the honest nodes' values.
 
 Determinism: every function here gives bitwise the same result for the same updates in
-any order (order statistics sort the values; the median of norms sorts the norms). The
-clipped FedAvg sums in the order given, which the aggregator fixes (node-id order).
+any order (order statistics sort the values; the medians of norms and of claims sort
+them). The clipped and capped FedAvg sums in the order given, which the aggregator fixes
+(node-id order).
 
 Memory: FedAvg could fold updates into a running sum one by one; an order statistic needs
 all n values of a coordinate at once, so the median and trimmed mean **cannot stream**:
@@ -82,6 +94,7 @@ class Rule:
     kind: str = "fedavg"
     trim: float = 0.0  # BETA, per side; trimmed-mean only
     clip: Clip | None = None
+    cap: float | None = None  # C of cap-examples:C; fedavg only
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -90,11 +103,19 @@ class Rule:
             raise ValueError(f"trimmed-mean needs 0 <= BETA < 0.5, got {self.trim}")
         if self.kind != "trimmed-mean" and self.trim:
             raise ValueError(f"{self.kind} takes no trim fraction")
+        if self.cap is not None:
+            if self.kind != "fedavg":
+                raise ValueError(
+                    f"{self.kind} gives each node one vote whatever it claims: "
+                    "cap-examples applies to fedavg only"
+                )
+            if not 1 <= self.cap < math.inf:
+                raise ValueError(f"cap-examples:C needs 1 <= C, got {_number(self.cap)}")
 
     @property
     def plain(self) -> bool:
         """Plain FedAvg: the aggregator's running sum as it always was."""
-        return self.kind == "fedavg" and self.clip is None
+        return self.kind == "fedavg" and self.clip is None and self.cap is None
 
     @property
     def streams(self) -> bool:
@@ -103,12 +124,19 @@ class Rule:
 
     def __str__(self) -> str:
         base = f"trimmed-mean:{_number(self.trim)}" if self.kind == "trimmed-mean" else self.kind
-        return base if self.clip is None else f"{base}+{self.clip}"
+        clip = "" if self.clip is None else f"+{self.clip}"
+        cap = "" if self.cap is None else f"+cap-examples:{_number(self.cap)}"
+        return base + clip + cap
 
 
 FEDAVG = Rule()
+# The aggregator's default: FedAvg that one hostile node cannot dominate (docs/aggregation.md)
+DEFAULT = Rule(clip=Clip(2.0, adaptive=True), cap=1.25)
 
-GRAMMAR = "fedavg, median or trimmed-mean:BETA, optionally +clip-norm:X or +clip-median:F"
+GRAMMAR = (
+    "fedavg, median or trimmed-mean:BETA, optionally +clip-norm:X or +clip-median:F, "
+    "and for fedavg +cap-examples:C"
+)
 
 
 def _number(value: float) -> str:
@@ -129,11 +157,17 @@ def _value(text: str, what: str) -> float:
 def parse_rule(text: str) -> Rule:
     """A RULE (see the module docstring) or ValueError naming what is wrong."""
     parts = text.strip().split("+")
-    if len(parts) > 2 or not all(parts):
+    if not all(parts):
         raise ValueError(f"aggregation {text!r} is not {GRAMMAR}")
-    base, clip = parts[0], parts[1] if len(parts) == 2 else None
-    if clip is None and base.startswith("clip-"):
-        base, clip = "fedavg", base
+    if parts[0].startswith(("clip-", "cap-")):
+        parts.insert(0, "fedavg")
+    base, clip, cap = parts[0], None, None
+    if len(parts) > 1 and not parts[1].startswith("cap-"):
+        clip = parts.pop(1)
+    if len(parts) > 1:
+        cap = parts.pop(1)
+    if len(parts) > 1:
+        raise ValueError(f"aggregation {text!r} is not {GRAMMAR}")
     kind, _, argument = base.partition(":")
     if kind == "trimmed-mean":
         rule = Rule(kind, trim=_value(argument, "trimmed-mean:BETA"))
@@ -141,6 +175,11 @@ def parse_rule(text: str) -> Rule:
         rule = Rule(kind)
     else:
         raise ValueError(f"aggregation {text!r} is not {GRAMMAR}")
+    if cap is not None:
+        name, _, argument = cap.partition(":")
+        if name != "cap-examples":
+            raise ValueError(f"aggregation {text!r}: {cap!r} is not cap-examples:C")
+        rule = replace(rule, cap=_value(argument, name))
     if clip is None:
         return rule
     name, _, argument = clip.partition(":")
@@ -209,6 +248,14 @@ def clip_factors(norms: Sequence[float], clip: Clip) -> tuple[list[float], float
     norm, order-independent)."""
     bound = clip.bound * statistics.median(norms) if clip.adaptive else clip.bound
     return [1.0 if norm <= bound else bound / norm for norm in norms], bound
+
+
+def cap_weights(claims: Sequence[int], factor: float) -> tuple[list[int], int]:
+    """Each claimed example count lowered to ``factor`` x the low median claim, and that
+    cap (an int >= 1: FedAvg's weights stay integers). Order-independent; one node, or
+    any minority, cannot raise the low median above every other node's claim."""
+    cap = max(1, math.floor(factor * statistics.median_low(claims)))
+    return [min(claim, cap) for claim in claims], cap
 
 
 def scaled(delta: Mapping[str, Encoded], factor: float) -> dict[str, Encoded]:
@@ -326,14 +373,21 @@ def trimmed_mean(
 @dataclass(frozen=True)
 class Outcome:
     delta: Params  # float64: what ``apply_mean_delta`` adds to the global model
+    # The example count credited to each update: num_examples, lowered by cap-examples
+    # (FedAvg's weights; the median and trimmed mean weigh deltas equally whatever these)
+    weights: list[int]
     clipped: int = 0  # updates scaled down by the clip
     clip_bound: float | None = None  # the bound used this round
+    capped: int = 0  # claims lowered to the examples cap
+    examples_cap: int | None = None  # the cap used this round
 
     def metrics(self, rule: Rule) -> dict[str, Any]:
         """What the round's metrics record (``RoundMetrics.extra``)."""
         extra: dict[str, Any] = {"aggregation": str(rule)}
         if rule.clip is not None:
             extra |= {"clipped": self.clipped, "clip_bound": self.clip_bound}
+        if rule.cap is not None:
+            extra |= {"capped": self.capped, "examples_cap": self.examples_cap}
         return extra
 
 
@@ -344,17 +398,22 @@ def aggregate(
     if not updates:
         raise ValueError("no update to aggregate")
     deltas = [delta for delta, _ in updates]
+    claims = [weight for _, weight in updates]
     factors, bound = [1.0] * len(deltas), None
     if rule.clip is not None:
         factors, bound = clip_factors([update_norm(d) for d in deltas], rule.clip)
     clipped = sum(f < 1 for f in factors)
+    weights, cap = claims, None
+    if rule.cap is not None:
+        weights, cap = cap_weights(claims, rule.cap)
+    capped = sum(w < c for w, c in zip(weights, claims, strict=True))
     if rule.kind == "fedavg":
         total = WeightedSum(layout)
-        for (delta, weight), factor in zip(updates, factors, strict=True):
+        for delta, weight, factor in zip(deltas, weights, factors, strict=True):
             total.add(delta if factor == 1 else scaled(delta, factor), weight)
         mean = total.mean()
     elif rule.kind == "median":
         mean = coordinate_median(deltas, layout, factors)
     else:
         mean = trimmed_mean(deltas, layout, rule.trim, factors)
-    return Outcome(mean, clipped, bound)
+    return Outcome(mean, weights, clipped, bound, capped, cap)

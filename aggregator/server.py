@@ -78,6 +78,7 @@ class RoundSettings:
     # How a round's updates become the new model (aggregator.robust). Not part of the
     # fingerprint: like the round policy it is the server's choice, which an operator may
     # change on restart (say to median, once an attack shows); metrics record it per round.
+    # Plain FedAvg here; `fedmq aggregator` defaults to robust.DEFAULT (AggregatorConfig).
     aggregation: Rule = FEDAVG
 
     def __post_init__(self) -> None:
@@ -479,7 +480,7 @@ class Aggregator:
 
     def sum_accepted(self) -> tuple[WeightedSum, float]:
         """The open round's example-weighted sums (deltas, training loss), in node-id
-        order: a fixed order, see the module docstring."""
+        order: a fixed order, see the module docstring. Plain FedAvg's round close."""
         total = WeightedSum(self.layout)
         train_loss_sum = 0.0
         for node_id in sorted(self._accepted):
@@ -488,22 +489,26 @@ class Aggregator:
             train_loss_sum += update.train_loss * update.num_examples
         return total, train_loss_sum
 
-    def _aggregate(self, total: WeightedSum) -> tuple[Params, dict[str, Any]]:
-        """The round's mean delta under the configured rule, and what its metrics add.
+    def _aggregate(self) -> tuple[Params, float, dict[str, Any]]:
+        """The round's mean delta under the configured rule, the participants' mean
+        training loss (weighted as their deltas were) and what the metrics add.
 
         Plain FedAvg is the running sum's mean, exactly as before; the other rules read
-        the held updates in node-id order (``total`` still gives the weights and losses)."""
+        the held updates in node-id order."""
         rule = self.settings.aggregation
         if rule.plain:
-            return total.mean(), {}
-        updates = [(u.delta, u.num_examples) for _, u in sorted(self._accepted.items())]
-        outcome = aggregate(rule, updates, self.layout)
-        return outcome.delta, outcome.metrics(rule)
+            total, train_loss_sum = self.sum_accepted()
+            return total.mean(), train_loss_sum / total.total_weight, {}
+        updates = [self._accepted[node_id] for node_id in sorted(self._accepted)]
+        outcome = aggregate(rule, [(u.delta, u.num_examples) for u in updates], self.layout)
+        train_loss_sum = 0.0
+        for update, weight in zip(updates, outcome.weights, strict=True):
+            train_loss_sum += update.train_loss * weight
+        return outcome.delta, train_loss_sum / sum(outcome.weights), outcome.metrics(rule)
 
     def _close_round(self, closed_by: str) -> None:
         started = self._clock()
-        total, train_loss_sum = self.sum_accepted()
-        mean_delta, extra = self._aggregate(total)
+        mean_delta, train_loss, extra = self._aggregate()
         previous = (self.params, self.model_id)
         self.params = apply_mean_delta(self.params, mean_delta)
         self.model_id = model_id_of(self.params)
@@ -516,10 +521,10 @@ class Aggregator:
             round=self.round,
             model_id=self.model_id,
             participants=participants,
-            num_examples=total.total_weight,
+            num_examples=sum(update.num_examples for update in self._accepted.values()),
             accuracy=accuracy,
             loss=loss,
-            train_loss=train_loss_sum / total.total_weight,
+            train_loss=train_loss,
             uplink_bytes=self._uplink_bytes,
             # what the participants needed: the compact form if there was one
             downlink_bytes=(self._delta_bytes or self._global_bytes) * len(participants),

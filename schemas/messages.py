@@ -466,16 +466,16 @@ def _examples(obj: Mapping[str, Any]) -> int:
     return value
 
 
-# Reported training losses beyond this are nonsense, and their example-weighted sum over a
-# round could overflow float64.
+# Reported training losses are saturated to +-MAX_LOSS when decoded: beyond it they say
+# no more than "diverging", and their example-weighted sum over a round could overflow
+# float64. They are not rejected: an honest node whose model was driven far off (say by
+# a poisoned round) must still be heard, or its rounds stall.
 MAX_LOSS = 1e12
 
 
-def _bounded(obj: Mapping[str, Any], key: str, limit: float) -> float:
+def _saturated(obj: Mapping[str, Any], key: str, limit: float) -> float:
     value = _get(obj, key, float)
-    if abs(value) > limit:
-        raise SchemaError("bad_field", f"{key} is {value}, beyond +-{limit:g}")
-    return value
+    return max(-limit, min(limit, value))
 
 
 def _positive_float(obj: Mapping[str, Any], key: str) -> float:
@@ -609,7 +609,7 @@ def decode_update(
         round=_positive(obj, "round", minimum=1),
         base_model_id=_model_id(obj, "base_model_id"),
         num_examples=_examples(obj),
-        train_loss=_bounded(obj, "train_loss", MAX_LOSS),
+        train_loss=_saturated(obj, "train_loss", MAX_LOSS),
         train_seconds=train_seconds,
         sent_at=_get(obj, "sent_at", float),
         compression=compression,

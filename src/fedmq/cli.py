@@ -347,7 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Open rounds by publishing the global model (retained), "
         "accept each node's update once per round, close the round when every "
         "expected node has reported (or, once --round-timeout has passed, when "
-        "--min-nodes have), apply FedAvg weighted by examples, "
+        "--min-nodes have), apply FedAvg weighted by examples "
+        "(each node's weight and update size bounded by the round's medians: --aggregation), "
         "publish metrics. Exits after --rounds rounds.",
     )
     _add_common(p)
@@ -443,13 +444,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--aggregation",
         type=_aggregation,
-        default="fedavg",
+        default="fedavg+clip-median:2+cap-examples:1.25",
         metavar="RULE",
-        help="how a round's updates are combined: fedavg (default; weighted by examples), "
-        "median or trimmed-mean:BETA (coordinate-wise, one vote per node, BETA < 0.5 cut "
-        "from each side; they hold the round's updates in memory), optionally with "
-        "+clip-norm:X or +clip-median:F (clip each update's L2 norm to X, or to F x the "
-        "round's median norm), e.g. trimmed-mean:0.2+clip-median:2",
+        help="how a round's updates are combined: fedavg (weighted by examples), median or "
+        "trimmed-mean:BETA (coordinate-wise, one vote per node, BETA < 0.5 cut from each "
+        "side; they hold the round's updates in memory), optionally with +clip-norm:X or "
+        "+clip-median:F (clip each update's L2 norm to X, or to F x the round's median "
+        "norm) and, for fedavg, +cap-examples:C (count no node for more than C x the "
+        "round's median num_examples). Default fedavg+clip-median:2+cap-examples:1.25: no "
+        "single node can outweigh the fleet; plain fedavg trusts every claim "
+        "(docs/aggregation.md)",
     )
     p.add_argument(
         "--clip-norm",
@@ -457,7 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="X",
         help="clip each update's delta to L2 norm X before aggregating "
-        "(the same as adding +clip-norm:X to --aggregation)",
+        "(the same as adding +clip-norm:X to --aggregation; replaces the default's "
+        "clip-median:2)",
     )
 
     p = sub.add_parser(

@@ -508,17 +508,20 @@ def test_the_aggregator_never_raises_on_random_bytes(payload: bytes) -> None:
     assert len(rejected_events(logs)) == 1
 
 
-def test_an_extreme_train_loss_cannot_make_the_metrics_undecodable() -> None:
-    """train_loss 1e308 x 10 examples overflowed the weighted sum to inf, and the metrics
-    then failed decode_metrics ("non_finite"); since 4e3ad62 the decoder bounds train_loss."""
-    h = Harness(policy=RoundPolicy(expected_nodes=1, min_nodes=1))
+def test_an_extreme_train_loss_is_accepted_and_keeps_the_metrics_finite() -> None:
+    """train_loss 1e308 x 10 examples overflowed the weighted sum to inf (metrics then
+    failed decode_metrics). Rejecting such updates as bad_field was no cure: after a
+    poisoning honest nodes reported losses near 1e30, every update was rejected and the
+    run stalled for good. A finite loss is accepted, saturated to MAX_LOSS."""
+    h = Harness(policy=RoundPolicy(expected_nodes=2, min_nodes=2))
     h.agg.start()
     with structlog.testing.capture_logs() as logs:
         h.report("pi-a", train_loss=1e308, num_examples=10)
-    assert [e["reason"] for e in rejected_events(logs)] == ["bad_field"]
-    h.report("pi-b")
+        h.report("pi-b", train_loss=-1e30, num_examples=10)
+    assert rejected_events(logs) == []
     (metrics,) = h.metrics()  # decodes
-    assert metrics.rejected == {"bad_field": 1}
+    assert metrics.participants == ["pi-a", "pi-b"] and metrics.rejected == {}
+    assert metrics.train_loss == 0.0  # (MAX_LOSS - MAX_LOSS) / 2
 
 
 def test_the_largest_accepted_losses_and_weights_keep_the_metrics_finite() -> None:

@@ -14,9 +14,11 @@ from fedmq.aggregator.app import AggregatorConfig, build_aggregator
 from fedmq.aggregator.checkpoint import StateDir
 from fedmq.aggregator.fedavg import WeightedSum
 from fedmq.aggregator.robust import (
+    DEFAULT,
     Clip,
     Rule,
     aggregate,
+    cap_weights,
     check_memory,
     clip_factors,
     coordinate_median,
@@ -31,7 +33,8 @@ from fedmq.aggregator.server import Aggregator
 from fedmq.cli import build_parser
 from fedmq.mqtt import BrokerAddress
 from fedmq.schemas import decode_metrics
-from fedmq.schemas.encodings import Quantized, Sparse, to_dense
+from fedmq.schemas.encodings import MAX_ABS, Quantized, Sparse, to_dense
+from fedmq.schemas.messages import MAX_EXAMPLES, MAX_LOSS
 from tests.unit.test_aggregator_server import MODEL, TOPICS, Harness
 
 LAYOUT = {"w": (3, 4), "b": (5,)}
@@ -59,6 +62,9 @@ def flat(delta: dict[str, np.ndarray]) -> np.ndarray:
         ("fedavg+clip-norm:2.5", "fedavg+clip-norm:2.5"),
         ("median+clip-median:2", "median+clip-median:2"),
         ("trimmed-mean:0.10+clip-norm:1e3", "trimmed-mean:0.1+clip-norm:1000"),
+        ("cap-examples:1", "fedavg+cap-examples:1"),
+        ("clip-median:2+cap-examples:1.5", "fedavg+clip-median:2+cap-examples:1.5"),
+        ("fedavg+clip-median:2+cap-examples:1", "fedavg+clip-median:2+cap-examples:1"),
     ],
 )
 def test_rules_parse_to_their_canonical_text(text: str, canonical: str) -> None:
@@ -73,7 +79,10 @@ def test_rules_parse_to_their_canonical_text(text: str, canonical: str) -> None:
         "", "mean", "fedavg:1", "median:0.2", "trimmed-mean", "trimmed-mean:0.5",
         "trimmed-mean:-0.1", "trimmed-mean:x", "clip-norm:0", "clip-norm:-1", "clip-norm:inf",
         "clip-norm", "median+", "median+clip-norm:1+clip-norm:2", "median+median",
-        "clip-norm:1+median", "trimmed-mean:nan",
+        "clip-norm:1+median", "trimmed-mean:nan", "median+cap-examples:1",
+        "trimmed-mean:0.2+clip-median:2+cap-examples:2", "cap-examples:0.5", "cap-examples",
+        "cap-examples:inf", "fedavg+cap-examples:1+clip-norm:1", "cap-examples:1+cap-examples:2",
+        "fedavg+clip-norm:1+clip-median:2+cap-examples:1",
     ],
 )  # fmt: skip
 def test_bad_rules_are_refused_with_a_reason(text: str) -> None:
@@ -90,7 +99,87 @@ def test_a_second_clip_is_refused() -> None:
 def test_plain_fedavg_is_only_the_unclipped_one() -> None:
     assert parse_rule("fedavg").plain and Rule().plain
     assert not parse_rule("fedavg+clip-norm:1").plain
+    assert not parse_rule("fedavg+cap-examples:4").plain
     assert not parse_rule("median").plain
+    assert not DEFAULT.plain
+    assert parse_rule(str(DEFAULT)) == DEFAULT
+
+
+# --------------------------------------------------------------------------- the default
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    honest=st.lists(st.integers(1, MAX_EXAMPLES), min_size=2, max_size=30),
+    hostile=st.integers(1, MAX_EXAMPLES),
+    factor=st.sampled_from([1.0, 1.5, 2.0, 4.0]),
+)
+def test_one_claim_cannot_raise_the_examples_cap(
+    honest: list[int], hostile: int, factor: float
+) -> None:
+    """Whatever one node claims, the cap stays within C x the honest claims' range, so it
+    weighs at most C x the largest honest claim; claims at or below the cap are kept."""
+    claims = [*honest, hostile]
+    weights, cap = cap_weights(claims, factor)
+    assert 1 <= cap <= factor * max(honest)
+    assert weights[-1] <= factor * max(honest)
+    assert all(w == min(c, cap) for w, c in zip(weights, claims, strict=True))
+    assert cap_weights(claims[::-1], factor) == (weights[::-1], cap)  # order-free
+
+
+def honest_round(rng: np.random.Generator, n: int = 9) -> list[tuple[dict, int]]:
+    """n honest updates as on an IID split: equal norms (none is clipped, with or without
+    one hostile update) and equal example counts (none is capped)."""
+    deltas = [random_delta(rng) for _ in range(n)]
+    return [({k: (v * np.float32(0.05 / update_norm(d))) for k, v in d.items()}, 150)
+            for d in deltas]  # fmt: skip
+
+
+@settings(max_examples=100, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 12))
+def test_the_default_leaves_an_iid_honest_round_bitwise_plain_fedavg(seed: int, n: int) -> None:
+    rng = np.random.default_rng(seed)
+    updates = [(random_delta(rng, 0.01), 150) for _ in range(n)]
+    total = WeightedSum(LAYOUT)
+    for delta, weight in updates:
+        total.add(delta, weight)
+    outcome = aggregate(DEFAULT, updates, LAYOUT)
+    if outcome.clipped == 0:  # an honest norm beyond twice the median is clipped, by design
+        assert all(outcome.delta[n].tobytes() == total.mean()[n].tobytes() for n in LAYOUT)
+    assert outcome.capped == 0 and outcome.weights == [150] * n
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    claim=st.integers(1, MAX_EXAMPLES),
+    magnitude=st.sampled_from([1e-3, 1.0, 1e6, 1e14, MAX_ABS]),
+    flip=st.booleans(),
+)
+def test_one_hostile_update_moves_the_default_by_a_bounded_amount(
+    seed: int, claim: int, magnitude: float, flip: bool
+) -> None:
+    """Nine honest updates and one hostile one (any claim, any values within the schema's
+    limits): it weighs at most the median claim and counts with at most twice the median
+    norm, so it moves the mean by at most w / (W + w) x (2 x median norm + |honest mean|)
+    (plain FedAvg: by up to ~1e15)."""
+    rng = np.random.default_rng(seed)
+    honest = honest_round(rng)
+    plain_mean = aggregate(parse_rule("fedavg"), honest, LAYOUT).delta
+    if flip:  # the honest mean's direction, reversed and blown up
+        bad = {n: (-magnitude * plain_mean[n] / np.abs(flat(plain_mean)).max()) for n in LAYOUT}
+    else:
+        bad = {n: rng.choice([-magnitude, magnitude], s) for n, s in LAYOUT.items()}
+    bad = {n: np.clip(v, -MAX_ABS, MAX_ABS).astype(np.float32) for n, v in bad.items()}
+    outcome = aggregate(DEFAULT, [*honest, (bad, claim)], LAYOUT)
+    norms = sorted(update_norm(d) for d, _ in honest)
+    w, honest_weight = outcome.weights[-1], sum(outcome.weights[:-1])
+    assert w <= 187 and outcome.examples_cap == 187 and outcome.clipped <= 1  # 1.25 x 150
+    assert outcome.clip_bound is not None and outcome.clip_bound <= 2 * norms[-1] * (1 + 1e-6)
+    moved = np.linalg.norm(flat(outcome.delta) - flat(plain_mean))
+    bound = w / (honest_weight + w) * (outcome.clip_bound + np.linalg.norm(flat(plain_mean)))
+    assert moved <= bound * (1 + 1e-5) + 1e-9
+    assert moved < np.linalg.norm(flat(plain_mean)) * 3
 
 
 # --------------------------------------------------------------------------- clipping
@@ -317,6 +406,19 @@ def test_refused_at_start_up_by_settings_config_and_cli() -> None:
     assert str(built.settings.aggregation) == "trimmed-mean:0.2+clip-norm:2"
 
 
+def test_clip_norm_replaces_the_default_clip_and_keeps_its_cap() -> None:
+    config = AggregatorConfig(broker=BrokerAddress(), federation="f", test_data=None)
+    built = build_aggregator(config, lambda topic, payload, retain: None)
+    assert built.settings.aggregation == DEFAULT
+    built = build_aggregator(replace(config, clip_norm=2.0), lambda topic, payload, retain: None)
+    assert str(built.settings.aggregation) == "fedavg+clip-norm:2+cap-examples:1.25"
+    with pytest.raises(ValueError, match="already clips"):  # a clip the operator chose
+        build_aggregator(
+            replace(config, aggregation="fedavg+clip-median:3", clip_norm=2.0),
+            lambda topic, payload, retain: None,
+        )
+
+
 def test_the_bound_counts_the_updates_a_round_can_take() -> None:
     base = replace(Harness().settings, aggregation=parse_rule("median"))
     fleet = frozenset(f"n{i}" for i in range(200_000))
@@ -336,7 +438,9 @@ def test_cli_options(capsys: pytest.CaptureFixture[str]) -> None:
         ["aggregator", "--aggregation", "trimmed-mean:0.20", "--clip-norm", "3"]
     )
     assert (args.aggregation, args.clip_norm) == ("trimmed-mean:0.2", 3.0)
-    assert build_parser().parse_args(["aggregator"]).aggregation == "fedavg"
+    default = build_parser().parse_args(["aggregator"]).aggregation
+    config = AggregatorConfig(broker=BrokerAddress(), federation="f")
+    assert default == str(DEFAULT) == config.aggregation
     with pytest.raises(SystemExit) as exit_:
         build_parser().parse_args(["aggregator", "--aggregation", "mean"])
     assert exit_.value.code == 2
@@ -402,7 +506,37 @@ def test_robust_rules_in_the_aggregator_ignore_arrival_order(rule: str) -> None:
     assert max(np.abs(plain.agg.params[n] - plain.initial[n]).max() for n in MODEL.layout) > 100
 
 
-@pytest.mark.parametrize("rule", ["median", "trimmed-mean:0.2+clip-median:1"])
+def test_the_default_in_the_aggregator_caps_a_claim_and_clips_a_delta() -> None:
+    """A node claiming 2**24 examples, the largest loss and a delta 1e6 times too big
+    counts for 1.25 x the median claim with twice the median norm, in the model and the
+    metrics."""
+    h = robust_harness(str(DEFAULT))
+    h.agg.start()
+    for i in range(3):
+        rng = np.random.default_rng(i)
+        delta = {n: rng.normal(0, 0.01, s).astype(np.float32) for n, s in MODEL.layout.items()}
+        if i < 2:
+            h.report(f"n{i}", delta=delta, num_examples=10)
+        else:
+            delta = {n: v * np.float32(-1e6) for n, v in delta.items()}
+            h.report("n2", delta=delta, num_examples=MAX_EXAMPLES, train_loss=MAX_LOSS)
+    (metrics,) = h.metrics()
+    assert metrics.extra == {
+        "aggregation": "fedavg+clip-median:2+cap-examples:1.25",
+        "clipped": 1,
+        "clip_bound": metrics.extra["clip_bound"],
+        "capped": 1,
+        "examples_cap": 12,  # 1.25 x 10, rounded down
+    }
+    assert metrics.num_examples == 20 + MAX_EXAMPLES  # as claimed
+    assert metrics.train_loss == pytest.approx((1.25 * 20 + MAX_LOSS * 12) / 32)
+    change = max(np.abs(h.agg.params[n] - h.initial[n]).max() for n in MODEL.layout)
+    assert change < 0.1
+
+
+@pytest.mark.parametrize(
+    "rule", ["median", "trimmed-mean:0.2+clip-median:1", "fedavg+clip-median:1+cap-examples:1"]
+)
 def test_a_crash_and_resume_gives_bitwise_the_same_model(rule: str, tmp_path: Path) -> None:
     nodes = [f"n{i}" for i in range(5)]
 
