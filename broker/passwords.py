@@ -78,7 +78,9 @@ def render(entries: dict[str, str]) -> str:
 
 def write_secret(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` with mode 0600, atomically (a reader such as a reloading
-    mosquitto sees the old file or the new one, never half of it)."""
+    mosquitto sees the old file or the new one, never half of it). A file replaced keeps
+    its owner: an operator who gave the password file to the mosquitto user and then runs
+    ``add-node`` as root must not lock the broker out of it at the next reload."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp")
     temporary.unlink(missing_ok=True)
@@ -86,5 +88,9 @@ def write_secret(path: Path, text: str) -> None:
     with os.fdopen(descriptor, "w") as file:
         file.write(text)
         file.flush()
+        if path.exists():
+            previous = path.stat()
+            if (previous.st_uid, previous.st_gid) != (os.geteuid(), os.getegid()):
+                os.fchown(file.fileno(), previous.st_uid, previous.st_gid)
         os.fsync(file.fileno())
     os.replace(temporary, path)

@@ -81,6 +81,21 @@ def test_secrets_are_written_0600(tmp_path: Path):
     assert [p.name for p in target.parent.iterdir()] == ["secret"]
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can give a file to another user")
+def test_adding_a_node_keeps_the_password_files_owner(deployment: Path, tmp_path: Path):
+    # The Pi guide gives the broker's files to the mosquitto user; add-node run as root
+    # rewrote the password file as root's 0600, and the next reload refused every client.
+    root = tmp_path / "copy"
+    shutil.copytree(deployment, root)
+    password_file = credentials.Layout(root).listener_files.passwords
+    os.chown(password_file, 4321, 4322)
+    credentials.add_node(root, "pi-03")
+    credentials.revoke_node(root, "pi-01")
+    owner = password_file.stat()
+    assert (owner.st_uid, owner.st_gid) == (4321, 4322)
+    assert stat.S_IMODE(owner.st_mode) == 0o600
+
+
 # ---- ACL -----------------------------------------------------------------------------------
 
 
