@@ -350,6 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--min-nodes have), apply FedAvg weighted by examples "
         "(each node's weight and update size bounded by the round's medians: --aggregation), "
         "publish metrics. Exits after --rounds rounds.",
+        epilog="Exit status: 0 when the last round has closed; 130 when stopped (Ctrl-C, "
+        "SIGTERM) before; 2 on a configuration error: bad settings, a refused login, a "
+        "state directory in use or holding another run.",
     )
     _add_common(p)
     p.add_argument(
@@ -405,8 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--state-dir",
         type=Path,
         default=Path(".fedmq-aggregator"),
-        help="checkpoint and journal of the run, resumed after a crash or restart "
-        "(default ./.fedmq-aggregator)",
+        help="checkpoint and journal of the run, resumed after a crash or restart; "
+        "locked while the aggregator runs (default ./.fedmq-aggregator)",
     )
     restart = p.add_mutually_exclusive_group()
     restart.add_argument(
