@@ -82,9 +82,14 @@ def lock_directory(directory: Path) -> DirectoryLock:
     """Create ``directory`` if missing and lock it for this process; raise
     ``DirectoryLocked`` naming the holder if another process (or another lock of this
     one) has it."""
+    import errno
     import fcntl
     import socket
 
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(
+            errno.ENOTDIR, "Not a directory, cannot keep state in it", str(directory)
+        )
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / LOCK_FILE
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)

@@ -101,3 +101,11 @@ def test_a_node_takes_its_state_from_the_old_default_directory(tmp_path: Path) -
     progress.save(old / "last_update.msgpack", dataclasses.replace(mine, round=9))
     assert not adopt_old_state(old, new, federation=FEDERATION, node_id=NODE)
     assert progress.load(new / "last_update.msgpack") == mine
+
+
+def test_a_state_directory_that_is_a_file_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "state"
+    path.write_text("not a directory")
+    with pytest.raises(NotADirectoryError, match="Not a directory") as refused:
+        lock_directory(path)
+    assert str(path) in str(refused.value)
