@@ -2,6 +2,7 @@
 configures logging and installs signal handlers."""
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import signal
@@ -631,8 +632,9 @@ def entry() -> None:
         import logging
 
         logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError):  # a reader gone away: nothing to keep
+                stream.flush()
         os._exit(code)
     raise SystemExit(code)
 
