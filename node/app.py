@@ -4,7 +4,6 @@ Only this module touches MQTT, files and clocks for a node; the maths is in
 ``node.training``. Training runs on the main thread, never in a paho callback.
 """
 
-import dataclasses
 import math
 import queue
 import threading
@@ -406,9 +405,9 @@ class Node:
 def run(config: NodeConfig, stop: threading.Event) -> int:
     """Take part until the run is over (with ``exit_when_done``: exit 0) or ``stop`` is set
     (exit 130). Holds a lock on the state directory meanwhile (``DirectoryLocked`` if
-    another process has it). A node that stops on an error (its data cannot train the
-    model, its state cannot be written) leaves the reason as the ``detail`` of its
-    retained ``offline`` status, then raises."""
+    another process has it). A node that stops on an error once connected (its data
+    cannot train the model, its state cannot be written) leaves the reason as the
+    ``detail`` of its retained ``offline`` status, then raises."""
     structlog.contextvars.bind_contextvars(node=config.node_id, federation=config.federation)
     lock = lock_directory(config.state_dir)
     try:
@@ -423,6 +422,7 @@ def run(config: NodeConfig, stop: threading.Event) -> int:
 
 def _run(config: NodeConfig, stop: threading.Event) -> int:
     enable_compile_cache(config.state_dir / "jax-cache")
+    data = load_local_data(config)  # unreadable: one line and exit 2, before connecting
     topics = Topics(config.federation)
     offline = NodeStatus(federation=config.federation, node_id=config.node_id, state="offline")
     inbox: queue.Queue[edge.Received] = queue.Queue()
@@ -434,16 +434,6 @@ def _run(config: NodeConfig, stop: threading.Event) -> int:
         persistent=True,  # a stable session; the QoS 0 downlink queues nothing while away
     )
     outbox = edge.Outbox(client)
-    try:
-        data = load_local_data(config)
-    except ValueError as error:
-        log.error("node.failed", reason=str(error))
-        edge.start(client, config.broker)
-        why = f"stopped on an error: {error}"
-        stopped = dataclasses.replace(offline, at=time.time(), detail=why)
-        outbox.publish(topics.status(config.node_id), encode(stopped), retain=True)
-        _leave(client, outbox, stop)
-        raise
     node = Node(config, data, outbox)
     edge.start(client, config.broker)
     log.info("node.started", examples=len(data), broker=str(config.broker))
@@ -467,8 +457,7 @@ def _run(config: NodeConfig, stop: threading.Event) -> int:
     except edge.LoginRefused:
         edge.stop(client)
         raise
-    except Exception as error:
-        log.error("node.failed", reason=str(error), last_trained=node.last_trained)
+    except Exception as error:  # the CLI prints it: one line, exit 2
         node.status("offline", detail=f"stopped on an error: {error}")
         node.progress.close()
         _leave(client, outbox, stop)

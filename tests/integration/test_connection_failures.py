@@ -222,19 +222,6 @@ def test_a_node_whose_data_does_not_fit_leaves_the_reason_in_its_status(
     assert status.detail is not None and "10 features" in status.detail, status
 
 
-def test_a_node_that_cannot_read_its_data_leaves_the_reason_in_its_status(
-    spawn, mosquitto, federation, tmp_path
-):  # type: ignore[no-untyped-def]
-    missing = tmp_path / "no-such-data.npz"
-    node = spawn("node", "node", "--broker", mosquitto.address, "--federation", federation,
-                 "--log-json", "--node-id", "pi-01", "--data", str(missing),
-                 "--state-dir", str(tmp_path / "node"))  # fmt: skip
-    assert node.wait(60) == 2, node.log()[-3000:]
-    status = retained_status(mosquitto, Topics(federation), "pi-01")
-    assert status.state == "offline", status
-    assert status.detail is not None and str(missing) in status.detail, status
-
-
 def test_a_node_whose_training_diverges_says_why(spawn, mosquitto, federation, collect, tmp_path):  # type: ignore[no-untyped-def]
     topics = Topics(federation)
     watcher = collect([topics.status("pi-01")])
