@@ -30,6 +30,7 @@ from fedmq.aggregator.server import Aggregator, Publish, RoundSettings, dense_up
 from fedmq.broker.sys_topics import DROPPED, VERSION, parse_counter
 from fedmq.compression import parse_spec
 from fedmq.datasets import Dataset, digits, load_npz
+from fedmq.files import lock_directory
 from fedmq.models import get_model
 from fedmq.progress import ProgressLine
 from fedmq.report import build_report, write_report
@@ -262,7 +263,19 @@ def leave(client: mqtt.Client, outbox: edge.Outbox, topics: Topics, *, done: boo
 
 
 def run(config: AggregatorConfig, stop: threading.Event) -> int:
-    """Run rounds until the last one closes (exit 0) or ``stop`` is set (exit 130)."""
+    """Run rounds until the last one closes (exit 0) or ``stop`` is set (exit 130).
+
+    Holds a lock on the state directory meanwhile (``DirectoryLocked`` if another process
+    has it); raises ``LoginRefused`` if the broker refuses the login for good."""
+    lock = lock_directory(config.state_dir) if config.state_dir is not None else None
+    try:
+        return _run(config, stop)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run(config: AggregatorConfig, stop: threading.Event) -> int:
     topics = Topics(config.federation)
     inbox: queue.Queue[edge.Received] = queue.Queue()
     ready = threading.Event()
@@ -294,6 +307,7 @@ def run(config: AggregatorConfig, stop: threading.Event) -> int:
     resumed = resume_or_start(aggregator, store, rollback_to=config.rollback_to)
     edge.start(client, config.broker)
     while not ready.wait(0.2):
+        edge.check(client)
         if stop.is_set():
             edge.stop(client)
             return 130
@@ -305,6 +319,7 @@ def run(config: AggregatorConfig, stop: threading.Event) -> int:
     connects = 0
     progress = ProgressLine()
     while not aggregator.done and not stop.is_set():
+        edge.check(client)
         progress.show(progress_text(aggregator))
         timeout = aggregator.timeout()
         try:

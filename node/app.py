@@ -4,6 +4,7 @@ Only this module touches MQTT, files and clocks for a node; the maths is in
 ``node.training``. Training runs on the main thread, never in a paho callback.
 """
 
+import math
 import queue
 import threading
 import time
@@ -19,6 +20,7 @@ from fedmq import mqtt as edge
 from fedmq.compression import Pipeline, parse_spec
 from fedmq.compression.transforms import ErrorFeedbackState, error_feedback_init
 from fedmq.datasets import Dataset, digits, load_npz, partition
+from fedmq.files import lock_directory
 from fedmq.models import MLP, check_layout
 from fedmq.node import progress, residual
 from fedmq.progress import ProgressLine
@@ -52,6 +54,49 @@ class NodeConfig:
     partition: str = "iid"
     partition_seed: int = 0
     exit_when_done: bool = False
+
+
+# Where a node keeps its state unless told (--state-dir): one directory per federation
+# and node id under the working directory, so nodes started side by side never share one.
+STATE_ROOT = Path(".fedmq-node")
+# The files of a node's state (section 13.2 of docs/PROTOCOL.md), found in STATE_ROOT
+# itself by versions before the default was per federation and node.
+STATE_FILES = ("last_update.msgpack", "residual.npz", "residual.next.npz")
+
+
+class DataError(ValueError):
+    """The node's local data cannot train the federation's model."""
+
+
+def default_state_dir(federation: str, node_id: str) -> Path:
+    """``.fedmq-node/<federation>/<node_id>``; ValueError for an id that is no directory."""
+    for kind, name in (("federation id", federation), ("node id", node_id)):
+        if name in (".", ".."):
+            raise ValueError(f"{kind} {name!r} cannot name a directory: give --state-dir")
+    return STATE_ROOT / federation / node_id
+
+
+def adopt_old_state(old: Path, new: Path, *, federation: str, node_id: str) -> bool:
+    """Move the state a node of an earlier version kept in ``old`` (the old default,
+    ``.fedmq-node`` itself) into ``new``, if it is this node's (its update on record names
+    this federation and node) and ``new`` has none yet. True if moved."""
+    from fedmq.schemas import decode_update
+
+    saved = progress.load(old / "last_update.msgpack")
+    if saved is None or (new / "last_update.msgpack").exists():
+        return False
+    try:
+        update = decode_update(saved.payload)
+    except SchemaError:
+        return False
+    if (update.federation, update.node_id) != (federation, node_id):
+        return False
+    new.mkdir(parents=True, exist_ok=True)
+    for name in STATE_FILES:
+        if (old / name).exists():
+            (old / name).replace(new / name)
+    log.info("node.state_moved", old=str(old), new=str(new))
+    return True
 
 
 def load_local_data(config: NodeConfig) -> Dataset:
@@ -281,7 +326,10 @@ class Node:
             self.status("error", round=model.round, detail=f"cannot build this model: {error}")
             return
         if self._trainer is None or self._model != architecture:
-            self._trainer = LocalTrainer(architecture, self.data.x, self.data.y)
+            try:
+                self._trainer = LocalTrainer(architecture, self.data.x, self.data.y)
+            except ValueError as error:
+                raise DataError(f"local data cannot train model {model.model}: {error}") from None
             self._model = architecture
         with structlog.contextvars.bound_contextvars(round=model.round):
             self.status("training", round=model.round, model_id=model.model_id)
@@ -297,10 +345,15 @@ class Node:
                 round=model.round,
             )
             change = delta(trained, params)
-            if not all(np.isfinite(array).all() for array in change.values()):
+            if not math.isfinite(loss) or not all(np.isfinite(a).all() for a in change.values()):
                 # diverged: sending would be rejected, and keeping it would poison the residual
-                log.error("training.diverged", round=model.round)
-                self.status("error", round=model.round, detail="local training gave NaN or Inf")
+                rate = model.plan.learning_rate
+                log.error("training.diverged", round=model.round, loss=loss, learning_rate=rate)
+                why = (
+                    f"local training diverged (NaN or Inf; loss {loss:g}) at learning rate "
+                    f"{rate:g}: lower the aggregator's --learning-rate"
+                )
+                self.status("error", round=model.round, detail=why)
                 return
             started_compress = time.perf_counter()
             state = self._residual_for(model, pipeline)
@@ -350,9 +403,26 @@ class Node:
 
 
 def run(config: NodeConfig, stop: threading.Event) -> int:
+    """Take part until the run is over (with ``exit_when_done``: exit 0) or ``stop`` is set
+    (exit 130). Holds a lock on the state directory meanwhile (``DirectoryLocked`` if
+    another process has it). A node that stops on an error once connected (its data
+    cannot train the model, its state cannot be written) leaves the reason as the
+    ``detail`` of its retained ``offline`` status, then raises."""
     structlog.contextvars.bind_contextvars(node=config.node_id, federation=config.federation)
+    lock = lock_directory(config.state_dir)
+    try:
+        if config.state_dir == STATE_ROOT / config.federation / config.node_id:
+            adopt_old_state(
+                STATE_ROOT, config.state_dir, federation=config.federation, node_id=config.node_id
+            )
+        return _run(config, stop)
+    finally:
+        lock.release()
+
+
+def _run(config: NodeConfig, stop: threading.Event) -> int:
     enable_compile_cache(config.state_dir / "jax-cache")
-    data = load_local_data(config)
+    data = load_local_data(config)  # unreadable: one line and exit 2, before connecting
     topics = Topics(config.federation)
     offline = NodeStatus(federation=config.federation, node_id=config.node_id, state="offline")
     inbox: queue.Queue[edge.Received] = queue.Queue()
@@ -363,29 +433,55 @@ def run(config: NodeConfig, stop: threading.Event) -> int:
         inbox=inbox,
         persistent=True,  # a stable session; the QoS 0 downlink queues nothing while away
     )
-    node = Node(config, data, edge.Outbox(client))
+    outbox = edge.Outbox(client)
+    node = Node(config, data, outbox)
     edge.start(client, config.broker)
     log.info("node.started", examples=len(data), broker=str(config.broker))
-    while not stop.is_set() and not (node.finished and config.exit_when_done):
-        try:
-            batch = edge.drain(inbox, inbox.get(timeout=0.5))
-        except queue.Empty:
-            continue
-        if any(r.topic == edge.CONNECTED for r in batch):
-            node.on_connected()
-        # A node that fell behind trains on the newest model only: the newest full one
-        # first, then the newest compact one (which may build on it).
-        newest = {r.topic: r for r in batch if r.topic != edge.CONNECTED}
-        if topics.global_model in newest:
-            full = newest[topics.global_model]
-            node.on_global(full.payload, retained=full.retain)
-        if topics.global_delta in newest:
-            node.on_global_delta(newest[topics.global_delta].payload)
+    try:
+        while not stop.is_set() and not (node.finished and config.exit_when_done):
+            edge.check(client)
+            try:
+                batch = edge.drain(inbox, inbox.get(timeout=0.2))
+            except queue.Empty:
+                continue
+            if any(r.topic == edge.CONNECTED for r in batch):
+                node.on_connected()
+            # A node that fell behind trains on the newest model only: the newest full one
+            # first, then the newest compact one (which may build on it).
+            newest = {r.topic: r for r in batch if r.topic != edge.CONNECTED}
+            if topics.global_model in newest:
+                full = newest[topics.global_model]
+                node.on_global(full.payload, retained=full.retain)
+            if topics.global_delta in newest:
+                node.on_global_delta(newest[topics.global_delta].payload)
+    except edge.LoginRefused:
+        edge.stop(client)
+        raise
+    except Exception as error:  # the CLI prints it: one line, exit 2
+        node.status("offline", detail=f"stopped on an error: {error}")
+        node.progress.close()
+        _leave(client, outbox, stop)
+        raise
     node.progress.close()
     if not node.finished:
         node.status("offline")
-    if not node.outbox.flush(timeout=10):
-        log.warning("node.unacknowledged", messages=node.outbox.unacknowledged)
+    if not client.is_connected() or not outbox.flush(timeout=10):
+        log.warning("node.unacknowledged", messages=outbox.unacknowledged)
     edge.stop(client)
     log.info("node.stopped", last_trained=node.last_trained)
-    return 0
+    return 0 if node.finished else 130
+
+
+# How long a node that stops on an error tries to hand its last status to the broker.
+LEAVE_SECONDS = 10.0
+
+
+def _leave(client: edge.Client, outbox: edge.Outbox, stop: threading.Event) -> None:
+    """Wait (at most LEAVE_SECONDS, less on ``stop`` or a refused login) until the broker
+    has what was published, then disconnect cleanly: no last will replaces it."""
+    deadline = time.monotonic() + LEAVE_SECONDS
+    while not outbox.flush(timeout=0.2):
+        if stop.is_set() or client.refused is not None or time.monotonic() > deadline:
+            log.warning("node.unacknowledged", messages=outbox.unacknowledged)
+            break
+    edge.stop(client)

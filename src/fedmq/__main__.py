@@ -1,3 +1,3 @@
-from fedmq.cli import main
+from fedmq.cli import entry
 
-raise SystemExit(main())
+entry()

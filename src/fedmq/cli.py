@@ -2,6 +2,7 @@
 configures logging and installs signal handlers."""
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import signal
@@ -350,6 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--min-nodes have), apply FedAvg weighted by examples "
         "(each node's weight and update size bounded by the round's medians: --aggregation), "
         "publish metrics. Exits after --rounds rounds.",
+        epilog="Exit status: 0 when the last round has closed; 130 when stopped (Ctrl-C, "
+        "SIGTERM) before; 2 on a configuration error: bad settings, a refused login, a "
+        "state directory in use or holding another run.",
     )
     _add_common(p)
     p.add_argument(
@@ -405,8 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--state-dir",
         type=Path,
         default=Path(".fedmq-aggregator"),
-        help="checkpoint and journal of the run, resumed after a crash or restart "
-        "(default ./.fedmq-aggregator)",
+        help="checkpoint and journal of the run, resumed after a crash or restart; "
+        "locked while the aggregator runs (default ./.fedmq-aggregator)",
     )
     restart = p.add_mutually_exclusive_group()
     restart.add_argument(
@@ -471,6 +475,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Wait for the retained global model, train it on local data "
         "with JAX, publish the parameter delta (QoS 1), report status. Reconnects "
         "with back-off when the broker goes away.",
+        epilog="Exit status: 0 when the run is over (with --exit-when-done); 130 when "
+        "stopped (Ctrl-C, SIGTERM) before; 2 on a configuration error: bad settings, a "
+        "refused login, a state directory in use, data that cannot train the model.",
     )
     _add_common(p)
     p.add_argument("--node-id", required=True, metavar="ID", help="this device's id (topic level)")
@@ -497,8 +504,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--state-dir",
         type=Path,
-        default=Path(".fedmq-node"),
-        help="node state incl. the JAX compile cache (default ./.fedmq-node)",
+        default=None,
+        help="node state incl. the JAX compile cache, locked while the node runs "
+        "(default ./.fedmq-node/FEDERATION/NODE_ID)",
     )
     p.add_argument(
         "--exit-when-done", action="store_true", help="exit when the federation finishes"
@@ -615,6 +623,22 @@ def _stop_on_signals() -> threading.Event:
     return stop
 
 
+def entry() -> None:
+    """The ``fedmq`` command (and ``python -m fedmq``): ``main``, then exit. With JAX loaded
+    (a node) the interpreter's own teardown of JAX and XLA takes 1-2 s, after every clean-up
+    of ours is done: skip it, so Ctrl-C ends a node within a second."""
+    code = main()
+    if "jax" in sys.modules:
+        import logging
+
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError):  # a reader gone away: nothing to keep
+                stream.flush()
+        os._exit(code)
+    raise SystemExit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = config.parse_args(build_parser(), argv, os.environ)
@@ -694,7 +718,7 @@ def dispatch(args: argparse.Namespace, stop: threading.Event) -> int:
             "XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
         )
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
-        from fedmq.node.app import NodeConfig
+        from fedmq.node.app import NodeConfig, default_state_dir
         from fedmq.node.app import run as run_node
 
         return run_node(
@@ -702,7 +726,7 @@ def dispatch(args: argparse.Namespace, stop: threading.Event) -> int:
                 broker=args.broker,
                 federation=args.federation,
                 node_id=args.node_id,
-                state_dir=args.state_dir,
+                state_dir=args.state_dir or default_state_dir(args.federation, args.node_id),
                 data=args.data,
                 demo_shard=args.demo_shard,
                 partition=args.partition,

@@ -53,3 +53,58 @@ def write_output(path: Path, data: bytes) -> None:
     except OSError as error:
         tmp.unlink(missing_ok=True)
         raise ValueError(f"cannot write {path}: {error.strerror or error}") from None
+
+
+LOCK_FILE = "lock"
+
+
+class DirectoryLocked(RuntimeError):
+    """Another process holds a state directory."""
+
+
+class DirectoryLock:
+    """An exclusive ``flock`` on ``<directory>/lock``, held while the file stays open: the
+    kernel releases it when the process ends, however it ends, so a stale lock file never
+    blocks a restart. The file names the holder (``pid N on HOST``) for the message a
+    second process gets."""
+
+    def __init__(self, directory: Path, fd: int) -> None:
+        self.directory = directory
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the file drops the lock
+            self._fd = None
+
+
+def lock_directory(directory: Path) -> DirectoryLock:
+    """Create ``directory`` if missing and lock it for this process; raise
+    ``DirectoryLocked`` naming the holder if another process (or another lock of this
+    one) has it."""
+    import errno
+    import fcntl
+    import socket
+
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(
+            errno.ENOTDIR, "Not a directory, cannot keep state in it", str(directory)
+        )
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise DirectoryLocked(
+            f"state directory {directory} is in use by {holder} (see {path}): stop that "
+            "process, or give this one its own --state-dir"
+        ) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+    return DirectoryLock(directory, fd)

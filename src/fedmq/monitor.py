@@ -427,6 +427,7 @@ def run(
         draw()
     try:
         while not stop.is_set() and not (until_done and view.finished):
+            edge.check(client)
             if deadline is not None and time.monotonic() > deadline:
                 log.warning("monitor.timeout", seconds=timeout)
                 return 1

@@ -94,6 +94,92 @@ def _jittered(seconds: float) -> float:
     return seconds * random.uniform(0.5, 1.5)
 
 
+# Consecutive login refusals (bad username or password, not authorised) before a client
+# gives up: a password does not fix itself, but a broker reloading its password file may
+# refuse a moment. The role then exits 2 (``check``).
+LOGIN_TRIES = 3
+# CONNACK reason codes of a refused login (MQTT 5 numbering; paho maps 3.1.1's 4 and 5
+# to 134 and 135): bad user name or password, not authorized, bad authentication method.
+_LOGIN_REFUSED = frozenset({134, 135, 140})
+# A client not connected when it stops waits this long for paho's thread (which may be
+# in a connect attempt); the thread is a daemon and ends with the process anyway.
+STOP_WAIT_UNCONNECTED = 0.2
+
+
+class LoginRefused(RuntimeError):
+    """The broker refused our login ``LOGIN_TRIES`` times in a row: a configuration error."""
+
+    def __init__(self, broker: "BrokerAddress", reason: str, tries: int) -> None:
+        user = broker.credentials.username
+        who = f"the login of user {user!r}" if user is not None else "an anonymous login"
+        super().__init__(
+            f"the broker at {broker} refused {who} {tries} times ({reason}): check --username "
+            "and --password-file (and the broker's password and ACL files)"
+        )
+
+
+def describe_connect_error(error: OSError, broker: "BrokerAddress") -> str:
+    """Why a connect attempt failed, in words, with a hint where one helps."""
+    where = f"{broker.host}:{broker.port}"
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return (
+            f"the TLS certificate of {where} was not accepted ({error.verify_message}): "
+            f"--tls-ca must be the CA that signed it, and it must name {broker.host}"
+        )
+    tls = broker.credentials.ca_file is not None
+    if isinstance(error, ssl.SSLError) or (tls and isinstance(error, ConnectionError)):
+        return (
+            f"TLS handshake with {where} failed ({error}): if that port speaks plain MQTT, "
+            "use the broker's TLS port, or drop --tls-ca"
+        )
+    if isinstance(error, ConnectionRefusedError):
+        return (
+            f"connection refused by {where}: no broker listens there "
+            "(is it running? is the port right?)"
+        )
+    if isinstance(error, socket.gaierror):
+        return f"unknown host {broker.host} ({error.strerror}): check the name in --broker"
+    if isinstance(error, TimeoutError):
+        return f"no answer from {where}: the host is down, or a firewall drops the packets"
+    return f"cannot connect to {where}: {error.strerror or error}"
+
+
+def describe_hang_up(broker: "BrokerAddress") -> str:
+    """Why a broker may close the connection before answering our CONNECT."""
+    where = f"{broker.host}:{broker.port}"
+    if broker.credentials.ca_file is None:
+        hint = "if it is a TLS listener, give --tls-ca (the CA file)"
+    else:
+        hint = "its log says why (a listener that wants client certificates: --tls-cert/--tls-key)"
+    return f"{where} closed the connection before answering CONNECT: {hint}"
+
+
+class Client(mqtt.Client):
+    """paho's client, keeping what paho drops: why the last connect attempt failed, and
+    whether the broker refused our login for good (``check``)."""
+
+    broker: "BrokerAddress | None" = None
+    connect_error: OSError | None = None
+    refused: LoginRefused | None = None
+
+    def reconnect(self) -> mqtt.MQTTErrorCode:
+        # paho's loop calls this for the first connect and every reconnect, and turns an
+        # OSError into on_connect_fail without the error
+        try:
+            return super().reconnect()
+        except OSError as error:
+            self.connect_error = error
+            raise
+
+
+def check(client: mqtt.Client) -> None:
+    """Raise ``LoginRefused`` once the broker has refused our login for good (a client
+    not made by ``make_client`` never gives up, so never raises)."""
+    refused = getattr(client, "refused", None)
+    if refused is not None:
+        raise refused
+
+
 def make_client_id(federation: str, role: str, node_id: str | None = None) -> str:
     """``fedmq:<federation>:aggregator`` or ``fedmq:<federation>:node:<id>``; ``:`` is not
     allowed in ids, so two clients of different roles or federations never collide."""
@@ -120,7 +206,7 @@ def make_client(
     ready: threading.Event | None = None,
     persistent: bool = False,
     manual_ack: bool = False,
-) -> mqtt.Client:
+) -> Client:
     """A client that (re)subscribes on every connect and drops messages into ``inbox``.
 
     ``ready`` is set once the broker has granted the subscriptions (or, without any, once
@@ -136,8 +222,12 @@ def make_client(
     so the broker keeps the subscriptions and queues QoS 1 messages while we are away.
     ``manual_ack``: PUBACK only when the receiver calls ``acknowledge`` (after it has
     made the message durable); unacknowledged messages are redelivered on reconnect.
+
+    Every failed attempt is a warning ``mqtt.connect_failed`` with the cause in words
+    (``describe_connect_error``, ``describe_hang_up``, or the broker's refusal). After
+    ``LOGIN_TRIES`` refused logins in a row the client stops trying and ``check`` raises.
     """
-    client = mqtt.Client(
+    client = Client(
         mqtt.CallbackAPIVersion.VERSION2,
         client_id=client_id,
         protocol=mqtt.MQTTv311,
@@ -151,11 +241,45 @@ def make_client(
         client.will_set(will[0], will[1], qos=1, retain=True)
     wanted = list(subscriptions)
 
-    def on_connect(client: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+    failures = 0  # failed attempts since the last successful connect
+    refusals = 0  # refused logins in a row
+    answer: str | None = None  # on the current socket: None until CONNACK, then its verdict
+
+    def failed(reason: str) -> None:
+        nonlocal failures
+        failures += 1
+        log.warning(
+            "mqtt.connect_failed",
+            client_id=client_id,
+            broker=str(client.broker),
+            attempt=failures,
+            reason=reason,
+        )
+
+    def on_connect_fail(_c: mqtt.Client, _u: Any) -> None:
+        error = client.connect_error
+        broker = client.broker or BrokerAddress()
+        failed(describe_connect_error(error, broker) if error is not None else "unknown cause")
+
+    def on_connect(_c: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+        nonlocal failures, refusals, answer
         if reason.is_failure:
-            log.warning("mqtt.connect_refused", client_id=client_id, reason=str(reason))
+            answer = "refused"
+            broker = client.broker or BrokerAddress()
+            login = reason.value in _LOGIN_REFUSED
+            hint = ": check --username and --password-file" if login else ""
+            failed(f"the broker refused the connection ({reason}){hint}")
+            refusals = refusals + 1 if login else 0
+            if refusals >= LOGIN_TRIES:
+                client.refused = LoginRefused(broker, str(reason), refusals)
+                client.disconnect()  # stop paho's retries; the role exits (``check``)
             return
-        log.debug("mqtt.connected", client_id=client_id)
+        answer = "accepted"
+        if failures:
+            log.info("mqtt.connected", client_id=client_id, failed_attempts=failures)
+        else:
+            log.debug("mqtt.connected", client_id=client_id)
+        failures = refusals = 0
         if inbox is not None:
             inbox.put(Received(CONNECTED, b"", False))
         if wanted:
@@ -164,25 +288,34 @@ def make_client(
             ready.set()
 
     def on_subscribe(_c: mqtt.Client, _u: Any, _mid: int, codes: list[Any], _p: Any) -> None:
-        failed = [str(code) for code in codes if code.is_failure]
-        if failed:
-            log.error("mqtt.subscribe_refused", client_id=client_id, reasons=failed)
+        refused = [str(code) for code in codes if code.is_failure]
+        if refused:
+            log.error("mqtt.subscribe_refused", client_id=client_id, reasons=refused)
         elif ready is not None:
             ready.set()
 
-    def on_disconnect(client: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+    def on_disconnect(_c: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+        nonlocal answer
+        previous, answer = answer, None
+        if previous != "accepted":  # refused (logged in on_connect), or hung up before answering
+            if previous is None and client.refused is None and reason.is_failure:
+                failed(describe_hang_up(client.broker or BrokerAddress()))
+            return  # and the back-off keeps doubling: the next try is no likelier to work
         if reason.is_failure:
             log.warning("mqtt.disconnected", client_id=client_id, reason=str(reason))
         # a fresh random start for this outage's back-off (also resets the doubling)
         client.reconnect_delay_set(min_delay=_jittered(RECONNECT_MIN_DELAY), max_delay=30)  # type: ignore[arg-type]
 
     def on_socket_open(_c: mqtt.Client, _u: Any, sock: Any) -> None:
+        nonlocal answer
+        answer = None
         # paho leaves Nagle's algorithm on: a small publish after a large one would then
         # wait for the broker's delayed ACK (40 ms on Linux) instead of leaving at once.
         if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     client.on_connect = on_connect
+    client.on_connect_fail = on_connect_fail
     client.on_disconnect = on_disconnect
     client.on_socket_open = on_socket_open
     client.on_subscribe = on_subscribe
@@ -274,8 +407,9 @@ def acknowledge(client: mqtt.Client, received: Received) -> None:
         client.ack(received.mid, received.qos)
 
 
-def start(client: mqtt.Client, broker: BrokerAddress, *, keepalive: int = 30) -> None:
+def start(client: Client, broker: BrokerAddress, *, keepalive: int = 30) -> None:
     """Connect in the background (retrying until the broker answers) and run paho's loop."""
+    client.broker = broker
     credentials = broker.credentials
     problem = credentials.problem()
     if problem is not None:
@@ -290,8 +424,17 @@ def start(client: mqtt.Client, broker: BrokerAddress, *, keepalive: int = 30) ->
 
 
 def stop(client: mqtt.Client) -> None:
+    """Disconnect and end paho's thread. Not connected, wait for that thread at most
+    ``STOP_WAIT_UNCONNECTED`` s: it may be sleeping between attempts or inside one (up
+    to paho's 5 s connect timeout), and a stop must not wait for that."""
+    connected = client.is_connected()
     client.disconnect()
-    client.loop_stop()
+    if connected:
+        client.loop_stop()
+        return
+    stopper = threading.Thread(target=client.loop_stop, daemon=True)
+    stopper.start()
+    stopper.join(STOP_WAIT_UNCONNECTED)
 
 
 def unsubscribe(client: mqtt.Client, topics: list[str], *, timeout: float) -> bool:
