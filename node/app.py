@@ -460,28 +460,36 @@ def _run(config: NodeConfig, stop: threading.Event) -> int:
     except Exception as error:  # the CLI prints it: one line, exit 2
         node.status("offline", detail=f"stopped on an error: {error}")
         node.progress.close()
-        _leave(client, outbox, stop)
+        leave(client, outbox, topics)
         raise
     node.progress.close()
     if not node.finished:
         node.status("offline")
-    if not client.is_connected() or not outbox.flush(timeout=10):
-        log.warning("node.unacknowledged", messages=outbox.unacknowledged)
-    edge.stop(client)
+    leave(client, outbox, topics)
     log.info("node.stopped", last_trained=node.last_trained)
     return 0 if node.finished else 130
 
 
-# How long a node that stops on an error tries to hand its last status to the broker.
+# How long a node tries to hand its last status to the broker before it disconnects.
 LEAVE_SECONDS = 10.0
 
 
-def _leave(client: edge.Client, outbox: edge.Outbox, stop: threading.Event) -> None:
-    """Wait (at most LEAVE_SECONDS, less on ``stop`` or a refused login) until the broker
-    has what was published, then disconnect cleanly: no last will replaces it."""
+def leave(client: edge.Client, outbox: edge.Outbox, topics: Topics) -> None:
+    """Hand the last status to the broker, then disconnect so that no last will replaces it.
+
+    Connected, first unsubscribe from the global topics and wait for the UNSUBACK: a
+    socket closed with a global model unread in it makes mosquitto drop the connection as
+    lost and publish the will (``offline``) over the retained ``done`` (as for the
+    aggregator: ``aggregator.app.leave``, ``edge.unsubscribe``). Then wait for the PUBACKs,
+    at most LEAVE_SECONDS, and never on a broker that is gone (a stop must take < 1 s)."""
+    if client.is_connected() and not edge.unsubscribe(
+        client, [topics.global_model, topics.global_delta], timeout=2
+    ):
+        log.warning("node.unsubscribe_unacknowledged")
     deadline = time.monotonic() + LEAVE_SECONDS
-    while not outbox.flush(timeout=0.2):
-        if stop.is_set() or client.refused is not None or time.monotonic() > deadline:
-            log.warning("node.unacknowledged", messages=outbox.unacknowledged)
+    while client.is_connected() and not outbox.flush(timeout=0.2):
+        if client.refused is not None or time.monotonic() > deadline:
             break
+    if outbox.unacknowledged:
+        log.warning("node.unacknowledged", messages=outbox.unacknowledged)
     edge.stop(client)

@@ -1,5 +1,6 @@
 """A finished run always leaves ``done`` on the retained server topic (issue 11: in 2 of
-13 runs the aggregator's last will, ``offline`` round 0, replaced it).
+13 runs the aggregator's last will, ``offline`` round 0, replaced it), and a finished
+node ``done`` on its status topic.
 
 mosquitto publishes a client's will when the connection ends without a DISCONNECT it has
 read. mosquitto 2.0 writes to a writable socket before reading it (src/mux_epoll.c): if
@@ -23,7 +24,15 @@ from fedmq import mqtt as edge
 from fedmq.aggregator.app import leave, make_publish
 from fedmq.broker.process import Mosquitto
 from fedmq.broker.sys_topics import DROPPED, VERSION
-from fedmq.schemas import ServerStatus, Topics, decode_server_status, encode
+from fedmq.node.app import leave as node_leave
+from fedmq.schemas import (
+    NodeStatus,
+    ServerStatus,
+    Topics,
+    decode_server_status,
+    decode_status,
+    encode,
+)
 
 from ..conftest import wait_until
 
@@ -115,3 +124,40 @@ def test_a_finished_run_always_leaves_done(broker: Mosquitto):
     finally:
         chatter.close()
     assert states == [("done", 2)] * RUNS
+
+
+def node_finish_once(broker: Mosquitto, topics: Topics) -> None:
+    """Connect as a node does, publish ``done`` and leave as it does, while global models
+    arrive (the chatter publishes on the node's global/delta topic)."""
+    offline = NodeStatus(federation=topics.federation, node_id="pi-01", state="offline")
+    inbox: queue.Queue[edge.Received] = queue.Queue()
+    ready = threading.Event()
+    client = edge.make_client(
+        edge.make_client_id(topics.federation, "node", "pi-01"),
+        subscriptions=[(topics.global_model, 0), (topics.global_delta, 0)],
+        will=(topics.status("pi-01"), encode(offline)),
+        inbox=inbox,
+        ready=ready,
+        persistent=True,
+    )
+    outbox = edge.Outbox(client)
+    edge.start(client, edge.BrokerAddress(broker.host, broker.port))
+    assert ready.wait(10)
+    wait_until(lambda: inbox.qsize() > 20, 10, "global models flowing in")
+    done = NodeStatus(federation=topics.federation, node_id="pi-01", state="done", round=3)
+    outbox.publish(topics.status("pi-01"), encode(done), retain=True)
+    node_leave(client, outbox, topics)
+
+
+def test_a_finished_node_always_leaves_done(broker: Mosquitto):
+    topics = Topics(f"t-{uuid.uuid4().hex[:12]}")
+    chatter = Chatter(broker, topics.global_delta)
+    states = []
+    try:
+        for _ in range(RUNS):
+            node_finish_once(broker, topics)
+            status = decode_status(retained(broker, topics.status("pi-01")))
+            states.append((status.state, status.round))
+    finally:
+        chatter.close()
+    assert states == [("done", 3)] * RUNS
