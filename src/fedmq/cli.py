@@ -537,7 +537,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print a short summary of a report.json (from fedmq aggregator --report "
         "or fedmq demo --report): accuracy, loss, bytes and rejections. With --plot, also "
         "draw test accuracy, loss and bytes per round (uplink and downlink) as a picture: "
-        "PNG, or SVG if the file name ends in .svg. Needs no plotting library.",
+        "PNG, or SVG if the file name ends in .svg. --plot needs matplotlib: "
+        "pip install 'fedmq[plot]'.",
     )
     p.add_argument("report_path", type=Path, metavar="REPORT.json", help="the report to read")
     p.add_argument(
