@@ -243,9 +243,10 @@ def header_lines(view: FleetView, now: float) -> list[str]:
 
 def node_lines(view: FleetView, now: float, *, width: int, max_lines: int) -> list[str]:
     """A count per state, then a grid of nodes: OFFLINE and ERROR first (in capitals, so
-    they stand out without colour), then by state and id, each with its last-seen age.
+    they stand out without colour), then by state and id, each with its last-seen age;
+    then up to three nodes' ``detail`` (why one stopped or diverged), in the same order.
 
-    At most ``max_lines`` lines; nodes that do not fit are summarised on the last one."""
+    At most ``max_lines`` lines; nodes that do not fit are summarised on the grid's last."""
     counts = Counter(n.state for n in view.nodes.values())
     summary = f"nodes {len(view.nodes)}: " + "  ".join(
         f"{state} {counts[state]}" for state in STATE_ORDER if counts[state]
@@ -255,6 +256,8 @@ def node_lines(view: FleetView, now: float, *, width: int, max_lines: int) -> li
         return lines[:max_lines]
     rank = {state: i for i, state in enumerate(STATE_ORDER)}
     order = sorted(view.nodes, key=lambda n: (rank.get(view.nodes[n].state, 99), n))
+    reasons = reason_lines(view, order, width=width, max_lines=min(3, (max_lines - 1) // 2))
+    max_lines -= len(reasons)
     id_width = min(16, max(len(n) for n in order))
     cell_width = id_width + 1 + 9 + 1 + 4  # "<id> submitted 12s"
     per_row = max(1, (width + 2) // (cell_width + 2))
@@ -281,7 +284,22 @@ def node_lines(view: FleetView, now: float, *, width: int, max_lines: int) -> li
             f"... {len(hidden)} more: "
             + ", ".join(f"{state} {more[state]}" for state in STATE_ORDER if more[state])
         )
-    return [fit(line, width) for line in lines]
+    return [fit(line, width) for line in [*lines, *reasons]]
+
+
+def reason_lines(view: FleetView, order: list[str], *, width: int, max_lines: int) -> list[str]:
+    """``<id>: <detail>`` for nodes whose status says why (at most ``max_lines``, the
+    last one counting those left out)."""
+    told = [n for n in order if view.nodes[n].detail]
+    if max_lines < 1 or not told:
+        return []
+    if len(told) > max_lines:
+        left = len(told) - (max_lines - 1)
+        return [
+            *(f"{n}: {view.nodes[n].detail}" for n in told[: max_lines - 1]),
+            f"... {left} more nodes say why (fedmq monitor --json shows every detail)",
+        ]
+    return [f"{n}: {view.nodes[n].detail}" for n in told]
 
 
 ROUND_HEADER = "round  accuracy     loss  nodes     uplink   downlink  seconds  closed    rejected"
@@ -486,6 +504,9 @@ def _plain(
             out.flush()
     elif row["type"] == "status" and "payload_node_id" in row:
         out.write(f"status on {row['topic']} names node {row['payload_node_id']}\n")
+        out.flush()
+    elif row["type"] == "status" and row.get("detail"):
+        out.write(f"{row['node_id']} {row['state']}: {row['detail']}\n")
         out.flush()
     elif row["type"] == "invalid":
         out.write(f"unreadable message on {row['topic']}: {row['reason']}\n")

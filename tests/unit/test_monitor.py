@@ -269,3 +269,36 @@ def test_done_shows_the_rounds_run_not_the_final_globals_round():
     header = render_lines(view, NOW, width=100, height=20)[1]
     assert header.startswith("server done after round 15")
     assert "16" not in header
+
+
+def test_a_nodes_reason_is_shown_beside_the_grid():
+    # issue 11: a node that stops on an error or diverges says why in its status
+    # `detail`; the terminal view (not only --json) must show it
+    view = FleetView(TOPICS)
+    why = "stopped on an error: data has 64 features, the model expects 8"
+    view.update(TOPICS.status("pi-01"), encode(node_status("pi-01", "training")), now=NOW)
+    view.update(
+        TOPICS.status("pi-02"), encode(node_status("pi-02", "offline", detail=why)), now=NOW
+    )
+    text = "\n".join(render_lines(view, NOW, width=100, height=30))
+    assert f"pi-02: {why}" in text
+    out = io.StringIO()
+    row = view.update(
+        TOPICS.status("pi-03"), encode(node_status("pi-03", "error", detail="x")), now=NOW
+    )
+    assert row is not None
+    _plain(view, row, None, out)
+    assert out.getvalue() == "pi-03 error: x\n"
+
+
+def test_reasons_of_a_thousand_nodes_stay_bounded():
+    view = fleet(1000, rounds=30)
+    for i in range(0, 1000, 3):
+        node_id = f"pi-{i:03d}"
+        status = node_status(node_id, "offline", detail="stopped on an error: " + "x" * 300)
+        view.update(TOPICS.status(node_id), encode(status), now=NOW)
+    for height in (12, 40):  # 12: no room beside the rounds table, still bounded
+        lines = render_lines(view, NOW, width=80, height=height)
+        assert len(lines) <= height and all(len(line) <= 80 for line in lines)
+    assert sum(line.startswith("pi-000: stopped on an error") for line in lines) == 1
+    assert any(line.startswith("... 332 more nodes say why") for line in lines)
