@@ -363,7 +363,14 @@ def run_burst(broker: Mosquitto, nodes: int, workdir: Path, *, copies: int = 1,
         # The aggregator starts once the nodes are connected, so a deadline counts from
         # about the moment of the burst.
         with Aggregator(broker, federation, nodes, workdir, round_timeout=round_timeout) as agg:
-            model = fetch_global(broker.host, broker.port, federation)
+            try:
+                model = fetch_global(broker.host, broker.port, federation)
+            except TimeoutError as error:  # say why: the aggregator's status and its log
+                status = agg.process.poll()
+                raise TimeoutError(
+                    f"{error}; aggregator {'running' if status is None else f'exited {status}'},"
+                    f" its log ends:\n{agg.log()[-3000:]}"
+                ) from None
             messages = build_updates(model, nodes)
             seconds = swarm.publish_all(messages, copies=copies, timeout=60)
             report = agg.report(timeout=60 + (round_timeout or 0))
