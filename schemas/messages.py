@@ -610,6 +610,10 @@ class Kind:
         order = [by_key[k] for k in first] + [f for f in fields if f.key not in first]
         self._checks = tuple((f.key, f.check, f.nullable) for f in order)
 
+    @property
+    def check_order(self) -> tuple[str, ...]:
+        return tuple(key for key, _, _ in self._checks)
+
     def to_wire(self, message: Any) -> dict[str, Any]:
         wire: dict[str, Any] = {} if self.type is None else {"v": SCHEMA_VERSION, "type": self.type}
         wire.update(zip(self.keys, self._values(message), strict=True))
