@@ -314,19 +314,15 @@ def _float(obj: Mapping[str, Any], key: str) -> float:
     return _get(obj, key, float)
 
 
-def _str(obj: Mapping[str, Any], key: str) -> str:
-    value = obj.get(key)
-    return value if type(value) is str else _get(obj, key, str)
+def _of_type(kind: type[T]) -> Callable[[Mapping[str, Any], str], T]:
+    def check(obj: Mapping[str, Any], key: str) -> T:
+        value = obj.get(key)
+        return value if type(value) is kind else _get(obj, key, kind)
+
+    return check
 
 
-def _bool(obj: Mapping[str, Any], key: str) -> bool:
-    value = obj.get(key)
-    return value if type(value) is bool else _get(obj, key, bool)
-
-
-def _bin(obj: Mapping[str, Any], key: str) -> bytes:
-    value = obj.get(key)
-    return value if type(value) is bytes else _get(obj, key, bytes)
+_str, _bool, _bin = _of_type(str), _of_type(bool), _of_type(bytes)
 
 
 def _name(obj: Mapping[str, Any], key: str) -> str:
@@ -416,21 +412,19 @@ def _choice(choices: tuple[str, ...]) -> Callable[[Mapping[str, Any], str], str]
     return check
 
 
-def _node_ids(obj: Mapping[str, Any], key: str) -> tuple[str, ...]:
-    """A sorted list of distinct node ids."""
-    ids = _get(obj, key, list)
-    if not all(isinstance(i, str) and _ID.fullmatch(i) for i in ids):
-        raise SchemaError("bad_field", f"{key} must be a list of node ids")
-    if not ids or ids != sorted(set(ids)):
-        raise SchemaError("bad_field", f"{key} must be sorted, without repeats, not empty")
-    return tuple(ids)
-
-
 def _id_list(obj: Mapping[str, Any], key: str) -> list[str]:
     ids = _get(obj, key, list)
     if not all(isinstance(i, str) and _ID.fullmatch(i) for i in ids):
         raise SchemaError("bad_field", f"{key} must be a list of node ids")
     return ids
+
+
+def _node_ids(obj: Mapping[str, Any], key: str) -> tuple[str, ...]:
+    """A sorted list of distinct node ids."""
+    ids = _id_list(obj, key)
+    if not ids or ids != sorted(set(ids)):
+        raise SchemaError("bad_field", f"{key} must be sorted, without repeats, not empty")
+    return tuple(ids)
 
 
 def _counts(obj: Mapping[str, Any], key: str) -> dict[str, int]:
@@ -536,22 +530,10 @@ def _delta(
 
 
 # --------------------------------------------------------------------------- encoders
-# ``to_wire(value, message) -> wire value`` for the fields not written as they are.
+# ``to_wire(value) -> wire value`` for the fields not written as they are.
 
 
-def _as_float(value: Any, _message: Any) -> float:
-    return float(value)
-
-
-def _as_list(value: Any, _message: Any) -> list[Any]:
-    return list(value)
-
-
-def _as_dict(value: Any, _message: Any) -> dict[str, Any]:
-    return dict(value)
-
-
-def _params_to_wire(params: Mapping[str, np.ndarray], _message: Any) -> dict[str, Any]:
+def _params_to_wire(params: Mapping[str, np.ndarray]) -> dict[str, Any]:
     return {name: encode_tensor(array) for name, array in params.items()}
 
 
@@ -568,7 +550,7 @@ def _delta_to_wire(delta: Mapping[str, Encoded], message: NodeUpdate) -> Any:
 # --------------------------------------------------------------------------- declarations
 
 Check = Callable[[Mapping[str, Any], str], Any]
-ToWire = Callable[[Any, Any], Any]
+ToWire = Callable[..., Any]
 
 
 @dataclass(frozen=True)
@@ -578,7 +560,8 @@ class Field:
     key: str  # the wire key, which is also the dataclass field's name
     check: Check | None  # (obj, key) -> value; None: given by the decode call (caller's limits)
     nullable: bool = False  # nil or missing decodes to None, without calling check
-    to_wire: ToWire | None = None  # (value, message) -> wire value; None: written as it is
+    to_wire: ToWire | None = None  # value -> wire value; None: written as it is
+    with_message: bool = False  # to_wire(value, message) instead
     omit_none: bool = False  # None is left out of the wire instead of written as nil
 
 
@@ -602,9 +585,9 @@ class Kind:
             raise TypeError(f"{cls.__name__}: fields {self.keys} do not match {declared}")
         self.known = frozenset(self.keys) | {"v", "type"}
         self._values = attrgetter(*self.keys)
-        self._converted = tuple(
-            (f.key, f.to_wire) for f in fields if f.to_wire is not None and not f.omit_none
-        )
+        converted = [(f.key, f.to_wire, f.with_message) for f in fields if not f.omit_none]
+        self._converted = tuple((k, to_wire) for k, to_wire, w in converted if to_wire and not w)
+        self._converted_with = tuple((k, to_wire) for k, to_wire, w in converted if to_wire and w)
         self._omitted = tuple((f.key, f.to_wire) for f in fields if f.omit_none)
         by_key = {f.key: f for f in fields}
         order = [by_key[k] for k in first] + [f for f in fields if f.key not in first]
@@ -618,12 +601,14 @@ class Kind:
         wire: dict[str, Any] = {} if self.type is None else {"v": SCHEMA_VERSION, "type": self.type}
         wire.update(zip(self.keys, self._values(message), strict=True))
         for key, to_wire in self._converted:  # a key keeps its place when its value changes
-            wire[key] = to_wire(wire[key], message)
+            wire[key] = to_wire(wire[key])
+        for key, with_message in self._converted_with:
+            wire[key] = with_message(wire[key], message)
         for key, convert in self._omitted:
             if wire[key] is None:
                 del wire[key]
             elif convert is not None:
-                wire[key] = convert(wire[key], message)
+                wire[key] = convert(wire[key])
         return wire
 
     def decode(
@@ -643,7 +628,7 @@ class Kind:
 
 
 PLAN = Kind(None, TrainingPlan, (
-    Field("learning_rate", _positive_float, to_wire=_as_float),
+    Field("learning_rate", _positive_float, to_wire=float),
     Field("batch_size", _at_least_1),
     Field("local_epochs", _at_least_1),
     Field("seed", _positive),
@@ -655,21 +640,17 @@ def _plan(obj: Mapping[str, Any], key: str) -> TrainingPlan:
     return TrainingPlan(**PLAN.decode(_get(obj, key, dict)))
 
 
-def _plan_to_wire(plan: TrainingPlan, _message: Any) -> dict[str, Any]:
-    return PLAN.to_wire(plan)
-
-
 GLOBAL = Kind("global", GlobalModel, (
     Field("federation", _name),
     Field("round", _at_least_1),
     Field("model", _str),
     Field("model_id", _model_id),
     Field("final", _bool),
-    Field("created_at", _float, to_wire=_as_float),
-    Field("plan", _plan, to_wire=_plan_to_wire),
+    Field("created_at", _float, to_wire=float),
+    Field("plan", _plan, to_wire=PLAN.to_wire),
     Field("params", None, to_wire=_params_to_wire),  # decoded with the caller's max_elements
     # Only when sampling: without the key a message is byte for byte what it was.
-    Field("selected", _node_ids, nullable=True, to_wire=_as_list, omit_none=True),
+    Field("selected", _node_ids, nullable=True, to_wire=list, omit_none=True),
 ))  # fmt: skip
 
 GLOBAL_DELTA = Kind("global_delta", GlobalDelta, (
@@ -679,10 +660,10 @@ GLOBAL_DELTA = Kind("global_delta", GlobalDelta, (
     Field("model_id", _model_id),
     Field("base_model_id", _model_id),
     Field("final", _bool),
-    Field("created_at", _float, to_wire=_as_float),
-    Field("plan", _plan, to_wire=_plan_to_wire),
+    Field("created_at", _float, to_wire=float),
+    Field("plan", _plan, to_wire=PLAN.to_wire),
     Field("xor", _bin),
-    Field("selected", _node_ids, nullable=True, to_wire=_as_list, omit_none=True),
+    Field("selected", _node_ids, nullable=True, to_wire=list, omit_none=True),
 ))  # fmt: skip
 
 UPDATE = Kind("update", NodeUpdate, (
@@ -691,11 +672,12 @@ UPDATE = Kind("update", NodeUpdate, (
     Field("round", _at_least_1),
     Field("base_model_id", _model_id),
     Field("num_examples", _examples),
-    Field("train_loss", _saturated, to_wire=_as_float),
-    Field("train_seconds", _non_negative_float, to_wire=_as_float),
-    Field("sent_at", _float, to_wire=_as_float),
+    Field("train_loss", _saturated, to_wire=float),
+    Field("train_seconds", _non_negative_float, to_wire=float),
+    Field("sent_at", _float, to_wire=float),
     Field("compression", _spec),
-    Field("delta", None, to_wire=_delta_to_wire),  # decoded with compression and the limits
+    # Decoded with compression and the caller's limits, encoded as compression says.
+    Field("delta", None, to_wire=_delta_to_wire, with_message=True),
 ), first=("compression", "train_seconds"))  # fmt: skip
 
 STATUS = Kind("status", NodeStatus, (
@@ -725,7 +707,7 @@ METRICS = Kind("metrics", RoundMetrics, (
     Field("federation", _name),
     Field("round", _at_least_1),
     Field("model_id", _model_id),
-    Field("participants", _id_list, to_wire=_as_list),
+    Field("participants", _id_list, to_wire=list),
     Field("num_examples", _positive),
     Field("accuracy", _float, nullable=True),
     Field("loss", _float, nullable=True),
@@ -733,11 +715,11 @@ METRICS = Kind("metrics", RoundMetrics, (
     Field("uplink_bytes", _positive),
     Field("downlink_bytes", _positive),
     Field("global_bytes", _positive),
-    Field("rejected", _counts, to_wire=_as_dict),
-    Field("seconds", _float, to_wire=_as_float),
-    Field("aggregate_seconds", _float, to_wire=_as_float),
+    Field("rejected", _counts, to_wire=dict),
+    Field("seconds", _float, to_wire=float),
+    Field("aggregate_seconds", _float, to_wire=float),
     Field("closed_by", _choice(CLOSED_BY)),
-    Field("at", _float, to_wire=_as_float),
+    Field("at", _float, to_wire=float),
     Field("train_seconds_median", _float, nullable=True),
     Field("global_delta_bytes", _positive, nullable=True),
     Field("broker_dropped", _positive, nullable=True),
