@@ -3,6 +3,10 @@
 Every message is a msgpack map that starts with ``"v"`` (schema major version) and
 ``"type"``. Unknown extra keys are ignored, so a minor addition stays readable by old
 decoders; an unknown major version is rejected. Decoders raise only ``SchemaError``.
+
+Each kind is declared once, as a ``Kind``: its fields in wire order, each with its check
+and its encoder; ``encode`` and the decoders follow it, and tests/unit/test_protocol_doc.py
+holds docs/PROTOCOL.md section 8's tables to it.
 """
 
 import hashlib
