@@ -3,6 +3,10 @@
 Every message is a msgpack map that starts with ``"v"`` (schema major version) and
 ``"type"``. Unknown extra keys are ignored, so a minor addition stays readable by old
 decoders; an unknown major version is rejected. Decoders raise only ``SchemaError``.
+
+Each kind is declared once, as a ``Kind``: its fields in wire order, each with its check
+and its encoder; ``encode`` and the decoders follow it, and tests/unit/test_protocol_doc.py
+holds docs/PROTOCOL.md section 8's tables to it.
 """
 
 import hashlib
@@ -10,7 +14,10 @@ import math
 import re
 import zlib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
+from dataclasses import fields as dataclass_fields
+from functools import partial
+from operator import attrgetter
 from typing import Any, TypeVar
 
 import msgpack
@@ -234,150 +241,9 @@ class RoundMetrics:
 Message = GlobalModel | GlobalDelta | NodeUpdate | NodeStatus | ServerStatus | RoundMetrics
 
 
-# --------------------------------------------------------------------------- encoding
-
-
-def _params_to_wire(params: Mapping[str, np.ndarray]) -> dict[str, Any]:
-    return {name: encode_tensor(array) for name, array in params.items()}
-
-
-def _uses(stage: str, compression: str) -> bool:
-    return stage in compression.split("+")
-
-
-def _delta_to_wire(delta: Mapping[str, Encoded], compression: str) -> Any:
-    if _uses("flat", compression):  # one sparse run for the whole delta (schemas.flat)
-        wire: Any = encode_flat(delta)
-    else:
-        wire = {name: encode_encoded(tensor) for name, tensor in delta.items()}
-    if _uses("zlib", compression):  # lossless last stage over the whole delta map
-        return zlib.compress(msgpack.packb(wire, use_bin_type=True), 9)
-    return wire
-
-
-def _plan_to_wire(plan: TrainingPlan) -> dict[str, Any]:
-    return {
-        "learning_rate": float(plan.learning_rate),
-        "batch_size": plan.batch_size,
-        "local_epochs": plan.local_epochs,
-        "seed": plan.seed,
-        "compression": plan.compression,
-    }
-
-
-def _selected_to_wire(selected: tuple[str, ...] | None) -> dict[str, Any]:
-    """Only when sampling: without the key a message is byte for byte what it was."""
-    return {} if selected is None else {"selected": list(selected)}
-
-
-def _to_wire(message: Message) -> dict[str, Any]:
-    head: dict[str, Any] = {"v": SCHEMA_VERSION}
-    match message:
-        case GlobalModel():
-            plan = message.plan
-            return (
-                head
-                | {
-                    "type": "global",
-                    "federation": message.federation,
-                    "round": message.round,
-                    "model": message.model,
-                    "model_id": message.model_id,
-                    "final": message.final,
-                    "created_at": float(message.created_at),
-                    "plan": _plan_to_wire(plan),
-                    "params": _params_to_wire(message.params),
-                }
-                | _selected_to_wire(message.selected)
-            )
-        case GlobalDelta():
-            return (
-                head
-                | {
-                    "type": "global_delta",
-                    "federation": message.federation,
-                    "round": message.round,
-                    "model": message.model,
-                    "model_id": message.model_id,
-                    "base_model_id": message.base_model_id,
-                    "final": message.final,
-                    "created_at": float(message.created_at),
-                    "plan": _plan_to_wire(message.plan),
-                    "xor": message.xor,
-                }
-                | _selected_to_wire(message.selected)
-            )
-        case NodeUpdate():
-            return head | {
-                "type": "update",
-                "federation": message.federation,
-                "node_id": message.node_id,
-                "round": message.round,
-                "base_model_id": message.base_model_id,
-                "num_examples": message.num_examples,
-                "train_loss": float(message.train_loss),
-                "train_seconds": float(message.train_seconds),
-                "sent_at": float(message.sent_at),
-                "compression": message.compression,
-                "delta": _delta_to_wire(message.delta, message.compression),
-            }
-        case NodeStatus():
-            return head | {
-                "type": "status",
-                "federation": message.federation,
-                "node_id": message.node_id,
-                "state": message.state,
-                "round": message.round,
-                "model_id": message.model_id,
-                "num_examples": message.num_examples,
-                "at": message.at,
-                "detail": message.detail,
-            }
-        case ServerStatus():
-            return head | {
-                "type": "server",
-                "federation": message.federation,
-                "state": message.state,
-                "round": message.round,
-                "expected_nodes": message.expected_nodes,
-                "min_nodes": message.min_nodes,
-                "reported": message.reported,
-                "deadline_seconds": message.deadline_seconds,
-                "at": message.at,
-            }
-        case RoundMetrics():
-            known = head | {
-                "type": "metrics",
-                "federation": message.federation,
-                "round": message.round,
-                "model_id": message.model_id,
-                "participants": list(message.participants),
-                "num_examples": message.num_examples,
-                "accuracy": message.accuracy,
-                "loss": message.loss,
-                "train_loss": message.train_loss,
-                "uplink_bytes": message.uplink_bytes,
-                "downlink_bytes": message.downlink_bytes,
-                "global_bytes": message.global_bytes,
-                "rejected": dict(message.rejected),
-                "seconds": float(message.seconds),
-                "aggregate_seconds": float(message.aggregate_seconds),
-                "closed_by": message.closed_by,
-                "at": float(message.at),
-                "train_seconds_median": message.train_seconds_median,
-                "global_delta_bytes": message.global_delta_bytes,
-                "broker_dropped": message.broker_dropped,
-            }
-            return known | {k: v for k, v in message.extra.items() if k not in known}
-    raise TypeError(f"not a fedmq message: {type(message).__name__}")
-
-
-def encode(message: Message) -> bytes:
-    """msgpack bytes of a message (floats as float64, bytes as bin)."""
-    return msgpack.packb(_to_wire(message), use_bin_type=True)
-
-
-# --------------------------------------------------------------------------- decoding
+# --------------------------------------------------------------------------- checks
+# Each check reads one key of a decoded map, ``check(obj, key) -> value``, and raises
+# SchemaError naming the key.
 
 T = TypeVar("T")
 _MISSING = object()
@@ -441,8 +307,30 @@ def _get(obj: Mapping[str, Any], key: str, kind: type[T], *, optional: bool = Fa
     return value
 
 
+# Checks of one msgpack type. The valid case returns at once (the decoder is on the
+# aggregator's hot path); anything else goes through _get, which words the error.
+
+
+def _float(obj: Mapping[str, Any], key: str) -> float:
+    value = obj.get(key)
+    if type(value) is float and math.isfinite(value):
+        return value
+    return _get(obj, key, float)
+
+
+def _of_type(kind: type[T]) -> Callable[[Mapping[str, Any], str], T]:
+    def check(obj: Mapping[str, Any], key: str) -> T:
+        value = obj.get(key)
+        return value if type(value) is kind else _get(obj, key, kind)
+
+    return check
+
+
+_str, _bool, _bin = _of_type(str), _of_type(bool), _of_type(bytes)
+
+
 def _name(obj: Mapping[str, Any], key: str) -> str:
-    value = _get(obj, key, str)
+    value = _str(obj, key)
     try:
         return validate_name(key, value)
     except ValueError as error:
@@ -450,19 +338,26 @@ def _name(obj: Mapping[str, Any], key: str) -> str:
 
 
 def _positive(obj: Mapping[str, Any], key: str, *, minimum: int = 0) -> int:
+    value = obj.get(key)
+    if type(value) is int and value >= minimum:
+        return value
     value = _get(obj, key, int)
     if value < minimum:
         raise SchemaError("bad_field", f"{key} is {value}, must be at least {minimum}")
     return value
 
 
+def _at_least_1(obj: Mapping[str, Any], key: str) -> int:
+    return _positive(obj, key, minimum=1)
+
+
 MAX_EXAMPLES = 2**24  # FedAvg weights stay exact in float32 up to here
 
 
-def _examples(obj: Mapping[str, Any]) -> int:
-    value = _positive(obj, "num_examples", minimum=1)
+def _examples(obj: Mapping[str, Any], key: str) -> int:
+    value = _positive(obj, key, minimum=1)
     if value > MAX_EXAMPLES:
-        raise SchemaError("bad_field", f"num_examples {value} is more than {MAX_EXAMPLES}")
+        raise SchemaError("bad_field", f"{key} {value} is more than {MAX_EXAMPLES}")
     return value
 
 
@@ -473,20 +368,27 @@ def _examples(obj: Mapping[str, Any]) -> int:
 MAX_LOSS = 1e12
 
 
-def _saturated(obj: Mapping[str, Any], key: str, limit: float) -> float:
-    value = _get(obj, key, float)
+def _saturated(obj: Mapping[str, Any], key: str, limit: float = MAX_LOSS) -> float:
+    value = _float(obj, key)
     return max(-limit, min(limit, value))
 
 
 def _positive_float(obj: Mapping[str, Any], key: str) -> float:
-    value = _get(obj, key, float)
+    value = _float(obj, key)
     if not value > 0:
         raise SchemaError("bad_field", f"{key} is {value}, must be > 0")
     return value
 
 
+def _non_negative_float(obj: Mapping[str, Any], key: str) -> float:
+    value = _float(obj, key)
+    if value < 0:
+        raise SchemaError("bad_field", f"{key} is negative")
+    return value
+
+
 def _model_id(obj: Mapping[str, Any], key: str) -> str:
-    value = _get(obj, key, str)
+    value = _str(obj, key)
     if len(value) != 32 or any(c not in "0123456789abcdef" for c in value):
         raise SchemaError("bad_field", f"{key} must be 32 lowercase hex digits")
     return value
@@ -495,6 +397,45 @@ def _model_id(obj: Mapping[str, Any], key: str) -> str:
 _SPEC = re.compile(r"[a-z0-9:.+]{1,64}")  # shape only; fedmq.compression parses it
 _ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # node and federation ids, as in schemas.topics
 _TENSOR_NAME = re.compile(r"[A-Za-z0-9_./-]{1,64}")
+
+
+def _spec(obj: Mapping[str, Any], key: str = "compression", default: str | None = None) -> str:
+    value = obj.get(key, default) if default is not None else _get(obj, key, str)
+    if not isinstance(value, str) or not _SPEC.fullmatch(value):
+        raise SchemaError("bad_field", f"{key} {value!r} is not a SPEC")
+    return value
+
+
+def _choice(choices: tuple[str, ...]) -> Callable[[Mapping[str, Any], str], str]:
+    def check(obj: Mapping[str, Any], key: str) -> str:
+        value = _get(obj, key, str)
+        if value not in choices:
+            raise SchemaError("bad_field", f"{key} {value!r} is not one of {list(choices)}")
+        return value
+
+    return check
+
+
+def _id_list(obj: Mapping[str, Any], key: str) -> list[str]:
+    ids = _get(obj, key, list)
+    if not all(isinstance(i, str) and _ID.fullmatch(i) for i in ids):
+        raise SchemaError("bad_field", f"{key} must be a list of node ids")
+    return ids
+
+
+def _node_ids(obj: Mapping[str, Any], key: str) -> tuple[str, ...]:
+    """A sorted list of distinct node ids."""
+    ids = _id_list(obj, key)
+    if not ids or ids != sorted(set(ids)):
+        raise SchemaError("bad_field", f"{key} must be sorted, without repeats, not empty")
+    return tuple(ids)
+
+
+def _counts(obj: Mapping[str, Any], key: str) -> dict[str, int]:
+    counts = _get(obj, key, dict)
+    if not all(type(count) is int and count >= 0 for count in counts.values()):
+        raise SchemaError("bad_field", f"{key} must map reasons to counts")
+    return counts
 
 
 def _check_names(wire: Mapping[Any, Any], key: str) -> None:
@@ -538,94 +479,8 @@ def _params(
     return params
 
 
-def decode_global(
-    payload: bytes,
-    *,
-    max_bytes: int = DEFAULT_MAX_BYTES,
-    max_elements: int = DEFAULT_MAX_ELEMENTS,
-) -> GlobalModel:
-    """Decode and check a global model; its model_id must match its parameters."""
-    obj = _unpack(payload, "global", max_bytes)
-    decoded = GlobalModel(
-        federation=_name(obj, "federation"),
-        round=_positive(obj, "round", minimum=1),
-        model=_get(obj, "model", str),
-        model_id=_model_id(obj, "model_id"),
-        final=_get(obj, "final", bool),
-        created_at=_get(obj, "created_at", float),
-        plan=_plan(obj),
-        params=_params(obj, "params", max_elements=max_elements, layout=None),
-        selected=_optional(obj, "selected", _node_ids),
-    )
-    if model_id_of(decoded.params) != decoded.model_id:
-        raise SchemaError("bad_model_id", "model_id does not match the hash of params")
-    return decoded
-
-
-def _plan(obj: Mapping[str, Any]) -> TrainingPlan:
-    plan = _get(obj, "plan", dict)
-    return TrainingPlan(
-        learning_rate=_positive_float(plan, "learning_rate"),
-        batch_size=_positive(plan, "batch_size", minimum=1),
-        local_epochs=_positive(plan, "local_epochs", minimum=1),
-        seed=_positive(plan, "seed"),
-        compression=_spec(plan, default="dense"),
-    )
-
-
-def decode_global_delta(payload: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> GlobalDelta:
-    """Decode the compact global; ``apply_global_delta`` rebuilds and checks the model."""
-    obj = _unpack(payload, "global_delta", max_bytes)
-    return GlobalDelta(
-        federation=_name(obj, "federation"),
-        round=_positive(obj, "round", minimum=1),
-        model=_get(obj, "model", str),
-        model_id=_model_id(obj, "model_id"),
-        base_model_id=_model_id(obj, "base_model_id"),
-        final=_get(obj, "final", bool),
-        created_at=_get(obj, "created_at", float),
-        plan=_plan(obj),
-        xor=_get(obj, "xor", bytes),
-        selected=_optional(obj, "selected", _node_ids),
-    )
-
-
-def decode_update(
-    payload: bytes,
-    *,
-    layout: Layout | None = None,
-    max_bytes: int = DEFAULT_MAX_BYTES,
-    max_elements: int = DEFAULT_MAX_ELEMENTS,
-) -> NodeUpdate:
-    """Decode and check a node update; with ``layout`` the delta must match it exactly."""
-    obj = _unpack(payload, "update", max_bytes)
-    compression = _spec(obj)
-    train_seconds = _get(obj, "train_seconds", float)
-    if train_seconds < 0:
-        raise SchemaError("bad_field", "train_seconds is negative")
-    return NodeUpdate(
-        federation=_name(obj, "federation"),
-        node_id=_name(obj, "node_id"),
-        round=_positive(obj, "round", minimum=1),
-        base_model_id=_model_id(obj, "base_model_id"),
-        num_examples=_examples(obj),
-        train_loss=_saturated(obj, "train_loss", MAX_LOSS),
-        train_seconds=train_seconds,
-        sent_at=_get(obj, "sent_at", float),
-        compression=compression,
-        delta=_delta(
-            obj, compression, max_bytes=max_bytes, max_elements=max_elements, layout=layout
-        ),
-    )
-
-
-def _spec(obj: Mapping[str, Any], default: str | None = None) -> str:
-    value = (
-        obj.get("compression", default) if default is not None else _get(obj, "compression", str)
-    )
-    if not isinstance(value, str) or not _SPEC.fullmatch(value):
-        raise SchemaError("bad_field", f"compression {value!r} is not a SPEC")
-    return value
+def _uses(stage: str, compression: str) -> bool:
+    return stage in compression.split("+")
 
 
 def _delta(
@@ -678,89 +533,284 @@ def _delta(
     return delta
 
 
-def _choice(obj: Mapping[str, Any], key: str, choices: tuple[str, ...]) -> str:
-    value = _get(obj, key, str)
-    if value not in choices:
-        raise SchemaError("bad_field", f"{key} {value!r} is not one of {list(choices)}")
-    return value
+# --------------------------------------------------------------------------- encoders
+# ``to_wire(value) -> wire value`` for the fields not written as they are.
+
+
+def _params_to_wire(params: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    return {name: encode_tensor(array) for name, array in params.items()}
+
+
+def _delta_to_wire(delta: Mapping[str, Encoded], message: NodeUpdate) -> Any:
+    if _uses("flat", message.compression):  # one sparse run for the whole delta (schemas.flat)
+        wire: Any = encode_flat(delta)
+    else:
+        wire = {name: encode_encoded(tensor) for name, tensor in delta.items()}
+    if _uses("zlib", message.compression):  # lossless last stage over the whole delta map
+        return zlib.compress(msgpack.packb(wire, use_bin_type=True), 9)
+    return wire
+
+
+# --------------------------------------------------------------------------- declarations
+
+Check = Callable[[Mapping[str, Any], str], Any]
+ToWire = Callable[..., Any]
+
+
+@dataclass(frozen=True)
+class Field:
+    """One key of a message, declared once: how it is decoded and how it is written."""
+
+    key: str  # the wire key, which is also the dataclass field's name
+    check: Check | None  # (obj, key) -> value; None: given by the decode call (caller's limits)
+    nullable: bool = False  # nil or missing decodes to None, without calling check
+    to_wire: ToWire | None = None  # value -> wire value; None: written as it is
+    with_message: bool = False  # to_wire(value, message) instead
+    omit_none: bool = False  # None is left out of the wire instead of written as nil
+
+
+class Kind:
+    """A message kind: its fields in wire (and PROTOCOL.md table) order, and the order the
+    decoder checks them in: ``first`` ones before the rest, a rejected message gets the
+    reason of the first failing check."""
+
+    def __init__(
+        self,
+        type_: str | None,
+        cls: type,
+        fields: tuple[Field, ...],
+        *,
+        first: tuple[str, ...] = (),
+    ) -> None:
+        self.type, self.cls, self.fields = type_, cls, fields
+        self.keys = tuple(f.key for f in fields)
+        declared = {f.name for f in dataclass_fields(cls)} - {"extra"}
+        if sorted(self.keys) != sorted(declared) or not set(first) <= declared:
+            raise TypeError(f"{cls.__name__}: fields {self.keys} do not match {declared}")
+        self.known = frozenset(self.keys) | {"v", "type"}
+        self._values = attrgetter(*self.keys)
+        converted = [(f.key, f.to_wire, f.with_message) for f in fields if not f.omit_none]
+        self._converted = tuple((k, to_wire) for k, to_wire, w in converted if to_wire and not w)
+        self._converted_with = tuple((k, to_wire) for k, to_wire, w in converted if to_wire and w)
+        self._omitted = tuple((f.key, f.to_wire) for f in fields if f.omit_none)
+        by_key = {f.key: f for f in fields}
+        order = [by_key[k] for k in first] + [f for f in fields if f.key not in first]
+        self._checks = tuple((f.key, f.check, f.nullable) for f in order)
+
+    @property
+    def check_order(self) -> tuple[str, ...]:
+        return tuple(key for key, _, _ in self._checks)
+
+    def to_wire(self, message: Any) -> dict[str, Any]:
+        wire: dict[str, Any] = {} if self.type is None else {"v": SCHEMA_VERSION, "type": self.type}
+        wire.update(zip(self.keys, self._values(message), strict=True))
+        for key, to_wire in self._converted:  # a key keeps its place when its value changes
+            wire[key] = to_wire(wire[key])
+        for key, with_message in self._converted_with:
+            wire[key] = with_message(wire[key], message)
+        for key, convert in self._omitted:
+            if wire[key] is None:
+                del wire[key]
+            elif convert is not None:
+                wire[key] = convert(wire[key])
+        return wire
+
+    def decode(
+        self, obj: Mapping[str, Any], given: Mapping[str, Callable[..., Any]] | None = None
+    ) -> dict[str, Any]:
+        """The fields' values by key, checked in order; ``given[key](obj, key, values)``
+        decodes a field declared without a check."""
+        values: dict[str, Any] = {}
+        for key, check, nullable in self._checks:
+            if nullable and obj.get(key) is None:
+                values[key] = None
+            elif check is None:
+                values[key] = given[key](obj, key, values)  # type: ignore[index]
+            else:
+                values[key] = check(obj, key)
+        return values
+
+
+PLAN = Kind(None, TrainingPlan, (
+    Field("learning_rate", _positive_float, to_wire=float),
+    Field("batch_size", _at_least_1),
+    Field("local_epochs", _at_least_1),
+    Field("seed", _positive),
+    Field("compression", partial(_spec, default="dense")),
+))  # fmt: skip
+
+
+def _plan(obj: Mapping[str, Any], key: str) -> TrainingPlan:
+    return TrainingPlan(**PLAN.decode(_get(obj, key, dict)))
+
+
+GLOBAL = Kind("global", GlobalModel, (
+    Field("federation", _name),
+    Field("round", _at_least_1),
+    Field("model", _str),
+    Field("model_id", _model_id),
+    Field("final", _bool),
+    Field("created_at", _float, to_wire=float),
+    Field("plan", _plan, to_wire=PLAN.to_wire),
+    Field("params", None, to_wire=_params_to_wire),  # decoded with the caller's max_elements
+    # Only when sampling: without the key a message is byte for byte what it was.
+    Field("selected", _node_ids, nullable=True, to_wire=list, omit_none=True),
+))  # fmt: skip
+
+GLOBAL_DELTA = Kind("global_delta", GlobalDelta, (
+    Field("federation", _name),
+    Field("round", _at_least_1),
+    Field("model", _str),
+    Field("model_id", _model_id),
+    Field("base_model_id", _model_id),
+    Field("final", _bool),
+    Field("created_at", _float, to_wire=float),
+    Field("plan", _plan, to_wire=PLAN.to_wire),
+    Field("xor", _bin),
+    Field("selected", _node_ids, nullable=True, to_wire=list, omit_none=True),
+))  # fmt: skip
+
+UPDATE = Kind("update", NodeUpdate, (
+    Field("federation", _name),
+    Field("node_id", _name),
+    Field("round", _at_least_1),
+    Field("base_model_id", _model_id),
+    Field("num_examples", _examples),
+    Field("train_loss", _saturated, to_wire=float),
+    Field("train_seconds", _non_negative_float, to_wire=float),
+    Field("sent_at", _float, to_wire=float),
+    Field("compression", _spec),
+    # Decoded with compression and the caller's limits, encoded as compression says.
+    Field("delta", None, to_wire=_delta_to_wire, with_message=True),
+), first=("compression", "train_seconds"))  # fmt: skip
+
+STATUS = Kind("status", NodeStatus, (
+    Field("federation", _name),
+    Field("node_id", _name),
+    Field("state", _choice(NODE_STATES)),
+    Field("round", _positive, nullable=True),
+    Field("model_id", _model_id, nullable=True),
+    Field("num_examples", _positive, nullable=True),
+    Field("at", _float, nullable=True),
+    Field("detail", _str, nullable=True),
+))  # fmt: skip
+
+SERVER = Kind("server", ServerStatus, (
+    Field("federation", _name),
+    Field("state", _choice(SERVER_STATES)),
+    Field("round", _positive),
+    Field("expected_nodes", _positive),
+    Field("min_nodes", _positive),
+    Field("reported", _positive),
+    Field("deadline_seconds", _float, nullable=True),
+    Field("at", _float, nullable=True),
+))  # fmt: skip
+
+# Any key not declared here is kept in RoundMetrics.extra, written after the fields.
+METRICS = Kind("metrics", RoundMetrics, (
+    Field("federation", _name),
+    Field("round", _at_least_1),
+    Field("model_id", _model_id),
+    Field("participants", _id_list, to_wire=list),
+    Field("num_examples", _positive),
+    Field("accuracy", _float, nullable=True),
+    Field("loss", _float, nullable=True),
+    Field("train_loss", _float, nullable=True),
+    Field("uplink_bytes", _positive),
+    Field("downlink_bytes", _positive),
+    Field("global_bytes", _positive),
+    Field("rejected", _counts, to_wire=dict),
+    Field("seconds", _float, to_wire=float),
+    Field("aggregate_seconds", _float, to_wire=float),
+    Field("closed_by", _choice(CLOSED_BY)),
+    Field("at", _float, to_wire=float),
+    Field("train_seconds_median", _float, nullable=True),
+    Field("global_delta_bytes", _positive, nullable=True),
+    Field("broker_dropped", _positive, nullable=True),
+), first=("participants", "rejected"))  # fmt: skip
+
+KINDS: dict[type, Kind] = {
+    kind.cls: kind for kind in (GLOBAL, GLOBAL_DELTA, UPDATE, STATUS, SERVER, METRICS)
+}
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+def _to_wire(message: Message) -> dict[str, Any]:
+    kind = KINDS.get(type(message)) or next(
+        (k for cls, k in KINDS.items() if isinstance(message, cls)), None
+    )
+    if kind is None:
+        raise TypeError(f"not a fedmq message: {type(message).__name__}")
+    wire = kind.to_wire(message)
+    if isinstance(message, RoundMetrics) and message.extra:
+        wire.update((k, v) for k, v in message.extra.items() if k not in wire)
+    return wire
+
+
+def encode(message: Message) -> bytes:
+    """msgpack bytes of a message (floats as float64, bytes as bin)."""
+    return msgpack.packb(_to_wire(message), use_bin_type=True)
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def decode_global(
+    payload: bytes,
+    *,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+) -> GlobalModel:
+    """Decode and check a global model; its model_id must match its parameters."""
+    obj = _unpack(payload, "global", max_bytes)
+
+    def params(obj: Mapping[str, Any], key: str, _values: Any) -> Params:
+        return _params(obj, key, max_elements=max_elements, layout=None)
+
+    decoded = GlobalModel(**GLOBAL.decode(obj, {"params": params}))
+    if model_id_of(decoded.params) != decoded.model_id:
+        raise SchemaError("bad_model_id", "model_id does not match the hash of params")
+    return decoded
+
+
+def decode_global_delta(payload: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> GlobalDelta:
+    """Decode the compact global; ``apply_global_delta`` rebuilds and checks the model."""
+    return GlobalDelta(**GLOBAL_DELTA.decode(_unpack(payload, "global_delta", max_bytes)))
+
+
+def decode_update(
+    payload: bytes,
+    *,
+    layout: Layout | None = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+) -> NodeUpdate:
+    """Decode and check a node update; with ``layout`` the delta must match it exactly."""
+    obj = _unpack(payload, "update", max_bytes)
+
+    def delta(obj: Mapping[str, Any], _key: str, values: Mapping[str, Any]) -> Any:
+        return _delta(
+            obj, values["compression"], max_bytes=max_bytes, max_elements=max_elements,
+            layout=layout,
+        )  # fmt: skip
+
+    return NodeUpdate(**UPDATE.decode(obj, {"delta": delta}))
 
 
 def decode_status(payload: bytes, *, max_bytes: int = 64 * 1024) -> NodeStatus:
-    obj = _unpack(payload, "status", max_bytes)
-    return NodeStatus(
-        federation=_name(obj, "federation"),
-        node_id=_name(obj, "node_id"),
-        state=_choice(obj, "state", NODE_STATES),
-        round=_optional(obj, "round", _positive),
-        model_id=_optional(obj, "model_id", _model_id),
-        num_examples=_optional(obj, "num_examples", _positive),
-        at=_get(obj, "at", float, optional=True),
-        detail=_get(obj, "detail", str, optional=True),
-    )
-
-
-def _optional(obj: Mapping[str, Any], key: str, check: Callable[..., T]) -> T | None:
-    return None if obj.get(key) is None else check(obj, key)
-
-
-def _node_ids(obj: Mapping[str, Any], key: str) -> tuple[str, ...]:
-    """A sorted list of distinct node ids."""
-    ids = _get(obj, key, list)
-    if not all(isinstance(i, str) and _ID.fullmatch(i) for i in ids):
-        raise SchemaError("bad_field", f"{key} must be a list of node ids")
-    if not ids or ids != sorted(set(ids)):
-        raise SchemaError("bad_field", f"{key} must be sorted, without repeats, not empty")
-    return tuple(ids)
+    return NodeStatus(**STATUS.decode(_unpack(payload, "status", max_bytes)))
 
 
 def decode_server_status(payload: bytes, *, max_bytes: int = 64 * 1024) -> ServerStatus:
-    obj = _unpack(payload, "server", max_bytes)
-    status = ServerStatus(
-        federation=_name(obj, "federation"),
-        state=_choice(obj, "state", SERVER_STATES),
-        round=_positive(obj, "round"),
-        expected_nodes=_positive(obj, "expected_nodes"),
-        min_nodes=_positive(obj, "min_nodes"),
-        reported=_positive(obj, "reported"),
-        deadline_seconds=_get(obj, "deadline_seconds", float, optional=True),
-        at=_get(obj, "at", float, optional=True),
-    )
+    status = ServerStatus(**SERVER.decode(_unpack(payload, "server", max_bytes)))
     if status.min_nodes > status.expected_nodes:
         raise SchemaError("bad_field", "min_nodes is more than expected_nodes")
     return status
 
 
-# Keys decoded into RoundMetrics fields; any other key is kept in ``extra``.
-_METRICS_KEYS = {"v", "type"} | {f.name for f in fields(RoundMetrics)} - {"extra"}
-
-
 def decode_metrics(payload: bytes, *, max_bytes: int = 16 * 1024 * 1024) -> RoundMetrics:
     obj = _unpack(payload, "metrics", max_bytes)
-    participants = _get(obj, "participants", list)
-    if not all(isinstance(p, str) and _ID.fullmatch(p) for p in participants):
-        raise SchemaError("bad_field", "participants must be a list of node ids")
-    rejected = _get(obj, "rejected", dict)
-    if not all(type(count) is int and count >= 0 for count in rejected.values()):
-        raise SchemaError("bad_field", "rejected must map reasons to counts")
-    return RoundMetrics(
-        federation=_name(obj, "federation"),
-        round=_positive(obj, "round", minimum=1),
-        model_id=_model_id(obj, "model_id"),
-        participants=participants,
-        num_examples=_positive(obj, "num_examples"),
-        accuracy=_get(obj, "accuracy", float, optional=True),
-        loss=_get(obj, "loss", float, optional=True),
-        train_loss=_get(obj, "train_loss", float, optional=True),
-        uplink_bytes=_positive(obj, "uplink_bytes"),
-        downlink_bytes=_positive(obj, "downlink_bytes"),
-        global_bytes=_positive(obj, "global_bytes"),
-        rejected=rejected,
-        seconds=_get(obj, "seconds", float),
-        aggregate_seconds=_get(obj, "aggregate_seconds", float),
-        closed_by=_choice(obj, "closed_by", CLOSED_BY),
-        at=_get(obj, "at", float),
-        train_seconds_median=_get(obj, "train_seconds_median", float, optional=True),
-        global_delta_bytes=_optional(obj, "global_delta_bytes", _positive),
-        broker_dropped=_optional(obj, "broker_dropped", _positive),
-        extra={k: v for k, v in obj.items() if k not in _METRICS_KEYS},
-    )
+    extra = {k: v for k, v in obj.items() if k not in METRICS.known}
+    return RoundMetrics(**METRICS.decode(obj), extra=extra)

@@ -111,3 +111,50 @@ def test_the_flat_worked_example_prints_the_golden_samples_delta():
     assert packed in blocks
     sizes = [int(np.prod(shape)) for shape in ([4, 3], [3], [3, 2], [2])]
     assert update["delta"]["count"] == sum(math.ceil(0.1 * n) for n in sizes)
+
+
+def field_table(number: str) -> list[tuple[str, str]]:
+    """(field, nullable) of the first table of a section 8 subsection, in its order."""
+    rows = []
+    for line in section(number).split("\n\n| Field |", 1)[1].split("\n\n", 1)[0].splitlines():
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        if cells[0].startswith("`"):
+            rows.append((cells[0].strip("`"), cells[2]))
+    return rows
+
+
+KINDS = {"8.1": "GLOBAL", "8.2": "UPDATE", "8.3": "STATUS", "8.4": "SERVER", "8.5": "METRICS"}
+KINDS["8.6"] = "GLOBAL_DELTA"
+
+
+@pytest.mark.parametrize("number", sorted(KINDS))
+def test_the_message_tables_are_the_declarations(number):
+    """Section 8's tables list each message's fields in the declared (wire) order, with
+    the declared nullability, and `plan.<key>` rows are the plan's: a field added to one
+    side only fails here."""
+    from fedmq.schemas import messages
+
+    kind = getattr(messages, KINDS[number])
+    assert section(number).startswith(f"\n### {number} `{kind.type}` ")
+    rows = [(field, nullable.startswith("yes")) for field, nullable in field_table(number)]
+    assert [row for row in rows if "." not in row[0]] == [(f.key, f.nullable) for f in kind.fields]
+    plan = [(field.removeprefix("plan."), nullable) for field, nullable in rows if "." in field]
+    if number == "8.1":  # the plan's keys; 8.6 refers to 8.1 for them
+        assert plan == [(f.key, f.nullable) for f in messages.PLAN.fields]
+
+
+def test_the_documented_check_order_of_an_update_is_the_declared_one():
+    from fedmq.schemas.messages import UPDATE
+
+    assert "then\n`compression` and `train_seconds`, then the other fields" in section("8.2")
+    assert UPDATE.check_order[:2] == ("compression", "train_seconds")
+    assert UPDATE.check_order[-1] == "delta"
+
+
+def test_a_declaration_must_name_every_field_of_its_dataclass():
+    from fedmq.schemas.messages import PLAN, Field, Kind, TrainingPlan
+
+    with pytest.raises(TypeError, match="TrainingPlan"):
+        Kind(None, TrainingPlan, PLAN.fields[:-1])
+    with pytest.raises(TypeError, match="TrainingPlan"):
+        Kind(None, TrainingPlan, (*PLAN.fields, Field("momentum", None)))
