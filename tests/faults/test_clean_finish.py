@@ -48,9 +48,18 @@ def broker() -> Iterator[Mosquitto]:
         yield started
 
 
+BACKLOG = 500  # publishes of 20 kB: 10 MB
+
+
 class Chatter:
-    """Publishes unreadable status messages as fast as paho takes them, until closed:
-    traffic the aggregator receives while it shuts down (it ignores them)."""
+    """Publishes unreadable messages as fast as the broker takes them, until closed:
+    traffic the aggregator (or node) receives while it shuts down (it ignores them).
+
+    paho queues QoS 0 publishes in memory without limit (a CI run's pytest grew to 24 GB
+    and was OOM-killed), so the chatter waits while paho holds more than BACKLOG of them
+    (its private ``_out_packet``: paho has no public count). It stays a QoS 0 flood with
+    a backlog: paced by PUBACKs (QoS 1) or by an empty send queue, it no longer made the
+    old shutdown lose ``done``."""
 
     def __init__(self, broker: Mosquitto, topic: str) -> None:
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=uuid.uuid4().hex)
@@ -62,7 +71,9 @@ class Chatter:
 
     def _run(self, topic: str) -> None:
         while not self._stop.is_set():
-            if self.client.publish(topic, b"x" * 20_000, qos=0).rc != mqtt.MQTT_ERR_SUCCESS:
+            if len(self.client._out_packet) > BACKLOG:
+                self._stop.wait(0.001)
+            elif self.client.publish(topic, b"x" * 20_000, qos=0).rc != mqtt.MQTT_ERR_SUCCESS:
                 self._stop.wait(0.01)
 
     def close(self) -> None:
