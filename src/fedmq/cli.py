@@ -4,15 +4,19 @@ configures logging and installs signal handlers."""
 import argparse
 import contextlib
 import dataclasses
+import functools
 import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 
 from fedmq import config, logs
 from fedmq.mqtt import BrokerAddress, Credentials
+
+T = TypeVar("T")
 
 DESCRIPTION = """\
 Federated learning for fleets of small devices over MQTT.
@@ -38,11 +42,23 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _usage_errors(check: Callable[[str], T]) -> Callable[[str], T]:
+    """An argparse type from a parser of ours: its ValueError becomes the one-line usage
+    error (parsers are imported inside ``check``, so ``--help`` loads no JAX)."""
+
+    @functools.wraps(check)
+    def convert(text: str) -> T:
+        try:
+            return check(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    return convert
+
+
+@_usage_errors
 def _broker(text: str) -> BrokerAddress:
-    try:
-        return BrokerAddress.parse(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
+    return BrokerAddress.parse(text)
 
 
 def _positive_int(text: str) -> int:
@@ -57,14 +73,11 @@ def _count(text: str) -> int:
     return int(text)
 
 
+@_usage_errors
 def _node_ids(text: str) -> tuple[str, ...]:
     from fedmq.schemas.topics import validate_name
 
-    try:
-        ids = tuple(sorted({validate_name("node id", i.strip()) for i in text.split(",")}))
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-    return ids
+    return tuple(sorted({validate_name("node id", i.strip()) for i in text.split(",")}))
 
 
 def _fraction(text: str) -> float:
@@ -104,33 +117,27 @@ def _shard(text: str) -> tuple[int, int]:
     return int(index) - 1, int(count)
 
 
+@_usage_errors
 def _partition(text: str) -> str:
     from fedmq.datasets import parse_partition
 
-    try:
-        parse_partition(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
+    parse_partition(text)
     return text
 
 
+@_usage_errors
 def _model(text: str) -> str:
     from fedmq.models import get_model
 
-    try:
-        get_model(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
+    get_model(text)
     return text
 
 
+@_usage_errors
 def _compression(text: str) -> str:
     from fedmq.compression import parse_spec
 
-    try:
-        return str(parse_spec(text))
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
+    return str(parse_spec(text))
 
 
 def _plot_path(text: str) -> Path:
@@ -140,13 +147,11 @@ def _plot_path(text: str) -> Path:
     return path
 
 
+@_usage_errors
 def _aggregation(text: str) -> str:
     from fedmq.aggregator.robust import parse_rule
 
-    try:
-        return str(parse_rule(text))
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
+    return str(parse_rule(text))
 
 
 COMPRESSION_HELP = (

@@ -1,6 +1,9 @@
 """Crash-safe file writes shared by the aggregator's checkpoint and a node's state."""
 
+import errno
+import fcntl
 import os
+import socket
 from pathlib import Path
 
 
@@ -46,12 +49,10 @@ def write_output(path: Path, data: bytes) -> None:
     problem = output_problem(path)
     if problem is not None:
         raise ValueError(f"cannot write {path}: {problem}")
-    tmp = path.with_name(path.name + ".tmp")
     try:
-        tmp.write_bytes(data)
-        tmp.replace(path)
+        write_atomically(path, data)
     except OSError as error:
-        tmp.unlink(missing_ok=True)
+        path.with_name(path.name + ".tmp").unlink(missing_ok=True)
         raise ValueError(f"cannot write {path}: {error.strerror or error}") from None
 
 
@@ -82,10 +83,6 @@ def lock_directory(directory: Path) -> DirectoryLock:
     """Create ``directory`` if missing and lock it for this process; raise
     ``DirectoryLocked`` naming the holder if another process (or another lock of this
     one) has it."""
-    import errno
-    import fcntl
-    import socket
-
     if directory.exists() and not directory.is_dir():
         raise NotADirectoryError(
             errno.ENOTDIR, "Not a directory, cannot keep state in it", str(directory)
