@@ -27,12 +27,11 @@ from fedmq.aggregator.checkpoint import (
 from fedmq.aggregator.robust import DEFAULT, Clip, Rule, parse_rule, with_clip
 from fedmq.aggregator.rounds import DEFAULT_DEADLINE_SECONDS, RoundPolicy, default_quorum
 from fedmq.aggregator.server import Aggregator, Publish, RoundSettings, dense_update_bound
-from fedmq.broker.sys_topics import DROPPED, VERSION, parse_counter
 from fedmq.compression import parse_spec
 from fedmq.datasets import Dataset, digits, load_npz
 from fedmq.files import lock_directory
 from fedmq.models import get_model
-from fedmq.progress import ProgressLine
+from fedmq.progress_line import ProgressLine
 from fedmq.report import build_report, write_report
 from fedmq.schemas import (
     SchemaError,
@@ -43,6 +42,7 @@ from fedmq.schemas import (
     decode_status,
     encode,
 )
+from fedmq.schemas.sys_topics import DROPPED, VERSION, parse_counter
 
 log = structlog.get_logger()
 

@@ -11,9 +11,7 @@ import numpy as np
 
 from fedmq.schemas.encodings import Encoded, Quantized, Sparse, float16_into, shape_of
 from fedmq.schemas.flat import FlatSparse
-
-Params = dict[str, np.ndarray]
-
+from fedmq.schemas.tensors import Params
 
 # Elements per step of the accumulation loop: the float32 scratch (256 KiB) stays in cache.
 CHUNK = 65536

@@ -61,9 +61,7 @@ import numpy as np
 
 from fedmq.aggregator.fedavg import WeightedSum
 from fedmq.schemas.encodings import Encoded, Quantized, Sparse, shape_of
-
-Params = dict[str, np.ndarray]
-Layout = Mapping[str, tuple[int, ...]]
+from fedmq.schemas.tensors import Params, Shapes
 
 KINDS = ("fedavg", "median", "trimmed-mean")
 # Floats per sorted block (n rows x WORK_FLOATS // n columns): 4 MiB of float32.
@@ -299,7 +297,7 @@ def _source(tensor: Encoded) -> Any:
 
 def coordinatewise(
     deltas: Sequence[Mapping[str, Encoded]],
-    layout: Layout,
+    layout: Shapes,
     reduce: Callable[[np.ndarray], np.ndarray],
     factors: Sequence[float] | None = None,
 ) -> Params:
@@ -351,7 +349,7 @@ def trimmed_mean_of_sorted(block: np.ndarray, beta: float) -> np.ndarray:
 
 def coordinate_median(
     deltas: Sequence[Mapping[str, Encoded]],
-    layout: Layout,
+    layout: Shapes,
     factors: Sequence[float] | None = None,
 ) -> Params:
     """Unweighted coordinate-wise median of the deltas (float64)."""
@@ -360,7 +358,7 @@ def coordinate_median(
 
 def trimmed_mean(
     deltas: Sequence[Mapping[str, Encoded]],
-    layout: Layout,
+    layout: Shapes,
     beta: float,
     factors: Sequence[float] | None = None,
 ) -> Params:
@@ -392,7 +390,7 @@ class Outcome:
 
 
 def aggregate(
-    rule: Rule, updates: Sequence[tuple[Mapping[str, Encoded], int]], layout: Layout
+    rule: Rule, updates: Sequence[tuple[Mapping[str, Encoded], int]], layout: Shapes
 ) -> Outcome:
     """The round's delta under ``rule`` from (delta, num_examples) pairs, as decoded."""
     if not updates:

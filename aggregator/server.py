@@ -53,10 +53,10 @@ from fedmq.schemas import (
     model_id_of,
 )
 from fedmq.schemas.messages import update_bound
+from fedmq.schemas.tensors import Params
 
 log = structlog.get_logger()
 
-Params = dict[str, np.ndarray]
 
 Publish = Callable[[str, bytes, bool], None]  # (topic, payload, retain), QoS 1
 # Least time between two server status messages sent because updates arrived.
@@ -232,7 +232,7 @@ class Aggregator:
         """The broker publishes $SYS, yet sent no dropped counter with our subscription.
 
         mosquitto publishes the counter retained with a 60 s expiry, and only when it
-        changes (broker.sys_topics): it has not changed for a minute, so nothing was
+        changes (schemas.sys_topics): it has not changed for a minute, so nothing was
         dropped since and the rounds count 0 from here. A no-op once a reading is known."""
         if self._dropped_reading is None:
             self._dropped_still = True

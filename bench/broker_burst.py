@@ -40,8 +40,8 @@ import numpy as np
 import paho.mqtt.client as mqtt
 
 from fedmq.broker.process import PROJECT_CONF, Mosquitto
-from fedmq.broker.sys_topics import DROPPED, parse_counter
 from fedmq.schemas import GlobalModel, NodeUpdate, Topics, decode_global, encode
+from fedmq.schemas.sys_topics import DROPPED, parse_counter
 
 UPTIME = "$SYS/broker/uptime"  # republished at every $SYS tick: a clock for the others
 QUEUE_SETTINGS = ("max_queued_messages", "max_queued_bytes", "max_inflight_messages",

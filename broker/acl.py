@@ -17,8 +17,8 @@ from fedmq.schemas.topics import ROOT, Topics
 AGGREGATOR = "aggregator"
 MONITOR = "monitor"
 ROLES = (AGGREGATOR, MONITOR)
-DROPPED = "$SYS/broker/publish/messages/dropped"  # as broker.sys_topics.DROPPED
-VERSION = "$SYS/broker/version"  # as broker.sys_topics.VERSION
+DROPPED = "$SYS/broker/publish/messages/dropped"  # as schemas.sys_topics.DROPPED
+VERSION = "$SYS/broker/version"  # as schemas.sys_topics.VERSION
 
 
 def rules(federation: str) -> dict[str, list[tuple[str, str]]]:

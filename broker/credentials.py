@@ -1,6 +1,6 @@
 """A deployment's credentials: ``fedmq broker init``, ``add-node`` and ``revoke-node``.
 
-Layout of a deployment directory DIR (docs/security.md explains each file):
+DeploymentFiles of a deployment directory DIR (docs/security.md explains each file):
 
     DIR/deployment.toml          what `init` was given (federation, host names, port, mTLS)
     DIR/mosquitto.conf           the broker's config (broker.production)
@@ -51,7 +51,7 @@ class Deployment:
 
 
 @dataclass(frozen=True)
-class Layout:
+class DeploymentFiles:
     root: Path
 
     @property
@@ -95,7 +95,7 @@ def node_id(text: str) -> str:
     return text
 
 
-def _save_state(layout: Layout, deployment: Deployment) -> None:
+def _save_state(layout: DeploymentFiles, deployment: Deployment) -> None:
     q = json.dumps
     text = "\n".join(
         [
@@ -111,7 +111,7 @@ def _save_state(layout: Layout, deployment: Deployment) -> None:
 
 
 def load_deployment(root: Path) -> Deployment:
-    layout = Layout(root.resolve())
+    layout = DeploymentFiles(root.resolve())
     if not layout.state.exists():
         raise ValueError(f"{root} is not a deployment directory (no {STATE}): run init first")
     with layout.state.open("rb") as file:
@@ -125,7 +125,9 @@ def load_deployment(root: Path) -> Deployment:
     )
 
 
-def _write_bundle(layout: Layout, deployment: Deployment, username: str, password: str) -> Path:
+def _write_bundle(
+    layout: DeploymentFiles, deployment: Deployment, username: str, password: str
+) -> Path:
     """The account's bundle directory, written anew."""
     target = layout.bundle_dir(username)
     if target.exists():
@@ -158,7 +160,7 @@ def _write_bundle(layout: Layout, deployment: Deployment, username: str, passwor
     return target
 
 
-def _add_accounts(layout: Layout, deployment: Deployment, usernames: list[str]) -> None:
+def _add_accounts(layout: DeploymentFiles, deployment: Deployment, usernames: list[str]) -> None:
     files = layout.listener_files
     entries = passwords.parse(files.passwords.read_text()) if files.passwords.exists() else {}
     for username in usernames:
@@ -182,7 +184,7 @@ def init_deployment(
     project_conf: Path = PROJECT_CONF,
 ) -> Deployment:
     """Create everything in ``root`` (which must not hold a deployment yet)."""
-    layout = Layout(root.resolve())
+    layout = DeploymentFiles(root.resolve())
     if layout.state.exists():
         raise ValueError(f"{root} already holds a deployment: add or revoke nodes instead")
     for node in nodes:
@@ -229,13 +231,13 @@ def init_deployment(
 
 def nodes_of(root: Path) -> list[str]:
     """The node accounts in the password file."""
-    entries = passwords.parse(Layout(root.resolve()).listener_files.passwords.read_text())
+    entries = passwords.parse(DeploymentFiles(root.resolve()).listener_files.passwords.read_text())
     return sorted(name for name in entries if name not in ROLES)
 
 
 def add_node(root: Path, node: str) -> Path:
     """Give ``node`` an account and a bundle; returns the bundle directory."""
-    layout = Layout(root.resolve())
+    layout = DeploymentFiles(root.resolve())
     deployment = load_deployment(root)
     node_id(node)
     if node in nodes_of(root):
@@ -248,7 +250,7 @@ def revoke_node(root: Path, node: str) -> None:
     """Remove ``node``'s password (and its bundle). After SIGHUP mosquitto refuses its
     connections and disconnects it if connected. A client certificate it holds stays
     valid but is useless without a password."""
-    layout = Layout(root.resolve())
+    layout = DeploymentFiles(root.resolve())
     load_deployment(root)
     node_id(node)
     files = layout.listener_files
@@ -262,7 +264,7 @@ def revoke_node(root: Path, node: str) -> None:
 
 
 def reload_hint(root: Path) -> str:
-    config = Layout(root.resolve()).config
+    config = DeploymentFiles(root.resolve()).config
     return (
         "reload the running broker so it re-reads the password and ACL files: "
         f"`systemctl reload mosquitto` or `kill -HUP <pid of mosquitto -c {config}>`"

@@ -22,8 +22,8 @@ from fedmq.compression.transforms import ErrorFeedbackState, error_feedback_init
 from fedmq.datasets import Dataset, digits, load_npz, partition
 from fedmq.files import lock_directory
 from fedmq.models import MLP, check_layout
-from fedmq.node import progress, residual
-from fedmq.progress import ProgressLine
+from fedmq.node import last_update, residual
+from fedmq.progress_line import ProgressLine
 
 if TYPE_CHECKING:  # JAX is imported only once a node has a model to train
     from fedmq.node.training import LocalTrainer
@@ -82,7 +82,7 @@ def adopt_old_state(old: Path, new: Path, *, federation: str, node_id: str) -> b
     this federation and node) and ``new`` has none yet. True if moved."""
     from fedmq.schemas import decode_update
 
-    saved = progress.load(old / "last_update.msgpack")
+    saved = last_update.load(old / "last_update.msgpack")
     if saved is None or (new / "last_update.msgpack").exists():
         return False
     try:
@@ -143,7 +143,7 @@ class Node:
         # After a restart: the update on disk is resent (not trained again) the first
         # time this process sees its model, whether that copy is retained or live.
         self._resend_saved = False
-        saved = progress.load(self.progress_path)
+        saved = last_update.load(self.last_update_path)
         if saved is not None:
             self.last_trained = (saved.round, saved.model_id)
             self._last_update = saved.payload
@@ -294,7 +294,7 @@ class Node:
         return self.config.state_dir / "residual.next.npz"
 
     @property
-    def progress_path(self) -> Path:
+    def last_update_path(self) -> Path:
         return self.config.state_dir / "last_update.msgpack"
 
     def _residual_for(self, model: GlobalModel, pipeline: Pipeline) -> ErrorFeedbackState | None:
@@ -383,8 +383,8 @@ class Node:
                     self.pending_residual_path,
                     residual.SavedResidual(model.round, str(pipeline), new_state.residual),
                 )
-            progress.save(
-                self.progress_path, progress.LastUpdate(model.round, model.model_id, payload)
+            last_update.save(
+                self.last_update_path, last_update.LastUpdate(model.round, model.model_id, payload)
             )
             if new_state is not None:
                 residual.promote(self.pending_residual_path, self.residual_path)

@@ -6,7 +6,7 @@ after the one that made it, with the same SPEC and layout; otherwise it is stale
 missed rounds or a new run began) and is discarded, as docs/PROTOCOL.md documents.
 
 A new residual is first written as ``residual.next.npz`` and becomes ``residual.npz``
-only once its round's update is on record (node.progress): see ``settle``.
+only once its round's update is on record (node.last_update): see ``settle``.
 """
 
 import io
@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from fedmq.files import fsync_directory, write_atomically
+from fedmq.schemas.tensors import Shapes
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,7 @@ class SavedResidual:
     spec: str
     residual: dict[str, np.ndarray]
 
-    def usable_for(self, round: int, spec: str, layout: dict[str, tuple[int, ...]]) -> str | None:
+    def usable_for(self, round: int, spec: str, layout: Shapes) -> str | None:
         """None if this residual may be added to round ``round``'s delta, else why not."""
         if spec != self.spec:
             return f"made for compression {self.spec!r}, now {spec!r}"

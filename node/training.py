@@ -14,9 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedmq.models import MLP
-
-Params = dict[str, Any]
+from fedmq.models import MLP, Params
 
 
 def epoch_order(

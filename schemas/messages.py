@@ -27,7 +27,7 @@ from fedmq.schemas.batched import decode_flat_sparse
 from fedmq.schemas.encodings import Encoded, decode_encoded, encode_encoded, shape_of, value_problem
 from fedmq.schemas.errors import SchemaError
 from fedmq.schemas.flat import decode_flat, encode_flat
-from fedmq.schemas.tensors import all_finite, decode_tensor, encode_tensor
+from fedmq.schemas.tensors import Params, Shapes, all_finite, decode_tensor, encode_tensor
 from fedmq.schemas.topics import validate_name
 
 SCHEMA_VERSION = 1
@@ -58,9 +58,6 @@ def packet_bound(num_params: int) -> int:
 NODE_STATES = ("online", "training", "submitted", "idle", "done", "offline", "error")
 SERVER_STATES = ("waiting", "done", "offline")
 CLOSED_BY = ("all_reported", "deadline")
-
-Params = dict[str, np.ndarray]
-Layout = dict[str, tuple[int, ...]]
 
 
 def model_id_of(params: Mapping[str, np.ndarray]) -> str:
@@ -103,7 +100,7 @@ class GlobalModel:
         return self.selected is None or node_id in self.selected
 
     @property
-    def layout(self) -> Layout:
+    def layout(self) -> Shapes:
         return {name: tuple(array.shape) for name, array in self.params.items()}
 
 
@@ -449,7 +446,7 @@ def _params(
     key: str,
     *,
     max_elements: int,
-    layout: Layout | None,
+    layout: Shapes | None,
     dtype: str | None = None,
 ) -> Params:
     wire = _get(obj, key, dict)
@@ -489,7 +486,7 @@ def _delta(
     *,
     max_bytes: int,
     max_elements: int,
-    layout: Layout | None,
+    layout: Shapes | None,
 ) -> Mapping[str, Encoded]:
     wire = obj.get("delta")
     if _uses("zlib", compression):
@@ -783,7 +780,7 @@ def decode_global_delta(payload: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -
 def decode_update(
     payload: bytes,
     *,
-    layout: Layout | None = None,
+    layout: Shapes | None = None,
     max_bytes: int = DEFAULT_MAX_BYTES,
     max_elements: int = DEFAULT_MAX_ELEMENTS,
 ) -> NodeUpdate:

@@ -16,6 +16,10 @@ from fedmq.schemas.errors import SchemaError
 WIRE_DTYPES: dict[str, np.dtype] = {"<f4": np.dtype("<f4"), "<f2": np.dtype("<f2")}
 MAX_RANK = 8
 
+# A model's parameters as numpy arrays named as on the wire ("dense0.w"), and their shapes.
+Params = dict[str, np.ndarray]
+Shapes = Mapping[str, tuple[int, ...]]
+
 
 def encode_tensor(array: np.ndarray) -> dict[str, Any]:
     """The wire form of one array (little-endian, C order)."""

@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from fedmq.schemas.tensors import Shapes
+
 Params = dict[str, Any]
 
 
@@ -74,7 +76,7 @@ SPEC_PREFIX = "mlp:"
 MAX_LAYERS, MAX_UNITS, MAX_PARAMS = 16, 65_536, 16_000_000
 
 
-def parse_spec(spec: str) -> MLP:
+def parse_mlp(spec: str) -> MLP:
     """``mlp:64-128-10`` -> ``MLP((64, 128, 10))``; ValueError saying what is wrong."""
     sizes = spec[len(SPEC_PREFIX) :].split("-")
     if not all(s.isdigit() and s[0] != "0" and s.isascii() for s in sizes):
@@ -96,7 +98,7 @@ def parse_spec(spec: str) -> MLP:
 def get_model(name: str) -> MLP:
     """A registered model by name, or an ``mlp:...`` spec (above)."""
     if name.startswith(SPEC_PREFIX):
-        return parse_spec(name)
+        return parse_mlp(name)
     try:
         return MODELS[name]
     except KeyError:
@@ -106,7 +108,7 @@ def get_model(name: str) -> MLP:
         ) from None
 
 
-def check_layout(model_name: str, layout: dict[str, tuple[int, ...]]) -> MLP:
+def check_layout(model_name: str, layout: Shapes) -> MLP:
     """The named model if ``layout`` is exactly its parameter layout, else ValueError."""
     model = get_model(model_name)
     if dict(layout) != model.layout:

@@ -23,7 +23,6 @@ import pytest
 from fedmq import mqtt as edge
 from fedmq.aggregator.app import leave, make_publish
 from fedmq.broker.process import Mosquitto
-from fedmq.broker.sys_topics import DROPPED, VERSION
 from fedmq.node.app import leave as node_leave
 from fedmq.schemas import (
     NodeStatus,
@@ -33,6 +32,7 @@ from fedmq.schemas import (
     decode_status,
     encode,
 )
+from fedmq.schemas.sys_topics import DROPPED, VERSION
 
 from ..conftest import wait_until
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fedmq.node import progress, residual
+from fedmq.node import last_update, residual
 from fedmq.schemas import Topics, decode_metrics, decode_status, decode_update
 
 from ..conftest import wait_until
@@ -102,7 +102,7 @@ def test_a_node_killed_mid_round_restarts_and_rejoins_with_its_state(
     # What the node had on disk when it died: its update and residual of the round before
     # (or of this one, had it published before the signal landed).
     state = tmp_path / "state-2"
-    saved_update = progress.load(state / "last_update.msgpack")
+    saved_update = last_update.load(state / "last_update.msgpack")
     saved_residual = residual.load(state / "residual.npz")
     assert saved_update is not None and saved_residual is not None
     assert saved_update.round in (killed_in - 1, killed_in)
@@ -143,7 +143,7 @@ def test_a_node_killed_mid_round_restarts_and_rejoins_with_its_state(
         else:
             assert discarded
     # Its state kept going: last update and residual are of the final round.
-    final_update = progress.load(state / "last_update.msgpack")
+    final_update = last_update.load(state / "last_update.msgpack")
     final_residual = residual.load(state / "residual.npz")
     assert final_update is not None and final_update.round == rounds
     assert final_residual is not None and final_residual.round == rounds
@@ -231,7 +231,7 @@ def test_residual_survives_a_crash_between_its_two_files(
     (state / "last_update.msgpack.tmp").mkdir()
     second = node("crashed", 1)
     assert first.wait(120) == 2, first.log()[-3000:]  # died saving round 2's update
-    on_record = progress.load(state / "last_update.msgpack")
+    on_record = last_update.load(state / "last_update.msgpack")
     saved_residual = residual.load(state / "residual.npz")
     pending = residual.load(state / "residual.next.npz")
     assert on_record is not None and on_record.round == 1

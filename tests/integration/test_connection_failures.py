@@ -34,11 +34,11 @@ class Deployment:
     tls_port: int
 
     def config(self, role: str) -> str:
-        return str(credentials.Layout(self.root).bundle_dir(role) / "fedmq.toml")
+        return str(credentials.DeploymentFiles(self.root).bundle_dir(role) / "fedmq.toml")
 
     @property
     def ca(self) -> str:
-        return str(credentials.Layout(self.root).bundle_dir("monitor") / "ca.crt")
+        return str(credentials.DeploymentFiles(self.root).bundle_dir("monitor") / "ca.crt")
 
 
 @pytest.fixture(scope="module")

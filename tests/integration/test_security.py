@@ -35,7 +35,7 @@ class Deployed:
     topics: Topics
 
     def bundle(self, username: str) -> bundle.Bundle:
-        return bundle.load(credentials.Layout(self.root).bundle_dir(username))
+        return bundle.load(credentials.DeploymentFiles(self.root).bundle_dir(username))
 
 
 def _deploy(root: Path, *, mtls: bool) -> Iterator[Deployed]:

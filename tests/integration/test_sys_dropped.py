@@ -16,8 +16,8 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from fedmq.broker.process import Mosquitto
-from fedmq.broker.sys_topics import DROPPED, VERSION
 from fedmq.schemas import Topics, decode_metrics
+from fedmq.schemas.sys_topics import DROPPED, VERSION
 
 from ..conftest import Collector
 

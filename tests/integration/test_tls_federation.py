@@ -27,7 +27,7 @@ def test_a_federation_over_tls_from_the_generated_bundles(spawn, node_data, tmp_
         root, nodes=nodes, federation=federation, hostnames=["127.0.0.1"],
         tls_port=free_port(), listen="127.0.0.1",
     )  # fmt: skip
-    layout = credentials.Layout(root)
+    layout = credentials.DeploymentFiles(root)
     report = tmp_path / "report.json"
     with Mosquitto(config=root / "mosquitto.conf"):
         monitor = spawn(
@@ -69,7 +69,7 @@ def test_a_federation_over_tls_from_the_generated_bundles(spawn, node_data, tmp_
     assert seen == [1, 2, 3]  # the read-only monitor identity saw every round
 
 
-def spoof_as_pi_02_from_pi_01(layout: credentials.Layout, federation: str) -> None:
+def spoof_as_pi_02_from_pi_01(layout: credentials.DeploymentFiles, federation: str) -> None:
     """With pi-01's credentials (the ACL lets it write only its own topics), publish on
     pi-01's update topic a valid update whose payload says it is pi-02's."""
     settings = bundle.load(layout.bundle_dir("pi-01"))

@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 
 from fedmq.aggregator.server import dense_update_bound
 from fedmq.broker.process import PROJECT_CONF, render_config
-from fedmq.broker.sys_topics import DROPPED, parse_counter
 from fedmq.models import get_model
+from fedmq.schemas.sys_topics import DROPPED, parse_counter
 
 
 def settings_of(text: str) -> dict[str, list[str]]:

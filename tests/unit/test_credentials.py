@@ -87,7 +87,7 @@ def test_adding_a_node_keeps_the_password_files_owner(deployment: Path, tmp_path
     # rewrote the password file as root's 0600, and the next reload refused every client.
     root = tmp_path / "copy"
     shutil.copytree(deployment, root)
-    password_file = credentials.Layout(root).listener_files.passwords
+    password_file = credentials.DeploymentFiles(root).listener_files.passwords
     os.chown(password_file, 4321, 4322)
     credentials.add_node(root, "pi-03")
     credentials.revoke_node(root, "pi-01")
@@ -144,7 +144,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_init_writes_every_file(deployment: Path):
-    layout = credentials.Layout(deployment)
+    layout = credentials.DeploymentFiles(deployment)
     files = layout.listener_files
     for path in [layout.config, layout.state, layout.ca_cert, layout.ca_key, *vars(files).values()]:
         assert path.is_file(), path
@@ -160,21 +160,24 @@ def test_init_writes_every_file(deployment: Path):
 
 
 def test_bundles_hold_working_passwords(deployment: Path):
-    files = credentials.Layout(deployment).listener_files
+    files = credentials.DeploymentFiles(deployment).listener_files
     entries = passwords.parse(files.passwords.read_text())
     assert set(entries) == {"aggregator", "monitor", "pi-01", "pi-02"}
     for name, hashed in entries.items():
-        settings = bundle.load(credentials.Layout(deployment).bundle_dir(name))
+        settings = bundle.load(credentials.DeploymentFiles(deployment).bundle_dir(name))
         assert passwords.verify(hashed, settings.password_file.read_text().strip())
         assert settings.username == name
         assert (settings.host, settings.port, settings.federation) == ("broker.lan", 8883, "farm")
-        assert settings.ca_file.read_bytes() == credentials.Layout(deployment).ca_cert.read_bytes()
+        assert (
+            settings.ca_file.read_bytes()
+            == credentials.DeploymentFiles(deployment).ca_cert.read_bytes()
+        )
         assert settings.node_id == (None if name in acl.ROLES else name)
         assert settings.role == (name if name in acl.ROLES else "node")
 
 
 def test_the_server_certificate_names_every_host(deployment: Path):
-    cert = credentials.Layout(deployment).listener_files.server_cert
+    cert = credentials.DeploymentFiles(deployment).listener_files.server_cert
     text = subprocess.run(
         ["openssl", "x509", "-in", str(cert), "-noout", "-text"],
         capture_output=True, text=True, check=True,
@@ -184,10 +187,10 @@ def test_the_server_certificate_names_every_host(deployment: Path):
 
 
 def test_generated_config_enables_the_production_listener(deployment: Path):
-    text = credentials.Layout(deployment).config.read_text()
+    text = credentials.DeploymentFiles(deployment).config.read_text()
     found = settings_of(text)
     project = settings_of(PROJECT_CONF.read_text())
-    files = credentials.Layout(deployment).listener_files
+    files = credentials.DeploymentFiles(deployment).listener_files
     assert found["listener"] == ["1883 127.0.0.1", "8883"]
     assert found["allow_anonymous"] == ["false", "false"]  # loopback and TLS
     assert found["password_file"] == [str(files.passwords)] * 2
@@ -228,13 +231,15 @@ def test_add_and_revoke(deployment: Path, tmp_path: Path):
     target = credentials.add_node(root, "pi-03")
     assert bundle.load(target).node_id == "pi-03"
     assert credentials.nodes_of(root) == ["pi-01", "pi-02", "pi-03"]
-    acl_before = credentials.Layout(root).listener_files.acl.read_text()
+    acl_before = credentials.DeploymentFiles(root).listener_files.acl.read_text()
     with pytest.raises(ValueError, match="already"):
         credentials.add_node(root, "pi-03")
     credentials.revoke_node(root, "pi-02")
     assert credentials.nodes_of(root) == ["pi-01", "pi-03"]
-    assert not credentials.Layout(root).bundle_dir("pi-02").exists()
-    assert credentials.Layout(root).listener_files.acl.read_text() == acl_before  # patterns
+    assert not credentials.DeploymentFiles(root).bundle_dir("pi-02").exists()
+    assert (
+        credentials.DeploymentFiles(root).listener_files.acl.read_text() == acl_before
+    )  # patterns
     with pytest.raises(ValueError, match="no account"):
         credentials.revoke_node(root, "pi-02")
     for bad in ["aggregator", "monitor", "a/b", "+", "", ".", ".."]:
@@ -282,7 +287,7 @@ def test_the_brokers_packet_limit_is_derived_from_the_model(deployment: Path, tm
 
 def _aggregator_settings(root: Path) -> argparse.Namespace:
     """What `fedmq aggregator --config DIR/aggregator/fedmq.toml` runs with."""
-    path = credentials.Layout(root).bundle_dir("aggregator") / bundle.CONFIG
+    path = credentials.DeploymentFiles(root).bundle_dir("aggregator") / bundle.CONFIG
     return config.parse_args(cli.build_parser(), ["aggregator", "--config", str(path)], {})
 
 
@@ -296,7 +301,7 @@ def test_the_aggregator_bundle_sets_the_fleet(deployment: Path):
 def test_adding_and_revoking_nodes_updates_the_aggregator_bundle(deployment: Path, tmp_path):
     root = tmp_path / "copy"
     shutil.copytree(deployment, root)
-    toml = credentials.Layout(root).bundle_dir("aggregator") / bundle.CONFIG
+    toml = credentials.DeploymentFiles(root).bundle_dir("aggregator") / bundle.CONFIG
     toml.write_text(toml.read_text() + "rounds = 50  # the operator's own line\n")
     credentials.add_node(root, "pi-03")
     settings = _aggregator_settings(root)

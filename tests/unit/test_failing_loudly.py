@@ -77,15 +77,15 @@ def test_the_default_node_state_directory_is_per_federation_and_node() -> None:
 def test_a_node_takes_its_state_from_the_old_default_directory(tmp_path: Path) -> None:
     import dataclasses
 
-    from fedmq.node import progress
+    from fedmq.node import last_update
     from fedmq.node.app import adopt_old_state
     from fedmq.schemas import encode
     from tests.golden.samples import FEDERATION, NODE, UPDATE
 
     old = tmp_path / ".fedmq-node"
     old.mkdir()
-    mine = progress.LastUpdate(UPDATE.round, UPDATE.base_model_id, encode(UPDATE))
-    progress.save(old / "last_update.msgpack", mine)
+    mine = last_update.LastUpdate(UPDATE.round, UPDATE.base_model_id, encode(UPDATE))
+    last_update.save(old / "last_update.msgpack", mine)
     (old / "residual.npz").write_bytes(b"residual")
     new = old / FEDERATION / NODE
     # another node's (or federation's) record stays where it is
@@ -94,13 +94,13 @@ def test_a_node_takes_its_state_from_the_old_default_directory(tmp_path: Path) -
     assert not adopt_old_state(old, old / "x" / NODE, federation="x", node_id=NODE)
     assert (old / "last_update.msgpack").exists()
     assert adopt_old_state(old, new, federation=FEDERATION, node_id=NODE)
-    assert progress.load(new / "last_update.msgpack") == mine
+    assert last_update.load(new / "last_update.msgpack") == mine
     assert (new / "residual.npz").read_bytes() == b"residual"
     assert not (old / "last_update.msgpack").exists() and not (old / "residual.npz").exists()
     # a directory that already has a record keeps it
-    progress.save(old / "last_update.msgpack", dataclasses.replace(mine, round=9))
+    last_update.save(old / "last_update.msgpack", dataclasses.replace(mine, round=9))
     assert not adopt_old_state(old, new, federation=FEDERATION, node_id=NODE)
-    assert progress.load(new / "last_update.msgpack") == mine
+    assert last_update.load(new / "last_update.msgpack") == mine
 
 
 def test_a_state_directory_that_is_a_file_is_named(tmp_path: Path) -> None:

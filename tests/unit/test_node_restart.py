@@ -10,7 +10,7 @@ import structlog
 from fedmq.datasets import Dataset
 from fedmq.models import get_model
 from fedmq.mqtt import BrokerAddress
-from fedmq.node import progress, residual
+from fedmq.node import last_update, residual
 from fedmq.node.app import Node, NodeConfig
 from fedmq.schemas import GlobalModel, Topics, TrainingPlan, encode, model_id_of
 
@@ -43,9 +43,9 @@ def global_model(round: int) -> GlobalModel:
 
 def restarted_node(tmp_path: Path, saved_round: int) -> tuple[Node, RecordingOutbox]:
     model = global_model(saved_round)
-    progress.save(
+    last_update.save(
         tmp_path / "last_update.msgpack",
-        progress.LastUpdate(saved_round, model.model_id, b"the saved update"),
+        last_update.LastUpdate(saved_round, model.model_id, b"the saved update"),
     )
     config = NodeConfig(
         broker=BrokerAddress(), federation=FEDERATION, node_id="pi-1", state_dir=tmp_path

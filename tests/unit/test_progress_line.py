@@ -2,7 +2,7 @@
 
 import io
 
-from fedmq.progress import ProgressLine
+from fedmq.progress_line import ProgressLine
 
 
 class FakeTerminal(io.StringIO):
