@@ -254,10 +254,10 @@ def scaled(delta: Mapping[str, Encoded], factor: float) -> dict[str, Encoded]:
     """``delta`` times ``factor``, in the same forms (quantized: the scales; sparse: the
     values). Each number is rounded once to float32."""
     f32 = np.float32(factor)
-    scaled: dict[str, Encoded] = {
+    out: dict[str, Encoded] = {
         name: encoding_of(tensor).scaled(tensor, f32) for name, tensor in delta.items()
     }
-    return scaled
+    return out
 
 
 # ------------------------------------------------------------------------ rules
