@@ -6,11 +6,11 @@ float64 running sum as it arrives and then dropped.
 
 import math
 from collections.abc import Mapping
+from typing import cast
 
 import numpy as np
 
-from fedmq.schemas.encodings import Encoded, Quantized, Sparse, float16_into, shape_of
-from fedmq.schemas.flat import FlatSparse
+from fedmq.schemas.encodings import Encoded, WholeDelta, encoding_of, shape_of
 from fedmq.schemas.tensors import Params
 
 # Elements per step of the accumulation loop: the float32 scratch (256 KiB) stays in cache.
@@ -45,12 +45,16 @@ class WeightedSum:
         self.count = 0
 
     def add(self, delta: Mapping[str, Encoded], weight: int) -> None:
-        """Fold in one update: dense, quantized or sparse tensors, as decoded."""
+        """Fold in one update: tensors in any encoding, as decoded (each adds itself:
+        ``schemas.encodings.Encoding.add_scaled_into``)."""
         if not 0 < weight <= MAX_WEIGHT:
             raise ValueError(f"weight must be in 1..{MAX_WEIGHT}, got {weight}")
-        if isinstance(delta, FlatSparse) and delta.layout == self._layout:
-            # Same per element as the per-tensor path below: positions are unique
-            self._flat[delta.positions] += delta.values_f32() * np.float32(weight)
+        factor = np.float32(weight)
+        # A WholeDelta (the flat form) adds itself in one run over the flat sum. Found by
+        # its method: isinstance on a runtime-checkable protocol costs ~17 us an update.
+        whole = cast(WholeDelta, delta) if hasattr(delta, "add_scaled_into") else None
+        if whole is not None and whole.layout == self._layout:
+            whole.add_scaled_into(self._flat, factor)
             self.total_weight += weight
             self.count += 1
             return
@@ -59,32 +63,11 @@ class WeightedSum:
                 raise ValueError(
                     f"{name} has shape {shape_of(delta[name])}, expected {total.shape}"
                 )
-        factor = np.float32(weight)
         for name, total in self.sums.items():
             tensor = delta[name]
-            target = total.reshape(-1)
-            if isinstance(tensor, Sparse):  # O(k): positions are unique, so += is exact
-                target[tensor.indices] += tensor.values_f32() * factor
-            else:
-                self._add_dense(target, tensor, factor)
+            encoding_of(tensor).add_scaled_into(tensor, total.reshape(-1), factor, self._scratch)
         self.total_weight += weight
         self.count += 1
-
-    def _add_dense(
-        self, target: np.ndarray, tensor: "np.ndarray | Quantized", factor: np.float32
-    ) -> None:
-        flat = tensor if isinstance(tensor, Quantized) else tensor.reshape(-1)
-        for start in range(0, target.size, CHUNK):
-            stop = min(start + CHUNK, target.size)
-            scaled = self._scratch[: stop - start]
-            if isinstance(flat, Quantized):
-                np.multiply(flat.dequantize_into(scaled, start), factor, out=scaled)
-            elif flat.dtype == np.float16:
-                np.multiply(float16_into(flat[start:stop], scaled), factor, out=scaled)
-            else:
-                np.multiply(flat[start:stop], factor, out=scaled)
-            window = target[start:stop]
-            np.add(window, scaled, out=window)
 
     def mean(self) -> Params:
         """The example-weighted mean delta (float64); requires at least one update."""

@@ -60,7 +60,7 @@ from typing import Any
 import numpy as np
 
 from fedmq.aggregator.fedavg import WeightedSum
-from fedmq.schemas.encodings import Encoded, Quantized, Sparse, shape_of
+from fedmq.schemas.encodings import Encoded, encoding_of, shape_of
 from fedmq.schemas.tensors import Params, Shapes
 
 KINDS = ("fedavg", "median", "trimmed-mean")
@@ -230,13 +230,7 @@ def update_norm(delta: Mapping[str, Encoded]) -> float:
     """L2 norm of a whole update (all its tensors as one vector), summed in float64."""
     total = 0.0
     for tensor in delta.values():
-        if isinstance(tensor, Sparse):
-            values = tensor.values_f32()
-        elif isinstance(tensor, Quantized):
-            values = tensor.dequantize()
-        else:
-            values = tensor.reshape(-1)
-        flat = values.astype(np.float64)
+        flat = encoding_of(tensor).values(tensor).astype(np.float64)
         total += float(np.sum(flat * flat))
     return math.sqrt(total)
 
@@ -260,39 +254,13 @@ def scaled(delta: Mapping[str, Encoded], factor: float) -> dict[str, Encoded]:
     """``delta`` times ``factor``, in the same forms (quantized: the scales; sparse: the
     values). Each number is rounded once to float32."""
     f32 = np.float32(factor)
-
-    def scale(tensor: "Encoded") -> "Encoded":
-        if isinstance(tensor, Quantized):
-            return replace(tensor, scales=tensor.scales * f32)
-        if isinstance(tensor, Sparse):
-            return replace(tensor, values=scale(tensor.values))  # type: ignore[arg-type]
-        return tensor.astype(np.float32) * f32
-
-    return {name: scale(tensor) for name, tensor in delta.items()}
+    out: dict[str, Encoded] = {
+        name: encoding_of(tensor).scaled(tensor, f32) for name, tensor in delta.items()
+    }
+    return out
 
 
 # ------------------------------------------------------------------------ rules
-
-
-def _read(source: Any, start: int, stop: int, out: np.ndarray) -> None:
-    """Flat elements [start, stop) of one prepared tensor (``_source``), as float32."""
-    if isinstance(source, tuple):  # sparse: (positions, float32 values)
-        indices, values = source
-        lo, hi = np.searchsorted(indices, (start, stop))
-        out[:] = 0
-        out[indices[lo:hi] - start] = values[lo:hi]
-    elif isinstance(source, Quantized):
-        source.dequantize_into(out, start)
-    else:
-        out[:] = source[start:stop]
-
-
-def _source(tensor: Encoded) -> Any:
-    if isinstance(tensor, Sparse):
-        return tensor.indices, tensor.values_f32()
-    if isinstance(tensor, Quantized):
-        return tensor
-    return tensor.reshape(-1)
 
 
 def coordinatewise(
@@ -316,13 +284,13 @@ def coordinatewise(
     result: Params = {}
     for name, shape in layout.items():
         size = math.prod(shape)
-        sources = [_source(delta[name]) for delta in deltas]
+        readers = [encoding_of(delta[name]).reader(delta[name]) for delta in deltas]
         flat = np.empty(size, dtype=np.float64)
         for start in range(0, size, width):
             stop = min(start + width, size)
             block = stack[:, : stop - start]
-            for row, source, scale in zip(block, sources, scales, strict=True):
-                _read(source, start, stop, row)
+            for row, read, scale in zip(block, readers, scales, strict=True):
+                read(start, stop, row)
                 if scale != 1:
                     np.multiply(row, scale, out=row)
             block.sort(axis=0)

@@ -200,7 +200,7 @@ def print_overheads(
             f" ({codecs['dense'][2]} B payload, {dense_numbers} B of numbers)"
         )
     for spec in pipelines:
-        if parse_spec(spec).flat and not parse_spec(spec).zlib:
+        if parse_spec(spec).framing.flat and not parse_spec(spec).framing.zlib:
             print(f"fixed overhead of a {spec} {model} update: {flat_overhead(model, spec)}")
 
 

@@ -20,13 +20,13 @@ from typing import Any
 
 import numpy as np
 
-from fedmq.schemas.encodings import (
+from fedmq.schemas.encodings.quantized import (
     _NIBBLE_PAIRS,
     _SIGN_OCTETS,
     QUANT_BITS,
     decode_scales,
-    decode_varints,
 )
+from fedmq.schemas.encodings.sparse import decode_varints
 from fedmq.schemas.errors import SchemaError
 from fedmq.schemas.flat import FlatSparse
 

@@ -31,8 +31,6 @@ from fedmq.schemas.encodings import (
     Encoded,
     Quantized,
     Sparse,
-    _bin,
-    _int,
     decode_bits_and_chunk,
     decode_codes,
     decode_scales,
@@ -40,6 +38,8 @@ from fedmq.schemas.encodings import (
     float16_into,
     value_problem,
 )
+from fedmq.schemas.encodings.base import wire_bin as _bin
+from fedmq.schemas.encodings.base import wire_int as _int
 from fedmq.schemas.errors import SchemaError
 from fedmq.schemas.tensors import decode_tensor
 
@@ -94,6 +94,12 @@ class FlatSparse(Mapping[str, Encoded]):
         assert self.codes is not None and self._scale_of is not None
         return np.multiply(self.codes, self._scale_of, dtype=np.float32)
 
+    def add_scaled_into(self, total: np.ndarray, scale: np.float32) -> None:
+        """``total += scale * delta`` over the layout laid end to end (``WholeDelta``):
+        one scatter-add, the same per element as adding tensor by tensor (positions are
+        unique)."""
+        total[self.positions] += self.values_f32() * scale
+
     def __getitem__(self, name: str) -> Sparse:
         offset, first, end, chunk, s_first, s_end = self._parts[name]
         values: np.ndarray | Quantized
@@ -126,6 +132,8 @@ def encode_flat(delta: Mapping[str, Encoded]) -> dict[str, Any]:
     """The flat wire map of a delta whose tensors are all sparse, with values of one kind
     (one dtype, or one bit width and chunk); ValueError otherwise."""
     tensors = list(delta.values())
+    # isinstance on purpose here and below: the flat form is defined for sparse tensors
+    # whose values share one kind, and this is the check that names the one allowed.
     if not tensors or not all(isinstance(t, Sparse) for t in tensors):
         raise ValueError("the flat form needs every tensor sparse (topk)")
     sparse: list[Sparse] = tensors  # type: ignore[assignment]

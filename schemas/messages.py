@@ -27,6 +27,7 @@ from fedmq.schemas.batched import decode_flat_sparse
 from fedmq.schemas.encodings import Encoded, decode_encoded, encode_encoded, shape_of, value_problem
 from fedmq.schemas.errors import SchemaError
 from fedmq.schemas.flat import decode_flat, encode_flat
+from fedmq.schemas.framing import Framing
 from fedmq.schemas.tensors import Params, Shapes, all_finite, decode_tensor, encode_tensor
 from fedmq.schemas.topics import validate_name
 
@@ -476,20 +477,16 @@ def _params(
     return params
 
 
-def _uses(stage: str, compression: str) -> bool:
-    return stage in compression.split("+")
-
-
 def _delta(
     obj: Mapping[str, Any],
-    compression: str,
+    framing: Framing,
     *,
     max_bytes: int,
     max_elements: int,
     layout: Shapes | None,
 ) -> Mapping[str, Encoded]:
     wire = obj.get("delta")
-    if _uses("zlib", compression):
+    if framing.zlib:
         if not isinstance(wire, bytes):
             raise SchemaError("bad_field", "delta must be zlib bytes with compression +zlib")
         inflater = zlib.decompressobj()
@@ -500,7 +497,7 @@ def _delta(
         if inflater.unconsumed_tail or not inflater.eof:
             raise SchemaError("oversized", f"delta inflates beyond {max_bytes} bytes or is cut")
         wire = _unpackb(packed, "inflated delta is not msgpack")
-    if _uses("flat", compression):
+    if framing.flat:
         return decode_flat(wire, layout, max_elements=max_elements)
     if not isinstance(wire, dict) or not wire:
         raise SchemaError("bad_field", "delta must be a non-empty map of tensors")
@@ -539,11 +536,12 @@ def _params_to_wire(params: Mapping[str, np.ndarray]) -> dict[str, Any]:
 
 
 def _delta_to_wire(delta: Mapping[str, Encoded], message: NodeUpdate) -> Any:
-    if _uses("flat", message.compression):  # one sparse run for the whole delta (schemas.flat)
+    framing = Framing.named_by(message.compression)
+    if framing.flat:  # one sparse run for the whole delta (schemas.flat)
         wire: Any = encode_flat(delta)
     else:
         wire = {name: encode_encoded(tensor) for name, tensor in delta.items()}
-    if _uses("zlib", message.compression):  # lossless last stage over the whole delta map
+    if framing.zlib:  # lossless last stage over the whole delta map
         return zlib.compress(msgpack.packb(wire, use_bin_type=True), 9)
     return wire
 
@@ -788,10 +786,8 @@ def decode_update(
     obj = _unpack(payload, "update", max_bytes)
 
     def delta(obj: Mapping[str, Any], _key: str, values: Mapping[str, Any]) -> Any:
-        return _delta(
-            obj, values["compression"], max_bytes=max_bytes, max_elements=max_elements,
-            layout=layout,
-        )  # fmt: skip
+        framing = Framing.named_by(values["compression"])
+        return _delta(obj, framing, max_bytes=max_bytes, max_elements=max_elements, layout=layout)
 
     return NodeUpdate(**UPDATE.decode(obj, {"delta": delta}))
 

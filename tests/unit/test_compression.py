@@ -23,11 +23,16 @@ from fedmq.aggregator.rounds import RoundPolicy
 from fedmq.aggregator.server import Aggregator, RoundSettings, dense_update_bound
 from fedmq.compression import Pipeline, parse_spec
 from fedmq.compression.transforms import (
+    EmptyState,
     ErrorFeedbackState,
+    Stage,
+    chain,
     compress_tree,
+    error_feedback,
     error_feedback_init,
     quantize_values,
     sign_values,
+    top_k,
 )
 from fedmq.models import get_model
 from fedmq.node import residual
@@ -56,6 +61,7 @@ from fedmq.schemas.encodings import (
     to_dense,
     value_problem,
 )
+from fedmq.schemas.framing import Framing
 
 PROPERTY = settings(
     max_examples=200,
@@ -75,7 +81,7 @@ PIPELINE_CHOICES = [
     for packed in (False, True)
 ]
 ALL_PIPELINES = [
-    Pipeline(top_k=top, values=values, error_feedback=ef, flat=flat, zlib=packed)
+    Pipeline(top_k=top, values=values, error_feedback=ef, framing=Framing(flat, packed))
     for top, values, ef, flat, packed in PIPELINE_CHOICES
 ]
 
@@ -132,7 +138,9 @@ def test_every_spec_parses_in_any_order_and_prints_canonically(
 
     pipeline = parse_spec(text)
 
-    assert pipeline == Pipeline(top_k=top, values=values, error_feedback=ef, flat=flat, zlib=packed)
+    assert pipeline == Pipeline(
+        top_k=top, values=values, error_feedback=ef, framing=Framing(flat, packed)
+    )
     assert str(pipeline) == canonical(top, values, ef, packed, flat)
     assert parse_spec(str(pipeline)) == pipeline
 
@@ -381,7 +389,7 @@ def test_every_pipeline_survives_the_wire_bit_for_bit(pipeline, delta, seed):
     )  # fmt: skip
     payload = encode(update)
     raw_delta = msgpack.unpackb(payload, raw=False)["delta"]
-    assert isinstance(raw_delta, bytes if pipeline.zlib else dict)
+    assert isinstance(raw_delta, bytes if pipeline.framing.zlib else dict)
     decoded_update = decode_update(payload, layout=layout)
     assert decoded_update.compression == str(pipeline)
     assert list(decoded_update.delta) == list(delta)
@@ -555,6 +563,69 @@ def test_without_ef_the_state_is_ignored():
     # compress_tree itself uses whatever state it is given
     _, kept = compress_tree(pipeline.transform, delta, np.random.default_rng(0), state)
     assert kept is not None and kept.residual["w"].sum() == 45 - 9
+
+
+@pytest.mark.parametrize(
+    "spec", ["dense", "fp16", "int4", "topk:0.1+int8+ef", "topk:0.2+sign+ef+flat", "topk:0.3+ef"]
+)
+def test_a_pipeline_is_one_stage_of_init_and_update(spec):
+    """optax's shape: ``init(shapes) -> state``, ``update(delta, state, rng)``; with ef
+    the state is the residual (and the lossy stages' own), carried round to round."""
+    layout = {"a": (300,), "b": (4, 5), "c": ()}
+    pipeline = parse_spec(spec)
+    stage = pipeline.stage
+    state = stage.init(layout)
+    if pipeline.error_feedback:
+        assert isinstance(state, ErrorFeedbackState)
+        assert all(not r.any() and r.shape == layout[n] for n, r in state.residual.items())
+        assert state.inner == tuple(EmptyState() for _ in state.inner)  # stateless stages
+    reference = error_feedback_init(layout) if pipeline.error_feedback else None
+    for round_seed in range(3):
+        rng = np.random.default_rng(round_seed)
+        delta = {n: rng.standard_normal(s).astype(np.float32) for n, s in layout.items()}
+        sent, state = stage.update(delta, state, np.random.default_rng([round_seed, 7]))
+        expected, reference = pipeline.compress(
+            delta, np.random.default_rng([round_seed, 7]), reference
+        )
+        assert list(sent) == list(expected)
+        for name in sent:  # bitwise the same forms
+            assert encode_encoded(sent[name]) == encode_encoded(expected[name])
+        if pipeline.error_feedback:
+            assert reference is not None
+            for name in layout:
+                assert state.residual[name].tobytes() == reference.residual[name].tobytes()
+        # a node restarted from its residual file alone (no inner state) goes on the same
+        if pipeline.error_feedback:
+            state = ErrorFeedbackState(dict(state.residual))
+
+
+def test_chain_keeps_each_stage_state_and_order():
+    def counting(label):
+        def init(_shapes):
+            return 0
+
+        def update(delta, count, _rng):
+            return {n: np.asarray(t) + label for n, t in delta.items()}, count + 1
+
+        return Stage(init, update)
+
+    stage = chain(counting(1.0), counting(10.0))
+    state = stage.init({"w": (2,)})
+    assert state == (0, 0)
+    out, state = stage.update({"w": np.zeros(2, np.float32)}, state, np.random.default_rng(0))
+    assert state == (1, 1) and out["w"].tolist() == [11.0, 11.0]
+    wrapped = error_feedback(chain(top_k(0.5)))
+    sent, ef = wrapped.update(
+        {"w": np.array([1.0, -3.0], np.float32)}, wrapped.init({"w": (2,)}), None
+    )
+    assert to_dense(sent["w"]).tolist() == [0.0, -3.0] and ef.residual["w"].tolist() == [1.0, 0.0]
+
+
+def test_the_pipeline_hands_on_the_framing_the_wire_reads():
+    for pipeline in ALL_PIPELINES:
+        assert Framing.named_by(str(pipeline)) == pipeline.framing
+    assert parse_spec("zlib+ef+sign+topk:0.035+flat").framing == Framing(flat=True, zlib=True)
+    assert parse_spec("topk:0.1+int8").framing == Framing()
 
 
 # =========================================================================== aggregation

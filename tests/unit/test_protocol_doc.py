@@ -62,7 +62,7 @@ def test_the_documented_decoder_gives_the_reference_arrays_bit_for_bit(spec, see
 
     update = msgpack.unpackb(payload, raw=False, strict_map_key=True)
     wire = DOC["delta_of"](update)
-    if pipeline.flat:
+    if pipeline.framing.flat:
         layout = {name: list(shape) for name, shape in LAYOUT.items()}
         arrays = DOC["flat_of"](wire, layout)
     else:

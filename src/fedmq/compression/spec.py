@@ -12,15 +12,16 @@ canonical SPEC, which travels.
 """
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from fedmq.compression.transforms import (
     ErrorFeedbackState,
-    Transform,
+    Stage,
     chain,
     compress_tree,
+    error_feedback,
     identity,
     quantize,
     scaled_sign,
@@ -28,6 +29,7 @@ from fedmq.compression.transforms import (
     top_k,
 )
 from fedmq.schemas.encodings import Encoded, Quantized, Sparse
+from fedmq.schemas.framing import STAGE_SEPARATOR, Framing
 
 VALUE_CODINGS = ("fp16", "int8", "int4", "sign")
 QUANT_BITS = {"int8": 8, "int4": 4, "sign": 1}  # value codings sent in the quantized form
@@ -39,8 +41,9 @@ class Pipeline:
     top_k: float | None = None
     values: str | None = None  # one of VALUE_CODINGS, None = float32
     error_feedback: bool = False
-    flat: bool = False  # encoding only: the whole delta as one sparse run (schemas.flat)
-    zlib: bool = False
+    # encoding only (schemas.framing): flat, the whole delta as one sparse run
+    # (schemas.flat); zlib, the delta map deflated. What encode and decode follow.
+    framing: Framing = field(default_factory=Framing)
 
     def __str__(self) -> str:
         stages = []
@@ -50,14 +53,15 @@ class Pipeline:
             stages.append(self.values)
         if self.error_feedback:
             stages.append("ef")
-        if self.flat:
+        if self.framing.flat:
             stages.append("flat")
-        if self.zlib:
+        if self.framing.zlib:
             stages.append("zlib")
-        return "+".join(stages) or "dense"
+        return STAGE_SEPARATOR.join(stages) or "dense"
 
     @property
-    def transform(self) -> Transform:
+    def transform(self) -> Stage:
+        """The lossy stages (topk, value coding), chained, without error feedback."""
         stages = []
         if self.top_k is not None:
             stages.append(top_k(self.top_k))
@@ -69,6 +73,12 @@ class Pipeline:
             stages.append(quantize(QUANT_BITS[self.values], QUANT_CHUNK))
         return chain(*stages) if stages else identity()
 
+    @property
+    def stage(self) -> Stage:
+        """The whole pipeline as one stage: ``transform``, wrapped in error feedback with
+        ``ef`` (its state is then an ``ErrorFeedbackState``)."""
+        return error_feedback(self.transform) if self.error_feedback else self.transform
+
     def compress(
         self,
         delta: Mapping[str, np.ndarray],
@@ -78,7 +88,8 @@ class Pipeline:
         return compress_tree(self.transform, delta, rng, state if self.error_feedback else None)
 
     def form_problem(self, tensor: Encoded) -> str | None:
-        """Why ``tensor`` is not what this pipeline produces, or None."""
+        """Why ``tensor`` is not what this pipeline produces, or None. (isinstance on
+        purpose: the rule is which forms this SPEC allows.)"""
         values = tensor
         if self.top_k is not None:
             if not isinstance(tensor, Sparse):
@@ -106,7 +117,7 @@ def parse_spec(text: str) -> Pipeline:
     top: float | None = None
     values: str | None = None
     seen: set[str] = set()
-    for stage in text.split("+"):
+    for stage in text.split(STAGE_SEPARATOR):
         kind, _, argument = stage.partition(":")
         if kind in seen:
             raise ValueError(f"compression {text!r}: stage {kind!r} appears twice")
@@ -129,7 +140,7 @@ def parse_spec(text: str) -> Pipeline:
             )
     if "flat" in seen and top is None:
         raise ValueError(f"compression {text!r}: flat encodes a sparse delta, it needs topk:F")
+    # The framing stages as the wire reads them in any update (one reading, schemas.framing)
     return Pipeline(
-        top_k=top, values=values, error_feedback="ef" in seen, flat="flat" in seen,
-        zlib="zlib" in seen,
-    )  # fmt: skip
+        top_k=top, values=values, error_feedback="ef" in seen, framing=Framing.named_by(text)
+    )

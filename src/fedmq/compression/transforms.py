@@ -1,32 +1,67 @@
-"""Which numbers of a delta survive, and in what form: small pure transforms.
+"""Which numbers of a delta survive, and in what form: small pure stages.
 
-A transform maps one tensor (dense float32, or the output of an earlier transform) and a
-seeded generator to a new form; ``chain`` composes them. ``error_feedback`` wraps a
-transform with the residual state that carries what was not sent into the next round.
-Nothing here does I/O or reads a clock; randomness comes only from the generator passed in.
+A stage has the shape of optax's ``GradientTransformation``: a pair of pure functions,
+``init(shapes) -> state`` and ``update(delta, state, rng) -> (delta, new_state)``, over a
+whole delta (tensor name -> dense float32 array, or the form an earlier stage made).
+``chain`` composes stages; ``error_feedback`` wraps one with the residual state that
+carries what was not sent into the next round. Nothing here does I/O or reads a clock;
+randomness comes only from the seeded generator passed in, drawn tensor after tensor in
+the delta's order, so a run replays bit for bit. How each form becomes bytes is the wire
+format's business (``schemas.encodings``).
 """
 
 import math
 from collections.abc import Callable, Mapping
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
-from fedmq.schemas.encodings import Encoded, Quantized, Sparse, to_dense
+from fedmq.schemas.encodings import Encoded, Quantized, Sparse, encoding_of, to_dense
+from fedmq.schemas.tensors import Shapes
 
-Transform = Callable[[Encoded, np.random.Generator], Encoded]
-
-
-def identity() -> Transform:
-    return lambda x, _rng: x
+Delta = dict[str, Encoded]
 
 
-def top_k(fraction: float) -> Transform:
-    """Keep the ``ceil(fraction * size)`` largest magnitudes of a dense tensor."""
+class Stage(NamedTuple):
+    """``init(shapes) -> state``; ``update(delta, state, rng) -> (delta, new_state)``."""
+
+    init: Callable[[Shapes], Any]
+    update: Callable[[Mapping[str, Encoded], Any, np.random.Generator], tuple[Delta, Any]]
+
+
+class EmptyState(NamedTuple):
+    """The state of a stage that keeps none."""
+
+
+# One tensor to its new form; ``per_tensor`` makes a stateless stage of it.
+TensorFn = Callable[[Encoded, np.random.Generator], Encoded]
+
+
+def per_tensor(fn: TensorFn) -> Stage:
+    """A stateless stage applying ``fn`` to each tensor, in the delta's order."""
+
+    def init(_shapes: Shapes) -> EmptyState:
+        return EmptyState()
+
+    def update(
+        delta: Mapping[str, Encoded], state: Any, rng: np.random.Generator
+    ) -> tuple[Delta, Any]:
+        return {name: fn(tensor, rng) for name, tensor in delta.items()}, state
+
+    return Stage(init, update)
+
+
+def identity() -> Stage:
+    return per_tensor(lambda x, _rng: x)
+
+
+def top_k(fraction: float) -> Stage:
+    """Keep the ``ceil(fraction * size)`` largest magnitudes of each dense tensor."""
     if not 0 < fraction <= 1:
         raise ValueError(f"top-k fraction {fraction} is not in (0, 1]")
 
     def apply(x: Encoded, _rng: np.random.Generator) -> Encoded:
+        # isinstance on purpose: choosing positions is defined on dense float32 only
         if not isinstance(x, np.ndarray):
             raise TypeError("top-k works on a dense tensor")
         flat = x.reshape(-1)
@@ -34,28 +69,19 @@ def top_k(fraction: float) -> Transform:
         chosen = np.sort(np.argpartition(np.abs(flat), flat.size - k)[flat.size - k :])
         return Sparse(shape=x.shape, indices=chosen.astype(np.int64), values=flat[chosen])
 
-    return apply
+    return per_tensor(apply)
 
 
 ValueCoder = Callable[[np.ndarray, np.random.Generator], "np.ndarray | Quantized"]
 
 
-def _on_values(fn: ValueCoder) -> Transform:
-    """Apply ``fn`` to a dense tensor, or to the values of a sparse one."""
-
-    def apply(x: Encoded, rng: np.random.Generator) -> Encoded:
-        if isinstance(x, Sparse):
-            if not isinstance(x.values, np.ndarray):
-                raise TypeError("values are already coded")
-            return Sparse(shape=x.shape, indices=x.indices, values=fn(x.values, rng))
-        if isinstance(x, np.ndarray):
-            return fn(x, rng)
-        raise TypeError("values are already coded")
-
-    return apply
+def _on_values(fn: ValueCoder) -> Stage:
+    """A stage applying ``fn`` to the dense values each tensor holds (a sparse tensor's
+    kept values); TypeError if they are coded already."""
+    return per_tensor(lambda x, rng: encoding_of(x).map_values(x, lambda values: fn(values, rng)))
 
 
-def to_float16() -> Transform:
+def to_float16() -> Stage:
     # clipped to float16's range: an Inf sent would be rejected, an Inf kept in the
     # error-feedback residual would poison every later round
     largest = float(np.finfo(np.float16).max)
@@ -102,49 +128,87 @@ def sign_values(values: np.ndarray, chunk: int) -> Quantized:
     return Quantized(shape=values.shape, bits=1, chunk=chunk, scales=scales, codes=codes)
 
 
-def scaled_sign(chunk: int = 256) -> Transform:
+def scaled_sign(chunk: int = 256) -> Stage:
     return _on_values(lambda values, _rng: sign_values(values, chunk))
 
 
-def quantize(bits: int, chunk: int = 256) -> Transform:
+def quantize(bits: int, chunk: int = 256) -> Stage:
     if bits not in (8, 4):
         raise ValueError("quantization has 8 or 4 bits")
     return _on_values(lambda values, rng: quantize_values(values, bits, chunk, rng))
 
 
-def chain(*transforms: Transform) -> Transform:
-    def apply(x: Encoded, rng: np.random.Generator) -> Encoded:
-        for transform in transforms:
-            x = transform(x, rng)
-        return x
+def chain(*stages: Stage) -> Stage:
+    """The stages one after the other; the state is the tuple of theirs."""
 
-    return apply
+    def init(shapes: Shapes) -> tuple[Any, ...]:
+        return tuple(stage.init(shapes) for stage in stages)
+
+    def update(
+        delta: Mapping[str, Encoded], state: tuple[Any, ...], rng: np.random.Generator
+    ) -> tuple[Delta, tuple[Any, ...]]:
+        out: Delta = dict(delta)
+        new_state = []
+        for stage, inner in zip(stages, state, strict=True):
+            out, inner = stage.update(out, inner, rng)
+            new_state.append(inner)
+        return out, tuple(new_state)
+
+    return Stage(init, update)
+
+
+def as_float32(delta: Mapping[str, np.ndarray]) -> Delta:
+    """What a pipeline compresses: each tensor as a float32 array (0-d stays an array)."""
+    return {name: np.asarray(tensor).astype(np.float32) for name, tensor in delta.items()}
 
 
 class ErrorFeedbackState(NamedTuple):
-    """What earlier rounds computed but did not send, per tensor (float32)."""
+    """What earlier rounds computed but did not send, per tensor (float32), and the
+    wrapped stage's state (None: its ``init``, as after a restart: the node keeps only
+    the residual on disk, node/residual.py, and today's stages keep no state)."""
 
     residual: dict[str, np.ndarray]
+    inner: Any = None
 
 
 def error_feedback_init(layout: Mapping[str, tuple[int, ...]]) -> ErrorFeedbackState:
     return ErrorFeedbackState({name: np.zeros(shape, np.float32) for name, shape in layout.items()})
 
 
+def error_feedback(inner: Stage) -> Stage:
+    """``inner`` applied to delta + residual; the new residual is what it did not send:
+    sent + new residual == delta + old residual (up to rounding)."""
+
+    def init(shapes: Shapes) -> ErrorFeedbackState:
+        return ErrorFeedbackState(error_feedback_init(shapes).residual, inner.init(shapes))
+
+    def update(
+        delta: Mapping[str, Encoded], state: ErrorFeedbackState, rng: np.random.Generator
+    ) -> tuple[Delta, ErrorFeedbackState]:
+        # np.asarray: numpy turns arithmetic on 0-d arrays into scalars; keep arrays
+        corrected = {
+            name: np.asarray(tensor + state.residual[name]) for name, tensor in delta.items()
+        }
+        inner_state = state.inner
+        if inner_state is None:
+            inner_state = inner.init({name: t.shape for name, t in corrected.items()})
+        sent, inner_state = inner.update(as_float32(corrected), inner_state, rng)
+        residual = {name: np.asarray(corrected[name] - to_dense(sent[name])) for name in sent}
+        return sent, ErrorFeedbackState(residual, inner_state)
+
+    return Stage(init, update)
+
+
 def compress_tree(
-    transform: Transform,
+    stage: Stage,
     delta: Mapping[str, np.ndarray],
     rng: np.random.Generator,
     state: ErrorFeedbackState | None = None,
-) -> tuple[dict[str, Encoded], ErrorFeedbackState | None]:
-    """Compress every tensor of a delta; with ``state``, add the residual first and keep
-    what was not sent: sent + new residual == delta + old residual (up to rounding)."""
-    encoded: dict[str, Encoded] = {}
-    residual: dict[str, np.ndarray] = {}
-    for name, tensor in delta.items():
-        # np.asarray: numpy turns arithmetic on 0-d arrays into scalars; keep arrays
-        corrected = np.asarray(tensor if state is None else tensor + state.residual[name])
-        encoded[name] = transform(corrected.astype(np.float32), rng)
-        if state is not None:
-            residual[name] = np.asarray(corrected - to_dense(encoded[name]))
-    return encoded, (None if state is None else ErrorFeedbackState(residual))
+) -> tuple[Delta, ErrorFeedbackState | None]:
+    """``stage`` over a delta; with ``state``, wrapped in error feedback from it."""
+    if state is None:
+        shapes = {name: np.shape(tensor) for name, tensor in delta.items()}
+        sent, _ = stage.update(as_float32(delta), stage.init(shapes), rng)
+        return sent, None
+    sent, new_state = error_feedback(stage).update(delta, state, rng)
+    return sent, new_state
