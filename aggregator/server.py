@@ -37,7 +37,7 @@ from fedmq.aggregator.evaluate import evaluate
 from fedmq.aggregator.intake import Intake
 from fedmq.aggregator.optimizer import ServerOptimizer, apply_delta
 from fedmq.aggregator.policy import OpenVersion, VersionPolicy
-from fedmq.aggregator.publisher import STATUS_INTERVAL, Publish, Publisher
+from fedmq.aggregator.publisher import Publish, Publisher
 from fedmq.aggregator.robust import FEDAVG, Rule, check_memory
 from fedmq.compression import Pipeline, parse_spec
 from fedmq.datasets import Dataset
@@ -54,8 +54,6 @@ from fedmq.schemas import (
 )
 from fedmq.schemas.messages import update_bound
 from fedmq.schemas.tensors import Params
-
-__all__ = ["STATUS_INTERVAL", "Aggregator", "Publish", "RoundSettings", "Store"]
 
 log = structlog.get_logger()
 
@@ -189,7 +187,7 @@ class Aggregator:
 
     @property
     def round(self) -> int:
-        """``version``, by its name on the wire (``round`` fields and topics' messages)."""
+        """``version`` by its name on the wire (the ``round`` field of every message)."""
         return self._open.number
 
     @property
