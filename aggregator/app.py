@@ -16,6 +16,7 @@ import paho.mqtt.client as mqtt
 import structlog
 
 from fedmq import mqtt as edge
+from fedmq.aggregator.broker_drops import BrokerDrops
 from fedmq.aggregator.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -24,9 +25,10 @@ from fedmq.aggregator.checkpoint import (
     fingerprint_mismatch,
     ways_out,
 )
+from fedmq.aggregator.publisher import Publish
 from fedmq.aggregator.robust import DEFAULT, Clip, Rule, parse_rule, with_clip
 from fedmq.aggregator.rounds import DEFAULT_DEADLINE_SECONDS, RoundPolicy, default_quorum
-from fedmq.aggregator.server import Aggregator, Publish, RoundSettings, dense_update_bound
+from fedmq.aggregator.server import Aggregator, RoundSettings, dense_update_bound
 from fedmq.compression import parse_spec
 from fedmq.datasets import Dataset, digits, load_npz
 from fedmq.files import lock_directory
@@ -108,7 +110,11 @@ def round_policy(config: AggregatorConfig) -> RoundPolicy:
 
 
 def build_aggregator(
-    config: AggregatorConfig, publish: Publish, store: StateDir | None = None
+    config: AggregatorConfig,
+    publish: Publish,
+    store: StateDir | None = None,
+    *,
+    broker_drops: BrokerDrops | None = None,
 ) -> Aggregator:
     model = get_model(config.model)
     settings = RoundSettings(
@@ -134,6 +140,7 @@ def build_aggregator(
         publish=publish,
         test=load_test_set(config.test_data),
         store=store,
+        broker_dropped=(broker_drops or BrokerDrops()).take,
     )
 
 
@@ -196,9 +203,9 @@ def resume_or_start(
         store.rollback(rollback_to)
         log.warning("run.rolled_back", round=rollback_to, model_id=kept.model_id)
     else:
-        store.forget_after(checkpoint.round)  # rounds a rollback discarded, if any
-    store.open_journal(checkpoint.round)
-    aggregator.resume(checkpoint, store.journal_records(checkpoint.round))
+        store.forget_after(checkpoint.version)  # versions a rollback discarded, if any
+    store.open_journal(checkpoint.version)
+    aggregator.resume(checkpoint, store.journal_records(checkpoint.version))
     if aggregator.done:
         log.info(
             "aggregator.already_finished",
@@ -212,7 +219,7 @@ def rollback_point(store: StateDir, current: Checkpoint | None, round: int) -> C
     """The kept checkpoint to roll back to; CheckpointError (one line) if there is none."""
     if current is None:
         raise CheckpointError(f"--rollback-to {round}: no run is kept in {store.directory}")
-    kept = [r for r in store.kept_rounds() if r <= current.round]
+    kept = [r for r in store.kept_versions() if r <= current.version]
     checkpoint = store.load_kept(round) if round in kept else None
     if checkpoint is None and not kept:  # a state directory of an older fedmq
         raise CheckpointError(
@@ -302,7 +309,8 @@ def _run(config: AggregatorConfig, stop: threading.Event) -> int:
     )
     outbox = edge.Outbox(client)
     publish = make_publish(outbox, topics)
-    aggregator = build_aggregator(config, publish, store)
+    drops = BrokerDrops()  # fed from $SYS below, counted per round in the metrics
+    aggregator = build_aggregator(config, publish, store, broker_drops=drops)
     # A CheckpointError goes up to the command: one line on stderr, exit status 2.
     resumed = resume_or_start(aggregator, store, rollback_to=config.rollback_to)
     edge.start(client, config.broker)
@@ -340,9 +348,9 @@ def _run(config: AggregatorConfig, stop: threading.Event) -> int:
             elif received.topic == DROPPED:
                 count = parse_counter(received.payload)
                 if count is not None:
-                    aggregator.note_broker_dropped(count)
+                    drops.note(count)
             elif received.topic == VERSION:  # sent after the counter, if it had one to send
-                aggregator.note_broker_dropped_unchanged()
+                drops.note_unchanged()
             else:
                 aggregator.handle(received.topic, received.payload)
         if store is not None:

@@ -1,15 +1,18 @@
-"""The aggregator's state at the opening of a round, written atomically, plus its journal.
+"""The aggregator's state when a model version was published, written atomically, plus
+the journal of the updates trained on it.
 
+A model version's number is its ``round`` on the wire (and in the file, below).
 ``checkpoint.msgpack`` holds what a restarted aggregator needs to carry on exactly where
-it stopped: the open round's global model message as published (the params, round,
-model id and plan are in it), its compact form, the metrics of every closed round, the
-previous round's participants (to recognise resent duplicates) and a fingerprint of the
-settings that must not change within a run. It is written to a temporary file, fsynced,
+it stopped: the open version's global model message as published (the params, round,
+model id and plan are in it), its compact form, the metrics of every version made so far
+(one per closed round), the participants whose updates made the open version (to
+recognise resent duplicates) and a fingerprint of the settings that must not change
+within a run. It is written to a temporary file, fsynced,
 renamed over the old one and the directory fsynced: a crash leaves the old or the new
-checkpoint, never a mix. The open round's accepted updates are in its journal
-(``aggregator.journal``); a journal older than the checkpoint's round is obsolete. The
-checkpoints of the last ``KEEP_CHECKPOINTS`` rounds opened are kept beside it
-(``checkpoint-<round>.msgpack``) for ``StateDir.rollback`` (``--rollback-to``).
+checkpoint, never a mix. The updates accepted on the open version are in its journal
+(``aggregator.journal``); a journal of an older version than the checkpoint's is
+obsolete. The checkpoints of the last ``KEEP_CHECKPOINTS`` versions are kept beside it
+(``checkpoint-<version>.msgpack``) for ``StateDir.rollback`` (``--rollback-to``).
 """
 
 import math
@@ -21,7 +24,7 @@ from typing import Any
 
 import msgpack
 
-from fedmq.aggregator.journal import RoundJournal, journal_path, read_journal
+from fedmq.aggregator.journal import VersionJournal, journal_path, read_journal
 from fedmq.files import fsync_directory, write_atomically
 from fedmq.schemas import RoundMetrics, SchemaError, decode_metrics, encode
 
@@ -35,20 +38,20 @@ class CheckpointError(RuntimeError):
 
 @dataclass(frozen=True)
 class Checkpoint:
-    round: int  # the round this checkpoint opened (also inside global_payload)
+    version: int  # the model version published (its round, also inside global_payload)
     fingerprint: dict[str, Any]  # settings a run must keep (federation, model, plan)
-    global_payload: bytes  # the open round's GlobalModel message, as published
+    global_payload: bytes  # the version's GlobalModel message, as published
     delta_payload: bytes | None  # its compact form on global/delta
     delta_bytes: int | None  # size of the XOR form (None if there was no previous model)
-    history: list[bytes]  # RoundMetrics messages of the closed rounds, in order
-    previous_reporters: list[str]
+    history: list[bytes]  # RoundMetrics messages of the versions made before, in order
+    previous_reporters: list[str]  # whose updates made this version
 
 
 def to_bytes(checkpoint: Checkpoint) -> bytes:
     return msgpack.packb(
         {
             "v": CHECKPOINT_VERSION,
-            "round": checkpoint.round,
+            "round": checkpoint.version,
             "fingerprint": checkpoint.fingerprint,
             "global": checkpoint.global_payload,
             "global_delta": checkpoint.delta_payload,
@@ -66,7 +69,7 @@ def from_bytes(data: bytes) -> Checkpoint:
         if raw.get("v") != CHECKPOINT_VERSION:
             raise CheckpointError(f"checkpoint version {raw.get('v')!r}, expected 1")
         return Checkpoint(
-            round=int(raw["round"]),
+            version=int(raw["round"]),
             fingerprint=dict(raw["fingerprint"]),
             global_payload=bytes(raw["global"]),
             delta_payload=None if raw["global_delta"] is None else bytes(raw["global_delta"]),
@@ -182,8 +185,8 @@ def changed_setting(directory: Path, option: str, kept: Any, new: Any) -> str:
     )
 
 
-# Checkpoints kept for --rollback-to: the default run's 30 rounds, so any round of it can
-# be gone back to. checkpoint.msgpack is a hard link to the newest (no second write); each
+# Checkpoints kept for --rollback-to: the default run's 30 rounds, so any round of it can be
+# gone back to. checkpoint.msgpack is a hard link to the newest (no second write); each
 # holds the model, its compact form and the metrics so far: 30 of them measured 1 MB for
 # digits-mlp and 21 MB for digits-mlp-large (compact form as large as the model).
 KEEP_CHECKPOINTS = 30
@@ -191,28 +194,28 @@ _KEPT = re.compile(r"checkpoint-(\d{6})\.msgpack")
 
 
 class StateDir:
-    """An aggregator's durable state: the checkpoint, the open round's journal and the
-    checkpoints of the last ``keep`` rounds opened (``checkpoint-<round>.msgpack``).
+    """An aggregator's durable state: the checkpoint, the open version's journal and the
+    checkpoints of the last ``keep`` versions (``checkpoint-<version>.msgpack``).
 
-    ``checkpoint.msgpack`` is the run's state; a kept checkpoint of a later round than
-    it is left over from rounds a rollback discarded (or from a crash just before the
+    ``checkpoint.msgpack`` is the run's state; a kept checkpoint of a later version than
+    it is left over from versions a rollback discarded (or from a crash just before the
     switch to it) and is deleted on the next resume or save."""
 
     def __init__(self, directory: Path, *, keep: int = KEEP_CHECKPOINTS) -> None:
         self.directory = directory
         self.keep = keep
         directory.mkdir(parents=True, exist_ok=True)
-        self._journal: RoundJournal | None = None
+        self._journal: VersionJournal | None = None
 
     @property
     def checkpoint_path(self) -> Path:
         return self.directory / CHECKPOINT_FILE
 
-    def kept_path(self, round: int) -> Path:
-        return self.directory / f"checkpoint-{round:06d}.msgpack"
+    def kept_path(self, version: int) -> Path:
+        return self.directory / f"checkpoint-{version:06d}.msgpack"
 
-    def kept_rounds(self) -> list[int]:
-        """The rounds whose checkpoints are kept, in order."""
+    def kept_versions(self) -> list[int]:
+        """The versions whose checkpoints are kept, in order."""
         found = (_KEPT.fullmatch(path.name) for path in self.directory.iterdir())
         return sorted(int(match[1]) for match in found if match)
 
@@ -221,42 +224,42 @@ class StateDir:
             return None
         return from_bytes(self.checkpoint_path.read_bytes())
 
-    def load_kept(self, round: int) -> Checkpoint | None:
-        path = self.kept_path(round)
+    def load_kept(self, version: int) -> Checkpoint | None:
+        path = self.kept_path(version)
         return from_bytes(path.read_bytes()) if path.exists() else None
 
     def clear(self) -> None:
         """Forget the kept run: the next start is a new one."""
         self.close()
-        kept = [self.kept_path(round) for round in self.kept_rounds()]
+        kept = [self.kept_path(version) for version in self.kept_versions()]
         for path in [self.checkpoint_path, *kept, *self.directory.glob("journal-*.log")]:
             path.unlink(missing_ok=True)
 
-    def rollback(self, round: int) -> None:
-        """Make the kept checkpoint of ``round`` the run's state, and forget the rounds
-        after it: their kept checkpoints and journals, and ``round``'s own journal (the
-        round starts again from its model). Crash-safe: the journal goes first (a crash
-        then leaves the old state without it), then ``checkpoint.msgpack`` is switched
-        atomically; the later rounds' files left by a crash after that are stale, and
-        dropped at the next resume or save (``forget_after``)."""
-        kept = self.kept_path(round)
+    def rollback(self, version: int) -> None:
+        """Make the kept checkpoint of ``version`` the run's state, and forget the
+        versions after it: their kept checkpoints and journals, and ``version``'s own
+        journal (its round starts again from its model). Crash-safe: the journal goes
+        first (a crash then leaves the old state without it), then ``checkpoint.msgpack``
+        is switched atomically; the later versions' files left by a crash after that
+        are stale, and dropped at the next resume or save (``forget_after``)."""
+        kept = self.kept_path(version)
         data = kept.read_bytes()
         self.close()
-        journal = journal_path(self.directory, round)
+        journal = journal_path(self.directory, version)
         if journal.exists():
             journal.unlink()
             fsync_directory(self.directory)
         self._point_at(kept, data)
-        self.forget_after(round)
+        self.forget_after(version)
 
-    def forget_after(self, round: int) -> None:
-        """Delete the kept checkpoints of rounds after ``round`` and the journals of
-        other rounds: left over from a rollback, or from a crash before a switch."""
-        for later in self.kept_rounds():
-            if later > round:
+    def forget_after(self, version: int) -> None:
+        """Delete the kept checkpoints of versions after ``version`` and the journals of
+        other versions: left over from a rollback, or from a crash before a switch."""
+        for later in self.kept_versions():
+            if later > version:
                 self.kept_path(later).unlink(missing_ok=True)
         for path in self.directory.glob("journal-*.log"):
-            if path != journal_path(self.directory, round):
+            if path != journal_path(self.directory, version):
                 path.unlink()
 
     def _point_at(self, kept: Path, data: bytes) -> None:
@@ -272,28 +275,28 @@ class StateDir:
         tmp.replace(self.checkpoint_path)
         fsync_directory(self.directory)
 
-    def journal_records(self, round: int) -> list[tuple[str, bytes]]:
-        return read_journal(journal_path(self.directory, round))
+    def journal_records(self, version: int) -> list[tuple[str, bytes]]:
+        return read_journal(journal_path(self.directory, version))
 
     def save(self, checkpoint: Checkpoint) -> None:
-        """Checkpoint a newly opened round (kept as ``checkpoint-<round>.msgpack`` too),
-        start its journal, drop older journals and checkpoints beyond the last ``keep``."""
+        """Checkpoint a newly published version (kept as ``checkpoint-<version>.msgpack``
+        too), start its journal, drop older journals and checkpoints beyond the last ``keep``."""
         data = to_bytes(checkpoint)
-        kept = self.kept_path(checkpoint.round)
+        kept = self.kept_path(checkpoint.version)
         write_atomically(kept, data)
         self._point_at(kept, data)
-        self.forget_after(checkpoint.round)
-        for old in self.kept_rounds():
-            if old <= checkpoint.round - self.keep:
+        self.forget_after(checkpoint.version)
+        for old in self.kept_versions():
+            if old <= checkpoint.version - self.keep:
                 self.kept_path(old).unlink(missing_ok=True)
-        self.open_journal(checkpoint.round)
+        self.open_journal(checkpoint.version)
 
-    def open_journal(self, round: int) -> None:
-        if self._journal is not None and self._journal.round == round:
+    def open_journal(self, version: int) -> None:
+        if self._journal is not None and self._journal.version == version:
             return
         if self._journal is not None:
             self._journal.close()
-        self._journal = RoundJournal(self.directory, round)
+        self._journal = VersionJournal(self.directory, version)
         for old in self.directory.glob("journal-*.log"):
             if old != self._journal.path:
                 old.unlink()

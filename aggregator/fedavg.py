@@ -1,7 +1,9 @@
-"""FedAvg maths: a streaming example-weighted sum and its application to the global model.
+"""FedAvg maths: an example-weighted sum and its application to the global model.
 
-Memory is O(model size) whatever the number of nodes: each update is folded into a
-float64 running sum as it arrives and then dropped.
+``WeightedSum`` folds updates in one at a time into a float64 running sum of model size.
+The aggregator does not feed it as updates arrive: it holds a round's updates until the
+round closes and then adds them in node-id order (``aggregator.combine``), so the order
+updates arrived in never changes the model and a resumed run is bitwise the same.
 """
 
 import math

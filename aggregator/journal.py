@@ -1,6 +1,9 @@
-"""The open round's accepted updates on disk, so an aggregator crash loses none of them.
+"""The accepted updates trained on the open model version, on disk, so an aggregator
+crash loses none of them.
 
-One append-only file per round, ``journal-<round>.log``: a sequence of records, each
+One append-only file per model version, ``journal-<version>.log`` (a version's number is
+its ``round`` on the wire): the updates trained on that version, which the next version
+is made from. A sequence of records, each
 
     u32 length (big-endian) | u32 CRC-32 of the body | body
 
@@ -28,8 +31,9 @@ _HEADER = struct.Struct(">II")
 MAX_RECORD = 64 * 1024 * 1024 + 1024
 
 
-def journal_path(directory: Path, round: int) -> Path:
-    return directory / f"journal-{round:06d}.log"
+def journal_path(directory: Path, version: int) -> Path:
+    """The journal of the updates trained on model version ``version``."""
+    return directory / f"journal-{version:06d}.log"
 
 
 def encode_record(topic: str, payload: bytes) -> bytes:
@@ -59,12 +63,12 @@ def decode_records(data: bytes) -> tuple[list[tuple[str, bytes]], int]:
     return records, offset
 
 
-class RoundJournal:
-    """Appends accepted updates of one round; ``sync`` makes them durable."""
+class VersionJournal:
+    """Appends the accepted updates of one model version; ``sync`` makes them durable."""
 
-    def __init__(self, directory: Path, round: int) -> None:
-        self.path = journal_path(directory, round)
-        self.round = round
+    def __init__(self, directory: Path, version: int) -> None:
+        self.path = journal_path(directory, version)
+        self.version = version  # the model version these updates were trained on
         existed = self.path.exists()
         self._file = self.path.open("ab")
         self._dirty = False

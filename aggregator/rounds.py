@@ -1,11 +1,18 @@
-"""The round lifecycle as an explicit policy and pure functions: who is asked to train
-(``select_nodes``) and whether the round is ready to close (``close_reason``)."""
+"""Synchronous rounds, the aggregator's version policy (``aggregator.policy``): each model
+version is a round that every node (or a seeded sample) is asked to train for, made when
+they have all reported or at a deadline with a quorum. An explicit policy and pure
+functions: who is asked to train (``select_nodes``) and whether the round is ready to
+close (``close_reason``)."""
 
 import math
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+
+from fedmq.aggregator.policy import OpenVersion, Problem, Progress
+from fedmq.schemas import NodeUpdate
 
 # The deadline `fedmq aggregator` gives a round unless told otherwise. A healthy Pi fleet
 # on the reference task never reaches it: a round there takes seconds (a few ms of CPU
@@ -49,6 +56,81 @@ class RoundPolicy:
             raise ValueError("deadline_seconds must be a positive number of seconds")
         if not 0 < self.sample_fraction <= 1:
             raise ValueError("sample_fraction must be in (0, 1]")
+
+    # ------------------------------------------------------------ as a VersionPolicy
+
+    def select(
+        self, candidates: Iterable[str], *, seed: int, version: int
+    ) -> tuple[str, ...] | None:
+        return select_nodes(candidates, fraction=self.sample_fraction, seed=seed, round=version)
+
+    def addressed(self, update: NodeUpdate, node: str, current: OpenVersion) -> Problem | None:
+        """Updates for the open round, from nodes it sampled; a resent copy of an update
+        that made the previous round is a duplicate."""
+        if update.round == current.number - 1 and node in current.previous_reporters:
+            # a resent copy (after a reconnect) of an update the last round already has
+            return "duplicate", f"{node} already reported in round {update.round}"
+        if current.final or update.round != current.number:
+            return "wrong_round", f"update for round {update.round}, open round is {current.number}"
+        if current.selected is not None and node not in current.selected:
+            return "not_selected", f"{node} was not sampled for round {current.number}"
+        return None
+
+    def fits(
+        self, update: NodeUpdate, node: str, current: OpenVersion, held: Collection[str]
+    ) -> Problem | None:
+        """Trained from the open round's model, one update per node."""
+        if update.base_model_id != current.model_id:
+            return (
+                "wrong_base_model",
+                f"trained from {update.base_model_id}, open model is {current.model_id}",
+            )
+        if node in held:
+            return "duplicate", f"{node} already reported in round {current.number}"
+        return None
+
+    def close_reason(self, current: OpenVersion, *, held: int, now: float) -> str | None:
+        return close_reason(
+            self, reported=held, opened_at=current.opened_at, now=now, selected=_count(current)
+        )
+
+    def seconds_until_check(self, current: OpenVersion, *, held: int, now: float) -> float | None:
+        return seconds_until_check(
+            self, opened_at=current.opened_at, now=now, reported=held, selected=_count(current)
+        )
+
+    def overdue(
+        self, current: OpenVersion, *, held: int, now: float
+    ) -> tuple[str, dict[str, Any]] | None:
+        """Past the deadline short of the quorum: the round stays open until it is reached."""
+        if self.deadline_seconds is None or now - current.opened_at < self.deadline_seconds:
+            return None
+        return "round.short_of_quorum", {
+            "round": current.number,
+            "reported": held,
+            "min_nodes": quorum(self, _count(current)),
+            "deadline_seconds": self.deadline_seconds,
+        }
+
+    def progress(self, current: OpenVersion) -> Progress:
+        expected = self.expected_nodes if current.selected is None else len(current.selected)
+        return Progress(
+            expected_nodes=expected,
+            min_nodes=min(self.min_nodes, expected),
+            deadline_seconds=self.deadline_seconds,
+        )
+
+    def most_updates(self, fleet: int) -> int:
+        """A round closes as soon as its expected nodes, or the nodes sampled from the
+        fleet (``select_nodes``' count), have reported. Sampling without a node list
+        draws from the nodes online, unknown here: expected_nodes stands in for them."""
+        if self.sample_fraction < 1 and fleet:
+            return min(fleet, max(1, math.ceil(self.sample_fraction * fleet)))
+        return self.expected_nodes
+
+
+def _count(current: OpenVersion) -> int | None:
+    return None if current.selected is None else len(current.selected)
 
 
 def select_nodes(

@@ -1,23 +1,30 @@
-"""The aggregator's round state machine, free of MQTT: messages in, publications out.
+"""The aggregator: updates in, model versions out, free of MQTT.
 
-``Aggregator.handle`` takes one received message; ``Aggregator.tick`` closes a round whose
-deadline has passed. Both publish through the ``publish`` callable they were given, so the
-whole lifecycle is testable without a broker, and the MQTT edge (``aggregator.app``)
-stays a thin loop.
+``Aggregator`` puts the parts together, each in its own module:
+
+- accepting updates (``aggregator.intake``): validate, journal, hold, count rejections;
+- when a new model version is made (the settings' version policy, ``aggregator.policy``;
+  today synchronous rounds, ``aggregator.rounds``);
+- how the held updates become one delta (``aggregator.combine``, under the robust rule of
+  ``aggregator.robust``) and how it moves the global model (``aggregator.optimizer``);
+- publishing the model, the server status and the metrics (``aggregator.publisher``).
+
+``Aggregator.handle`` takes one received message; ``Aggregator.tick`` makes the next
+version when time alone decides it (a round's deadline). Both publish through the ``publish``
+callable they were given, so the whole lifecycle is testable without a broker, and the
+MQTT edge (``aggregator.app``) stays a thin loop.
 
 Durability goes through the optional ``store`` (``aggregator.checkpoint.StateDir``):
-every accepted update is appended to the open round's journal, and every round opened is
-checkpointed before its global model is published, so ``resume`` can rebuild the exact
-state after a crash. Accepted updates are summed when the round closes, in node-id order,
-so the new model does not depend on the order updates arrived in: a crashed-and-resumed
-run gives bitwise the same model as an uninterrupted one.
+every accepted update is appended to the journal of the version it was trained on,
+and every version is checkpointed before its global model is published, so ``resume`` can
+rebuild the exact state after a crash. The held updates are combined when the next version
+is made, in node-id order, so the new model does not depend on the order updates arrived
+in: a crashed-and-resumed run gives bitwise the same model as an uninterrupted one.
 """
 
-import math
 import statistics
 import time
-from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -25,16 +32,13 @@ import numpy as np
 import structlog
 
 from fedmq.aggregator.checkpoint import Checkpoint, metrics_payload, read_history
+from fedmq.aggregator.combine import combine
 from fedmq.aggregator.evaluate import evaluate
-from fedmq.aggregator.fedavg import WeightedSum, apply_mean_delta
-from fedmq.aggregator.robust import FEDAVG, Rule, aggregate, check_memory
-from fedmq.aggregator.rounds import (
-    RoundPolicy,
-    close_reason,
-    quorum,
-    seconds_until_check,
-    select_nodes,
-)
+from fedmq.aggregator.intake import Intake
+from fedmq.aggregator.optimizer import ServerOptimizer, apply_delta
+from fedmq.aggregator.policy import OpenVersion, VersionPolicy
+from fedmq.aggregator.publisher import Publish, Publisher
+from fedmq.aggregator.robust import FEDAVG, Rule, check_memory
 from fedmq.compression import Pipeline, parse_spec
 from fedmq.datasets import Dataset
 from fedmq.models import MLP
@@ -42,14 +46,10 @@ from fedmq.schemas import (
     GlobalModel,
     NodeUpdate,
     RoundMetrics,
-    SchemaError,
     ServerStatus,
     Topics,
     TrainingPlan,
     decode_global,
-    decode_update,
-    encode,
-    make_global_delta,
     model_id_of,
 )
 from fedmq.schemas.messages import update_bound
@@ -58,18 +58,13 @@ from fedmq.schemas.tensors import Params
 log = structlog.get_logger()
 
 
-Publish = Callable[[str, bytes, bool], None]  # (topic, payload, retain), QoS 1
-# Least time between two server status messages sent because updates arrived.
-STATUS_INTERVAL = 0.25
-
-
 @dataclass(frozen=True)
 class RoundSettings:
     federation: str
     model_name: str
     model: MLP
-    rounds: int
-    policy: RoundPolicy
+    rounds: int  # model versions made before the final one (the wire's rounds)
+    policy: VersionPolicy  # when a version is made: aggregator.rounds.RoundPolicy
     plan: TrainingPlan  # plan.compression is the SPEC every update must follow
     max_update_bytes: int
     # The fleet's node ids: updates from others are rejected (unknown_node), and rounds
@@ -91,13 +86,8 @@ class RoundSettings:
 
     @property
     def most_updates_per_round(self) -> int:
-        """A round closes as soon as its expected nodes, or the nodes sampled from the
-        fleet (``select_nodes``' count), have reported. Sampling without a node list
-        draws from the nodes online, unknown here: expected_nodes stands in for them."""
-        policy, fleet = self.policy, len(self.known_nodes or ())
-        if policy.sample_fraction < 1 and fleet:
-            return min(fleet, max(1, math.ceil(policy.sample_fraction * fleet)))
-        return policy.expected_nodes
+        """The most updates one version is made from (``VersionPolicy.most_updates``)."""
+        return self.policy.most_updates(len(self.known_nodes or ()))
 
     @property
     def pipeline(self) -> Pipeline:
@@ -129,6 +119,10 @@ def dense_update_bound(model: MLP) -> int:
     return update_bound(model.num_params)
 
 
+def _not_counted() -> int | None:
+    return None
+
+
 class Aggregator:
     def __init__(
         self,
@@ -140,72 +134,125 @@ class Aggregator:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         store: Store | None = None,
+        broker_dropped: Callable[[], int | None] = _not_counted,
+        optimizer: ServerOptimizer | None = None,
     ) -> None:
+        """``broker_dropped``: messages the broker dropped since the last call, None if
+        unknown (``aggregator.broker_drops.BrokerDrops.take``); called as each version
+        opens and when it is made. ``optimizer``: the server update (default FedAvg's)."""
         self.settings = settings
-        self._store = store
-        self._pipeline = settings.pipeline
+        self.store = store
+        self.policy = settings.policy
         self.topics = Topics(settings.federation)
-        self._publish = publish
+        self._out = Publisher(self.topics, publish, clock)
         self._test = test
         self._clock = clock
         self._wall = wall_clock
+        self._broker_dropped = broker_dropped
+        self._optimizer = optimizer or apply_delta()
         self.params = initial_params
+        self._optimizer_state = self._optimizer.init(initial_params)
         self.layout = {name: tuple(a.shape) for name, a in initial_params.items()}
-        self.round = 0
-        self.model_id = model_id_of(initial_params)
-        self.done = False
         self.history: list[RoundMetrics] = []
         self._history_wire: list[bytes] = []  # the same, as published (for checkpoints)
-        self._rejected: Counter[str] = Counter()  # of the open round; reset when it closes
-        self._global_bytes = 0
-        self._global_payload = b""
-        self._delta_payload: bytes | None = None
-        self._status_published_at = float("-inf")
-        self._delta_bytes: int | None = None
-        self._dropped_reading: int | None = None  # latest $SYS dropped counter seen
-        self._dropped_in_round: int | None = None  # None until the broker told us
-        self._dropped_still = False  # no reading, but the counter has not moved for 60 s
-        self._accepted: dict[str, NodeUpdate] = {}
         self._present: dict[str, bool] = {}  # node id -> online, from retained status
-        self._selected: tuple[str, ...] | None = None  # of the open round
-        self._reopen = False  # resumed a finished run whose last model opens another round
-        self._said_short = False  # round.short_of_quorum logged for the open round
-        self._reset_round()
+        self._reopen = False  # resumed a finished run whose last model opens another version
+        self._said_overdue = False  # the policy's overdue warning logged for the open version
+        self._intake = Intake(
+            topics=self.topics,
+            layout=self.layout,
+            max_update_bytes=settings.max_update_bytes,
+            compression=settings.plan.compression,
+            known_nodes=settings.known_nodes,
+            policy=self.policy,
+            journal=store,
+        )
+        self._open = OpenVersion(
+            number=0,
+            model_id=model_id_of(initial_params),
+            final=False,
+            selected=None,
+            opened_at=clock(),
+            previous_reporters=frozenset(),
+        )
+        self._broker_dropped()  # count from here
+
+    # ------------------------------------------------------------------ the open version
+
+    @property
+    def version(self) -> int:
+        """The open model version, which updates are trained on (0 before ``start``); the
+        wire calls it round."""
+        return self._open.number
+
+    @property
+    def round(self) -> int:
+        """``version`` by its name on the wire (the ``round`` field of every message)."""
+        return self._open.number
+
+    @property
+    def model_id(self) -> str:
+        """The open version's global model, which updates are trained on."""
+        return self._open.model_id
+
+    @property
+    def done(self) -> bool:
+        """The final model is out: nothing more is built."""
+        return self._open.final
+
+    @property
+    def held(self) -> Mapping[str, NodeUpdate]:
+        """The updates accepted for the open version, by node id."""
+        return self._intake.held
+
+    @property
+    def reported(self) -> int:
+        return len(self._intake.held)
+
+    def round_age(self) -> float:
+        """Seconds since the open version opened."""
+        return self._clock() - self._open.opened_at
 
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        """Publish the initial global model, which opens round 1."""
-        self._open_round(1)
+        """Publish the initial global model, which opens version (round) 1."""
+        self._open_version(1, model_id=self.model_id)
 
     def resume(self, checkpoint: Checkpoint, journal: list[tuple[str, bytes]]) -> None:
-        """Carry on from ``checkpoint`` (the state when its round opened) and the updates
-        that round's journal holds. Publishes nothing: call ``republish`` once connected
-        (and ``tick``, in case the journal completed the round). A finished run whose
-        ``rounds`` were raised goes on: ``republish`` then opens the next round."""
+        """Carry on from ``checkpoint`` (the state when its version opened) and the updates
+        its journal holds. Publishes nothing: call ``republish`` once connected (and
+        ``tick``, in case the journal completed the version). A finished run whose
+        ``rounds`` were raised goes on: ``republish`` then opens the next version."""
         model = decode_global(checkpoint.global_payload)
         self.params = {name: np.array(array) for name, array in model.params.items()}
-        self.model_id = model.model_id
-        self.round = model.round
+        # No server update keeps state yet: a stateful one would restore it from here.
+        self._optimizer_state = self._optimizer.init(self.params)
         # A finished run whose rounds were raised since reopens its final model as the
-        # next round (``republish``); otherwise it stays finished.
+        # next version (``republish``); otherwise it stays finished.
         self._reopen = model.final and model.round <= self.settings.rounds
-        self.done = model.final and not self._reopen
         self.history, self._history_wire = read_history(checkpoint.history)
-        self._global_payload = checkpoint.global_payload
-        self._global_bytes = len(checkpoint.global_payload)
-        self._delta_payload = checkpoint.delta_payload
-        self._delta_bytes = checkpoint.delta_bytes
-        self._selected = model.selected
-        self._reset_round()
-        self._previous_reporters = frozenset(checkpoint.previous_reporters)
+        self._out.restore(
+            checkpoint.global_payload, checkpoint.delta_payload, checkpoint.delta_bytes
+        )
+        self._open = OpenVersion(
+            number=model.round,
+            model_id=model.model_id,
+            final=model.final and not self._reopen,
+            selected=model.selected,
+            opened_at=self._clock(),
+            previous_reporters=frozenset(checkpoint.previous_reporters),
+        )
+        self._intake.start_version()
+        self._said_overdue = False
+        self._broker_dropped()  # count from here
         for topic, payload in journal:
-            self._ingest(topic, payload, journal=False)
+            self._intake.offer(topic, payload, self._open, journal=False)
         log.info(
             "aggregator.resumed",
-            round=self.round,
+            round=self.version,
             model_id=self.model_id,
-            replayed=len(self._accepted),
+            replayed=self.reported,
             done=self.done,
         )
 
@@ -213,236 +260,116 @@ class Aggregator:
         """A node's retained status (its last will says offline): candidates for sampling."""
         self._present[node_id] = online
 
-    def note_broker_dropped(self, count: int) -> None:
-        """The broker's ``$SYS/.../messages/dropped`` counter, read whenever it is published.
-
-        The counter starts again from 0 when the broker restarts: a reading below the
-        last one counts in full. The first reading after ``note_broker_dropped_unchanged``
-        is a change from a value we never saw: it counts as 1 (at least one dropped)."""
-        last, self._dropped_reading = self._dropped_reading, count
-        if last is None:  # first reading: count from here
-            self._dropped_in_round = (self._dropped_in_round or 0) + int(self._dropped_still)
-            self._dropped_still = False
-            return
-        self._dropped_in_round = (self._dropped_in_round or 0) + (
-            count - last if count >= last else count
-        )
-
-    def note_broker_dropped_unchanged(self) -> None:
-        """The broker publishes $SYS, yet sent no dropped counter with our subscription.
-
-        mosquitto publishes the counter retained with a 60 s expiry, and only when it
-        changes (schemas.sys_topics): it has not changed for a minute, so nothing was
-        dropped since and the rounds count 0 from here. A no-op once a reading is known."""
-        if self._dropped_reading is None:
-            self._dropped_still = True
-            self._dropped_in_round = self._dropped_in_round or 0
-
     def republish(self) -> None:
-        """Publish the open round's global model and server status again (after a
+        """Publish the open version's global model and server status again (after a
         reconnect or a restart: the broker or the nodes may have missed them), and the
-        last closed round's metrics (a crash may have come before they went out:
+        last made version's metrics (a crash may have come before they went out:
         metrics are at-least-once, consumers keep one per round)."""
         if self._history_wire:
-            self._publish(self.topics.metrics, self._history_wire[-1], False)
-        if self._reopen:  # the run goes on: its final model opens the next round
+            self._out.metrics(self._history_wire[-1])
+        if self._reopen:  # the run goes on: its final model opens the next version
             self._reopen = False
-            log.info("run.continued", round=self.round, rounds=self.settings.rounds)
-            self._open_round(self.round, reporters=self._previous_reporters)
+            log.info("run.continued", round=self.version, rounds=self.settings.rounds)
+            self._open_version(
+                self.version, model_id=self.model_id, reporters=self._open.previous_reporters
+            )
             return
-        if self.round >= 1:
-            if self._delta_payload is not None:  # nodes following compact forms see this
-                self._publish(self.topics.global_delta, self._delta_payload, False)
-            self._publish(self.topics.global_model, self._global_payload, True)
+        if self.version >= 1:
+            self._out.model()
             self._publish_server_status()
 
     def timeout(self) -> float | None:
-        """Seconds until ``tick`` might close the open round, or None (only a message can)."""
+        """Seconds until ``tick`` might make the version, or None (only a message can)."""
         if self.done:
             return 0.0
-        return seconds_until_check(
-            self.settings.policy,
-            opened_at=self._opened_at,
-            now=self._clock(),
-            reported=self.reported,
-            selected=None if self._selected is None else len(self._selected),
-        )
+        return self.policy.seconds_until_check(self._open, held=self.reported, now=self._clock())
 
     def tick(self) -> None:
         if self.done:
             return
-        policy, selected = self.settings.policy, self._selected
-        sampled = None if selected is None else len(selected)
         now = self._clock()
-        reason = close_reason(
-            policy, reported=self.reported, opened_at=self._opened_at, now=now, selected=sampled
-        )
+        reason = self.policy.close_reason(self._open, held=self.reported, now=now)
         if reason is not None:
-            self._close_round(reason)
-        elif (
-            not self._said_short
-            and policy.deadline_seconds is not None
-            and now - self._opened_at >= policy.deadline_seconds
-        ):  # the round stays open until the quorum is reached: say so, once
-            self._said_short = True
-            log.warning(
-                "round.short_of_quorum",
-                round=self.round,
-                reported=self.reported,
-                min_nodes=quorum(policy, sampled),
-                deadline_seconds=policy.deadline_seconds,
-            )
+            self._make_version(reason)
+        elif not self._said_overdue:  # late and still short: say so, once
+            overdue = self.policy.overdue(self._open, held=self.reported, now=now)
+            if overdue is not None:
+                self._said_overdue = True
+                event, fields = overdue
+                log.warning(event, **fields)
 
     def handle(self, topic: str, payload: bytes) -> None:
         """Validate one update; accept it (journaled) or reject it with a reason."""
-        self._ingest(topic, payload, journal=True)
+        self._intake.offer(topic, payload, self._open)
         self.tick()
-        if not self.done and self._clock() - self._status_published_at >= STATUS_INTERVAL:
+        if not self.done and self._out.status_due():
             self._publish_server_status()  # progress toward the quorum, for monitors
 
-    @property
-    def reported(self) -> int:
-        return len(self._accepted)
-
-    def round_age(self) -> float:
-        """Seconds since the open round opened."""
-        return self._clock() - self._opened_at
+    def server_status(self, state: str | None = None) -> ServerStatus:
+        progress = self.policy.progress(self._open)
+        return ServerStatus(
+            federation=self.settings.federation,
+            state=state or ("done" if self.done else "waiting"),
+            round=self.version,
+            expected_nodes=progress.expected_nodes,
+            min_nodes=progress.min_nodes,
+            reported=self.reported,
+            deadline_seconds=progress.deadline_seconds,
+            at=self._wall(),
+        )
 
     # ------------------------------------------------------------------ internals
 
-    def _ingest(self, topic: str, payload: bytes, *, journal: bool) -> None:
-        node_id = self.topics.node_of(topic)
-        if node_id is None or not topic.startswith(self.topics.prefix + "/updates/"):
-            self._reject("bad_topic", f"not an update topic: {topic!r}", node_id=None)
-            return
-        if len(payload) > self.settings.max_update_bytes:
-            self._reject(
-                "oversized",
-                f"{len(payload)} bytes, limit {self.settings.max_update_bytes}",
-                node_id=node_id,
-            )
-            return
-        try:
-            update = decode_update(
-                payload, layout=self.layout, max_bytes=self.settings.max_update_bytes
-            )
-        except SchemaError as error:
-            self._reject(error.reason, error.detail, node_id=node_id)
-            return
-        problem = self._check_context(update, topic_node=node_id)
-        if problem is not None:
-            self._reject(*problem, node_id=node_id)
-            return
-        if journal and self._store is not None:
-            self._store.append(topic, payload)
-        self._accepted[node_id] = update
-        self._uplink_bytes += len(payload)
-        log.debug("update.accepted", node=node_id, round=self.round, bytes=len(payload))
-
-    def _check_context(self, update: NodeUpdate, *, topic_node: str) -> tuple[str, str] | None:
-        """Why a well-formed update does not belong in the open round, or None."""
-        if update.federation != self.settings.federation:
-            return "wrong_federation", f"federation {update.federation!r}"
-        if update.node_id != topic_node:
-            return "node_id_mismatch", f"payload says {update.node_id!r}, topic says {topic_node!r}"
-        known = self.settings.known_nodes
-        if known is not None and topic_node not in known:
-            return "unknown_node", f"{topic_node!r} is not in the federation's node list"
-        if update.round == self.round - 1 and topic_node in self._previous_reporters:
-            # a resent copy (after a reconnect) of an update the last round already has
-            return "duplicate", f"{topic_node} already reported in round {update.round}"
-        if self.done or update.round != self.round:
-            return "wrong_round", f"update for round {update.round}, open round is {self.round}"
-        if self._selected is not None and topic_node not in self._selected:
-            return "not_selected", f"{topic_node} was not sampled for round {self.round}"
-        if update.compression != self.settings.plan.compression:
-            return (
-                "wrong_compression",
-                f"compressed as {update.compression!r}, the federation uses "
-                f"{self.settings.plan.compression!r}",
-            )
-        pipeline = self._pipeline
-        for name, tensor in update.delta.items():
-            problem = pipeline.form_problem(tensor)
-            if problem is not None:
-                return "wrong_encoding", f"delta.{name}: {problem}"
-        if update.base_model_id != self.model_id:
-            return (
-                "wrong_base_model",
-                f"trained from {update.base_model_id}, open model is {self.model_id}",
-            )
-        if topic_node in self._accepted:
-            return "duplicate", f"{topic_node} already reported in round {self.round}"
-        return None
-
-    def _reject(self, reason: str, detail: str, *, node_id: str | None) -> None:
-        self._rejected[reason] += 1
-        log.warning("update.rejected", reason=reason, detail=detail, node=node_id, round=self.round)
-
-    def _reset_round(self, reporters: frozenset[str] | None = None) -> None:
-        # Held until the round closes (memory: the open round's updates as decoded, about
-        # their wire size), then summed in node-id order: see the module docstring.
-        self._previous_reporters = frozenset(self._accepted) if reporters is None else reporters
-        self._accepted = {}
-        self._uplink_bytes = 0
-        self._opened_at = self._clock()
-        self._said_short = False
-        known = self._dropped_reading is not None or self._dropped_still
-        self._dropped_in_round = 0 if known else None
-
-    def _open_round(
+    def _open_version(
         self,
-        round: int,
-        previous: tuple[Params, str] | None = None,
+        number: int,
         *,
+        model_id: str,
+        previous: tuple[Params, str] | None = None,
         reporters: frozenset[str] | None = None,
     ) -> None:
-        """Publish the global model opening ``round`` (retained, in full) and, when the
-        previous one is known, its compact XOR form for nodes that hold that one.
-        ``reporters``: the previous round's participants, if not the ones just held."""
-        final = round > self.settings.rounds
-        policy = self.settings.policy
-        self._selected = None
-        if not final and policy.sample_fraction < 1:
+        """Checkpoint and publish the global model ``model_id`` (``self.params``) that
+        opens version ``number``. ``previous``: the model before (params, id), for the
+        compact form; ``reporters``: the previous version's, if not the ones just held."""
+        final = number > self.settings.rounds
+        selected = None
+        if not final:
             known = self.settings.known_nodes
             candidates = known if known is not None else self._online()
-            self._selected = select_nodes(
-                candidates,
-                fraction=policy.sample_fraction,
-                seed=self.settings.plan.seed,
-                round=round,
-            )
+            selected = self.policy.select(candidates, seed=self.settings.plan.seed, version=number)
         message = GlobalModel(
             federation=self.settings.federation,
-            round=round,
+            round=number,
             model=self.settings.model_name,
-            model_id=self.model_id,
+            model_id=model_id,
             params=self.params,
             plan=self.settings.plan,
             final=final,
             created_at=self._wall(),
-            selected=self._selected,
+            selected=selected,
         )
-        payload = encode(message)
-        self.round = round
-        self._global_bytes = len(payload)
-        self._global_payload = payload
-        self._delta_bytes = None
-        self._reset_round(reporters)
-        self.done = final
-        if previous is not None:
-            compact = encode(make_global_delta(previous[0], message, previous[1]))
-            self._delta_bytes = len(compact)
-        else:  # nothing to XOR against: nodes following compact forms get it whole
-            compact = payload
-        self._delta_payload = compact
-        if self._store is not None:  # durable before anyone can train on it
-            self._store.save(self._checkpoint())
-        self._publish(self.topics.global_delta, compact, False)
-        self._publish(self.topics.global_model, payload, True)
+        self._out.prepare_model(message, previous)
+        self._open = OpenVersion(
+            number=number,
+            model_id=model_id,
+            final=final,
+            selected=selected,
+            opened_at=self._clock(),
+            previous_reporters=frozenset(self._intake.held) if reporters is None else reporters,
+        )
+        self._intake.start_version()
+        self._said_overdue = False
+        self._broker_dropped()  # count from here
+        if self.store is not None:  # durable before anyone can train on it
+            self.store.save(self._checkpoint())
+        self._out.model()
         self._publish_server_status()
         log.info(
-            "round.opened", round=round, model_id=self.model_id, final=final, bytes=len(payload)
+            "round.opened",
+            round=number,
+            model_id=model_id,
+            final=final,
+            bytes=self._out.global_bytes,
         )
 
     def _online(self) -> list[str]:
@@ -450,111 +377,73 @@ class Aggregator:
 
     def _checkpoint(self) -> Checkpoint:
         return Checkpoint(
-            round=self.round,
+            version=self.version,
             fingerprint=self.settings.fingerprint,
-            global_payload=self._global_payload,
-            delta_payload=self._delta_payload,
-            delta_bytes=self._delta_bytes,
+            global_payload=self._out.global_payload,
+            delta_payload=self._out.delta_payload,
+            delta_bytes=self._out.delta_bytes,
             history=self._history_wire,
-            previous_reporters=sorted(self._previous_reporters),
-        )
-
-    def server_status(self, state: str | None = None) -> ServerStatus:
-        policy = self.settings.policy
-        expected = policy.expected_nodes if self._selected is None else len(self._selected)
-        return ServerStatus(
-            federation=self.settings.federation,
-            state=state or ("done" if self.done else "waiting"),
-            round=self.round,
-            expected_nodes=expected,
-            min_nodes=min(self.settings.policy.min_nodes, expected),
-            reported=self.reported,
-            deadline_seconds=self.settings.policy.deadline_seconds,
-            at=self._wall(),
+            previous_reporters=sorted(self._open.previous_reporters),
         )
 
     def _publish_server_status(self) -> None:
-        self._status_published_at = self._clock()
-        status = self.server_status()
-        self._publish(self.topics.server, encode(status), True)
+        self._out.status(self.server_status())
 
-    def sum_accepted(self) -> tuple[WeightedSum, float]:
-        """The open round's example-weighted sums (deltas, training loss), in node-id
-        order: a fixed order, see the module docstring. Plain FedAvg's round close."""
-        total = WeightedSum(self.layout)
-        train_loss_sum = 0.0
-        for node_id in sorted(self._accepted):
-            update = self._accepted[node_id]
-            total.add(update.delta, update.num_examples)
-            train_loss_sum += update.train_loss * update.num_examples
-        return total, train_loss_sum
-
-    def _aggregate(self) -> tuple[Params, float, dict[str, Any]]:
-        """The round's mean delta under the configured rule, the participants' mean
-        training loss (weighted as their deltas were) and what the metrics add.
-
-        Plain FedAvg is the running sum's mean, exactly as before; the other rules read
-        the held updates in node-id order."""
-        rule = self.settings.aggregation
-        if rule.plain:
-            total, train_loss_sum = self.sum_accepted()
-            return total.mean(), train_loss_sum / total.total_weight, {}
-        updates = [self._accepted[node_id] for node_id in sorted(self._accepted)]
-        outcome = aggregate(rule, [(u.delta, u.num_examples) for u in updates], self.layout)
-        train_loss_sum = 0.0
-        for update, weight in zip(updates, outcome.weights, strict=True):
-            train_loss_sum += update.train_loss * weight
-        return outcome.delta, train_loss_sum / sum(outcome.weights), outcome.metrics(rule)
-
-    def _close_round(self, closed_by: str) -> None:
+    def _make_version(self, closed_by: str) -> None:
+        """Combine the held updates, apply the server update, record and publish the
+        metrics, and open the next version on the new model."""
         started = self._clock()
-        mean_delta, train_loss, extra = self._aggregate()
+        held = self._intake.held
+        combined = combine(self.settings.aggregation, held, self.layout)
         previous = (self.params, self.model_id)
-        self.params = apply_mean_delta(self.params, mean_delta)
-        self.model_id = model_id_of(self.params)
+        self.params, self._optimizer_state = self._optimizer.update(
+            self.params, combined.delta, self._optimizer_state
+        )
+        model_id = model_id_of(self.params)
         loss = accuracy = None
         if self._test is not None:
             loss, accuracy = evaluate(self.settings.model, self.params, self._test)
-        participants = sorted(self._accepted)
+        participants = sorted(held)
+        rejected = self._intake.take_rejected()
+        out = self._out
         metrics = RoundMetrics(
             federation=self.settings.federation,
-            round=self.round,
-            model_id=self.model_id,
+            round=self.version,
+            model_id=model_id,
             participants=participants,
-            num_examples=sum(update.num_examples for update in self._accepted.values()),
+            num_examples=sum(update.num_examples for update in held.values()),
             accuracy=accuracy,
             loss=loss,
-            train_loss=train_loss,
-            uplink_bytes=self._uplink_bytes,
+            train_loss=combined.train_loss,
+            uplink_bytes=self._intake.uplink_bytes,
             # what the participants needed: the compact form if there was one
-            downlink_bytes=(self._delta_bytes or self._global_bytes) * len(participants),
-            global_bytes=self._global_bytes,
-            global_delta_bytes=self._delta_bytes,
-            rejected=dict(self._rejected),
-            seconds=started - self._opened_at,
+            downlink_bytes=(out.delta_bytes or out.global_bytes) * len(participants),
+            global_bytes=out.global_bytes,
+            global_delta_bytes=out.delta_bytes,
+            rejected=rejected,
+            seconds=started - self._open.opened_at,
             aggregate_seconds=self._clock() - started,
             closed_by=closed_by,
             at=self._wall(),
-            extra=extra,
+            extra=combined.extra,
             train_seconds_median=statistics.median(
-                update.train_seconds for update in self._accepted.values()
+                update.train_seconds for update in held.values()
             ),
-            broker_dropped=self._dropped_in_round,
+            broker_dropped=self._broker_dropped(),
         )
         metrics, payload = metrics_payload(metrics)  # a diverged model's loss: nil
         self.history.append(metrics)
         self._history_wire.append(payload)
         log.info(
             "round.closed",
-            **extra,
-            round=self.round,
+            **combined.extra,
+            round=self.version,
             closed_by=closed_by,
             participants=len(participants),
             accuracy=metrics.accuracy,
             loss=metrics.loss,
-            rejected=dict(self._rejected),
+            rejected=rejected,
             seconds=round(metrics.seconds, 4),
         )
-        self._rejected = Counter()
-        self._publish(self.topics.metrics, payload, False)
-        self._open_round(self.round + 1, previous)
+        out.metrics(payload)
+        self._open_version(self.version + 1, model_id=model_id, previous=previous)

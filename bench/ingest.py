@@ -4,7 +4,8 @@ against a plain numpy add of the same array, measured in the same run.
     .venv/bin/python bench/ingest.py
 
 Ingest goes through ``Aggregator.handle`` exactly as a message from the broker does,
-plus the accumulation that the round close does for each update (``sum_accepted``).
+plus the accumulation that the round close does for each update
+(``aggregator.combine.weighted_sum``).
 The baseline is ``acc += delta`` on a float32 array of the same size: the least any
 aggregator must do per update.
 """
@@ -16,6 +17,7 @@ import timeit
 import numpy as np
 
 from fedmq import logs
+from fedmq.aggregator.combine import weighted_sum
 from fedmq.aggregator.rounds import RoundPolicy
 from fedmq.aggregator.server import Aggregator, RoundSettings
 from fedmq.models import MLP
@@ -52,7 +54,7 @@ def time_ingest(params: dict[str, np.ndarray]) -> tuple[float, int]:
         started = time.perf_counter()
         for topic, payload in payloads:
             aggregator.handle(topic, payload)  # decode + validate + keep
-        total, _ = aggregator.sum_accepted()  # the accumulation the round close does
+        total, _ = weighted_sum(aggregator.held, aggregator.layout)  # as the round close does
         per_update.append((time.perf_counter() - started) / UPDATES)
         assert total.count == UPDATES, "an update was rejected"
     return statistics.median(per_update), len(payloads[0][1])

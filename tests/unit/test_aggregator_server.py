@@ -12,6 +12,7 @@ import structlog
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fedmq.aggregator.broker_drops import BrokerDrops
 from fedmq.aggregator.evaluate import evaluate
 from fedmq.aggregator.fedavg import fedavg
 from fedmq.aggregator.robust import FEDAVG, Rule
@@ -61,6 +62,7 @@ class Harness:
         store: Store | None = None,
         plan: TrainingPlan = PLAN,
         aggregation: Rule = FEDAVG,
+        known_nodes: frozenset[str] | None = None,
     ) -> None:
         self.settings = RoundSettings(
             federation=FEDERATION,
@@ -71,10 +73,12 @@ class Harness:
             plan=plan,
             max_update_bytes=max_update_bytes or dense_update_bound(MODEL),
             aggregation=aggregation,
+            known_nodes=known_nodes,
         )
         self.initial = MODEL.init(0)
         self.clock = FakeClock()
         self.published: list[tuple[str, bytes, bool]] = []
+        self.drops = BrokerDrops()  # the broker's $SYS readings, as the MQTT edge feeds them
         self.agg = Aggregator(
             self.settings,
             self.initial,
@@ -83,6 +87,7 @@ class Harness:
             clock=self.clock,
             wall_clock=lambda: 1.7e9,
             store=store,
+            broker_dropped=self.drops.take,
         )
 
     # ---------------------------------------------------------------- what went out
@@ -742,11 +747,11 @@ def test_broker_dropped_counts_the_rounds_increase_across_a_broker_restart() -> 
     h = Harness(policy=RoundPolicy(expected_nodes=1, min_nodes=1), rounds=3)
     h.agg.start()
     h.report("pi-a")  # round 1: the broker never published its counter
-    h.agg.note_broker_dropped(40)  # first reading: counting starts here
-    h.agg.note_broker_dropped(45)
+    h.drops.note(40)  # first reading: counting starts here
+    h.drops.note(45)
     h.report("pi-a")  # round 2
-    h.agg.note_broker_dropped(47)
-    h.agg.note_broker_dropped(3)  # the broker restarted: its counter began again at 0
+    h.drops.note(47)
+    h.drops.note(3)  # the broker restarted: its counter began again at 0
     h.report("pi-a")  # round 3
     assert [m.broker_dropped for m in h.metrics()] == [None, 5, 5]
 
@@ -758,12 +763,12 @@ def test_broker_dropped_is_zero_when_the_counter_has_been_still_for_a_minute() -
     # subscription with no counter before it says so
     h = Harness(policy=RoundPolicy(expected_nodes=1, min_nodes=1), rounds=4)
     h.agg.start()
-    h.agg.note_broker_dropped_unchanged()
+    h.drops.note_unchanged()
     h.report("pi-a")  # round 1: nothing dropped
     h.report("pi-a")  # round 2: nothing dropped
-    h.agg.note_broker_dropped(1234)  # a change from an unknown value: at least one
-    h.agg.note_broker_dropped_unchanged()  # a reconnect: the reading stands
-    h.agg.note_broker_dropped(1240)
+    h.drops.note(1234)  # a change from an unknown value: at least one
+    h.drops.note_unchanged()  # a reconnect: the reading stands
+    h.drops.note(1240)
     h.report("pi-a")  # round 3
     h.report("pi-a")  # round 4
     assert [m.broker_dropped for m in h.metrics()] == [0, 0, 7, 0]

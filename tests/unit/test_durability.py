@@ -82,7 +82,7 @@ def test_read_journal_cuts_a_torn_tail_off_the_file(tmp_path: Path) -> None:
 
 def test_checkpoint_round_trips_and_rejects_garbage() -> None:
     checkpoint = Checkpoint(
-        round=3,
+        version=3,
         fingerprint={"federation": "f", "plan": [0.1, 16, 1, 0]},
         global_payload=b"\x01\x02",
         delta_payload=None,
@@ -131,7 +131,7 @@ def harness(tmp_path: Path | None, rounds: int = 4) -> Harness:
 def resumed(tmp_path: Path, rounds: int = 4) -> Harness:
     """A new aggregator on the same state directory, as a restarted process builds it."""
     h = harness(tmp_path, rounds)
-    store = h.agg._store
+    store = h.agg.store
     assert isinstance(store, StateDir)
     assert resume_or_start(h.agg, store)  # what aggregator.app does at start
     h.agg.tick()
@@ -140,13 +140,13 @@ def resumed(tmp_path: Path, rounds: int = 4) -> Harness:
 
 def crash(h: Harness) -> None:
     """The process dies after the edge's group commit: memory is gone, the files stay."""
-    assert isinstance(h.agg._store, StateDir)
-    h.agg._store.close()  # (fsyncs; the edge had done so before acknowledging anyway)
+    assert isinstance(h.agg.store, StateDir)
+    h.agg.store.close()  # (fsyncs; the edge had done so before acknowledging anyway)
 
 
 def run_to_end(h: Harness, order: random.Random | None = None) -> None:
     while not h.agg.done:
-        reported = set(h.agg._accepted)
+        reported = set(h.agg.held)
         missing = [node for node in NODES if node not in reported]
         if order is not None:
             order.shuffle(missing)
@@ -177,7 +177,7 @@ def test_a_resumed_run_ends_bitwise_equal_to_an_uninterrupted_one(
     h.agg.start()
     sent = 0
     while sent < crash_after and not h.agg.done:  # some whole rounds, then part of one
-        node = next(n for n in NODES if n not in h.agg._accepted)
+        node = next(n for n in NODES if n not in h.agg.held)
         h.report(node, seed=delta_seed(node, h.agg.round), num_examples=10 + NODES.index(node))
         sent += 1
     crash(h)
@@ -360,9 +360,9 @@ def test_a_changed_plan_is_refused_in_one_line_naming_the_option_and_both_values
         store=StateDir(tmp_path),
         plan=replace(PLAN, learning_rate=0.05),
     )
-    assert isinstance(changed.agg._store, StateDir)
+    assert isinstance(changed.agg.store, StateDir)
     with pytest.raises(CheckpointError) as refused:
-        resume_or_start(changed.agg, changed.agg._store)
+        resume_or_start(changed.agg, changed.agg.store)
     message = str(refused.value)
     assert "\n" not in message and "[" not in message
     assert "--learning-rate 0.05" in message and "--learning-rate 0.1 " in message
@@ -412,8 +412,8 @@ def rolled_back(tmp_path: Path, to: int, **kwargs: object) -> Harness:
         store=StateDir(tmp_path),
         **kwargs,  # type: ignore[arg-type]
     )
-    assert isinstance(h.agg._store, StateDir)
-    assert resume_or_start(h.agg, h.agg._store, rollback_to=to)
+    assert isinstance(h.agg.store, StateDir)
+    assert resume_or_start(h.agg, h.agg.store, rollback_to=to)
     return h
 
 

@@ -560,8 +560,8 @@ def test_a_crash_and_resume_gives_bitwise_the_same_model(rule: str, tmp_path: Pa
     again = robust_harness(rule, store, nodes=5)
     checkpoint = store.load()
     assert checkpoint is not None
-    store.open_journal(checkpoint.round)
-    again.agg.resume(checkpoint, store.journal_records(checkpoint.round))
+    store.open_journal(checkpoint.version)
+    again.agg.resume(checkpoint, store.journal_records(checkpoint.version))
     send(again, nodes[:3])
     send(again, nodes)
     store.close()

@@ -78,10 +78,11 @@ def test_selected_is_on_the_wire_and_checked() -> None:
 
 
 def sampled_harness(**kwargs: object) -> Harness:
-    h = Harness(policy=RoundPolicy(expected_nodes=10, min_nodes=2, sample_fraction=0.3), rounds=3)
-    h.settings = replace(h.settings, known_nodes=FLEET)
-    h.agg.settings = h.settings
-    return h
+    return Harness(
+        policy=RoundPolicy(expected_nodes=10, min_nodes=2, sample_fraction=0.3),
+        rounds=3,
+        known_nodes=FLEET,
+    )
 
 
 def test_the_aggregator_announces_a_sample_and_closes_when_it_has_reported() -> None:
@@ -126,9 +127,10 @@ def test_without_a_fleet_list_the_sample_is_drawn_from_nodes_online() -> None:
 
 def test_sampling_alone_does_not_need_a_lower_quorum() -> None:
     """--sample-fraction with the default quorum (every expected node) still samples."""
-    h = Harness(policy=RoundPolicy(expected_nodes=10, min_nodes=10, sample_fraction=0.2))
-    h.settings = replace(h.settings, known_nodes=FLEET)
-    h.agg.settings = h.settings
+    h = Harness(
+        policy=RoundPolicy(expected_nodes=10, min_nodes=10, sample_fraction=0.2),
+        known_nodes=FLEET,
+    )
     h.agg.start()
     selected = decode_global(h.on(TOPICS.global_model)[-1][0]).selected
     assert selected is not None and len(selected) == 2

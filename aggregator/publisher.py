@@ -1,0 +1,69 @@
+"""What the aggregator publishes: each model version's global model (retained, in full,
+and its compact XOR form on ``global/delta``), the server status and the metrics.
+
+Keeps the open version's model as published, for ``republish`` after a reconnect or a
+restart and for the checkpoint. Publishes through the ``publish`` callable it is given
+(the MQTT edge chooses each topic's QoS).
+"""
+
+from collections.abc import Callable
+
+from fedmq.schemas import GlobalModel, ServerStatus, Topics, encode, make_global_delta
+from fedmq.schemas.tensors import Params
+
+Publish = Callable[[str, bytes, bool], None]  # (topic, payload, retain), QoS 1
+# Least time between two server status messages sent because updates arrived.
+STATUS_INTERVAL = 0.25
+
+
+class Publisher:
+    def __init__(self, topics: Topics, publish: Publish, clock: Callable[[], float]) -> None:
+        self.topics = topics
+        self._publish = publish
+        self._clock = clock
+        self.global_payload = b""  # the open version's GlobalModel message
+        self.delta_payload: bytes | None = None  # its form on global/delta
+        self.delta_bytes: int | None = None  # size of the XOR form (None: no previous model)
+        self._status_published_at = float("-inf")
+
+    @property
+    def global_bytes(self) -> int:
+        return len(self.global_payload)
+
+    def prepare_model(self, message: GlobalModel, previous: tuple[Params, str] | None) -> None:
+        """Encode the model opening a version and, when the one before is known (its params,
+        its id), its compact XOR form for nodes that hold that one; nothing is sent yet
+        (the checkpoint goes first)."""
+        self.global_payload = encode(message)
+        if previous is not None:
+            compact = encode(make_global_delta(previous[0], message, previous[1]))
+            self.delta_bytes = len(compact)
+        else:  # nothing to XOR against: nodes following compact forms get it whole
+            compact = self.global_payload
+            self.delta_bytes = None
+        self.delta_payload = compact
+
+    def restore(
+        self, global_payload: bytes, delta_payload: bytes | None, delta_bytes: int | None
+    ) -> None:
+        """The open version's model as a checkpoint kept it."""
+        self.global_payload = global_payload
+        self.delta_payload = delta_payload
+        self.delta_bytes = delta_bytes
+
+    def model(self) -> None:
+        """The open version's model: its compact form, then in full (retained)."""
+        if self.delta_payload is not None:  # nodes following compact forms see this
+            self._publish(self.topics.global_delta, self.delta_payload, False)
+        self._publish(self.topics.global_model, self.global_payload, True)
+
+    def status(self, status: ServerStatus) -> None:
+        self._status_published_at = self._clock()
+        self._publish(self.topics.server, encode(status), True)
+
+    def status_due(self) -> bool:
+        """Whether progress may be reported again (``STATUS_INTERVAL`` since the last)."""
+        return self._clock() - self._status_published_at >= STATUS_INTERVAL
+
+    def metrics(self, payload: bytes) -> None:
+        self._publish(self.topics.metrics, payload, False)
