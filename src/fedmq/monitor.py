@@ -10,7 +10,7 @@ retained node and server status, and per-round metrics. Three layers:
   fleet's size (offline and failed nodes first; the rest summarised when they do not fit);
 - ``run``: the MQTT client (subscribe only: no publish, no will, so a read-only identity
   suffices) and the terminal: redrawn in place on a TTY, plain lines otherwise, or one
-  JSON object per message with ``as_json``.
+  JSON object per message with ``json``.
 """
 
 import dataclasses
@@ -21,11 +21,12 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import Any, ClassVar, TextIO
 
 import structlog
 
 from fedmq import mqtt as edge
+from fedmq.logs import LogSettings
 from fedmq.schemas import (
     NodeStatus,
     RoundMetrics,
@@ -36,6 +37,7 @@ from fedmq.schemas import (
     decode_server_status,
     decode_status,
 )
+from fedmq.settings import positive_float, setting
 
 log = structlog.get_logger()
 
@@ -402,14 +404,23 @@ def _screen(lines: list[str]) -> str:
     return "\x1b[H" + "".join(line + "\x1b[K\n" for line in lines) + "\x1b[J"
 
 
+@dataclass(frozen=True, kw_only=True)
+class MonitorSettings(LogSettings, edge.ConnectionSettings):
+    """``fedmq monitor``'s settings, declared once (``fedmq.settings``)."""
+
+    SECTION: ClassVar[str] = "monitor"
+
+    json: bool = setting(False, switch=True, help="one JSON object per message, for scripts")
+    until_done: bool = setting(False, switch=True, help="exit after the federation's last round")
+    timeout: float | None = setting(
+        None, parse=positive_float, metavar="SECONDS", help="give up (exit 1) after this long"
+    )
+
+
 def run(
-    broker: edge.BrokerAddress,
-    federation: str,
+    settings: MonitorSettings,
     stop: threading.Event,
     *,
-    as_json: bool = False,
-    until_done: bool = False,
-    timeout: float | None = None,
     out: TextIO = sys.stdout,
     size: tuple[int, int] | None = None,
 ) -> int:
@@ -421,6 +432,7 @@ def run(
     """
     import shutil
 
+    federation, timeout, until_done = settings.federation, settings.timeout, settings.until_done
     topics = Topics(federation)
     inbox: queue.Queue[edge.Received] = queue.Queue()
     client = edge.make_client(
@@ -429,9 +441,9 @@ def run(
         inbox=inbox,
     )
     view = FleetView(topics)
-    edge.start(client, broker)
+    edge.start(client, settings.broker)
     deadline = None if timeout is None else time.monotonic() + timeout
-    live = not as_json and out.isatty()
+    live = not settings.json and out.isatty()
     last_draw = 0.0
     last_server: tuple[str, int] | None = None
 
@@ -463,7 +475,7 @@ def run(
             )
             if row is None:
                 continue
-            if as_json:
+            if settings.json:
                 row["received_at"] = time.time()
                 out.write(json.dumps(row) + "\n")
                 out.flush()
