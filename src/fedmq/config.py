@@ -15,8 +15,9 @@ One file format serves every role. It has a section per command plus a shared
     data = "/var/lib/fedmq-node/data.npz"
     state_dir = "/var/lib/fedmq-node"
 
-Keys are the command's long option names with ``_`` for ``-`` (``--batch-size`` is
-``batch_size``) and go through the option's own check, so a bad value gets the message
+Keys are the command's declared settings (``fedmq.settings``), named like its long
+options with ``_`` for ``-`` (``--batch-size`` is ``batch_size``), and go through the
+setting's own check, so a bad value gets the message
 the option would give. Precedence, highest first: command-line option, environment
 variable ``FEDMQ_<SECTION>_<KEY>`` (``FEDMQ_NODE_STATE_DIR``,
 ``FEDMQ_CONNECTION_BROKER``), config file (``--config PATH`` or ``FEDMQ_CONFIG``),
