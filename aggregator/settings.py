@@ -8,8 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from fedmq.aggregator.robust import DEFAULT
-from fedmq.aggregator.rounds import DEFAULT_DEADLINE_SECONDS
 from fedmq.logs import LogSettings
 from fedmq.mqtt import ConnectionSettings
 from fedmq.settings import (
@@ -56,6 +54,10 @@ def _aggregation(text: str) -> str:
 
 
 _RESTART = Exclusive("restart")
+# robust.DEFAULT and rounds.DEFAULT_DEADLINE_SECONDS, written out so that reading the
+# settings (``fedmq --help``) loads no numpy; tests/unit/test_settings.py checks they agree.
+DEFAULT_AGGREGATION = "fedavg+clip-median:2+cap-examples:1.25"
+DEFAULT_ROUND_TIMEOUT = 300.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -73,7 +75,7 @@ class AggregatorSettings(LogSettings, ConnectionSettings):
         None, parse=positive_int, help="quorum at the deadline (default: more than half of --nodes)"
     )
     round_timeout: float | None = setting(  # None: wait for every expected node
-        DEFAULT_DEADLINE_SECONDS,
+        DEFAULT_ROUND_TIMEOUT,
         parse=_deadline,
         show=_show_deadline,
         metavar="SECONDS",
@@ -150,7 +152,7 @@ class AggregatorSettings(LogSettings, ConnectionSettings):
         "in the global model (default 1: every node)",
     )
     aggregation: str = setting(  # a RULE of aggregator.robust (docs/aggregation.md)
-        str(DEFAULT),
+        DEFAULT_AGGREGATION,
         parse=_aggregation,
         metavar="RULE",
         help="how a round's updates are combined: fedavg (weighted by examples), median or "

@@ -12,8 +12,8 @@ from pathlib import Path
 from fedmq import config, logs, settings
 from fedmq.aggregator.settings import AggregatorSettings
 from fedmq.broker.settings import BrokerSettings
-from fedmq.demo import DemoSettings
-from fedmq.monitor import MonitorSettings
+from fedmq.demo_settings import DemoSettings
+from fedmq.monitor_settings import MonitorSettings
 from fedmq.mqtt import ConnectionSettings
 from fedmq.node.settings import NodeSettings
 

@@ -21,12 +21,12 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, TextIO
+from typing import Any, TextIO
 
 import structlog
 
 from fedmq import mqtt as edge
-from fedmq.logs import LogSettings
+from fedmq.monitor_settings import MonitorSettings
 from fedmq.schemas import (
     NodeStatus,
     RoundMetrics,
@@ -37,7 +37,6 @@ from fedmq.schemas import (
     decode_server_status,
     decode_status,
 )
-from fedmq.settings import positive_float, setting
 
 log = structlog.get_logger()
 
@@ -402,19 +401,6 @@ def render_lines(view: FleetView, now: float, *, width: int = 100, height: int =
 def _screen(lines: list[str]) -> str:
     """Cursor home, each line clearing its rest, then clear below: no flicker."""
     return "\x1b[H" + "".join(line + "\x1b[K\n" for line in lines) + "\x1b[J"
-
-
-@dataclass(frozen=True, kw_only=True)
-class MonitorSettings(LogSettings, edge.ConnectionSettings):
-    """``fedmq monitor``'s settings, declared once (``fedmq.settings``)."""
-
-    SECTION: ClassVar[str] = "monitor"
-
-    json: bool = setting(False, switch=True, help="one JSON object per message, for scripts")
-    until_done: bool = setting(False, switch=True, help="exit after the federation's last round")
-    timeout: float | None = setting(
-        None, parse=positive_float, metavar="SECONDS", help="give up (exit 1) after this long"
-    )
 
 
 def run(

@@ -12,7 +12,8 @@ import pytest
 from fedmq import cli, config, settings
 from fedmq.aggregator.app import build_aggregator
 from fedmq.aggregator.settings import AggregatorSettings, fingerprint_mismatch, run_fingerprint
-from fedmq.demo import DemoSettings, child_argv
+from fedmq.demo import child_argv
+from fedmq.demo_settings import DemoSettings
 from fedmq.mqtt import BrokerAddress
 from fedmq.node.settings import NodeSettings
 
@@ -245,3 +246,20 @@ def test_dispatch_passes_the_settings_object_to_the_role(monkeypatch, tmp_path):
     assert isinstance(chosen, AggregatorSettings)
     assert (chosen.rounds, chosen.state_dir) == (4, tmp_path)
     assert chosen.broker.credentials.username == "agg"  # credentials folded into broker
+
+
+def test_written_out_defaults_agree_with_the_round_logic():
+    from fedmq.aggregator.robust import DEFAULT
+    from fedmq.aggregator.rounds import DEFAULT_DEADLINE_SECONDS
+
+    assert AggregatorSettings().aggregation == str(DEFAULT)
+    assert AggregatorSettings().round_timeout == DEFAULT_DEADLINE_SECONDS
+
+
+def test_help_reads_the_settings_without_numpy():
+    import subprocess
+    import sys
+
+    code = "import sys\nfrom fedmq import cli\ncli.build_parser()\nprint('numpy' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "False", done.stderr
