@@ -158,7 +158,7 @@ class Command:
     cls: type
     parser: argparse.ArgumentParser
     actions: dict[str, argparse.Action]
-    groups: list[tuple[argparse._MutuallyExclusiveGroup, Exclusive]]
+    groups: list[tuple[Any, Exclusive]]  # argparse's group, as add_mutually_exclusive_group made it
 
     @property
     def settings(self) -> dict[str, Declared]:
@@ -185,7 +185,7 @@ class Command:
 
 def add_command(
     top: Parser,
-    subparsers: "argparse._SubParsersAction[Any]",
+    subparsers: Any,  # what top.add_subparsers() returned
     name: str,
     cls: type,
     **parser_options: Any,
@@ -200,7 +200,7 @@ def add_options(parser: argparse.ArgumentParser, cls: type) -> Command:
     """An option on ``parser`` for each setting of ``cls``."""
     actions: dict[str, argparse.Action] = {}
     groups: dict[Any, Any] = {}
-    exclusive: list[tuple[argparse._MutuallyExclusiveGroup, Exclusive]] = []
+    exclusive: list[tuple[Any, Exclusive]] = []
     for name, item in declared(cls).items():
         meta = item.setting
         target: Any = parser
