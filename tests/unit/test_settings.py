@@ -263,3 +263,20 @@ def test_help_reads_the_settings_without_numpy():
     code = "import sys\nfrom fedmq import cli\ncli.build_parser()\nprint('numpy' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.stdout.strip() == "False", done.stderr
+
+
+def test_a_restart_with_another_kept_setting_is_refused_naming_its_option(tmp_path):
+    from fedmq.aggregator.app import resume_or_start
+    from fedmq.aggregator.checkpoint import CheckpointError, StateDir
+
+    first = AggregatorSettings(test_data=None, learning_rate=0.1)
+    store = StateDir(tmp_path)
+    build_aggregator(first, lambda *_: None, store).start()
+    store.close()
+    again = build_aggregator(dataclasses.replace(first, learning_rate=0.3), lambda *_: None)
+    with pytest.raises(CheckpointError) as refused:
+        resume_or_start(again, StateDir(tmp_path))
+    assert str(refused.value).startswith(
+        f"--learning-rate 0.3 does not match the run kept in {tmp_path}, which uses "
+        "--learning-rate 0.1: start with --learning-rate 0.1 to continue it"
+    )
