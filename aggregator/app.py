@@ -9,7 +9,7 @@ that was not yet acknowledged when the process died is redelivered by the broker
 
 import queue
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -22,13 +22,13 @@ from fedmq.aggregator.checkpoint import (
     CheckpointError,
     StateDir,
     changed_setting,
-    fingerprint_mismatch,
     ways_out,
 )
 from fedmq.aggregator.publisher import Publish
 from fedmq.aggregator.robust import DEFAULT, Clip, Rule, parse_rule, with_clip
-from fedmq.aggregator.rounds import DEFAULT_DEADLINE_SECONDS, RoundPolicy, default_quorum
+from fedmq.aggregator.rounds import RoundPolicy, default_quorum
 from fedmq.aggregator.server import Aggregator, RoundSettings, dense_update_bound
+from fedmq.aggregator.settings import AggregatorSettings, fingerprint_mismatch
 from fedmq.compression import parse_spec
 from fedmq.datasets import Dataset, digits, load_npz
 from fedmq.files import lock_directory
@@ -49,34 +49,6 @@ from fedmq.schemas.sys_topics import DROPPED, VERSION, parse_counter
 log = structlog.get_logger()
 
 
-@dataclass(frozen=True, kw_only=True)
-class AggregatorConfig:
-    broker: edge.BrokerAddress
-    federation: str
-    model: str = "digits-mlp"
-    rounds: int = 30
-    nodes: int = 10
-    min_nodes: int | None = None  # None: more than half of nodes (default_quorum)
-    round_timeout: float | None = DEFAULT_DEADLINE_SECONDS  # None: wait for every node
-    learning_rate: float = 0.1
-    batch_size: int = 16
-    local_epochs: int = 1
-    seed: int = 0
-    compression: str = "dense"
-    test_data: str | None = "digits"  # "digits", a path to an .npz, or None
-    max_update_bytes: int | None = None
-    report: Path | None = None
-    state_dir: Path | None = None  # None: keep nothing on disk (no crash recovery)
-    fresh: bool = False  # discard a run kept in state_dir
-    rollback_to: int | None = None  # resume from the kept checkpoint of this round
-    node_ids: tuple[str, ...] | None = None  # the fleet; None: any well-formed node id
-    sample_fraction: float = 1.0  # of the nodes asked to train each round
-    # A RULE of aggregator.robust: fedavg, median, trimmed-mean:B, ... (default: capped
-    # and clipped FedAvg, docs/aggregation.md)
-    aggregation: str = str(DEFAULT)
-    clip_norm: float | None = None  # clip each update's delta to this L2 norm first
-
-
 def load_test_set(spec: str | None) -> Dataset | None:
     if spec is None:
         return None
@@ -85,7 +57,7 @@ def load_test_set(spec: str | None) -> Dataset | None:
     return load_npz(Path(spec))
 
 
-def aggregation_rule(config: AggregatorConfig) -> Rule:
+def aggregation_rule(config: AggregatorSettings) -> Rule:
     """``--aggregation`` with ``--clip-norm`` folded in; ValueError if they clash. The
     default rule's adaptive clip gives way to ``--clip-norm`` (its examples cap stays)."""
     rule = parse_rule(config.aggregation)
@@ -96,7 +68,7 @@ def aggregation_rule(config: AggregatorConfig) -> Rule:
     return with_clip(rule, Clip(config.clip_norm))
 
 
-def round_policy(config: AggregatorConfig) -> RoundPolicy:
+def round_policy(config: AggregatorSettings) -> RoundPolicy:
     """When rounds close: ``--round-timeout`` (default 300 s) and ``--min-nodes`` (default
     more than half of ``--nodes``)."""
     return RoundPolicy(
@@ -110,7 +82,7 @@ def round_policy(config: AggregatorConfig) -> RoundPolicy:
 
 
 def build_aggregator(
-    config: AggregatorConfig,
+    config: AggregatorSettings,
     publish: Publish,
     store: StateDir | None = None,
     *,
@@ -269,7 +241,7 @@ def leave(client: mqtt.Client, outbox: edge.Outbox, topics: Topics, *, done: boo
     edge.stop(client)
 
 
-def run(config: AggregatorConfig, stop: threading.Event) -> int:
+def run(config: AggregatorSettings, stop: threading.Event) -> int:
     """Run rounds until the last one closes (exit 0) or ``stop`` is set (exit 130).
 
     Holds a lock on the state directory meanwhile (``DirectoryLocked`` if another process
@@ -282,7 +254,7 @@ def run(config: AggregatorConfig, stop: threading.Event) -> int:
             lock.release()
 
 
-def _run(config: AggregatorConfig, stop: threading.Event) -> int:
+def _run(config: AggregatorSettings, stop: threading.Event) -> int:
     topics = Topics(config.federation)
     inbox: queue.Queue[edge.Received] = queue.Queue()
     ready = threading.Event()

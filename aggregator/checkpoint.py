@@ -142,33 +142,6 @@ def metrics_payload(metrics: RoundMetrics) -> tuple[RoundMetrics, bytes]:
     return metrics, encode(metrics)
 
 
-# The command-line option behind each fingerprint entry; "plan" is a list of four.
-_OPTIONS = {"federation": "--federation", "model": "--model", "compression": "--compression"}
-_PLAN_OPTIONS = ("--learning-rate", "--batch-size", "--local-epochs", "--seed")
-
-
-def _by_option(fingerprint: dict[str, Any]) -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in fingerprint.items():
-        if key == "plan" and isinstance(value, list) and len(value) == len(_PLAN_OPTIONS):
-            flat.update(zip(_PLAN_OPTIONS, value, strict=True))
-        else:
-            flat[_OPTIONS.get(key, key)] = value
-    return flat
-
-
-def fingerprint_mismatch(
-    saved: dict[str, Any], current: dict[str, Any]
-) -> tuple[str, Any, Any] | None:
-    """The first setting that differs between the saved run and this configuration, as
-    (option, kept value, new value), or None."""
-    kept, now = _by_option(saved), _by_option(current)
-    for option in sorted(set(kept) | set(now)):
-        if kept.get(option) != now.get(option):
-            return option, kept.get(option), now.get(option)
-    return None
-
-
 def ways_out(keep: str) -> str:
     """The end of every refusal to resume: how to continue, discard, or start beside."""
     return (

@@ -25,7 +25,7 @@ in: a crashed-and-resumed run gives bitwise the same model as an uninterrupted o
 import statistics
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -39,6 +39,7 @@ from fedmq.aggregator.optimizer import ServerOptimizer, apply_delta
 from fedmq.aggregator.policy import OpenVersion, VersionPolicy
 from fedmq.aggregator.publisher import Publish, Publisher
 from fedmq.aggregator.robust import FEDAVG, Rule, check_memory
+from fedmq.aggregator.settings import run_fingerprint
 from fedmq.compression import Pipeline, parse_spec
 from fedmq.datasets import Dataset
 from fedmq.models import MLP
@@ -73,7 +74,7 @@ class RoundSettings:
     # How a round's updates become the new model (aggregator.robust). Not part of the
     # fingerprint: like the round policy it is the server's choice, which an operator may
     # change on restart (say to median, once an attack shows); metrics record it per round.
-    # Plain FedAvg here; `fedmq aggregator` defaults to robust.DEFAULT (AggregatorConfig).
+    # Plain FedAvg here; `fedmq aggregator` defaults to robust.DEFAULT (AggregatorSettings).
     aggregation: Rule = FEDAVG
 
     def __post_init__(self) -> None:
@@ -96,13 +97,9 @@ class RoundSettings:
     @property
     def fingerprint(self) -> dict[str, Any]:
         """What a run must keep across restarts (rounds and the round policy may change)."""
-        plan = self.plan
-        return {
-            "federation": self.federation,
-            "model": self.model_name,
-            "plan": [plan.learning_rate, plan.batch_size, plan.local_epochs, plan.seed],
-            "compression": plan.compression,
-        }
+        return run_fingerprint(
+            {"federation": self.federation, "model": self.model_name, **asdict(self.plan)}
+        )
 
 
 class Store(Protocol):

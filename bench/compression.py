@@ -29,7 +29,7 @@ from fedmq.aggregator.fedavg import WeightedSum
 from fedmq.compression import parse_spec
 from fedmq.compression.transforms import error_feedback_init
 from fedmq.datasets import digits, partition
-from fedmq.demo import DemoConfig, run
+from fedmq.demo import DemoSettings, run
 from fedmq.models import get_model
 from fedmq.schemas import NodeUpdate, decode_update, encode
 
@@ -44,7 +44,7 @@ PIPELINES = [
 def federation(model: str, part: str, spec: str, rounds: int, seed: int) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "r.json"
-        config = DemoConfig(nodes=10, rounds=rounds, model=model, partition=part, seed=seed,
+        config = DemoSettings(nodes=10, rounds=rounds, model=model, partition=part, seed=seed,
                             compression=spec, report=report)  # fmt: skip
         with open("/dev/null", "w") as quiet:
             if run(config, threading.Event(), out=quiet) != 0:

@@ -19,7 +19,7 @@ import threading
 from pathlib import Path
 
 from fedmq import logs
-from fedmq.demo import DemoConfig, run
+from fedmq.demo import DemoSettings, run
 
 
 def main() -> int:
@@ -31,7 +31,7 @@ def main() -> int:
     logs.configure(json=True, level="warning")
     with tempfile.TemporaryDirectory() as tmp:
         report_path = Path(tmp) / "report.json"
-        config = DemoConfig(
+        config = DemoSettings(
             nodes=args.nodes, rounds=args.rounds, model=args.model, report=report_path
         )
         with open("/dev/null", "w") as quiet:

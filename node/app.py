@@ -9,7 +9,6 @@ import queue
 import threading
 import time
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,6 +22,7 @@ from fedmq.datasets import Dataset, digits, load_npz, partition
 from fedmq.files import lock_directory
 from fedmq.models import MLP, check_layout
 from fedmq.node import last_update, residual
+from fedmq.node.settings import STATE_ROOT, NodeSettings
 from fedmq.progress_line import ProgressLine
 
 if TYPE_CHECKING:  # JAX is imported only once a node has a model to train
@@ -43,22 +43,6 @@ from fedmq.schemas import (
 log = structlog.get_logger()
 
 
-@dataclass(frozen=True, kw_only=True)
-class NodeConfig:
-    broker: edge.BrokerAddress
-    federation: str
-    node_id: str
-    state_dir: Path
-    data: Path | None = None
-    demo_shard: tuple[int, int] | None = None  # (index, count) of the digits training split
-    partition: str = "iid"
-    partition_seed: int = 0
-    exit_when_done: bool = False
-
-
-# Where a node keeps its state unless told (--state-dir): one directory per federation
-# and node id under the working directory, so nodes started side by side never share one.
-STATE_ROOT = Path(".fedmq-node")
 # The files of a node's state (section 13.2 of docs/PROTOCOL.md), found in STATE_ROOT
 # itself by versions before the default was per federation and node.
 STATE_FILES = ("last_update.msgpack", "residual.npz", "residual.next.npz")
@@ -66,14 +50,6 @@ STATE_FILES = ("last_update.msgpack", "residual.npz", "residual.next.npz")
 
 class DataError(ValueError):
     """The node's local data cannot train the federation's model."""
-
-
-def default_state_dir(federation: str, node_id: str) -> Path:
-    """``.fedmq-node/<federation>/<node_id>``; ValueError for an id that is no directory."""
-    for kind, name in (("federation id", federation), ("node id", node_id)):
-        if name in (".", ".."):
-            raise ValueError(f"{kind} {name!r} cannot name a directory: give --state-dir")
-    return STATE_ROOT / federation / node_id
 
 
 def adopt_old_state(old: Path, new: Path, *, federation: str, node_id: str) -> bool:
@@ -99,7 +75,7 @@ def adopt_old_state(old: Path, new: Path, *, federation: str, node_id: str) -> b
     return True
 
 
-def load_local_data(config: NodeConfig) -> Dataset:
+def load_local_data(config: NodeSettings) -> Dataset:
     if config.data is not None:
         return load_npz(config.data)
     if config.demo_shard is None:
@@ -132,7 +108,7 @@ DOWNLINK_QOS = 0
 class Node:
     """One device's participation: state across rounds plus what it publishes."""
 
-    def __init__(self, config: NodeConfig, data: Dataset, outbox: edge.Outbox) -> None:
+    def __init__(self, config: NodeSettings, data: Dataset, outbox: edge.Outbox) -> None:
         self.client = outbox.client
         self.config = config
         self.data = data
@@ -287,15 +263,15 @@ class Node:
 
     @property
     def residual_path(self) -> Path:
-        return self.config.state_dir / "residual.npz"
+        return self.config.state_path / "residual.npz"
 
     @property
     def pending_residual_path(self) -> Path:
-        return self.config.state_dir / "residual.next.npz"
+        return self.config.state_path / "residual.next.npz"
 
     @property
     def last_update_path(self) -> Path:
-        return self.config.state_dir / "last_update.msgpack"
+        return self.config.state_path / "last_update.msgpack"
 
     def _residual_for(self, model: GlobalModel, pipeline: Pipeline) -> ErrorFeedbackState | None:
         """The error-feedback state to start this round from (zeros when stale or absent)."""
@@ -402,26 +378,26 @@ class Node:
             )
 
 
-def run(config: NodeConfig, stop: threading.Event) -> int:
+def run(config: NodeSettings, stop: threading.Event) -> int:
     """Take part until the run is over (with ``exit_when_done``: exit 0) or ``stop`` is set
     (exit 130). Holds a lock on the state directory meanwhile (``DirectoryLocked`` if
     another process has it). A node that stops on an error once connected (its data
     cannot train the model, its state cannot be written) leaves the reason as the
     ``detail`` of its retained ``offline`` status, then raises."""
     structlog.contextvars.bind_contextvars(node=config.node_id, federation=config.federation)
-    lock = lock_directory(config.state_dir)
+    lock = lock_directory(config.state_path)
     try:
-        if config.state_dir == STATE_ROOT / config.federation / config.node_id:
+        if config.state_path == STATE_ROOT / config.federation / config.node_id:
             adopt_old_state(
-                STATE_ROOT, config.state_dir, federation=config.federation, node_id=config.node_id
+                STATE_ROOT, config.state_path, federation=config.federation, node_id=config.node_id
             )
         return _run(config, stop)
     finally:
         lock.release()
 
 
-def _run(config: NodeConfig, stop: threading.Event) -> int:
-    enable_compile_cache(config.state_dir / "jax-cache")
+def _run(config: NodeSettings, stop: threading.Event) -> int:
+    enable_compile_cache(config.state_path / "jax-cache")
     data = load_local_data(config)  # unreadable: one line and exit 2, before connecting
     topics = Topics(config.federation)
     offline = NodeStatus(federation=config.federation, node_id=config.node_id, state="offline")

@@ -23,13 +23,14 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, TextIO
 
 import structlog
 
 from fedmq import mqtt as edge
+from fedmq.aggregator.settings import AggregatorSettings
 from fedmq.broker.process import Mosquitto
 from fedmq.datasets import (
     DIGITS_CLASSES,
@@ -39,33 +40,56 @@ from fedmq.datasets import (
     digits,
     partition,
 )
+from fedmq.demo_settings import DemoSettings
 from fedmq.files import output_problem
 from fedmq.lifeline import tied
 from fedmq.models import get_model
+from fedmq.node.settings import NodeSettings
 from fedmq.report import build_report, write_report
 from fedmq.schemas import RoundMetrics, SchemaError, Topics, decode_metrics
+from fedmq.settings import to_argv
 
 log = structlog.get_logger()
 
 
-@dataclass(frozen=True, kw_only=True)
-class DemoConfig:
-    nodes: int = 10
-    rounds: int = 30
-    seed: int = 0
-    model: str = "digits-mlp"
-    partition: str = "iid"
-    compression: str = "dense"
-    report: Path | None = None
-    broker: edge.BrokerAddress | None = None
-    federation: str = "demo"
-    workdir: Path | None = None
-    round_timeout: float | None = None
-    start_timeout: float = 120.0
-    max_restarts: int = 3
+def child_argv(
+    config: DemoSettings, address: edge.BrokerAddress, workdir: Path, test_path: Path,
+    node_paths: list[Path],
+) -> dict[str, list[str]]:  # fmt: skip
+    """The command line of each child (``aggregator``, ``node-01``, ...), made from their
+    settings objects. The aggregator keeps its checkpoint and journal in the workdir, so a
+    restarted aggregator resumes this run."""
+    aggregator = AggregatorSettings(
+        broker=address,
+        federation=config.federation,
+        model=config.model,
+        nodes=config.nodes,
+        rounds=config.rounds,
+        seed=config.seed,
+        test_data=str(test_path),
+        compression=config.compression,
+        log_json=True,
+        state_dir=workdir / "aggregator",
+    )
+    if config.round_timeout is not None:  # else the aggregator's default
+        aggregator = replace(aggregator, round_timeout=config.round_timeout)
+    argv = {"aggregator": ["aggregator", *to_argv(aggregator)]}
+    for index, path in enumerate(node_paths):
+        node_id = f"node-{index + 1:02d}"
+        node = NodeSettings(
+            broker=address,
+            federation=config.federation,
+            node_id=node_id,
+            data=path,
+            state_dir=workdir / node_id,
+            exit_when_done=True,
+            log_json=True,
+        )
+        argv[node_id] = ["node", *to_argv(node)]
+    return argv
 
 
-def config_problem(config: DemoConfig) -> str | None:
+def config_problem(config: DemoSettings) -> str | None:
     """What makes ``config`` unworkable, with the fix, or None: found before anything starts
     rather than by every child failing, or by a report that cannot be written at the end."""
     model = get_model(config.model)
@@ -285,7 +309,7 @@ class Children:
                 proc.wait()
 
 
-def write_node_data(config: DemoConfig, directory: Path) -> tuple[list[Path], Path]:
+def write_node_data(config: DemoSettings, directory: Path) -> tuple[list[Path], Path]:
     """Split the reference data as the task prescribes; one .npz per node plus the test set."""
     train, test = digits()
     paths = []
@@ -332,7 +356,7 @@ class Progress:
         self.out.flush()
 
 
-def run(config: DemoConfig, stop: threading.Event, out: TextIO = sys.stdout) -> int:
+def run(config: DemoSettings, stop: threading.Event, out: TextIO = sys.stdout) -> int:
     problem = config_problem(config)
     if problem is not None:
         raise ValueError(problem)
@@ -376,49 +400,11 @@ def run(config: DemoConfig, stop: threading.Event, out: TextIO = sys.stdout) -> 
             f"partition {config.partition}, compression {config.compression},\n"
             f"broker {address}, logs in {workdir / 'logs'}\n"
         )
-        common = ["--broker", str(address), "--federation", config.federation]
-        aggregator_args = [
-            "aggregator",
-            *common,
-            "--model",
-            config.model,
-            "--nodes",
-            str(config.nodes),
-            "--rounds",
-            str(config.rounds),
-            "--seed",
-            str(config.seed),
-            "--test-data",
-            str(test_path),
-            "--compression",
-            config.compression,
-            "--log-json",
-        ]
-        if config.round_timeout is not None:
-            aggregator_args += ["--round-timeout", str(config.round_timeout)]
-        # Its checkpoint and journal, so a restarted aggregator resumes this run. Each demo
-        # is a new run: a run kept in the same --workdir by an earlier demo is discarded.
-        aggregator_state = workdir / "aggregator"
-        shutil.rmtree(aggregator_state, ignore_errors=True)
-        aggregator_args += ["--state-dir", str(aggregator_state)]
-        children.spawn("aggregator", aggregator_args)
-        for index, path in enumerate(node_paths):
-            node_id = f"node-{index + 1:02d}"
-            children.spawn(
-                node_id,
-                [
-                    "node",
-                    *common,
-                    "--node-id",
-                    node_id,
-                    "--data",
-                    str(path),
-                    "--state-dir",
-                    str(workdir / node_id),
-                    "--exit-when-done",
-                    "--log-json",
-                ],
-            )
+        # Each demo is a new run: a run kept in the same --workdir by an earlier demo is
+        # discarded.
+        shutil.rmtree(workdir / "aggregator", ignore_errors=True)
+        for name, argv in child_argv(config, address, workdir, test_path, node_paths).items():
+            children.spawn(name, argv)
         progress = Progress(config.rounds, out)
         rounds: dict[int, RoundMetrics] = {}
         while True:

@@ -2,8 +2,21 @@
 
 import logging
 import sys
+from dataclasses import dataclass
 
 import structlog
+
+from fedmq.settings import setting
+
+
+@dataclass(frozen=True, kw_only=True)
+class LogSettings:
+    """How every command logs: keys of the command's own section."""
+
+    log_json: bool | None = setting(
+        None, switch=True, help="JSON log lines even on a terminal (default: JSON unless a TTY)"
+    )
+    log_level: str = setting("info", choices=("debug", "info", "warning", "error"), help=None)
 
 
 class _CurrentStderr:

@@ -10,7 +10,7 @@ retained node and server status, and per-round metrics. Three layers:
   fleet's size (offline and failed nodes first; the rest summarised when they do not fit);
 - ``run``: the MQTT client (subscribe only: no publish, no will, so a read-only identity
   suffices) and the terminal: redrawn in place on a TTY, plain lines otherwise, or one
-  JSON object per message with ``as_json``.
+  JSON object per message with ``json``.
 """
 
 import dataclasses
@@ -26,6 +26,7 @@ from typing import Any, TextIO
 import structlog
 
 from fedmq import mqtt as edge
+from fedmq.monitor_settings import MonitorSettings
 from fedmq.schemas import (
     NodeStatus,
     RoundMetrics,
@@ -403,13 +404,9 @@ def _screen(lines: list[str]) -> str:
 
 
 def run(
-    broker: edge.BrokerAddress,
-    federation: str,
+    settings: MonitorSettings,
     stop: threading.Event,
     *,
-    as_json: bool = False,
-    until_done: bool = False,
-    timeout: float | None = None,
     out: TextIO = sys.stdout,
     size: tuple[int, int] | None = None,
 ) -> int:
@@ -421,6 +418,7 @@ def run(
     """
     import shutil
 
+    federation, timeout, until_done = settings.federation, settings.timeout, settings.until_done
     topics = Topics(federation)
     inbox: queue.Queue[edge.Received] = queue.Queue()
     client = edge.make_client(
@@ -429,9 +427,9 @@ def run(
         inbox=inbox,
     )
     view = FleetView(topics)
-    edge.start(client, broker)
+    edge.start(client, settings.broker)
     deadline = None if timeout is None else time.monotonic() + timeout
-    live = not as_json and out.isatty()
+    live = not settings.json and out.isatty()
     last_draw = 0.0
     last_server: tuple[str, int] | None = None
 
@@ -463,7 +461,7 @@ def run(
             )
             if row is None:
                 continue
-            if as_json:
+            if settings.json:
                 row["received_at"] = time.time()
                 out.write(json.dumps(row) + "\n")
                 out.flush()

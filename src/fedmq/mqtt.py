@@ -6,12 +6,14 @@ import socket
 import ssl
 import threading
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import paho.mqtt.client as mqtt
 import structlog
+
+from fedmq.settings import HelpGroup, setting, usage_errors
 
 log = structlog.get_logger()
 
@@ -78,6 +80,84 @@ class BrokerAddress:
     def __str__(self) -> str:
         tls = " (TLS)" if self.credentials.ca_file is not None else ""
         return f"{self.host}:{self.port}{tls}"
+
+
+@usage_errors
+def _broker(text: str) -> BrokerAddress:
+    return BrokerAddress.parse(text)
+
+
+def _address(broker: BrokerAddress) -> str:
+    return f"{broker.host}:{broker.port}"
+
+
+CONNECTION = "connection"
+_CREDENTIALS = HelpGroup(
+    "broker credentials", "for a broker with passwords and TLS (see docs/security.md)"
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConnectionSettings:
+    """Where the broker is and who we are to it: the keys of ``[connection]``, shared by
+    every client of a broker (node, aggregator, monitor), so one file serves them all."""
+
+    broker: BrokerAddress = setting(
+        BrokerAddress(),
+        section=CONNECTION,
+        parse=_broker,
+        show=_address,
+        metavar="HOST:PORT",
+        help="MQTT broker (default 127.0.0.1:1883)",
+    )
+    federation: str = setting(
+        "default",
+        section=CONNECTION,
+        kept="federation",
+        metavar="ID",
+        help="federation id, the second topic level (default 'default')",
+    )
+    username: str | None = setting(
+        None, section=CONNECTION, group=_CREDENTIALS, help="MQTT username"
+    )
+    password_file: Path | None = setting(
+        None, section=CONNECTION, group=_CREDENTIALS, parse=Path, metavar="PATH",
+        help="first line: password",
+    )  # fmt: skip
+    tls_ca: Path | None = setting(
+        None, section=CONNECTION, group=_CREDENTIALS, parse=Path, metavar="PATH",
+        help="CA certificate: use TLS",
+    )  # fmt: skip
+    tls_cert: Path | None = setting(
+        None, section=CONNECTION, group=_CREDENTIALS, parse=Path, metavar="PATH",
+        help="client certificate (mTLS)",
+    )  # fmt: skip
+    tls_key: Path | None = setting(
+        None, section=CONNECTION, group=_CREDENTIALS, parse=Path, metavar="PATH",
+        help="client key (mTLS)",
+    )  # fmt: skip
+
+    @property
+    def credentials(self) -> Credentials:
+        return Credentials(
+            username=self.username,
+            password_file=self.password_file,
+            ca_file=self.tls_ca,
+            cert_file=self.tls_cert,
+            key_file=self.tls_key,
+        )
+
+    def with_credentials(self: "C") -> "C":
+        """These settings with the credentials folded into ``broker``, which the roles
+        connect to; ValueError with the reason if they cannot work (a missing file, a
+        certificate without its key)."""
+        problem = self.credentials.problem()
+        if problem is not None:
+            raise ValueError(f"broker credentials: {problem}")
+        return replace(self, broker=replace(self.broker, credentials=self.credentials))
+
+
+C = TypeVar("C", bound=ConnectionSettings)
 
 
 # Pseudo-topic of the message ``make_client`` puts in the inbox after every successful

@@ -844,13 +844,14 @@ def test_by_default_a_round_closes_at_a_deadline_with_a_majority() -> None:
     """`fedmq aggregator` without --round-timeout / --min-nodes waited for every node:
     one missing node stalled the fleet forever."""
     from fedmq import cli
-    from fedmq.aggregator.app import AggregatorConfig, round_policy
+    from fedmq.aggregator.app import round_policy
     from fedmq.aggregator.rounds import DEFAULT_DEADLINE_SECONDS
+    from fedmq.aggregator.settings import AggregatorSettings
 
     args = cli.build_parser().parse_args(["aggregator", "--broker", "127.0.0.1:1883"])
     assert args.round_timeout == DEFAULT_DEADLINE_SECONDS == 300.0
     assert args.min_nodes is None
-    config = AggregatorConfig(
+    config = AggregatorSettings(
         broker=args.broker, federation="f", nodes=3, round_timeout=args.round_timeout
     )
     h = Harness(policy=round_policy(config))

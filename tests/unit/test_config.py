@@ -155,7 +155,7 @@ def test_relative_paths_in_a_file_resolve_against_its_directory(tmp_path, monkey
 
 def test_keywords_are_not_paths(tmp_path):
     path = write(tmp_path / "a.toml", '[aggregator]\ntest_data = "none"\n')
-    assert parse(["aggregator", "--config", str(path)]).test_data == "none"
+    assert parse(["aggregator", "--config", str(path)]).test_data is None
 
 
 def test_relative_paths_from_environment_and_command_line_stay_relative(tmp_path):

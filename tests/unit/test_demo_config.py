@@ -10,12 +10,12 @@ import pytest
 from fedmq.broker.process import free_port
 from fedmq.cli import main
 from fedmq.datasets import load_npz
-from fedmq.demo import DemoConfig, config_problem
+from fedmq.demo import DemoSettings, config_problem
 
 
 def test_the_reference_configuration_is_fine(tmp_path: Path) -> None:
-    assert config_problem(DemoConfig(report=tmp_path / "report.json")) is None
-    assert config_problem(DemoConfig(model="mlp:64-16-16-10")) is None
+    assert config_problem(DemoSettings(report=tmp_path / "report.json")) is None
+    assert config_problem(DemoSettings(model="mlp:64-16-16-10")) is None
 
 
 @pytest.mark.parametrize(
@@ -28,7 +28,7 @@ def test_the_reference_configuration_is_fine(tmp_path: Path) -> None:
 )
 def test_a_model_that_does_not_fit_the_digits_data(model: str, says: str) -> None:
     """It reached the nodes, which failed and were restarted three times (issue 11)."""
-    assert config_problem(DemoConfig(model=model)) == (
+    assert config_problem(DemoSettings(model=model)) == (
         f"{says}; the demo's digits data has 64 features and 10 classes: use --model "
         "digits-mlp, or mlp:64-...-10 (e.g. mlp:64-32-10)"
     )
@@ -37,7 +37,7 @@ def test_a_model_that_does_not_fit_the_digits_data(model: str, says: str) -> Non
 def test_a_report_that_cannot_be_written(tmp_path: Path) -> None:
     """It was found out after the whole run, naming report.json.tmp (issue 11)."""
     target = tmp_path / "missing" / "report.json"
-    assert config_problem(DemoConfig(report=target)) == (
+    assert config_problem(DemoSettings(report=target)) == (
         f"--report {target}: directory {target.parent} does not exist "
         "(create it or choose another path)"
     )
@@ -86,10 +86,10 @@ def test_a_node_given_bad_data_says_so_in_one_line(tmp_path: Path, name, make, s
 
 
 def test_more_nodes_than_the_digits_data_has_samples() -> None:
-    assert config_problem(DemoConfig(nodes=1501)) == (
+    assert config_problem(DemoSettings(nodes=1501)) == (
         "--nodes 1501: the digits data has 1500 training samples to split: use at most 1500"
     )
-    assert config_problem(DemoConfig(nodes=1500)) is None
+    assert config_problem(DemoSettings(nodes=1500)) is None
 
 
 @pytest.mark.parametrize("workdir", ["/proc/fedmq-demo", "/etc/hostname"])

@@ -23,13 +23,13 @@ from fedmq.aggregator.checkpoint import (
     Checkpoint,
     CheckpointError,
     StateDir,
-    fingerprint_mismatch,
     from_bytes,
     to_bytes,
 )
 from fedmq.aggregator.journal import decode_records, encode_record, read_journal
 from fedmq.aggregator.robust import parse_rule
 from fedmq.aggregator.rounds import RoundPolicy
+from fedmq.aggregator.settings import fingerprint_mismatch
 from tests.unit.test_aggregator_server import FEDERATION, PLAN, TOPICS, Harness
 
 NODES = [f"node-{i}" for i in range(5)]

@@ -11,7 +11,7 @@ import pytest
 
 from fedmq import mqtt as edge
 from fedmq.files import DirectoryLocked, lock_directory
-from fedmq.node.app import default_state_dir
+from fedmq.node.settings import default_state_dir
 
 BROKER = edge.BrokerAddress("hub.local", 8883)
 TLS_BROKER = edge.BrokerAddress("hub.local", 1883, edge.Credentials(ca_file=Path("/ca.crt")))

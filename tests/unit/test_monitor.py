@@ -198,9 +198,8 @@ def test_run_only_subscribes_uses_the_given_broker_and_redraws_in_place(monkeypa
     monkeypatch.setattr(monitor.edge, "stop", lambda _client: None)
     broker = BrokerAddress("10.0.0.1", 8883, Credentials(username="monitor"))
     out = FakeTTY()
-    code = monitor.run(
-        broker, FED, threading.Event(), until_done=True, timeout=10, out=out, size=(100, 30)
-    )
+    settings = monitor.MonitorSettings(broker=broker, federation=FED, until_done=True, timeout=10)
+    code = monitor.run(settings, threading.Event(), out=out, size=(100, 30))
     assert code == 0
     assert made.get("will") is None and not made.get("persistent")
     assert sorted(t for t, _ in made["subscriptions"]) == sorted(

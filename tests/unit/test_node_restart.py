@@ -11,7 +11,8 @@ from fedmq.datasets import Dataset
 from fedmq.models import get_model
 from fedmq.mqtt import BrokerAddress
 from fedmq.node import last_update, residual
-from fedmq.node.app import Node, NodeConfig
+from fedmq.node.app import Node
+from fedmq.node.settings import NodeSettings
 from fedmq.schemas import GlobalModel, Topics, TrainingPlan, encode, model_id_of
 
 FEDERATION = "unit-node"
@@ -47,7 +48,7 @@ def restarted_node(tmp_path: Path, saved_round: int) -> tuple[Node, RecordingOut
         tmp_path / "last_update.msgpack",
         last_update.LastUpdate(saved_round, model.model_id, b"the saved update"),
     )
-    config = NodeConfig(
+    config = NodeSettings(
         broker=BrokerAddress(), federation=FEDERATION, node_id="pi-1", state_dir=tmp_path
     )
     data = Dataset(np.zeros((4, 64), np.float32), np.zeros(4, np.int64))

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedmq.aggregator import robust
-from fedmq.aggregator.app import AggregatorConfig, build_aggregator
+from fedmq.aggregator.app import build_aggregator
 from fedmq.aggregator.checkpoint import StateDir
 from fedmq.aggregator.fedavg import WeightedSum
 from fedmq.aggregator.robust import (
@@ -30,6 +30,7 @@ from fedmq.aggregator.robust import (
 )
 from fedmq.aggregator.rounds import RoundPolicy
 from fedmq.aggregator.server import Aggregator
+from fedmq.aggregator.settings import AggregatorSettings
 from fedmq.cli import build_parser
 from fedmq.mqtt import BrokerAddress
 from fedmq.schemas import decode_metrics
@@ -388,7 +389,7 @@ def test_refused_at_start_up_by_settings_config_and_cli() -> None:
             aggregation=parse_rule("trimmed-mean:0.1"),
             policy=RoundPolicy(expected_nodes=100_000, min_nodes=1),
         )
-    config = AggregatorConfig(
+    config = AggregatorSettings(
         broker=BrokerAddress(), federation="f", nodes=300_000, aggregation="median",
         test_data=None,
     )  # fmt: skip
@@ -407,7 +408,7 @@ def test_refused_at_start_up_by_settings_config_and_cli() -> None:
 
 
 def test_clip_norm_replaces_the_default_clip_and_keeps_its_cap() -> None:
-    config = AggregatorConfig(broker=BrokerAddress(), federation="f", test_data=None)
+    config = AggregatorSettings(broker=BrokerAddress(), federation="f", test_data=None)
     built = build_aggregator(config, lambda topic, payload, retain: None)
     assert built.settings.aggregation == DEFAULT
     built = build_aggregator(replace(config, clip_norm=2.0), lambda topic, payload, retain: None)
@@ -439,7 +440,7 @@ def test_cli_options(capsys: pytest.CaptureFixture[str]) -> None:
     )
     assert (args.aggregation, args.clip_norm) == ("trimmed-mean:0.2", 3.0)
     default = build_parser().parse_args(["aggregator"]).aggregation
-    config = AggregatorConfig(broker=BrokerAddress(), federation="f")
+    config = AggregatorSettings(broker=BrokerAddress(), federation="f")
     assert default == str(DEFAULT) == config.aggregation
     with pytest.raises(SystemExit) as exit_:
         build_parser().parse_args(["aggregator", "--aggregation", "mean"])

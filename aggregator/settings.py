@@ -1,0 +1,227 @@
+"""The aggregator's settings, declared once (``fedmq.settings``): its options, its keys
+in ``[connection]`` and ``[aggregator]``, its ``FEDMQ_AGGREGATOR_*`` variables, the
+command line the demo starts it with, and the fingerprint of a run (``kept``)."""
+
+import argparse
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from fedmq.logs import LogSettings
+from fedmq.mqtt import ConnectionSettings
+from fedmq.settings import (
+    COMPRESSION_HELP,
+    Exclusive,
+    compression_spec,
+    declared,
+    fraction,
+    model_name,
+    node_id_list,
+    positive_float,
+    positive_int,
+    setting,
+    show_list,
+    usage_errors,
+)
+
+
+def _deadline(text: str) -> float | None:
+    """``--round-timeout``: seconds, or ``none`` (no deadline)."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        return positive_float(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number > 0 or none") from None
+
+
+def _show_deadline(value: object) -> str:
+    """``none`` for None (``--round-timeout``, ``--test-data``)."""
+    return "none" if value is None else str(value)
+
+
+def _test_data(text: str) -> str | None:
+    """``--test-data``: digits, a path to an .npz, or none (no evaluation)."""
+    return None if text == "none" else text
+
+
+@usage_errors
+def _aggregation(text: str) -> str:
+    from fedmq.aggregator.robust import parse_rule
+
+    return str(parse_rule(text))
+
+
+_RESTART = Exclusive("restart")
+# robust.DEFAULT and rounds.DEFAULT_DEADLINE_SECONDS, written out so that reading the
+# settings (``fedmq --help``) loads no numpy; tests/unit/test_settings.py checks they agree.
+DEFAULT_AGGREGATION = "fedavg+clip-median:2+cap-examples:1.25"
+DEFAULT_ROUND_TIMEOUT = 300.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class AggregatorSettings(LogSettings, ConnectionSettings):
+    """``fedmq aggregator``'s settings. ``kept``: settings a run must keep across
+    restarts, the checkpoint's fingerprint (``run_fingerprint``)."""
+
+    SECTION: ClassVar[str] = "aggregator"
+
+    model: str = setting(
+        "digits-mlp", kept="model", parse=model_name, help="architecture (default digits-mlp)"
+    )
+    nodes: int = setting(10, parse=positive_int, help="nodes expected each round (default 10)")
+    min_nodes: int | None = setting(  # None: more than half of nodes (default_quorum)
+        None, parse=positive_int, help="quorum at the deadline (default: more than half of --nodes)"
+    )
+    round_timeout: float | None = setting(  # None: wait for every expected node
+        DEFAULT_ROUND_TIMEOUT,
+        parse=_deadline,
+        show=_show_deadline,
+        metavar="SECONDS",
+        help="deadline of a round: past it, the round closes with the updates it has once "
+        "--min-nodes have reported (default 300; none: wait for every expected node)",
+    )
+    rounds: int = setting(30, parse=positive_int, help="rounds to run (default 30)")
+    learning_rate: float = setting(
+        0.1, kept="plan", parse=positive_float, help="nodes' SGD rate (default 0.1)"
+    )
+    batch_size: int = setting(
+        16, kept="plan", parse=positive_int, help="nodes' batch size (default 16)"
+    )
+    local_epochs: int = setting(
+        1, kept="plan", parse=positive_int, help="epochs per round (default 1)"
+    )
+    seed: int = setting(
+        0, kept="plan", parse=int, help="initial model and shuffling seed (default 0)"
+    )
+    compression: str = setting(
+        "dense", kept="compression", parse=compression_spec, metavar="SPEC", help=COMPRESSION_HELP
+    )
+    test_data: str | None = setting(  # "digits", a path to an .npz, or None
+        "digits",
+        parse=_test_data,
+        show=_show_deadline,
+        keywords=frozenset({"digits", "none"}),
+        metavar="digits|PATH.npz|none",
+        help="evaluation set for test accuracy (default: the digits test split)",
+    )
+    max_update_bytes: int | None = setting(
+        None,
+        parse=positive_int,
+        help="reject larger updates unread (default: dense model size + 64 KiB)",
+    )
+    report: Path | None = setting(None, parse=Path, help="write report.json here at the end")
+    state_dir: Path | None = setting(  # None (from Python only): no crash recovery
+        Path(".fedmq-aggregator"),
+        parse=Path,
+        help="checkpoint and journal of the run, resumed after a crash or restart; "
+        "locked while the aggregator runs (default ./.fedmq-aggregator)",
+    )
+    fresh: bool = setting(
+        False,
+        switch=True,
+        exclusive=_RESTART,
+        help="discard the run kept in --state-dir and start a new one",
+    )
+    rollback_to: int | None = setting(
+        None,
+        parse=positive_int,
+        exclusive=_RESTART,
+        metavar="ROUND",
+        help="continue the run kept in --state-dir from the model that opened ROUND (one "
+        "of the last 30 opened), forgetting the rounds after it; may come with another "
+        "--aggregation, e.g. to leave a poisoned run. Give it once: every start with it "
+        "rolls back again",
+    )
+    node_ids: tuple[str, ...] | None = setting(  # the fleet; None: any well-formed id
+        None,
+        parse=node_id_list,
+        show=show_list,
+        listable=True,
+        metavar="ID,ID,...",
+        help="the fleet's node ids: updates from any other id are rejected (unknown_node), "
+        "and --sample-fraction draws from them (default: any id; sampling draws from the "
+        "nodes online)",
+    )
+    sample_fraction: float = setting(
+        1.0,
+        parse=fraction,
+        metavar="F",
+        help="ask a seeded random fraction F of the nodes to train each round, announced "
+        "in the global model (default 1: every node)",
+    )
+    aggregation: str = setting(  # a RULE of aggregator.robust (docs/aggregation.md)
+        DEFAULT_AGGREGATION,
+        parse=_aggregation,
+        metavar="RULE",
+        help="how a round's updates are combined: fedavg (weighted by examples), median or "
+        "trimmed-mean:BETA (coordinate-wise, one vote per node, BETA < 0.5 cut from each "
+        "side; they hold the round's updates in memory), optionally with +clip-norm:X or "
+        "+clip-median:F (clip each update's L2 norm to X, or to F x the round's median "
+        "norm) and, for fedavg, +cap-examples:C (count no node for more than C x the "
+        "round's median num_examples). Default fedavg+clip-median:2+cap-examples:1.25: no "
+        "single node can outweigh the fleet; plain fedavg trusts every claim "
+        "(docs/aggregation.md)",
+    )
+    clip_norm: float | None = setting(
+        None,
+        parse=positive_float,
+        metavar="X",
+        help="clip each update's delta to L2 norm X before aggregating "
+        "(the same as adding +clip-norm:X to --aggregation; replaces the default's "
+        "clip-median:2)",
+    )
+
+
+# ---- the fingerprint of a run: the settings marked ``kept`` ------------------------------
+
+
+def _kept() -> dict[str, list[str]]:
+    """The fingerprint's keys, each with the settings stored under it in declaration
+    order: one setting is stored as its value, several (the training plan) as a list."""
+    keys: dict[str, list[str]] = {}
+    for name, item in declared(AggregatorSettings).items():
+        if item.setting.kept is not None:
+            keys.setdefault(item.setting.kept, []).append(name)
+    return keys
+
+
+def run_fingerprint(values: Mapping[str, Any]) -> dict[str, Any]:
+    """What a run must keep across restarts, as the checkpoint stores it, from the values
+    of the ``kept`` settings by name: ``{"federation", "model", "plan": [learning_rate,
+    batch_size, local_epochs, seed], "compression"}``."""
+    return {
+        key: values[names[0]] if len(names) == 1 else [values[name] for name in names]
+        for key, names in _kept().items()
+    }
+
+
+def _by_option(fingerprint: Mapping[str, Any]) -> dict[str, Any]:
+    """A fingerprint's values by the option that sets them (``--batch-size``); a key no
+    setting is kept under stays as it is."""
+    settings, kept = declared(AggregatorSettings), _kept()
+    flat: dict[str, Any] = {}
+    for key, value in fingerprint.items():
+        names = kept.get(key, [])
+        if len(names) > 1 and isinstance(value, list) and len(value) == len(names):
+            flat.update(
+                (settings[name].flag, item) for name, item in zip(names, value, strict=True)
+            )
+        elif len(names) == 1:
+            flat[settings[names[0]].flag] = value
+        else:
+            flat[key] = value
+    return flat
+
+
+def fingerprint_mismatch(
+    saved: Mapping[str, Any], current: Mapping[str, Any]
+) -> tuple[str, Any, Any] | None:
+    """The first setting that differs between the saved run and this configuration, as
+    (option, kept value, new value), or None."""
+    kept, now = _by_option(saved), _by_option(current)
+    for option in sorted(set(kept) | set(now)):
+        if kept.get(option) != now.get(option):
+            return option, kept.get(option), now.get(option)
+    return None

@@ -1,0 +1,68 @@
+"""``fedmq demo``'s settings, declared once (``fedmq.settings``), apart from the demo
+itself so that reading them (``fedmq --help``) loads no numpy."""
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+from fedmq import mqtt as edge
+from fedmq.logs import LogSettings
+from fedmq.settings import (
+    COMPRESSION_HELP,
+    compression_spec,
+    count,
+    model_name,
+    partition_spec,
+    positive_float,
+    positive_int,
+    setting,
+    usage_errors,
+)
+
+
+@usage_errors
+def _broker(text: str) -> edge.BrokerAddress:
+    return edge.BrokerAddress.parse(text)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DemoSettings(LogSettings):
+    """``fedmq demo``'s settings, declared once (``fedmq.settings``). The demo reads no
+    config file or variables: it configures its children itself (``child_argv``)."""
+
+    SECTION: ClassVar[str] = "demo"
+
+    nodes: int = setting(10, parse=positive_int, help="node processes (default 10)")
+    rounds: int = setting(30, parse=positive_int, help="rounds (default 30)")
+    seed: int = setting(0, parse=int, help="seed for init, split and shuffles (default 0)")
+    compression: str = setting(
+        "dense", parse=compression_spec, metavar="SPEC", help=COMPRESSION_HELP
+    )
+    model: str = setting("digits-mlp", parse=model_name, help="architecture (default digits-mlp)")
+    partition: str = setting("iid", parse=partition_spec, help="iid (default) or dirichlet:ALPHA")
+    report: Path | None = setting(None, parse=Path, metavar="PATH", help="write report.json here")
+    broker: edge.BrokerAddress | None = setting(
+        None,
+        parse=_broker,
+        metavar="HOST:PORT",
+        help="use this broker instead of starting one",
+    )
+    federation: str = setting("demo", metavar="ID", help="federation id (default demo)")
+    round_timeout: float | None = setting(
+        None,
+        parse=positive_float,
+        metavar="SECONDS",
+        help="close rounds at this deadline with whoever reported, if more than half of "
+        "the nodes have (default: the aggregator's, 300)",
+    )
+    workdir: Path | None = setting(
+        None, parse=Path, help="keep data and logs here (default: temp, removed)"
+    )
+    max_restarts: int = setting(
+        3,
+        parse=count,
+        metavar="N",
+        help="restart a child that dies before the run is over up to N times, after a short "
+        "back-off (default 3 per child; 0 = fail at once)",
+    )
+    start_timeout: float = 120.0  # no round within this long: the demo fails

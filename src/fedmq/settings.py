@@ -1,0 +1,322 @@
+"""Settings declared once, as frozen dataclasses; everything else is derived from them.
+
+Each command's settings are one frozen dataclass (``aggregator.settings.AggregatorSettings``,
+``node.settings.NodeSettings``, ...) whose fields carry a ``Setting`` in their metadata
+(``setting(default, help=..., parse=...)``). From that one declaration come:
+
+- the command-line option: ``--batch-size`` for the field ``batch_size`` (or ``flag``),
+  its check (``parse``: text in, value out, a one-line message on error), default, help,
+  metavar, choices, required, mutually exclusive group (``exclusive``) and help group;
+- the TOML key ``batch_size`` in the command's section (or ``section``, e.g. the shared
+  ``[connection]``) and the variable ``FEDMQ_<SECTION>_<KEY>`` (``fedmq.config`` layers
+  them under the command line);
+- the command line that gives a settings object back (``to_argv``: the demo starts its
+  children with it);
+- for the aggregator, the fingerprint of a run (``kept``: settings a run must keep).
+
+A field without a ``Setting`` is not a command-line setting (e.g. a test's knob).
+Checks that need a heavy library import it inside the function, so ``--help`` stays light.
+"""
+
+import argparse
+import dataclasses
+import functools
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+T = TypeVar("T")
+S = TypeVar("S")
+_KEY = "fedmq.setting"
+
+
+@dataclasses.dataclass(frozen=True)
+class Exclusive:
+    """Options of which at most one may be given (with ``required``: exactly one)."""
+
+    name: str
+    required: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class HelpGroup:
+    """A heading of ``--help`` under which some options are listed."""
+
+    title: str
+    description: str
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Setting:
+    help: str | None
+    parse: Callable[[str], Any] | None = None  # text -> value; None: the text itself
+    show: Callable[[Any], str] = str  # value -> text that ``parse`` turns back into it
+    flag: str | None = None  # default: --name-with-dashes
+    metavar: str | None = None
+    choices: tuple[str, ...] | None = None
+    switch: bool = False  # on when given (--fresh); true/false in a file or variable
+    required: bool = False
+    exclusive: Exclusive | None = None
+    group: HelpGroup | None = None
+    section: str | None = None  # None: the command's own section
+    keywords: frozenset[str] = frozenset()  # words a path setting takes that are no path
+    listable: bool = False  # a file may give a TOML array of strings (joined with ",")
+    kept: str | None = None  # a run must keep it: its key in the aggregator's fingerprint
+
+
+def setting(default: Any = dataclasses.MISSING, **declared: Any) -> Any:
+    """A dataclass field declared as a setting (the keywords are ``Setting``'s)."""
+    return dataclasses.field(default=default, metadata={_KEY: Setting(**declared)})
+
+
+@dataclasses.dataclass(frozen=True)
+class Declared:
+    """One setting of a command as declared: its field, default and ``Setting``."""
+
+    name: str
+    default: Any  # None for a setting without a default (required)
+    setting: Setting
+    section: str
+
+    @property
+    def flag(self) -> str:
+        return self.setting.flag or "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return env_name(self.section, self.name)
+
+    @property
+    def is_path(self) -> bool:
+        return self.setting.parse is Path
+
+
+def env_name(section: str, key: str) -> str:
+    return f"FEDMQ_{section}_{key}".upper()
+
+
+def declared(cls: type) -> dict[str, Declared]:
+    """The settings of ``cls`` by name, in the order declared. ``cls.SECTION`` names the
+    section of a config file its settings are in, unless a setting names another."""
+    section = getattr(cls, "SECTION", "")
+    found: dict[str, Declared] = {}
+    for field in dataclasses.fields(cls):
+        meta = field.metadata.get(_KEY)
+        if meta is None:
+            continue
+        default = None if field.default is dataclasses.MISSING else field.default
+        found[field.name] = Declared(field.name, default, meta, meta.section or section)
+    return found
+
+
+def build(cls: type[S], values: Mapping[str, Any] | argparse.Namespace) -> S:
+    """A settings object from parsed values (a Namespace or a mapping by name); values
+    left out take the declared default."""
+    given = vars(values) if isinstance(values, argparse.Namespace) else values
+    return cls(**{name: given[name] for name in declared(cls) if name in given})
+
+
+def to_argv(settings: object) -> list[str]:
+    """The command-line options that give ``settings`` back when parsed: every setting
+    whose value differs from its default."""
+    argv: list[str] = []
+    for name, item in declared(type(settings)).items():
+        value = getattr(settings, name)
+        if value == item.default:
+            continue
+        if item.setting.switch:
+            if value:
+                argv.append(item.flag)
+            continue
+        argv += [item.flag, item.setting.show(value)]
+    return argv
+
+
+# ---- the command line ------------------------------------------------------------------
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line (the cause, and where the options are
+    listed) instead of the whole usage text before it, and the settings declared for
+    each subcommand (``add_command``)."""
+
+    commands: dict[str, "Command"]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.commands = {}
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+@dataclasses.dataclass
+class Command:
+    """A subcommand's parser and the options made from its settings class."""
+
+    cls: type
+    parser: argparse.ArgumentParser
+    actions: dict[str, argparse.Action]
+    groups: list[tuple[Any, Exclusive]]  # argparse's group, as add_mutually_exclusive_group made it
+
+    @property
+    def settings(self) -> dict[str, Declared]:
+        return declared(self.cls)
+
+    @contextmanager
+    def lenient(self, unset: object) -> Iterator[None]:
+        """While parsing: a left-out option gets ``unset`` (so it is told apart from one
+        given its default value) and none is required (the environment or a file may
+        give it); as declared again afterwards."""
+        saved = [(a, a.default, a.required) for a in self.actions.values()]
+        try:
+            for action in self.actions.values():
+                action.default, action.required = unset, False
+            for group, _ in self.groups:
+                group.required = False
+            yield
+        finally:
+            for action, default, required in saved:
+                action.default, action.required = default, required
+            for group, exclusive in self.groups:
+                group.required = exclusive.required
+
+
+def add_command(
+    top: Parser,
+    subparsers: Any,  # what top.add_subparsers() returned
+    name: str,
+    cls: type,
+    **parser_options: Any,
+) -> argparse.ArgumentParser:
+    """The subcommand ``name`` with an option for each setting of ``cls``."""
+    parser = subparsers.add_parser(name, **parser_options)
+    top.commands[name] = add_options(parser, cls)
+    return parser
+
+
+def add_options(parser: argparse.ArgumentParser, cls: type) -> Command:
+    """An option on ``parser`` for each setting of ``cls``."""
+    actions: dict[str, argparse.Action] = {}
+    groups: dict[Any, Any] = {}
+    exclusive: list[tuple[Any, Exclusive]] = []
+    for name, item in declared(cls).items():
+        meta = item.setting
+        target: Any = parser
+        if meta.group is not None:
+            if meta.group not in groups:
+                groups[meta.group] = parser.add_argument_group(
+                    meta.group.title, meta.group.description
+                )
+            target = groups[meta.group]
+        if meta.exclusive is not None:
+            if meta.exclusive not in groups:
+                group = target.add_mutually_exclusive_group(required=meta.exclusive.required)
+                groups[meta.exclusive] = group
+                exclusive.append((group, meta.exclusive))
+            target = groups[meta.exclusive]
+        options: dict[str, Any] = {"dest": name, "default": item.default, "help": meta.help}
+        if meta.switch:
+            options["action"] = "store_true"
+        else:
+            if meta.parse is not None:
+                options["type"] = meta.parse
+            if meta.metavar is not None:
+                options["metavar"] = meta.metavar
+            if meta.choices is not None:
+                options["choices"] = list(meta.choices)
+        if meta.required:
+            options["required"] = True
+        actions[name] = target.add_argument(item.flag, **options)
+    return Command(cls, parser, actions, exclusive)
+
+
+# ---- checks: text in, value out, one line on error ---------------------------------------
+
+
+def usage_errors(check: Callable[[str], T]) -> Callable[[str], T]:
+    """A check from a parser of ours: its ValueError becomes the one-line usage error
+    (parsers are imported inside ``check``, so ``--help`` loads no JAX)."""
+
+    @functools.wraps(check)
+    def convert(text: str) -> T:
+        try:
+            return check(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    return convert
+
+
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return int(text)
+
+
+def count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 0")
+    return int(text)
+
+
+def fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a fraction in (0, 1]")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number > 0")
+    return value
+
+
+@usage_errors
+def node_id_list(text: str) -> tuple[str, ...]:
+    from fedmq.schemas.topics import validate_name
+
+    return tuple(sorted({validate_name("node id", i.strip()) for i in text.split(",")}))
+
+
+@usage_errors
+def partition_spec(text: str) -> str:
+    from fedmq.datasets import parse_partition
+
+    parse_partition(text)
+    return text
+
+
+@usage_errors
+def model_name(text: str) -> str:
+    from fedmq.models import get_model
+
+    get_model(text)
+    return text
+
+
+@usage_errors
+def compression_spec(text: str) -> str:
+    from fedmq.compression import parse_spec
+
+    return str(parse_spec(text))
+
+
+def show_list(value: tuple[str, ...]) -> str:
+    return ",".join(value)
+
+
+COMPRESSION_HELP = (
+    "how nodes compress their deltas: dense (default), fp16, int8, int4, sign, topk:F, joined "
+    "with + and optionally ef (error feedback), flat (one Elias-Fano coded run for the whole "
+    "sparse delta; needs topk) and zlib, e.g. topk:0.035+sign+ef+flat (100x fewer bytes)"
+)
