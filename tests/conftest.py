@@ -13,12 +13,29 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import structlog
 
 from fedmq.broker.process import Mosquitto
 from fedmq.datasets import Dataset, digits, partition
 
 
-@pytest.fixture(scope="session")
+
+@pytest.fixture(autouse=True)
+def _structlog_as_found(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Tests that run the CLI in-process (``fedmq.cli.main``) configure structlog as a
+    command does: a level filter (``--log-level``) and each module's logger cached on
+    first use. Left in place, that hides later tests' events from ``capture_logs`` (seen:
+    test_aggregator_server's log assertions failing after test_plot). Here no logger
+    caches, and each test ends with structlog's defaults back."""
+    configure = structlog.configure
+
+    def uncached(**settings: object) -> None:
+        configure(**{**settings, "cache_logger_on_first_use": False})  # type: ignore[arg-type]
+
+    monkeypatch.setattr(structlog, "configure", uncached)
+    yield
+    structlog.reset_defaults()
+
 def mosquitto() -> Iterator[Mosquitto]:
     """One broker for the session, started from mosquitto.conf on a free loopback port."""
     with Mosquitto() as broker:
