@@ -19,7 +19,6 @@ from fedmq.broker.process import Mosquitto
 from fedmq.datasets import Dataset, digits, partition
 
 
-
 @pytest.fixture(autouse=True)
 def _structlog_as_found(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Tests that run the CLI in-process (``fedmq.cli.main``) configure structlog as a
@@ -36,6 +35,8 @@ def _structlog_as_found(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     yield
     structlog.reset_defaults()
 
+
+@pytest.fixture(scope="session")
 def mosquitto() -> Iterator[Mosquitto]:
     """One broker for the session, started from mosquitto.conf on a free loopback port."""
     with Mosquitto() as broker:
