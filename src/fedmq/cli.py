@@ -9,12 +9,11 @@ import sys
 import threading
 from pathlib import Path
 
-from fedmq import config, logs, settings
+from fedmq import config, launch, logs, settings
 from fedmq.aggregator.settings import AggregatorSettings
 from fedmq.broker.settings import BrokerSettings
 from fedmq.demo_settings import DemoSettings
 from fedmq.monitor_settings import MonitorSettings
-from fedmq.mqtt import ConnectionSettings
 from fedmq.node.settings import NodeSettings
 
 DESCRIPTION = """\
@@ -294,54 +293,4 @@ def dispatch(args: argparse.Namespace, stop: threading.Event) -> int:
             save_plot(report, args.plot)
             print(f"chart written to {args.plot}")
         return 0
-    chosen: object = settings.build(SETTINGS[args.command], args)
-    if isinstance(chosen, ConnectionSettings):
-        chosen = chosen.with_credentials()
-    if isinstance(chosen, BrokerSettings):
-        return _run_broker(chosen, stop)
-    if isinstance(chosen, AggregatorSettings):
-        from fedmq.aggregator.app import run
-
-        return run(chosen, stop)
-    if isinstance(chosen, NodeSettings):
-        # One XLA thread per node: a device trains one tiny model, and on a shared machine
-        # ten nodes must not each spawn a thread pool per core. Set before JAX is imported.
-        os.environ.setdefault(
-            "XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
-        )
-        os.environ.setdefault("JAX_PLATFORMS", "cpu")
-        from fedmq.node.app import run as run_node
-
-        return run_node(chosen, stop)
-    if isinstance(chosen, MonitorSettings):
-        from fedmq.monitor import run as run_monitor
-
-        return run_monitor(chosen, stop)
-    if isinstance(chosen, DemoSettings):
-        # The demo configures its children itself: they must not pick up the settings
-        # (FEDMQ_CONFIG, FEDMQ_<SECTION>_<KEY>) of a deployment on this machine.
-        for name in [name for name in os.environ if name.startswith("FEDMQ_")]:
-            del os.environ[name]
-        from fedmq.demo import run as run_demo
-
-        return run_demo(chosen, stop)
-    raise AssertionError(args.command)
-
-
-def _run_broker(chosen: BrokerSettings, stop: threading.Event) -> int:
-    from fedmq.broker.process import PROJECT_CONF, Mosquitto
-
-    conf = chosen.mosquitto_conf or PROJECT_CONF
-    with Mosquitto(port=chosen.port or None, config=conf, die_with_parent=True) as broker:
-        print(
-            f"mosquitto listening on {broker.address} (pid {broker.pid}); Ctrl-C stops it",
-            flush=True,
-        )
-        while not stop.wait(0.5):
-            if broker.process is None or broker.process.poll() is not None:
-                print(
-                    f"fedmq broker: error: mosquitto exited: {broker.failure()}",
-                    file=sys.stderr,
-                )
-                return 1
-    return 0
+    return launch.run(settings.build(SETTINGS[args.command], args), stop)

@@ -14,6 +14,7 @@ that exits 2, fedmq's exit status for a configuration error, is not restarted (i
 fail again): the demo stops at once with that child's one-line error.
 """
 
+import os
 import queue
 import shutil
 import signal
@@ -23,6 +24,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, TextIO
@@ -113,6 +115,14 @@ def config_problem(config: DemoSettings) -> str | None:
     return None
 
 
+def child_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """A child's environment: ours without FEDMQ_CONFIG and FEDMQ_<SECTION>_<KEY>. The
+    demo configures its children itself; they must not pick up the settings of a
+    deployment on this machine."""
+    return {name: value for name, value in environ.items() if not name.startswith("FEDMQ_")}
+
+
+@dataclass
 class ChildFailed(RuntimeError):
     """The demo cannot go on; ``exit_status`` is what ``fedmq demo`` exits with."""
 
@@ -207,6 +217,7 @@ class Children:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
+                env=child_environment(os.environ),
             )
 
     def spawn(self, name: str, args: list[str]) -> None:

@@ -402,7 +402,9 @@ def test_the_demo_children_do_not_inherit_a_deployments_settings(monkeypatch, tm
     seen: dict[str, str] = {}
 
     def fake_run(_config: object, _stop: object) -> int:
-        seen.update({k: v for k, v in os.environ.items() if k.startswith("FEDMQ_")})
+        # what Children._popen gives each child it starts
+        children_get = fedmq.demo.child_environment(os.environ)
+        seen.update({k: v for k, v in children_get.items() if k.startswith("FEDMQ_")})
         return 0
 
     monkeypatch.setenv("FEDMQ_CONFIG", str(write(tmp_path / "node.toml", NODE)))
