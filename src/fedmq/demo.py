@@ -122,7 +122,6 @@ def child_environment(environ: Mapping[str, str]) -> dict[str, str]:
     return {name: value for name, value in environ.items() if not name.startswith("FEDMQ_")}
 
 
-@dataclass
 class ChildFailed(RuntimeError):
     """The demo cannot go on; ``exit_status`` is what ``fedmq demo`` exits with."""
 
