@@ -30,6 +30,8 @@ _EXPORTS = {
     "BrokerAddress": "fedmq.mqtt",
     "Topics": "fedmq.schemas",
     "SchemaError": "fedmq.schemas",
+    # fedmq.tasks.task imports neither JAX nor optax (an import-linter contract)
+    "Task": "fedmq.tasks",
     "decode_status": "fedmq.schemas",
     "decode_server_status": "fedmq.schemas",
     "decode_metrics": "fedmq.schemas",
@@ -46,6 +48,7 @@ __all__ = [  # the keys of _EXPORTS and _RENAMED (tests/unit/test_python_api.py)
     "MonitorSettings",
     "NodeSettings",
     "SchemaError",
+    "Task",
     "Topics",
     "__version__",
     "configure_logging",
@@ -75,6 +78,7 @@ if TYPE_CHECKING:
         decode_server_status,
         decode_status,
     )
+    from fedmq.tasks import Task
 
 
 def __getattr__(name: str) -> Any:

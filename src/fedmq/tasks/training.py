@@ -1,0 +1,152 @@
+"""Local training of any task: jit-compiled epochs of ``task.optimizer`` steps on ``task.loss``.
+
+Each epoch visits the node's examples in a seeded order (``epoch_order``, the same as
+node/training.py's) in batches of ``plan.batch_size``, the last one padded to full size
+with a mask, so an epoch compiles once per (task, batch size, number of examples). A
+batch's loss is the mean of its real examples' losses: the padding weighs nothing. A task
+whose loss returns one value per example (shape ``(n,)``, as the built-in tasks' does)
+gives them in one batched pass, the same arithmetic as node/training.py's, bit for bit
+(tests/unit/test_tasks.py); a loss that returns a scalar is taken on each example alone
+(``jax.vmap`` over batches of one). Either way the loss must be a mean of per-example
+terms (cross-entropy, squared error, ...): a loss that compares the examples of a batch
+with each other (contrastive, batch statistics) is not one fedmq can train.
+
+The optimizer's state starts anew every round, from the global model: it describes the
+trajectory of the parameters this node trained last round, which the new global replaces,
+and a state kept across rounds would make a node's update depend on its history (and on
+whether it restarted), which nothing on the wire could replay. An optimizer built with
+``optax.inject_hyperparams`` that has a ``learning_rate`` takes the plan's.
+
+This copy of the order and the loop is what the node will run once tasks are wired in;
+until then node/training.py trains the built-in models, and tests check both agree bitwise.
+"""
+
+import zlib
+from collections.abc import Callable
+from functools import lru_cache
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fedmq.schemas.messages import TrainingPlan
+from fedmq.tasks.task import Task
+
+Epoch = Callable[..., tuple[Any, Any, jax.Array]]
+
+
+def epoch_order(
+    num_examples: int, batch_size: int, *, seed: int, node_id: str, round_number: int, epoch: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Shuffled example indices padded to whole batches, and the mask of real ones.
+
+    Seeded by (federation seed, node id, round, epoch) so every run replays exactly.
+    """
+    rng = np.random.default_rng([seed, zlib.crc32(node_id.encode()), round_number, epoch])
+    order = rng.permutation(num_examples).astype(np.int32)
+    padded = -(-num_examples // batch_size) * batch_size
+    mask = np.zeros(padded, dtype=np.float32)
+    mask[:num_examples] = 1.0
+    return np.pad(order, (0, padded - num_examples)), mask
+
+
+def example_losses(task: Task, params: Any, x: jax.Array, y: jax.Array) -> jax.Array:
+    """The loss of each example of the batch (x, y): shape ``(len(x),)``.
+
+    A loss that returns one value per example is used as it is (one batched pass); one
+    that returns a scalar is taken on each example alone (batches of one, ``jax.vmap``).
+    """
+    direct = task.loss(params, (x, y))  # traced only: unused (scalar) it compiles to nothing
+    shape = tuple(jnp.shape(direct))
+    if shape == (len(x),):
+        return jnp.asarray(direct)
+    if shape != ():
+        raise ValueError(
+            f"task {task.name!r}: loss must return a scalar (or one value per example), "
+            f"it returned shape {shape} for {len(x)} examples"
+        )
+    return jax.vmap(lambda xi, yi: task.loss(params, (xi[None], yi[None])))(x, y)
+
+
+@lru_cache(maxsize=16)
+def make_epoch(task: Task, batch_size: int) -> Epoch:
+    """``epoch(params, opt_state, x, y, order, mask) -> (params, opt_state, mean_loss)``, jitted.
+
+    ``order`` and ``mask`` come from ``epoch_order``: whole batches, the padding masked out.
+    A batch's loss is the mean of its real examples' losses (``example_losses``), so every
+    step has one shape and the padding weighs nothing. ``mean_loss`` is the mean over the
+    real examples of the loss their batch had before its step.
+    """
+
+    def batch_loss(params: Any, batch: tuple[jax.Array, jax.Array, jax.Array]) -> jax.Array:
+        xb, yb, mb = batch
+        losses = example_losses(task, params, xb, yb)
+        return jnp.sum(losses * mb) / jnp.maximum(jnp.sum(mb), 1.0)
+
+    def step(
+        carry: tuple[Any, Any], batch: tuple[jax.Array, jax.Array, jax.Array]
+    ) -> tuple[tuple[Any, Any], jax.Array]:
+        params, opt_state = carry
+        loss, grads = jax.value_and_grad(batch_loss)(params, batch)
+        updates, opt_state = task.optimizer.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state), loss * jnp.sum(batch[2])
+
+    @jax.jit
+    def epoch(
+        params: Any, opt_state: Any, x: jax.Array, y: jax.Array, order: jax.Array, mask: jax.Array
+    ) -> tuple[Any, Any, jax.Array]:
+        batches = (
+            x[order].reshape(-1, batch_size, *x.shape[1:]),
+            y[order].reshape(-1, batch_size, *y.shape[1:]),
+            mask.reshape(-1, batch_size),
+        )
+        (params, opt_state), weighted = jax.lax.scan(step, (params, opt_state), batches)
+        return params, opt_state, jnp.sum(weighted) / jnp.sum(mask)
+
+    return epoch
+
+
+def with_learning_rate(opt_state: Any, learning_rate: float) -> Any:
+    """``opt_state`` with its injected ``learning_rate`` set, or unchanged if it has none."""
+    hyperparams = getattr(opt_state, "hyperparams", None)
+    if not isinstance(hyperparams, dict) or "learning_rate" not in hyperparams:
+        return opt_state
+    current = hyperparams["learning_rate"]
+    value = jnp.asarray(learning_rate, dtype=jnp.result_type(current))
+    return opt_state._replace(hyperparams={**hyperparams, "learning_rate": value})
+
+
+def train_local(
+    task: Task,
+    params: Any,
+    x: Any,
+    y: Any,
+    plan: TrainingPlan,
+    *,
+    node_id: str,
+    round_number: int,
+) -> tuple[Any, float]:
+    """``plan.local_epochs`` epochs from ``params`` (the global model's pytree) on (x, y):
+    the trained pytree and the mean training loss of the last epoch."""
+    num_examples = len(x)
+    if num_examples == 0 or len(y) != num_examples:
+        raise ValueError(
+            f"x and y must hold the same number (> 0) of examples, not {len(x)} and {len(y)}"
+        )
+    epoch = make_epoch(task, plan.batch_size)
+    opt_state = with_learning_rate(task.optimizer.init(params), plan.learning_rate)
+    x, y = jnp.asarray(x), jnp.asarray(y)
+    loss: Any = np.float32(np.nan)
+    for index in range(plan.local_epochs):
+        order, mask = epoch_order(
+            num_examples,
+            plan.batch_size,
+            seed=plan.seed,
+            node_id=node_id,
+            round_number=round_number,
+            epoch=index,
+        )
+        params, opt_state, loss = epoch(params, opt_state, x, y, order, mask)
+    return params, float(loss)
