@@ -5,7 +5,6 @@ multiple of the batch size still compiles once (one shape per shard size) and th
 partial batch is averaged over its real examples only.
 """
 
-import zlib
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -15,21 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedmq.models import MLP, Params
-
-
-def epoch_order(
-    num_examples: int, batch_size: int, *, seed: int, node_id: str, round: int, epoch: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Shuffled example indices padded to whole batches, and the mask of real ones.
-
-    Seeded by (federation seed, node id, round, epoch) so every run replays exactly.
-    """
-    rng = np.random.default_rng([seed, zlib.crc32(node_id.encode()), round, epoch])
-    order = rng.permutation(num_examples).astype(np.int32)
-    padded = -(-num_examples // batch_size) * batch_size
-    mask = np.zeros(padded, dtype=np.float32)
-    mask[:num_examples] = 1.0
-    return np.pad(order, (0, padded - num_examples)), mask
+from fedmq.tasks.seeds import epoch_order
 
 
 def make_epoch_fn(model: MLP, batch_size: int) -> Callable[..., tuple[Params, jax.Array]]:
@@ -108,7 +93,12 @@ class LocalTrainer:
         loss: Any = np.float32(np.nan)
         for epoch in range(local_epochs):
             order, mask = epoch_order(
-                self.num_examples, batch_size, seed=seed, node_id=node_id, round=round, epoch=epoch
+                self.num_examples,
+                batch_size,
+                seed=seed,
+                node_id=node_id,
+                round_number=round,
+                epoch=epoch,
             )
             current, loss = epoch_fn(current, self._x, self._y, order, mask, lr)
         return {name: np.asarray(array) for name, array in current.items()}, float(loss)

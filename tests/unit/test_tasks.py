@@ -20,7 +20,6 @@ import fedmq
 from fedmq.datasets import digits, partition
 from fedmq.models import get_model
 from fedmq.node.training import LocalTrainer
-from fedmq.node.training import epoch_order as node_epoch_order
 from fedmq.schemas.messages import GlobalModel, TrainingPlan, decode_global, encode, model_id_of
 from fedmq.tasks import Task
 from fedmq.tasks.builtin import mlp_params, mlp_task
@@ -28,7 +27,7 @@ from fedmq.tasks.layout import TaskLayout, TensorSpec, layout_difference, layout
 from fedmq.tasks.naming import NamingError, flatten_params, tensor_specs, unflatten_params
 from fedmq.tasks.registry import TaskError, load_task
 from fedmq.tasks.seeds import seed_key, seed_of_key
-from fedmq.tasks.training import epoch_order, make_epoch, train_local
+from fedmq.tasks.training import make_epoch, train_local
 
 WIRE_NAME = r"[A-Za-z0-9_./-]{1,64}"  # docs/PROTOCOL.md, section 6
 
@@ -563,18 +562,6 @@ def test_builtin_metrics_and_per_example_loss():
     metrics = task.metrics(params, (x, y))
     assert float(metrics["accuracy"]) == pytest.approx(2 / 3)
     assert float(metrics["loss"]) == pytest.approx(float(jnp.mean(task.loss(params, (x, y)))))
-
-
-def test_the_epoch_order_is_the_nodes():
-    for n, batch, node, r, epoch in [
-        (150, 16, "node-1", 3, 0),
-        (37, 16, "pi", 1, 2),
-        (5, 32, "x", 9, 1),
-    ]:
-        mine = epoch_order(n, batch, seed=4, node_id=node, round_number=r, epoch=epoch)
-        theirs = node_epoch_order(n, batch, seed=4, node_id=node, round=r, epoch=epoch)
-        for a, b in zip(mine, theirs, strict=True):
-            assert a.tobytes() == b.tobytes()
 
 
 @pytest.fixture(scope="module")

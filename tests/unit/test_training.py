@@ -7,7 +7,7 @@ from fedmq.models import cross_entropy_and_accuracy, get_model
 from fedmq.node.training import LocalTrainer, delta, epoch_order
 
 MODEL = get_model("digits-mlp")  # 64 -> 32 ReLU -> 10
-ORDER_ARGS = {"seed": 7, "node_id": "pi-1", "round": 3, "epoch": 0}
+ORDER_ARGS = {"seed": 7, "node_id": "pi-1", "round_number": 3, "epoch": 0}
 
 
 # --------------------------------------------------------------------------- epoch_order
@@ -20,7 +20,9 @@ def test_epoch_order_is_deterministic() -> None:
     np.testing.assert_array_equal(first[1], second[1])
 
 
-@pytest.mark.parametrize("change", [{"round": 4}, {"node_id": "pi-2"}, {"epoch": 1}, {"seed": 8}])
+@pytest.mark.parametrize(
+    "change", [{"round_number": 4}, {"node_id": "pi-2"}, {"epoch": 1}, {"seed": 8}]
+)
 def test_epoch_order_differs_across_rounds_nodes_epochs_and_seeds(change: dict) -> None:
     base, _ = epoch_order(200, 16, **ORDER_ARGS)
     other, _ = epoch_order(200, 16, **(ORDER_ARGS | change))
@@ -121,7 +123,7 @@ def test_one_epoch_matches_a_numpy_reference() -> None:
         round=2,
     )
 
-    order, mask = epoch_order(37, 16, seed=3, node_id="pi-7", round=2, epoch=0)
+    order, mask = epoch_order(37, 16, seed=3, node_id="pi-7", round_number=2, epoch=0)
     expected, expected_loss = reference_epoch(params, x, y, order, mask, 16, 0.1)
     assert set(new) == set(params)
     for name in params:

@@ -7,6 +7,7 @@ word. ``seed_of_key`` inverts it, so the built-in tasks draw their initial param
 ``numpy.random.default_rng(seed)`` exactly as fedmq always has.
 """
 
+import zlib
 from typing import Any
 
 import jax
@@ -41,3 +42,18 @@ def _key_data(key: Any) -> Any:
     if jax.dtypes.issubdtype(getattr(key, "dtype", None), jax.dtypes.prng_key):
         return jax.random.key_data(key)
     return key
+
+
+def epoch_order(
+    num_examples: int, batch_size: int, *, seed: int, node_id: str, round_number: int, epoch: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Shuffled example indices padded to whole batches, and the mask of real ones.
+
+    Seeded by (federation seed, node id, round, epoch) so every run replays exactly.
+    """
+    rng = np.random.default_rng([seed, zlib.crc32(node_id.encode()), round_number, epoch])
+    order = rng.permutation(num_examples).astype(np.int32)
+    padded = -(-num_examples // batch_size) * batch_size
+    mask = np.zeros(padded, dtype=np.float32)
+    mask[:num_examples] = 1.0
+    return np.pad(order, (0, padded - num_examples)), mask

@@ -1,7 +1,7 @@
 """Local training of any task: jit-compiled epochs of ``task.optimizer`` steps on ``task.loss``.
 
-Each epoch visits the node's examples in a seeded order (``epoch_order``, the same as
-node/training.py's) in batches of ``plan.batch_size``, the last one padded to full size
+Each epoch visits the node's examples in a seeded order (``seeds.epoch_order``, which
+node/training.py uses too) in batches of ``plan.batch_size``, the last one padded to full size
 with a mask, so an epoch compiles once per (task, batch size, number of examples). A
 batch's loss is the mean of its real examples' losses: the padding weighs nothing. A task
 whose loss returns one value per example (shape ``(n,)``, as the built-in tasks' does)
@@ -21,7 +21,6 @@ This copy of the order and the loop is what the node will run once tasks are wir
 until then node/training.py trains the built-in models, and tests check both agree bitwise.
 """
 
-import zlib
 from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
@@ -32,24 +31,10 @@ import numpy as np
 import optax
 
 from fedmq.schemas.messages import TrainingPlan
+from fedmq.tasks.seeds import epoch_order
 from fedmq.tasks.task import Task
 
 Epoch = Callable[..., tuple[Any, Any, jax.Array]]
-
-
-def epoch_order(
-    num_examples: int, batch_size: int, *, seed: int, node_id: str, round_number: int, epoch: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Shuffled example indices padded to whole batches, and the mask of real ones.
-
-    Seeded by (federation seed, node id, round, epoch) so every run replays exactly.
-    """
-    rng = np.random.default_rng([seed, zlib.crc32(node_id.encode()), round_number, epoch])
-    order = rng.permutation(num_examples).astype(np.int32)
-    padded = -(-num_examples // batch_size) * batch_size
-    mask = np.zeros(padded, dtype=np.float32)
-    mask[:num_examples] = 1.0
-    return np.pad(order, (0, padded - num_examples)), mask
 
 
 def example_losses(task: Task, params: Any, x: jax.Array, y: jax.Array) -> jax.Array:
