@@ -40,7 +40,6 @@ from fedmq.aggregator.policy import OpenVersion, VersionPolicy
 from fedmq.aggregator.publisher import Publish, Publisher
 from fedmq.aggregator.robust import FEDAVG, Rule, check_memory
 from fedmq.aggregator.settings import run_fingerprint
-from fedmq.compression import Pipeline, parse_spec
 from fedmq.datasets import Dataset
 from fedmq.models import MLP
 from fedmq.schemas import (
@@ -89,10 +88,6 @@ class RoundSettings:
     def most_updates_per_round(self) -> int:
         """The most updates one version is made from (``VersionPolicy.most_updates``)."""
         return self.policy.most_updates(len(self.known_nodes or ()))
-
-    @property
-    def pipeline(self) -> Pipeline:
-        return parse_spec(self.plan.compression)
 
     @property
     def fingerprint(self) -> dict[str, Any]:
