@@ -1,7 +1,7 @@
 """A built-in model's local training as the node runs it (``fedmq.tasks.training``), with
 named tensors in and out, for the benchmarks that train in-process."""
 
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -17,7 +17,7 @@ class Trainer:
     """One node's data and the built-in task ``model_name`` (compiled once per task and
     batch size, shared by every Trainer of the same task object)."""
 
-    _tasks: dict[str, Any] = {}
+    _tasks: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, model_name: str, x: np.ndarray, y: np.ndarray) -> None:
         import jax.numpy as jnp
