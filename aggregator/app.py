@@ -9,9 +9,11 @@ that was not yet acknowledged when the process died is redelivered by the broker
 
 import queue
 import threading
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import paho.mqtt.client as mqtt
 import structlog
 
@@ -24,18 +26,20 @@ from fedmq.aggregator.checkpoint import (
     changed_setting,
     ways_out,
 )
+from fedmq.aggregator.evaluate import Evaluator, mlp_evaluator, task_evaluator
 from fedmq.aggregator.publisher import Publish
 from fedmq.aggregator.robust import DEFAULT, Clip, Rule, parse_rule, with_clip
 from fedmq.aggregator.rounds import RoundPolicy, default_quorum
 from fedmq.aggregator.server import Aggregator, RoundSettings, dense_update_bound
 from fedmq.aggregator.settings import AggregatorSettings, fingerprint_mismatch
 from fedmq.compression import parse_spec
-from fedmq.datasets import Dataset, digits, load_npz
+from fedmq.datasets import DIGITS_CLASSES, DIGITS_FEATURES, Dataset, digits, load_npz
 from fedmq.files import lock_directory
-from fedmq.models import get_model
+from fedmq.models import MLP, get_model
 from fedmq.progress_line import ProgressLine
 from fedmq.report import build_report, write_report
 from fedmq.schemas import (
+    GlobalModel,
     SchemaError,
     ServerStatus,
     Topics,
@@ -45,16 +49,77 @@ from fedmq.schemas import (
     encode,
 )
 from fedmq.schemas.sys_topics import DROPPED, VERSION, parse_counter
+from fedmq.tasks.layout import layout_difference, layout_of
+from fedmq.tasks.registry import TaskError, is_builtin, load_task
+from fedmq.tasks.task import Task
 
 log = structlog.get_logger()
 
 
-def load_test_set(spec: str | None) -> Dataset | None:
+def load_test_set(spec: str | None, task_name: str = "digits-mlp") -> Dataset | None:
+    """``--test-data``: none, digits, a path to an .npz, or auto (``auto_test_set``)."""
+    if spec == "auto":
+        spec = auto_test_set(task_name)
     if spec is None:
         return None
     if spec == "digits":
         return digits()[1]
     return load_npz(Path(spec))
+
+
+def auto_test_set(task_name: str) -> str | None:
+    """``--test-data auto``: the digits test split for the digits tasks (the built-in MLPs
+    of 64 features and 10 classes), none for any other task."""
+    if is_builtin(task_name):
+        sizes = get_model(task_name).sizes
+        if (sizes[0], sizes[-1]) == (DIGITS_FEATURES, DIGITS_CLASSES):
+            return "digits"
+    return None
+
+
+@dataclass(frozen=True)
+class RunTask:
+    """What the aggregator needs of its task: name, version, initial parameters (named
+    wire tensors) and, for a built-in one, its MLP (numpy evaluation, no JAX)."""
+
+    name: str
+    version: str | None
+    params: dict[str, np.ndarray]
+    model: MLP | None
+    task: Task | None  # a task that is not built in; None for the built-in MLPs
+    template: Any = None  # the task's own tree (jax.eval_shape(task.init, key)), if task
+
+    def evaluator(self, test: Dataset | None) -> Evaluator | None:
+        if test is None:
+            return None
+        if self.model is not None:
+            return mlp_evaluator(self.model, test)
+        return task_evaluator(self.task, self.template, test)
+
+
+def run_task(spec: str, seed: int) -> RunTask:
+    """The task ``spec`` names and its initial parameters from ``seed``: a built-in MLP's
+    from fedmq.models in numpy (no JAX), any other's ``flatten_params(task.init(seed_key(
+    seed)))``. TaskError or NamingError (ValueErrors, one line) if it cannot be had."""
+    if is_builtin(spec):
+        model = get_model(spec)
+        return RunTask(spec, None, model.init(seed), model, None)
+    import jax
+
+    from fedmq.tasks.naming import flatten_params
+    from fedmq.tasks.seeds import seed_key
+
+    task = load_task(spec)
+    key = seed_key(seed)
+    try:
+        params = task.init(key)
+    except Exception as error:
+        raise TaskError(
+            f"task {task.name!r}: init failed: {type(error).__name__}: "
+            f"{str(error).strip().splitlines()[0] if str(error).strip() else '(no message)'}"
+        ) from None
+    template = jax.eval_shape(task.init, key)
+    return RunTask(task.name, task.version_text, flatten_params(params), None, task, template)
 
 
 def aggregation_rule(config: AggregatorSettings) -> Rule:
@@ -88,11 +153,12 @@ def build_aggregator(
     *,
     broker_drops: BrokerDrops | None = None,
 ) -> Aggregator:
-    model = get_model(config.model)
+    task = run_task(config.task_spec, config.seed)
+    num_params = sum(int(array.size) for array in task.params.values())
     settings = RoundSettings(
         federation=config.federation,
-        model_name=config.model,
-        model=model,
+        model_name=task.name,
+        model=task.model,
         rounds=config.rounds,
         policy=round_policy(config),
         plan=TrainingPlan(
@@ -102,15 +168,17 @@ def build_aggregator(
             seed=config.seed,
             compression=str(parse_spec(config.compression)),
         ),
-        max_update_bytes=config.max_update_bytes or dense_update_bound(model),
+        max_update_bytes=config.max_update_bytes or dense_update_bound(num_params),
         known_nodes=frozenset(config.node_ids) if config.node_ids is not None else None,
         aggregation=aggregation_rule(config),
+        task_version=task.version,
+        model_floats=num_params,
     )
     return Aggregator(
         settings,
-        model.init(config.seed),
+        task.params,
         publish=publish,
-        test=load_test_set(config.test_data),
+        evaluator=task.evaluator(load_test_set(config.test_data, task.name)),
         store=store,
         broker_dropped=(broker_drops or BrokerDrops()).take,
     )
@@ -162,6 +230,12 @@ def resume_or_start(
     if changed is not None:
         raise CheckpointError(changed_setting(store.directory, *changed))
     kept = decode_global(checkpoint.global_payload)
+    problem = task_mismatch(kept, aggregator)
+    if problem is not None:
+        raise CheckpointError(
+            f"--task {aggregator.settings.model_name}: {problem}, unlike the run kept in "
+            f"{store.directory}: {ways_out('the task it was started with')}"
+        )
     # the fewest rounds that continue the run: those it closed, or up to its open round
     least = kept.round - 1 if kept.final else kept.round
     rounds = aggregator.settings.rounds
@@ -185,6 +259,20 @@ def resume_or_start(
             hint=f"--rounds above {least} continues the run, --fresh starts a new one",
         )
     return True
+
+
+def task_mismatch(kept: GlobalModel, aggregator: Aggregator) -> str | None:
+    """How this aggregator's task differs from the kept run's (its layout fingerprint),
+    in one line, or None. A run kept before issue 13 has no fingerprint: not compared."""
+    if kept.task_fingerprint is None or kept.task_fingerprint == aggregator.task_fingerprint:
+        return None
+    ours = layout_of(aggregator.settings.model_name, aggregator.settings.task_version,
+                     aggregator.params)  # fmt: skip
+    theirs = layout_of(kept.model, kept.task_version, kept.params)
+    difference = layout_difference(theirs, ours) or (
+        f"layout fingerprint {aggregator.task_fingerprint} where {kept.task_fingerprint} was kept"
+    )
+    return difference
 
 
 def rollback_point(store: StateDir, current: Checkpoint | None, round: int) -> Checkpoint:
@@ -333,7 +421,11 @@ def _run(config: AggregatorSettings, stop: threading.Event) -> int:
     if config.report is not None:
         write_report(
             config.report,
-            build_report(aggregator.history, federation=config.federation, model=config.model),
+            build_report(
+                aggregator.history,
+                federation=config.federation,
+                model=aggregator.settings.model_name,
+            ),
         )
     if not aggregator.done:
         publish(topics.server, encode(aggregator.server_status("offline")), True)

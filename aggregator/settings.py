@@ -12,7 +12,10 @@ from fedmq.logs import LogSettings
 from fedmq.mqtt import ConnectionSettings
 from fedmq.settings import (
     COMPRESSION_HELP,
+    MODEL_HELP,
+    TASK_HELP,
     Exclusive,
+    chosen_task,
     compression_spec,
     declared,
     fraction,
@@ -22,6 +25,7 @@ from fedmq.settings import (
     positive_int,
     setting,
     show_list,
+    task_spec,
     usage_errors,
 )
 
@@ -42,7 +46,7 @@ def _show_deadline(value: object) -> str:
 
 
 def _test_data(text: str) -> str | None:
-    """``--test-data``: digits, a path to an .npz, or none (no evaluation)."""
+    """``--test-data``: auto, digits, a path to an .npz, or none (no evaluation)."""
     return None if text == "none" else text
 
 
@@ -67,9 +71,15 @@ class AggregatorSettings(LogSettings, ConnectionSettings):
 
     SECTION: ClassVar[str] = "aggregator"
 
-    model: str = setting(
-        "digits-mlp", kept="model", parse=model_name, help="architecture (default digits-mlp)"
+    # The run's task; its name is kept under "model" in the fingerprint, as before --task.
+    task: str | None = setting(  # None: --model, or digits-mlp (task_spec)
+        None,
+        kept="model",
+        parse=task_spec,
+        metavar="SPEC",
+        help=TASK_HELP + " (default digits-mlp)",
     )
+    model: str | None = setting(None, parse=model_name, help=MODEL_HELP)
     nodes: int = setting(10, parse=positive_int, help="nodes expected each round (default 10)")
     min_nodes: int | None = setting(  # None: more than half of nodes (default_quorum)
         None, parse=positive_int, help="quorum at the deadline (default: more than half of --nodes)"
@@ -98,13 +108,15 @@ class AggregatorSettings(LogSettings, ConnectionSettings):
     compression: str = setting(
         "dense", kept="compression", parse=compression_spec, metavar="SPEC", help=COMPRESSION_HELP
     )
-    test_data: str | None = setting(  # "digits", a path to an .npz, or None
-        "digits",
+    test_data: str | None = setting(  # "auto", "digits", a path to an .npz, or None
+        "auto",
         parse=_test_data,
         show=_show_deadline,
-        keywords=frozenset({"digits", "none"}),
-        metavar="digits|PATH.npz|none",
-        help="evaluation set for test accuracy (default: the digits test split)",
+        keywords=frozenset({"auto", "digits", "none"}),
+        metavar="auto|digits|PATH.npz|none",
+        help="evaluation set for the central test metrics: auto (default: the digits test "
+        "split for the digits tasks, none for any other task), digits, an .npz with x and "
+        "y, or none",
     )
     max_update_bytes: int | None = setting(
         None,
@@ -172,6 +184,14 @@ class AggregatorSettings(LogSettings, ConnectionSettings):
         "(the same as adding +clip-norm:X to --aggregation; replaces the default's "
         "clip-median:2)",
     )
+
+    def __post_init__(self) -> None:
+        chosen_task(self.task, self.model)  # both given and different: ValueError
+
+    @property
+    def task_spec(self) -> str:
+        """``--task``, or its old spelling ``--model``, or digits-mlp."""
+        return chosen_task(self.task, self.model)
 
 
 # ---- the fingerprint of a run: the settings marked ``kept`` ------------------------------

@@ -1,7 +1,8 @@
 """The node process: receive the retained global model, train locally, publish the delta.
 
 Only this module touches MQTT, files and clocks for a node; the maths is in
-``node.training``. Training runs on the main thread, never in a paho callback.
+``fedmq.tasks`` (``training.train_local`` on the node's task). Training runs on the main
+thread, never in a paho callback.
 """
 
 import math
@@ -9,8 +10,9 @@ import queue
 import threading
 import time
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 import structlog
@@ -20,13 +22,9 @@ from fedmq.compression import Pipeline, parse_spec
 from fedmq.compression.transforms import ErrorFeedbackState, error_feedback_init
 from fedmq.datasets import Dataset, digits, load_npz, partition
 from fedmq.files import lock_directory
-from fedmq.models import MLP, check_layout
 from fedmq.node import last_update, residual
 from fedmq.node.settings import STATE_ROOT, NodeSettings
 from fedmq.progress_line import ProgressLine
-
-if TYPE_CHECKING:  # JAX is imported only once a node has a model to train
-    from fedmq.node.training import LocalTrainer
 from fedmq.schemas import (
     GlobalDelta,
     GlobalModel,
@@ -39,6 +37,9 @@ from fedmq.schemas import (
     decode_global_delta,
     encode,
 )
+from fedmq.tasks.layout import TaskLayout, layout_difference, layout_of
+from fedmq.tasks.registry import TaskError, is_builtin, load_task
+from fedmq.tasks.task import Task
 
 log = structlog.get_logger()
 
@@ -50,6 +51,49 @@ STATE_FILES = ("last_update.msgpack", "residual.npz", "residual.next.npz")
 
 class DataError(ValueError):
     """The node's local data cannot train the federation's model."""
+
+
+class Refused(ValueError):
+    """A global model this node cannot train: another task, or one it cannot find."""
+
+
+@dataclass(frozen=True)
+class Trainable:
+    """The node's task, ready to train: its params' tree (``jax.eval_shape`` of init), the
+    layout it expects on the wire, and the node's data on the device."""
+
+    task: Task
+    template: Any
+    expected: TaskLayout
+    x: Any
+    y: Any
+
+
+def expected_layout(task: Task) -> tuple[Any, TaskLayout]:
+    """The task's params' tree (shapes only) and the layout a global model of it has."""
+    import jax
+
+    from fedmq.tasks.naming import tensor_specs
+    from fedmq.tasks.seeds import seed_key
+
+    template = jax.eval_shape(task.init, seed_key(0))
+    specs = {
+        name: jax.ShapeDtypeStruct(shape, dtype) for name, shape, dtype in tensor_specs(template)
+    }
+    return template, layout_of(task.name, task.version_text, specs)
+
+
+def mismatch(expected: TaskLayout, model: GlobalModel) -> str | None:
+    """How the global model differs from the node's task, in one line, or None: its name,
+    version and tensors (``layout_difference``), then its ``task_fingerprint`` if it has one
+    (an aggregator before issue 13 sends none: the layout alone is compared)."""
+    got = layout_of(model.model, model.task_version, model.params)
+    difference = layout_difference(expected, got)
+    if difference is None and model.task_fingerprint not in (None, expected.fingerprint):
+        difference = (
+            f"task fingerprint {model.task_fingerprint} where {expected.fingerprint} was expected"
+        )
+    return difference
 
 
 def adopt_old_state(old: Path, new: Path, *, federation: str, node_id: str) -> bool:
@@ -108,8 +152,12 @@ DOWNLINK_QOS = 0
 class Node:
     """One device's participation: state across rounds plus what it publishes."""
 
-    def __init__(self, config: NodeSettings, data: Dataset, outbox: edge.Outbox) -> None:
+    def __init__(
+        self, config: NodeSettings, data: Dataset, outbox: edge.Outbox, task: Task | None = None
+    ) -> None:
+        """``task``: the node's ``--task``, loaded; None: the global model's, if built in."""
         self.client = outbox.client
+        self.task = task
         self.config = config
         self.data = data
         self.topics = Topics(config.federation)
@@ -133,8 +181,7 @@ class Node:
         self._seen = {"full": 0, "delta": 0}
         self.finished = False
         self.progress = ProgressLine()  # on a terminal only
-        self._trainer: LocalTrainer | None = None
-        self._model: MLP | None = None
+        self._trainable: Trainable | None = None
 
     def status(
         self,
@@ -291,36 +338,68 @@ class Node:
         round, model_id = self.last_trained or (None, None)
         self.status("submitted" if round else "online", round=round, model_id=model_id)
 
+    def _task_of(self, model: GlobalModel) -> Task:
+        """The task to train ``model`` with: ``--task``, or the built-in one it names."""
+        if self.task is not None:
+            return self.task
+        if self._trainable is not None and self._trainable.task.name == model.model:
+            return self._trainable.task
+        if not is_builtin(model.model):
+            raise Refused(
+                f"the global model is task {model.model!r}, which is not built in: start the "
+                "node with --task MODULE:ATTRIBUTE (the same the aggregator runs)"
+            )
+        try:
+            return load_task(model.model)
+        except TaskError as error:
+            raise Refused(str(error)) from None
+
+    def trainable(self, model: GlobalModel) -> Trainable:
+        """The node's task ready for ``model``; Refused (one line) if it does not match,
+        DataError if the node's data cannot train it."""
+        task = self._task_of(model)
+        if self._trainable is None or self._trainable.task is not task:
+            import jax.numpy as jnp
+
+            from fedmq.tasks.training import data_problem
+
+            template, expected = expected_layout(task)
+            problem = data_problem(task, template, self.data.x, self.data.y)
+            if problem is not None:
+                raise DataError(f"local data cannot train model {task.name}: {problem}")
+            x, y = jnp.asarray(self.data.x), jnp.asarray(self.data.y)
+            self._trainable = Trainable(task, template, expected, x, y)
+        difference = mismatch(self._trainable.expected, model)
+        if difference is not None:
+            raise Refused(f"the global model does not match task {task.name!r}: {difference}")
+        return self._trainable
+
     def train_and_publish(self, model: GlobalModel) -> None:
-        from fedmq.node.training import LocalTrainer, delta
+        from fedmq.tasks.naming import flatten_params, unflatten_params
+        from fedmq.tasks.training import delta, train_local
 
         try:
-            architecture = check_layout(model.model, model.layout)
             pipeline = parse_spec(model.plan.compression)
+            ready = self.trainable(model)
+        except DataError:
+            raise
         except ValueError as error:
             log.error("global.refused", round=model.round, reason=str(error))
             self.status("error", round=model.round, detail=f"cannot build this model: {error}")
             return
-        if self._trainer is None or self._model != architecture:
-            try:
-                self._trainer = LocalTrainer(architecture, self.data.x, self.data.y)
-            except ValueError as error:
-                raise DataError(f"local data cannot train model {model.model}: {error}") from None
-            self._model = architecture
         with structlog.contextvars.bound_contextvars(round=model.round):
             self.status("training", round=model.round, model_id=model.model_id)
             started = time.perf_counter()
-            params = {name: np.asarray(a) for name, a in model.params.items()}
-            trained, loss = self._trainer.train(
-                params,
-                learning_rate=model.plan.learning_rate,
-                batch_size=model.plan.batch_size,
-                local_epochs=model.plan.local_epochs,
-                seed=model.plan.seed,
+            trained, loss = train_local(
+                ready.task,
+                unflatten_params(ready.template, model.params),
+                ready.x,
+                ready.y,
+                model.plan,
                 node_id=self.config.node_id,
-                round=model.round,
+                round_number=model.round,
             )
-            change = delta(trained, params)
+            change = delta(flatten_params(trained), model.params)
             if not math.isfinite(loss) or not all(np.isfinite(a).all() for a in change.values()):
                 # diverged: sending would be rejected, and keeping it would poison the residual
                 rate = model.plan.learning_rate
@@ -399,6 +478,7 @@ def run(config: NodeSettings, stop: threading.Event) -> int:
 def _run(config: NodeSettings, stop: threading.Event) -> int:
     enable_compile_cache(config.state_path / "jax-cache")
     data = load_local_data(config)  # unreadable: one line and exit 2, before connecting
+    task = load_task(config.task) if config.task is not None else None  # the same
     topics = Topics(config.federation)
     offline = NodeStatus(federation=config.federation, node_id=config.node_id, state="offline")
     inbox: queue.Queue[edge.Received] = queue.Queue()
@@ -410,7 +490,7 @@ def _run(config: NodeSettings, stop: threading.Event) -> int:
         persistent=True,  # a stable session; the QoS 0 downlink queues nothing while away
     )
     outbox = edge.Outbox(client)
-    node = Node(config, data, outbox)
+    node = Node(config, data, outbox, task)
     edge.start(client, config.broker)
     log.info("node.started", examples=len(data), broker=str(config.broker))
     try:

@@ -96,6 +96,10 @@ class GlobalModel:
     # The nodes sampled to train this round, sorted; None: every node. Not selected:
     # do not train (the aggregator rejects the update as not_selected).
     selected: tuple[str, ...] | None = None
+    # The task's declared version and the fingerprint of its layout (fedmq.tasks.layout):
+    # a node checks its own task against them. None from aggregators before issue 13.
+    task_version: str | None = None
+    task_fingerprint: str | None = None
 
     def selects(self, node_id: str) -> bool:
         return self.selected is None or node_id in self.selected
@@ -124,6 +128,8 @@ class GlobalDelta:
     final: bool = False
     created_at: float = 0.0
     selected: tuple[str, ...] | None = None  # as in GlobalModel
+    task_version: str | None = None  # as in GlobalModel
+    task_fingerprint: str | None = None  # as in GlobalModel
 
 
 def make_global_delta(
@@ -136,7 +142,8 @@ def make_global_delta(
         federation=model.federation, round=model.round, model=model.model,
         model_id=model.model_id, base_model_id=base_id, plan=model.plan,
         xor=zlib.compress(xored, 6), final=model.final, created_at=model.created_at,
-        selected=model.selected,
+        selected=model.selected, task_version=model.task_version,
+        task_fingerprint=model.task_fingerprint,
     )  # fmt: skip
 
 
@@ -171,6 +178,7 @@ def apply_global_delta(base: Mapping[str, np.ndarray], message: GlobalDelta) -> 
         federation=message.federation, round=message.round, model=message.model,
         model_id=message.model_id, params=params, plan=message.plan, final=message.final,
         created_at=message.created_at, selected=message.selected,
+        task_version=message.task_version, task_fingerprint=message.task_fingerprint,
     )  # fmt: skip
 
 
@@ -389,6 +397,16 @@ def _model_id(obj: Mapping[str, Any], key: str) -> str:
     value = _str(obj, key)
     if len(value) != 32 or any(c not in "0123456789abcdef" for c in value):
         raise SchemaError("bad_field", f"{key} must be 32 lowercase hex digits")
+    return value
+
+
+MAX_TASK_VERSION = 256  # characters of a task's declared version
+
+
+def _task_version(obj: Mapping[str, Any], key: str) -> str:
+    value = _str(obj, key)
+    if len(value) > MAX_TASK_VERSION:
+        raise SchemaError("bad_field", f"{key} is longer than {MAX_TASK_VERSION} characters")
     return value
 
 
@@ -650,6 +668,9 @@ GLOBAL = Kind("global", GlobalModel, (
     Field("params", None, to_wire=_params_to_wire),  # decoded with the caller's max_elements
     # Only when sampling: without the key a message is byte for byte what it was.
     Field("selected", _node_ids, nullable=True, to_wire=list, omit_none=True),
+    # From issue 13 on (absent from older aggregators' messages): the task's layout.
+    Field("task_version", _task_version, nullable=True, omit_none=True),
+    Field("task_fingerprint", _model_id, nullable=True, omit_none=True),
 ))  # fmt: skip
 
 GLOBAL_DELTA = Kind("global_delta", GlobalDelta, (
@@ -663,6 +684,8 @@ GLOBAL_DELTA = Kind("global_delta", GlobalDelta, (
     Field("plan", _plan, to_wire=PLAN.to_wire),
     Field("xor", _bin),
     Field("selected", _node_ids, nullable=True, to_wire=list, omit_none=True),
+    Field("task_version", _task_version, nullable=True, omit_none=True),
+    Field("task_fingerprint", _model_id, nullable=True, omit_none=True),
 ))  # fmt: skip
 
 UPDATE = Kind("update", NodeUpdate, (

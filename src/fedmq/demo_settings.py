@@ -9,6 +9,9 @@ from fedmq import mqtt as edge
 from fedmq.logs import LogSettings
 from fedmq.settings import (
     COMPRESSION_HELP,
+    MODEL_HELP,
+    TASK_HELP,
+    chosen_task,
     compression_spec,
     count,
     model_name,
@@ -16,6 +19,7 @@ from fedmq.settings import (
     positive_float,
     positive_int,
     setting,
+    task_spec,
     usage_errors,
 )
 
@@ -38,7 +42,13 @@ class DemoSettings(LogSettings):
     compression: str = setting(
         "dense", parse=compression_spec, metavar="SPEC", help=COMPRESSION_HELP
     )
-    model: str = setting("digits-mlp", parse=model_name, help="architecture (default digits-mlp)")
+    task: str | None = setting(  # None: --model, or digits-mlp
+        None,
+        parse=task_spec,
+        metavar="SPEC",
+        help=TASK_HELP + "; the demo's nodes train it on the digits data (default digits-mlp)",
+    )
+    model: str | None = setting(None, parse=model_name, help=MODEL_HELP)
     partition: str = setting("iid", parse=partition_spec, help="iid (default) or dirichlet:ALPHA")
     report: Path | None = setting(None, parse=Path, metavar="PATH", help="write report.json here")
     broker: edge.BrokerAddress | None = setting(
@@ -66,3 +76,11 @@ class DemoSettings(LogSettings):
         "back-off (default 3 per child; 0 = fail at once)",
     )
     start_timeout: float = 120.0  # no round within this long: the demo fails
+
+    def __post_init__(self) -> None:
+        chosen_task(self.task, self.model)  # both given and different: ValueError
+
+    @property
+    def task_spec(self) -> str:
+        """``--task``, or its old spelling ``--model``, or digits-mlp."""
+        return chosen_task(self.task, self.model)

@@ -305,6 +305,34 @@ def model_name(text: str) -> str:
 
 
 @usage_errors
+def task_spec(text: str) -> str:
+    from fedmq.tasks.registry import check_spec
+
+    return check_spec(text)
+
+
+TASK_HELP = (
+    "what the federation learns: a built-in task (digits-mlp, digits-mlp-large, "
+    "mlp:IN-HIDDEN-...-CLASSES), MODULE:ATTRIBUTE of a fedmq.Task (the module importable "
+    "here, e.g. my_tasks.py in the working directory), or a name registered under the "
+    "fedmq.tasks entry points (docs/tasks.md)"
+)
+MODEL_HELP = "the old spelling of --task, for the built-in MLPs"
+DEFAULT_TASK = "digits-mlp"
+
+
+def chosen_task(task: str | None, model: str | None) -> str:
+    """The task of ``--task`` and its old spelling ``--model``: the one given (default
+    digits-mlp); ValueError if both are given and differ."""
+    if task is not None and model is not None and task != model:
+        raise ValueError(
+            f"--model {model} and --task {task} name different tasks: give one "
+            "(--model is the old spelling of --task)"
+        )
+    return task or model or DEFAULT_TASK
+
+
+@usage_errors
 def compression_spec(text: str) -> str:
     from fedmq.compression import parse_spec
 

@@ -34,6 +34,7 @@ from fedmq.schemas import (
     model_id_of,
 )
 from fedmq.schemas.encodings import Quantized, Sparse
+from fedmq.tasks.layout import layout_of
 
 GOLDEN_DIR = Path(__file__).resolve().parent
 FEDERATION = "golden"
@@ -157,6 +158,19 @@ GLOBAL_DELTA = GlobalDelta(
     created_at=1_700_000_020.5,
 )
 
+# The same two forms as an aggregator of issue 13 sends them: with the task's declared
+# version and the fingerprint of its layout (fedmq.tasks.layout: task "tiny-mlp", version
+# "2", the four tensors of LAYOUT in float32). Old decoders ignore the two keys.
+TASK_VERSION = "2"
+TASK_FINGERPRINT = layout_of("tiny-mlp", TASK_VERSION, PARAMS).fingerprint
+GLOBAL_TASK = dataclasses.replace(
+    GLOBAL, task_version=TASK_VERSION, task_fingerprint=TASK_FINGERPRINT
+)
+GLOBAL_DELTA_TASK = dataclasses.replace(
+    GLOBAL_DELTA, task_version=TASK_VERSION, task_fingerprint=TASK_FINGERPRINT
+)
+
+
 STATUS = NodeStatus(
     federation=FEDERATION,
     node_id=NODE,
@@ -214,6 +228,8 @@ SAMPLES: dict[str, Sample] = {
     "update_sparse_sign": Sample(UPDATE_SPARSE_SIGN, decode_update),
     "update_flat_sign": Sample(UPDATE_FLAT_SIGN, decode_update_of_layout),
     "global_delta": Sample(GLOBAL_DELTA, decode_global_delta),
+    "global_task": Sample(GLOBAL_TASK, decode_global),
+    "global_delta_task": Sample(GLOBAL_DELTA_TASK, decode_global_delta),
     "status": Sample(STATUS, decode_status),
     "status_minimal": Sample(STATUS_MINIMAL, decode_status),
     "server": Sample(SERVER, decode_server_status),

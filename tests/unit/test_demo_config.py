@@ -21,15 +21,15 @@ def test_the_reference_configuration_is_fine(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("model", "says"),
     [
-        ("mlp:8-32-3", "model mlp:8-32-3 takes 8 features and 3 classes"),
-        ("mlp:64-32-3", "model mlp:64-32-3 takes 64 features and 3 classes"),
-        ("mlp:10-32-10", "model mlp:10-32-10 takes 10 features and 10 classes"),
+        ("mlp:8-32-3", "task mlp:8-32-3 takes 8 features and 3 classes"),
+        ("mlp:64-32-3", "task mlp:64-32-3 takes 64 features and 3 classes"),
+        ("mlp:10-32-10", "task mlp:10-32-10 takes 10 features and 10 classes"),
     ],
 )
 def test_a_model_that_does_not_fit_the_digits_data(model: str, says: str) -> None:
     """It reached the nodes, which failed and were restarted three times (issue 11)."""
     assert config_problem(DemoSettings(model=model)) == (
-        f"{says}; the demo's digits data has 64 features and 10 classes: use --model "
+        f"{says}; the demo's digits data has 64 features and 10 classes: use --task "
         "digits-mlp, or mlp:64-...-10 (e.g. mlp:64-32-10)"
     )
 
@@ -136,5 +136,5 @@ def test_the_issues_model_typo_ends_the_demo_in_one_line_before_it_starts() -> N
     )  # fmt: skip
     assert done.returncode == 2
     assert done.stdout == ""  # nothing started: no banner, no broker
-    assert done.stderr.startswith("fedmq demo: error: model mlp:8-32-3 takes 8 features")
+    assert done.stderr.startswith("fedmq demo: error: task mlp:8-32-3 takes 8 features")
     assert done.stderr.count("\n") == 1

@@ -38,6 +38,8 @@ SAMPLES = {
     "mosquitto_conf": "m.conf",
     "log_level": "debug",
     "test_data": "t.npz",
+    "task": "digits-mlp-large",
+    "model": "digits-mlp-large",
     "round_timeout": "none",
 }
 # What a command needs besides the setting under test (node: an id and data).

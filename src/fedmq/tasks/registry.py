@@ -21,7 +21,7 @@ from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from typing import Any
 
-from fedmq.models import MODELS, SPEC_PREFIX
+from fedmq.models import MODELS, SPEC_PREFIX, get_model
 from fedmq.tasks.task import Task
 
 ENTRY_POINT_GROUP = "fedmq.tasks"
@@ -42,9 +42,31 @@ def registered_names() -> list[str]:
     return sorted({ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)})
 
 
+def is_builtin(spec: str) -> bool:
+    """Whether ``spec`` names a built-in task (a built-in model name or an ``mlp:`` spec,
+    well formed or not): those need no import, and the aggregator runs them without JAX."""
+    return spec in MODELS or (spec.startswith(SPEC_PREFIX) and not _import_path(spec))
+
+
+def check_spec(spec: str) -> str:
+    """``spec`` if it can name a task, without importing anything (for option parsing):
+    a built-in one is checked whole, ``MODULE:ATTRIBUTE`` for its form; TaskError else."""
+    if is_builtin(spec):
+        try:
+            get_model(spec)
+        except ValueError as error:
+            raise TaskError(str(error)) from None
+    elif ":" in spec:
+        module, _, attribute = spec.partition(":")
+        _check_import_path(spec, module, attribute)
+    elif not spec:
+        raise TaskError("give a task: a built-in name, MODULE:ATTRIBUTE or a registered name")
+    return spec
+
+
 def load_task(spec: str) -> Task:
     """The task ``spec`` names (see the module's docstring); TaskError otherwise."""
-    if spec in MODELS or (spec.startswith(SPEC_PREFIX) and not _import_path(spec)):
+    if is_builtin(spec):
         from fedmq.tasks.builtin import mlp_task
 
         try:
@@ -69,7 +91,7 @@ def _import_path(spec: str) -> bool:
     return bool(colon) and bool(_MODULE.fullmatch(module)) and bool(_ATTRIBUTE.fullmatch(attribute))
 
 
-def _from_import_path(spec: str, module_name: str, attribute: str) -> Task:
+def _check_import_path(spec: str, module_name: str, attribute: str) -> None:
     if module_name.endswith(".py") or "/" in module_name or "\\" in module_name:
         stem = Path(module_name).stem
         raise TaskError(
@@ -81,6 +103,10 @@ def _from_import_path(spec: str, module_name: str, attribute: str) -> Task:
             f"task {spec!r} is not MODULE:ATTRIBUTE (Python names, e.g. my_tasks:task) "
             f"nor a known task ({', '.join(builtin_names())})"
         )
+
+
+def _from_import_path(spec: str, module_name: str, attribute: str) -> Task:
+    _check_import_path(spec, module_name, attribute)
     module = _import(spec, module_name)
     value: Any = module
     for part in attribute.split("."):
