@@ -159,6 +159,7 @@ def test_the_demo_starts_its_children_with_their_settings(tmp_path):
     assert aggregator == AggregatorSettings(
         broker=address,
         federation="demo",
+        task="digits-mlp",
         nodes=2,
         rounds=3,
         seed=5,
@@ -173,6 +174,7 @@ def test_the_demo_starts_its_children_with_their_settings(tmp_path):
         broker=address,
         federation="demo",
         node_id="node-02",
+        task="digits-mlp",
         data=paths[1],
         state_dir=tmp_path / "node-02",
         exit_when_done=True,
@@ -192,7 +194,7 @@ def test_the_fingerprint_is_the_kept_settings_stored_as_before():
         "compression": "dense",
     }
     fingerprint = aggregator.settings.fingerprint
-    assert fingerprint == run_fingerprint(dataclasses.asdict(chosen)) == expected
+    assert fingerprint == run_fingerprint(kept_values(chosen)) == expected
     # byte for byte what checkpoint.msgpack held: an existing state dir resumes
     assert msgpack.packb(fingerprint) == msgpack.packb(expected)
     kept = [
@@ -202,7 +204,7 @@ def test_the_fingerprint_is_the_kept_settings_stored_as_before():
     ]
     assert kept == [
         "federation",
-        "model",
+        "task",  # kept under "model", as before --task
         "learning_rate",
         "batch_size",
         "local_epochs",
@@ -218,7 +220,7 @@ def test_the_fingerprint_is_the_kept_settings_stored_as_before():
         ({"batch_size": 32}, "--batch-size"),
         ({"local_epochs": 2}, "--local-epochs"),
         ({"seed": 1}, "--seed"),
-        ({"model": "mlp:64-8-10"}, "--model"),
+        ({"task": "mlp:64-8-10"}, "--task"),
         ({"compression": "fp16"}, "--compression"),
         ({"federation": "other"}, "--federation"),
     ],
@@ -226,12 +228,23 @@ def test_the_fingerprint_is_the_kept_settings_stored_as_before():
 def test_a_changed_kept_setting_is_named_by_its_option(change, option):
     before = AggregatorSettings(test_data=None)
     after = dataclasses.replace(before, **change)
-    saved = run_fingerprint(dataclasses.asdict(before))
+    saved = run_fingerprint(kept_values(before))
     ((name, value),) = change.items()
-    changed = fingerprint_mismatch(saved, run_fingerprint(dataclasses.asdict(after)))
-    assert changed == (option, getattr(before, name), value)
+    changed = fingerprint_mismatch(saved, run_fingerprint(kept_values(after)))
+    assert changed == (option, kept_values(before)[name], value)
     unkept = dataclasses.replace(before, rounds=99, aggregation="median", nodes=3)
-    assert fingerprint_mismatch(saved, run_fingerprint(dataclasses.asdict(unkept))) is None
+    assert fingerprint_mismatch(saved, run_fingerprint(kept_values(unkept))) is None
+    old_spelling = dataclasses.replace(before, model="mlp:64-8-10")
+    assert fingerprint_mismatch(saved, run_fingerprint(kept_values(old_spelling))) == (
+        "--task",
+        "digits-mlp",
+        "mlp:64-8-10",
+    )
+
+
+def kept_values(chosen: AggregatorSettings) -> dict:
+    """The settings' values as the aggregator fingerprints them: the task as resolved."""
+    return {**dataclasses.asdict(chosen), "task": chosen.task_spec}
 
 
 def test_dispatch_passes_the_settings_object_to_the_role(monkeypatch, tmp_path):
