@@ -28,7 +28,11 @@ from fedmq.aggregator.publisher import Publish
 from fedmq.aggregator.robust import DEFAULT, Clip, Rule, parse_rule, with_clip
 from fedmq.aggregator.rounds import RoundPolicy, default_quorum
 from fedmq.aggregator.server import Aggregator, RoundSettings, dense_update_bound
-from fedmq.aggregator.settings import AggregatorSettings, fingerprint_mismatch
+from fedmq.aggregator.settings import (
+    AggregatorSettings,
+    eval_fraction_of,
+    fingerprint_mismatch,
+)
 from fedmq.compression import parse_spec
 from fedmq.datasets import Dataset, digits, load_npz
 from fedmq.files import lock_directory
@@ -89,6 +93,7 @@ def build_aggregator(
     broker_drops: BrokerDrops | None = None,
 ) -> Aggregator:
     model = get_model(config.model)
+    test = load_test_set(config.test_data)
     settings = RoundSettings(
         federation=config.federation,
         model_name=config.model,
@@ -101,6 +106,7 @@ def build_aggregator(
             local_epochs=config.local_epochs,
             seed=config.seed,
             compression=str(parse_spec(config.compression)),
+            eval_fraction=eval_fraction_of(config.eval_fraction, has_test_set=test is not None),
         ),
         max_update_bytes=config.max_update_bytes or dense_update_bound(model),
         known_nodes=frozenset(config.node_ids) if config.node_ids is not None else None,
@@ -110,7 +116,7 @@ def build_aggregator(
         settings,
         model.init(config.seed),
         publish=publish,
-        test=load_test_set(config.test_data),
+        test=test,
         store=store,
         broker_dropped=(broker_drops or BrokerDrops()).take,
     )

@@ -34,6 +34,7 @@ import structlog
 from fedmq.aggregator.checkpoint import Checkpoint, metrics_payload, read_history
 from fedmq.aggregator.combine import combine
 from fedmq.aggregator.evaluate import evaluate
+from fedmq.aggregator.federated_metrics import federated_metrics, finite_metrics
 from fedmq.aggregator.intake import Intake
 from fedmq.aggregator.optimizer import ServerOptimizer, apply_delta
 from fedmq.aggregator.policy import OpenVersion, VersionPolicy
@@ -45,6 +46,7 @@ from fedmq.models import MLP
 from fedmq.schemas import (
     GlobalModel,
     NodeUpdate,
+    RoundEvaluation,
     RoundMetrics,
     ServerStatus,
     Topics,
@@ -422,6 +424,12 @@ class Aggregator:
                 update.train_seconds for update in held.values()
             ),
             broker_dropped=self._broker_dropped(),
+            metrics=RoundEvaluation(
+                central=None
+                if self._test is None
+                else finite_metrics({"accuracy": accuracy, "loss": loss}),
+                federated=federated_metrics(held),
+            ),
         )
         metrics, payload = metrics_payload(metrics)  # a diverged model's loss: nil
         self.history.append(metrics)
@@ -434,6 +442,7 @@ class Aggregator:
             participants=len(participants),
             accuracy=metrics.accuracy,
             loss=metrics.loss,
+            federated=metrics.metrics.federated if metrics.metrics else None,
             rejected=rejected,
             seconds=round(metrics.seconds, 4),
         )

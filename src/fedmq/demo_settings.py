@@ -9,13 +9,16 @@ from fedmq import mqtt as edge
 from fedmq.logs import LogSettings
 from fedmq.settings import (
     COMPRESSION_HELP,
+    EVAL_FRACTION_HELP,
     compression_spec,
     count,
+    eval_fraction,
     model_name,
     partition_spec,
     positive_float,
     positive_int,
     setting,
+    show_auto,
     usage_errors,
 )
 
@@ -40,6 +43,9 @@ class DemoSettings(LogSettings):
     )
     model: str = setting("digits-mlp", parse=model_name, help="architecture (default digits-mlp)")
     partition: str = setting("iid", parse=partition_spec, help="iid (default) or dirichlet:ALPHA")
+    eval_fraction: float | None = setting(  # None: auto, the aggregator's default
+        None, parse=eval_fraction, show=show_auto, metavar="F|auto", help=EVAL_FRACTION_HELP
+    )
     report: Path | None = setting(None, parse=Path, metavar="PATH", help="write report.json here")
     broker: edge.BrokerAddress | None = setting(
         None,
