@@ -58,7 +58,9 @@ def build_report(rounds: list[RoundMetrics], **run: Any) -> dict[str, Any]:
     federated metrics), the run's settings, and ``rounds`` in order."""
     # a round's metrics may arrive twice (after an aggregator restart): keep the last
     ordered = sorted({m.round: m for m in rounds}.values(), key=lambda m: m.round)
-    final = round_metrics(ordered[-1]) if ordered else {"central": None, "federated": None}
+    final: dict[str, dict[str, float] | None] = {"central": None, "federated": None}
+    if ordered:
+        final = round_metrics(ordered[-1])
     if ordered and ordered[-1].metrics is None:  # an older aggregator: accuracy as it was
         accuracy = ordered[-1].accuracy
     else:
