@@ -5,7 +5,6 @@ Pure: updates in, numbers out. Sums run in node-id order, so arrival order (and 
 never changes them.
 """
 
-import math
 from collections.abc import Mapping
 
 from fedmq.schemas import NodeUpdate
@@ -30,14 +29,3 @@ def federated_metrics(updates: Mapping[str, NodeUpdate]) -> dict[str, float] | N
     if not sums:
         return None
     return {name: sums[name] / weights[name] for name in sorted(sums)}
-
-
-def finite_metrics(values: Mapping[str, float | None]) -> dict[str, float] | None:
-    """The finite values of ``values`` as floats (a diverged model's NaN loss is left out),
-    None if none is: the wire takes only finite metrics."""
-    kept = {
-        name: float(value)
-        for name, value in values.items()
-        if value is not None and math.isfinite(value)
-    }
-    return kept or None

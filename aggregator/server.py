@@ -34,7 +34,7 @@ import structlog
 from fedmq.aggregator.checkpoint import Checkpoint, metrics_payload, read_history
 from fedmq.aggregator.combine import combine
 from fedmq.aggregator.evaluate import evaluate
-from fedmq.aggregator.federated_metrics import federated_metrics, finite_metrics
+from fedmq.aggregator.federated_metrics import federated_metrics
 from fedmq.aggregator.intake import Intake
 from fedmq.aggregator.optimizer import ServerOptimizer, apply_delta
 from fedmq.aggregator.policy import OpenVersion, VersionPolicy
@@ -54,7 +54,7 @@ from fedmq.schemas import (
     decode_global,
     model_id_of,
 )
-from fedmq.schemas.messages import update_bound
+from fedmq.schemas.messages import finite_metrics, update_bound
 from fedmq.schemas.tensors import Params
 
 log = structlog.get_logger()

@@ -488,6 +488,17 @@ def _metric_values(obj: Mapping[str, Any], key: str) -> dict[str, float]:
     return {name: _saturated(metrics, name) for name in metrics}
 
 
+def finite_metrics(values: Mapping[str, Any]) -> dict[str, float] | None:
+    """``values`` as a metrics map the wire takes: the finite ones as floats (a diverged
+    model's NaN loss is left out), None if none is. Senders filter with it."""
+    kept = {
+        name: float(value)
+        for name, value in values.items()
+        if value is not None and math.isfinite(value)
+    }
+    return kept or None
+
+
 def _float_map(values: Mapping[str, Any] | None) -> dict[str, float] | None:
     return None if values is None else {name: float(v) for name, v in values.items()}
 

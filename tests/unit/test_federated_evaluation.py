@@ -10,7 +10,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from fedmq.aggregator.federated_metrics import federated_metrics, finite_metrics
+from fedmq.aggregator.federated_metrics import federated_metrics
 from fedmq.aggregator.robust import parse_rule
 from fedmq.aggregator.rounds import RoundPolicy
 from fedmq.aggregator.settings import (
@@ -32,7 +32,13 @@ from fedmq.schemas import (
     decode_update,
     encode,
 )
-from fedmq.schemas.messages import MAX_EVAL_FRACTION, MAX_LOSS, MAX_METRICS, PLAN
+from fedmq.schemas.messages import (
+    MAX_EVAL_FRACTION,
+    MAX_LOSS,
+    MAX_METRICS,
+    PLAN,
+    finite_metrics,
+)
 from fedmq.settings import MAX_EVAL_FRACTION as SETTINGS_MAX_EVAL_FRACTION
 from fedmq.settings import eval_fraction
 from fedmq.tasks.holdout import MAX_EVAL_FRACTION as HOLDOUT_MAX_EVAL_FRACTION
