@@ -31,7 +31,11 @@ from fedmq.aggregator.publisher import Publish
 from fedmq.aggregator.robust import DEFAULT, Clip, Rule, parse_rule, with_clip
 from fedmq.aggregator.rounds import RoundPolicy, default_quorum
 from fedmq.aggregator.server import Aggregator, RoundSettings, dense_update_bound
-from fedmq.aggregator.settings import AggregatorSettings, fingerprint_mismatch
+from fedmq.aggregator.settings import (
+    AggregatorSettings,
+    eval_fraction_of,
+    fingerprint_mismatch,
+)
 from fedmq.compression import parse_spec
 from fedmq.datasets import DIGITS_CLASSES, DIGITS_FEATURES, Dataset, digits, load_npz
 from fedmq.files import lock_directory
@@ -155,6 +159,7 @@ def build_aggregator(
 ) -> Aggregator:
     task = run_task(config.task_spec, config.seed)
     num_params = sum(int(array.size) for array in task.params.values())
+    test = load_test_set(config.test_data, task.name)
     settings = RoundSettings(
         federation=config.federation,
         model_name=task.name,
@@ -167,6 +172,7 @@ def build_aggregator(
             local_epochs=config.local_epochs,
             seed=config.seed,
             compression=str(parse_spec(config.compression)),
+            eval_fraction=eval_fraction_of(config.eval_fraction, has_test_set=test is not None),
         ),
         max_update_bytes=config.max_update_bytes or dense_update_bound(num_params),
         known_nodes=frozenset(config.node_ids) if config.node_ids is not None else None,
@@ -178,7 +184,7 @@ def build_aggregator(
         settings,
         task.params,
         publish=publish,
-        evaluator=task.evaluator(load_test_set(config.test_data, task.name)),
+        evaluator=task.evaluator(test),
         store=store,
         broker_dropped=(broker_drops or BrokerDrops()).take,
     )

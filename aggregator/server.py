@@ -34,6 +34,7 @@ import structlog
 from fedmq.aggregator.checkpoint import Checkpoint, metrics_payload, read_history
 from fedmq.aggregator.combine import combine
 from fedmq.aggregator.evaluate import Evaluator, mlp_evaluator
+from fedmq.aggregator.federated_metrics import federated_metrics
 from fedmq.aggregator.intake import Intake
 from fedmq.aggregator.optimizer import ServerOptimizer, apply_delta
 from fedmq.aggregator.policy import OpenVersion, VersionPolicy
@@ -45,6 +46,7 @@ from fedmq.models import MLP
 from fedmq.schemas import (
     GlobalModel,
     NodeUpdate,
+    RoundEvaluation,
     RoundMetrics,
     ServerStatus,
     Topics,
@@ -52,7 +54,7 @@ from fedmq.schemas import (
     decode_global,
     model_id_of,
 )
-from fedmq.schemas.messages import update_bound
+from fedmq.schemas.messages import finite_metrics, update_bound
 from fedmq.schemas.tensors import Params
 from fedmq.tasks.layout import layout_of
 
@@ -448,6 +450,10 @@ class Aggregator:
                 update.train_seconds for update in held.values()
             ),
             broker_dropped=self._broker_dropped(),
+            metrics=RoundEvaluation(
+                central=None if self._evaluator is None else finite_metrics(central),
+                federated=federated_metrics(held),
+            ),
         )
         metrics, payload = metrics_payload(metrics)  # a diverged model's loss: nil
         self.history.append(metrics)
@@ -460,6 +466,7 @@ class Aggregator:
             participants=len(participants),
             accuracy=metrics.accuracy,
             loss=metrics.loss,
+            federated=metrics.metrics.federated if metrics.metrics else None,
             rejected=rejected,
             seconds=round(metrics.seconds, 4),
         )

@@ -12,18 +12,21 @@ from fedmq.logs import LogSettings
 from fedmq.mqtt import ConnectionSettings
 from fedmq.settings import (
     COMPRESSION_HELP,
+    EVAL_FRACTION_HELP,
     MODEL_HELP,
     TASK_HELP,
     Exclusive,
     chosen_task,
     compression_spec,
     declared,
+    eval_fraction,
     fraction,
     model_name,
     node_id_list,
     positive_float,
     positive_int,
     setting,
+    show_auto,
     show_list,
     task_spec,
     usage_errors,
@@ -45,6 +48,14 @@ def _show_deadline(value: object) -> str:
     return "none" if value is None else str(value)
 
 
+def eval_fraction_of(setting: float | None, *, has_test_set: bool) -> float:
+    """The plan's ``eval_fraction``: the one given, or for ``auto`` (None) 0 when the
+    aggregator evaluates centrally, ``AUTO_EVAL_FRACTION`` when it has no test set."""
+    if setting is not None:
+        return setting
+    return 0.0 if has_test_set else AUTO_EVAL_FRACTION
+
+
 def _test_data(text: str) -> str | None:
     """``--test-data``: auto, digits, a path to an .npz, or none (no evaluation)."""
     return None if text == "none" else text
@@ -62,6 +73,7 @@ _RESTART = Exclusive("restart")
 # settings (``fedmq --help``) loads no numpy; tests/unit/test_settings.py checks they agree.
 DEFAULT_AGGREGATION = "fedavg+clip-median:2+cap-examples:1.25"
 DEFAULT_ROUND_TIMEOUT = 300.0
+AUTO_EVAL_FRACTION = 0.2  # --eval-fraction auto without a test set
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -117,6 +129,15 @@ class AggregatorSettings(LogSettings, ConnectionSettings):
         help="evaluation set for the central test metrics: auto (default: the digits test "
         "split for the digits tasks, none for any other task), digits, an .npz with x and "
         "y, or none",
+    )
+    eval_fraction: float | None = setting(  # None: auto (eval_fraction_of)
+        None,
+        kept="eval_fraction",
+        unkept=(0.0,),
+        parse=eval_fraction,
+        show=show_auto,
+        metavar="F|auto",
+        help=EVAL_FRACTION_HELP,
     )
     max_update_bytes: int | None = setting(
         None,
@@ -210,11 +231,16 @@ def _kept() -> dict[str, list[str]]:
 def run_fingerprint(values: Mapping[str, Any]) -> dict[str, Any]:
     """What a run must keep across restarts, as the checkpoint stores it, from the values
     of the ``kept`` settings by name: ``{"federation", "model", "plan": [learning_rate,
-    batch_size, local_epochs, seed], "compression"}``."""
-    return {
-        key: values[names[0]] if len(names) == 1 else [values[name] for name in names]
-        for key, names in _kept().items()
-    }
+    batch_size, local_epochs, seed], "compression"}``, and ``"eval_fraction"`` only when
+    it is not 0 (a run kept before federated evaluation resumes)."""
+    settings = declared(AggregatorSettings)
+    fingerprint: dict[str, Any] = {}
+    for key, names in _kept().items():
+        if len(names) > 1:
+            fingerprint[key] = [values[name] for name in names]
+        elif values[names[0]] not in settings[names[0]].setting.unkept:
+            fingerprint[key] = values[names[0]]
+    return fingerprint
 
 
 def _by_option(fingerprint: Mapping[str, Any]) -> dict[str, Any]:
@@ -232,6 +258,10 @@ def _by_option(fingerprint: Mapping[str, Any]) -> dict[str, Any]:
             flat[settings[names[0]].flag] = value
         else:
             flat[key] = value
+    for key, names in kept.items():  # a key left out holds its setting's first unkept value
+        item = settings[names[0]]
+        if len(names) == 1 and item.setting.unkept and key not in fingerprint:
+            flat[item.flag] = item.setting.unkept[0]
     return flat
 
 

@@ -81,6 +81,9 @@ class TrainingPlan:
     local_epochs: int
     seed: int
     compression: str = "dense"  # the SPEC nodes compress their deltas with
+    # The fraction of its examples each node holds out to evaluate the global model it
+    # receives (federated evaluation); 0: none. Written only when non-zero.
+    eval_fraction: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -194,6 +197,10 @@ class NodeUpdate:
     delta: Mapping[str, Encoded]  # dense arrays, or quantized/sparse forms
     compression: str = "dense"
     sent_at: float = 0.0
+    # Federated evaluation (plan.eval_fraction > 0): the task's metrics of the RECEIVED
+    # global model on the node's held-out examples, and how many there were. Both or neither.
+    metrics: dict[str, float] | None = None
+    eval_examples: int | None = None
 
 
 @dataclass(frozen=True)
@@ -221,6 +228,17 @@ class ServerStatus:
 
 
 @dataclass(frozen=True)
+class RoundEvaluation:
+    """A round's metrics by where they were measured. ``central``: the NEW model on the
+    aggregator's test set (None without one). ``federated``: the model the round STARTED
+    from, on the participants' held-out examples, their metrics weighted by
+    ``eval_examples`` (None when no update carried metrics)."""
+
+    central: dict[str, float] | None = None
+    federated: dict[str, float] | None = None
+
+
+@dataclass(frozen=True)
 class RoundMetrics:
     federation: str
     round: int
@@ -241,6 +259,7 @@ class RoundMetrics:
     train_seconds_median: float | None = None
     global_delta_bytes: int | None = None
     broker_dropped: int | None = None
+    metrics: RoundEvaluation | None = None  # None: an aggregator before federated evaluation
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -460,6 +479,48 @@ def _check_names(wire: Mapping[Any, Any], key: str) -> None:
         raise SchemaError("bad_field", f"{key} has invalid tensor names {bad[:3]!r}")
 
 
+# Federated evaluation (docs/PROTOCOL.md 8.1, 8.2, 8.5).
+MAX_EVAL_FRACTION = 0.5  # a node trains on at least as many examples as it holds out
+MAX_METRICS = 32  # names in one metrics map
+
+
+def _eval_fraction(obj: Mapping[str, Any], key: str) -> float:
+    """A missing key is 0 (an aggregator before federated evaluation); nil is not."""
+    if key not in obj:
+        return 0.0
+    value = _float(obj, key)
+    if not 0.0 <= value <= MAX_EVAL_FRACTION:
+        raise SchemaError("bad_field", f"{key} is {value}, must be in [0, {MAX_EVAL_FRACTION}]")
+    return value
+
+
+def _metric_values(obj: Mapping[str, Any], key: str) -> dict[str, float]:
+    """A non-empty map of at most MAX_METRICS names (tensor-name characters) to finite
+    numbers, saturated to +-MAX_LOSS as a training loss is."""
+    metrics = _get(obj, key, dict)
+    if not metrics or len(metrics) > MAX_METRICS:
+        raise SchemaError("bad_field", f"{key} must hold 1 to {MAX_METRICS} metrics")
+    bad = [n for n in metrics if not (isinstance(n, str) and _TENSOR_NAME.fullmatch(n))]
+    if bad:
+        raise SchemaError("bad_field", f"{key} has invalid metric names {bad[:3]!r}")
+    return {name: _saturated(metrics, name) for name in metrics}
+
+
+def finite_metrics(values: Mapping[str, Any]) -> dict[str, float] | None:
+    """``values`` as a metrics map the wire takes: the finite ones as floats (a diverged
+    model's NaN loss is left out), None if none is. Senders filter with it."""
+    kept = {
+        name: float(value)
+        for name, value in values.items()
+        if value is not None and math.isfinite(value)
+    }
+    return kept or None
+
+
+def _float_map(values: Mapping[str, Any] | None) -> dict[str, float] | None:
+    return None if values is None else {name: float(v) for name, v in values.items()}
+
+
 def _params(
     obj: Mapping[str, Any],
     key: str,
@@ -580,6 +641,9 @@ class Field:
     to_wire: ToWire | None = None  # value -> wire value; None: written as it is
     with_message: bool = False  # to_wire(value, message) instead
     omit_none: bool = False  # None is left out of the wire instead of written as nil
+    # The dataclass default is left out of the wire: a field added later keeps the
+    # messages that do not use it byte for byte what they were.
+    omit_default: bool = False
 
 
 class Kind:
@@ -606,6 +670,8 @@ class Kind:
         self._converted = tuple((k, to_wire) for k, to_wire, w in converted if to_wire and not w)
         self._converted_with = tuple((k, to_wire) for k, to_wire, w in converted if to_wire and w)
         self._omitted = tuple((f.key, f.to_wire) for f in fields if f.omit_none)
+        defaults = {f.name: f.default for f in dataclass_fields(cls)}
+        self._defaults = tuple((f.key, defaults[f.key]) for f in fields if f.omit_default)
         by_key = {f.key: f for f in fields}
         order = [by_key[k] for k in first] + [f for f in fields if f.key not in first]
         self._checks = tuple((f.key, f.check, f.nullable) for f in order)
@@ -626,6 +692,9 @@ class Kind:
                 del wire[key]
             elif convert is not None:
                 wire[key] = convert(wire[key])
+        for key, default in self._defaults:
+            if wire[key] == default:
+                del wire[key]
         return wire
 
     def decode(
@@ -650,6 +719,7 @@ PLAN = Kind(None, TrainingPlan, (
     Field("local_epochs", _at_least_1),
     Field("seed", _positive),
     Field("compression", partial(_spec, default="dense")),
+    Field("eval_fraction", _eval_fraction, to_wire=float, omit_default=True),
 ))  # fmt: skip
 
 
@@ -698,6 +768,9 @@ UPDATE = Kind("update", NodeUpdate, (
     Field("train_seconds", _non_negative_float, to_wire=float),
     Field("sent_at", _float, to_wire=float),
     Field("compression", _spec),
+    # Only with federated evaluation; the decoder checks they come together.
+    Field("metrics", _metric_values, nullable=True, to_wire=_float_map, omit_none=True),
+    Field("eval_examples", _examples, nullable=True, omit_none=True),
     # Decoded with compression and the caller's limits, encoded as compression says.
     Field("delta", None, to_wire=_delta_to_wire, with_message=True),
 ), first=("compression", "train_seconds"))  # fmt: skip
@@ -724,6 +797,16 @@ SERVER = Kind("server", ServerStatus, (
     Field("at", _float, nullable=True),
 ))  # fmt: skip
 
+EVALUATION = Kind(None, RoundEvaluation, (
+    Field("central", _metric_values, nullable=True, to_wire=_float_map),
+    Field("federated", _metric_values, nullable=True, to_wire=_float_map),
+))  # fmt: skip
+
+
+def _evaluation(obj: Mapping[str, Any], key: str) -> RoundEvaluation:
+    return RoundEvaluation(**EVALUATION.decode(_get(obj, key, dict)))
+
+
 # Any key not declared here is kept in RoundMetrics.extra, written after the fields.
 METRICS = Kind("metrics", RoundMetrics, (
     Field("federation", _name),
@@ -745,6 +828,8 @@ METRICS = Kind("metrics", RoundMetrics, (
     Field("train_seconds_median", _float, nullable=True),
     Field("global_delta_bytes", _positive, nullable=True),
     Field("broker_dropped", _positive, nullable=True),
+    # The reference aggregator always writes it; without it, the bytes of older messages.
+    Field("metrics", _evaluation, nullable=True, to_wire=EVALUATION.to_wire, omit_none=True),
 ), first=("participants", "rejected"))  # fmt: skip
 
 KINDS: dict[type, Kind] = {
@@ -812,7 +897,16 @@ def decode_update(
         framing = Framing.named_by(values["compression"])
         return _delta(obj, framing, max_bytes=max_bytes, max_elements=max_elements, layout=layout)
 
-    return NodeUpdate(**UPDATE.decode(obj, {"delta": delta}))
+    update = NodeUpdate(**UPDATE.decode(obj, {"delta": delta}))
+    if (update.metrics is None) != (update.eval_examples is None):
+        raise SchemaError("bad_field", "metrics and eval_examples must come together")
+    if update.eval_examples is not None and update.eval_examples > update.num_examples:
+        raise SchemaError(
+            "bad_field",
+            f"eval_examples {update.eval_examples} is more than num_examples "
+            f"{update.num_examples} (a node holds out at most half of its examples)",
+        )
+    return update
 
 
 def decode_status(payload: bytes, *, max_bytes: int = 64 * 1024) -> NodeStatus:

@@ -71,6 +71,7 @@ def child_argv(
         seed=config.seed,
         test_data=str(test_path),
         compression=config.compression,
+        eval_fraction=config.eval_fraction,
         log_json=True,
         state_dir=workdir / "aggregator",
     )
@@ -493,13 +494,18 @@ def print_summary(report: dict[str, Any], out: TextIO) -> None:
     rows = report["rounds"]
     seconds = [r["seconds"] for r in rows]
     warm = seconds[1:] or seconds
+    central = report["final_metrics"]["central"] or {}
+    accuracy = f"final test accuracy {central['accuracy']:.4f} " if "accuracy" in central else ""
     out.write(
-        f"final test accuracy {report['final_accuracy']:.4f} after {len(rows)} rounds"
-        f" in {report['total_seconds']:.1f} s\n"
+        f"{accuracy}after {len(rows)} rounds in {report['total_seconds']:.1f} s\n"
         f"median round {statistics.median(warm) * 1000:.1f} ms (after round 1),"
         f" uplink {statistics.mean(r['uplink_bytes'] for r in rows):.0f} B/round,"
         f" downlink {statistics.mean(r['downlink_bytes'] for r in rows):.0f} B/round\n"
     )
+    federated = report["final_metrics"]["federated"]
+    if federated:  # measured on the model the last round started from
+        each = ", ".join(f"{name} {value:.4f}" for name, value in federated.items())
+        out.write(f"federated metrics (nodes' held-out examples, last round): {each}\n")
     restarts = report["restarts"]
     if restarts["total"]:
         each = ", ".join(f"{name} {count}" for name, count in restarts["by_child"].items())

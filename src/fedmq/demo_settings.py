@@ -9,16 +9,19 @@ from fedmq import mqtt as edge
 from fedmq.logs import LogSettings
 from fedmq.settings import (
     COMPRESSION_HELP,
+    EVAL_FRACTION_HELP,
     MODEL_HELP,
     TASK_HELP,
     chosen_task,
     compression_spec,
     count,
+    eval_fraction,
     model_name,
     partition_spec,
     positive_float,
     positive_int,
     setting,
+    show_auto,
     task_spec,
     usage_errors,
 )
@@ -50,6 +53,9 @@ class DemoSettings(LogSettings):
     )
     model: str | None = setting(None, parse=model_name, help=MODEL_HELP)
     partition: str = setting("iid", parse=partition_spec, help="iid (default) or dirichlet:ALPHA")
+    eval_fraction: float | None = setting(  # None: auto, the aggregator's default
+        None, parse=eval_fraction, show=show_auto, metavar="F|auto", help=EVAL_FRACTION_HELP
+    )
     report: Path | None = setting(None, parse=Path, metavar="PATH", help="write report.json here")
     broker: edge.BrokerAddress | None = setting(
         None,

@@ -185,7 +185,9 @@ def test_the_demo_starts_its_children_with_their_settings(tmp_path):
 
 
 def test_the_fingerprint_is_the_kept_settings_stored_as_before():
-    chosen = AggregatorSettings(federation="lab", test_data=None, learning_rate=0.2, seed=4)
+    chosen = AggregatorSettings(
+        federation="lab", test_data=None, learning_rate=0.2, seed=4, eval_fraction=0.0
+    )
     aggregator = build_aggregator(chosen, lambda *_: None)
     expected = {
         "federation": "lab",
@@ -210,6 +212,7 @@ def test_the_fingerprint_is_the_kept_settings_stored_as_before():
         "local_epochs",
         "seed",
         "compression",
+        "eval_fraction",
     ]
 
 
