@@ -23,8 +23,17 @@ from fedmq.tasks.seeds import seed_key
 from fedmq.tasks.training import make_epoch, train_local, with_learning_rate
 
 
-def simulate(name: str, *, nodes: int, rounds: int, seed: int, partition: str,
-             learning_rate: float, batch_size: int, epochs: int) -> dict:
+def simulate(
+    name: str,
+    *,
+    nodes: int,
+    rounds: int,
+    seed: int,
+    partition: str,
+    learning_rate: float,
+    batch_size: int,
+    epochs: int,
+) -> dict:
     task = load_task(name)
     split = split_builtin(name, nodes, partition, seed)
     assert split is not None, name
@@ -36,19 +45,40 @@ def simulate(name: str, *, nodes: int, rounds: int, seed: int, partition: str,
     for number in range(1, rounds + 1):
         trained, weights = [], []
         for index, shard in enumerate(shards):
-            p, _ = train_local(task, params, shard.x, shard.y, plan,
-                               node_id=f"node-{index + 1}", round_number=number)
+            p, _ = train_local(
+                task,
+                params,
+                shard.x,
+                shard.y,
+                plan,
+                node_id=f"node-{index + 1}",
+                round_number=number,
+            )
             trained.append(p)
             weights.append(len(shard))
-        total = float(sum(weights))
-        params = jax.tree.map(
-            lambda *leaves: sum(w / total * leaf for w, leaf in zip(weights, leaves, strict=True)),
-            *trained,
+        params = average(trained, weights)
+        history.append(
+            {
+                k: float(v)
+                for k, v in evaluate(params, (jnp.asarray(test.x), jnp.asarray(test.y))).items()
+            }
         )
-        history.append({k: float(v) for k, v in evaluate(params, (jnp.asarray(test.x), jnp.asarray(test.y))).items()})
     count = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(params))
-    return {"final": history[-1], "history": history, "params": count,
-            "ms_per_epoch": epoch_ms(task, params, shards[0], plan)}
+    return {
+        "final": history[-1],
+        "history": history,
+        "params": count,
+        "ms_per_epoch": epoch_ms(task, params, shards[0], plan),
+    }
+
+
+def average(trained: list, weights: list[int]):
+    """Plain FedAvg: the example-weighted mean of the nodes' pytrees."""
+    total = float(sum(weights))
+    return jax.tree.map(
+        lambda *leaves: sum(w / total * leaf for w, leaf in zip(weights, leaves, strict=True)),
+        *trained,
+    )
 
 
 def epoch_ms(task, params, shard, plan: TrainingPlan) -> float:
@@ -56,7 +86,9 @@ def epoch_ms(task, params, shard, plan: TrainingPlan) -> float:
 
     epoch = make_epoch(task, plan.batch_size)
     opt_state = with_learning_rate(task.optimizer.init(params), plan.learning_rate)
-    order, mask = epoch_order(len(shard), plan.batch_size, seed=0, node_id="n", round_number=1, epoch=0)
+    order, mask = epoch_order(
+        len(shard), plan.batch_size, seed=0, node_id="n", round_number=1, epoch=0
+    )
     x, y = jnp.asarray(shard.x), jnp.asarray(shard.y)
     jax.block_until_ready(epoch(params, opt_state, x, y, order, mask))
     times = []
@@ -79,10 +111,19 @@ def main() -> None:
     parser.add_argument("--local-epochs", type=int, default=1)
     args = parser.parse_args()
     for name in args.tasks:
-        result = simulate(name, nodes=args.nodes, rounds=args.rounds, seed=args.seed,
-                          partition=args.partition, learning_rate=args.learning_rate,
-                          batch_size=args.batch_size, epochs=args.local_epochs)
-        rounds = {r: result["history"][r - 1] for r in (1, 5, 10, 20, args.rounds) if r <= args.rounds}
+        result = simulate(
+            name,
+            nodes=args.nodes,
+            rounds=args.rounds,
+            seed=args.seed,
+            partition=args.partition,
+            learning_rate=args.learning_rate,
+            batch_size=args.batch_size,
+            epochs=args.local_epochs,
+        )
+        rounds = {
+            r: result["history"][r - 1] for r in (1, 5, 10, 20, args.rounds) if r <= args.rounds
+        }
         print(f"{name}: params {result['params']}, {result['ms_per_epoch']:.2f} ms per local epoch")
         for r, m in rounds.items():
             print(f"  round {r:3d}: " + "  ".join(f"{k} {v:.4f}" for k, v in sorted(m.items())))

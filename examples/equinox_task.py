@@ -77,4 +77,6 @@ def metrics(params: ActivityCNN, batch: tuple[jax.Array, jax.Array]) -> dict:
     }
 
 
-task = Task(name="equinox-activity-cnn", init=init, loss=losses, optimizer=optax.adam(3e-3), metrics=metrics)
+task = Task(
+    name="equinox-activity-cnn", init=init, loss=losses, optimizer=optax.adam(3e-3), metrics=metrics
+)

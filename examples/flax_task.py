@@ -50,4 +50,6 @@ def metrics(params: dict, batch: tuple[jax.Array, jax.Array]) -> dict:
     return {"loss": jnp.mean(losses(params, batch)), "accuracy": jnp.mean(logits.argmax(-1) == y)}
 
 
-task = Task(name="flax-digits-cnn", init=init, loss=losses, optimizer=optax.adam(3e-3), metrics=metrics)
+task = Task(
+    name="flax-digits-cnn", init=init, loss=losses, optimizer=optax.adam(3e-3), metrics=metrics
+)

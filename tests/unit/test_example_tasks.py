@@ -114,8 +114,12 @@ def test_the_activity_data_carries_gravity_and_gait():
     still = x[y >= 3, :, :3].std(axis=1).mean()
     assert moving > 4 * still
     # per subject differences: the mean direction of gravity when standing differs
-    standing = [x[(y == 4) & (np.arange(len(y)) // 30 == s), :, :3].mean(axis=(0, 1)) for s in range(4)]
-    assert min(np.linalg.norm(a - b) for i, a in enumerate(standing) for b in standing[i + 1 :]) > 0.01
+    standing = [
+        x[(y == 4) & (np.arange(len(y)) // 30 == s), :, :3].mean(axis=(0, 1)) for s in range(4)
+    ]
+    assert (
+        min(np.linalg.norm(a - b) for i, a in enumerate(standing) for b in standing[i + 1 :]) > 0.01
+    )
 
 
 def test_activity_nodes_are_subjects_and_dirichlet_skews_their_activities():

@@ -35,7 +35,11 @@ WINDOW = 128  # samples: 2.56 s
 CHANNELS = 6  # acc x, y, z (g), gyro x, y, z (rad/s)
 _TEMPO = {"walking": 1.0, "upstairs": 0.8, "downstairs": 1.15}
 # vertical bounce (g) of the first three step harmonics
-_BOUNCE = {"walking": (0.25, 0.08, 0.03), "upstairs": (0.3, 0.06, 0.02), "downstairs": (0.35, 0.2, 0.12)}
+_BOUNCE = {
+    "walking": (0.25, 0.08, 0.03),
+    "upstairs": (0.3, 0.06, 0.02),
+    "downstairs": (0.35, 0.2, 0.12),
+}
 _LEAN = {"walking": 0.05, "upstairs": 0.15, "downstairs": -0.05}  # radians forward
 
 

@@ -76,7 +76,7 @@ def _skewed(y: np.ndarray, alpha: float, rng: np.random.Generator) -> np.ndarray
     keep = []
     for label, share in enumerate(shares):
         members = np.flatnonzero(y == label)
-        count = int(round(len(members) * share / shares.max()))
+        count = round(len(members) * share / shares.max())
         keep.extend(members[:count].tolist())
     return np.asarray(sorted(keep), dtype=np.int64)
 
@@ -94,7 +94,8 @@ def diabetes() -> tuple[Dataset, Dataset]:
     x, y = bunch.data[order], bunch.target[order]
     train_x, test_x = x[:-DIABETES_TEST], x[-DIABETES_TEST:]
     mean, scale = train_x.mean(axis=0), train_x.std(axis=0)
+    y = y.astype(np.float32)
     return (
-        Dataset(((train_x - mean) / scale).astype(np.float32), y[:-DIABETES_TEST].astype(np.float32)),
-        Dataset(((test_x - mean) / scale).astype(np.float32), y[-DIABETES_TEST:].astype(np.float32)),
+        Dataset(((train_x - mean) / scale).astype(np.float32), y[:-DIABETES_TEST]),
+        Dataset(((test_x - mean) / scale).astype(np.float32), y[-DIABETES_TEST:]),
     )

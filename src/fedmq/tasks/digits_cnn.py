@@ -44,7 +44,10 @@ def _he(key: jax.Array, shape: tuple[int, ...], fan_in: int) -> jax.Array:
 def conv(x: jax.Array, layer: dict[str, jax.Array]) -> jax.Array:
     """A stride-1, same-padded convolution of NHWC ``x`` with an HWIO kernel, then ReLU."""
     y = jax.lax.conv_general_dilated(
-        x, layer["w"], window_strides=(1, 1), padding="SAME",
+        x,
+        layer["w"],
+        window_strides=(1, 1),
+        padding="SAME",
         dimension_numbers=("NHWC", "HWIO", "NHWC"),
     )
     return jax.nn.relu(y + layer["b"])
