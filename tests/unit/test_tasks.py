@@ -478,7 +478,7 @@ def test_builtin_names_resolve_to_their_tasks():
         ("fedmqtest_b:1task", "task 'fedmqtest_b:1task' is not MODULE:ATTRIBUTE"),
         (
             "no-such-task",
-            "unknown task 'no-such-task'; known: digits-mlp, digits-mlp-large, mlp:IN-...-CLASSES",
+            "unknown task 'no-such-task'; known: digits-mlp, digits-mlp-large, digits-cnn, activity-cnn, diabetes-mlp, mlp:IN-...-CLASSES",
         ),
         ("mlp:8-0-3", "model 'mlp:8-0-3': after 'mlp:' give layer sizes >= 1"),
     ],
