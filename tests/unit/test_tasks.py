@@ -512,7 +512,7 @@ def test_a_task_registered_under_the_entry_point_group(workdir, monkeypatch):
         load_task("broken-task")
     with pytest.raises(
         TaskError,
-        match=r"known: digits-mlp, digits-mlp-large, mlp:IN-...-CLASSES, broken-task, plugged-task; or your own as MODULE:ATTRIBUTE",
+        match=r"known: digits-mlp, digits-mlp-large, digits-cnn, activity-cnn, diabetes-mlp, mlp:IN-...-CLASSES, broken-task, plugged-task; or your own as MODULE:ATTRIBUTE",
     ):
         load_task("unplugged")
 
