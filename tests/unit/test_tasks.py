@@ -478,7 +478,7 @@ def test_builtin_names_resolve_to_their_tasks():
         ("fedmqtest_b:1task", "task 'fedmqtest_b:1task' is not MODULE:ATTRIBUTE"),
         (
             "no-such-task",
-            "unknown task 'no-such-task'; known: digits-mlp, digits-mlp-large, mlp:IN-...-CLASSES",
+            "unknown task 'no-such-task'; known: digits-mlp, digits-mlp-large, digits-cnn, activity-cnn, diabetes-mlp, mlp:IN-...-CLASSES",
         ),
         ("mlp:8-0-3", "model 'mlp:8-0-3': after 'mlp:' give layer sizes >= 1"),
     ],
@@ -512,7 +512,7 @@ def test_a_task_registered_under_the_entry_point_group(workdir, monkeypatch):
         load_task("broken-task")
     with pytest.raises(
         TaskError,
-        match=r"known: digits-mlp, digits-mlp-large, mlp:IN-...-CLASSES, broken-task, plugged-task; or your own as MODULE:ATTRIBUTE",
+        match=r"known: digits-mlp, digits-mlp-large, digits-cnn, activity-cnn, diabetes-mlp, mlp:IN-...-CLASSES, broken-task, plugged-task; or your own as MODULE:ATTRIBUTE",
     ):
         load_task("unplugged")
 

@@ -2,7 +2,9 @@
 
 In this order:
 
-1. a built-in name: ``digits-mlp``, ``digits-mlp-large``, or ``mlp:IN-HIDDEN-...-CLASSES``;
+1. a built-in name: ``digits-mlp``, ``digits-mlp-large``, ``mlp:IN-HIDDEN-...-CLASSES``, or
+   one of the built-in examples (``EXAMPLES``: ``digits-cnn``, ``activity-cnn``,
+   ``diabetes-mlp``);
 2. ``MODULE:ATTRIBUTE``: a module importable on this machine (an installed package, or a
    ``MODULE.py`` / package folder in the working directory) and in it a ``fedmq.Task``, or
    a function of no arguments returning one (``ATTRIBUTE`` may be dotted: ``tasks.cnn``);
@@ -27,6 +29,12 @@ from fedmq.tasks.task import Task
 ENTRY_POINT_GROUP = "fedmq.tasks"
 _MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 _ATTRIBUTE = _MODULE  # dotted identifiers too
+# The built-in example tasks: name -> (module in fedmq.tasks, function making the Task).
+EXAMPLES = {
+    "digits-cnn": ("digits_cnn", "digits_cnn_task"),
+    "activity-cnn": ("activity_cnn", "activity_cnn_task"),
+    "diabetes-mlp": ("diabetes", "diabetes_task"),
+}
 
 
 class TaskError(ValueError):
@@ -34,7 +42,7 @@ class TaskError(ValueError):
 
 
 def builtin_names() -> list[str]:
-    return [*MODELS, f"{SPEC_PREFIX}IN-...-CLASSES"]
+    return [*MODELS, *EXAMPLES, f"{SPEC_PREFIX}IN-...-CLASSES"]
 
 
 def registered_names() -> list[str]:
@@ -73,6 +81,10 @@ def load_task(spec: str) -> Task:
             return mlp_task(spec)
         except ValueError as error:
             raise TaskError(str(error)) from None
+    if spec in EXAMPLES:
+        module, function = EXAMPLES[spec]
+        made: Task = getattr(importlib.import_module(f"fedmq.tasks.{module}"), function)()
+        return made
     if ":" in spec:
         module, _, attribute = spec.partition(":")
         return _from_import_path(spec, module, attribute)
