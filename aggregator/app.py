@@ -32,8 +32,8 @@ from fedmq.aggregator.settings import AggregatorSettings, fingerprint_mismatch
 from fedmq.compression import parse_spec
 from fedmq.datasets import Dataset, digits, load_npz
 from fedmq.files import lock_directory
-from fedmq.models import get_model
 from fedmq.model_file import ModelFileError, save_problem, write_model
+from fedmq.models import get_model
 from fedmq.progress_line import ProgressLine
 from fedmq.report import build_report, write_report
 from fedmq.schemas import (

@@ -19,7 +19,6 @@ JAX is imported only by ``load_params``.
 
 import io
 import zipfile
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -185,8 +184,7 @@ def mismatch(expected: TaskLayout, model: ModelFile) -> str | None:
             return None
         got = layout_of(model.task or expected.task, model.task_version, model.tensors)
         return layout_difference(expected, got) or (
-            f"task fingerprint {model.task_fingerprint} where {expected.fingerprint} "
-            "was expected"
+            f"task fingerprint {model.task_fingerprint} where {expected.fingerprint} was expected"
         )
     wanted = [spec.name for spec in expected.tensors]
     ordered = {name: model.tensors[name] for name in wanted if name in model.tensors}
@@ -229,4 +227,3 @@ def describe(model: ModelFile) -> str:
         f"{where}model {model.model_id} of task {model.task!r}: {len(model.tensors)} tensors, "
         f"{count} parameters"
     )
-
