@@ -271,7 +271,7 @@ def run(config: AggregatorSettings, stop: threading.Event) -> int:
     if config.save_model is not None:
         problem = save_problem(config.save_model)
         if problem is not None:
-            raise ValueError(f"--save-model: cannot write {problem}")
+            raise ValueError(f"--save-model {config.save_model}: {problem}")
     lock = lock_directory(config.state_dir) if config.state_dir is not None else None
     try:
         return _run(config, stop)

@@ -41,6 +41,13 @@ class DemoSettings(LogSettings):
     model: str = setting("digits-mlp", parse=model_name, help="architecture (default digits-mlp)")
     partition: str = setting("iid", parse=partition_spec, help="iid (default) or dirichlet:ALPHA")
     report: Path | None = setting(None, parse=Path, metavar="PATH", help="write report.json here")
+    save_model: Path | None = setting(
+        None,
+        parse=Path,
+        metavar="PATH.msgpack|PATH.npz",
+        help="keep the newest global model here, for fedmq.load_params (the aggregator's "
+        "--save-model)",
+    )
     broker: edge.BrokerAddress | None = setting(
         None,
         parse=_broker,

@@ -39,5 +39,5 @@ def export(state_dir: Path, out: Path) -> ModelFile:
     """Write the newest global model kept in ``state_dir`` to ``out`` (.msgpack or .npz)."""
     problem = suffix_problem(out)
     if problem is not None:  # before reading anything
-        raise ModelFileError(f"--out {problem}: name the file model.msgpack or model.npz")
+        raise ModelFileError(f"--out {out}: {problem}")
     return write_model(out, newest_global(state_dir))

@@ -57,9 +57,9 @@ class ModelFile:
 
 
 def suffix_problem(path: Path) -> str | None:
-    """Why ``path`` cannot name a model file, or None."""
+    """Why ``path`` cannot name a model file, or None (the path is the caller's to name)."""
     if path.suffix not in SUFFIXES:
-        return f"{path} does not end in .msgpack or .npz (the suffix chooses the format)"
+        return "the name must end in .msgpack or .npz (the suffix chooses the format)"
     return None
 
 
@@ -103,7 +103,7 @@ def write_model(path: Path, global_payload: bytes) -> ModelFile:
     model or the new, whole). The message is decoded first, so a damaged one is refused."""
     problem = suffix_problem(path)
     if problem is not None:
-        raise ModelFileError(f"cannot write {problem}")
+        raise ModelFileError(f"cannot write {path}: {problem}")
     model = from_global(global_payload)
     data = global_payload if path.suffix == ".msgpack" else npz_bytes(model)
     try:
@@ -117,7 +117,7 @@ def read_model(path: Path) -> ModelFile:
     """A model file (.msgpack or .npz), checked; ModelFileError (one line) if it is not one."""
     problem = suffix_problem(path)
     if problem is not None:
-        raise ModelFileError(f"cannot read {problem}")
+        raise ModelFileError(f"cannot read {path}: {problem}")
     try:
         data = path.read_bytes()
     except FileNotFoundError:

@@ -215,7 +215,9 @@ def test_an_npz_changed_after_export_is_refused(tmp_path):
 def test_bad_paths_are_refused_with_the_fix(tmp_path):
     task = tuple_task()
     state = state_dir_with(tmp_path / "state", global_payload(task, trained(task)))
-    with pytest.raises(ModelFileError, match=r"model.pt does not end in .msgpack or .npz"):
+    with pytest.raises(
+        ModelFileError, match=r"--out .*model.pt: the name must end in .msgpack or .npz"
+    ):
         export(state, tmp_path / "model.pt")
     with pytest.raises(ModelFileError, match="does not exist: give the --state-dir"):
         export(tmp_path / "absent", tmp_path / "m.npz")
@@ -227,7 +229,9 @@ def test_bad_paths_are_refused_with_the_fix(tmp_path):
         export(state, tmp_path / "nowhere" / "m.npz")
     with pytest.raises(ModelFileError, match=r"does not exist \(write one with fedmq export"):
         fedmq.load_params(tmp_path / "gone.npz", task)
-    with pytest.raises(ModelFileError, match=r"m.json does not end in .msgpack or .npz"):
+    with pytest.raises(
+        ModelFileError, match=r"cannot read .*m.json: the name must end in .msgpack or .npz"
+    ):
         fedmq.load_params(tmp_path / "m.json", task)
     (tmp_path / "junk.msgpack").write_bytes(b"\x93not a model")
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
@@ -292,3 +296,30 @@ def test_the_custom_task_example_learns_and_round_trips(tmp_path):
     loaded = fedmq.load_params(tmp_path / "model.npz", task)
     assert_same_tree(loaded, jax.tree_util.tree_map(np.asarray, params))
     assert np.array_equal(example.apply(loaded, x_test), example.apply(params, x_test))
+
+
+def test_the_demo_hands_save_model_to_its_aggregator_as_an_absolute_path(tmp_path, monkeypatch):
+    from fedmq.demo import DemoSettings, child_argv, config_problem
+    from fedmq.mqtt import BrokerAddress
+
+    monkeypatch.chdir(tmp_path)
+    config = DemoSettings(nodes=1, save_model=Path("model.npz"))
+    assert config_problem(config) is None
+    argv = child_argv(config, BrokerAddress("127.0.0.1", 1883), tmp_path, tmp_path / "t.npz", [])
+    flag = argv["aggregator"].index("--save-model")
+    assert argv["aggregator"][flag + 1] == str(tmp_path / "model.npz")
+    assert config_problem(DemoSettings(save_model=Path("model.pkl"))) == (
+        "--save-model model.pkl: the name must end in .msgpack or .npz (the suffix chooses "
+        "the format)"
+    )
+
+
+def test_an_aggregator_refuses_a_save_model_it_cannot_write_before_it_starts(tmp_path):
+    for path, says in [
+        (tmp_path / "model.pt", "the name must end in .msgpack or .npz"),
+        (tmp_path / "absent" / "model.npz", "directory .*absent does not exist"),
+    ]:
+        settings = fedmq.AggregatorSettings(save_model=path, state_dir=tmp_path / "state")
+        with pytest.raises(ValueError, match=f"^--save-model {tmp_path}.*: {says}"):
+            fedmq.run(settings)
+    assert not (tmp_path / "state").exists()  # refused before anything was touched
