@@ -471,6 +471,8 @@ def run(config: DemoSettings, stop: threading.Event, out: TextIO = sys.stdout) -
         if config.report is not None:
             write_report(config.report, report)
             out.write(f"report written to {config.report}\n")
+        if config.save_model is not None:
+            out.write(f"model written to {config.save_model} (fedmq.load_params reads it)\n")
         return 0
     except ChildFailed as error:
         out.write(f"\nfedmq demo failed: {error}\n")

@@ -323,3 +323,10 @@ def test_an_aggregator_refuses_a_save_model_it_cannot_write_before_it_starts(tmp
         with pytest.raises(ValueError, match=f"^--save-model {tmp_path}.*: {says}"):
             fedmq.run(settings)
     assert not (tmp_path / "state").exists()  # refused before anything was touched
+
+
+def test_the_guide_shows_the_example_file_as_it_is():
+    guide = (EXAMPLE.parents[1] / "docs" / "python-api.md").read_text()
+    section = guide.split("## Your own model: a custom task", 1)[1]
+    block = section.split("```python\n", 1)[1].split("\n```", 1)[0]
+    assert block + "\n" == EXAMPLE.read_text()
