@@ -39,6 +39,7 @@ from fedmq.aggregator.settings import (
 from fedmq.compression import parse_spec
 from fedmq.datasets import DIGITS_CLASSES, DIGITS_FEATURES, Dataset, digits, load_npz
 from fedmq.files import lock_directory
+from fedmq.model_file import ModelFileError, save_problem, write_model
 from fedmq.models import MLP, get_model
 from fedmq.progress_line import ProgressLine
 from fedmq.report import build_report, write_report
@@ -318,6 +319,27 @@ def make_publish(outbox: edge.Outbox, topics: Topics) -> Publish:
     return publish
 
 
+def saving_model(publish: Publish, topic: str, path: Path) -> Publish:
+    """``publish``, and each global model published on ``topic`` also written to ``path``
+    (``--save-model``), atomically, before it goes out; the same model published again
+    (a reconnect, a restart) is not rewritten. A write that fails is logged and the run
+    goes on: the state directory keeps every model for ``fedmq export``."""
+    saved: list[bytes] = []
+
+    def publish_and_save(topic_: str, payload: bytes, retain: bool) -> None:
+        if topic_ == topic and (not saved or saved[0] != payload):
+            try:
+                model = write_model(path, payload)
+            except (ModelFileError, SchemaError) as error:
+                log.error("aggregator.save_model_failed", path=str(path), error=str(error))
+            else:
+                saved[:] = [payload]
+                log.debug("aggregator.model_saved", path=str(path), model_id=model.model_id)
+        publish(topic_, payload, retain)
+
+    return publish_and_save
+
+
 def leave(client: mqtt.Client, outbox: edge.Outbox, topics: Topics, *, done: bool) -> None:
     """Wait for the broker to acknowledge what we published, then disconnect cleanly.
 
@@ -340,6 +362,10 @@ def run(config: AggregatorSettings, stop: threading.Event) -> int:
 
     Holds a lock on the state directory meanwhile (``DirectoryLocked`` if another process
     has it); raises ``LoginRefused`` if the broker refuses the login for good."""
+    if config.save_model is not None:
+        problem = save_problem(config.save_model)
+        if problem is not None:
+            raise ValueError(f"--save-model {config.save_model}: {problem}")
     lock = lock_directory(config.state_dir) if config.state_dir is not None else None
     try:
         return _run(config, stop)
@@ -375,6 +401,8 @@ def _run(config: AggregatorSettings, stop: threading.Event) -> int:
     )
     outbox = edge.Outbox(client)
     publish = make_publish(outbox, topics)
+    if config.save_model is not None:
+        publish = saving_model(publish, topics.global_model, config.save_model)
     drops = BrokerDrops()  # fed from $SYS below, counted per round in the metrics
     aggregator = build_aggregator(config, publish, store, broker_drops=drops)
     # A CheckpointError goes up to the command: one line on stderr, exit status 2.

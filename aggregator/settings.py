@@ -145,6 +145,14 @@ class AggregatorSettings(LogSettings, ConnectionSettings):
         help="reject larger updates unread (default: dense model size + 64 KiB)",
     )
     report: Path | None = setting(None, parse=Path, help="write report.json here at the end")
+    save_model: Path | None = setting(  # fedmq.model_file; written by aggregator/app.py
+        None,
+        parse=Path,
+        metavar="PATH.msgpack|PATH.npz",
+        help="keep the newest global model in this file, replaced atomically after every "
+        "model version (.msgpack: the global model message; .npz: one array per tensor; "
+        "fedmq.load_params reads both)",
+    )
     state_dir: Path | None = setting(  # None (from Python only): no crash recovery
         Path(".fedmq-aggregator"),
         parse=Path,

@@ -45,6 +45,7 @@ from fedmq.datasets import (
 from fedmq.demo_settings import DemoSettings
 from fedmq.files import output_problem
 from fedmq.lifeline import tied
+from fedmq.model_file import save_problem
 from fedmq.models import get_model
 from fedmq.node.settings import NodeSettings
 from fedmq.report import build_report, write_report
@@ -75,6 +76,8 @@ def child_argv(
         log_json=True,
         state_dir=workdir / "aggregator",
     )
+    if config.save_model is not None:  # absolute: the file is the caller's, not the child's
+        aggregator = replace(aggregator, save_model=config.save_model.absolute())
     if config.round_timeout is not None:  # else the aggregator's default
         aggregator = replace(aggregator, round_timeout=config.round_timeout)
     argv = {"aggregator": ["aggregator", *to_argv(aggregator)]}
@@ -119,6 +122,10 @@ def config_problem(config: DemoSettings) -> str | None:
         problem = output_problem(config.report)
         if problem is not None:
             return f"--report {config.report}: {problem}"
+    if config.save_model is not None:
+        problem = save_problem(config.save_model)
+        if problem is not None:
+            return f"--save-model {config.save_model}: {problem}"
     return None
 
 
@@ -471,6 +478,8 @@ def run(config: DemoSettings, stop: threading.Event, out: TextIO = sys.stdout) -
         if config.report is not None:
             write_report(config.report, report)
             out.write(f"report written to {config.report}\n")
+        if config.save_model is not None:
+            out.write(f"model written to {config.save_model} (fedmq.load_params reads it)\n")
         return 0
     except ChildFailed as error:
         out.write(f"\nfedmq demo failed: {error}\n")

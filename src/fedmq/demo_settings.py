@@ -57,6 +57,13 @@ class DemoSettings(LogSettings):
         None, parse=eval_fraction, show=show_auto, metavar="F|auto", help=EVAL_FRACTION_HELP
     )
     report: Path | None = setting(None, parse=Path, metavar="PATH", help="write report.json here")
+    save_model: Path | None = setting(
+        None,
+        parse=Path,
+        metavar="PATH.msgpack|PATH.npz",
+        help="keep the newest global model here, for fedmq.load_params (the aggregator's "
+        "--save-model)",
+    )
     broker: edge.BrokerAddress | None = setting(
         None,
         parse=_broker,
