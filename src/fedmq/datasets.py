@@ -182,13 +182,32 @@ def write_node_files(
     """``out_dir/node-01.npz`` ... (``train`` cut by ``partition``; two digits, three from 100
     nodes on, so they sort in order) and ``out_dir/test.npz``, each with ``x`` and ``y``:
     what ``fedmq demo --data-dir`` reads. Returns the node files' paths."""
-    out_dir.mkdir(parents=True, exist_ok=True)
     parts = partition(partition_labels(train.y), nodes, partition_spec, seed)
-    width = max(2, len(str(nodes)))
+    return save_node_files([Dataset(train.x[part], train.y[part]) for part in parts], test, out_dir)
+
+
+def save_node_files(shards: list[Dataset], test: Dataset | None, out_dir: Path) -> list[Path]:
+    """``out_dir/node-01.npz`` ... one per shard, in order (two digits, three from 100 nodes
+    on, so they sort in order), and ``out_dir/test.npz`` unless ``test`` is None: the layout
+    ``fedmq demo --data-dir`` reads. Returns the node files' paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    width = max(2, len(str(len(shards))))
     paths = []
-    for index, part in enumerate(parts, start=1):
+    for index, shard in enumerate(shards, start=1):
         path = out_dir / f"node-{index:0{width}d}.npz"
-        Dataset(train.x[part], train.y[part]).save(path)
+        shard.save(path)
         paths.append(path)
-    test.save(out_dir / "test.npz")
+    if test is not None:
+        test.save(out_dir / TEST_FILE)
     return paths
+
+
+NODE_FILES = "node-*.npz"  # in a --data-dir: one node's data each, in sorted order
+TEST_FILE = "test.npz"  # in a --data-dir: the aggregator's test set, if there
+
+
+def data_dir_files(directory: Path) -> tuple[list[Path], Path | None]:
+    """A ``--data-dir``'s node files (``node-*.npz``, sorted by name) and its ``test.npz``
+    (None if it has none)."""
+    test = directory / TEST_FILE
+    return sorted(directory.glob(NODE_FILES)), test if test.is_file() else None

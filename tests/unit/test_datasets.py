@@ -356,7 +356,9 @@ def test_load_npz_rejects_features_beyond_float32_range(tmp_path: Path) -> None:
         load_npz(path)
 
 
-@pytest.mark.parametrize("y", [np.array([0, 1, -1, 2]), np.array([[0, 1], [-3, 0], [1, 1], [0, 0]])])
+@pytest.mark.parametrize(
+    "y", [np.array([0, 1, -1, 2]), np.array([[0, 1], [-3, 0], [1, 1], [0, 0]])]
+)
 def test_load_npz_rejects_labels_that_are_not_class_ids(tmp_path: Path, y: np.ndarray) -> None:
     path = tmp_path / "labels.npz"
     np.savez(path, x=np.zeros((4, 3)), y=y)
