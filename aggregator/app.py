@@ -26,7 +26,12 @@ from fedmq.aggregator.checkpoint import (
     changed_setting,
     ways_out,
 )
-from fedmq.aggregator.evaluate import Evaluator, mlp_evaluator, task_evaluator
+from fedmq.aggregator.evaluate import (
+    Evaluator,
+    evaluation_set_problem,
+    mlp_evaluator,
+    task_evaluator,
+)
 from fedmq.aggregator.publisher import Publish
 from fedmq.aggregator.robust import DEFAULT, Clip, Rule, parse_rule, with_clip
 from fedmq.aggregator.rounds import RoundPolicy, default_quorum
@@ -168,6 +173,12 @@ def build_aggregator(
     task = run_task(config.task_spec, config.seed)
     num_params = sum(int(array.size) for array in task.params.values())
     test = load_test_set(config.test_data, config.task_spec)
+    if test is not None:
+        problem = evaluation_set_problem(task.model, task.task, task.template, test)
+        if problem is not None:
+            raise ValueError(
+                f"--test-data {config.test_data}: cannot evaluate task {task.name}: {problem}"
+            )
     settings = RoundSettings(
         federation=config.federation,
         model_name=task.name,

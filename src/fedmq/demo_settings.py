@@ -68,7 +68,11 @@ class DemoSettings(LogSettings):
         "split per --partition)",
     )
     model: str | None = setting(None, parse=model_name, help=MODEL_HELP)
-    partition: str = setting("iid", parse=partition_spec, help="iid (default) or dirichlet:ALPHA")
+    partition: str = setting(
+        "iid",
+        parse=partition_spec,
+        help="how the built-in data is split over the nodes: iid (default) or dirichlet:ALPHA",
+    )
     eval_fraction: float | None = setting(  # None: auto, the aggregator's default
         None, parse=eval_fraction, show=show_auto, metavar="F|auto", help=EVAL_FRACTION_HELP
     )

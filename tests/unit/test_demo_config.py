@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedmq.aggregator.app import load_test_set
 from fedmq.broker.process import free_port
 from fedmq.cli import main
 from fedmq.datasets import digits, load_npz, partition
@@ -285,17 +284,6 @@ def test_the_digits_tasks_get_the_reference_shards(tmp_path: Path, task: str) ->
     assert test_path is not None
     with np.load(test_path) as saved:
         assert saved["x"].tobytes() == test.x.tobytes()
-
-
-@pytest.mark.parametrize(
-    ("task", "size"), [("digits-mlp", 297), ("digits-cnn", 297), ("activity-cnn", 480),
-                       ("diabetes-mlp", 88), ("mlp:8-32-3", None), ("my_tasks:task", None)],
-)  # fmt: skip
-def test_the_aggregators_auto_test_set_is_the_tasks_own(task: str, size: int | None) -> None:
-    test = load_test_set("auto", task)
-    assert (None if test is None else len(test)) == size
-    if task in ("digits-mlp", "digits-cnn"):
-        assert test is not None and test.x.tobytes() == digits()[1].x.tobytes()
 
 
 def test_data_dir_with_no_node_files_ends_the_demo_in_one_line(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
