@@ -61,3 +61,15 @@ def test_a_test_set_that_cannot_evaluate_the_task_is_one_line(tmp_path, task, x,
 )
 def test_a_test_set_that_fits_the_task_is_taken(tmp_path, task, x, y) -> None:  # type: ignore[no-untyped-def]
     _build(tmp_path, task, x, y)
+
+
+@pytest.mark.parametrize(
+    ("task", "central"), [("digits-cnn", True), ("diabetes-mlp", True), ("mlp:8-32-3", False)]
+)
+def test_an_aggregator_of_an_example_task_evaluates_centrally_by_default(
+    task: str, central: bool
+) -> None:
+    """``fedmq aggregator --task digits-cnn`` evaluates on its test split as digits-mlp
+    does; a task without one leaves it to the nodes (--eval-fraction auto: 0.2)."""
+    aggregator = build_aggregator(AggregatorSettings(task=task), lambda *_: None)
+    assert aggregator.settings.plan.eval_fraction == (0.0 if central else 0.2)
