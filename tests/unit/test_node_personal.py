@@ -168,3 +168,25 @@ def test_the_plans_held_out_examples_are_evaluated_not_trained(tmp_path, fractio
         assert update.eval_examples == 10 and update.num_examples == 30
         assert update.metrics is not None and set(update.metrics) == {"loss", "accuracy"}
         assert 0.0 <= update.metrics["accuracy"] <= 1.0 and update.metrics["loss"] > 0
+
+
+def test_a_model_file_of_a_personal_task_loads_with_a_nodes_own_head(tmp_path: Path) -> None:
+    import fedmq
+    from fedmq.model_file import ModelFileError, write_model
+
+    (tmp_path / "node").mkdir()  # as the node's run() makes it
+    node, _ = make_node(tmp_path / "node")
+    with structlog.testing.capture_logs():
+        node.on_global(encode(global_model(1)))
+    path = tmp_path / "model.npz"
+    write_model(path, encode(global_model(1)))
+    initial = flatten_params(init(seed_key(0)))
+    as_initial = fedmq.load_params(path, TASK)
+    np.testing.assert_array_equal(as_initial["head"]["w"], initial["head.w"])
+    np.testing.assert_array_equal(as_initial["trunk"]["w"], shared_params()["trunk.w"])
+    own = saved_tensors.load(tmp_path / "node" / personal.FILE)
+    assert own is not None
+    as_node = fedmq.load_params(path, TASK, personal=own.tensors)
+    np.testing.assert_array_equal(as_node["head"]["w"], own.tensors["head.w"])
+    with pytest.raises(ModelFileError, match="personal tensors"):
+        fedmq.load_params(path, TASK, personal={"head.w": own.tensors["head.w"]})
