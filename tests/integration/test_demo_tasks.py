@@ -11,8 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedmq.node import app as node_app
-
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
@@ -115,17 +113,10 @@ def test_a_custom_task_federates_from_a_data_dir(tmp_path):
     assert seen[-1] < 0.5 * seen[0], seen  # it learns the map: the error more than halves
 
 
-# Nodes evaluating on held-out examples (plan.eval_fraction) is wired into node/app.py
-# by another change of issue 13; until then a run without a test set has no metrics.
-NODES_EVALUATE = "eval_fraction" in Path(node_app.__file__).read_text()
-
-
 def test_a_custom_task_without_a_test_set_is_evaluated_by_its_nodes(tmp_path):
     report = _custom_demo(tmp_path, test_set=False)
     rows = report["rounds"]
     assert all(r["metrics"]["central"] is None for r in rows)  # --test-data none
-    if not NODES_EVALUATE:
-        pytest.xfail("the node does not evaluate on held-out examples yet (node/app.py)")
     seen = [r["metrics"]["federated"]["mse"] for r in rows]  # each round's starting model
     assert report["final_metrics"]["federated"]["mse"] == seen[-1]
     assert seen[-1] < 0.5 * seen[0], seen
