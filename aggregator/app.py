@@ -26,7 +26,12 @@ from fedmq.aggregator.checkpoint import (
     changed_setting,
     ways_out,
 )
-from fedmq.aggregator.evaluate import Evaluator, mlp_evaluator, task_evaluator
+from fedmq.aggregator.evaluate import (
+    Evaluator,
+    evaluation_set_problem,
+    mlp_evaluator,
+    task_evaluator,
+)
 from fedmq.aggregator.publisher import Publish
 from fedmq.aggregator.robust import DEFAULT, Clip, Rule, parse_rule, with_clip
 from fedmq.aggregator.rounds import RoundPolicy, default_quorum
@@ -55,15 +60,21 @@ from fedmq.schemas import (
 )
 from fedmq.schemas.sys_topics import DROPPED, VERSION, parse_counter
 from fedmq.tasks.layout import layout_difference, layout_of
-from fedmq.tasks.registry import TaskError, is_builtin, load_task
+from fedmq.tasks.registry import EXAMPLES, TaskError, is_builtin, load_task
 from fedmq.tasks.task import Task
 
 log = structlog.get_logger()
 
 
 def load_test_set(spec: str | None, task_name: str = "digits-mlp") -> Dataset | None:
-    """``--test-data``: none, digits, a path to an .npz, or auto (``auto_test_set``)."""
+    """``--test-data``: none, digits, a path to an .npz, or auto (``auto_test_set``; a
+    built-in example task's own test split, ``builtin_data``)."""
     if spec == "auto":
+        if task_name in EXAMPLES:
+            from fedmq.tasks.builtin_data import builtin_data
+
+            data = builtin_data(task_name)
+            return None if data is None else data[1]
         spec = auto_test_set(task_name)
     if spec is None:
         return None
@@ -73,8 +84,9 @@ def load_test_set(spec: str | None, task_name: str = "digits-mlp") -> Dataset | 
 
 
 def auto_test_set(task_name: str) -> str | None:
-    """``--test-data auto``: the digits test split for the digits tasks (the built-in MLPs
-    of 64 features and 10 classes), none for any other task."""
+    """``--test-data auto`` of the tasks without a test split of their own: the digits test
+    split for the digits tasks (the built-in MLPs of 64 features and 10 classes), none for
+    any other task (the built-in examples' own: ``load_test_set``)."""
     if is_builtin(task_name):
         sizes = get_model(task_name).sizes
         if (sizes[0], sizes[-1]) == (DIGITS_FEATURES, DIGITS_CLASSES):
@@ -166,10 +178,16 @@ def build_aggregator(
 ) -> Aggregator:
     task = run_task(config.task_spec, config.seed)
     num_params = sum(int(array.size) for array in task.params.values())
-    test = load_test_set(config.test_data, task.name)
+    test = load_test_set(config.test_data, config.task_spec)
     evaluator = task.evaluator(test)
     if test is not None and evaluator is None:
         log.warning("aggregator.no_central_evaluation", reason="the task has personal parameters")
+    if test is not None and evaluator is not None:  # refused now, not after round 1
+        problem = evaluation_set_problem(task.model, task.task, task.template, test)
+        if problem is not None:
+            raise ValueError(
+                f"--test-data {config.test_data}: cannot evaluate task {task.name}: {problem}"
+            )
     settings = RoundSettings(
         federation=config.federation,
         model_name=task.name,

@@ -36,6 +36,30 @@ def mlp_evaluator(model: MLP, test: Dataset) -> Evaluator:
     return evaluator
 
 
+def evaluation_set_problem(
+    model: MLP | None, task: Any, template: Any, test: Dataset
+) -> str | None:
+    """Why ``test`` cannot evaluate the task, in one line, or None: a built-in MLP's check
+    in numpy (its features, one class id per example below its classes), any other task's
+    ``data_problem`` (its loss traced on one example). Found when the aggregator starts,
+    not by its first evaluation failing after round 1."""
+    if model is None:
+        from fedmq.tasks.training import data_problem
+
+        return data_problem(task, template, test.x, test.y)
+    features, classes = model.sizes[0], model.sizes[-1]
+    if test.x.ndim != 2 or test.x.shape[1] != features:
+        return f"it holds x of shape {test.x.shape}, the model takes (n, {features})"
+    if not np.issubdtype(test.y.dtype, np.integer) or test.y.ndim != 1:
+        return (
+            f"its y must be one class id 0..{classes - 1} per example (n,), it holds "
+            f"{test.y.dtype} of shape {test.y.shape}"
+        )
+    if int(test.y.max()) >= classes:
+        return f"its y holds class {int(test.y.max())}, the model has classes 0..{classes - 1}"
+    return None
+
+
 def task_evaluator(task: Any, template: Any, test: Dataset) -> Evaluator:
     """Any task's metrics on ``test`` (``evaluate_task``), the named wire tensors put back
     onto the task's own tree ``template`` (``jax.eval_shape(task.init, key)``)."""

@@ -127,8 +127,8 @@ class AggregatorSettings(LogSettings, ConnectionSettings):
         keywords=frozenset({"auto", "digits", "none"}),
         metavar="auto|digits|PATH.npz|none",
         help="evaluation set for the central test metrics: auto (default: the digits test "
-        "split for the digits tasks, none for any other task), digits, an .npz with x and "
-        "y, or none",
+        "split for the digits MLPs, a built-in example task's own test split, none for any "
+        "other task), digits, an .npz with x and y, or none",
     )
     eval_fraction: float | None = setting(  # None: auto (eval_fraction_of)
         None,

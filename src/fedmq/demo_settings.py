@@ -26,6 +26,8 @@ from fedmq.settings import (
     usage_errors,
 )
 
+DEFAULT_NODES = 10
+
 
 @usage_errors
 def _broker(text: str) -> edge.BrokerAddress:
@@ -39,7 +41,11 @@ class DemoSettings(LogSettings):
 
     SECTION: ClassVar[str] = "demo"
 
-    nodes: int = setting(10, parse=positive_int, help="node processes (default 10)")
+    nodes: int | None = setting(  # None: DEFAULT_NODES, or one per --data-dir node file
+        None,
+        parse=positive_int,
+        help=f"node processes (default {DEFAULT_NODES}; with --data-dir one per node file)",
+    )
     rounds: int = setting(30, parse=positive_int, help="rounds (default 30)")
     seed: int = setting(0, parse=int, help="seed for init, split and shuffles (default 0)")
     compression: str = setting(
@@ -49,10 +55,24 @@ class DemoSettings(LogSettings):
         None,
         parse=task_spec,
         metavar="SPEC",
-        help=TASK_HELP + "; the demo's nodes train it on the digits data (default digits-mlp)",
+        help=TASK_HELP + "; the demo's nodes train it on its built-in data (the built-in "
+        "tasks), or on --data-dir's files (default digits-mlp)",
+    )
+    data_dir: Path | None = setting(
+        None,
+        parse=Path,
+        metavar="DIR",
+        help="the nodes' own data: one node per DIR/node-*.npz (sorted by name; arrays x "
+        "(n, ...) and y (n, ...): class ids or float targets), and DIR/test.npz, if there, "
+        "for the aggregator's central evaluation (default: the task's built-in data, "
+        "split per --partition)",
     )
     model: str | None = setting(None, parse=model_name, help=MODEL_HELP)
-    partition: str = setting("iid", parse=partition_spec, help="iid (default) or dirichlet:ALPHA")
+    partition: str = setting(
+        "iid",
+        parse=partition_spec,
+        help="how the built-in data is split over the nodes: iid (default) or dirichlet:ALPHA",
+    )
     eval_fraction: float | None = setting(  # None: auto, the aggregator's default
         None, parse=eval_fraction, show=show_auto, metavar="F|auto", help=EVAL_FRACTION_HELP
     )
@@ -92,6 +112,11 @@ class DemoSettings(LogSettings):
 
     def __post_init__(self) -> None:
         chosen_task(self.task, self.model)  # both given and different: ValueError
+
+    @property
+    def node_count(self) -> int:
+        """``--nodes``, or its default (``fedmq demo`` sets it from --data-dir's files)."""
+        return self.nodes if self.nodes is not None else DEFAULT_NODES
 
     @property
     def task_spec(self) -> str:

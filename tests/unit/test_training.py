@@ -346,7 +346,17 @@ def test_the_data_check_refuses_float_targets_for_a_classifier() -> None:
     x = np.zeros((10, 64), np.float32)
     y = np.zeros(10, np.float32)
     assert data_problem(TASK, TEMPLATE, x, y) == (
-        "labels must be class ids 0..9, found float32 values"
+        "labels must be class ids 0..9, found float32 values: store y.astype(int) if they are"
+        " whole numbers"
+    )
+
+
+def test_the_data_check_wants_one_class_id_per_example_for_an_mlp() -> None:
+    x = np.zeros((10, 64), np.float32)
+    y = np.zeros((10, 1), np.int32)
+    assert data_problem(TASK, TEMPLATE, x, y) == (
+        "labels must be class ids 0..9, one per example (n,), found shape (10, 1): store"
+        " y.reshape(-1) if each example has one"
     )
 
 

@@ -20,7 +20,14 @@ nothing but numpy.
 
 import numpy as np
 
-from fedmq.datasets import Dataset, digits, parse_partition, partition, partition_labels
+from fedmq.datasets import (
+    DIGITS_TRAIN,
+    Dataset,
+    digits,
+    parse_partition,
+    partition,
+    partition_labels,
+)
 from fedmq.tasks.activity_data import ACTIVITIES, activity_data, subject_windows
 
 DIGITS_TASKS = ("digits-mlp", "digits-mlp-large", "digits-cnn")
@@ -29,6 +36,7 @@ ACTIVITY_TEST_SUBJECTS = (100, 101, 102, 103)
 ACTIVITY_WINDOWS = 20  # per subject and activity: 120 windows (5 minutes) per subject
 ACTIVITY_SEED = 0  # the data set's seed: the same recordings in every federation
 DIABETES_TEST = 88
+DIABETES_SIZE = 442  # patients in scikit-learn's diabetes data
 
 
 def builtin_data(task_name: str) -> tuple[Dataset, Dataset] | None:
@@ -42,6 +50,18 @@ def builtin_data(task_name: str) -> tuple[Dataset, Dataset] | None:
         )
     if task_name == "diabetes-mlp":
         return diabetes()
+    return None
+
+
+def node_limit(task_name: str) -> int | None:
+    """The most nodes ``split_builtin`` can give data to (each at least one example; for
+    ``activity-cnn`` one subject each, below the test subjects), or None without data."""
+    if task_name in DIGITS_TASKS:
+        return DIGITS_TRAIN
+    if task_name == "activity-cnn":
+        return min(ACTIVITY_TEST_SUBJECTS)
+    if task_name == "diabetes-mlp":
+        return DIABETES_SIZE - DIABETES_TEST
     return None
 
 

@@ -115,8 +115,16 @@ def data_problem(task: Task, template: Any, x: Any, y: Any) -> str | None:
         if np.ndim(x) != 2 or np.shape(x)[1] != features:
             found = f"{np.shape(x)[1]} features" if np.ndim(x) == 2 else f"shape {np.shape(x)[1:]}"
             return f"data has {found}, the model expects {features}"
-        if not np.issubdtype(np.asarray(y).dtype, np.integer) or np.ndim(y) != 1:
-            return f"labels must be class ids 0..{classes - 1}, found {np.asarray(y).dtype} values"
+        if not np.issubdtype(np.asarray(y).dtype, np.integer):
+            return (
+                f"labels must be class ids 0..{classes - 1}, found {np.asarray(y).dtype} values:"
+                " store y.astype(int) if they are whole numbers"
+            )
+        if np.ndim(y) != 1:
+            return (
+                f"labels must be class ids 0..{classes - 1}, one per example (n,), found shape "
+                f"{np.shape(y)}: store y.reshape(-1) if each example has one"
+            )
         low, high = int(np.min(y)), int(np.max(y))
         if low < 0 or high >= classes:
             return f"labels must be class ids 0..{classes - 1}, found {low}..{high}"
