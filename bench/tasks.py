@@ -17,6 +17,7 @@ the other (never in parallel), ``digits-mlp`` first as the baseline of the same 
 """
 
 import argparse
+import itertools
 import json
 import os
 import shlex
@@ -86,7 +87,7 @@ def run_task(spec: str, *, nodes: int, rounds: int, seed: int, work: Path) -> di
         raise SystemExit(f"{task}: the demo exited {demo.returncode}: {' | '.join(tail)}")
     result = json.loads(report.read_text())
     rows = result["rounds"]
-    walls = [b["at"] - a["at"] for a, b in zip(rows, rows[1:], strict=False)]
+    walls = [b["at"] - a["at"] for a, b in itertools.pairwise(rows)]
     return {
         "task": spec,
         "seconds": round(time.monotonic() - started, 1),

@@ -62,9 +62,7 @@ def test_a_node_on_another_task_refuses_then_trains_on_the_same(
     def statuses():  # type: ignore[no-untyped-def]
         return [decode_status(p) for p in watcher.on(topics.status("pi-0"))]
 
-    wait_until(
-        lambda: any(s.state == "error" for s in statuses()), 90, "the node's error status"
-    )
+    wait_until(lambda: any(s.state == "error" for s in statuses()), 90, "the node's error status")
     errors = [s for s in statuses() if s.state == "error"]
     assert len(errors) == 1
     detail = errors[0].detail or ""

@@ -140,6 +140,9 @@ def test_python_values_are_not_arrays(leaf, kind):
 
 def test_float16_leaves_keep_their_dtype_both_ways():
     tree = {"w": np.ones(3, np.float16), "b": f32(1)}
-    assert tensor_specs(tree) == [("b", (1,), np.dtype("float32")), ("w", (3,), np.dtype("float16"))]
+    assert tensor_specs(tree) == [
+        ("b", (1,), np.dtype("float32")),
+        ("w", (3,), np.dtype("float16")),
+    ]
     back = unflatten_params(tree, flatten_params(tree))
     assert back["w"].dtype == np.float16

@@ -120,8 +120,17 @@ def test_a_matching_global_model_has_no_difference():
             "was expected",
         ),
     ],
-    ids=["name", "version", "no-version", "tensor-name", "shape", "dtype", "missing", "extra",
-         "fingerprint"],  # fmt: skip
+    ids=[
+        "name",
+        "version",
+        "no-version",
+        "tensor-name",
+        "shape",
+        "dtype",
+        "missing",
+        "extra",
+        "fingerprint",
+    ],
 )
 def test_a_mismatched_global_model_is_named_in_one_line(model, difference):
     _, expected = expected_layout(tiny_task())
@@ -153,8 +162,7 @@ def test_the_aggregator_and_the_node_agree_on_a_builtin_tasks_fingerprint(spec):
 
 def test_the_aggregator_and_the_node_agree_on_a_custom_tasks_fingerprint(tmp_path, monkeypatch):
     (tmp_path / "tiny_task_module.py").write_text(
-        "from tests.unit.test_task_refusal import tiny_task\n"
-        "task = tiny_task(version=3)\n"
+        "from tests.unit.test_task_refusal import tiny_task\ntask = tiny_task(version=3)\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     aggregator = run_task("tiny_task_module:task", seed=5)
