@@ -37,8 +37,14 @@ VERSIONED = (
             "the global model does not match task 'digits-small': "
             "task 'digits-small' version '1' where '2' was expected",
         ),
+        (
+            "small_v1:task",
+            None,  # no --task: the global model names a task that is not built in
+            "the global model is task 'digits-small', which is not built in: start the node "
+            "with --task MODULE:ATTRIBUTE (the same the aggregator runs)",
+        ),
     ],
-    ids=["other-task", "other-version"],
+    ids=["other-task", "other-version", "no-task"],
 )
 def test_a_node_on_another_task_refuses_then_trains_on_the_same(
     mosquitto, federation, spawn, node_data, collect, tmp_path, aggregator_task, refused_task,
@@ -50,17 +56,22 @@ def test_a_node_on_another_task_refuses_then_trains_on_the_same(
     watcher = collect([topics.status("pi-0"), topics.update("pi-0"), topics.metrics])
     common = ["--broker", mosquitto.address, "--federation", federation, "--log-json"]
     report = tmp_path / "report.json"
+    data = str(node_data(1)[0])
+    node_args = [*common, "--node-id", "pi-0", "--data", data,
+                 "--state-dir", str(tmp_path / "node"), "--exit-when-done"]  # fmt: skip
+    task_args = [] if refused_task is None else ["--task", refused_task]
+    refusing = spawn("node-refusing", "node", *node_args, *task_args)
+
+    def statuses():  # type: ignore[no-untyped-def]
+        return [decode_status(p) for p in watcher.on(topics.status("pi-0"))]
+
+    # The node first, so that round 1 reaches it live on both global topics (the full
+    # model and its copy on the compact topic): it must refuse the model once, not twice.
+    wait_until(lambda: "online" in [s.state for s in statuses()], 90, "the node online")
     aggregator = spawn(
         "aggregator", "aggregator", *common, "--task", aggregator_task, "--nodes", "1",
         "--rounds", "1", "--report", str(report), "--state-dir", str(tmp_path / "agg"),
     )  # fmt: skip
-    data = str(node_data(1)[0])
-    node_args = [*common, "--node-id", "pi-0", "--data", data,
-                 "--state-dir", str(tmp_path / "node"), "--exit-when-done"]  # fmt: skip
-    refusing = spawn("node-refusing", "node", *node_args, "--task", refused_task)
-
-    def statuses():  # type: ignore[no-untyped-def]
-        return [decode_status(p) for p in watcher.on(topics.status("pi-0"))]
 
     wait_until(lambda: any(s.state == "error" for s in statuses()), 90, "the node's error status")
     errors = [s for s in statuses() if s.state == "error"]

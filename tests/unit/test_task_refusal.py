@@ -11,8 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import structlog
 
 from fedmq.aggregator.app import run_task
+from fedmq.datasets import Dataset
 from fedmq.node.app import expected_layout, mismatch
 from fedmq.schemas import GlobalModel, TrainingPlan, decode_global, encode, model_id_of
 from fedmq.tasks import Task
@@ -186,3 +188,39 @@ def test_builtin_tasks_of_other_sizes_differ_by_name_first():
         renamed, task_fingerprint=layout_of("mlp:64-32-10", None, aggregator.params).fingerprint
     )
     assert mismatch(node, renamed) == "tensor 'l0.w' has shape [64, 16] where [64, 32] was expected"
+
+
+# ------------------------------------------------------------- the node: refused once
+
+
+def test_a_refused_model_is_refused_once_per_connection_not_once_per_copy(tmp_path):
+    """Round 1 reaches a connected node on both global topics; the retained copy again
+    after a reconnect, whose "online" status must then be corrected."""
+    from fedmq.mqtt import BrokerAddress
+    from fedmq.node.app import Node
+    from fedmq.node.settings import NodeSettings
+    from fedmq.schemas import Topics, decode_status
+    from tests.unit.test_node_restart import RecordingOutbox
+
+    config = NodeSettings(broker=BrokerAddress(), federation="fed", node_id="pi-1",
+                          state_dir=tmp_path)  # fmt: skip
+    data = Dataset(np.zeros((4, 64), np.float32), np.zeros(4, np.int64))
+    outbox = RecordingOutbox()
+    node = Node(config, data, outbox, task=mlp_task("mlp:64-32-10"))  # type: ignore[arg-type]
+    aggregator = run_task("digits-mlp", seed=0)
+    payload = encode(global_of(aggregator.params, model="digits-mlp", version=None))
+
+    def states() -> list[str]:
+        status = Topics("fed").status("pi-1")
+        return [decode_status(p).state for t, p in outbox.sent if t == status]
+
+    with structlog.testing.capture_logs() as logs:
+        node.on_connected()
+        node.on_global(payload)
+        node.on_global_delta(payload)  # round 1's full model on the compact topic
+        assert states() == ["online", "error"]
+        node.on_connected()  # a reconnect: subscribed again, the retained copy again
+        node.on_global(payload, retained=True)
+    assert states() == ["online", "error", "online", "error"]
+    assert [e["event"] for e in logs].count("global.refused") == 2
+    assert not [t for t, _ in outbox.sent if t == Topics("fed").update("pi-1")]
