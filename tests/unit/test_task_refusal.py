@@ -224,3 +224,54 @@ def test_a_refused_model_is_refused_once_per_connection_not_once_per_copy(tmp_pa
     assert states() == ["online", "error", "online", "error"]
     assert [e["event"] for e in logs].count("global.refused") == 2
     assert not [t for t, _ in outbox.sent if t == Topics("fed").update("pi-1")]
+
+
+# ------------------------------------------------------------- the aggregator: resume refused
+
+KEPT_TASKS = {
+    "kept_v1": "dataclasses.replace(mlp_task('mlp:64-16-10'), name='digits-small', version=1)",
+    "kept_v2": "dataclasses.replace(mlp_task('mlp:64-16-10'), name='digits-small', version=2)",
+    "kept_wide": "dataclasses.replace(mlp_task('mlp:64-32-10'), name='digits-small', version=1)",
+}
+
+
+@pytest.mark.parametrize(
+    ("module", "difference"),
+    [
+        ("kept_v2", "task 'digits-small' version '2' where '1' was expected"),
+        ("kept_wide", "tensor 'l0.w' has shape [64, 32] where [64, 16] was expected"),
+    ],
+)
+def test_an_aggregator_does_not_resume_a_run_of_another_task_version_or_layout(
+    tmp_path, monkeypatch, module, difference
+):
+    """The kept settings hold the task's name only; its version and layout are checked
+    against the kept global model's fingerprint."""
+    from fedmq.aggregator.app import build_aggregator, resume_or_start
+    from fedmq.aggregator.checkpoint import CheckpointError, StateDir
+    from fedmq.aggregator.settings import AggregatorSettings
+
+    for name, made in KEPT_TASKS.items():
+        (tmp_path / f"{name}.py").write_text(
+            f"import dataclasses\nfrom fedmq.tasks.builtin import mlp_task\ntask = {made}\n"
+        )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    state = tmp_path / "state"
+
+    def settings(spec: str) -> AggregatorSettings:
+        return AggregatorSettings(federation="fed", task=spec, nodes=1, rounds=2, test_data=None)
+
+    store = StateDir(state)
+    build_aggregator(settings("kept_v1:task"), lambda *_: None, store).start()
+    store.close()
+    store = StateDir(state)
+    assert resume_or_start(build_aggregator(settings("kept_v1:task"), lambda *_: None), store)
+    store.close()
+    other = build_aggregator(settings(f"{module}:task"), lambda *_: None)
+    store = StateDir(state)
+    with pytest.raises(CheckpointError) as error:
+        resume_or_start(other, store)
+    store.close()
+    text = str(error.value)
+    assert text.startswith(f"--task digits-small: {difference}, unlike the run kept in {state}")
+    assert "\n" not in text
