@@ -101,6 +101,31 @@ class RunTask:
             return mlp_evaluator(self.model, test)
         return task_evaluator(self.task, self.template, test)
 
+    def test_problem(self, test: Dataset) -> str | None:
+        """Why ``test`` cannot evaluate this task, in one line, or None: the node's check
+        (``data_problem``); for a built-in MLP its numpy part, so still no JAX."""
+        if self.model is not None:
+            return mlp_data_problem(self.model, test)
+        if self.task is None:
+            return None
+        from fedmq.tasks.training import data_problem
+
+        return data_problem(self.task, self.template, test.x, test.y)
+
+
+def mlp_data_problem(model: MLP, test: Dataset) -> str | None:
+    """``data_problem`` of a built-in MLP, in numpy: its features and class ids."""
+    features, classes = model.sizes[0], model.sizes[-1]
+    if test.x.ndim != 2 or test.x.shape[1] != features:
+        found = f"{test.x.shape[1]} features" if test.x.ndim == 2 else f"shape {test.x.shape[1:]}"
+        return f"data has {found}, the model expects {features}"
+    if not np.issubdtype(test.y.dtype, np.integer) or test.y.ndim != 1:
+        return f"labels must be class ids 0..{classes - 1}, found {test.y.dtype} values"
+    low, high = int(np.min(test.y)), int(np.max(test.y))
+    if low < 0 or high >= classes:
+        return f"labels must be class ids 0..{classes - 1}, found {low}..{high}"
+    return None
+
 
 def run_task(spec: str, seed: int) -> RunTask:
     """The task ``spec`` names and its initial parameters from ``seed``: a built-in MLP's
@@ -161,6 +186,10 @@ def build_aggregator(
     task = run_task(config.task_spec, config.seed)
     num_params = sum(int(array.size) for array in task.params.values())
     test = load_test_set(config.test_data, task.name)
+    problem = task.test_problem(test) if test is not None else None
+    if problem is not None:  # found now, not when the first round closes
+        raise ValueError(f"--test-data {config.test_data}: it cannot evaluate task {task.name}: "
+                         f"{problem}")  # fmt: skip
     settings = RoundSettings(
         federation=config.federation,
         model_name=task.name,

@@ -315,3 +315,48 @@ def test_the_no_jax_check_sees_jax_for_a_task_that_needs_it():
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.splitlines()[-2:] == ["['accuracy', 'loss']", "['jax', 'jaxlib', 'optax']"]
+
+
+# ------------------------------------------------------------- a test set that does not fit
+
+
+@pytest.mark.parametrize(
+    ("task", "x", "y", "problem"),
+    [
+        (
+            "mlp:64-16-10",
+            np.zeros((6, 8), np.float32),
+            np.zeros(6, np.int64),
+            "data has 8 features, the model expects 64",
+        ),
+        (
+            "mlp:64-16-10",
+            np.zeros((6, 64), np.float32),
+            np.arange(6, dtype=np.int64) * 3,
+            "labels must be class ids 0..9, found 0..15",
+        ),
+        (
+            "scored_task_module:task",
+            np.zeros((6, FEATURES + 2), np.float32),
+            np.zeros(6, np.int64),
+            "its loss fails on one example of x [7] float32 and y [] int",
+        ),
+    ],
+    ids=["builtin-features", "builtin-labels", "custom"],
+)
+def test_a_test_set_the_task_cannot_evaluate_is_refused_before_the_run(
+    tmp_path, monkeypatch, task, x, y, problem
+):
+    """Not at the first round's close, after the nodes have trained: at start, one line."""
+    (tmp_path / "scored_task_module.py").write_text(CUSTOM_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = tmp_path / "test.npz"
+    Dataset(x, y).save(path)
+    config = AggregatorSettings(federation="fed", task=task, nodes=1, rounds=2,
+                                test_data=str(path))  # fmt: skip
+    with pytest.raises(ValueError) as error:
+        build_aggregator(config, lambda *_: None)
+    text = str(error.value)
+    assert text.startswith(f"--test-data {path}: it cannot evaluate task ")
+    assert problem in text
+    assert "\n" not in text
