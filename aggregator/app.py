@@ -93,9 +93,12 @@ class RunTask:
     model: MLP | None
     task: Task | None  # a task that is not built in; None for the built-in MLPs
     template: Any = None  # the task's own tree (jax.eval_shape(task.init, key)), if task
+    personal: frozenset[str] = frozenset()  # tensors nodes keep (Task.personal): not here
 
     def evaluator(self, test: Dataset | None) -> Evaluator | None:
-        if test is None:
+        """Central evaluation on ``test``, or None: without a test set, and for a task with
+        personal parameters (each node has its own; only federated evaluation sees them)."""
+        if test is None or self.personal:
             return None
         if self.model is not None:
             return mlp_evaluator(self.model, test)
@@ -137,6 +140,7 @@ def run_task(spec: str, seed: int) -> RunTask:
     import jax
 
     from fedmq.tasks.naming import flatten_params
+    from fedmq.tasks.personal import personal_names
     from fedmq.tasks.seeds import seed_key
 
     task = load_task(spec)
@@ -149,7 +153,9 @@ def run_task(spec: str, seed: int) -> RunTask:
             f"{str(error).strip().splitlines()[0] if str(error).strip() else '(no message)'}"
         ) from None
     template = jax.eval_shape(task.init, key)
-    return RunTask(task.name, task.version_text, flatten_params(params), None, task, template)
+    personal = personal_names(task, template)
+    shared = {k: v for k, v in flatten_params(params).items() if k not in personal}
+    return RunTask(task.name, task.version_text, shared, None, task, template, personal)
 
 
 def aggregation_rule(config: AggregatorSettings) -> Rule:
@@ -186,7 +192,10 @@ def build_aggregator(
     task = run_task(config.task_spec, config.seed)
     num_params = sum(int(array.size) for array in task.params.values())
     test = load_test_set(config.test_data, task.name)
-    problem = task.test_problem(test) if test is not None else None
+    evaluator = task.evaluator(test)
+    if test is not None and evaluator is None:
+        log.warning("aggregator.no_central_evaluation", reason="the task has personal parameters")
+    problem = task.test_problem(test) if test is not None and evaluator is not None else None
     if problem is not None:  # found now, not when the first round closes
         raise ValueError(f"--test-data {config.test_data}: it cannot evaluate task {task.name}: "
                          f"{problem}")  # fmt: skip
@@ -202,7 +211,9 @@ def build_aggregator(
             local_epochs=config.local_epochs,
             seed=config.seed,
             compression=str(parse_spec(config.compression)),
-            eval_fraction=eval_fraction_of(config.eval_fraction, has_test_set=test is not None),
+            eval_fraction=eval_fraction_of(
+                config.eval_fraction, has_test_set=evaluator is not None
+            ),
         ),
         max_update_bytes=config.max_update_bytes or dense_update_bound(num_params),
         known_nodes=frozenset(config.node_ids) if config.node_ids is not None else None,
@@ -214,7 +225,7 @@ def build_aggregator(
         settings,
         task.params,
         publish=publish,
-        evaluator=task.evaluator(test),
+        evaluator=evaluator,
         store=store,
         broker_dropped=(broker_drops or BrokerDrops()).take,
     )

@@ -22,7 +22,7 @@ from fedmq.compression import Pipeline, parse_spec
 from fedmq.compression.transforms import ErrorFeedbackState, error_feedback_init
 from fedmq.datasets import Dataset, digits, load_npz, partition
 from fedmq.files import lock_directory
-from fedmq.node import last_update, residual
+from fedmq.node import last_update, personal, residual, saved_tensors
 from fedmq.node.settings import STATE_ROOT, NodeSettings
 from fedmq.progress_line import ProgressLine
 from fedmq.schemas import (
@@ -37,6 +37,8 @@ from fedmq.schemas import (
     decode_global_delta,
     encode,
 )
+from fedmq.schemas.messages import finite_metrics
+from fedmq.tasks.holdout import holdout
 from fedmq.tasks.layout import TaskLayout, layout_difference, layout_of
 from fedmq.tasks.registry import TaskError, is_builtin, load_task
 from fedmq.tasks.task import Task
@@ -47,6 +49,8 @@ log = structlog.get_logger()
 # The files of a node's state (section 13.2 of docs/PROTOCOL.md), found in STATE_ROOT
 # itself by versions before the default was per federation and node.
 STATE_FILES = ("last_update.msgpack", "residual.npz", "residual.next.npz")
+# Files a node keeps since issue 13, never in the old default directory.
+PERSONAL_FILES = (personal.FILE, personal.PENDING)
 
 
 class DataError(ValueError):
@@ -60,27 +64,41 @@ class Refused(ValueError):
 @dataclass(frozen=True)
 class Trainable:
     """The node's task, ready to train: its params' tree (``jax.eval_shape`` of init), the
-    layout it expects on the wire, and the node's data on the device."""
+    layout it expects on the wire (the shared tensors), the names of its personal tensors,
+    and the node's data on the device, split by the plan into training and held-out
+    examples (``eval_x`` None when the plan holds out none)."""
 
     task: Task
     template: Any
     expected: TaskLayout
+    personal: frozenset[str]
+    personal_shapes: dict[str, tuple[int, ...]]
+    split_by: tuple[int, float]  # (plan seed, eval fraction) the split was made for
     x: Any
     y: Any
+    eval_x: Any
+    eval_y: Any
 
 
-def expected_layout(task: Task) -> tuple[Any, TaskLayout]:
-    """The task's params' tree (shapes only) and the layout a global model of it has."""
+def expected_layout(task: Task) -> tuple[Any, TaskLayout, dict[str, tuple[int, ...]]]:
+    """The task's params' tree (shapes only), the layout a global model of it has (its
+    shared tensors: personal ones never travel) and the personal tensors' shapes by name.
+    PersonalError (a ValueError) if ``task.personal`` cannot be applied."""
     import jax
 
     from fedmq.tasks.naming import tensor_specs
+    from fedmq.tasks.personal import personal_names
     from fedmq.tasks.seeds import seed_key
 
     template = jax.eval_shape(task.init, seed_key(0))
+    own = personal_names(task, template)
     specs = {
-        name: jax.ShapeDtypeStruct(shape, dtype) for name, shape, dtype in tensor_specs(template)
+        name: jax.ShapeDtypeStruct(shape, dtype)
+        for name, shape, dtype in tensor_specs(template)
+        if name not in own
     }
-    return template, layout_of(task.name, task.version_text, specs)
+    own_shapes = {name: shape for name, shape, _ in tensor_specs(template) if name in own}
+    return template, layout_of(task.name, task.version_text, specs), own_shapes
 
 
 def mismatch(expected: TaskLayout, model: GlobalModel) -> str | None:
@@ -172,9 +190,9 @@ class Node:
             self.last_trained = (saved.round, saved.model_id)
             self._last_update = saved.payload
             self._resend_saved = True
-        residual.settle(
-            self.pending_residual_path, self.residual_path, saved.round if saved else None
-        )
+        on_record = saved.round if saved else None
+        residual.settle(self.pending_residual_path, self.residual_path, on_record)
+        saved_tensors.settle(self.pending_personal_path, self.personal_path, on_record)
         self._held: GlobalModel | None = None  # the newest global model we have
         self._following_full = True  # subscribed to the full global model topic
         self._seen_key: tuple[int, str] | None = None
@@ -325,6 +343,36 @@ class Node:
     def last_update_path(self) -> Path:
         return self.config.state_path / "last_update.msgpack"
 
+    @property
+    def personal_path(self) -> Path:
+        return self.config.state_path / personal.FILE
+
+    @property
+    def pending_personal_path(self) -> Path:
+        return self.config.state_path / personal.PENDING
+
+    def _personal_for(self, ready: Trainable, model: GlobalModel) -> dict[str, np.ndarray]:
+        """This round's personal tensors: the ones the node kept, or the task's initial
+        ones (seeded by the plan, as the aggregator seeds the shared ones) when it has none
+        usable for this run."""
+        if not ready.personal:
+            return {}
+        saved = saved_tensors.load(self.personal_path)
+        problem = personal.usable(
+            saved,
+            round_number=model.round,
+            fingerprint=ready.expected.fingerprint,
+            layout=ready.personal_shapes,
+        )
+        if saved is not None and problem is None:
+            return saved.tensors
+        from fedmq.tasks.naming import flatten_params
+        from fedmq.tasks.seeds import seed_key
+
+        log.info("personal.initialised", round=model.round, reason=problem)
+        initial = flatten_params(ready.task.init(seed_key(model.plan.seed)))
+        return {name: initial[name] for name in ready.personal}
+
     def _residual_for(self, model: GlobalModel, pipeline: Pipeline) -> ErrorFeedbackState | None:
         """The error-feedback state to start this round from (zeros when stale or absent)."""
         if not pipeline.error_feedback:
@@ -364,24 +412,36 @@ class Node:
         """The node's task ready for ``model``; Refused (one line) if it does not match,
         DataError if the node's data cannot train it."""
         task = self._task_of(model)
-        if self._trainable is None or self._trainable.task is not task:
+        split_by = (model.plan.seed, model.plan.eval_fraction)
+        known = self._trainable
+        if known is None or known.task is not task or known.split_by != split_by:
             import jax.numpy as jnp
 
             from fedmq.tasks.training import data_problem
 
-            template, expected = expected_layout(task)
+            template, expected, own = expected_layout(task)
             problem = data_problem(task, template, self.data.x, self.data.y)
             if problem is not None:
                 raise DataError(f"local data cannot train model {task.name}: {problem}")
-            x, y = jnp.asarray(self.data.x), jnp.asarray(self.data.y)
-            self._trainable = Trainable(task, template, expected, x, y)
-        difference = mismatch(self._trainable.expected, model)
+            train, held = holdout(
+                len(self.data), split_by[1], seed=split_by[0], node_id=self.config.node_id
+            )
+            x, y = self.data.x[train], self.data.y[train]
+            eval_x = jnp.asarray(self.data.x[held]) if len(held) else None
+            eval_y = jnp.asarray(self.data.y[held]) if len(held) else None
+            known = self._trainable = Trainable(
+                task, template, expected, frozenset(own), own, split_by,
+                jnp.asarray(x), jnp.asarray(y), eval_x, eval_y,
+            )  # fmt: skip
+        difference = mismatch(known.expected, model)
         if difference is not None:
             raise Refused(f"the global model does not match task {task.name!r}: {difference}")
-        return self._trainable
+        return known
 
     def train_and_publish(self, model: GlobalModel) -> None:
-        from fedmq.tasks.naming import flatten_params, unflatten_params
+        from fedmq.tasks.evaluation import evaluate_task
+        from fedmq.tasks.naming import flatten_params, named_leaves, unflatten_params
+        from fedmq.tasks.personal import join, split
         from fedmq.tasks.training import delta, train_local
 
         try:
@@ -397,16 +457,24 @@ class Node:
         with structlog.contextvars.bound_contextvars(round=model.round):
             self.status("training", round=model.round, model_id=model.model_id)
             started = time.perf_counter()
+            kept = self._personal_for(ready, model)
+            order = [name for name, _, _ in named_leaves(ready.template)]
+            received = unflatten_params(ready.template, join(order, model.params, kept))
+            measured = None  # federated evaluation: the received model, before training
+            if ready.eval_x is not None:
+                found = evaluate_task(ready.task, received, ready.eval_x, ready.eval_y)
+                measured = finite_metrics(found)
             trained, loss = train_local(
                 ready.task,
-                unflatten_params(ready.template, model.params),
+                received,
                 ready.x,
                 ready.y,
                 model.plan,
                 node_id=self.config.node_id,
                 round_number=model.round,
             )
-            change = delta(flatten_params(trained), model.params)
+            shared, own = split(flatten_params(trained), ready.personal)
+            change = delta(shared, model.params)
             if not math.isfinite(loss) or not all(np.isfinite(a).all() for a in change.values()):
                 # diverged: sending would be rejected, and keeping it would poison the residual
                 rate = model.plan.learning_rate
@@ -427,12 +495,14 @@ class Node:
                 node_id=self.config.node_id,
                 round=model.round,
                 base_model_id=model.model_id,
-                num_examples=len(self.data),
+                num_examples=len(ready.x),
                 train_loss=loss,
                 train_seconds=time.perf_counter() - started,
                 delta=encoded,
                 compression=str(pipeline),
                 sent_at=time.time(),
+                metrics=measured,
+                eval_examples=None if measured is None else len(ready.eval_x),
             )
             payload = encode(update)
             compress_seconds = time.perf_counter() - started_compress
@@ -445,11 +515,18 @@ class Node:
                     self.pending_residual_path,
                     residual.SavedResidual(model.round, str(pipeline), new_state.residual),
                 )
+            if own:  # the personal tensors wait the same way (node.personal)
+                tag = ready.expected.fingerprint
+                saved_tensors.save(
+                    self.pending_personal_path, saved_tensors.SavedTensors(model.round, tag, own)
+                )
             last_update.save(
                 self.last_update_path, last_update.LastUpdate(model.round, model.model_id, payload)
             )
             if new_state is not None:
                 residual.promote(self.pending_residual_path, self.residual_path)
+            if own:
+                saved_tensors.promote(self.pending_personal_path, self.personal_path)
             self.outbox.publish(self.topics.update(self.config.node_id), payload)
             self.last_trained = (model.round, model.model_id)
             self._resend_saved = False

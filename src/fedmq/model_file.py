@@ -19,6 +19,7 @@ JAX is imported only by ``load_params``.
 
 import io
 import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -166,11 +167,14 @@ def _from_npz(data: bytes) -> ModelFile:
 
 
 def task_layout(task: "Task", template: Any) -> TaskLayout:
-    """The layout of ``task``'s parameters (``template``: its init's shapes) on the wire."""
+    """The layout of ``task``'s shared parameters (``template``: its init's shapes) on the
+    wire: personal leaves (``Task.personal``) are never in a global model."""
     from fedmq.tasks.naming import tensor_specs
+    from fedmq.tasks.personal import personal_names
 
-    specs = tensor_specs(template)
-    return layout_of(task.name, task.version_text, {name: _Spec(s, d) for name, s, d in specs})
+    own = personal_names(task, template)
+    specs = {name: _Spec(s, d) for name, s, d in tensor_specs(template) if name not in own}
+    return layout_of(task.name, task.version_text, specs)
 
 
 def mismatch(expected: TaskLayout, model: ModelFile) -> str | None:
@@ -193,15 +197,20 @@ def mismatch(expected: TaskLayout, model: ModelFile) -> str | None:
     return layout_difference(expected, got)
 
 
-def load_params(path: str | Path, task: "Task") -> Any:
+def load_params(path: str | Path, task: "Task", personal: Mapping[str, Any] | None = None) -> Any:
     """The parameters in a model file (.msgpack or .npz) as ``task``'s own pytree (numpy
     arrays as leaves), for ``task``'s apply function to predict with.
 
-    The file must be a model of ``task``: ModelFileError, one line naming the first
-    difference (task name, version, a tensor's name, shape or dtype), if it is not."""
+    A task with personal parameters: the file holds the shared ones only; ``personal``
+    (named tensors, e.g. ``numpy.load`` of a node's ``personal.npz`` through
+    ``fedmq.node.saved_tensors.load(...).tensors``) gives a node's own, else they are the
+    task's initial ones (seed 0). The file must be a model of ``task``: ModelFileError,
+    one line naming the first difference (task name, version, a tensor's name, shape or
+    dtype), if it is not."""
     import jax
 
-    from fedmq.tasks.naming import unflatten_params
+    from fedmq.tasks.naming import flatten_params, named_leaves, unflatten_params
+    from fedmq.tasks.personal import join, personal_names
     from fedmq.tasks.seeds import seed_key
 
     path = Path(path)
@@ -210,7 +219,19 @@ def load_params(path: str | Path, task: "Task") -> Any:
     difference = mismatch(task_layout(task, template), model)
     if difference is not None:
         raise ModelFileError(f"{path} is not a model of task {task.name!r}: {difference}")
-    return unflatten_params(template, model.tensors)
+    own = personal_names(task, template)
+    if not own:
+        return unflatten_params(template, model.tensors)
+    if personal is None:
+        initial = flatten_params(task.init(seed_key(0)))
+        personal = {name: initial[name] for name in own}
+    if set(personal) != own:
+        raise ModelFileError(
+            f"task {task.name!r} has personal tensors {sorted(own)}; personal= gives "
+            f"{sorted(personal)}: give exactly those (a node's personal.npz)"
+        )
+    order = [name for name, _, _ in named_leaves(template)]
+    return unflatten_params(template, join(order, model.tensors, personal))
 
 
 @dataclass(frozen=True)

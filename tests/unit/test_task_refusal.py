@@ -75,7 +75,7 @@ TINY = {"dense.b": f32(2), "dense.w": f32(3, 2)}
 
 
 def test_a_matching_global_model_has_no_difference():
-    _, expected = expected_layout(tiny_task())
+    _, expected, _ = expected_layout(tiny_task())
     assert mismatch(expected, global_of(TINY)) is None
     assert expected.fingerprint == global_of(TINY).task_fingerprint
 
@@ -135,12 +135,12 @@ def test_a_matching_global_model_has_no_difference():
     ],
 )
 def test_a_mismatched_global_model_is_named_in_one_line(model, difference):
-    _, expected = expected_layout(tiny_task())
+    _, expected, _ = expected_layout(tiny_task())
     assert mismatch(expected, model) == difference
 
 
 def test_an_older_aggregator_without_a_fingerprint_is_checked_by_its_layout():
-    _, expected = expected_layout(tiny_task(version=None))
+    _, expected, _ = expected_layout(tiny_task(version=None))
     assert mismatch(expected, global_of(TINY, version=None, fingerprint=None)) is None
     assert mismatch(expected, global_of({"dense.b": f32(3), "dense.w": f32(3, 2)},
                                         version=None, fingerprint=None)) == (
@@ -149,7 +149,7 @@ def test_an_older_aggregator_without_a_fingerprint_is_checked_by_its_layout():
 
 
 def test_an_int_version_is_its_text_on_both_sides():
-    _, node = expected_layout(tiny_task(version=2))
+    _, node, _ = expected_layout(tiny_task(version=2))
     assert mismatch(node, global_of(TINY, version="2")) is None
 
 
@@ -158,7 +158,7 @@ def test_the_aggregator_and_the_node_agree_on_a_builtin_tasks_fingerprint(spec):
     """The aggregator builds a built-in task's params in numpy, the node its layout from
     ``jax.eval_shape`` of the task: one fingerprint, or every node refuses every model."""
     aggregator = run_task(spec, seed=0)
-    _, node = expected_layout(mlp_task(spec))
+    _, node, _ = expected_layout(mlp_task(spec))
     assert layout_of(aggregator.name, aggregator.version, aggregator.params) == node
 
 
@@ -168,13 +168,13 @@ def test_the_aggregator_and_the_node_agree_on_a_custom_tasks_fingerprint(tmp_pat
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     aggregator = run_task("tiny_task_module:task", seed=5)
-    _, node = expected_layout(tiny_task(version=3))
+    _, node, _ = expected_layout(tiny_task(version=3))
     assert layout_of(aggregator.name, aggregator.version, aggregator.params) == node
     assert aggregator.version == "3"
 
 
 def test_builtin_tasks_of_other_sizes_differ_by_name_first():
-    _, node = expected_layout(mlp_task("mlp:64-32-10"))
+    _, node, _ = expected_layout(mlp_task("mlp:64-32-10"))
     aggregator = run_task("mlp:64-16-10", seed=0)
     model = global_of(
         aggregator.params,
