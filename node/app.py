@@ -200,6 +200,9 @@ class Node:
         self.finished = False
         self.progress = ProgressLine()  # on a terminal only
         self._trainable: Trainable | None = None
+        # The model last refused: round 1 comes on both global topics, and a model is
+        # refused (one error status) once per connection, not once per copy.
+        self._refused: tuple[int, str] | None = None
 
     def status(
         self,
@@ -324,6 +327,8 @@ class Node:
         if not model.selects(self.config.node_id):
             self.status("idle", round=model.round, detail="not selected for this round")
             return
+        if (model.round, model.model_id) == self._refused:
+            return
         self.train_and_publish(model)
 
     @property
@@ -383,6 +388,7 @@ class Node:
     def on_connected(self) -> None:
         """Refresh our retained status: a last will may have marked us offline."""
         self._following_full = True  # make_client subscribed both global topics again
+        self._refused = None  # the retained copy comes again: say so again, after "online"
         round, model_id = self.last_trained or (None, None)
         self.status("submitted" if round else "online", round=round, model_id=model_id)
 
@@ -444,6 +450,7 @@ class Node:
         except DataError:
             raise
         except ValueError as error:
+            self._refused = (model.round, model.model_id)
             log.error("global.refused", round=model.round, reason=str(error))
             self.status("error", round=model.round, detail=f"cannot build this model: {error}")
             return
