@@ -21,6 +21,8 @@ from fedmq.schemas import GlobalModel, Topics, TrainingPlan, decode_update, enco
 from fedmq.tasks.naming import flatten_params
 from fedmq.tasks.seeds import seed_key
 
+from .node_doubles import RecordingOutbox
+
 FEDERATION = "unit-personal"
 TOPICS = Topics(FEDERATION)
 FEATURES, CLASSES = 6, 3
@@ -60,27 +62,6 @@ TASK = Task(
 PERSONAL = ("head.b", "head.w")
 
 
-class FakeClient:
-    def subscribe(self, *_args: object, **_kwargs: object) -> None: ...
-
-    def unsubscribe(self, *_args: object) -> None: ...
-
-
-class RecordingOutbox:
-    def __init__(self) -> None:
-        self.client = FakeClient()
-        self.sent: list[tuple[str, bytes]] = []
-
-    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
-        self.sent.append((topic, payload))
-
-    def updates(self) -> list[bytes]:
-        return [p for t, p in self.sent if t == TOPICS.update("pi-1")]
-
-    def statuses(self) -> list[bytes]:
-        return [p for t, p in self.sent if t == TOPICS.status("pi-1")]
-
-
 def shared_params(seed: int = 0) -> dict[str, np.ndarray]:
     everything = flatten_params(init(seed_key(seed)))
     return {name: array for name, array in everything.items() if name not in PERSONAL}
@@ -112,7 +93,7 @@ def test_personal_tensors_never_leave_the_node(tmp_path: Path) -> None:
     node, outbox = make_node(tmp_path)
     with structlog.testing.capture_logs():
         node.on_global(encode(global_model(1)))
-    (payload,) = outbox.updates()
+    (payload,) = outbox.on(TOPICS.update("pi-1"))
     update = decode_update(payload)
     assert sorted(update.delta) == ["trunk.b", "trunk.w"]
     kept = saved_tensors.load(tmp_path / personal.FILE)
@@ -137,7 +118,7 @@ def test_the_kept_head_carries_into_the_next_round(tmp_path: Path) -> None:
     assert "personal.initialised" not in [e["event"] for e in second]
     after_two = saved_tensors.load(tmp_path / personal.FILE)
     assert after_one is not None and after_two is not None and after_two.round == 2
-    assert len(outbox.updates()) == 1
+    assert len(outbox.on(TOPICS.update("pi-1"))) == 1
     # a new run (round 1 again) starts the head afresh from the task's init
     fresh, _ = make_node(tmp_path)
     with structlog.testing.capture_logs() as third:
@@ -150,8 +131,8 @@ def test_a_global_model_that_carries_the_personal_tensors_is_refused(tmp_path: P
     everything = flatten_params(init(seed_key(0)))  # an aggregator unaware of personal
     with structlog.testing.capture_logs():
         node.on_global(encode(global_model(1, params=everything)))
-    assert outbox.updates() == []
-    status = outbox.statuses()[-1]
+    assert outbox.on(TOPICS.update("pi-1")) == []
+    status = outbox.on(TOPICS.status("pi-1"))[-1]
     assert b"does not match task 'unit-personal'" in status and b"head" in status
 
 
@@ -160,7 +141,7 @@ def test_the_plans_held_out_examples_are_evaluated_not_trained(tmp_path, fractio
     node, outbox = make_node(tmp_path, examples=40)
     with structlog.testing.capture_logs():
         node.on_global(encode(global_model(1, eval_fraction=fraction)))
-    update = decode_update(outbox.updates()[0])
+    update = decode_update(outbox.on(TOPICS.update("pi-1"))[0])
     if fraction == 0.0:
         assert update.metrics is None and update.eval_examples is None
         assert update.num_examples == 40

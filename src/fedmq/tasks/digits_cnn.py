@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fedmq.tasks.classifier import classifier_metrics, cross_entropy
 from fedmq.tasks.task import Task
 
 IMAGE = 8  # pixels per side
@@ -64,16 +65,12 @@ def logits(params: Params, x: jax.Array) -> jax.Array:
 def example_losses(params: Params, batch: tuple[jax.Array, jax.Array]) -> jax.Array:
     """Softmax cross-entropy of each example, shape ``(n,)``."""
     x, y = batch
-    log_probs = jax.nn.log_softmax(logits(params, x))
-    return -jnp.take_along_axis(log_probs, y[:, None].astype(jnp.int32), axis=1)[:, 0]
+    return cross_entropy(logits(params, x), y)
 
 
 def metrics(params: Params, batch: tuple[jax.Array, jax.Array]) -> dict[str, Any]:
     x, y = batch
-    return {
-        "loss": jnp.mean(example_losses(params, batch)),
-        "accuracy": jnp.mean(jnp.argmax(logits(params, x), axis=1) == y),
-    }
+    return classifier_metrics(logits(params, x), y)
 
 
 def digits_cnn_task(learning_rate: float = DEFAULT_LEARNING_RATE) -> Task:
