@@ -9,6 +9,7 @@ that was not yet acknowledged when the process died is redelivered by the broker
 
 import queue
 import threading
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -369,6 +370,9 @@ def saving_model(publish: Publish, topic: str, path: Path) -> Publish:
     return publish_and_save
 
 
+LEAVE_SECONDS = 10.0  # the most a stop waits for the broker's acknowledgements
+
+
 def leave(client: mqtt.Client, outbox: edge.Outbox, topics: Topics, *, done: bool) -> None:
     """Wait for the broker to acknowledge what we published, then disconnect cleanly.
 
@@ -379,9 +383,13 @@ def leave(client: mqtt.Client, outbox: edge.Outbox, topics: Topics, *, done: boo
     retained ``done`` (``edge.unsubscribe``). A stopped run keeps its subscriptions: the
     broker queues updates for its restart."""
     wanted = [topics.all_updates, topics.all_status, DROPPED, VERSION]
-    if done and not edge.unsubscribe(client, wanted, timeout=10):
+    if done and client.is_connected() and not edge.unsubscribe(client, wanted, timeout=10):
         log.warning("aggregator.unsubscribe_unacknowledged")
-    if not outbox.flush(timeout=10):
+    deadline = time.monotonic() + LEAVE_SECONDS  # and never on a broker that is gone
+    while client.is_connected() and not outbox.flush(timeout=0.2):
+        if time.monotonic() > deadline:
+            break
+    if outbox.unacknowledged:
         log.warning("aggregator.unacknowledged", messages=outbox.unacknowledged)
     edge.stop(client)
 

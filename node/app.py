@@ -420,6 +420,9 @@ class Node:
             from fedmq.tasks.training import data_problem
 
             template, expected, own = expected_layout(task)
+            difference = mismatch(expected, model)  # another task: say that, not its data
+            if difference is not None:
+                raise Refused(f"the global model does not match task {task.name!r}: {difference}")
             problem = data_problem(task, template, self.data.x, self.data.y)
             if problem is not None:
                 raise DataError(f"local data cannot train model {task.name}: {problem}")

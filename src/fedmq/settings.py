@@ -339,7 +339,8 @@ def task_spec(text: str) -> str:
 
 TASK_HELP = (
     "what the federation learns: a built-in task (digits-mlp, digits-mlp-large, "
-    "mlp:IN-HIDDEN-...-CLASSES), MODULE:ATTRIBUTE of a fedmq.Task (the module importable "
+    "mlp:IN-HIDDEN-...-CLASSES, and the examples digits-cnn, activity-cnn, diabetes-mlp), "
+    "MODULE:ATTRIBUTE of a fedmq.Task (the module importable "
     "here, e.g. my_tasks.py in the working directory), or a name registered under the "
     "fedmq.tasks entry points (docs/tasks.md)"
 )

@@ -171,3 +171,28 @@ def test_a_model_file_of_a_personal_task_loads_with_a_nodes_own_head(tmp_path: P
     np.testing.assert_array_equal(as_node["head"]["w"], own.tensors["head.w"])
     with pytest.raises(ModelFileError, match="personal tensors"):
         fedmq.load_params(path, TASK, personal={"head.w": own.tensors["head.w"]})
+
+
+def test_another_tasks_model_is_refused_as_such_even_when_the_data_does_not_fit(tmp_path):
+    """The node's data fits neither task: the line names the task difference (the fix is
+    the --task), not a shape error of the node's own task."""
+    from fedmq.models import get_model
+
+    rng = np.random.default_rng(0)
+    data = Dataset(rng.normal(size=(20, 64)).astype(np.float32), rng.integers(0, 10, 20))
+    config = NodeSettings(
+        broker=BrokerAddress(), federation=FEDERATION, node_id="pi-1", state_dir=tmp_path
+    )
+    outbox = RecordingOutbox()
+    node = Node(config, data, outbox, task=TASK)  # type: ignore[arg-type]
+    params = get_model("digits-mlp").init(0)
+    other = GlobalModel(
+        federation=FEDERATION, round=1, model="digits-mlp", model_id=model_id_of(params),
+        params=params, plan=TrainingPlan(learning_rate=0.1, batch_size=8, local_epochs=1, seed=0),
+    )  # fmt: skip
+    with structlog.testing.capture_logs():
+        node.on_global(encode(other))
+    assert outbox.on(TOPICS.update("pi-1")) == []
+    status = outbox.on(TOPICS.status("pi-1"))[-1]
+    assert b"does not match task 'unit-personal'" in status
+    assert b"digits-mlp" in status and b"local data" not in status
