@@ -9,9 +9,12 @@ that was not yet acknowledged when the process died is redelivered by the broker
 
 import queue
 import threading
-from dataclasses import replace
+import time
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import paho.mqtt.client as mqtt
 import structlog
 
@@ -24,18 +27,30 @@ from fedmq.aggregator.checkpoint import (
     changed_setting,
     ways_out,
 )
+from fedmq.aggregator.evaluate import (
+    Evaluator,
+    evaluation_set_problem,
+    mlp_evaluator,
+    task_evaluator,
+)
 from fedmq.aggregator.publisher import Publish
 from fedmq.aggregator.robust import DEFAULT, Clip, Rule, parse_rule, with_clip
 from fedmq.aggregator.rounds import RoundPolicy, default_quorum
 from fedmq.aggregator.server import Aggregator, RoundSettings, dense_update_bound
-from fedmq.aggregator.settings import AggregatorSettings, fingerprint_mismatch
+from fedmq.aggregator.settings import (
+    AggregatorSettings,
+    eval_fraction_of,
+    fingerprint_mismatch,
+)
 from fedmq.compression import parse_spec
-from fedmq.datasets import Dataset, digits, load_npz
+from fedmq.datasets import DIGITS_CLASSES, DIGITS_FEATURES, Dataset, digits, load_npz
 from fedmq.files import lock_directory
-from fedmq.models import get_model
+from fedmq.model_file import ModelFileError, save_problem, write_model
+from fedmq.models import MLP, get_model
 from fedmq.progress_line import ProgressLine
 from fedmq.report import build_report, write_report
 from fedmq.schemas import (
+    GlobalModel,
     SchemaError,
     ServerStatus,
     Topics,
@@ -45,16 +60,90 @@ from fedmq.schemas import (
     encode,
 )
 from fedmq.schemas.sys_topics import DROPPED, VERSION, parse_counter
+from fedmq.tasks.layout import layout_difference, layout_of
+from fedmq.tasks.registry import EXAMPLES, TaskError, is_builtin, load_task
+from fedmq.tasks.task import Task
 
 log = structlog.get_logger()
 
 
-def load_test_set(spec: str | None) -> Dataset | None:
+def load_test_set(spec: str | None, task_name: str = "digits-mlp") -> Dataset | None:
+    """``--test-data``: none, digits, a path to an .npz, or auto (``auto_test_set``; a
+    built-in example task's own test split, ``builtin_data``)."""
+    if spec == "auto":
+        if task_name in EXAMPLES:
+            from fedmq.tasks.builtin_data import builtin_data
+
+            data = builtin_data(task_name)
+            return None if data is None else data[1]
+        spec = auto_test_set(task_name)
     if spec is None:
         return None
     if spec == "digits":
         return digits()[1]
     return load_npz(Path(spec))
+
+
+def auto_test_set(task_name: str) -> str | None:
+    """``--test-data auto`` of the tasks without a test split of their own: the digits test
+    split for the digits tasks (the built-in MLPs of 64 features and 10 classes), none for
+    any other task (the built-in examples' own: ``load_test_set``)."""
+    if is_builtin(task_name):
+        sizes = get_model(task_name).sizes
+        if (sizes[0], sizes[-1]) == (DIGITS_FEATURES, DIGITS_CLASSES):
+            return "digits"
+    return None
+
+
+@dataclass(frozen=True)
+class RunTask:
+    """What the aggregator needs of its task: name, version, initial parameters (named
+    wire tensors) and, for a built-in one, its MLP (numpy evaluation, no JAX)."""
+
+    name: str
+    version: str | None
+    params: dict[str, np.ndarray]
+    model: MLP | None
+    task: Task | None  # a task that is not built in; None for the built-in MLPs
+    template: Any = None  # the task's own tree (jax.eval_shape(task.init, key)), if task
+    personal: frozenset[str] = frozenset()  # tensors nodes keep (Task.personal): not here
+
+    def evaluator(self, test: Dataset | None) -> Evaluator | None:
+        """Central evaluation on ``test``, or None: without a test set, and for a task with
+        personal parameters (each node has its own; only federated evaluation sees them)."""
+        if test is None or self.personal:
+            return None
+        if self.model is not None:
+            return mlp_evaluator(self.model, test)
+        return task_evaluator(self.task, self.template, test)
+
+
+def run_task(spec: str, seed: int) -> RunTask:
+    """The task ``spec`` names and its initial parameters from ``seed``: a built-in MLP's
+    from fedmq.models in numpy (no JAX), any other's ``flatten_params(task.init(seed_key(
+    seed)))``. TaskError or NamingError (ValueErrors, one line) if it cannot be had."""
+    if is_builtin(spec):
+        model = get_model(spec)
+        return RunTask(spec, None, model.init(seed), model, None)
+    import jax
+
+    from fedmq.tasks.naming import flatten_params
+    from fedmq.tasks.personal import personal_names
+    from fedmq.tasks.seeds import seed_key
+
+    task = load_task(spec)
+    key = seed_key(seed)
+    try:
+        params = task.init(key)
+    except Exception as error:
+        raise TaskError(
+            f"task {task.name!r}: init failed: {type(error).__name__}: "
+            f"{str(error).strip().splitlines()[0] if str(error).strip() else '(no message)'}"
+        ) from None
+    template = jax.eval_shape(task.init, key)
+    personal = personal_names(task, template)
+    shared = {k: v for k, v in flatten_params(params).items() if k not in personal}
+    return RunTask(task.name, task.version_text, shared, None, task, template, personal)
 
 
 def aggregation_rule(config: AggregatorSettings) -> Rule:
@@ -88,11 +177,22 @@ def build_aggregator(
     *,
     broker_drops: BrokerDrops | None = None,
 ) -> Aggregator:
-    model = get_model(config.model)
+    task = run_task(config.task_spec, config.seed)
+    num_params = sum(int(array.size) for array in task.params.values())
+    test = load_test_set(config.test_data, config.task_spec)
+    evaluator = task.evaluator(test)
+    if test is not None and evaluator is None:
+        log.warning("aggregator.no_central_evaluation", reason="the task has personal parameters")
+    if test is not None and evaluator is not None:  # refused now, not after round 1
+        problem = evaluation_set_problem(task.model, task.task, task.template, test)
+        if problem is not None:
+            raise ValueError(
+                f"--test-data {config.test_data}: cannot evaluate task {task.name}: {problem}"
+            )
     settings = RoundSettings(
         federation=config.federation,
-        model_name=config.model,
-        model=model,
+        model_name=task.name,
+        model=task.model,
         rounds=config.rounds,
         policy=round_policy(config),
         plan=TrainingPlan(
@@ -101,16 +201,21 @@ def build_aggregator(
             local_epochs=config.local_epochs,
             seed=config.seed,
             compression=str(parse_spec(config.compression)),
+            eval_fraction=eval_fraction_of(
+                config.eval_fraction, has_test_set=evaluator is not None
+            ),
         ),
-        max_update_bytes=config.max_update_bytes or dense_update_bound(model),
+        max_update_bytes=config.max_update_bytes or dense_update_bound(num_params),
         known_nodes=frozenset(config.node_ids) if config.node_ids is not None else None,
         aggregation=aggregation_rule(config),
+        task_version=task.version,
+        model_floats=num_params,
     )
     return Aggregator(
         settings,
-        model.init(config.seed),
+        task.params,
         publish=publish,
-        test=load_test_set(config.test_data),
+        evaluator=evaluator,
         store=store,
         broker_dropped=(broker_drops or BrokerDrops()).take,
     )
@@ -162,6 +267,12 @@ def resume_or_start(
     if changed is not None:
         raise CheckpointError(changed_setting(store.directory, *changed))
     kept = decode_global(checkpoint.global_payload)
+    problem = task_mismatch(kept, aggregator)
+    if problem is not None:
+        raise CheckpointError(
+            f"--task {aggregator.settings.model_name}: {problem}, unlike the run kept in "
+            f"{store.directory}: {ways_out('the task it was started with')}"
+        )
     # the fewest rounds that continue the run: those it closed, or up to its open round
     least = kept.round - 1 if kept.final else kept.round
     rounds = aggregator.settings.rounds
@@ -185,6 +296,20 @@ def resume_or_start(
             hint=f"--rounds above {least} continues the run, --fresh starts a new one",
         )
     return True
+
+
+def task_mismatch(kept: GlobalModel, aggregator: Aggregator) -> str | None:
+    """How this aggregator's task differs from the kept run's (its layout fingerprint),
+    in one line, or None. A run kept before issue 13 has no fingerprint: not compared."""
+    if kept.task_fingerprint is None or kept.task_fingerprint == aggregator.task_fingerprint:
+        return None
+    ours = layout_of(aggregator.settings.model_name, aggregator.settings.task_version,
+                     aggregator.params)  # fmt: skip
+    theirs = layout_of(kept.model, kept.task_version, kept.params)
+    difference = layout_difference(theirs, ours) or (
+        f"layout fingerprint {aggregator.task_fingerprint} where {kept.task_fingerprint} was kept"
+    )
+    return difference
 
 
 def rollback_point(store: StateDir, current: Checkpoint | None, round: int) -> Checkpoint:
@@ -224,6 +349,30 @@ def make_publish(outbox: edge.Outbox, topics: Topics) -> Publish:
     return publish
 
 
+def saving_model(publish: Publish, topic: str, path: Path) -> Publish:
+    """``publish``, and each global model published on ``topic`` also written to ``path``
+    (``--save-model``), atomically, before it goes out; the same model published again
+    (a reconnect, a restart) is not rewritten. A write that fails is logged and the run
+    goes on: the state directory keeps every model for ``fedmq export``."""
+    saved: list[bytes] = []
+
+    def publish_and_save(topic_: str, payload: bytes, retain: bool) -> None:
+        if topic_ == topic and (not saved or saved[0] != payload):
+            try:
+                model = write_model(path, payload)
+            except (ModelFileError, SchemaError) as error:
+                log.error("aggregator.save_model_failed", path=str(path), error=str(error))
+            else:
+                saved[:] = [payload]
+                log.debug("aggregator.model_saved", path=str(path), model_id=model.model_id)
+        publish(topic_, payload, retain)
+
+    return publish_and_save
+
+
+LEAVE_SECONDS = 10.0  # the most a stop waits for the broker's acknowledgements
+
+
 def leave(client: mqtt.Client, outbox: edge.Outbox, topics: Topics, *, done: bool) -> None:
     """Wait for the broker to acknowledge what we published, then disconnect cleanly.
 
@@ -234,9 +383,13 @@ def leave(client: mqtt.Client, outbox: edge.Outbox, topics: Topics, *, done: boo
     retained ``done`` (``edge.unsubscribe``). A stopped run keeps its subscriptions: the
     broker queues updates for its restart."""
     wanted = [topics.all_updates, topics.all_status, DROPPED, VERSION]
-    if done and not edge.unsubscribe(client, wanted, timeout=10):
+    if done and client.is_connected() and not edge.unsubscribe(client, wanted, timeout=10):
         log.warning("aggregator.unsubscribe_unacknowledged")
-    if not outbox.flush(timeout=10):
+    deadline = time.monotonic() + LEAVE_SECONDS  # and never on a broker that is gone
+    while client.is_connected() and not outbox.flush(timeout=0.2):
+        if time.monotonic() > deadline:
+            break
+    if outbox.unacknowledged:
         log.warning("aggregator.unacknowledged", messages=outbox.unacknowledged)
     edge.stop(client)
 
@@ -246,6 +399,10 @@ def run(config: AggregatorSettings, stop: threading.Event) -> int:
 
     Holds a lock on the state directory meanwhile (``DirectoryLocked`` if another process
     has it); raises ``LoginRefused`` if the broker refuses the login for good."""
+    if config.save_model is not None:
+        problem = save_problem(config.save_model)
+        if problem is not None:
+            raise ValueError(f"--save-model {config.save_model}: {problem}")
     lock = lock_directory(config.state_dir) if config.state_dir is not None else None
     try:
         return _run(config, stop)
@@ -281,6 +438,8 @@ def _run(config: AggregatorSettings, stop: threading.Event) -> int:
     )
     outbox = edge.Outbox(client)
     publish = make_publish(outbox, topics)
+    if config.save_model is not None:
+        publish = saving_model(publish, topics.global_model, config.save_model)
     drops = BrokerDrops()  # fed from $SYS below, counted per round in the metrics
     aggregator = build_aggregator(config, publish, store, broker_drops=drops)
     # A CheckpointError goes up to the command: one line on stderr, exit status 2.
@@ -333,7 +492,11 @@ def _run(config: AggregatorSettings, stop: threading.Event) -> int:
     if config.report is not None:
         write_report(
             config.report,
-            build_report(aggregator.history, federation=config.federation, model=config.model),
+            build_report(
+                aggregator.history,
+                federation=config.federation,
+                model=aggregator.settings.model_name,
+            ),
         )
     if not aggregator.done:
         publish(topics.server, encode(aggregator.server_status("offline")), True)

@@ -33,7 +33,8 @@ import structlog
 
 from fedmq.aggregator.checkpoint import Checkpoint, metrics_payload, read_history
 from fedmq.aggregator.combine import combine
-from fedmq.aggregator.evaluate import evaluate
+from fedmq.aggregator.evaluate import Evaluator, mlp_evaluator
+from fedmq.aggregator.federated_metrics import federated_metrics
 from fedmq.aggregator.intake import Intake
 from fedmq.aggregator.optimizer import ServerOptimizer, apply_delta
 from fedmq.aggregator.policy import OpenVersion, VersionPolicy
@@ -45,6 +46,7 @@ from fedmq.models import MLP
 from fedmq.schemas import (
     GlobalModel,
     NodeUpdate,
+    RoundEvaluation,
     RoundMetrics,
     ServerStatus,
     Topics,
@@ -52,8 +54,9 @@ from fedmq.schemas import (
     decode_global,
     model_id_of,
 )
-from fedmq.schemas.messages import update_bound
+from fedmq.schemas.messages import finite_metrics, update_bound
 from fedmq.schemas.tensors import Params
+from fedmq.tasks.layout import layout_of
 
 log = structlog.get_logger()
 
@@ -61,8 +64,8 @@ log = structlog.get_logger()
 @dataclass(frozen=True)
 class RoundSettings:
     federation: str
-    model_name: str
-    model: MLP
+    model_name: str  # the task's name: ``model`` on the wire
+    model: MLP | None  # a built-in task's MLP (numpy evaluation); None for any other task
     rounds: int  # model versions made before the final one (the wire's rounds)
     policy: VersionPolicy  # when a version is made: aggregator.rounds.RoundPolicy
     plan: TrainingPlan  # plan.compression is the SPEC every update must follow
@@ -75,14 +78,27 @@ class RoundSettings:
     # change on restart (say to median, once an attack shows); metrics record it per round.
     # Plain FedAvg here; `fedmq aggregator` defaults to robust.DEFAULT (AggregatorSettings).
     aggregation: Rule = FEDAVG
+    # The task's declared version (Task.version_text), sent with the layout's fingerprint.
+    task_version: str | None = None
+    # Parameters of a task that is not a built-in MLP (``model`` None); None: model's.
+    model_floats: int | None = None
 
     def __post_init__(self) -> None:
         check_memory(
             self.aggregation,
             nodes=self.most_updates_per_round,
             update_bytes=self.max_update_bytes,
-            model_floats=self.model.num_params,
+            model_floats=self.num_params,
         )
+
+    @property
+    def num_params(self) -> int:
+        """The model's number of parameters (floats)."""
+        if self.model_floats is not None:
+            return self.model_floats
+        if self.model is None:
+            raise ValueError("RoundSettings needs model or model_floats")
+        return self.model.num_params
 
     @property
     def most_updates_per_round(self) -> int:
@@ -93,7 +109,7 @@ class RoundSettings:
     def fingerprint(self) -> dict[str, Any]:
         """What a run must keep across restarts (rounds and the round policy may change)."""
         return run_fingerprint(
-            {"federation": self.federation, "model": self.model_name, **asdict(self.plan)}
+            {"federation": self.federation, "task": self.model_name, **asdict(self.plan)}
         )
 
 
@@ -105,10 +121,10 @@ class Store(Protocol):
     def append(self, topic: str, payload: bytes) -> None: ...
 
 
-def dense_update_bound(model: MLP) -> int:
-    """Largest update the aggregator accepts (``schemas.messages.update_bound``).
-    Checked before msgpack is even parsed."""
-    return update_bound(model.num_params)
+def dense_update_bound(model: MLP | int) -> int:
+    """Largest update the aggregator accepts (``schemas.messages.update_bound``) for a
+    model, or a number of parameters. Checked before msgpack is even parsed."""
+    return update_bound(model if isinstance(model, int) else model.num_params)
 
 
 def _not_counted() -> int | None:
@@ -128,16 +144,23 @@ class Aggregator:
         store: Store | None = None,
         broker_dropped: Callable[[], int | None] = _not_counted,
         optimizer: ServerOptimizer | None = None,
+        evaluator: Evaluator | None = None,
     ) -> None:
         """``broker_dropped``: messages the broker dropped since the last call, None if
         unknown (``aggregator.broker_drops.BrokerDrops.take``); called as each version
-        opens and when it is made. ``optimizer``: the server update (default FedAvg's)."""
+        opens and when it is made. ``optimizer``: the server update (default FedAvg's).
+        ``evaluator``: each new model's central metrics (``aggregator.evaluate``); by
+        default, with ``test``, the built-in MLP's loss and accuracy on it."""
         self.settings = settings
         self.store = store
         self.policy = settings.policy
         self.topics = Topics(settings.federation)
         self._out = Publisher(self.topics, publish, clock)
-        self._test = test
+        if evaluator is None and test is not None:
+            if settings.model is None:
+                raise ValueError("a test set without an evaluator needs a built-in MLP")
+            evaluator = mlp_evaluator(settings.model, test)
+        self._evaluator = evaluator
         self._clock = clock
         self._wall = wall_clock
         self._broker_dropped = broker_dropped
@@ -145,6 +168,10 @@ class Aggregator:
         self.params = initial_params
         self._optimizer_state = self._optimizer.init(initial_params)
         self.layout = {name: tuple(a.shape) for name, a in initial_params.items()}
+        # The layout's fingerprint, which nodes check their task against (fedmq.tasks.layout).
+        self.task_fingerprint = layout_of(
+            settings.model_name, settings.task_version, initial_params
+        ).fingerprint
         self.history: list[RoundMetrics] = []
         self._history_wire: list[bytes] = []  # the same, as published (for checkpoints)
         self._present: dict[str, bool] = {}  # node id -> online, from retained status
@@ -339,6 +366,8 @@ class Aggregator:
             final=final,
             created_at=self._wall(),
             selected=selected,
+            task_version=self.settings.task_version,
+            task_fingerprint=self.task_fingerprint,
         )
         self._out.prepare_model(message, previous)
         self._open = OpenVersion(
@@ -392,9 +421,8 @@ class Aggregator:
             self.params, combined.delta, self._optimizer_state
         )
         model_id = model_id_of(self.params)
-        loss = accuracy = None
-        if self._test is not None:
-            loss, accuracy = evaluate(self.settings.model, self.params, self._test)
+        central = self._evaluator(self.params) if self._evaluator is not None else {}
+        loss, accuracy = central.get("loss"), central.get("accuracy")
         participants = sorted(held)
         rejected = self._intake.take_rejected()
         out = self._out
@@ -422,6 +450,10 @@ class Aggregator:
                 update.train_seconds for update in held.values()
             ),
             broker_dropped=self._broker_dropped(),
+            metrics=RoundEvaluation(
+                central=None if self._evaluator is None else finite_metrics(central),
+                federated=federated_metrics(held),
+            ),
         )
         metrics, payload = metrics_payload(metrics)  # a diverged model's loss: nil
         self.history.append(metrics)
@@ -434,6 +466,7 @@ class Aggregator:
             participants=len(participants),
             accuracy=metrics.accuracy,
             loss=metrics.loss,
+            federated=metrics.metrics.federated if metrics.metrics else None,
             rejected=rejected,
             seconds=round(metrics.seconds, 4),
         )

@@ -12,16 +12,23 @@ from fedmq.logs import LogSettings
 from fedmq.mqtt import ConnectionSettings
 from fedmq.settings import (
     COMPRESSION_HELP,
+    EVAL_FRACTION_HELP,
+    MODEL_HELP,
+    TASK_HELP,
     Exclusive,
+    chosen_task,
     compression_spec,
     declared,
+    eval_fraction,
     fraction,
     model_name,
     node_id_list,
     positive_float,
     positive_int,
     setting,
+    show_auto,
     show_list,
+    task_spec,
     usage_errors,
 )
 
@@ -41,8 +48,16 @@ def _show_deadline(value: object) -> str:
     return "none" if value is None else str(value)
 
 
+def eval_fraction_of(setting: float | None, *, has_test_set: bool) -> float:
+    """The plan's ``eval_fraction``: the one given, or for ``auto`` (None) 0 when the
+    aggregator evaluates centrally, ``AUTO_EVAL_FRACTION`` when it has no test set."""
+    if setting is not None:
+        return setting
+    return 0.0 if has_test_set else AUTO_EVAL_FRACTION
+
+
 def _test_data(text: str) -> str | None:
-    """``--test-data``: digits, a path to an .npz, or none (no evaluation)."""
+    """``--test-data``: auto, digits, a path to an .npz, or none (no evaluation)."""
     return None if text == "none" else text
 
 
@@ -58,6 +73,7 @@ _RESTART = Exclusive("restart")
 # settings (``fedmq --help``) loads no numpy; tests/unit/test_settings.py checks they agree.
 DEFAULT_AGGREGATION = "fedavg+clip-median:2+cap-examples:1.25"
 DEFAULT_ROUND_TIMEOUT = 300.0
+AUTO_EVAL_FRACTION = 0.2  # --eval-fraction auto without a test set
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -67,9 +83,15 @@ class AggregatorSettings(LogSettings, ConnectionSettings):
 
     SECTION: ClassVar[str] = "aggregator"
 
-    model: str = setting(
-        "digits-mlp", kept="model", parse=model_name, help="architecture (default digits-mlp)"
+    # The run's task; its name is kept under "model" in the fingerprint, as before --task.
+    task: str | None = setting(  # None: --model, or digits-mlp (task_spec)
+        None,
+        kept="model",
+        parse=task_spec,
+        metavar="SPEC",
+        help=TASK_HELP + " (default digits-mlp)",
     )
+    model: str | None = setting(None, parse=model_name, help=MODEL_HELP)
     nodes: int = setting(10, parse=positive_int, help="nodes expected each round (default 10)")
     min_nodes: int | None = setting(  # None: more than half of nodes (default_quorum)
         None, parse=positive_int, help="quorum at the deadline (default: more than half of --nodes)"
@@ -98,13 +120,24 @@ class AggregatorSettings(LogSettings, ConnectionSettings):
     compression: str = setting(
         "dense", kept="compression", parse=compression_spec, metavar="SPEC", help=COMPRESSION_HELP
     )
-    test_data: str | None = setting(  # "digits", a path to an .npz, or None
-        "digits",
+    test_data: str | None = setting(  # "auto", "digits", a path to an .npz, or None
+        "auto",
         parse=_test_data,
         show=_show_deadline,
-        keywords=frozenset({"digits", "none"}),
-        metavar="digits|PATH.npz|none",
-        help="evaluation set for test accuracy (default: the digits test split)",
+        keywords=frozenset({"auto", "digits", "none"}),
+        metavar="auto|digits|PATH.npz|none",
+        help="evaluation set for the central test metrics: auto (default: the digits test "
+        "split for the digits MLPs, a built-in example task's own test split, none for any "
+        "other task), digits, an .npz with x and y, or none",
+    )
+    eval_fraction: float | None = setting(  # None: auto (eval_fraction_of)
+        None,
+        kept="eval_fraction",
+        unkept=(0.0,),
+        parse=eval_fraction,
+        show=show_auto,
+        metavar="F|auto",
+        help=EVAL_FRACTION_HELP,
     )
     max_update_bytes: int | None = setting(
         None,
@@ -112,6 +145,14 @@ class AggregatorSettings(LogSettings, ConnectionSettings):
         help="reject larger updates unread (default: dense model size + 64 KiB)",
     )
     report: Path | None = setting(None, parse=Path, help="write report.json here at the end")
+    save_model: Path | None = setting(  # fedmq.model_file; written by aggregator/app.py
+        None,
+        parse=Path,
+        metavar="PATH.msgpack|PATH.npz",
+        help="keep the newest global model in this file, replaced atomically after every "
+        "model version (.msgpack: the global model message; .npz: one array per tensor; "
+        "fedmq.load_params reads both)",
+    )
     state_dir: Path | None = setting(  # None (from Python only): no crash recovery
         Path(".fedmq-aggregator"),
         parse=Path,
@@ -173,6 +214,14 @@ class AggregatorSettings(LogSettings, ConnectionSettings):
         "clip-median:2)",
     )
 
+    def __post_init__(self) -> None:
+        chosen_task(self.task, self.model)  # both given and different: ValueError
+
+    @property
+    def task_spec(self) -> str:
+        """``--task``, or its old spelling ``--model``, or digits-mlp."""
+        return chosen_task(self.task, self.model)
+
 
 # ---- the fingerprint of a run: the settings marked ``kept`` ------------------------------
 
@@ -190,11 +239,16 @@ def _kept() -> dict[str, list[str]]:
 def run_fingerprint(values: Mapping[str, Any]) -> dict[str, Any]:
     """What a run must keep across restarts, as the checkpoint stores it, from the values
     of the ``kept`` settings by name: ``{"federation", "model", "plan": [learning_rate,
-    batch_size, local_epochs, seed], "compression"}``."""
-    return {
-        key: values[names[0]] if len(names) == 1 else [values[name] for name in names]
-        for key, names in _kept().items()
-    }
+    batch_size, local_epochs, seed], "compression"}``, and ``"eval_fraction"`` only when
+    it is not 0 (a run kept before federated evaluation resumes)."""
+    settings = declared(AggregatorSettings)
+    fingerprint: dict[str, Any] = {}
+    for key, names in _kept().items():
+        if len(names) > 1:
+            fingerprint[key] = [values[name] for name in names]
+        elif values[names[0]] not in settings[names[0]].setting.unkept:
+            fingerprint[key] = values[names[0]]
+    return fingerprint
 
 
 def _by_option(fingerprint: Mapping[str, Any]) -> dict[str, Any]:
@@ -212,6 +266,10 @@ def _by_option(fingerprint: Mapping[str, Any]) -> dict[str, Any]:
             flat[settings[names[0]].flag] = value
         else:
             flat[key] = value
+    for key, names in kept.items():  # a key left out holds its setting's first unkept value
+        item = settings[names[0]]
+        if len(names) == 1 and item.setting.unkept and key not in fingerprint:
+            flat[item.flag] = item.setting.unkept[0]
     return flat
 
 

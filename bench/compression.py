@@ -59,13 +59,18 @@ def codec_costs(
     delta. Costs are CPU time of this thread (other work on a shared machine does not
     count), the minimum over rounds of 10 calls, the SPECs taking turns in every round so
     that dense and compressed are measured under the same conditions."""
-    from fedmq.node.training import LocalTrainer, delta
+    from fedmq.tasks.training import delta
+
+    try:
+        from bench.trainer import Trainer
+    except ModuleNotFoundError:  # run as a script: bench/ itself is on sys.path
+        from trainer import Trainer  # type: ignore[no-redef]
 
     train, _ = digits()
     shard = partition(train.y, 10, "iid", 0)[0]
     model = get_model(model_name)
     params = model.init(0)
-    trained, _ = LocalTrainer(model, train.x[shard], train.y[shard]).train(
+    trained, _ = Trainer(model_name, train.x[shard], train.y[shard]).train(
         params, learning_rate=0.1, batch_size=16, local_epochs=1, seed=0, node_id="n", round=1
     )
     change = delta(trained, params)

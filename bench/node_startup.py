@@ -24,16 +24,21 @@ if sys.argv[1] != "off":
     enable_compile_cache(Path(sys.argv[1]))
 import numpy as np
 from fedmq.models import get_model
-from fedmq.node.training import LocalTrainer
+from fedmq.schemas import TrainingPlan
+from fedmq.tasks.builtin import mlp_params
+from fedmq.tasks.naming import flatten_params
+from fedmq.tasks.registry import load_task
+from fedmq.tasks.training import train_local
 imported = time.perf_counter() - t0
-model = get_model(sys.argv[2])
+model, task = get_model(sys.argv[2]), load_task(sys.argv[2])
 rng = np.random.default_rng(0)
 x = rng.random((150, 64), dtype=np.float32); y = rng.integers(0, 10, 150).astype(np.int32)
-trainer = LocalTrainer(model, x, y)
 params = model.init(0)
+plan = TrainingPlan(0.1, 16, 1, 0)
 def epoch(r):
     s = time.perf_counter()
-    trainer.train(params, learning_rate=0.1, batch_size=16, local_epochs=1, seed=0, node_id="n", round=r)
+    trained, _ = train_local(task, mlp_params(model, params), x, y, plan, node_id="n", round_number=r)
+    flatten_params(trained)
     return time.perf_counter() - s
 first = epoch(1)
 import statistics

@@ -11,7 +11,7 @@ a Dirichlet(0.5) one.
 Then (issue 5) ten nodes, the reference IID split, 30 rounds, 2 of the 10 nodes poisoned: each trains
 honestly and then sends either its delta times -10 (``scale``) or Gaussian noise with
 sigma 1 per number (``noise``, norm ~49, about 100x an honest update's). Everything is
-in-process and real except the network: ``node.training.LocalTrainer`` trains each node's
+in-process and real except the network: ``bench.trainer.Trainer`` (the node's ``fedmq.tasks.training``) trains each node's
 shard, its delta goes out as an encoded ``NodeUpdate`` and the real ``Aggregator`` (with
 the rule under test) validates, aggregates and evaluates it. A node whose training
 diverged sends nothing, as ``fedmq node`` does; a round nobody completes ends the run
@@ -37,7 +37,12 @@ from fedmq.aggregator.rounds import RoundPolicy
 from fedmq.aggregator.server import Aggregator, RoundSettings, dense_update_bound
 from fedmq.datasets import digits, partition
 from fedmq.models import get_model
-from fedmq.node.training import LocalTrainer, delta
+from fedmq.tasks.training import delta
+
+try:
+    from bench.trainer import Trainer
+except ModuleNotFoundError:  # run as a script: bench/ itself is on sys.path
+    from trainer import Trainer  # type: ignore[no-redef]
 from fedmq.schemas import NodeUpdate, Topics, TrainingPlan, encode
 from fedmq.schemas.encodings import MAX_ABS
 from fedmq.schemas.messages import MAX_EXAMPLES, MAX_LOSS
@@ -115,11 +120,9 @@ class Fleet:
     def __init__(self, split: str = "iid") -> None:
         train, self.test = digits()
         shards = partition(train.y, NODES, split, 0)
-        self.trainers = [LocalTrainer(MODEL, train.x[s], train.y[s]) for s in shards]
-        # One process per node compiles its own epoch; here the equal-sized shards share
-        # the first one's (the compile dominates a short run on a loaded machine).
-        for trainer in self.trainers[1:] if split == "iid" else ():
-            trainer._epochs = self.trainers[0]._epochs
+        # One task for all: the equal-sized shards share one compiled epoch (the compile
+        # dominates a short run on a loaded machine; each node process compiles its own).
+        self.trainers = [Trainer(MODEL_NAME, train.x[s], train.y[s]) for s in shards]
 
 
 @dataclass(frozen=True)

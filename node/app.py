@@ -1,7 +1,8 @@
 """The node process: receive the retained global model, train locally, publish the delta.
 
 Only this module touches MQTT, files and clocks for a node; the maths is in
-``node.training``. Training runs on the main thread, never in a paho callback.
+``fedmq.tasks`` (``training.train_local`` on the node's task). Training runs on the main
+thread, never in a paho callback.
 """
 
 import math
@@ -9,8 +10,9 @@ import queue
 import threading
 import time
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 import structlog
@@ -20,13 +22,9 @@ from fedmq.compression import Pipeline, parse_spec
 from fedmq.compression.transforms import ErrorFeedbackState, error_feedback_init
 from fedmq.datasets import Dataset, digits, load_npz, partition
 from fedmq.files import lock_directory
-from fedmq.models import MLP, check_layout
-from fedmq.node import last_update, residual
+from fedmq.node import last_update, personal, residual, saved_tensors
 from fedmq.node.settings import STATE_ROOT, NodeSettings
 from fedmq.progress_line import ProgressLine
-
-if TYPE_CHECKING:  # JAX is imported only once a node has a model to train
-    from fedmq.node.training import LocalTrainer
 from fedmq.schemas import (
     GlobalDelta,
     GlobalModel,
@@ -39,6 +37,11 @@ from fedmq.schemas import (
     decode_global_delta,
     encode,
 )
+from fedmq.schemas.messages import finite_metrics
+from fedmq.tasks.holdout import holdout
+from fedmq.tasks.layout import TaskLayout, layout_difference, layout_of
+from fedmq.tasks.registry import TaskError, is_builtin, load_task
+from fedmq.tasks.task import Task
 
 log = structlog.get_logger()
 
@@ -46,10 +49,69 @@ log = structlog.get_logger()
 # The files of a node's state (section 13.2 of docs/PROTOCOL.md), found in STATE_ROOT
 # itself by versions before the default was per federation and node.
 STATE_FILES = ("last_update.msgpack", "residual.npz", "residual.next.npz")
+# Files a node keeps since issue 13, never in the old default directory.
+PERSONAL_FILES = (personal.FILE, personal.PENDING)
 
 
 class DataError(ValueError):
     """The node's local data cannot train the federation's model."""
+
+
+class Refused(ValueError):
+    """A global model this node cannot train: another task, or one it cannot find."""
+
+
+@dataclass(frozen=True)
+class Trainable:
+    """The node's task, ready to train: its params' tree (``jax.eval_shape`` of init), the
+    layout it expects on the wire (the shared tensors), the names of its personal tensors,
+    and the node's data on the device, split by the plan into training and held-out
+    examples (``eval_x`` None when the plan holds out none)."""
+
+    task: Task
+    template: Any
+    expected: TaskLayout
+    personal: frozenset[str]
+    personal_shapes: dict[str, tuple[int, ...]]
+    split_by: tuple[int, float]  # (plan seed, eval fraction) the split was made for
+    x: Any
+    y: Any
+    eval_x: Any
+    eval_y: Any
+
+
+def expected_layout(task: Task) -> tuple[Any, TaskLayout, dict[str, tuple[int, ...]]]:
+    """The task's params' tree (shapes only), the layout a global model of it has (its
+    shared tensors: personal ones never travel) and the personal tensors' shapes by name.
+    PersonalError (a ValueError) if ``task.personal`` cannot be applied."""
+    import jax
+
+    from fedmq.tasks.naming import tensor_specs
+    from fedmq.tasks.personal import personal_names
+    from fedmq.tasks.seeds import seed_key
+
+    template = jax.eval_shape(task.init, seed_key(0))
+    own = personal_names(task, template)
+    specs = {
+        name: jax.ShapeDtypeStruct(shape, dtype)
+        for name, shape, dtype in tensor_specs(template)
+        if name not in own
+    }
+    own_shapes = {name: shape for name, shape, _ in tensor_specs(template) if name in own}
+    return template, layout_of(task.name, task.version_text, specs), own_shapes
+
+
+def mismatch(expected: TaskLayout, model: GlobalModel) -> str | None:
+    """How the global model differs from the node's task, in one line, or None: its name,
+    version and tensors (``layout_difference``), then its ``task_fingerprint`` if it has one
+    (an aggregator before issue 13 sends none: the layout alone is compared)."""
+    got = layout_of(model.model, model.task_version, model.params)
+    difference = layout_difference(expected, got)
+    if difference is None and model.task_fingerprint not in (None, expected.fingerprint):
+        difference = (
+            f"task fingerprint {model.task_fingerprint} where {expected.fingerprint} was expected"
+        )
+    return difference
 
 
 def adopt_old_state(old: Path, new: Path, *, federation: str, node_id: str) -> bool:
@@ -108,8 +170,12 @@ DOWNLINK_QOS = 0
 class Node:
     """One device's participation: state across rounds plus what it publishes."""
 
-    def __init__(self, config: NodeSettings, data: Dataset, outbox: edge.Outbox) -> None:
+    def __init__(
+        self, config: NodeSettings, data: Dataset, outbox: edge.Outbox, task: Task | None = None
+    ) -> None:
+        """``task``: the node's ``--task``, loaded; None: the global model's, if built in."""
         self.client = outbox.client
+        self.task = task
         self.config = config
         self.data = data
         self.topics = Topics(config.federation)
@@ -124,17 +190,19 @@ class Node:
             self.last_trained = (saved.round, saved.model_id)
             self._last_update = saved.payload
             self._resend_saved = True
-        residual.settle(
-            self.pending_residual_path, self.residual_path, saved.round if saved else None
-        )
+        on_record = saved.round if saved else None
+        residual.settle(self.pending_residual_path, self.residual_path, on_record)
+        saved_tensors.settle(self.pending_personal_path, self.personal_path, on_record)
         self._held: GlobalModel | None = None  # the newest global model we have
         self._following_full = True  # subscribed to the full global model topic
         self._seen_key: tuple[int, str] | None = None
         self._seen = {"full": 0, "delta": 0}
         self.finished = False
         self.progress = ProgressLine()  # on a terminal only
-        self._trainer: LocalTrainer | None = None
-        self._model: MLP | None = None
+        self._trainable: Trainable | None = None
+        # The model last refused: round 1 comes on both global topics, and a model is
+        # refused (one error status) once per connection, not once per copy.
+        self._refused: tuple[int, str] | None = None
 
     def status(
         self,
@@ -259,6 +327,8 @@ class Node:
         if not model.selects(self.config.node_id):
             self.status("idle", round=model.round, detail="not selected for this round")
             return
+        if (model.round, model.model_id) == self._refused:
+            return
         self.train_and_publish(model)
 
     @property
@@ -272,6 +342,36 @@ class Node:
     @property
     def last_update_path(self) -> Path:
         return self.config.state_path / "last_update.msgpack"
+
+    @property
+    def personal_path(self) -> Path:
+        return self.config.state_path / personal.FILE
+
+    @property
+    def pending_personal_path(self) -> Path:
+        return self.config.state_path / personal.PENDING
+
+    def _personal_for(self, ready: Trainable, model: GlobalModel) -> dict[str, np.ndarray]:
+        """This round's personal tensors: the ones the node kept, or the task's initial
+        ones (seeded by the plan, as the aggregator seeds the shared ones) when it has none
+        usable for this run."""
+        if not ready.personal:
+            return {}
+        saved = saved_tensors.load(self.personal_path)
+        problem = personal.usable(
+            saved,
+            round_number=model.round,
+            fingerprint=ready.expected.fingerprint,
+            layout=ready.personal_shapes,
+        )
+        if saved is not None and problem is None:
+            return saved.tensors
+        from fedmq.tasks.naming import flatten_params
+        from fedmq.tasks.seeds import seed_key
+
+        log.info("personal.initialised", round=model.round, reason=problem)
+        initial = flatten_params(ready.task.init(seed_key(model.plan.seed)))
+        return {name: initial[name] for name in ready.personal}
 
     def _residual_for(self, model: GlobalModel, pipeline: Pipeline) -> ErrorFeedbackState | None:
         """The error-feedback state to start this round from (zeros when stale or absent)."""
@@ -288,39 +388,96 @@ class Node:
     def on_connected(self) -> None:
         """Refresh our retained status: a last will may have marked us offline."""
         self._following_full = True  # make_client subscribed both global topics again
+        self._refused = None  # the retained copy comes again: say so again, after "online"
         round, model_id = self.last_trained or (None, None)
         self.status("submitted" if round else "online", round=round, model_id=model_id)
 
+    def _task_of(self, model: GlobalModel) -> Task:
+        """The task to train ``model`` with: ``--task``, or the built-in one it names."""
+        if self.task is not None:
+            return self.task
+        if self._trainable is not None and self._trainable.task.name == model.model:
+            return self._trainable.task
+        if not is_builtin(model.model):
+            raise Refused(
+                f"the global model is task {model.model!r}, which is not built in: start the "
+                "node with --task MODULE:ATTRIBUTE (the same the aggregator runs)"
+            )
+        try:
+            return load_task(model.model)
+        except TaskError as error:
+            raise Refused(str(error)) from None
+
+    def trainable(self, model: GlobalModel) -> Trainable:
+        """The node's task ready for ``model``; Refused (one line) if it does not match,
+        DataError if the node's data cannot train it."""
+        task = self._task_of(model)
+        split_by = (model.plan.seed, model.plan.eval_fraction)
+        known = self._trainable
+        if known is None or known.task is not task or known.split_by != split_by:
+            import jax.numpy as jnp
+
+            from fedmq.tasks.training import data_problem
+
+            template, expected, own = expected_layout(task)
+            difference = mismatch(expected, model)  # another task: say that, not its data
+            if difference is not None:
+                raise Refused(f"the global model does not match task {task.name!r}: {difference}")
+            problem = data_problem(task, template, self.data.x, self.data.y)
+            if problem is not None:
+                raise DataError(f"local data cannot train model {task.name}: {problem}")
+            train, held = holdout(
+                len(self.data), split_by[1], seed=split_by[0], node_id=self.config.node_id
+            )
+            x, y = self.data.x[train], self.data.y[train]
+            eval_x = jnp.asarray(self.data.x[held]) if len(held) else None
+            eval_y = jnp.asarray(self.data.y[held]) if len(held) else None
+            known = self._trainable = Trainable(
+                task, template, expected, frozenset(own), own, split_by,
+                jnp.asarray(x), jnp.asarray(y), eval_x, eval_y,
+            )  # fmt: skip
+        difference = mismatch(known.expected, model)
+        if difference is not None:
+            raise Refused(f"the global model does not match task {task.name!r}: {difference}")
+        return known
+
     def train_and_publish(self, model: GlobalModel) -> None:
-        from fedmq.node.training import LocalTrainer, delta
+        from fedmq.tasks.evaluation import evaluate_task
+        from fedmq.tasks.naming import flatten_params, named_leaves, unflatten_params
+        from fedmq.tasks.personal import join, split
+        from fedmq.tasks.training import delta, train_local
 
         try:
-            architecture = check_layout(model.model, model.layout)
             pipeline = parse_spec(model.plan.compression)
+            ready = self.trainable(model)
+        except DataError:
+            raise
         except ValueError as error:
+            self._refused = (model.round, model.model_id)
             log.error("global.refused", round=model.round, reason=str(error))
             self.status("error", round=model.round, detail=f"cannot build this model: {error}")
             return
-        if self._trainer is None or self._model != architecture:
-            try:
-                self._trainer = LocalTrainer(architecture, self.data.x, self.data.y)
-            except ValueError as error:
-                raise DataError(f"local data cannot train model {model.model}: {error}") from None
-            self._model = architecture
         with structlog.contextvars.bound_contextvars(round=model.round):
             self.status("training", round=model.round, model_id=model.model_id)
             started = time.perf_counter()
-            params = {name: np.asarray(a) for name, a in model.params.items()}
-            trained, loss = self._trainer.train(
-                params,
-                learning_rate=model.plan.learning_rate,
-                batch_size=model.plan.batch_size,
-                local_epochs=model.plan.local_epochs,
-                seed=model.plan.seed,
+            kept = self._personal_for(ready, model)
+            order = [name for name, _, _ in named_leaves(ready.template)]
+            received = unflatten_params(ready.template, join(order, model.params, kept))
+            measured = None  # federated evaluation: the received model, before training
+            if ready.eval_x is not None:
+                found = evaluate_task(ready.task, received, ready.eval_x, ready.eval_y)
+                measured = finite_metrics(found)
+            trained, loss = train_local(
+                ready.task,
+                received,
+                ready.x,
+                ready.y,
+                model.plan,
                 node_id=self.config.node_id,
-                round=model.round,
+                round_number=model.round,
             )
-            change = delta(trained, params)
+            shared, own = split(flatten_params(trained), ready.personal)
+            change = delta(shared, model.params)
             if not math.isfinite(loss) or not all(np.isfinite(a).all() for a in change.values()):
                 # diverged: sending would be rejected, and keeping it would poison the residual
                 rate = model.plan.learning_rate
@@ -341,12 +498,14 @@ class Node:
                 node_id=self.config.node_id,
                 round=model.round,
                 base_model_id=model.model_id,
-                num_examples=len(self.data),
+                num_examples=len(ready.x),
                 train_loss=loss,
                 train_seconds=time.perf_counter() - started,
                 delta=encoded,
                 compression=str(pipeline),
                 sent_at=time.time(),
+                metrics=measured,
+                eval_examples=None if measured is None else len(ready.eval_x),
             )
             payload = encode(update)
             compress_seconds = time.perf_counter() - started_compress
@@ -359,11 +518,18 @@ class Node:
                     self.pending_residual_path,
                     residual.SavedResidual(model.round, str(pipeline), new_state.residual),
                 )
+            if own:  # the personal tensors wait the same way (node.personal)
+                tag = ready.expected.fingerprint
+                saved_tensors.save(
+                    self.pending_personal_path, saved_tensors.SavedTensors(model.round, tag, own)
+                )
             last_update.save(
                 self.last_update_path, last_update.LastUpdate(model.round, model.model_id, payload)
             )
             if new_state is not None:
                 residual.promote(self.pending_residual_path, self.residual_path)
+            if own:
+                saved_tensors.promote(self.pending_personal_path, self.personal_path)
             self.outbox.publish(self.topics.update(self.config.node_id), payload)
             self.last_trained = (model.round, model.model_id)
             self._resend_saved = False
@@ -399,6 +565,7 @@ def run(config: NodeSettings, stop: threading.Event) -> int:
 def _run(config: NodeSettings, stop: threading.Event) -> int:
     enable_compile_cache(config.state_path / "jax-cache")
     data = load_local_data(config)  # unreadable: one line and exit 2, before connecting
+    task = load_task(config.task) if config.task is not None else None  # the same
     topics = Topics(config.federation)
     offline = NodeStatus(federation=config.federation, node_id=config.node_id, state="offline")
     inbox: queue.Queue[edge.Received] = queue.Queue()
@@ -410,7 +577,7 @@ def _run(config: NodeSettings, stop: threading.Event) -> int:
         persistent=True,  # a stable session; the QoS 0 downlink queues nothing while away
     )
     outbox = edge.Outbox(client)
-    node = Node(config, data, outbox)
+    node = Node(config, data, outbox, task)
     edge.start(client, config.broker)
     log.info("node.started", examples=len(data), broker=str(config.broker))
     try:

@@ -9,7 +9,7 @@ from typing import ClassVar
 
 from fedmq.logs import LogSettings
 from fedmq.mqtt import ConnectionSettings
-from fedmq.settings import Exclusive, partition_spec, setting
+from fedmq.settings import TASK_HELP, Exclusive, partition_spec, setting, task_spec
 
 # Where a node keeps its state unless told (--state-dir): one directory per federation
 # and node id under the working directory, so nodes started side by side never share one.
@@ -45,12 +45,19 @@ class NodeSettings(LogSettings, ConnectionSettings):
     SECTION: ClassVar[str] = "node"
 
     node_id: str = setting(required=True, metavar="ID", help="this device's id (topic level)")
+    task: str | None = setting(  # None: the global model's, if it is built in
+        None,
+        parse=task_spec,
+        metavar="SPEC",
+        help=TASK_HELP + "; the same the aggregator runs (default: the global model's task, "
+        "if it is built in)",
+    )
     data: Path | None = setting(
         None,
         parse=Path,
         exclusive=_DATA,
         metavar="PATH.npz",
-        help="local data: arrays x (n, features) and y (n,)",
+        help="local data: arrays x (n, ...) and y (n,) or (n, ...): class ids or float targets",
     )
     demo_shard: tuple[int, int] | None = setting(  # (index, count) of the digits training split
         None,

@@ -81,6 +81,9 @@ class TrainingPlan:
     local_epochs: int
     seed: int
     compression: str = "dense"  # the SPEC nodes compress their deltas with
+    # The fraction of its examples each node holds out to evaluate the global model it
+    # receives (federated evaluation); 0: none. Written only when non-zero.
+    eval_fraction: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,10 @@ class GlobalModel:
     # The nodes sampled to train this round, sorted; None: every node. Not selected:
     # do not train (the aggregator rejects the update as not_selected).
     selected: tuple[str, ...] | None = None
+    # The task's declared version and the fingerprint of its layout (fedmq.tasks.layout):
+    # a node checks its own task against them. None from aggregators before issue 13.
+    task_version: str | None = None
+    task_fingerprint: str | None = None
 
     def selects(self, node_id: str) -> bool:
         return self.selected is None or node_id in self.selected
@@ -124,6 +131,8 @@ class GlobalDelta:
     final: bool = False
     created_at: float = 0.0
     selected: tuple[str, ...] | None = None  # as in GlobalModel
+    task_version: str | None = None  # as in GlobalModel
+    task_fingerprint: str | None = None  # as in GlobalModel
 
 
 def make_global_delta(
@@ -136,7 +145,8 @@ def make_global_delta(
         federation=model.federation, round=model.round, model=model.model,
         model_id=model.model_id, base_model_id=base_id, plan=model.plan,
         xor=zlib.compress(xored, 6), final=model.final, created_at=model.created_at,
-        selected=model.selected,
+        selected=model.selected, task_version=model.task_version,
+        task_fingerprint=model.task_fingerprint,
     )  # fmt: skip
 
 
@@ -171,6 +181,7 @@ def apply_global_delta(base: Mapping[str, np.ndarray], message: GlobalDelta) -> 
         federation=message.federation, round=message.round, model=message.model,
         model_id=message.model_id, params=params, plan=message.plan, final=message.final,
         created_at=message.created_at, selected=message.selected,
+        task_version=message.task_version, task_fingerprint=message.task_fingerprint,
     )  # fmt: skip
 
 
@@ -186,6 +197,10 @@ class NodeUpdate:
     delta: Mapping[str, Encoded]  # dense arrays, or quantized/sparse forms
     compression: str = "dense"
     sent_at: float = 0.0
+    # Federated evaluation (plan.eval_fraction > 0): the task's metrics of the RECEIVED
+    # global model on the node's held-out examples, and how many there were. Both or neither.
+    metrics: dict[str, float] | None = None
+    eval_examples: int | None = None
 
 
 @dataclass(frozen=True)
@@ -213,6 +228,17 @@ class ServerStatus:
 
 
 @dataclass(frozen=True)
+class RoundEvaluation:
+    """A round's metrics by where they were measured. ``central``: the NEW model on the
+    aggregator's test set (None without one). ``federated``: the model the round STARTED
+    from, on the participants' held-out examples, their metrics weighted by
+    ``eval_examples`` (None when no update carried metrics)."""
+
+    central: dict[str, float] | None = None
+    federated: dict[str, float] | None = None
+
+
+@dataclass(frozen=True)
 class RoundMetrics:
     federation: str
     round: int
@@ -233,6 +259,7 @@ class RoundMetrics:
     train_seconds_median: float | None = None
     global_delta_bytes: int | None = None
     broker_dropped: int | None = None
+    metrics: RoundEvaluation | None = None  # None: an aggregator before federated evaluation
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -392,6 +419,16 @@ def _model_id(obj: Mapping[str, Any], key: str) -> str:
     return value
 
 
+MAX_TASK_VERSION = 256  # characters of a task's declared version
+
+
+def _task_version(obj: Mapping[str, Any], key: str) -> str:
+    value = _str(obj, key)
+    if len(value) > MAX_TASK_VERSION:
+        raise SchemaError("bad_field", f"{key} is longer than {MAX_TASK_VERSION} characters")
+    return value
+
+
 _SPEC = re.compile(r"[a-z0-9:.+]{1,64}")  # shape only; fedmq.compression parses it
 _ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # node and federation ids, as in schemas.topics
 _TENSOR_NAME = re.compile(r"[A-Za-z0-9_./-]{1,64}")
@@ -440,6 +477,48 @@ def _check_names(wire: Mapping[Any, Any], key: str) -> None:
     bad = [n for n in wire if not (isinstance(n, str) and _TENSOR_NAME.fullmatch(n))]
     if bad:
         raise SchemaError("bad_field", f"{key} has invalid tensor names {bad[:3]!r}")
+
+
+# Federated evaluation (docs/PROTOCOL.md 8.1, 8.2, 8.5).
+MAX_EVAL_FRACTION = 0.5  # a node trains on at least as many examples as it holds out
+MAX_METRICS = 32  # names in one metrics map
+
+
+def _eval_fraction(obj: Mapping[str, Any], key: str) -> float:
+    """A missing key is 0 (an aggregator before federated evaluation); nil is not."""
+    if key not in obj:
+        return 0.0
+    value = _float(obj, key)
+    if not 0.0 <= value <= MAX_EVAL_FRACTION:
+        raise SchemaError("bad_field", f"{key} is {value}, must be in [0, {MAX_EVAL_FRACTION}]")
+    return value
+
+
+def _metric_values(obj: Mapping[str, Any], key: str) -> dict[str, float]:
+    """A non-empty map of at most MAX_METRICS names (tensor-name characters) to finite
+    numbers, saturated to +-MAX_LOSS as a training loss is."""
+    metrics = _get(obj, key, dict)
+    if not metrics or len(metrics) > MAX_METRICS:
+        raise SchemaError("bad_field", f"{key} must hold 1 to {MAX_METRICS} metrics")
+    bad = [n for n in metrics if not (isinstance(n, str) and _TENSOR_NAME.fullmatch(n))]
+    if bad:
+        raise SchemaError("bad_field", f"{key} has invalid metric names {bad[:3]!r}")
+    return {name: _saturated(metrics, name) for name in metrics}
+
+
+def finite_metrics(values: Mapping[str, Any]) -> dict[str, float] | None:
+    """``values`` as a metrics map the wire takes: the finite ones as floats (a diverged
+    model's NaN loss is left out), None if none is. Senders filter with it."""
+    kept = {
+        name: float(value)
+        for name, value in values.items()
+        if value is not None and math.isfinite(value)
+    }
+    return kept or None
+
+
+def _float_map(values: Mapping[str, Any] | None) -> dict[str, float] | None:
+    return None if values is None else {name: float(v) for name, v in values.items()}
 
 
 def _params(
@@ -562,6 +641,9 @@ class Field:
     to_wire: ToWire | None = None  # value -> wire value; None: written as it is
     with_message: bool = False  # to_wire(value, message) instead
     omit_none: bool = False  # None is left out of the wire instead of written as nil
+    # The dataclass default is left out of the wire: a field added later keeps the
+    # messages that do not use it byte for byte what they were.
+    omit_default: bool = False
 
 
 class Kind:
@@ -588,6 +670,8 @@ class Kind:
         self._converted = tuple((k, to_wire) for k, to_wire, w in converted if to_wire and not w)
         self._converted_with = tuple((k, to_wire) for k, to_wire, w in converted if to_wire and w)
         self._omitted = tuple((f.key, f.to_wire) for f in fields if f.omit_none)
+        defaults = {f.name: f.default for f in dataclass_fields(cls)}
+        self._defaults = tuple((f.key, defaults[f.key]) for f in fields if f.omit_default)
         by_key = {f.key: f for f in fields}
         order = [by_key[k] for k in first] + [f for f in fields if f.key not in first]
         self._checks = tuple((f.key, f.check, f.nullable) for f in order)
@@ -608,6 +692,9 @@ class Kind:
                 del wire[key]
             elif convert is not None:
                 wire[key] = convert(wire[key])
+        for key, default in self._defaults:
+            if wire[key] == default:
+                del wire[key]
         return wire
 
     def decode(
@@ -632,6 +719,7 @@ PLAN = Kind(None, TrainingPlan, (
     Field("local_epochs", _at_least_1),
     Field("seed", _positive),
     Field("compression", partial(_spec, default="dense")),
+    Field("eval_fraction", _eval_fraction, to_wire=float, omit_default=True),
 ))  # fmt: skip
 
 
@@ -650,6 +738,9 @@ GLOBAL = Kind("global", GlobalModel, (
     Field("params", None, to_wire=_params_to_wire),  # decoded with the caller's max_elements
     # Only when sampling: without the key a message is byte for byte what it was.
     Field("selected", _node_ids, nullable=True, to_wire=list, omit_none=True),
+    # From issue 13 on (absent from older aggregators' messages): the task's layout.
+    Field("task_version", _task_version, nullable=True, omit_none=True),
+    Field("task_fingerprint", _model_id, nullable=True, omit_none=True),
 ))  # fmt: skip
 
 GLOBAL_DELTA = Kind("global_delta", GlobalDelta, (
@@ -663,6 +754,8 @@ GLOBAL_DELTA = Kind("global_delta", GlobalDelta, (
     Field("plan", _plan, to_wire=PLAN.to_wire),
     Field("xor", _bin),
     Field("selected", _node_ids, nullable=True, to_wire=list, omit_none=True),
+    Field("task_version", _task_version, nullable=True, omit_none=True),
+    Field("task_fingerprint", _model_id, nullable=True, omit_none=True),
 ))  # fmt: skip
 
 UPDATE = Kind("update", NodeUpdate, (
@@ -675,6 +768,9 @@ UPDATE = Kind("update", NodeUpdate, (
     Field("train_seconds", _non_negative_float, to_wire=float),
     Field("sent_at", _float, to_wire=float),
     Field("compression", _spec),
+    # Only with federated evaluation; the decoder checks they come together.
+    Field("metrics", _metric_values, nullable=True, to_wire=_float_map, omit_none=True),
+    Field("eval_examples", _examples, nullable=True, omit_none=True),
     # Decoded with compression and the caller's limits, encoded as compression says.
     Field("delta", None, to_wire=_delta_to_wire, with_message=True),
 ), first=("compression", "train_seconds"))  # fmt: skip
@@ -701,6 +797,16 @@ SERVER = Kind("server", ServerStatus, (
     Field("at", _float, nullable=True),
 ))  # fmt: skip
 
+EVALUATION = Kind(None, RoundEvaluation, (
+    Field("central", _metric_values, nullable=True, to_wire=_float_map),
+    Field("federated", _metric_values, nullable=True, to_wire=_float_map),
+))  # fmt: skip
+
+
+def _evaluation(obj: Mapping[str, Any], key: str) -> RoundEvaluation:
+    return RoundEvaluation(**EVALUATION.decode(_get(obj, key, dict)))
+
+
 # Any key not declared here is kept in RoundMetrics.extra, written after the fields.
 METRICS = Kind("metrics", RoundMetrics, (
     Field("federation", _name),
@@ -722,6 +828,8 @@ METRICS = Kind("metrics", RoundMetrics, (
     Field("train_seconds_median", _float, nullable=True),
     Field("global_delta_bytes", _positive, nullable=True),
     Field("broker_dropped", _positive, nullable=True),
+    # The reference aggregator always writes it; without it, the bytes of older messages.
+    Field("metrics", _evaluation, nullable=True, to_wire=EVALUATION.to_wire, omit_none=True),
 ), first=("participants", "rejected"))  # fmt: skip
 
 KINDS: dict[type, Kind] = {
@@ -789,7 +897,16 @@ def decode_update(
         framing = Framing.named_by(values["compression"])
         return _delta(obj, framing, max_bytes=max_bytes, max_elements=max_elements, layout=layout)
 
-    return NodeUpdate(**UPDATE.decode(obj, {"delta": delta}))
+    update = NodeUpdate(**UPDATE.decode(obj, {"delta": delta}))
+    if (update.metrics is None) != (update.eval_examples is None):
+        raise SchemaError("bad_field", "metrics and eval_examples must come together")
+    if update.eval_examples is not None and update.eval_examples > update.num_examples:
+        raise SchemaError(
+            "bad_field",
+            f"eval_examples {update.eval_examples} is more than num_examples "
+            f"{update.num_examples} (a node holds out at most half of its examples)",
+        )
+    return update
 
 
 def decode_status(payload: bytes, *, max_bytes: int = 64 * 1024) -> NodeStatus:

@@ -37,6 +37,7 @@ _EXPORTS = {
     "decode_metrics": "fedmq.schemas",
     "decode_global": "fedmq.schemas",
     "read_report": "fedmq.report",
+    "load_params": "fedmq.model_file",
 }
 _RENAMED = {"configure_logging": ("fedmq.logs", "configure")}
 
@@ -56,6 +57,7 @@ __all__ = [  # the keys of _EXPORTS and _RENAMED (tests/unit/test_python_api.py)
     "decode_metrics",
     "decode_server_status",
     "decode_status",
+    "load_params",
     "read_report",
     "run",
 ]
@@ -66,6 +68,7 @@ if TYPE_CHECKING:
     from fedmq.demo_settings import DemoSettings
     from fedmq.launch import run
     from fedmq.logs import configure as configure_logging
+    from fedmq.model_file import load_params
     from fedmq.monitor_settings import MonitorSettings
     from fedmq.mqtt import BrokerAddress
     from fedmq.node.settings import NodeSettings

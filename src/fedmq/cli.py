@@ -25,6 +25,8 @@ Federated learning for fleets of small devices over MQTT.
   fedmq node        train on local data and publish updates (one per device)
   fedmq monitor     watch node status and round metrics live
   fedmq report      summarise a report.json; --plot draws it as a PNG or SVG chart
+  fedmq export      write the newest global model of an aggregator's state directory
+                    to a file (.msgpack or .npz) for fedmq.load_params
 
 node, aggregator, broker and monitor also read a TOML file (--config PATH or
 $FEDMQ_CONFIG) and FEDMQ_<SECTION>_<KEY> variables: see deploy/config/.
@@ -46,6 +48,13 @@ def _plot_path(text: str) -> Path:
     path = Path(text)
     if path.suffix.lower() not in (".png", ".svg"):
         raise argparse.ArgumentTypeError(f"{text!r} does not end in .png or .svg")
+    return path
+
+
+def _model_path(text: str) -> Path:
+    path = Path(text)
+    if path.suffix not in (".msgpack", ".npz"):
+        raise argparse.ArgumentTypeError(f"{text!r} does not end in .msgpack or .npz")
     return path
 
 
@@ -215,6 +224,31 @@ def build_parser() -> settings.Parser:
     )
     settings.add_options(p, logs.LogSettings)
 
+    p = sub.add_parser(
+        "export",
+        help="write the newest global model to a .msgpack or .npz file",
+        description="Write the newest global model kept in an aggregator's state directory "
+        "to a file: .msgpack is the global model message as published (docs/PROTOCOL.md), "
+        ".npz one array per tensor plus fedmq:task, fedmq:model_id, fedmq:round... "
+        "Safe while the aggregator runs (it takes no lock; the checkpoint is replaced "
+        "atomically). Load it with fedmq.load_params(path, task) (docs/python-api.md).",
+    )
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        default=Path(".fedmq-aggregator"),
+        metavar="DIR",
+        help="the aggregator's --state-dir (default ./.fedmq-aggregator)",
+    )
+    p.add_argument(
+        "--out",
+        type=_model_path,
+        required=True,
+        metavar="FILE.msgpack|FILE.npz",
+        help="write the model here; the suffix chooses the format",
+    )
+    settings.add_options(p, logs.LogSettings)
+
     settings.add_command(
         parser,
         sub,
@@ -292,5 +326,12 @@ def dispatch(args: argparse.Namespace, stop: threading.Event) -> int:
 
             save_plot(report, args.plot)
             print(f"chart written to {args.plot}")
+        return 0
+    if args.command == "export":
+        from fedmq.export import export
+        from fedmq.model_file import describe
+
+        model = export(args.state_dir, args.out)
+        print(f"{describe(model)}: written to {args.out}")
         return 0
     return launch.run(settings.build(SETTINGS[args.command], args), stop)

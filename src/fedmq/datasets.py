@@ -18,8 +18,8 @@ DIGITS_CLASSES = 10
 
 @dataclass(frozen=True)
 class Dataset:
-    x: np.ndarray  # float32, (n, features)
-    y: np.ndarray  # int32, (n,)
+    x: np.ndarray  # float32, (n, ...): the digits' (n, 64)
+    y: np.ndarray  # (n, ...): int32 class ids (the digits' (n,)), or float32 targets
 
     def __len__(self) -> int:
         return len(self.y)
@@ -115,7 +115,9 @@ def _read_x_and_y(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def load_npz(path: Path) -> Dataset:
-    """A node's own data: an .npz with ``x`` (n, features) numbers and ``y`` (n,) class ids.
+    """A node's own data: an .npz with ``x`` (n, ...) numbers and ``y`` (n, ...) either
+    integer class ids (>= 0) or float targets (a regression), any trailing shapes, the
+    same n > 0. x is cast to float32, class ids to int32, float targets to float32.
     ValueError, one line naming the file, what is wrong and how to fix it."""
     try:
         x, y = _read_x_and_y(path)
@@ -126,8 +128,11 @@ def load_npz(path: Path) -> Dataset:
         raise ValueError(f"{path}: cannot read x and y from it ({error})") from None
     except _NotXAndY as error:
         raise ValueError(f"{path}: {error}") from None
-    if x.ndim != 2 or y.ndim != 1 or len(x) != len(y) or len(y) == 0:
-        raise ValueError(f"{path}: x must be (n, features) and y (n,) with n > 0")
+    if x.ndim == 0 or y.ndim == 0 or len(x) != len(y) or len(y) == 0:
+        raise ValueError(
+            f"{path}: x must be (n, ...) and y (n,) or (n, ...) with the same n > 0 examples"
+            f" on their first axis; it holds x {x.shape} and y {y.shape}"
+        )
     if np.iscomplexobj(x) or not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
         raise ValueError(f"{path}: x holds {x.dtype} values, not real numbers")
     if y.dtype.kind in "USO":
@@ -135,14 +140,74 @@ def load_npz(path: Path) -> Dataset:
             f"{path}: y holds strings; it must hold class ids 0, 1, 2, ...: map each label to"
             " its id, e.g. names, y = numpy.unique(y, return_inverse=True)"
         )
-    if not np.issubdtype(y.dtype, np.integer):
+    if np.issubdtype(y.dtype, np.floating):  # a regression's targets
+        targets = _as_float32(path, "y", y)
+    elif np.issubdtype(y.dtype, np.integer):
+        if y.min() < 0:
+            raise ValueError(f"{path}: y holds {y.min()}; class ids are 0, 1, 2, ... (>= 0)")
+        targets = y.astype(np.int32)
+    else:  # bool, complex: neither class ids nor real targets
         raise ValueError(
-            f"{path}: y holds {y.dtype} values; it must hold integer class ids 0, 1, 2, ...:"
-            " store y.astype(int) if they are whole numbers"
+            f"{path}: y holds {y.dtype} values; it must hold integer class ids 0, 1, 2, ..."
+            " (store y.astype(int)) or float targets of a regression (y.astype(float))"
         )
-    if y.min() < 0:
-        raise ValueError(f"{path}: y holds {y.min()}; class ids are 0, 1, 2, ... (>= 0)")
-    x = x.astype(np.float32)
-    if not np.isfinite(x).all():
-        raise ValueError(f"{path}: x holds NaN or Inf")
-    return Dataset(x, y.astype(np.int32))
+    return Dataset(_as_float32(path, "x", x), targets)
+
+
+def _as_float32(path: Path, name: str, values: np.ndarray) -> np.ndarray:
+    """``values`` as float32; ValueError if any is NaN or Inf (or beyond float32's range)."""
+    cast = values.astype(np.float32)
+    if not np.isfinite(cast).all():
+        raise ValueError(f"{path}: {name} holds NaN or Inf")
+    return cast
+
+
+QUANTILE_BINS = 10  # a regression's y is cut into deciles for Dirichlet skew
+
+
+def partition_labels(y: np.ndarray) -> np.ndarray:
+    """What ``partition`` skews over: class ids as they are; a float ``y`` (regression) by
+    its deciles (0..9), so ``dirichlet:ALPHA`` gives nodes different ranges of the target.
+    A ``y`` with more than one value per example (n, ...) is skewed by each example's mean."""
+    if np.issubdtype(y.dtype, np.integer) and y.ndim == 1:
+        return y
+    key = y.reshape(len(y), -1).mean(axis=1) if y.ndim > 1 else y
+    edges = np.quantile(key, np.linspace(0, 1, QUANTILE_BINS + 1)[1:-1])
+    return np.searchsorted(edges, key, side="right").astype(np.int32)
+
+
+def write_node_files(
+    train: Dataset, test: Dataset, nodes: int, partition_spec: str, seed: int, out_dir: Path
+) -> list[Path]:
+    """``out_dir/node-01.npz`` ... (``train`` cut by ``partition``; two digits, three from 100
+    nodes on, so they sort in order) and ``out_dir/test.npz``, each with ``x`` and ``y``:
+    what ``fedmq demo --data-dir`` reads. Returns the node files' paths."""
+    parts = partition(partition_labels(train.y), nodes, partition_spec, seed)
+    return save_node_files([Dataset(train.x[part], train.y[part]) for part in parts], test, out_dir)
+
+
+def save_node_files(shards: list[Dataset], test: Dataset | None, out_dir: Path) -> list[Path]:
+    """``out_dir/node-01.npz`` ... one per shard, in order (two digits, three from 100 nodes
+    on, so they sort in order), and ``out_dir/test.npz`` unless ``test`` is None: the layout
+    ``fedmq demo --data-dir`` reads. Returns the node files' paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    width = max(2, len(str(len(shards))))
+    paths = []
+    for index, shard in enumerate(shards, start=1):
+        path = out_dir / f"node-{index:0{width}d}.npz"
+        shard.save(path)
+        paths.append(path)
+    if test is not None:
+        test.save(out_dir / TEST_FILE)
+    return paths
+
+
+NODE_FILES = "node-*.npz"  # in a --data-dir: one node's data each, in sorted order
+TEST_FILE = "test.npz"  # in a --data-dir: the aggregator's test set, if there
+
+
+def data_dir_files(directory: Path) -> tuple[list[Path], Path | None]:
+    """A ``--data-dir``'s node files (``node-*.npz``, sorted by name) and its ``test.npz``
+    (None if it has none)."""
+    test = directory / TEST_FILE
+    return sorted(directory.glob(NODE_FILES)), test if test.is_file() else None

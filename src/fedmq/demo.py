@@ -29,6 +29,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, TextIO
 
+import numpy as np
 import structlog
 
 from fedmq import mqtt as edge
@@ -38,41 +39,53 @@ from fedmq.datasets import (
     DIGITS_CLASSES,
     DIGITS_FEATURES,
     DIGITS_TRAIN,
+    NODE_FILES,
+    TEST_FILE,
     Dataset,
+    data_dir_files,
     digits,
+    load_npz,
     partition,
+    save_node_files,
 )
 from fedmq.demo_settings import DemoSettings
 from fedmq.files import output_problem
 from fedmq.lifeline import tied
+from fedmq.model_file import save_problem
 from fedmq.models import get_model
 from fedmq.node.settings import NodeSettings
 from fedmq.report import build_report, write_report
 from fedmq.schemas import RoundMetrics, SchemaError, Topics, decode_metrics
 from fedmq.settings import to_argv
+from fedmq.tasks.builtin_data import DIGITS_TASKS, node_limit, split_builtin
+from fedmq.tasks.registry import EXAMPLES, is_builtin
 
 log = structlog.get_logger()
 
 
 def child_argv(
-    config: DemoSettings, address: edge.BrokerAddress, workdir: Path, test_path: Path,
+    config: DemoSettings, address: edge.BrokerAddress, workdir: Path, test_path: Path | None,
     node_paths: list[Path],
 ) -> dict[str, list[str]]:  # fmt: skip
     """The command line of each child (``aggregator``, ``node-01``, ...), made from their
     settings objects. The aggregator keeps its checkpoint and journal in the workdir, so a
-    restarted aggregator resumes this run."""
+    restarted aggregator resumes this run; without a test set (``test_path`` None) it
+    evaluates federated (``--test-data none``: its --eval-fraction auto is then > 0)."""
     aggregator = AggregatorSettings(
         broker=address,
         federation=config.federation,
-        model=config.model,
-        nodes=config.nodes,
+        task=config.task_spec,
+        nodes=config.node_count,
         rounds=config.rounds,
         seed=config.seed,
-        test_data=str(test_path),
+        test_data=None if test_path is None else str(test_path),
         compression=config.compression,
+        eval_fraction=config.eval_fraction,
         log_json=True,
         state_dir=workdir / "aggregator",
     )
+    if config.save_model is not None:  # absolute: the file is the caller's, not the child's
+        aggregator = replace(aggregator, save_model=config.save_model.absolute())
     if config.round_timeout is not None:  # else the aggregator's default
         aggregator = replace(aggregator, round_timeout=config.round_timeout)
     argv = {"aggregator": ["aggregator", *to_argv(aggregator)]}
@@ -82,6 +95,7 @@ def child_argv(
             broker=address,
             federation=config.federation,
             node_id=node_id,
+            task=config.task_spec,
             data=path,
             state_dir=workdir / node_id,
             exit_when_done=True,
@@ -94,25 +108,100 @@ def child_argv(
 def config_problem(config: DemoSettings) -> str | None:
     """What makes ``config`` unworkable, with the fix, or None: found before anything starts
     rather than by every child failing, or by a report that cannot be written at the end."""
-    model = get_model(config.model)
-    features, classes = model.sizes[0], model.sizes[-1]
-    if (features, classes) != (DIGITS_FEATURES, DIGITS_CLASSES):
-        return (
-            f"model {config.model} takes {features} features and {classes} classes; the demo's "
-            f"digits data has {DIGITS_FEATURES} features and {DIGITS_CLASSES} classes: use "
-            f"--model digits-mlp, or mlp:{DIGITS_FEATURES}-...-{DIGITS_CLASSES} "
-            f"(e.g. mlp:{DIGITS_FEATURES}-32-{DIGITS_CLASSES})"
-        )
-    if config.nodes > DIGITS_TRAIN:
-        return (
-            f"--nodes {config.nodes}: the digits data has {DIGITS_TRAIN} training samples to "
-            f"split: use at most {DIGITS_TRAIN}"
-        )
+    problem = (
+        data_dir_problem(config) if config.data_dir is not None else builtin_data_problem(config)
+    )
+    if problem is not None:
+        return problem
     if config.report is not None:
         problem = output_problem(config.report)
         if problem is not None:
             return f"--report {config.report}: {problem}"
+    if config.save_model is not None:
+        problem = save_problem(config.save_model)
+        if problem is not None:
+            return f"--save-model {config.save_model}: {problem}"
     return None
+
+
+def builtin_data_problem(config: DemoSettings) -> str | None:
+    """Why the task's built-in data cannot serve ``config`` (no --data-dir), or None."""
+    spec = config.task_spec
+    if not is_builtin(spec) and spec not in EXAMPLES:
+        return (
+            f"task {spec} has no built-in data: give --data-dir DIR holding one {NODE_FILES} "
+            f"per node (node-01.npz, node-02.npz, ...: arrays x and y) and, for central "
+            f"evaluation, {TEST_FILE} (docs/tasks.md)"
+        )
+    model = get_model(spec) if is_builtin(spec) else None
+    if model is not None and (model.sizes[0], model.sizes[-1]) != (
+        DIGITS_FEATURES,
+        DIGITS_CLASSES,
+    ):
+        features, classes = model.sizes[0], model.sizes[-1]
+        return (
+            f"task {spec} takes {features} features and {classes} classes; the demo's "
+            f"digits data has {DIGITS_FEATURES} features and {DIGITS_CLASSES} classes: use "
+            f"--task digits-mlp, or mlp:{DIGITS_FEATURES}-...-{DIGITS_CLASSES} "
+            f"(e.g. mlp:{DIGITS_FEATURES}-32-{DIGITS_CLASSES})"
+        )
+    limit = DIGITS_TRAIN if model is not None else node_limit(spec)
+    if limit is not None and config.node_count > limit:
+        if model is not None or spec in DIGITS_TASKS:
+            data = f"the digits data has {DIGITS_TRAIN} training samples to split"
+        else:
+            data = f"the built-in data of task {spec} is for at most {limit} nodes"
+        return f"--nodes {config.node_count}: {data}: use at most {limit}"
+    return None
+
+
+def data_dir_problem(config: DemoSettings) -> str | None:
+    """Why ``--data-dir`` cannot serve ``config``, or None: a directory with node files, as
+    many as ``--nodes`` if given, each a valid .npz of the same shapes as the first."""
+    directory = config.data_dir
+    assert directory is not None
+    if not directory.is_dir():
+        what = "is not a directory" if directory.exists() else "does not exist"
+        return f"--data-dir {directory}: it {what}: give the directory holding the nodes' .npz"
+    node_files, test_file = data_dir_files(directory)
+    if not node_files:
+        return (
+            f"--data-dir {directory}: no {NODE_FILES} files in it: write one per node "
+            f"(node-01.npz, node-02.npz, ...: numpy.savez(PATH, x=x, y=y)) and, for central "
+            f"evaluation, {TEST_FILE}"
+        )
+    if config.nodes is not None and config.nodes != len(node_files):
+        return (
+            f"--nodes {config.nodes}: --data-dir {directory} has {len(node_files)} node files "
+            f"({NODE_FILES}), one per node: leave --nodes out, or add or remove node files"
+        )
+    if config.partition != "iid":
+        return (
+            f"--partition {config.partition}: with --data-dir the node files are the split: "
+            "leave --partition out"
+        )
+    first: tuple[Path, str] | None = None
+    for path in [*node_files, *([test_file] if test_file is not None else [])]:
+        try:
+            data = load_npz(path)
+        except ValueError as error:
+            return f"--data-dir {directory}: {error}"
+        shapes = f"x (n, {', '.join(map(str, data.x.shape[1:]))}) and y {_y_kind(data.y)}"
+        if first is None:
+            first = (path, shapes)
+        elif shapes != first[1]:
+            return (
+                f"--data-dir {directory}: {path.name} holds {shapes} where {first[0].name} "
+                f"holds {first[1]}: one task trains them all, so every file needs the same "
+                "shapes and kind of y"
+            )
+    return None
+
+
+def _y_kind(y: np.ndarray) -> str:
+    shape = "(n" + "".join(f", {size}" for size in y.shape[1:]) + ")"
+    kind = "class ids" if np.issubdtype(y.dtype, np.integer) else "float targets"
+    return f"{shape} of {kind}"
 
 
 def child_environment(environ: Mapping[str, str]) -> dict[str, str]:
@@ -319,17 +408,44 @@ class Children:
                 proc.wait()
 
 
-def write_node_data(config: DemoSettings, directory: Path) -> tuple[list[Path], Path]:
-    """Split the reference data as the task prescribes; one .npz per node plus the test set."""
+def write_node_data(config: DemoSettings, directory: Path) -> tuple[list[Path], Path | None]:
+    """The node files and the test set (None: no central evaluation) of ``config``: those
+    of --data-dir as they are, else the task's built-in data split per --partition into
+    ``directory``: the digits MLPs' exactly as always (the reference run), the built-in
+    examples' through ``split_builtin``."""
+    if config.data_dir is not None:
+        return data_dir_files(config.data_dir)
+    nodes, spec = config.node_count, config.task_spec
+    if not is_builtin(spec):
+        split = split_builtin(spec, nodes, config.partition, config.seed)
+        if split is None:  # config_problem refuses it first
+            raise ValueError(f"task {spec} has no built-in data: give --data-dir")
+        shards, test = split
+        return save_node_files(shards, test, directory), directory / TEST_FILE
     train, test = digits()
     paths = []
-    for index, shard in enumerate(partition(train.y, config.nodes, config.partition, config.seed)):
+    for index, shard in enumerate(partition(train.y, nodes, config.partition, config.seed)):
         path = directory / f"node-{index + 1:02d}.npz"
         Dataset(train.x[shard], train.y[shard]).save(path)
         paths.append(path)
     test_path = directory / "test.npz"
     test.save(test_path)
     return paths, test_path
+
+
+def headline(m: RoundMetrics) -> str:
+    """The round's figure on a progress line: its test accuracy, else its test loss (a
+    regression), else the federated one (no test set: the round's starting model)."""
+    central = (m.metrics.central if m.metrics else None) or {}
+    federated = (m.metrics.federated if m.metrics else None) or {}
+    if m.accuracy is not None:
+        return f"accuracy {m.accuracy:.4f}"
+    if "loss" in central:
+        return f"loss {central['loss']:.4f}"
+    for name in ("accuracy", "loss"):
+        if name in federated:
+            return f"federated {name} {federated[name]:.4f}"
+    return "accuracy -"
 
 
 class Progress:
@@ -343,9 +459,8 @@ class Progress:
         self._line = ""  # the round line shown in place (terminal only)
 
     def round(self, m: RoundMetrics) -> None:
-        acc = f"{m.accuracy:.4f}" if m.accuracy is not None else "-"
         line = (
-            f"round {m.round:>3}/{self.total}  accuracy {acc}  nodes {len(m.participants):>3}"
+            f"round {m.round:>3}/{self.total}  {headline(m)}  nodes {len(m.participants):>3}"
             f"  up {m.uplink_bytes:>8} B  down {m.downlink_bytes:>8} B  {m.seconds * 1000:8.1f} ms"
         )
         if self.restarts:
@@ -370,6 +485,8 @@ def run(config: DemoSettings, stop: threading.Event, out: TextIO = sys.stdout) -
     problem = config_problem(config)
     if problem is not None:
         raise ValueError(problem)
+    if config.data_dir is not None:  # one node per node file
+        config = replace(config, nodes=len(data_dir_files(config.data_dir)[0]))
     workdir = config.workdir or Path(tempfile.mkdtemp(prefix="fedmq-demo-"))
     try:
         (workdir / "data").mkdir(parents=True, exist_ok=True)
@@ -405,9 +522,14 @@ def run(config: DemoSettings, stop: threading.Event, out: TextIO = sys.stdout) -
                     "leave it out and the demo starts its own"
                 )
             raise ChildFailed(f"could not subscribe at the broker {address}")
+        split = (
+            f"partition {config.partition}"
+            if config.data_dir is None
+            else f"data {config.data_dir} ({'with' if test_path else 'no'} {TEST_FILE})"
+        )
         out.write(
-            f"fedmq demo: {config.nodes} nodes, {config.rounds} rounds, model {config.model}, "
-            f"partition {config.partition}, compression {config.compression},\n"
+            f"fedmq demo: {config.node_count} nodes, {config.rounds} rounds, task "
+            f"{config.task_spec}, {split}, compression {config.compression},\n"
             f"broker {address}, logs in {workdir / 'logs'}\n"
         )
         # Each demo is a new run: a run kept in the same --workdir by an earlier demo is
@@ -451,10 +573,11 @@ def run(config: DemoSettings, stop: threading.Event, out: TextIO = sys.stdout) -
         report = build_report(
             list(rounds.values()),
             federation=config.federation,
-            model=config.model,
-            nodes=config.nodes,
+            model=config.task_spec,
+            nodes=config.node_count,
             rounds_requested=config.rounds,
-            partition=config.partition,
+            partition=config.partition if config.data_dir is None else None,
+            **({} if config.data_dir is None else {"data_dir": str(config.data_dir)}),
             compression=config.compression,
             seed=config.seed,
             total_seconds=total,
@@ -464,6 +587,8 @@ def run(config: DemoSettings, stop: threading.Event, out: TextIO = sys.stdout) -
         if config.report is not None:
             write_report(config.report, report)
             out.write(f"report written to {config.report}\n")
+        if config.save_model is not None:
+            out.write(f"model written to {config.save_model} (fedmq.load_params reads it)\n")
         return 0
     except ChildFailed as error:
         out.write(f"\nfedmq demo failed: {error}\n")
@@ -487,13 +612,23 @@ def print_summary(report: dict[str, Any], out: TextIO) -> None:
     rows = report["rounds"]
     seconds = [r["seconds"] for r in rows]
     warm = seconds[1:] or seconds
+    central = report["final_metrics"]["central"] or {}
+    if "accuracy" in central:
+        accuracy = f"final test accuracy {central['accuracy']:.4f} "
+    elif central:  # a task without accuracy (a regression): all it measured
+        accuracy = "final test " + ", ".join(f"{n} {v:.4f}" for n, v in central.items()) + " "
+    else:
+        accuracy = ""
     out.write(
-        f"final test accuracy {report['final_accuracy']:.4f} after {len(rows)} rounds"
-        f" in {report['total_seconds']:.1f} s\n"
+        f"{accuracy}after {len(rows)} rounds in {report['total_seconds']:.1f} s\n"
         f"median round {statistics.median(warm) * 1000:.1f} ms (after round 1),"
         f" uplink {statistics.mean(r['uplink_bytes'] for r in rows):.0f} B/round,"
         f" downlink {statistics.mean(r['downlink_bytes'] for r in rows):.0f} B/round\n"
     )
+    federated = report["final_metrics"]["federated"]
+    if federated:  # measured on the model the last round started from
+        each = ", ".join(f"{name} {value:.4f}" for name, value in federated.items())
+        out.write(f"federated metrics (nodes' held-out examples, last round): {each}\n")
     restarts = report["restarts"]
     if restarts["total"]:
         each = ", ".join(f"{name} {count}" for name, count in restarts["by_child"].items())

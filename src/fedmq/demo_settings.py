@@ -9,15 +9,24 @@ from fedmq import mqtt as edge
 from fedmq.logs import LogSettings
 from fedmq.settings import (
     COMPRESSION_HELP,
+    EVAL_FRACTION_HELP,
+    MODEL_HELP,
+    TASK_HELP,
+    chosen_task,
     compression_spec,
     count,
+    eval_fraction,
     model_name,
     partition_spec,
     positive_float,
     positive_int,
     setting,
+    show_auto,
+    task_spec,
     usage_errors,
 )
+
+DEFAULT_NODES = 10
 
 
 @usage_errors
@@ -32,15 +41,49 @@ class DemoSettings(LogSettings):
 
     SECTION: ClassVar[str] = "demo"
 
-    nodes: int = setting(10, parse=positive_int, help="node processes (default 10)")
+    nodes: int | None = setting(  # None: DEFAULT_NODES, or one per --data-dir node file
+        None,
+        parse=positive_int,
+        help=f"node processes (default {DEFAULT_NODES}; with --data-dir one per node file)",
+    )
     rounds: int = setting(30, parse=positive_int, help="rounds (default 30)")
     seed: int = setting(0, parse=int, help="seed for init, split and shuffles (default 0)")
     compression: str = setting(
         "dense", parse=compression_spec, metavar="SPEC", help=COMPRESSION_HELP
     )
-    model: str = setting("digits-mlp", parse=model_name, help="architecture (default digits-mlp)")
-    partition: str = setting("iid", parse=partition_spec, help="iid (default) or dirichlet:ALPHA")
+    task: str | None = setting(  # None: --model, or digits-mlp
+        None,
+        parse=task_spec,
+        metavar="SPEC",
+        help=TASK_HELP + "; the demo's nodes train it on its built-in data (the built-in "
+        "tasks), or on --data-dir's files (default digits-mlp)",
+    )
+    data_dir: Path | None = setting(
+        None,
+        parse=Path,
+        metavar="DIR",
+        help="the nodes' own data: one node per DIR/node-*.npz (sorted by name; arrays x "
+        "(n, ...) and y (n, ...): class ids or float targets), and DIR/test.npz, if there, "
+        "for the aggregator's central evaluation (default: the task's built-in data, "
+        "split per --partition)",
+    )
+    model: str | None = setting(None, parse=model_name, help=MODEL_HELP)
+    partition: str = setting(
+        "iid",
+        parse=partition_spec,
+        help="how the built-in data is split over the nodes: iid (default) or dirichlet:ALPHA",
+    )
+    eval_fraction: float | None = setting(  # None: auto, the aggregator's default
+        None, parse=eval_fraction, show=show_auto, metavar="F|auto", help=EVAL_FRACTION_HELP
+    )
     report: Path | None = setting(None, parse=Path, metavar="PATH", help="write report.json here")
+    save_model: Path | None = setting(
+        None,
+        parse=Path,
+        metavar="PATH.msgpack|PATH.npz",
+        help="keep the newest global model here, for fedmq.load_params (the aggregator's "
+        "--save-model)",
+    )
     broker: edge.BrokerAddress | None = setting(
         None,
         parse=_broker,
@@ -66,3 +109,16 @@ class DemoSettings(LogSettings):
         "back-off (default 3 per child; 0 = fail at once)",
     )
     start_timeout: float = 120.0  # no round within this long: the demo fails
+
+    def __post_init__(self) -> None:
+        chosen_task(self.task, self.model)  # both given and different: ValueError
+
+    @property
+    def node_count(self) -> int:
+        """``--nodes``, or its default (``fedmq demo`` sets it from --data-dir's files)."""
+        return self.nodes if self.nodes is not None else DEFAULT_NODES
+
+    @property
+    def task_spec(self) -> str:
+        """``--task``, or its old spelling ``--model``, or digits-mlp."""
+        return chosen_task(self.task, self.model)

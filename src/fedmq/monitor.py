@@ -355,6 +355,10 @@ def _round_summary(rounds: list[RoundMetrics], *, width: int, table_rows: int) -
             f"{label:<8} {now_text:>7} ({'best' if label == 'accuracy' else 'min'} {best:.4f})"
             f"  {sparkline(values, spark_width)}"
         )
+    federated = last.metrics.federated if last.metrics is not None else None
+    if federated:  # the nodes' held-out examples, on the model the round started from
+        each = "  ".join(f"{name} {value:.4f}" for name, value in federated.items())
+        lines.append(f"federated (round {last.round}'s starting model): {each}")
     lines.append(
         f"bytes/round up {human_bytes(last.uplink_bytes)}  down {human_bytes(last.downlink_bytes)}"
         f"  (all rounds seen: up {human_bytes(sum(m.uplink_bytes for m in rounds))},"

@@ -8,11 +8,23 @@ from fedmq.files import write_output
 from fedmq.schemas import RoundMetrics
 
 
+def round_metrics(metrics: RoundMetrics) -> dict[str, dict[str, float] | None]:
+    """A round's ``{"central", "federated"}`` metrics (both None from an aggregator before
+    federated evaluation). central: the round's new model on the aggregator's test set;
+    federated: the model the round STARTED from, on the nodes' held-out examples."""
+    parts = metrics.metrics
+    return {
+        "central": None if parts is None else parts.central,
+        "federated": None if parts is None else parts.federated,
+    }
+
+
 def round_row(metrics: RoundMetrics) -> dict[str, Any]:
     return {
         "round": metrics.round,
         "accuracy": metrics.accuracy,
         "loss": metrics.loss,
+        "metrics": round_metrics(metrics),
         "train_loss": metrics.train_loss,
         "participants": len(metrics.participants),
         "participant_ids": metrics.participants,
@@ -32,12 +44,30 @@ def round_row(metrics: RoundMetrics) -> dict[str, Any]:
     }
 
 
+def final_accuracy(final: dict[str, dict[str, float] | None]) -> float | None:
+    """The last round's accuracy: central if measured, else federated, else None."""
+    for part in ("central", "federated"):
+        accuracy = (final[part] or {}).get("accuracy")
+        if accuracy is not None:
+            return accuracy
+    return None
+
+
 def build_report(rounds: list[RoundMetrics], **run: Any) -> dict[str, Any]:
-    """Top level: ``final_accuracy``, the run's settings, and ``rounds`` in order."""
+    """Top level: ``final_accuracy``, ``final_metrics`` (the last round's central and
+    federated metrics), the run's settings, and ``rounds`` in order."""
     # a round's metrics may arrive twice (after an aggregator restart): keep the last
     ordered = sorted({m.round: m for m in rounds}.values(), key=lambda m: m.round)
+    final: dict[str, dict[str, float] | None] = {"central": None, "federated": None}
+    if ordered:
+        final = round_metrics(ordered[-1])
+    if ordered and ordered[-1].metrics is None:  # an older aggregator: accuracy as it was
+        accuracy = ordered[-1].accuracy
+    else:
+        accuracy = final_accuracy(final)
     return {
-        "final_accuracy": ordered[-1].accuracy if ordered else None,
+        "final_accuracy": accuracy,
+        "final_metrics": final,
         **run,
         "rounds": [round_row(m) for m in ordered],
     }
@@ -65,6 +95,18 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     losses = [r["loss"] for r in rows if r.get("loss") is not None]
     if losses:
         lines.append(f"test loss {losses[0]:.4f} -> {losses[-1]:.4f}")
+    federated = [
+        (r["round"], r["metrics"]["federated"])
+        for r in rows
+        if isinstance(r.get("metrics"), dict) and r["metrics"].get("federated")
+    ]
+    if federated:
+        (first_round, first), (last_round, last) = federated[0], federated[-1]
+        each = ", ".join(
+            f"{name} {first[name]:.4f} -> {value:.4f}" if name in first else f"{name} {value:.4f}"
+            for name, value in last.items()
+        )
+        lines.append(f"federated (rounds {first_round} to {last_round}): {each}")
     up = sum(r.get("uplink_bytes") or 0 for r in rows)
     down = sum(r.get("downlink_bytes") or 0 for r in rows)
     lines.append(

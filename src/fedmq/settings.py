@@ -63,6 +63,9 @@ class Setting:
     keywords: frozenset[str] = frozenset()  # words a path setting takes that are no path
     listable: bool = False  # a file may give a TOML array of strings (joined with ",")
     kept: str | None = None  # a run must keep it: its key in the aggregator's fingerprint
+    # Values the fingerprint leaves out (a kept setting added later: a run kept before it
+    # existed had the first of these, and resumes); the first is what a missing key means.
+    unkept: tuple[Any, ...] = ()
 
 
 def setting(default: Any = dataclasses.MISSING, **declared: Any) -> Any:
@@ -271,6 +274,29 @@ def fraction(text: str) -> float:
     return value
 
 
+MAX_EVAL_FRACTION = 0.5  # schemas.messages.MAX_EVAL_FRACTION (test_settings checks)
+
+
+def eval_fraction(text: str) -> float | None:
+    """``--eval-fraction``: a number in [0, 0.5], or ``auto`` (None)."""
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= MAX_EVAL_FRACTION:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a fraction in [0, {MAX_EVAL_FRACTION}] or auto"
+        )
+    return value
+
+
+def show_auto(value: object) -> str:
+    """``auto`` for None (``--eval-fraction``)."""
+    return "auto" if value is None else str(value)
+
+
 def positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -305,6 +331,35 @@ def model_name(text: str) -> str:
 
 
 @usage_errors
+def task_spec(text: str) -> str:
+    from fedmq.tasks.registry import check_spec
+
+    return check_spec(text)
+
+
+TASK_HELP = (
+    "what the federation learns: a built-in task (digits-mlp, digits-mlp-large, "
+    "mlp:IN-HIDDEN-...-CLASSES, and the examples digits-cnn, activity-cnn, diabetes-mlp), "
+    "MODULE:ATTRIBUTE of a fedmq.Task (the module importable "
+    "here, e.g. my_tasks.py in the working directory), or a name registered under the "
+    "fedmq.tasks entry points (docs/tasks.md)"
+)
+MODEL_HELP = "the old spelling of --task, for the built-in MLPs"
+DEFAULT_TASK = "digits-mlp"
+
+
+def chosen_task(task: str | None, model: str | None) -> str:
+    """The task of ``--task`` and its old spelling ``--model``: the one given (default
+    digits-mlp); ValueError if both are given and differ."""
+    if task is not None and model is not None and task != model:
+        raise ValueError(
+            f"--model {model} and --task {task} name different tasks: give one "
+            "(--model is the old spelling of --task)"
+        )
+    return task or model or DEFAULT_TASK
+
+
+@usage_errors
 def compression_spec(text: str) -> str:
     from fedmq.compression import parse_spec
 
@@ -319,4 +374,10 @@ COMPRESSION_HELP = (
     "how nodes compress their deltas: dense (default), fp16, int8, int4, sign, topk:F, joined "
     "with + and optionally ef (error feedback), flat (one Elias-Fano coded run for the whole "
     "sparse delta; needs topk) and zlib, e.g. topk:0.035+sign+ef+flat (100x fewer bytes)"
+)
+
+EVAL_FRACTION_HELP = (
+    "federated evaluation: each node holds out this fraction (at most 0.5) of its examples, "
+    "fixed for the run, and reports the metrics of the model it received on them; 0: none "
+    "(default auto: 0 when the aggregator has a test set, 0.2 when it has none)"
 )

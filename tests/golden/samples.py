@@ -22,6 +22,7 @@ from fedmq.schemas import (
     GlobalModel,
     NodeStatus,
     NodeUpdate,
+    RoundEvaluation,
     RoundMetrics,
     ServerStatus,
     TrainingPlan,
@@ -34,6 +35,7 @@ from fedmq.schemas import (
     model_id_of,
 )
 from fedmq.schemas.encodings import Quantized, Sparse
+from fedmq.tasks.layout import layout_of
 
 GOLDEN_DIR = Path(__file__).resolve().parent
 FEDERATION = "golden"
@@ -157,6 +159,19 @@ GLOBAL_DELTA = GlobalDelta(
     created_at=1_700_000_020.5,
 )
 
+# The same two forms as an aggregator of issue 13 sends them: with the task's declared
+# version and the fingerprint of its layout (fedmq.tasks.layout: task "tiny-mlp", version
+# "2", the four tensors of LAYOUT in float32). Old decoders ignore the two keys.
+TASK_VERSION = "2"
+TASK_FINGERPRINT = layout_of("tiny-mlp", TASK_VERSION, PARAMS).fingerprint
+GLOBAL_TASK = dataclasses.replace(
+    GLOBAL, task_version=TASK_VERSION, task_fingerprint=TASK_FINGERPRINT
+)
+GLOBAL_DELTA_TASK = dataclasses.replace(
+    GLOBAL_DELTA, task_version=TASK_VERSION, task_fingerprint=TASK_FINGERPRINT
+)
+
+
 STATUS = NodeStatus(
     federation=FEDERATION,
     node_id=NODE,
@@ -202,6 +217,61 @@ METRICS = RoundMetrics(
 )
 
 
+# Federated evaluation (docs/PROTOCOL.md 8.1, 8.2, 8.5): the plan's eval_fraction, an
+# update's metrics of the model it received, and a round's central and federated metrics.
+# Written out whole, not derived from the samples above, so a change to those leaves
+# these bytes alone.
+GLOBAL_EVAL = GlobalModel(
+    federation=FEDERATION,
+    round=3,
+    model="tiny-mlp",
+    model_id=MODEL_ID,
+    params=PARAMS,
+    plan=TrainingPlan(learning_rate=0.05, batch_size=32, local_epochs=2, seed=7,
+                      eval_fraction=0.25),
+    final=False,
+    created_at=1_700_000_000.25,
+)  # fmt: skip
+
+UPDATE_METRICS = NodeUpdate(
+    federation=FEDERATION,
+    node_id=NODE,
+    round=3,
+    base_model_id=MODEL_ID,
+    num_examples=90,
+    train_loss=0.6875,
+    train_seconds=1.75,
+    delta=DELTA,
+    compression="dense",
+    sent_at=1_700_000_001.5,
+    metrics={"accuracy": 0.75, "loss": 0.5625},
+    eval_examples=30,
+)
+
+METRICS_EVALUATED = RoundMetrics(
+    federation=FEDERATION,
+    round=3,
+    model_id=MODEL_ID,
+    participants=[NODE, "node-02"],
+    num_examples=180,
+    accuracy=0.875,
+    loss=0.375,
+    train_loss=0.6875,
+    uplink_bytes=1_536,
+    downlink_bytes=3_072,
+    global_bytes=768,
+    rejected={},
+    seconds=12.5,
+    aggregate_seconds=0.25,
+    closed_by="all_reported",
+    at=1_700_000_013.0,
+    metrics=RoundEvaluation(
+        central={"accuracy": 0.875, "loss": 0.375},
+        federated={"accuracy": 0.8125, "loss": 0.5},
+    ),
+)
+
+
 class Sample(NamedTuple):
     message: Any
     decode: Callable[[bytes], Any]
@@ -214,10 +284,15 @@ SAMPLES: dict[str, Sample] = {
     "update_sparse_sign": Sample(UPDATE_SPARSE_SIGN, decode_update),
     "update_flat_sign": Sample(UPDATE_FLAT_SIGN, decode_update_of_layout),
     "global_delta": Sample(GLOBAL_DELTA, decode_global_delta),
+    "global_task": Sample(GLOBAL_TASK, decode_global),
+    "global_delta_task": Sample(GLOBAL_DELTA_TASK, decode_global_delta),
     "status": Sample(STATUS, decode_status),
     "status_minimal": Sample(STATUS_MINIMAL, decode_status),
     "server": Sample(SERVER, decode_server_status),
     "metrics": Sample(METRICS, decode_metrics),
+    "global_eval": Sample(GLOBAL_EVAL, decode_global),
+    "update_metrics": Sample(UPDATE_METRICS, decode_update),
+    "metrics_evaluated": Sample(METRICS_EVALUATED, decode_metrics),
 }
 
 

@@ -247,16 +247,92 @@ def test_load_npz_rejects_a_missing_file(tmp_path: Path) -> None:
     [
         (np.zeros((4, 3)), np.zeros(5, np.int64)),  # mismatched lengths
         (np.zeros((5, 3)), np.zeros(4, np.int64)),
-        (np.zeros(4), np.zeros(4, np.int64)),  # x not 2-D
-        (np.zeros((4, 3)), np.zeros((4, 1), np.int64)),  # y not 1-D
+        (np.zeros((4, 8, 8)), np.zeros((3, 2))),  # any shapes, still one n
+        (np.zeros(()), np.zeros(4, np.int64)),  # x a scalar: no examples axis
+        (np.zeros((4, 3)), np.zeros((), np.int64)),  # y a scalar
         (np.zeros((0, 3)), np.zeros(0, np.int64)),  # empty
     ],
 )
 def test_load_npz_rejects_bad_shapes(tmp_path: Path, x: np.ndarray, y: np.ndarray) -> None:
     path = tmp_path / "shapes.npz"
     np.savez(path, x=x, y=y)
-    with pytest.raises(ValueError, match=r"x must be \(n, features\)"):
+    with pytest.raises(ValueError) as raised:
         load_npz(path)
+    assert str(raised.value) == (
+        f"{path}: x must be (n, ...) and y (n,) or (n, ...) with the same n > 0 examples on"
+        f" their first axis; it holds x {x.shape} and y {y.shape}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("x_shape", "y"),
+    [
+        ((5, 8, 8, 1), np.arange(5) % 3),  # images: class ids
+        ((5, 64, 6), np.arange(5) % 2),  # sensor windows
+        ((5,), np.arange(5) % 2),  # one number per example
+        ((5, 10), np.arange(15).reshape(5, 3) % 4),  # several class ids per example
+    ],
+)
+def test_load_npz_takes_any_trailing_shape_with_class_ids(
+    tmp_path: Path, x_shape: tuple[int, ...], y: np.ndarray
+) -> None:
+    x = np.random.default_rng(0).normal(size=x_shape)  # float64: cast on load
+    path = tmp_path / "shaped.npz"
+    np.savez(path, x=x, y=y)
+    data = load_npz(path)
+    assert data.x.shape == x_shape and data.x.dtype == np.float32
+    assert data.y.shape == y.shape and data.y.dtype == np.int32
+    np.testing.assert_array_equal(data.x, x.astype(np.float32))
+    np.testing.assert_array_equal(data.y, y)
+
+
+@pytest.mark.parametrize("y_shape", [(6,), (6, 1), (6, 4, 2)])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])
+def test_load_npz_takes_float_targets_of_a_regression(
+    tmp_path: Path, y_shape: tuple[int, ...], dtype: type
+) -> None:
+    y = np.random.default_rng(1).normal(size=y_shape).astype(dtype)
+    path = tmp_path / "regression.npz"
+    np.savez(path, x=np.ones((6, 3, 2), np.float32), y=y)
+    data = load_npz(path)
+    assert data.y.shape == y_shape and data.y.dtype == np.float32
+    np.testing.assert_array_equal(data.y, y.astype(np.float32))
+    assert data.x.shape == (6, 3, 2)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_load_npz_rejects_non_finite_targets(tmp_path: Path, bad: float) -> None:
+    y = np.zeros((4, 2))
+    y[3, 1] = bad
+    path = tmp_path / "nan.npz"
+    np.savez(path, x=np.zeros((4, 3)), y=y)
+    with pytest.raises(ValueError) as raised:
+        load_npz(path)
+    assert str(raised.value) == f"{path}: y holds NaN or Inf"
+
+
+@pytest.mark.parametrize("y", [np.array([True, False, True]), np.array([1j, 0j, 2j])])
+def test_load_npz_rejects_targets_that_are_neither_ids_nor_real(
+    tmp_path: Path, y: np.ndarray
+) -> None:
+    path = tmp_path / "odd.npz"
+    np.savez(path, x=np.zeros((3, 2)), y=y)
+    with pytest.raises(ValueError) as raised:
+        load_npz(path)
+    assert str(raised.value) == (
+        f"{path}: y holds {y.dtype} values; it must hold integer class ids 0, 1, 2, ... (store"
+        " y.astype(int)) or float targets of a regression (y.astype(float))"
+    )
+
+
+def test_load_npz_keeps_the_digits_bitwise(tmp_path: Path) -> None:
+    """The reference shards: float32 x and int32 y come back byte for byte."""
+    train, _ = digits()
+    path = tmp_path / "digits.npz"
+    train.save(path)
+    data = load_npz(path)
+    assert data.x.dtype == np.float32 and data.y.dtype == np.int32
+    assert data.x.tobytes() == train.x.tobytes() and data.y.tobytes() == train.y.tobytes()
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
@@ -281,7 +357,7 @@ def test_load_npz_rejects_features_beyond_float32_range(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "y", [np.array([0, 1, -1, 2]), np.array([0.0, 1.0, 2.0, 1.0]), np.array([0, 1, 0.5, 1])]
+    "y", [np.array([0, 1, -1, 2]), np.array([[0, 1], [-3, 0], [1, 1], [0, 0]])]
 )
 def test_load_npz_rejects_labels_that_are_not_class_ids(tmp_path: Path, y: np.ndarray) -> None:
     path = tmp_path / "labels.npz"
@@ -311,7 +387,7 @@ def test_load_npz_says_which_array_is_missing(tmp_path: Path, arrays: dict, miss
 @pytest.mark.parametrize(
     ("y", "says"),
     [
-        (np.array([0.0, 1.0, 2.0, 1.0]), r"y holds float64 values; .*integer class ids.*astype"),
+        (np.array([True, False, True, True]), r"y holds bool values; .*integer class ids.*astype"),
         (np.array(["cat", "dog", "cat", "cat"]), r"y holds strings; .*numpy\.unique"),
         (np.array([0, 1, -1, 2]), r"y holds -1; class ids are 0, 1, 2"),
     ],

@@ -9,8 +9,10 @@ import pytest
 
 from fedmq.broker.process import free_port
 from fedmq.cli import main
-from fedmq.datasets import load_npz
-from fedmq.demo import DemoSettings, config_problem
+from fedmq.datasets import digits, load_npz, partition
+from fedmq.demo import DemoSettings, child_argv, config_problem, write_node_data
+from fedmq.mqtt import BrokerAddress
+from fedmq.tasks.builtin_data import split_builtin
 
 
 def test_the_reference_configuration_is_fine(tmp_path: Path) -> None:
@@ -21,15 +23,15 @@ def test_the_reference_configuration_is_fine(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("model", "says"),
     [
-        ("mlp:8-32-3", "model mlp:8-32-3 takes 8 features and 3 classes"),
-        ("mlp:64-32-3", "model mlp:64-32-3 takes 64 features and 3 classes"),
-        ("mlp:10-32-10", "model mlp:10-32-10 takes 10 features and 10 classes"),
+        ("mlp:8-32-3", "task mlp:8-32-3 takes 8 features and 3 classes"),
+        ("mlp:64-32-3", "task mlp:64-32-3 takes 64 features and 3 classes"),
+        ("mlp:10-32-10", "task mlp:10-32-10 takes 10 features and 10 classes"),
     ],
 )
 def test_a_model_that_does_not_fit_the_digits_data(model: str, says: str) -> None:
     """It reached the nodes, which failed and were restarted three times (issue 11)."""
     assert config_problem(DemoSettings(model=model)) == (
-        f"{says}; the demo's digits data has 64 features and 10 classes: use --model "
+        f"{says}; the demo's digits data has 64 features and 10 classes: use --task "
         "digits-mlp, or mlp:64-...-10 (e.g. mlp:64-32-10)"
     )
 
@@ -136,5 +138,159 @@ def test_the_issues_model_typo_ends_the_demo_in_one_line_before_it_starts() -> N
     )  # fmt: skip
     assert done.returncode == 2
     assert done.stdout == ""  # nothing started: no banner, no broker
-    assert done.stderr.startswith("fedmq demo: error: model mlp:8-32-3 takes 8 features")
+    assert done.stderr.startswith("fedmq demo: error: task mlp:8-32-3 takes 8 features")
     assert done.stderr.count("\n") == 1
+
+
+# ------------------------------------------------------------------ --data-dir and tasks
+
+
+def _node_files(directory: Path, count: int, x_shape=(8,), y_float=False, test=True) -> None:  # type: ignore[no-untyped-def]
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    names = [f"node-{i}" for i in range(1, count + 1)] + (["test"] if test else [])
+    for name in names:
+        x = rng.normal(size=(6, *x_shape))
+        y = rng.normal(size=6) if y_float else rng.integers(0, 3, 6)
+        np.savez(directory / f"{name}.npz", x=x, y=y)
+
+
+def test_a_task_without_built_in_data_needs_data_dir() -> None:
+    assert config_problem(DemoSettings(task="my_tasks:task")) == (
+        "task my_tasks:task has no built-in data: give --data-dir DIR holding one node-*.npz "
+        "per node (node-01.npz, node-02.npz, ...: arrays x and y) and, for central "
+        "evaluation, test.npz (docs/tasks.md)"
+    )
+
+
+@pytest.mark.parametrize("task", ["digits-cnn", "activity-cnn", "diabetes-mlp"])
+def test_the_built_in_examples_bring_their_own_data(task: str) -> None:
+    assert config_problem(DemoSettings(task=task, nodes=3)) is None
+
+
+@pytest.mark.parametrize(
+    ("task", "limit", "says"),
+    [
+        ("activity-cnn", 100, "the built-in data of task activity-cnn is for at most 100 nodes"),
+        ("diabetes-mlp", 354, "the built-in data of task diabetes-mlp is for at most 354 nodes"),
+        ("digits-cnn", 1500, "the digits data has 1500 training samples to split"),
+    ],
+)
+def test_an_example_task_has_data_for_so_many_nodes(task: str, limit: int, says: str) -> None:
+    assert config_problem(DemoSettings(task=task, nodes=limit)) is None
+    assert config_problem(DemoSettings(task=task, nodes=limit + 1)) == (
+        f"--nodes {limit + 1}: {says}: use at most {limit}"
+    )
+
+
+def test_data_dir_gives_one_node_per_file_and_any_task(tmp_path: Path) -> None:
+    _node_files(tmp_path / "data", 3)
+    for config in [
+        DemoSettings(task="my_tasks:task", data_dir=tmp_path / "data"),
+        DemoSettings(task="mlp:8-32-3", data_dir=tmp_path / "data", nodes=3),  # not digits
+    ]:
+        assert config_problem(config) is None
+
+
+@pytest.mark.parametrize(
+    ("make", "says"),
+    [
+        (lambda d: None, "--data-dir {d}: it does not exist: give the directory holding"),
+        (lambda d: d.write_text(""), "--data-dir {d}: it is not a directory: give the"),
+        (
+            lambda d: d.mkdir(),
+            "--data-dir {d}: no node-*.npz files in it: write one per node (node-01.npz, "
+            "node-02.npz, ...: numpy.savez(PATH, x=x, y=y)) and, for central evaluation, "
+            "test.npz",
+        ),
+        (lambda d: _node_files(d, 2, test=False) or (d / "node-2.npz").write_text("a,b\n"),
+         "--data-dir {d}: {d}/node-2.npz: not an .npz file (nor .npy): save it with"),
+        (lambda d: _node_files(d, 2) or np.savez(d / "test.npz", x=np.ones((3, 8)),
+                                                  y=np.array([0, -1, 2])),
+         "--data-dir {d}: {d}/test.npz: y holds -1; class ids are 0, 1, 2, ... (>= 0)"),
+        (lambda d: _node_files(d, 2) or np.savez(d / "node-2.npz", x=np.ones((3, 8, 2)),
+                                                  y=np.array([0, 1, 2])),
+         "--data-dir {d}: node-2.npz holds x (n, 8, 2) and y (n) of class ids where "
+         "node-1.npz holds x (n, 8) and y (n) of class ids: one task trains them all"),
+        (lambda d: _node_files(d, 2) or np.savez(d / "test.npz", x=np.ones((3, 8)),
+                                                  y=np.ones(3)),
+         "--data-dir {d}: test.npz holds x (n, 8) and y (n) of float targets where "
+         "node-1.npz holds x (n, 8) and y (n) of class ids"),
+    ],
+)  # fmt: skip
+def test_a_data_dir_that_cannot_serve_is_one_line(tmp_path: Path, make, says: str) -> None:  # type: ignore[no-untyped-def]
+    directory = tmp_path / "data"
+    make(directory)
+    problem = config_problem(DemoSettings(task="my_tasks:task", data_dir=directory))
+    assert problem is not None and problem.startswith(says.format(d=directory)), problem
+    assert "\n" not in problem
+
+
+def test_nodes_given_must_match_the_node_files(tmp_path: Path) -> None:
+    _node_files(tmp_path, 3)
+    assert config_problem(DemoSettings(data_dir=tmp_path, nodes=3)) is None
+    assert config_problem(DemoSettings(data_dir=tmp_path, nodes=10)) == (
+        f"--nodes 10: --data-dir {tmp_path} has 3 node files (node-*.npz), one per node: "
+        "leave --nodes out, or add or remove node files"
+    )
+    assert config_problem(DemoSettings(data_dir=tmp_path, partition="dirichlet:0.5")) == (
+        "--partition dirichlet:0.5: with --data-dir the node files are the split: leave "
+        "--partition out"
+    )
+
+
+def test_data_dir_files_are_the_nodes_and_test_set(tmp_path: Path) -> None:
+    _node_files(tmp_path, 3, x_shape=(4, 2), y_float=True)
+    (tmp_path / "notes.npz").write_bytes(b"")  # not node-*: not a node
+    nodes, test = write_node_data(DemoSettings(data_dir=tmp_path), tmp_path / "unused")
+    assert [p.name for p in nodes] == ["node-1.npz", "node-2.npz", "node-3.npz"]
+    assert test == tmp_path / "test.npz"
+    assert not (tmp_path / "unused").exists()  # the user's files are used where they are
+    (tmp_path / "test.npz").unlink()
+    assert write_node_data(DemoSettings(data_dir=tmp_path), tmp_path)[1] is None
+    # no test set: the aggregator runs with --test-data none (federated evaluation: auto)
+    argv = child_argv(
+        DemoSettings(data_dir=tmp_path, nodes=3), BrokerAddress("127.0.0.1", 1), tmp_path,
+        None, nodes,
+    )  # fmt: skip
+    aggregator = argv["aggregator"]
+    assert aggregator[aggregator.index("--test-data") + 1] == "none"
+    assert aggregator[aggregator.index("--nodes") + 1] == "3"
+
+
+@pytest.mark.parametrize(("task", "nodes"), [("activity-cnn", 3), ("diabetes-mlp", 4)])
+def test_an_example_task_gets_its_built_in_split(tmp_path: Path, task: str, nodes: int) -> None:
+    config = DemoSettings(task=task, nodes=nodes, partition="dirichlet:0.5", seed=3)
+    paths, test_path = write_node_data(config, tmp_path)
+    split = split_builtin(task, nodes, "dirichlet:0.5", 3)
+    assert split is not None
+    shards, test = split
+    assert [p.name for p in paths] == [f"node-{i:02d}.npz" for i in range(1, nodes + 1)]
+    for path, shard in zip(paths, shards, strict=True):
+        loaded = load_npz(path)
+        assert loaded.x.tobytes() == shard.x.tobytes() and loaded.y.tobytes() == shard.y.tobytes()
+    assert test_path is not None
+    assert load_npz(test_path).x.tobytes() == test.x.tobytes()
+
+
+@pytest.mark.parametrize("task", ["digits-mlp", "digits-cnn", "mlp:64-16-10"])
+def test_the_digits_tasks_get_the_reference_shards(tmp_path: Path, task: str) -> None:
+    paths, test_path = write_node_data(DemoSettings(task=task, nodes=4), tmp_path)
+    train, test = digits()
+    for path, part in zip(paths, partition(train.y, 4, "iid", 0), strict=True):
+        with np.load(path) as saved:
+            assert saved["x"].tobytes() == train.x[part].tobytes()
+            assert saved["y"].tobytes() == train.y[part].tobytes()
+    assert test_path is not None
+    with np.load(test_path) as saved:
+        assert saved["x"].tobytes() == test.x.tobytes()
+
+
+def test_data_dir_with_no_node_files_ends_the_demo_in_one_line(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    assert main(["demo", "--task", "my_tasks:task", "--data-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"fedmq demo: error: --data-dir {tmp_path}: no node-*.npz files in it: write one per "
+        "node (node-01.npz, node-02.npz, ...: numpy.savez(PATH, x=x, y=y)) and, for central "
+        "evaluation, test.npz\n"
+    )

@@ -301,3 +301,16 @@ def test_reasons_of_a_thousand_nodes_stay_bounded():
         assert len(lines) <= height and all(len(line) <= 80 for line in lines)
     assert sum(line.startswith("pi-000: stopped on an error") for line in lines) == 1
     assert any(line.startswith("... 332 more nodes say why") for line in lines)
+
+
+def test_the_last_rounds_federated_metrics_are_shown_and_kept_in_json_rows():
+    from fedmq.schemas import RoundEvaluation
+
+    view = FleetView(TOPICS)
+    view.update(TOPICS.metrics, encode(metrics(1)))
+    assert "federated" not in "\n".join(render_lines(view, NOW, width=120, height=40))
+    parts = RoundEvaluation(central={"accuracy": 0.5}, federated={"loss": 0.5, "accuracy": 0.75})
+    row = view.update(TOPICS.metrics, encode(metrics(2, metrics=parts)))
+    assert row is not None and json.loads(json.dumps(row))["metrics"]["federated"]["loss"] == 0.5
+    text = "\n".join(render_lines(view, NOW, width=120, height=40))
+    assert "federated (round 2's starting model): loss 0.5000  accuracy 0.7500" in text

@@ -15,23 +15,10 @@ from fedmq.node.app import Node
 from fedmq.node.settings import NodeSettings
 from fedmq.schemas import GlobalModel, Topics, TrainingPlan, encode, model_id_of
 
+from .node_doubles import RecordingOutbox
+
 FEDERATION = "unit-node"
 TOPICS = Topics(FEDERATION)
-
-
-class FakeClient:
-    def subscribe(self, *_args: object, **_kwargs: object) -> None: ...
-
-    def unsubscribe(self, *_args: object) -> None: ...
-
-
-class RecordingOutbox:
-    def __init__(self) -> None:
-        self.client = FakeClient()
-        self.sent: list[tuple[str, bytes]] = []
-
-    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
-        self.sent.append((topic, payload))
 
 
 def global_model(round: int) -> GlobalModel:

@@ -38,6 +38,8 @@ SAMPLES = {
     "mosquitto_conf": "m.conf",
     "log_level": "debug",
     "test_data": "t.npz",
+    "task": "digits-mlp-large",
+    "model": "digits-mlp-large",
     "round_timeout": "none",
 }
 # What a command needs besides the setting under test (node: an id and data).
@@ -157,6 +159,7 @@ def test_the_demo_starts_its_children_with_their_settings(tmp_path):
     assert aggregator == AggregatorSettings(
         broker=address,
         federation="demo",
+        task="digits-mlp",
         nodes=2,
         rounds=3,
         seed=5,
@@ -171,6 +174,7 @@ def test_the_demo_starts_its_children_with_their_settings(tmp_path):
         broker=address,
         federation="demo",
         node_id="node-02",
+        task="digits-mlp",
         data=paths[1],
         state_dir=tmp_path / "node-02",
         exit_when_done=True,
@@ -181,7 +185,9 @@ def test_the_demo_starts_its_children_with_their_settings(tmp_path):
 
 
 def test_the_fingerprint_is_the_kept_settings_stored_as_before():
-    chosen = AggregatorSettings(federation="lab", test_data=None, learning_rate=0.2, seed=4)
+    chosen = AggregatorSettings(
+        federation="lab", test_data=None, learning_rate=0.2, seed=4, eval_fraction=0.0
+    )
     aggregator = build_aggregator(chosen, lambda *_: None)
     expected = {
         "federation": "lab",
@@ -190,7 +196,7 @@ def test_the_fingerprint_is_the_kept_settings_stored_as_before():
         "compression": "dense",
     }
     fingerprint = aggregator.settings.fingerprint
-    assert fingerprint == run_fingerprint(dataclasses.asdict(chosen)) == expected
+    assert fingerprint == run_fingerprint(kept_values(chosen)) == expected
     # byte for byte what checkpoint.msgpack held: an existing state dir resumes
     assert msgpack.packb(fingerprint) == msgpack.packb(expected)
     kept = [
@@ -200,12 +206,13 @@ def test_the_fingerprint_is_the_kept_settings_stored_as_before():
     ]
     assert kept == [
         "federation",
-        "model",
+        "task",  # kept under "model", as before --task
         "learning_rate",
         "batch_size",
         "local_epochs",
         "seed",
         "compression",
+        "eval_fraction",
     ]
 
 
@@ -216,7 +223,7 @@ def test_the_fingerprint_is_the_kept_settings_stored_as_before():
         ({"batch_size": 32}, "--batch-size"),
         ({"local_epochs": 2}, "--local-epochs"),
         ({"seed": 1}, "--seed"),
-        ({"model": "mlp:64-8-10"}, "--model"),
+        ({"task": "mlp:64-8-10"}, "--task"),
         ({"compression": "fp16"}, "--compression"),
         ({"federation": "other"}, "--federation"),
     ],
@@ -224,12 +231,23 @@ def test_the_fingerprint_is_the_kept_settings_stored_as_before():
 def test_a_changed_kept_setting_is_named_by_its_option(change, option):
     before = AggregatorSettings(test_data=None)
     after = dataclasses.replace(before, **change)
-    saved = run_fingerprint(dataclasses.asdict(before))
+    saved = run_fingerprint(kept_values(before))
     ((name, value),) = change.items()
-    changed = fingerprint_mismatch(saved, run_fingerprint(dataclasses.asdict(after)))
-    assert changed == (option, getattr(before, name), value)
+    changed = fingerprint_mismatch(saved, run_fingerprint(kept_values(after)))
+    assert changed == (option, kept_values(before)[name], value)
     unkept = dataclasses.replace(before, rounds=99, aggregation="median", nodes=3)
-    assert fingerprint_mismatch(saved, run_fingerprint(dataclasses.asdict(unkept))) is None
+    assert fingerprint_mismatch(saved, run_fingerprint(kept_values(unkept))) is None
+    old_spelling = dataclasses.replace(before, model="mlp:64-8-10")
+    assert fingerprint_mismatch(saved, run_fingerprint(kept_values(old_spelling))) == (
+        "--task",
+        "digits-mlp",
+        "mlp:64-8-10",
+    )
+
+
+def kept_values(chosen: AggregatorSettings) -> dict:
+    """The settings' values as the aggregator fingerprints them: the task as resolved."""
+    return {**dataclasses.asdict(chosen), "task": chosen.task_spec}
 
 
 def test_dispatch_passes_the_settings_object_to_the_role(monkeypatch, tmp_path):

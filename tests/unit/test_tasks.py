@@ -19,7 +19,6 @@ from hypothesis import strategies as st
 import fedmq
 from fedmq.datasets import digits, partition
 from fedmq.models import get_model
-from fedmq.node.training import LocalTrainer
 from fedmq.schemas.messages import GlobalModel, TrainingPlan, decode_global, encode, model_id_of
 from fedmq.tasks import Task
 from fedmq.tasks.builtin import mlp_params, mlp_task
@@ -28,6 +27,7 @@ from fedmq.tasks.naming import NamingError, flatten_params, tensor_specs, unflat
 from fedmq.tasks.registry import TaskError, load_task
 from fedmq.tasks.seeds import seed_key, seed_of_key
 from fedmq.tasks.training import make_epoch, train_local
+from tests.unit.test_training import sgd_reference
 
 WIRE_NAME = r"[A-Za-z0-9_./-]{1,64}"  # docs/PROTOCOL.md, section 6
 
@@ -478,7 +478,7 @@ def test_builtin_names_resolve_to_their_tasks():
         ("fedmqtest_b:1task", "task 'fedmqtest_b:1task' is not MODULE:ATTRIBUTE"),
         (
             "no-such-task",
-            "unknown task 'no-such-task'; known: digits-mlp, digits-mlp-large, mlp:IN-...-CLASSES",
+            "unknown task 'no-such-task'; known: digits-mlp, digits-mlp-large, digits-cnn, activity-cnn, diabetes-mlp, mlp:IN-...-CLASSES",
         ),
         ("mlp:8-0-3", "model 'mlp:8-0-3': after 'mlp:' give layer sizes >= 1"),
     ],
@@ -512,7 +512,7 @@ def test_a_task_registered_under_the_entry_point_group(workdir, monkeypatch):
         load_task("broken-task")
     with pytest.raises(
         TaskError,
-        match=r"known: digits-mlp, digits-mlp-large, mlp:IN-...-CLASSES, broken-task, plugged-task; or your own as MODULE:ATTRIBUTE",
+        match=r"known: digits-mlp, digits-mlp-large, digits-cnn, activity-cnn, diabetes-mlp, mlp:IN-...-CLASSES, broken-task, plugged-task; or your own as MODULE:ATTRIBUTE",
     ):
         load_task("unplugged")
 
@@ -584,7 +584,8 @@ def test_training_through_the_task_is_node_training_bitwise(
     reference_digits, name, nodes, split, plan
 ):
     """optax.sgd + optax.apply_updates in a jitted scan over the task's per-example loss give
-    exactly node/training.py's parameters and loss, round after round of FedAvg."""
+    exactly node/training.py's parameters and loss (frozen in test_training.sgd_reference),
+    round after round of FedAvg."""
     train = reference_digits
     model, task = get_model(name), load_task(name)
     shards = partition(train.y, nodes, split, 0)
@@ -593,10 +594,9 @@ def test_training_through_the_task_is_node_training_bitwise(
         trained = []
         for i, shard in enumerate(shards[:3]):
             x, y = train.x[shard], train.y[shard]
-            theirs, their_loss = LocalTrainer(model, x, y).train(
-                current, learning_rate=plan.learning_rate, batch_size=plan.batch_size,
-                local_epochs=plan.local_epochs, seed=plan.seed, node_id=f"node-{i}", round=round_number,
-            )  # fmt: skip
+            theirs, their_loss = sgd_reference(
+                model, current, x, y, plan, node_id=f"node-{i}", round_number=round_number
+            )
             mine, my_loss = train_local(
                 task,
                 mlp_params(model, current),

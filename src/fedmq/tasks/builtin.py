@@ -17,6 +17,7 @@ import numpy as np
 import optax
 
 from fedmq.models import MLP, get_model
+from fedmq.tasks.classifier import classifier_metrics, cross_entropy
 from fedmq.tasks.seeds import seed_of_key
 from fedmq.tasks.task import Task
 
@@ -81,16 +82,11 @@ def mlp_task(name: str, learning_rate: float = DEFAULT_LEARNING_RATE) -> Task:
 
     def nll(params: MLPParams, batch: tuple[jax.Array, jax.Array]) -> jax.Array:
         x, y = batch
-        log_probs = jax.nn.log_softmax(model.logits(params.as_named(), x, jnp))
-        return -jnp.take_along_axis(log_probs, y[:, None].astype(jnp.int32), axis=1)[:, 0]
+        return cross_entropy(model.logits(params.as_named(), x, jnp), y)
 
     def metrics(params: MLPParams, batch: tuple[jax.Array, jax.Array]) -> dict[str, jax.Array]:
         x, y = batch
-        logits = model.logits(params.as_named(), x, jnp)
-        return {
-            "loss": jnp.mean(nll(params, batch)),
-            "accuracy": jnp.mean(jnp.argmax(logits, axis=1) == y),
-        }
+        return classifier_metrics(model.logits(params.as_named(), x, jnp), y)
 
     return Task(
         name=name,

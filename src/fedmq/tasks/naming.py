@@ -88,7 +88,7 @@ def tensor_name(parts: KeyPath) -> str:
 
 def named_leaves(params: Any) -> list[tuple[str, KeyPath, Any]]:
     """(name, key path parts, leaf) for every leaf, in flattening order; names distinct."""
-    leaves, _ = jax.tree_util.tree_flatten_with_path(params)
+    leaves, _ = _flatten(params)
     named: list[tuple[str, KeyPath, Any]] = []
     seen: set[str] = set()
     for path, leaf in leaves:
@@ -131,7 +131,7 @@ def unflatten_params(template: Any, named: Mapping[str, Any]) -> Any:
     Every tensor of the template must be in ``named`` with its shape and dtype, and
     ``named`` must hold nothing else; NamingError names the first tensor that does not fit.
     """
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
+    leaves, treedef = _flatten(template)
     values = []
     expected: set[str] = set()
     for path, leaf in leaves:
@@ -154,10 +154,24 @@ def unflatten_params(template: Any, named: Mapping[str, Any]) -> Any:
     return jax.tree_util.tree_unflatten(treedef, values)
 
 
+def _flatten(tree: Any) -> tuple[list[tuple[Any, Any]], Any]:
+    """``jax.tree_util.tree_flatten_with_path``, with its refusal of a dict whose keys do
+    not sort (str and int mixed: ``0`` and ``"0"`` would both be named ``0``) in our words."""
+    try:
+        return jax.tree_util.tree_flatten_with_path(tree)
+    except ValueError as error:
+        if "sorting pytree dictionary keys" not in str(error):
+            raise
+        raise NamingError(
+            "params has a dict whose keys mix str and int, which cannot be sorted into one "
+            "order (and 0 and '0' would name one tensor): use keys of one type per dict"
+        ) from None
+
+
 def _float_array(name: str, leaf: Any) -> np.ndarray:
     if not hasattr(leaf, "dtype"):
         raise NamingError(
-            f"params leaf {name!r} is a {type(leaf).__name__}, not an array; params hold "
+            f"params leaf {name!r} is {_a(type(leaf).__name__)}, not an array; params hold "
             "only float arrays (filter an Equinox module with eqx.filter(m, eqx.is_array))"
         )
     array = np.asarray(leaf)
@@ -168,7 +182,7 @@ def _float_array(name: str, leaf: Any) -> np.ndarray:
 def _shape_and_dtype(name: str, leaf: Any) -> tuple[tuple[int, ...], np.dtype]:
     if not (hasattr(leaf, "shape") and hasattr(leaf, "dtype")):
         raise NamingError(
-            f"params leaf {name!r} is a {type(leaf).__name__}, not an array; params hold "
+            f"params leaf {name!r} is {_a(type(leaf).__name__)}, not an array; params hold "
             "only float arrays (filter an Equinox module with eqx.filter(m, eqx.is_array))"
         )
     dtype = np.dtype(leaf.dtype)
@@ -182,6 +196,10 @@ def _check_dtype(name: str, dtype: np.dtype) -> None:
             f"params leaf {name!r} is {dtype}; params must be float32 (or float16) arrays: "
             "cast it, e.g. .astype(jnp.float32)"
         )
+
+
+def _a(noun: str) -> str:
+    return f"an {noun}" if noun[:1].lower() in "aeiou" else f"a {noun}"
 
 
 def _where(parts: Sequence[str | int]) -> str:

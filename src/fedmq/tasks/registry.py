@@ -2,7 +2,9 @@
 
 In this order:
 
-1. a built-in name: ``digits-mlp``, ``digits-mlp-large``, or ``mlp:IN-HIDDEN-...-CLASSES``;
+1. a built-in name: ``digits-mlp``, ``digits-mlp-large``, ``mlp:IN-HIDDEN-...-CLASSES``, or
+   one of the built-in examples (``EXAMPLES``: ``digits-cnn``, ``activity-cnn``,
+   ``diabetes-mlp``);
 2. ``MODULE:ATTRIBUTE``: a module importable on this machine (an installed package, or a
    ``MODULE.py`` / package folder in the working directory) and in it a ``fedmq.Task``, or
    a function of no arguments returning one (``ATTRIBUTE`` may be dotted: ``tasks.cnn``);
@@ -21,12 +23,18 @@ from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from typing import Any
 
-from fedmq.models import MODELS, SPEC_PREFIX
+from fedmq.models import MODELS, SPEC_PREFIX, get_model
 from fedmq.tasks.task import Task
 
 ENTRY_POINT_GROUP = "fedmq.tasks"
 _MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 _ATTRIBUTE = _MODULE  # dotted identifiers too
+# The built-in example tasks: name -> (module in fedmq.tasks, function making the Task).
+EXAMPLES = {
+    "digits-cnn": ("digits_cnn", "digits_cnn_task"),
+    "activity-cnn": ("activity_cnn", "activity_cnn_task"),
+    "diabetes-mlp": ("diabetes", "diabetes_task"),
+}
 
 
 class TaskError(ValueError):
@@ -34,7 +42,7 @@ class TaskError(ValueError):
 
 
 def builtin_names() -> list[str]:
-    return [*MODELS, f"{SPEC_PREFIX}IN-...-CLASSES"]
+    return [*MODELS, *EXAMPLES, f"{SPEC_PREFIX}IN-...-CLASSES"]
 
 
 def registered_names() -> list[str]:
@@ -42,15 +50,41 @@ def registered_names() -> list[str]:
     return sorted({ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)})
 
 
+def is_builtin(spec: str) -> bool:
+    """Whether ``spec`` names a built-in task (a built-in model name or an ``mlp:`` spec,
+    well formed or not): those need no import, and the aggregator runs them without JAX."""
+    return spec in MODELS or (spec.startswith(SPEC_PREFIX) and not _import_path(spec))
+
+
+def check_spec(spec: str) -> str:
+    """``spec`` if it can name a task, without importing anything (for option parsing):
+    a built-in one is checked whole, ``MODULE:ATTRIBUTE`` for its form; TaskError else."""
+    if is_builtin(spec):
+        try:
+            get_model(spec)
+        except ValueError as error:
+            raise TaskError(str(error)) from None
+    elif ":" in spec:
+        module, _, attribute = spec.partition(":")
+        _check_import_path(spec, module, attribute)
+    elif not spec:
+        raise TaskError("give a task: a built-in name, MODULE:ATTRIBUTE or a registered name")
+    return spec
+
+
 def load_task(spec: str) -> Task:
     """The task ``spec`` names (see the module's docstring); TaskError otherwise."""
-    if spec in MODELS or (spec.startswith(SPEC_PREFIX) and not _import_path(spec)):
+    if is_builtin(spec):
         from fedmq.tasks.builtin import mlp_task
 
         try:
             return mlp_task(spec)
         except ValueError as error:
             raise TaskError(str(error)) from None
+    if spec in EXAMPLES:
+        module, function = EXAMPLES[spec]
+        made: Task = getattr(importlib.import_module(f"fedmq.tasks.{module}"), function)()
+        return made
     if ":" in spec:
         module, _, attribute = spec.partition(":")
         return _from_import_path(spec, module, attribute)
@@ -69,7 +103,7 @@ def _import_path(spec: str) -> bool:
     return bool(colon) and bool(_MODULE.fullmatch(module)) and bool(_ATTRIBUTE.fullmatch(attribute))
 
 
-def _from_import_path(spec: str, module_name: str, attribute: str) -> Task:
+def _check_import_path(spec: str, module_name: str, attribute: str) -> None:
     if module_name.endswith(".py") or "/" in module_name or "\\" in module_name:
         stem = Path(module_name).stem
         raise TaskError(
@@ -81,6 +115,10 @@ def _from_import_path(spec: str, module_name: str, attribute: str) -> Task:
             f"task {spec!r} is not MODULE:ATTRIBUTE (Python names, e.g. my_tasks:task) "
             f"nor a known task ({', '.join(builtin_names())})"
         )
+
+
+def _from_import_path(spec: str, module_name: str, attribute: str) -> Task:
+    _check_import_path(spec, module_name, attribute)
     module = _import(spec, module_name)
     value: Any = module
     for part in attribute.split("."):

@@ -47,8 +47,9 @@ class Task:
     of the same task refuse the global model. Change it when the meaning of the
     parameters changes but their names and shapes do not.
     ``personal(path) -> bool``: optional; marks leaves (by their key path, e.g.
-    ``lambda path: path[0] == "head"``) that stay on the node, never sent nor averaged.
-    Declared here for the contract; not used by nodes or the aggregator yet.
+    ``lambda path: path[0] == "head"``) that stay on the node, never sent nor averaged
+    (FedPer): each node trains them with the rest and keeps them in its state directory;
+    the global model and its fingerprint hold the shared leaves only.
     """
 
     name: str

@@ -17,11 +17,12 @@ and a state kept across rounds would make a node's update depend on its history 
 whether it restarted), which nothing on the wire could replay. An optimizer built with
 ``optax.inject_hyperparams`` that has a ``learning_rate`` takes the plan's.
 
-This copy of the order and the loop is what the node will run once tasks are wired in;
-until then node/training.py trains the built-in models, and tests check both agree bitwise.
+The node trains every task through ``train_local`` (the built-in MLPs bit for bit as
+node/training.py did before tasks, tests/unit/test_training.py), after ``data_problem``
+has checked once that its data can train the task.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import lru_cache
 from typing import Any
 
@@ -93,6 +94,68 @@ def make_epoch(task: Task, batch_size: int) -> Epoch:
     return epoch
 
 
+def delta(trained: Mapping[str, Any], base: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """What a node sends: trained minus the global it started from, tensor by tensor in the
+    global's order, in float32."""
+    return {name: (np.asarray(trained[name]) - b).astype(np.float32) for name, b in base.items()}
+
+
+def data_problem(task: Task, template: Any, x: Any, y: Any) -> str | None:
+    """Why (x, y) cannot train ``task`` (its params' tree ``template``), in one line, or None.
+
+    The built-in MLPs say it as they always have (features, class ids); any other task's
+    loss is traced once on one example (``jax.eval_shape``: nothing is computed) and its
+    error, if any, is the cause."""
+    if len(x) == 0 or len(x) != len(y):
+        return f"x and y must hold the same number (> 0) of examples, not {len(x)} and {len(y)}"
+    from fedmq.tasks.builtin import MLPParams
+
+    if isinstance(template, MLPParams):
+        features, classes = template.layers[0].w.shape[0], template.layers[-1].w.shape[1]
+        if np.ndim(x) != 2 or np.shape(x)[1] != features:
+            found = f"{np.shape(x)[1]} features" if np.ndim(x) == 2 else f"shape {np.shape(x)[1:]}"
+            return f"data has {found}, the model expects {features}"
+        if not np.issubdtype(np.asarray(y).dtype, np.integer):
+            return (
+                f"labels must be class ids 0..{classes - 1}, found {np.asarray(y).dtype} values:"
+                " store y.astype(int) if they are whole numbers"
+            )
+        if np.ndim(y) != 1:
+            return (
+                f"labels must be class ids 0..{classes - 1}, one per example (n,), found shape "
+                f"{np.shape(y)}: store y.reshape(-1) if each example has one"
+            )
+        low, high = int(np.min(y)), int(np.max(y))
+        if low < 0 or high >= classes:
+            return f"labels must be class ids 0..{classes - 1}, found {low}..{high}"
+        return None
+    one_x = jax.ShapeDtypeStruct((1, *np.shape(x)[1:]), np.asarray(x[:1]).dtype)
+    one_y = jax.ShapeDtypeStruct((1, *np.shape(y)[1:]), np.asarray(y[:1]).dtype)
+    try:
+        jax.eval_shape(lambda p, xb, yb: example_losses(task, p, xb, yb), template, one_x, one_y)
+    except Exception as error:
+        text = str(error).strip()
+        first = text.splitlines()[0] if text else "(no message)"
+        return (
+            f"its loss fails on one example of x {list(np.shape(x)[1:])} {one_x.dtype} and y "
+            f"{list(np.shape(y)[1:])} {one_y.dtype}: {type(error).__name__}: {first}"
+        )
+    return None
+
+
+@lru_cache(maxsize=16)
+def make_start(task: Task) -> Callable[[Any, float], Any]:
+    """``start(params, learning_rate) -> opt_state``: the optimizer's fresh state for a round
+    with the plan's learning rate (``with_learning_rate``), jitted: one call to the device
+    instead of one per state array (most of a small model's time per round, unjitted)."""
+
+    @jax.jit
+    def start(params: Any, learning_rate: Any) -> Any:
+        return with_learning_rate(task.optimizer.init(params), learning_rate)
+
+    return start
+
+
 def with_learning_rate(opt_state: Any, learning_rate: float) -> Any:
     """``opt_state`` with its injected ``learning_rate`` set, or unchanged if it has none."""
     hyperparams = getattr(opt_state, "hyperparams", None)
@@ -121,7 +184,7 @@ def train_local(
             f"x and y must hold the same number (> 0) of examples, not {len(x)} and {len(y)}"
         )
     epoch = make_epoch(task, plan.batch_size)
-    opt_state = with_learning_rate(task.optimizer.init(params), plan.learning_rate)
+    opt_state = make_start(task)(params, plan.learning_rate)
     x, y = jnp.asarray(x), jnp.asarray(y)
     loss: Any = np.float32(np.nan)
     for index in range(plan.local_epochs):
