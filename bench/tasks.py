@@ -65,12 +65,15 @@ def peak_rss_mib(pid: int) -> float | None:
     return None
 
 
-def run_task(spec: str, *, nodes: int, rounds: int, seed: int, work: Path) -> dict[str, Any]:
+def run_task(
+    spec: str, *, nodes: int, rounds: int, seed: int, eval_fraction: str, work: Path
+) -> dict[str, Any]:
     task, *extra = shlex.split(spec)
     report = work / "report.json"
     argv = [sys.executable, "-m", "fedmq", "demo", "--task", task, "--nodes", str(nodes),
             "--rounds", str(rounds), "--seed", str(seed), "--report", str(report),
-            "--workdir", str(work / "demo"), *extra]  # fmt: skip
+            "--workdir", str(work / "demo"), "--eval-fraction", eval_fraction,
+            *extra]  # fmt: skip
     started = time.monotonic()
     peaks: dict[int, float] = {}
     with (work / "demo.log").open("wb") as log:
@@ -112,15 +115,23 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--task", action="append", help="a task (repeat); default: the built-ins")
+    parser.add_argument(
+        "--eval-fraction",
+        default="0.2",
+        help="the demos' --eval-fraction (default 0.2: federated metrics beside the central)",
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     specs = args.task or DEFAULT_TASKS
     results = []
-    print(f"{args.nodes} nodes, {args.rounds} rounds, seed {args.seed}; one demo at a time")
+    print(
+        f"{args.nodes} nodes, {args.rounds} rounds, seed {args.seed}, eval fraction "
+        f"{args.eval_fraction}; one demo at a time"
+    )
     for spec in specs:
         with tempfile.TemporaryDirectory() as tmp:
             result = run_task(spec, nodes=args.nodes, rounds=args.rounds, seed=args.seed,
-                              work=Path(tmp))  # fmt: skip
+                              eval_fraction=args.eval_fraction, work=Path(tmp))  # fmt: skip
         results.append(result)
         rss = result["node_peak_rss_mib"]
         print(

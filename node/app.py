@@ -114,6 +114,14 @@ def mismatch(expected: TaskLayout, model: GlobalModel) -> str | None:
     return difference
 
 
+def not_this_task(task: Task, difference: str) -> str:
+    """The one line a node refuses another task's model with: the difference, the fix."""
+    return (
+        f"the global model does not match task {task.name!r}: {difference}: give this node "
+        "the --task the aggregator runs"
+    )
+
+
 def adopt_old_state(old: Path, new: Path, *, federation: str, node_id: str) -> bool:
     """Move the state a node of an earlier version kept in ``old`` (the old default,
     ``.fedmq-node`` itself) into ``new``, if it is this node's (its update on record names
@@ -422,7 +430,7 @@ class Node:
             template, expected, own = expected_layout(task)
             difference = mismatch(expected, model)  # another task: say that, not its data
             if difference is not None:
-                raise Refused(f"the global model does not match task {task.name!r}: {difference}")
+                raise Refused(not_this_task(task, difference))
             problem = data_problem(task, template, self.data.x, self.data.y)
             if problem is not None:
                 raise DataError(f"local data cannot train model {task.name}: {problem}")
@@ -438,7 +446,7 @@ class Node:
             )  # fmt: skip
         difference = mismatch(known.expected, model)
         if difference is not None:
-            raise Refused(f"the global model does not match task {task.name!r}: {difference}")
+            raise Refused(not_this_task(task, difference))
         return known
 
     def train_and_publish(self, model: GlobalModel) -> None:

@@ -58,7 +58,7 @@ from fedmq.report import build_report, write_report
 from fedmq.schemas import RoundMetrics, SchemaError, Topics, decode_metrics
 from fedmq.settings import to_argv
 from fedmq.tasks.builtin_data import DIGITS_TASKS, node_limit, split_builtin
-from fedmq.tasks.registry import EXAMPLES, is_builtin
+from fedmq.tasks.registry import EXAMPLES, TaskError, is_builtin, load_task
 
 log = structlog.get_logger()
 
@@ -108,7 +108,7 @@ def child_argv(
 def config_problem(config: DemoSettings) -> str | None:
     """What makes ``config`` unworkable, with the fix, or None: found before anything starts
     rather than by every child failing, or by a report that cannot be written at the end."""
-    problem = (
+    problem = task_problem(config.task_spec) or (
         data_dir_problem(config) if config.data_dir is not None else builtin_data_problem(config)
     )
     if problem is not None:
@@ -121,6 +121,19 @@ def config_problem(config: DemoSettings) -> str | None:
         problem = save_problem(config.save_model)
         if problem is not None:
             return f"--save-model {config.save_model}: {problem}"
+    return None
+
+
+def task_problem(spec: str) -> str | None:
+    """Why the task ``spec`` names cannot be loaded here (a typo in the module or the
+    attribute, a missing package, not a Task), or None: the children would fail alike, after
+    the broker had started. The built-in tasks need no check (and no JAX here)."""
+    if is_builtin(spec) or spec in EXAMPLES:
+        return None
+    try:
+        load_task(spec)
+    except TaskError as error:
+        return str(error)
     return None
 
 

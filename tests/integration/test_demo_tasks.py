@@ -123,12 +123,13 @@ def test_a_custom_task_without_a_test_set_is_evaluated_by_its_nodes(tmp_path):
 
 
 def test_a_data_dir_without_node_files_is_refused_in_one_line(tmp_path):
+    (tmp_path / "my_regression.py").write_text(textwrap.dedent(CUSTOM_TASK))
     (tmp_path / "data").mkdir()
     np.savez(tmp_path / "data" / "test.npz", x=np.zeros((3, 2)), y=np.zeros(3, np.int64))
     done = subprocess.run(
         [sys.executable, "-m", "fedmq", "demo", "--task", "my_regression:task", "--data-dir",
          str(tmp_path / "data"), "--workdir", str(tmp_path / "work")],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
     )  # fmt: skip
     assert done.returncode == 2
     assert done.stdout == ""  # nothing started: no banner, no broker

@@ -29,13 +29,15 @@ VERSIONED = (
             "mlp:64-16-10",
             "mlp:64-32-10",
             "the global model does not match task 'mlp:64-32-10': "
-            "task 'mlp:64-16-10' where 'mlp:64-32-10' was expected",
+            "task 'mlp:64-16-10' where 'mlp:64-32-10' was expected: give this node the --task "
+            "the aggregator runs",
         ),
         (
             "small_v1:task",
             "small_v2:task",
             "the global model does not match task 'digits-small': "
-            "task 'digits-small' version '1' where '2' was expected",
+            "task 'digits-small' version '1' where '2' was expected: give this node the --task "
+            "the aggregator runs",
         ),
         (
             "small_v1:task",

@@ -155,7 +155,31 @@ def _node_files(directory: Path, count: int, x_shape=(8,), y_float=False, test=T
         np.savez(directory / f"{name}.npz", x=x, y=y)
 
 
-def test_a_task_without_built_in_data_needs_data_dir() -> None:
+MY_TASKS = """
+import jax.numpy as jnp
+import optax
+
+from fedmq import Task
+
+task = Task(name="mine", init=lambda key: {"w": jnp.zeros(2)},
+            loss=lambda p, batch: jnp.mean((batch[0] @ p["w"] - batch[1]) ** 2),
+            optimizer=optax.sgd(0.1))
+"""
+
+
+def test_a_task_that_cannot_be_loaded_is_refused_before_anything_starts(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my_tasks.py").write_text(MY_TASKS)
+    typo = config_problem(DemoSettings(task="my_taks:task", data_dir=tmp_path))
+    assert typo is not None and typo.startswith("task 'my_taks:task': ") and "\n" not in typo
+    assert "my_taks" in typo
+    attribute = config_problem(DemoSettings(task="my_tasks:tsak", data_dir=tmp_path))
+    assert attribute is not None and "tsak" in attribute and "\n" not in attribute
+
+
+def test_a_task_without_built_in_data_needs_data_dir(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my_tasks.py").write_text(MY_TASKS)
     assert config_problem(DemoSettings(task="my_tasks:task")) == (
         "task my_tasks:task has no built-in data: give --data-dir DIR holding one node-*.npz "
         "per node (node-01.npz, node-02.npz, ...: arrays x and y) and, for central "
