@@ -234,7 +234,9 @@ def progress_text(aggregator: Aggregator) -> str:
 
 def note_presence(aggregator: Aggregator, node_id: str, payload: bytes) -> None:
     """A node's retained status or last will: online unless it says offline (or was
-    cleared); an unreadable status is ignored."""
+    cleared); an unreadable status is ignored. A node in ``error`` (it refused the model:
+    another task, data that cannot train it, a diverged round) is logged with its reason,
+    so the operator of a round short of quorum sees why here, not only on that node."""
     if not payload:
         aggregator.note_presence(node_id, False)
         return
@@ -243,6 +245,8 @@ def note_presence(aggregator: Aggregator, node_id: str, payload: bytes) -> None:
     except SchemaError:
         return
     aggregator.note_presence(node_id, status.state != "offline")
+    if status.state == "error":
+        log.warning("node.error", node_id=node_id, round=status.round, detail=status.detail)
 
 
 def resume_or_start(

@@ -447,18 +447,27 @@ def write_node_data(config: DemoSettings, directory: Path) -> tuple[list[Path], 
 
 
 def headline(m: RoundMetrics) -> str:
-    """The round's figure on a progress line: its test accuracy, else its test loss (a
-    regression), else the federated one (no test set: the round's starting model)."""
+    """The round's figure on a progress line: its test accuracy, else the task's own first
+    test metric (a regression's ``mse``, say), else its test loss; without a test set the
+    same from the federated metrics (of the round's starting model)."""
     central = (m.metrics.central if m.metrics else None) or {}
     federated = (m.metrics.federated if m.metrics else None) or {}
     if m.accuracy is not None:
         return f"accuracy {m.accuracy:.4f}"
-    if "loss" in central:
-        return f"loss {central['loss']:.4f}"
-    for name in ("accuracy", "loss"):
-        if name in federated:
-            return f"federated {name} {federated[name]:.4f}"
+    for metrics, prefix in ((central, ""), (federated, "federated ")):
+        name = lead_metric(metrics)
+        if name is not None:
+            return f"{prefix}{name} {metrics[name]:.4f}"
     return "accuracy -"
+
+
+def lead_metric(metrics: Mapping[str, float]) -> str | None:
+    """``accuracy`` if measured, else the first of the task's own metrics by name, else
+    ``loss``; None if there are none."""
+    if "accuracy" in metrics:
+        return "accuracy"
+    own = sorted(name for name in metrics if name != "loss")
+    return own[0] if own else ("loss" if "loss" in metrics else None)
 
 
 class Progress:

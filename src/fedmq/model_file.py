@@ -241,9 +241,12 @@ class _Spec:
 
 
 def describe(model: ModelFile) -> str:
-    """``round 30, model 1a2b.. of task 'digits-mlp': 4 tensors, 50890 parameters``."""
+    """``after 30 rounds, model 1a2b.. of task 'digits-mlp': 4 tensors, 50890 parameters``:
+    a global model's ``round`` is the round that trains from it, so it is the model after
+    ``round - 1`` rounds (a finished run of 30 rounds ends with the model of round 31)."""
     count = sum(int(np.prod(t.shape)) for t in model.tensors.values())
-    where = f"round {model.round}, " if model.round is not None else ""
+    done = None if model.round is None else model.round - 1
+    where = "" if done is None else f"after {done} round{'s' * (done != 1)}, "
     return (
         f"{where}model {model.model_id} of task {model.task!r}: {len(model.tensors)} tensors, "
         f"{count} parameters"
