@@ -397,5 +397,5 @@ EVAL_FRACTION_HELP = (
 PROXIMAL_MU_HELP = (
     "FedProx: nodes add (MU/2) x the squared distance between their parameters and the "
     "round's global model to the task's loss, which holds back local drift on uneven data "
-    "(try 0.001 to 0.1); announced in the plan (default 0: off, the task's loss alone)"
+    "(Li et al. try 0.001 to 1); announced in the plan (default 0: off, the task's loss alone)"
 )
