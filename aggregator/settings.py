@@ -14,6 +14,7 @@ from fedmq.settings import (
     COMPRESSION_HELP,
     EVAL_FRACTION_HELP,
     MODEL_HELP,
+    PROXIMAL_MU_HELP,
     TASK_HELP,
     Exclusive,
     chosen_task,
@@ -25,6 +26,7 @@ from fedmq.settings import (
     node_id_list,
     positive_float,
     positive_int,
+    proximal_mu,
     setting,
     show_auto,
     show_list,
@@ -139,6 +141,14 @@ class AggregatorSettings(LogSettings, ConnectionSettings):
         metavar="F|auto",
         help=EVAL_FRACTION_HELP,
     )
+    proximal_mu: float = setting(
+        0.0,
+        kept="proximal_mu",
+        unkept=(0.0,),
+        parse=proximal_mu,
+        metavar="MU",
+        help=PROXIMAL_MU_HELP,
+    )
     max_update_bytes: int | None = setting(
         None,
         parse=positive_int,
@@ -239,8 +249,9 @@ def _kept() -> dict[str, list[str]]:
 def run_fingerprint(values: Mapping[str, Any]) -> dict[str, Any]:
     """What a run must keep across restarts, as the checkpoint stores it, from the values
     of the ``kept`` settings by name: ``{"federation", "model", "plan": [learning_rate,
-    batch_size, local_epochs, seed], "compression"}``, and ``"eval_fraction"`` only when
-    it is not 0 (a run kept before federated evaluation resumes)."""
+    batch_size, local_epochs, seed], "compression"}``, and ``"eval_fraction"`` and
+    ``"proximal_mu"`` each only when it is not 0 (a run kept before federated evaluation
+    or FedProx resumes)."""
     settings = declared(AggregatorSettings)
     fingerprint: dict[str, Any] = {}
     for key, names in _kept().items():

@@ -11,6 +11,7 @@ from fedmq.settings import (
     COMPRESSION_HELP,
     EVAL_FRACTION_HELP,
     MODEL_HELP,
+    PROXIMAL_MU_HELP,
     TASK_HELP,
     chosen_task,
     compression_spec,
@@ -20,6 +21,7 @@ from fedmq.settings import (
     partition_spec,
     positive_float,
     positive_int,
+    proximal_mu,
     setting,
     show_auto,
     task_spec,
@@ -75,6 +77,9 @@ class DemoSettings(LogSettings):
     )
     eval_fraction: float | None = setting(  # None: auto, the aggregator's default
         None, parse=eval_fraction, show=show_auto, metavar="F|auto", help=EVAL_FRACTION_HELP
+    )
+    proximal_mu: float = setting(
+        0.0, parse=proximal_mu, metavar="MU", help=PROXIMAL_MU_HELP + "; handed to the aggregator"
     )
     report: Path | None = setting(None, parse=Path, metavar="PATH", help="write report.json here")
     save_model: Path | None = setting(

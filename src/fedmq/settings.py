@@ -21,6 +21,7 @@ Checks that need a heavy library import it inside the function, so ``--help`` st
 import argparse
 import dataclasses
 import functools
+import math
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -292,6 +293,17 @@ def eval_fraction(text: str) -> float | None:
     return value
 
 
+def proximal_mu(text: str) -> float:
+    """``--proximal-mu``: a finite number >= 0 (FedProx's mu; 0: off)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not (math.isfinite(value) and value >= 0.0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number >= 0")
+    return value
+
+
 def show_auto(value: object) -> str:
     """``auto`` for None (``--eval-fraction``)."""
     return "auto" if value is None else str(value)
@@ -380,4 +392,10 @@ EVAL_FRACTION_HELP = (
     "federated evaluation: each node holds out this fraction (at most 0.5) of its examples, "
     "fixed for the run, and reports the metrics of the model it received on them; 0: none "
     "(default auto: 0 when the aggregator has a test set, 0.2 when it has none)"
+)
+
+PROXIMAL_MU_HELP = (
+    "FedProx: nodes add (MU/2) x the squared distance between their parameters and the "
+    "round's global model to the task's loss, which holds back local drift on uneven data "
+    "(Li et al. try 0.001 to 1); announced in the plan (default 0: off, the task's loss alone)"
 )
