@@ -81,6 +81,7 @@ def child_argv(
         test_data=None if test_path is None else str(test_path),
         compression=config.compression,
         eval_fraction=config.eval_fraction,
+        server_optimizer=config.server_optimizer,
         log_json=True,
         state_dir=workdir / "aggregator",
     )
