@@ -213,6 +213,7 @@ def test_the_fingerprint_is_the_kept_settings_stored_as_before():
         "seed",
         "compression",
         "eval_fraction",
+        "server_optimizer",  # only when not fedavg, as eval_fraction only when not 0
     ]
 
 
