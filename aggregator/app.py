@@ -60,6 +60,7 @@ from fedmq.schemas import (
     encode,
 )
 from fedmq.schemas.sys_topics import DROPPED, VERSION, parse_counter
+from fedmq.settings import parse_server_optimizer
 from fedmq.tasks.layout import layout_difference, layout_of
 from fedmq.tasks.registry import EXAMPLES, TaskError, is_builtin, load_task
 from fedmq.tasks.task import Task
@@ -211,6 +212,7 @@ def build_aggregator(
         aggregation=aggregation_rule(config),
         task_version=task.version,
         model_floats=num_params,
+        server_optimizer=str(parse_server_optimizer(config.server_optimizer)),
     )
     return Aggregator(
         settings,

@@ -15,6 +15,7 @@ from fedmq.settings import (
     EVAL_FRACTION_HELP,
     MODEL_HELP,
     PROXIMAL_MU_HELP,
+    SERVER_OPTIMIZER_HELP,
     TASK_HELP,
     Exclusive,
     chosen_task,
@@ -27,6 +28,7 @@ from fedmq.settings import (
     positive_float,
     positive_int,
     proximal_mu,
+    server_optimizer_spec,
     setting,
     show_auto,
     show_list,
@@ -223,6 +225,16 @@ class AggregatorSettings(LogSettings, ConnectionSettings):
         "(the same as adding +clip-norm:X to --aggregation; replaces the default's "
         "clip-median:2)",
     )
+    # Kept (a run's optimiser state belongs to it), but left out of the fingerprint for
+    # fedavg, so a run kept before server optimisers resumes (``unkept``).
+    server_optimizer: str = setting(
+        "fedavg",
+        kept="server_optimizer",
+        unkept=("fedavg",),
+        parse=server_optimizer_spec,
+        metavar="SPEC",
+        help=SERVER_OPTIMIZER_HELP,
+    )
 
     def __post_init__(self) -> None:
         chosen_task(self.task, self.model)  # both given and different: ValueError
@@ -251,7 +263,7 @@ def run_fingerprint(values: Mapping[str, Any]) -> dict[str, Any]:
     of the ``kept`` settings by name: ``{"federation", "model", "plan": [learning_rate,
     batch_size, local_epochs, seed], "compression"}``, and ``"eval_fraction"`` and
     ``"proximal_mu"`` each only when it is not 0 (a run kept before federated evaluation
-    or FedProx resumes)."""
+    or FedProx resumes), ``"server_optimizer"`` only when it is not fedavg (likewise)."""
     settings = declared(AggregatorSettings)
     fingerprint: dict[str, Any] = {}
     for key, names in _kept().items():

@@ -82,6 +82,7 @@ def child_argv(
         compression=config.compression,
         eval_fraction=config.eval_fraction,
         proximal_mu=config.proximal_mu,
+        server_optimizer=config.server_optimizer,
         log_json=True,
         state_dir=workdir / "aggregator",
     )

@@ -12,6 +12,7 @@ from fedmq.settings import (
     EVAL_FRACTION_HELP,
     MODEL_HELP,
     PROXIMAL_MU_HELP,
+    SERVER_OPTIMIZER_HELP,
     TASK_HELP,
     chosen_task,
     compression_spec,
@@ -22,6 +23,7 @@ from fedmq.settings import (
     positive_float,
     positive_int,
     proximal_mu,
+    server_optimizer_spec,
     setting,
     show_auto,
     task_spec,
@@ -80,6 +82,12 @@ class DemoSettings(LogSettings):
     )
     proximal_mu: float = setting(
         0.0, parse=proximal_mu, metavar="MU", help=PROXIMAL_MU_HELP + "; handed to the aggregator"
+    )
+    server_optimizer: str = setting(
+        "fedavg",
+        parse=server_optimizer_spec,
+        metavar="SPEC",
+        help=SERVER_OPTIMIZER_HELP + "; handed to the demo's aggregator",
     )
     report: Path | None = setting(None, parse=Path, metavar="PATH", help="write report.json here")
     save_model: Path | None = setting(

@@ -214,6 +214,7 @@ def test_the_fingerprint_is_the_kept_settings_stored_as_before():
         "compression",
         "eval_fraction",
         "proximal_mu",
+        "server_optimizer",  # only when not fedavg, as eval_fraction only when not 0
     ]
 
 
