@@ -41,7 +41,12 @@ from fedmq.aggregator.combine import combine
 from fedmq.aggregator.evaluate import Evaluator, mlp_evaluator
 from fedmq.aggregator.federated_metrics import federated_metrics
 from fedmq.aggregator.intake import Intake
-from fedmq.aggregator.optimizer import server_optimizer, state_from_leaves, state_leaves
+from fedmq.aggregator.optimizer import (
+    ServerOptimizer,
+    server_optimizer,
+    state_from_leaves,
+    state_leaves,
+)
 from fedmq.aggregator.policy import OpenVersion, VersionPolicy
 from fedmq.aggregator.publisher import Publish, Publisher
 from fedmq.aggregator.robust import FEDAVG, Rule, check_memory
@@ -157,10 +162,12 @@ class Aggregator:
         store: Store | None = None,
         broker_dropped: Callable[[], int | None] = _not_counted,
         evaluator: Evaluator | None = None,
+        optimizer: ServerOptimizer | None = None,
     ) -> None:
         """``broker_dropped``: messages the broker dropped since the last call, None if
         unknown (``aggregator.broker_drops.BrokerDrops.take``); called as each version
-        opens and when it is made. The server update is ``settings.server_optimizer``'s.
+        opens and when it is made. The server update is ``settings.server_optimizer``'s,
+        unless ``optimizer`` gives another (a part is replaceable: tests, experiments).
         ``evaluator``: each new model's central metrics (``aggregator.evaluate``); by
         default, with ``test``, the built-in MLP's loss and accuracy on it."""
         self.settings = settings
@@ -176,7 +183,7 @@ class Aggregator:
         self._clock = clock
         self._wall = wall_clock
         self._broker_dropped = broker_dropped
-        self._optimizer = server_optimizer(settings.server_optimizer)
+        self._optimizer = optimizer or server_optimizer(settings.server_optimizer)
         self.params = initial_params
         self._optimizer_state = self._optimizer.init(initial_params)
         self.layout = {name: tuple(a.shape) for name, a in initial_params.items()}
