@@ -48,7 +48,7 @@ from fedmq.files import lock_directory
 from fedmq.model_file import ModelFileError, save_problem, write_model
 from fedmq.models import MLP, get_model
 from fedmq.progress_line import ProgressLine
-from fedmq.report import build_report, write_report
+from fedmq.report import build_report, proximal_mu_entry, write_report
 from fedmq.schemas import (
     GlobalModel,
     SchemaError,
@@ -60,6 +60,7 @@ from fedmq.schemas import (
     encode,
 )
 from fedmq.schemas.sys_topics import DROPPED, VERSION, parse_counter
+from fedmq.settings import parse_server_optimizer
 from fedmq.tasks.layout import layout_difference, layout_of
 from fedmq.tasks.registry import EXAMPLES, TaskError, is_builtin, load_task
 from fedmq.tasks.task import Task
@@ -204,12 +205,14 @@ def build_aggregator(
             eval_fraction=eval_fraction_of(
                 config.eval_fraction, has_test_set=evaluator is not None
             ),
+            proximal_mu=config.proximal_mu,
         ),
         max_update_bytes=config.max_update_bytes or dense_update_bound(num_params),
         known_nodes=frozenset(config.node_ids) if config.node_ids is not None else None,
         aggregation=aggregation_rule(config),
         task_version=task.version,
         model_floats=num_params,
+        server_optimizer=str(parse_server_optimizer(config.server_optimizer)),
     )
     return Aggregator(
         settings,
@@ -500,6 +503,7 @@ def _run(config: AggregatorSettings, stop: threading.Event) -> int:
                 aggregator.history,
                 federation=config.federation,
                 model=aggregator.settings.model_name,
+                **proximal_mu_entry(aggregator.settings.plan.proximal_mu),
             ),
         )
     if not aggregator.done:

@@ -6,13 +6,15 @@ A model version's number is its ``round`` on the wire (and in the file, below).
 it stopped: the open version's global model message as published (the params, round,
 model id and plan are in it), its compact form, the metrics of every version made so far
 (one per closed round), the participants whose updates made the open version (to
-recognise resent duplicates) and a fingerprint of the settings that must not change
-within a run. It is written to a temporary file, fsynced,
-renamed over the old one and the directory fsynced: a crash leaves the old or the new
-checkpoint, never a mix. The updates accepted on the open version are in its journal
-(``aggregator.journal``); a journal of an older version than the checkpoint's is
-obsolete. The checkpoints of the last ``KEEP_CHECKPOINTS`` versions are kept beside it
-(``checkpoint-<version>.msgpack``) for ``StateDir.rollback`` (``--rollback-to``).
+recognise resent duplicates), a fingerprint of the settings that must not change
+within a run and, with a server optimiser other than FedAvg, that optimiser's state
+after the update that made the open version (``aggregator.optimizer``). It is written
+to a temporary file, fsynced, renamed over the old one and the directory fsynced: a
+crash leaves the old or the new checkpoint, never a mix. The updates accepted on the
+open version are in its journal (``aggregator.journal``); a journal of an older version
+than the checkpoint's is obsolete. The checkpoints of the last ``KEEP_CHECKPOINTS``
+versions are kept beside it (``checkpoint-<version>.msgpack``) for
+``StateDir.rollback`` (``--rollback-to``).
 """
 
 import math
@@ -23,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
+import numpy as np
 
 from fedmq.aggregator.journal import VersionJournal, journal_path, read_journal
 from fedmq.files import fsync_directory, write_atomically
@@ -45,22 +48,52 @@ class Checkpoint:
     delta_bytes: int | None  # size of the XOR form (None if there was no previous model)
     history: list[bytes]  # RoundMetrics messages of the versions made before, in order
     previous_reporters: list[str]  # whose updates made this version
+    # The server optimiser's state arrays (aggregator.optimizer.state_leaves), None for
+    # FedAvg, which keeps none: then the key is not written (the file as before).
+    optimizer_state: list[np.ndarray] | None = None
+
+
+# Numeric dtypes a state array may have in a checkpoint (optax state: floats, a count).
+_STATE_KINDS = "biuf"
+
+
+def encode_state_array(array: np.ndarray) -> dict[str, Any]:
+    """A state array as a tensor map of PROTOCOL section 6, any numeric dtype, little-endian."""
+    dtype = array.dtype.newbyteorder("<")
+    if dtype.kind not in _STATE_KINDS:
+        raise ValueError(f"a {array.dtype} array cannot be checkpointed")
+    contiguous = np.asarray(array, dtype=dtype, order="C")
+    return {"dtype": dtype.str, "shape": list(contiguous.shape), "data": contiguous.tobytes()}
+
+
+def decode_state_array(raw: Any) -> np.ndarray:
+    """``encode_state_array``'s map back to a (writable) array; ValueError if malformed."""
+    dtype = np.dtype(str(raw["dtype"]))
+    shape = tuple(int(size) for size in raw["shape"])
+    if dtype.kind not in _STATE_KINDS or any(size < 0 for size in shape):
+        raise ValueError(f"state array of dtype {dtype} and shape {list(shape)}")
+    data = bytes(raw["data"])
+    if len(data) != math.prod(shape) * dtype.itemsize:
+        raise ValueError(f"state array of {len(data)} bytes for {dtype}{list(shape)}")
+    return np.frombuffer(data, dtype=dtype).reshape(shape).copy()
 
 
 def to_bytes(checkpoint: Checkpoint) -> bytes:
-    return msgpack.packb(
-        {
-            "v": CHECKPOINT_VERSION,
-            "round": checkpoint.version,
-            "fingerprint": checkpoint.fingerprint,
-            "global": checkpoint.global_payload,
-            "global_delta": checkpoint.delta_payload,
-            "delta_bytes": checkpoint.delta_bytes,
-            "history": checkpoint.history,
-            "previous_reporters": checkpoint.previous_reporters,
-        },
-        use_bin_type=True,
-    )
+    content: dict[str, Any] = {
+        "v": CHECKPOINT_VERSION,
+        "round": checkpoint.version,
+        "fingerprint": checkpoint.fingerprint,
+        "global": checkpoint.global_payload,
+        "global_delta": checkpoint.delta_payload,
+        "delta_bytes": checkpoint.delta_bytes,
+        "history": checkpoint.history,
+        "previous_reporters": checkpoint.previous_reporters,
+    }
+    if checkpoint.optimizer_state is not None:
+        content["server_optimizer_state"] = [
+            encode_state_array(array) for array in checkpoint.optimizer_state
+        ]
+    return msgpack.packb(content, use_bin_type=True)
 
 
 def from_bytes(data: bytes) -> Checkpoint:
@@ -68,6 +101,7 @@ def from_bytes(data: bytes) -> Checkpoint:
         raw = msgpack.unpackb(data, raw=False)
         if raw.get("v") != CHECKPOINT_VERSION:
             raise CheckpointError(f"checkpoint version {raw.get('v')!r}, expected 1")
+        state = raw.get("server_optimizer_state")  # absent: FedAvg, or before optimisers
         return Checkpoint(
             version=int(raw["round"]),
             fingerprint=dict(raw["fingerprint"]),
@@ -76,6 +110,7 @@ def from_bytes(data: bytes) -> Checkpoint:
             delta_bytes=raw["delta_bytes"],
             history=[bytes(item) for item in raw["history"]],
             previous_reporters=[str(node) for node in raw["previous_reporters"]],
+            optimizer_state=None if state is None else [decode_state_array(a) for a in state],
         )
     except (ValueError, TypeError, KeyError, AttributeError, msgpack.UnpackException) as error:
         raise CheckpointError(f"unreadable checkpoint: {error}") from error

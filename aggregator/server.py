@@ -31,12 +31,22 @@ from typing import Any, Protocol
 import numpy as np
 import structlog
 
-from fedmq.aggregator.checkpoint import Checkpoint, metrics_payload, read_history
+from fedmq.aggregator.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    metrics_payload,
+    read_history,
+)
 from fedmq.aggregator.combine import combine
 from fedmq.aggregator.evaluate import Evaluator, mlp_evaluator
 from fedmq.aggregator.federated_metrics import federated_metrics
 from fedmq.aggregator.intake import Intake
-from fedmq.aggregator.optimizer import ServerOptimizer, apply_delta
+from fedmq.aggregator.optimizer import (
+    ServerOptimizer,
+    server_optimizer,
+    state_from_leaves,
+    state_leaves,
+)
 from fedmq.aggregator.policy import OpenVersion, VersionPolicy
 from fedmq.aggregator.publisher import Publish, Publisher
 from fedmq.aggregator.robust import FEDAVG, Rule, check_memory
@@ -82,6 +92,9 @@ class RoundSettings:
     task_version: str | None = None
     # Parameters of a task that is not a built-in MLP (``model`` None); None: model's.
     model_floats: int | None = None
+    # The server update (aggregator.optimizer; --server-optimizer's canonical text). Kept:
+    # its state belongs to the run, in the checkpoint; fedavg keeps none.
+    server_optimizer: str = "fedavg"
 
     def __post_init__(self) -> None:
         check_memory(
@@ -109,7 +122,12 @@ class RoundSettings:
     def fingerprint(self) -> dict[str, Any]:
         """What a run must keep across restarts (rounds and the round policy may change)."""
         return run_fingerprint(
-            {"federation": self.federation, "task": self.model_name, **asdict(self.plan)}
+            {
+                "federation": self.federation,
+                "task": self.model_name,
+                **asdict(self.plan),
+                "server_optimizer": self.server_optimizer,
+            }
         )
 
 
@@ -143,12 +161,13 @@ class Aggregator:
         wall_clock: Callable[[], float] = time.time,
         store: Store | None = None,
         broker_dropped: Callable[[], int | None] = _not_counted,
-        optimizer: ServerOptimizer | None = None,
         evaluator: Evaluator | None = None,
+        optimizer: ServerOptimizer | None = None,
     ) -> None:
         """``broker_dropped``: messages the broker dropped since the last call, None if
         unknown (``aggregator.broker_drops.BrokerDrops.take``); called as each version
-        opens and when it is made. ``optimizer``: the server update (default FedAvg's).
+        opens and when it is made. The server update is ``settings.server_optimizer``'s,
+        unless ``optimizer`` gives another (a part is replaceable: tests, experiments).
         ``evaluator``: each new model's central metrics (``aggregator.evaluate``); by
         default, with ``test``, the built-in MLP's loss and accuracy on it."""
         self.settings = settings
@@ -164,7 +183,7 @@ class Aggregator:
         self._clock = clock
         self._wall = wall_clock
         self._broker_dropped = broker_dropped
-        self._optimizer = optimizer or apply_delta()
+        self._optimizer = optimizer or server_optimizer(settings.server_optimizer)
         self.params = initial_params
         self._optimizer_state = self._optimizer.init(initial_params)
         self.layout = {name: tuple(a.shape) for name, a in initial_params.items()}
@@ -245,8 +264,14 @@ class Aggregator:
         ``rounds`` were raised goes on: ``republish`` then opens the next version."""
         model = decode_global(checkpoint.global_payload)
         self.params = {name: np.array(array) for name, array in model.params.items()}
-        # No server update keeps state yet: a stateful one would restore it from here.
-        self._optimizer_state = self._optimizer.init(self.params)
+        try:  # the server optimiser's state after the update that made this model
+            self._optimizer_state = state_from_leaves(
+                self._optimizer, self.params, checkpoint.optimizer_state
+            )
+        except ValueError as error:
+            raise CheckpointError(
+                f"unreadable checkpoint: server optimizer state: {error}"
+            ) from error
         # A finished run whose rounds were raised since reopens its final model as the
         # next version (``republish``); otherwise it stays finished.
         self._reopen = model.final and model.round <= self.settings.rounds
@@ -405,6 +430,7 @@ class Aggregator:
             delta_bytes=self._out.delta_bytes,
             history=self._history_wire,
             previous_reporters=sorted(self._open.previous_reporters),
+            optimizer_state=state_leaves(self._optimizer_state),
         )
 
     def _publish_server_status(self) -> None:

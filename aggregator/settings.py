@@ -14,6 +14,8 @@ from fedmq.settings import (
     COMPRESSION_HELP,
     EVAL_FRACTION_HELP,
     MODEL_HELP,
+    PROXIMAL_MU_HELP,
+    SERVER_OPTIMIZER_HELP,
     TASK_HELP,
     Exclusive,
     chosen_task,
@@ -25,6 +27,8 @@ from fedmq.settings import (
     node_id_list,
     positive_float,
     positive_int,
+    proximal_mu,
+    server_optimizer_spec,
     setting,
     show_auto,
     show_list,
@@ -139,6 +143,14 @@ class AggregatorSettings(LogSettings, ConnectionSettings):
         metavar="F|auto",
         help=EVAL_FRACTION_HELP,
     )
+    proximal_mu: float = setting(
+        0.0,
+        kept="proximal_mu",
+        unkept=(0.0,),
+        parse=proximal_mu,
+        metavar="MU",
+        help=PROXIMAL_MU_HELP,
+    )
     max_update_bytes: int | None = setting(
         None,
         parse=positive_int,
@@ -213,6 +225,16 @@ class AggregatorSettings(LogSettings, ConnectionSettings):
         "(the same as adding +clip-norm:X to --aggregation; replaces the default's "
         "clip-median:2)",
     )
+    # Kept (a run's optimiser state belongs to it), but left out of the fingerprint for
+    # fedavg, so a run kept before server optimisers resumes (``unkept``).
+    server_optimizer: str = setting(
+        "fedavg",
+        kept="server_optimizer",
+        unkept=("fedavg",),
+        parse=server_optimizer_spec,
+        metavar="SPEC",
+        help=SERVER_OPTIMIZER_HELP,
+    )
 
     def __post_init__(self) -> None:
         chosen_task(self.task, self.model)  # both given and different: ValueError
@@ -239,8 +261,9 @@ def _kept() -> dict[str, list[str]]:
 def run_fingerprint(values: Mapping[str, Any]) -> dict[str, Any]:
     """What a run must keep across restarts, as the checkpoint stores it, from the values
     of the ``kept`` settings by name: ``{"federation", "model", "plan": [learning_rate,
-    batch_size, local_epochs, seed], "compression"}``, and ``"eval_fraction"`` only when
-    it is not 0 (a run kept before federated evaluation resumes)."""
+    batch_size, local_epochs, seed], "compression"}``, and ``"eval_fraction"`` and
+    ``"proximal_mu"`` each only when it is not 0 (a run kept before federated evaluation
+    or FedProx resumes), ``"server_optimizer"`` only when it is not fedavg (likewise)."""
     settings = declared(AggregatorSettings)
     fingerprint: dict[str, Any] = {}
     for key, names in _kept().items():

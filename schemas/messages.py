@@ -84,6 +84,9 @@ class TrainingPlan:
     # The fraction of its examples each node holds out to evaluate the global model it
     # receives (federated evaluation); 0: none. Written only when non-zero.
     eval_fraction: float = 0.0
+    # FedProx (Li et al. 2020): nodes add (proximal_mu / 2) * ||w - w_global||^2 to the
+    # task's loss while training; 0: plain local training. Written only when non-zero.
+    proximal_mu: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -494,6 +497,16 @@ def _eval_fraction(obj: Mapping[str, Any], key: str) -> float:
     return value
 
 
+def _proximal_mu(obj: Mapping[str, Any], key: str) -> float:
+    """A missing key is 0 (an aggregator before FedProx); nil is not."""
+    if key not in obj:
+        return 0.0
+    value = _float(obj, key)
+    if value < 0.0:
+        raise SchemaError("bad_field", f"{key} is {value}, must be >= 0")
+    return value
+
+
 def _metric_values(obj: Mapping[str, Any], key: str) -> dict[str, float]:
     """A non-empty map of at most MAX_METRICS names (tensor-name characters) to finite
     numbers, saturated to +-MAX_LOSS as a training loss is."""
@@ -720,6 +733,7 @@ PLAN = Kind(None, TrainingPlan, (
     Field("seed", _positive),
     Field("compression", partial(_spec, default="dense")),
     Field("eval_fraction", _eval_fraction, to_wire=float, omit_default=True),
+    Field("proximal_mu", _proximal_mu, to_wire=float, omit_default=True),
 ))  # fmt: skip
 
 

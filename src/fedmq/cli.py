@@ -177,7 +177,8 @@ def build_parser() -> settings.Parser:
         "expected node has reported (or, once --round-timeout has passed, when "
         "--min-nodes have), apply FedAvg weighted by examples "
         "(each node's weight and update size bounded by the round's medians: --aggregation), "
-        "publish metrics. Exits after --rounds rounds.",
+        "add the mean delta to the model (or step a server optimiser with it: "
+        "--server-optimizer), publish metrics. Exits after --rounds rounds.",
         epilog="Exit status: 0 when the last round has closed; 130 when stopped (Ctrl-C, "
         "SIGTERM) before; 2 on a configuration error: bad settings, a refused login, a "
         "state directory in use or holding another run.",

@@ -54,7 +54,7 @@ from fedmq.lifeline import tied
 from fedmq.model_file import save_problem
 from fedmq.models import get_model
 from fedmq.node.settings import NodeSettings
-from fedmq.report import build_report, write_report
+from fedmq.report import build_report, proximal_mu_entry, write_report
 from fedmq.schemas import RoundMetrics, SchemaError, Topics, decode_metrics
 from fedmq.settings import to_argv
 from fedmq.tasks.builtin_data import DIGITS_TASKS, node_limit, split_builtin
@@ -81,6 +81,8 @@ def child_argv(
         test_data=None if test_path is None else str(test_path),
         compression=config.compression,
         eval_fraction=config.eval_fraction,
+        proximal_mu=config.proximal_mu,
+        server_optimizer=config.server_optimizer,
         log_json=True,
         state_dir=workdir / "aggregator",
     )
@@ -601,6 +603,7 @@ def run(config: DemoSettings, stop: threading.Event, out: TextIO = sys.stdout) -
             partition=config.partition if config.data_dir is None else None,
             **({} if config.data_dir is None else {"data_dir": str(config.data_dir)}),
             compression=config.compression,
+            **proximal_mu_entry(config.proximal_mu),
             seed=config.seed,
             total_seconds=total,
             restarts=restart_counts(children.restarts()),

@@ -11,6 +11,8 @@ from fedmq.settings import (
     COMPRESSION_HELP,
     EVAL_FRACTION_HELP,
     MODEL_HELP,
+    PROXIMAL_MU_HELP,
+    SERVER_OPTIMIZER_HELP,
     TASK_HELP,
     chosen_task,
     compression_spec,
@@ -20,6 +22,8 @@ from fedmq.settings import (
     partition_spec,
     positive_float,
     positive_int,
+    proximal_mu,
+    server_optimizer_spec,
     setting,
     show_auto,
     task_spec,
@@ -75,6 +79,15 @@ class DemoSettings(LogSettings):
     )
     eval_fraction: float | None = setting(  # None: auto, the aggregator's default
         None, parse=eval_fraction, show=show_auto, metavar="F|auto", help=EVAL_FRACTION_HELP
+    )
+    proximal_mu: float = setting(
+        0.0, parse=proximal_mu, metavar="MU", help=PROXIMAL_MU_HELP + "; handed to the aggregator"
+    )
+    server_optimizer: str = setting(
+        "fedavg",
+        parse=server_optimizer_spec,
+        metavar="SPEC",
+        help=SERVER_OPTIMIZER_HELP + "; handed to the demo's aggregator",
     )
     report: Path | None = setting(None, parse=Path, metavar="PATH", help="write report.json here")
     save_model: Path | None = setting(

@@ -53,6 +53,12 @@ def final_accuracy(final: dict[str, dict[str, float] | None]) -> float | None:
     return None
 
 
+def proximal_mu_entry(mu: float) -> dict[str, float]:
+    """report.json's ``proximal_mu`` (FedProx's mu of the plan), only when it is not 0:
+    a run without FedProx reports what it did before."""
+    return {"proximal_mu": mu} if mu else {}
+
+
 def build_report(rounds: list[RoundMetrics], **run: Any) -> dict[str, Any]:
     """Top level: ``final_accuracy``, ``final_metrics`` (the last round's central and
     federated metrics), the run's settings, and ``rounds`` in order."""

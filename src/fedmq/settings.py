@@ -21,6 +21,7 @@ Checks that need a heavy library import it inside the function, so ``--help`` st
 import argparse
 import dataclasses
 import functools
+import math
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -292,6 +293,17 @@ def eval_fraction(text: str) -> float | None:
     return value
 
 
+def proximal_mu(text: str) -> float:
+    """``--proximal-mu``: a finite number >= 0 (FedProx's mu; 0: off)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not (math.isfinite(value) and value >= 0.0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number >= 0")
+    return value
+
+
 def show_auto(value: object) -> str:
     """``auto`` for None (``--eval-fraction``)."""
     return "auto" if value is None else str(value)
@@ -380,4 +392,88 @@ EVAL_FRACTION_HELP = (
     "federated evaluation: each node holds out this fraction (at most 0.5) of its examples, "
     "fixed for the run, and reports the metrics of the model it received on them; 0: none "
     "(default auto: 0 when the aggregator has a test set, 0.2 when it has none)"
+)
+
+PROXIMAL_MU_HELP = (
+    "FedProx: nodes add (MU/2) x the squared distance between their parameters and the "
+    "round's global model to the task's loss, which holds back local drift on uneven data "
+    "(Li et al. try 0.001 to 1); announced in the plan (default 0: off, the task's loss alone)"
+)
+
+# ---- --server-optimizer: the grammar (aggregator.optimizer builds the transform) ----------
+
+SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
+_SERVER_OPTIMIZER_FORMS = "fedavg, fedavgm:LR,MOMENTUM, fedadam:LR, fedyogi:LR or fedadagrad:LR"
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerOptimizerSpec:
+    """A server optimiser as ``--server-optimizer`` names it (Reddi et al., "Adaptive
+    Federated Optimization"): its name, server learning rate and, for fedavgm, momentum.
+    ``str`` gives the canonical text, kept in a run's fingerprint."""
+
+    name: str = "fedavg"
+    learning_rate: float = 1.0
+    momentum: float | None = None  # fedavgm only
+
+    def __str__(self) -> str:
+        if self.name == "fedavg":
+            return "fedavg"
+        if self.name == "fedavgm":
+            return f"fedavgm:{self.learning_rate!r},{self.momentum!r}"
+        return f"{self.name}:{self.learning_rate!r}"
+
+
+def _spec_number(text: str, spec: str, what: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if what == "momentum":
+        if not 0.0 <= value < 1.0:
+            raise ValueError(
+                f"{spec}: the momentum {text!r} is not a number in [0, 1), e.g. fedavgm:1,0.9"
+            )
+    elif not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{spec}: the learning rate {text!r} is not a finite number > 0")
+    return value
+
+
+def parse_server_optimizer(text: str) -> ServerOptimizerSpec:
+    """``fedavg``, ``fedavgm:LR,MOMENTUM``, ``fedadam:LR``, ``fedyogi:LR`` or
+    ``fedadagrad:LR``; ValueError (one line: what is wrong, the forms that are right)."""
+    spec = text.strip()
+    name, _, arguments = spec.partition(":")
+    name = name.strip().lower()
+    if name not in SERVER_OPTIMIZERS:
+        raise ValueError(f"unknown server optimizer {text!r}: use {_SERVER_OPTIMIZER_FORMS}")
+    parts = [part.strip() for part in arguments.split(",")] if arguments.strip() else []
+    if name == "fedavg":
+        if parts:
+            raise ValueError(f"{spec}: fedavg takes no parameters (its server rate is 1)")
+        return ServerOptimizerSpec()
+    wanted = 2 if name == "fedavgm" else 1
+    if len(parts) != wanted:
+        form = (
+            "fedavgm:LR,MOMENTUM, e.g. fedavgm:1,0.9"
+            if name == "fedavgm"
+            else (f"{name}:LR, e.g. {name}:0.01")
+        )
+        raise ValueError(f"{spec}: {name} needs {form}")
+    rate = _spec_number(parts[0], spec, "learning rate")
+    momentum = _spec_number(parts[1], spec, "momentum") if name == "fedavgm" else None
+    return ServerOptimizerSpec(name, rate, momentum)
+
+
+@usage_errors
+def server_optimizer_spec(text: str) -> str:
+    """``--server-optimizer``: the canonical text of a valid spec."""
+    return str(parse_server_optimizer(text))
+
+
+SERVER_OPTIMIZER_HELP = (
+    "the server update (Reddi et al., Adaptive Federated Optimization): fedavg (default: the "
+    "mean delta added), or the mean delta as a pseudo-gradient of fedavgm:LR,MOMENTUM (SGD "
+    "with momentum), fedadam:LR, fedyogi:LR or fedadagrad:LR, e.g. fedadam:0.01; its state "
+    "is checkpointed with the model, and a run keeps it (docs/aggregation.md)"
 )

@@ -21,12 +21,13 @@ ROUNDS = 20
 KILLS = 10
 
 
-def start_federation(spawn, mosquitto, federation, node_paths, tmp_path):  # type: ignore[no-untyped-def]
+def start_federation(spawn, mosquitto, federation, node_paths, tmp_path, server_optimizer):  # type: ignore[no-untyped-def]
     common = ["--broker", mosquitto.address, "--federation", federation, "--log-json"]
     aggregator_args = [
         "aggregator", *common, "--nodes", str(NODES), "--rounds", str(ROUNDS),
         "--state-dir", str(tmp_path / f"{federation}-aggregator"),
         "--report", str(tmp_path / f"{federation}-report.json"),
+        "--server-optimizer", server_optimizer,
     ]  # fmt: skip
     aggregator = spawn(f"{federation}-aggregator", *aggregator_args)
     nodes = [
@@ -46,23 +47,28 @@ def outcome(watcher, topics: Topics):  # type: ignore[no-untyped-def]
     return [metrics[r] for r in sorted(metrics)], final
 
 
+# fedadam: its state (moments, step count) must come back from the checkpoint bitwise
+@pytest.mark.parametrize("server_optimizer", ["fedavg", "fedadam:0.01"])
 def test_killed_ten_times_the_run_ends_bitwise_equal(
-    mosquitto, spawn, collect, node_data, tmp_path
+    mosquitto, spawn, collect, node_data, tmp_path, server_optimizer
 ):  # type: ignore[no-untyped-def]
     paths = node_data(NODES)
+    tag = server_optimizer.split(":")[0]  # a federation per variant: retained globals stay apart
 
-    reference_topics = Topics("crash-reference")
+    reference_topics = Topics(f"crash-reference-{tag}")
     watcher = collect([reference_topics.metrics, reference_topics.global_model])
-    aggregator, _, nodes = start_federation(spawn, mosquitto, "crash-reference", paths, tmp_path)
+    aggregator, _, nodes = start_federation(
+        spawn, mosquitto, f"crash-reference-{tag}", paths, tmp_path, server_optimizer
+    )
     assert aggregator.wait(300) == 0, aggregator.log()[-3000:]
     for node in nodes:
         assert node.wait(60) == 0, node.log()[-3000:]
     reference_metrics, reference_final = outcome(watcher, reference_topics)
 
-    topics = Topics("crash-killed")
+    topics = Topics(f"crash-killed-{tag}")
     watcher = collect([topics.metrics, topics.global_model])
     aggregator, aggregator_args, nodes = start_federation(
-        spawn, mosquitto, "crash-killed", paths, tmp_path
+        spawn, mosquitto, f"crash-killed-{tag}", paths, tmp_path, server_optimizer
     )
     rng = random.Random(20261123)
     # a kill after round k's metrics appeared (k = 0: right after round 1 opened), then a

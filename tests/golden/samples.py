@@ -272,6 +272,20 @@ METRICS_EVALUATED = RoundMetrics(
 )
 
 
+# FedProx (docs/PROTOCOL.md 8.1): the plan's proximal_mu, written out whole as above.
+GLOBAL_PROXIMAL = GlobalModel(
+    federation=FEDERATION,
+    round=3,
+    model="tiny-mlp",
+    model_id=MODEL_ID,
+    params=PARAMS,
+    plan=TrainingPlan(learning_rate=0.05, batch_size=32, local_epochs=2, seed=7,
+                      proximal_mu=0.125),
+    final=False,
+    created_at=1_700_000_000.25,
+)  # fmt: skip
+
+
 class Sample(NamedTuple):
     message: Any
     decode: Callable[[bytes], Any]
@@ -293,6 +307,7 @@ SAMPLES: dict[str, Sample] = {
     "global_eval": Sample(GLOBAL_EVAL, decode_global),
     "update_metrics": Sample(UPDATE_METRICS, decode_update),
     "metrics_evaluated": Sample(METRICS_EVALUATED, decode_metrics),
+    "global_proximal": Sample(GLOBAL_PROXIMAL, decode_global),
 }
 
 

@@ -63,6 +63,7 @@ class Harness:
         plan: TrainingPlan = PLAN,
         aggregation: Rule = FEDAVG,
         known_nodes: frozenset[str] | None = None,
+        server_optimizer: str = "fedavg",
     ) -> None:
         self.settings = RoundSettings(
             federation=FEDERATION,
@@ -74,6 +75,7 @@ class Harness:
             max_update_bytes=max_update_bytes or dense_update_bound(MODEL),
             aggregation=aggregation,
             known_nodes=known_nodes,
+            server_optimizer=server_optimizer,
         )
         self.initial = MODEL.init(0)
         self.clock = FakeClock()

@@ -213,6 +213,8 @@ def test_the_fingerprint_is_the_kept_settings_stored_as_before():
         "seed",
         "compression",
         "eval_fraction",
+        "proximal_mu",
+        "server_optimizer",  # only when not fedavg, as eval_fraction only when not 0
     ]
 
 
@@ -226,6 +228,7 @@ def test_the_fingerprint_is_the_kept_settings_stored_as_before():
         ({"task": "mlp:64-8-10"}, "--task"),
         ({"compression": "fp16"}, "--compression"),
         ({"federation": "other"}, "--federation"),
+        ({"proximal_mu": 0.01}, "--proximal-mu"),
     ],
 )
 def test_a_changed_kept_setting_is_named_by_its_option(change, option):
