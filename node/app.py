@@ -74,6 +74,7 @@ class Trainable:
     personal: frozenset[str]
     personal_shapes: dict[str, tuple[int, ...]]
     split_by: tuple[int, float]  # (plan seed, eval fraction) the split was made for
+    order: tuple[str, ...]  # every tensor's name in the task's flattening order
     x: Any
     y: Any
     eval_x: Any
@@ -81,24 +82,15 @@ class Trainable:
 
 
 def expected_layout(task: Task) -> tuple[Any, TaskLayout, dict[str, tuple[int, ...]]]:
-    """The task's params' tree (shapes only), the layout a global model of it has (its
-    shared tensors: personal ones never travel) and the personal tensors' shapes by name.
-    PersonalError (a ValueError) if ``task.personal`` cannot be applied."""
+    """The task's params' tree (shapes only), the layout a global model of it has and its
+    personal tensors' shapes (``fedmq.tasks.personal.shared_layout``)."""
     import jax
 
-    from fedmq.tasks.naming import tensor_specs
-    from fedmq.tasks.personal import personal_names
+    from fedmq.tasks.personal import shared_layout
     from fedmq.tasks.seeds import seed_key
 
     template = jax.eval_shape(task.init, seed_key(0))
-    own = personal_names(task, template)
-    specs = {
-        name: jax.ShapeDtypeStruct(shape, dtype)
-        for name, shape, dtype in tensor_specs(template)
-        if name not in own
-    }
-    own_shapes = {name: shape for name, shape, _ in tensor_specs(template) if name in own}
-    return template, layout_of(task.name, task.version_text, specs), own_shapes
+    return (template, *shared_layout(task, template))
 
 
 def mismatch(expected: TaskLayout, model: GlobalModel) -> str | None:
@@ -425,6 +417,7 @@ class Node:
         if known is None or known.task is not task or known.split_by != split_by:
             import jax.numpy as jnp
 
+            from fedmq.tasks.naming import named_leaves
             from fedmq.tasks.training import data_problem
 
             template, expected, own = expected_layout(task)
@@ -442,6 +435,7 @@ class Node:
             eval_y = jnp.asarray(self.data.y[held]) if len(held) else None
             known = self._trainable = Trainable(
                 task, template, expected, frozenset(own), own, split_by,
+                tuple(name for name, _, _ in named_leaves(template)),
                 jnp.asarray(x), jnp.asarray(y), eval_x, eval_y,
             )  # fmt: skip
         difference = mismatch(known.expected, model)
@@ -451,7 +445,7 @@ class Node:
 
     def train_and_publish(self, model: GlobalModel) -> None:
         from fedmq.tasks.evaluation import evaluate_task
-        from fedmq.tasks.naming import flatten_params, named_leaves, unflatten_params
+        from fedmq.tasks.naming import flatten_params, unflatten_params
         from fedmq.tasks.personal import join, split
         from fedmq.tasks.training import delta, train_local
 
@@ -469,8 +463,7 @@ class Node:
             self.status("training", round=model.round, model_id=model.model_id)
             started = time.perf_counter()
             kept = self._personal_for(ready, model)
-            order = [name for name, _, _ in named_leaves(ready.template)]
-            received = unflatten_params(ready.template, join(order, model.params, kept))
+            received = unflatten_params(ready.template, join(ready.order, model.params, kept))
             measured = None  # federated evaluation: the received model, before training
             if ready.eval_x is not None:
                 found = evaluate_task(ready.task, received, ready.eval_x, ready.eval_y)

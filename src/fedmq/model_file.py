@@ -166,17 +166,6 @@ def _from_npz(data: bytes) -> ModelFile:
     return model
 
 
-def task_layout(task: "Task", template: Any) -> TaskLayout:
-    """The layout of ``task``'s shared parameters (``template``: its init's shapes) on the
-    wire: personal leaves (``Task.personal``) are never in a global model."""
-    from fedmq.tasks.naming import tensor_specs
-    from fedmq.tasks.personal import personal_names
-
-    own = personal_names(task, template)
-    specs = {name: _Spec(s, d) for name, s, d in tensor_specs(template) if name not in own}
-    return layout_of(task.name, task.version_text, specs)
-
-
 def mismatch(expected: TaskLayout, model: ModelFile) -> str | None:
     """Why ``model`` is not a model of the task whose layout is ``expected``, or None.
 
@@ -210,16 +199,17 @@ def load_params(path: str | Path, task: "Task", personal: Mapping[str, Any] | No
     import jax
 
     from fedmq.tasks.naming import flatten_params, named_leaves, unflatten_params
-    from fedmq.tasks.personal import join, personal_names
+    from fedmq.tasks.personal import join, shared_layout
     from fedmq.tasks.seeds import seed_key
 
     path = Path(path)
     model = read_model(path)
     template = jax.eval_shape(task.init, seed_key(0))
-    difference = mismatch(task_layout(task, template), model)
+    expected, own_shapes = shared_layout(task, template)
+    difference = mismatch(expected, model)
     if difference is not None:
         raise ModelFileError(f"{path} is not a model of task {task.name!r}: {difference}")
-    own = personal_names(task, template)
+    own = frozenset(own_shapes)
     if not own:
         return unflatten_params(template, model.tensors)
     if personal is None:
@@ -232,12 +222,6 @@ def load_params(path: str | Path, task: "Task", personal: Mapping[str, Any] | No
         )
     order = [name for name, _, _ in named_leaves(template)]
     return unflatten_params(template, join(order, model.tensors, personal))
-
-
-@dataclass(frozen=True)
-class _Spec:
-    shape: tuple[int, ...]
-    dtype: np.dtype
 
 
 def describe(model: ModelFile) -> str:

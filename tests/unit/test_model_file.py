@@ -18,11 +18,12 @@ from fedmq.aggregator.app import saving_model
 from fedmq.aggregator.checkpoint import Checkpoint, StateDir
 from fedmq.export import export
 from fedmq.files import lock_directory
-from fedmq.model_file import ModelFileError, from_global, npz_bytes, read_model, task_layout
+from fedmq.model_file import ModelFileError, from_global, npz_bytes, read_model
 from fedmq.schemas import GlobalModel, TrainingPlan, encode
 from fedmq.schemas.messages import model_id_of
 from fedmq.tasks.builtin import mlp_task
 from fedmq.tasks.naming import flatten_params
+from fedmq.tasks.personal import shared_layout
 from fedmq.tasks.seeds import seed_key
 from fedmq.tasks.training import train_local
 
@@ -165,14 +166,14 @@ def test_the_task_fingerprint_decides_when_the_file_has_one(tmp_path):
     task = tuple_task()  # version 2
     params = trained(task)
     template = jax.eval_shape(task.init, seed_key(0))
-    right = task_layout(task, template).fingerprint
+    right = shared_layout(task, template)[0].fingerprint
     good = fingerprinted_npz(tmp_path / "good.npz", task, params, right, "2")
     assert_same_tree(fedmq.load_params(good, task), params)
     with np.load(good) as archive:
         assert archive["fedmq:task_fingerprint"].item() == right
     # same names and shapes, another declared version: only the fingerprint tells
     older = replace(task, version=1)
-    other = task_layout(older, template).fingerprint
+    other = shared_layout(older, template)[0].fingerprint
     wrong = fingerprinted_npz(tmp_path / "v1.npz", task, params, other, "1")
     with pytest.raises(ModelFileError) as error:
         fedmq.load_params(wrong, task)

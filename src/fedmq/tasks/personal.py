@@ -8,9 +8,12 @@ into the two parts and put them back together in the task's own order.
 """
 
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
-from fedmq.tasks.naming import named_leaves
+import numpy as np
+
+from fedmq.tasks.layout import TaskLayout, layout_of
+from fedmq.tasks.naming import named_leaves, tensor_specs
 from fedmq.tasks.task import Task
 
 
@@ -58,3 +61,20 @@ def join(
 ) -> dict[str, Any]:
     """The named tensors of both parts in ``order`` (the task's flattening order)."""
     return {name: personal[name] if name in personal else shared[name] for name in order}
+
+
+class _Spec(NamedTuple):  # what layout_of reads of a tensor
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+
+def shared_layout(task: Task, template: Any) -> tuple[TaskLayout, dict[str, tuple[int, ...]]]:
+    """The layout a global model of ``task`` has on the wire (``template``: its init's
+    shapes), over the shared tensors only since personal ones never travel, and the
+    personal tensors' shapes by name. What a node checks a global model against and a
+    model file is checked against. PersonalError if ``task.personal`` fails."""
+    own = personal_names(task, template)
+    specs = tensor_specs(template)
+    shared = {name: _Spec(shape, dtype) for name, shape, dtype in specs if name not in own}
+    personal = {name: shape for name, shape, _ in specs if name in own}
+    return layout_of(task.name, task.version_text, shared), personal
