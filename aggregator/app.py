@@ -20,6 +20,7 @@ import structlog
 
 from fedmq import mqtt as edge
 from fedmq.aggregator.broker_drops import BrokerDrops
+from fedmq.aggregator.buffer import BufferPolicy
 from fedmq.aggregator.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -33,6 +34,7 @@ from fedmq.aggregator.evaluate import (
     mlp_evaluator,
     task_evaluator,
 )
+from fedmq.aggregator.policy import VersionPolicy
 from fedmq.aggregator.publisher import Publish
 from fedmq.aggregator.robust import DEFAULT, Clip, Rule, parse_rule, with_clip
 from fedmq.aggregator.rounds import RoundPolicy, default_quorum
@@ -48,7 +50,7 @@ from fedmq.files import lock_directory
 from fedmq.model_file import ModelFileError, save_problem, write_model
 from fedmq.models import MLP, get_model
 from fedmq.progress_line import ProgressLine
-from fedmq.report import build_report, proximal_mu_entry, write_report
+from fedmq.report import build_report, mode_entry, proximal_mu_entry, write_report
 from fedmq.schemas import (
     GlobalModel,
     SchemaError,
@@ -60,7 +62,7 @@ from fedmq.schemas import (
     encode,
 )
 from fedmq.schemas.sys_topics import DROPPED, VERSION, parse_counter
-from fedmq.settings import parse_server_optimizer
+from fedmq.settings import parse_server_optimizer, staleness_exponent
 from fedmq.tasks.layout import layout_difference, layout_of
 from fedmq.tasks.registry import EXAMPLES, TaskError, is_builtin, load_task
 from fedmq.tasks.task import Task
@@ -158,6 +160,21 @@ def aggregation_rule(config: AggregatorSettings) -> Rule:
     return with_clip(rule, Clip(config.clip_norm))
 
 
+def version_policy(config: AggregatorSettings) -> VersionPolicy:
+    """How versions are made: ``--mode sync`` rounds (``round_policy``) or the ``--mode
+    async`` buffer of ``--buffer`` updates, weighted by ``--staleness``, none older than
+    ``--max-staleness``; ``--round-timeout`` makes a version from a buffer short of K."""
+    if config.mode == "sync":
+        return round_policy(config)
+    return BufferPolicy(
+        buffer=config.buffer_size,
+        exponent=staleness_exponent(config.staleness),
+        max_staleness=config.max_staleness,
+        deadline_seconds=config.round_timeout,
+        sample_fraction=config.sample_fraction,
+    )
+
+
 def round_policy(config: AggregatorSettings) -> RoundPolicy:
     """When rounds close: ``--round-timeout`` (default 300 s) and ``--min-nodes`` (default
     more than half of ``--nodes``)."""
@@ -195,7 +212,7 @@ def build_aggregator(
         model_name=task.name,
         model=task.model,
         rounds=config.rounds,
-        policy=round_policy(config),
+        policy=version_policy(config),
         plan=TrainingPlan(
             learning_rate=config.learning_rate,
             batch_size=config.batch_size,
@@ -206,6 +223,7 @@ def build_aggregator(
                 config.eval_fraction, has_test_set=evaluator is not None
             ),
             proximal_mu=config.proximal_mu,
+            mode=config.mode,
         ),
         max_update_bytes=config.max_update_bytes or dense_update_bound(num_params),
         known_nodes=frozenset(config.node_ids) if config.node_ids is not None else None,
@@ -225,9 +243,15 @@ def build_aggregator(
 
 
 def progress_text(aggregator: Aggregator) -> str:
-    """``round 7/30: 4/10 reported (min 8), open 2.1 s`` for a terminal."""
+    """``round 7/30: 4/10 reported (min 8), open 2.1 s`` for a terminal; in asynchronous
+    mode ``version 7/30: 2/5 buffered, open 0.3 s``."""
     status = aggregator.server_status()
     rounds = aggregator.settings.rounds
+    if aggregator.settings.plan.mode == "async":
+        return (
+            f"version {status.round}/{rounds}: {status.reported}/{status.expected_nodes} "
+            f"buffered, open {aggregator.round_age():.1f} s"
+        )
     quorum = f" (min {status.min_nodes})" if status.min_nodes < status.expected_nodes else ""
     return (
         f"round {status.round}/{rounds}: {status.reported}/{status.expected_nodes} "
@@ -504,6 +528,9 @@ def _run(config: AggregatorSettings, stop: threading.Event) -> int:
                 federation=config.federation,
                 model=aggregator.settings.model_name,
                 **proximal_mu_entry(aggregator.settings.plan.proximal_mu),
+                **mode_entry(
+                    config.mode, config.buffer_size, config.staleness, config.max_staleness
+                ),
             ),
         )
     if not aggregator.done:

@@ -7,14 +7,16 @@ it stopped: the open version's global model message as published (the params, ro
 model id and plan are in it), its compact form, the metrics of every version made so far
 (one per closed round), the participants whose updates made the open version (to
 recognise resent duplicates), a fingerprint of the settings that must not change
-within a run and, with a server optimiser other than FedAvg, that optimiser's state
-after the update that made the open version (``aggregator.optimizer``). It is written
-to a temporary file, fsynced, renamed over the old one and the directory fsynced: a
-crash leaves the old or the new checkpoint, never a mix. The updates accepted on the
-open version are in its journal (``aggregator.journal``); a journal of an older version
-than the checkpoint's is obsolete. The checkpoints of the last ``KEEP_CHECKPOINTS``
-versions are kept beside it (``checkpoint-<version>.msgpack``) for
-``StateDir.rollback`` (``--rollback-to``).
+within a run, with a server optimiser other than FedAvg, that optimiser's state
+after the update that made the open version (``aggregator.optimizer``), when the run
+started (``elapsed`` in metrics) and, in asynchronous mode, the versions updates may
+still be trained on and each node's newest version in a made model
+(``aggregator.buffer``). It is written to a temporary file, fsynced, renamed over the
+old one and the directory fsynced: a crash leaves the old or the new checkpoint, never
+a mix. The updates accepted on the open version are in its journal
+(``aggregator.journal``); a journal of an older version than the checkpoint's is
+obsolete. The checkpoints of the last ``KEEP_CHECKPOINTS`` versions are kept beside it
+(``checkpoint-<version>.msgpack``) for ``StateDir.rollback`` (``--rollback-to``).
 """
 
 import math
@@ -28,6 +30,7 @@ import msgpack
 import numpy as np
 
 from fedmq.aggregator.journal import VersionJournal, journal_path, read_journal
+from fedmq.aggregator.policy import Opened
 from fedmq.files import fsync_directory, write_atomically
 from fedmq.schemas import RoundMetrics, SchemaError, decode_metrics, encode
 
@@ -51,6 +54,11 @@ class Checkpoint:
     # The server optimiser's state arrays (aggregator.optimizer.state_leaves), None for
     # FedAvg, which keeps none: then the key is not written (the file as before).
     optimizer_state: list[np.ndarray] | None = None
+    started_at: float | None = None  # wall clock when the run started; None: not kept
+    # Asynchronous mode only (None otherwise, and the keys are not written): the versions
+    # an update may still be trained on, and each node's newest version in a made model.
+    recent: dict[int, Opened] | None = None
+    latest: dict[str, int] | None = None
 
 
 # Numeric dtypes a state array may have in a checkpoint (optax state: floats, a count).
@@ -93,7 +101,36 @@ def to_bytes(checkpoint: Checkpoint) -> bytes:
         content["server_optimizer_state"] = [
             encode_state_array(array) for array in checkpoint.optimizer_state
         ]
+    if checkpoint.started_at is not None:
+        content["started_at"] = checkpoint.started_at
+    if checkpoint.recent is not None:
+        content["recent"] = {
+            str(version): [
+                opened.model_id,
+                None if opened.selected is None else list(opened.selected),
+            ]
+            for version, opened in sorted(checkpoint.recent.items())
+        }
+    if checkpoint.latest is not None:
+        content["latest"] = dict(sorted(checkpoint.latest.items()))
     return msgpack.packb(content, use_bin_type=True)
+
+
+def _listed(selected: tuple[str, ...] | None) -> list[str] | None:
+    return None if selected is None else list(selected)
+
+
+def _recent(raw: Any) -> dict[int, Opened] | None:
+    if raw is None:
+        return None
+    return {
+        int(version): Opened(str(model_id), None if selected is None else tuple(selected))
+        for version, (model_id, selected) in raw.items()
+    }
+
+
+def _latest(raw: Any) -> dict[str, int] | None:
+    return None if raw is None else {str(node): int(version) for node, version in raw.items()}
 
 
 def from_bytes(data: bytes) -> Checkpoint:
@@ -111,6 +148,9 @@ def from_bytes(data: bytes) -> Checkpoint:
             history=[bytes(item) for item in raw["history"]],
             previous_reporters=[str(node) for node in raw["previous_reporters"]],
             optimizer_state=None if state is None else [decode_state_array(a) for a in state],
+            started_at=None if raw.get("started_at") is None else float(raw["started_at"]),
+            recent=_recent(raw.get("recent")),
+            latest=_latest(raw.get("latest")),
         )
     except (ValueError, TypeError, KeyError, AttributeError, msgpack.UnpackException) as error:
         raise CheckpointError(f"unreadable checkpoint: {error}") from error

@@ -52,7 +52,8 @@ class Intake:
         self.journal = journal
         self._pipeline = parse_spec(compression)
         # Held until the version is made (memory: its updates as decoded, about their
-        # wire size), then combined in node-id order (aggregator.combine).
+        # wire size), then combined in key order (aggregator.combine): by the policy's
+        # key, the node id in rounds, ``node@version`` in the asynchronous buffer.
         self.held: dict[str, NodeUpdate] = {}
         self.uplink_bytes = 0  # of the held updates, as received
         self.rejected: Counter[str] = Counter()  # since the last ``take_rejected``
@@ -91,7 +92,7 @@ class Intake:
             return False
         if journal and self.journal is not None:
             self.journal.append(topic, payload)
-        self.held[node_id] = update
+        self.held[self.policy.key(update, node_id)] = update
         self.uplink_bytes += len(payload)
         log.debug("update.accepted", node=node_id, round=current.number, bytes=len(payload))
         return True

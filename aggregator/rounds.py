@@ -64,6 +64,19 @@ class RoundPolicy:
     ) -> tuple[str, ...] | None:
         return select_nodes(candidates, fraction=self.sample_fraction, seed=seed, round=version)
 
+    @property
+    def window(self) -> int:
+        """Only the open round's model is trained on."""
+        return 0
+
+    def key(self, update: NodeUpdate, node: str) -> str:
+        """One update per node and round: held by node id."""
+        return node
+
+    def scale(self, update: NodeUpdate, current: OpenVersion) -> float:
+        """Every update of a round was trained on its model: taken as sent."""
+        return 1.0
+
     def addressed(self, update: NodeUpdate, node: str, current: OpenVersion) -> Problem | None:
         """Updates for the open round, from nodes it sampled; a resent copy of an update
         that made the previous round is a duplicate."""

@@ -3,8 +3,9 @@
 ``Aggregator`` puts the parts together, each in its own module:
 
 - accepting updates (``aggregator.intake``): validate, journal, hold, count rejections;
-- when a new model version is made (the settings' version policy, ``aggregator.policy``;
-  today synchronous rounds, ``aggregator.rounds``);
+- when a new model version is made (the settings' version policy, ``aggregator.policy``:
+  synchronous rounds, ``aggregator.rounds``, or the asynchronous buffer,
+  ``aggregator.buffer``);
 - how the held updates become one delta (``aggregator.combine``, under the robust rule of
   ``aggregator.robust``) and how it moves the global model (``aggregator.optimizer``);
 - publishing the model, the server status and the metrics (``aggregator.publisher``).
@@ -15,11 +16,12 @@ callable they were given, so the whole lifecycle is testable without a broker, a
 MQTT edge (``aggregator.app``) stays a thin loop.
 
 Durability goes through the optional ``store`` (``aggregator.checkpoint.StateDir``):
-every accepted update is appended to the journal of the version it was trained on,
+every accepted update is appended to the journal of the version open when it arrived,
 and every version is checkpointed before its global model is published, so ``resume`` can
 rebuild the exact state after a crash. The held updates are combined when the next version
-is made, in node-id order, so the new model does not depend on the order updates arrived
-in: a crashed-and-resumed run gives bitwise the same model as an uninterrupted one.
+is made, in the order of their keys (node ids in rounds), so the new model does not depend
+on the order updates arrived in: a crashed-and-resumed run gives bitwise the same model as
+an uninterrupted one.
 """
 
 import statistics
@@ -47,7 +49,7 @@ from fedmq.aggregator.optimizer import (
     state_from_leaves,
     state_leaves,
 )
-from fedmq.aggregator.policy import OpenVersion, VersionPolicy
+from fedmq.aggregator.policy import Opened, OpenVersion, VersionPolicy
 from fedmq.aggregator.publisher import Publish, Publisher
 from fedmq.aggregator.robust import FEDAVG, Rule, check_memory
 from fedmq.aggregator.settings import run_fingerprint
@@ -195,6 +197,11 @@ class Aggregator:
         self._history_wire: list[bytes] = []  # the same, as published (for checkpoints)
         self._present: dict[str, bool] = {}  # node id -> online, from retained status
         self._reopen = False  # resumed a finished run whose last model opens another version
+        self._started_at = wall_clock()  # when the run started (``elapsed`` in metrics)
+        # The versions updates may still be trained on (policy.window), and each node's
+        # newest version in a made one: the asynchronous buffer's memory (OpenVersion).
+        self._recent: dict[int, Opened] = {}
+        self._latest: dict[str, int] = {}
         self._said_overdue = False  # the policy's overdue warning logged for the open version
         self._intake = Intake(
             topics=self.topics,
@@ -240,7 +247,8 @@ class Aggregator:
 
     @property
     def held(self) -> Mapping[str, NodeUpdate]:
-        """The updates accepted for the open version, by node id."""
+        """The updates accepted for the open version, by the policy's key (node id in
+        rounds, ``node@version`` in the asynchronous buffer)."""
         return self._intake.held
 
     @property
@@ -255,6 +263,7 @@ class Aggregator:
 
     def start(self) -> None:
         """Publish the initial global model, which opens version (round) 1."""
+        self._started_at = self._wall()
         self._open_version(1, model_id=self.model_id)
 
     def resume(self, checkpoint: Checkpoint, journal: list[tuple[str, bytes]]) -> None:
@@ -279,6 +288,11 @@ class Aggregator:
         self._out.restore(
             checkpoint.global_payload, checkpoint.delta_payload, checkpoint.delta_bytes
         )
+        if checkpoint.started_at is not None:  # else (an older checkpoint): from now
+            self._started_at = checkpoint.started_at
+        self._recent = dict(checkpoint.recent or {})
+        self._recent[model.round] = Opened(model.model_id, model.selected)
+        self._latest = dict(checkpoint.latest or {})
         self._open = OpenVersion(
             number=model.round,
             model_id=model.model_id,
@@ -286,6 +300,8 @@ class Aggregator:
             selected=model.selected,
             opened_at=self._clock(),
             previous_reporters=frozenset(checkpoint.previous_reporters),
+            recent=dict(self._recent),
+            latest=dict(self._latest),
         )
         self._intake.start_version()
         self._said_overdue = False
@@ -395,6 +411,9 @@ class Aggregator:
             task_fingerprint=self.task_fingerprint,
         )
         self._out.prepare_model(message, previous)
+        self._recent[number] = Opened(model_id, selected)
+        for old in [v for v in self._recent if v < number - self.policy.window]:
+            del self._recent[old]
         self._open = OpenVersion(
             number=number,
             model_id=model_id,
@@ -402,6 +421,8 @@ class Aggregator:
             selected=selected,
             opened_at=self._clock(),
             previous_reporters=frozenset(self._intake.held) if reporters is None else reporters,
+            recent=dict(self._recent),
+            latest=dict(self._latest),
         )
         self._intake.start_version()
         self._said_overdue = False
@@ -422,6 +443,7 @@ class Aggregator:
         return [node for node, online in self._present.items() if online]
 
     def _checkpoint(self) -> Checkpoint:
+        remembers = self.policy.window > 0  # the asynchronous buffer's memory
         return Checkpoint(
             version=self.version,
             fingerprint=self.settings.fingerprint,
@@ -431,6 +453,9 @@ class Aggregator:
             history=self._history_wire,
             previous_reporters=sorted(self._open.previous_reporters),
             optimizer_state=state_leaves(self._optimizer_state),
+            started_at=self._started_at,
+            recent=dict(self._recent) if remembers else None,
+            latest=dict(self._latest) if remembers else None,
         )
 
     def _publish_server_status(self) -> None:
@@ -441,7 +466,8 @@ class Aggregator:
         metrics, and open the next version on the new model."""
         started = self._clock()
         held = self._intake.held
-        combined = combine(self.settings.aggregation, held, self.layout)
+        scales = {key: self.policy.scale(update, self._open) for key, update in held.items()}
+        combined = combine(self.settings.aggregation, held, self.layout, scales)
         previous = (self.params, self.model_id)
         self.params, self._optimizer_state = self._optimizer.update(
             self.params, combined.delta, self._optimizer_state
@@ -449,8 +475,18 @@ class Aggregator:
         model_id = model_id_of(self.params)
         central = self._evaluator(self.params) if self._evaluator is not None else {}
         loss, accuracy = central.get("loss"), central.get("accuracy")
-        participants = sorted(held)
+        participants = sorted({update.node_id for update in held.values()})
+        for update in held.values():  # a node's older updates are resent copies from now
+            self._latest[update.node_id] = max(update.round, self._latest.get(update.node_id, 0))
         rejected = self._intake.take_rejected()
+        made_at = self._wall()
+        extra = dict(combined.extra)
+        if self.policy.window > 0:
+            staleness = [self.version - update.round for update in held.values()]
+            extra |= {
+                "staleness_max": max(staleness),
+                "staleness_mean": statistics.fmean(staleness),
+            }
         out = self._out
         metrics = RoundMetrics(
             federation=self.settings.federation,
@@ -470,8 +506,9 @@ class Aggregator:
             seconds=started - self._open.opened_at,
             aggregate_seconds=self._clock() - started,
             closed_by=closed_by,
-            at=self._wall(),
-            extra=combined.extra,
+            at=made_at,
+            elapsed=made_at - self._started_at,
+            extra=extra,
             train_seconds_median=statistics.median(
                 update.train_seconds for update in held.values()
             ),
@@ -486,7 +523,7 @@ class Aggregator:
         self._history_wire.append(payload)
         log.info(
             "round.closed",
-            **combined.extra,
+            **extra,
             round=self.version,
             closed_by=closed_by,
             participants=len(participants),

@@ -11,18 +11,28 @@ from typing import Any, ClassVar
 from fedmq.logs import LogSettings
 from fedmq.mqtt import ConnectionSettings
 from fedmq.settings import (
+    BUFFER_HELP,
     COMPRESSION_HELP,
+    DEFAULT_MAX_STALENESS,
+    DEFAULT_STALENESS,
     EVAL_FRACTION_HELP,
+    MAX_STALENESS_HELP,
+    MODE_HELP,
     MODEL_HELP,
     PROXIMAL_MU_HELP,
     SERVER_OPTIMIZER_HELP,
+    STALENESS_HELP,
     TASK_HELP,
     Exclusive,
+    buffer_size,
+    check_buffer,
     chosen_task,
     compression_spec,
+    count,
     declared,
     eval_fraction,
     fraction,
+    mode_name,
     model_name,
     node_id_list,
     positive_float,
@@ -32,6 +42,7 @@ from fedmq.settings import (
     setting,
     show_auto,
     show_list,
+    staleness_spec,
     task_spec,
     usage_errors,
 )
@@ -108,7 +119,25 @@ class AggregatorSettings(LogSettings, ConnectionSettings):
         help="deadline of a round: past it, the round closes with the updates it has once "
         "--min-nodes have reported (default 300; none: wait for every expected node)",
     )
-    rounds: int = setting(30, parse=positive_int, help="rounds to run (default 30)")
+    rounds: int = setting(
+        30,
+        parse=positive_int,
+        help="rounds to run (default 30); with --mode async, model versions to make",
+    )
+    # Kept: a run's versions are made one way (the checkpoint's memory differs); left out
+    # of the fingerprint for sync, so a run kept before asynchronous mode resumes.
+    mode: str = setting(
+        "sync", kept="mode", unkept=("sync",), parse=mode_name, metavar="sync|async", help=MODE_HELP
+    )
+    buffer: int | None = setting(  # None: half of --nodes (buffer_size)
+        None, parse=positive_int, metavar="K", help=BUFFER_HELP
+    )
+    staleness: str = setting(
+        DEFAULT_STALENESS, parse=staleness_spec, metavar="poly:A", help=STALENESS_HELP
+    )
+    max_staleness: int = setting(
+        DEFAULT_MAX_STALENESS, parse=count, metavar="S", help=MAX_STALENESS_HELP
+    )
     learning_rate: float = setting(
         0.1, kept="plan", parse=positive_float, help="nodes' SGD rate (default 0.1)"
     )
@@ -238,6 +267,12 @@ class AggregatorSettings(LogSettings, ConnectionSettings):
 
     def __post_init__(self) -> None:
         chosen_task(self.task, self.model)  # both given and different: ValueError
+        check_buffer(self.mode, self.buffer, self.nodes, self.sample_fraction)
+
+    @property
+    def buffer_size(self) -> int:
+        """``--buffer``, or half of ``--nodes`` (at least 1)."""
+        return buffer_size(self.buffer, self.nodes)
 
     @property
     def task_spec(self) -> str:

@@ -379,7 +379,8 @@ class Node:
             return None
         saved = residual.load(self.residual_path)
         if saved is not None:
-            problem = saved.usable_for(model.round, str(pipeline), model.layout)
+            skips = model.plan.mode == "async"
+            problem = saved.usable_for(model.round, str(pipeline), model.layout, skips=skips)
             if problem is None:
                 return ErrorFeedbackState(saved.residual)
             log.info("residual.discarded", reason=problem)

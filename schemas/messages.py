@@ -58,7 +58,9 @@ def packet_bound(num_params: int) -> int:
 
 NODE_STATES = ("online", "training", "submitted", "idle", "done", "offline", "error")
 SERVER_STATES = ("waiting", "done", "offline")
-CLOSED_BY = ("all_reported", "deadline")
+# buffer_full: the asynchronous buffer held its K updates (docs/PROTOCOL.md 8.5).
+CLOSED_BY = ("all_reported", "deadline", "buffer_full")
+MODES = ("sync", "async")  # how the aggregator makes versions (plan.mode)
 
 
 def model_id_of(params: Mapping[str, np.ndarray]) -> str:
@@ -87,6 +89,10 @@ class TrainingPlan:
     # FedProx (Li et al. 2020): nodes add (proximal_mu / 2) * ||w - w_global||^2 to the
     # task's loss while training; 0: plain local training. Written only when non-zero.
     proximal_mu: float = 0.0
+    # How versions are made: "sync" rounds, or "async" buffered aggregation, where a
+    # node may skip versions (its error-feedback residual carries over). Written only
+    # when async.
+    mode: str = "sync"
 
 
 @dataclass(frozen=True)
@@ -263,6 +269,7 @@ class RoundMetrics:
     global_delta_bytes: int | None = None
     broker_dropped: int | None = None
     metrics: RoundEvaluation | None = None  # None: an aggregator before federated evaluation
+    elapsed: float | None = None  # seconds since the run started; None: an older aggregator
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -507,6 +514,13 @@ def _proximal_mu(obj: Mapping[str, Any], key: str) -> float:
     return value
 
 
+def _mode(obj: Mapping[str, Any], key: str) -> str:
+    """A missing key is sync (an aggregator before asynchronous mode)."""
+    if key not in obj:
+        return "sync"
+    return _choice(MODES)(obj, key)
+
+
 def _metric_values(obj: Mapping[str, Any], key: str) -> dict[str, float]:
     """A non-empty map of at most MAX_METRICS names (tensor-name characters) to finite
     numbers, saturated to +-MAX_LOSS as a training loss is."""
@@ -734,6 +748,7 @@ PLAN = Kind(None, TrainingPlan, (
     Field("compression", partial(_spec, default="dense")),
     Field("eval_fraction", _eval_fraction, to_wire=float, omit_default=True),
     Field("proximal_mu", _proximal_mu, to_wire=float, omit_default=True),
+    Field("mode", _mode, omit_default=True),
 ))  # fmt: skip
 
 
@@ -844,6 +859,7 @@ METRICS = Kind("metrics", RoundMetrics, (
     Field("broker_dropped", _positive, nullable=True),
     # The reference aggregator always writes it; without it, the bytes of older messages.
     Field("metrics", _evaluation, nullable=True, to_wire=EVALUATION.to_wire, omit_none=True),
+    Field("elapsed", _float, nullable=True, to_wire=float, omit_none=True),
 ), first=("participants", "rejected"))  # fmt: skip
 
 KINDS: dict[type, Kind] = {

@@ -54,7 +54,7 @@ from fedmq.lifeline import tied
 from fedmq.model_file import save_problem
 from fedmq.models import get_model
 from fedmq.node.settings import NodeSettings
-from fedmq.report import build_report, proximal_mu_entry, write_report
+from fedmq.report import build_report, mode_entry, proximal_mu_entry, write_report
 from fedmq.schemas import RoundMetrics, SchemaError, Topics, decode_metrics
 from fedmq.settings import to_argv
 from fedmq.tasks.builtin_data import DIGITS_TASKS, node_limit, split_builtin
@@ -83,6 +83,10 @@ def child_argv(
         eval_fraction=config.eval_fraction,
         proximal_mu=config.proximal_mu,
         server_optimizer=config.server_optimizer,
+        mode=config.mode,
+        buffer=config.buffer,
+        staleness=config.staleness,
+        max_staleness=config.max_staleness,
         log_json=True,
         state_dir=workdir / "aggregator",
     )
@@ -604,6 +608,12 @@ def run(config: DemoSettings, stop: threading.Event, out: TextIO = sys.stdout) -
             **({} if config.data_dir is None else {"data_dir": str(config.data_dir)}),
             compression=config.compression,
             **proximal_mu_entry(config.proximal_mu),
+            **mode_entry(
+                config.mode,
+                config.buffer or max(1, config.node_count // 2),
+                config.staleness,
+                config.max_staleness,
+            ),
             seed=config.seed,
             total_seconds=total,
             restarts=restart_counts(children.restarts()),

@@ -8,16 +8,24 @@ from typing import ClassVar
 from fedmq import mqtt as edge
 from fedmq.logs import LogSettings
 from fedmq.settings import (
+    BUFFER_HELP,
     COMPRESSION_HELP,
+    DEFAULT_MAX_STALENESS,
+    DEFAULT_STALENESS,
     EVAL_FRACTION_HELP,
+    MAX_STALENESS_HELP,
+    MODE_HELP,
     MODEL_HELP,
     PROXIMAL_MU_HELP,
     SERVER_OPTIMIZER_HELP,
+    STALENESS_HELP,
     TASK_HELP,
+    check_buffer,
     chosen_task,
     compression_spec,
     count,
     eval_fraction,
+    mode_name,
     model_name,
     partition_spec,
     positive_float,
@@ -26,6 +34,7 @@ from fedmq.settings import (
     server_optimizer_spec,
     setting,
     show_auto,
+    staleness_spec,
     task_spec,
     usage_errors,
 )
@@ -89,6 +98,16 @@ class DemoSettings(LogSettings):
         metavar="SPEC",
         help=SERVER_OPTIMIZER_HELP + "; handed to the demo's aggregator",
     )
+    mode: str = setting(
+        "sync", parse=mode_name, metavar="sync|async", help=MODE_HELP + "; handed to the aggregator"
+    )
+    buffer: int | None = setting(None, parse=positive_int, metavar="K", help=BUFFER_HELP)
+    staleness: str = setting(
+        DEFAULT_STALENESS, parse=staleness_spec, metavar="poly:A", help=STALENESS_HELP
+    )
+    max_staleness: int = setting(
+        DEFAULT_MAX_STALENESS, parse=count, metavar="S", help=MAX_STALENESS_HELP
+    )
     report: Path | None = setting(None, parse=Path, metavar="PATH", help="write report.json here")
     save_model: Path | None = setting(
         None,
@@ -125,6 +144,10 @@ class DemoSettings(LogSettings):
 
     def __post_init__(self) -> None:
         chosen_task(self.task, self.model)  # both given and different: ValueError
+        # with --data-dir the node count is known once the files are listed: the
+        # aggregator's settings check it then
+        known = self.nodes or (None if self.data_dir is not None else DEFAULT_NODES)
+        check_buffer(self.mode, self.buffer, known)
 
     @property
     def node_count(self) -> int:

@@ -38,6 +38,7 @@ def round_row(metrics: RoundMetrics) -> dict[str, Any]:
         "train_seconds_median": metrics.train_seconds_median,
         "closed_by": metrics.closed_by,
         "at": metrics.at,
+        "elapsed": metrics.elapsed,
         "rejected": metrics.rejected,
         "broker_dropped": metrics.broker_dropped,
         "model_id": metrics.model_id,
@@ -57,6 +58,19 @@ def proximal_mu_entry(mu: float) -> dict[str, float]:
     """report.json's ``proximal_mu`` (FedProx's mu of the plan), only when it is not 0:
     a run without FedProx reports what it did before."""
     return {"proximal_mu": mu} if mu else {}
+
+
+def mode_entry(mode: str, buffer: int, staleness: str, max_staleness: int) -> dict[str, Any]:
+    """report.json's ``mode``, and for ``async`` its buffer and staleness settings (then
+    ``rounds`` lists model versions)."""
+    if mode != "async":
+        return {"mode": mode}
+    return {
+        "mode": mode,
+        "buffer": buffer,
+        "staleness": staleness,
+        "max_staleness": max_staleness,
+    }
 
 
 def build_report(rounds: list[RoundMetrics], **run: Any) -> dict[str, Any]:

@@ -400,6 +400,100 @@ PROXIMAL_MU_HELP = (
     "(Li et al. try 0.001 to 1); announced in the plan (default 0: off, the task's loss alone)"
 )
 
+# ---- --mode async: the buffer and staleness (aggregator.buffer) ---------------------------
+
+MODES = ("sync", "async")  # schemas.messages.MODES (test_settings checks)
+DEFAULT_STALENESS = "poly:0.5"  # aggregator.buffer.DEFAULT_EXPONENT
+DEFAULT_MAX_STALENESS = 20  # aggregator.buffer.DEFAULT_MAX_STALENESS
+
+
+def mode_name(text: str) -> str:
+    """``--mode``: sync or async."""
+    mode = text.strip().lower()
+    if mode not in MODES:
+        raise argparse.ArgumentTypeError(f"{text!r} is not sync or async")
+    return mode
+
+
+def staleness_exponent(text: str) -> float:
+    """``poly:A`` -> A, a finite number >= 0; ValueError (one line) otherwise."""
+    name, colon, number = text.strip().partition(":")
+    try:
+        value = float(number) if colon and name.strip().lower() == "poly" else -1.0
+    except ValueError:
+        value = -1.0
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(
+            f"{text!r} is not poly:A with A a number >= 0 (the weight (1 + staleness) ** -A), "
+            "e.g. poly:0.5"
+        )
+    return value
+
+
+@usage_errors
+def staleness_spec(text: str) -> str:
+    """``--staleness``: the canonical ``poly:A``."""
+    return f"poly:{staleness_exponent(text)!r}"
+
+
+def buffer_size(buffer: int | None, nodes: int) -> int:
+    """``--buffer``, or half of ``--nodes`` (at least 1)."""
+    return buffer if buffer is not None else max(1, nodes // 2)
+
+
+def sampled(nodes: int, fraction: float) -> int:
+    """Nodes a version asks of ``nodes`` at ``fraction`` (aggregator.rounds.select_nodes)."""
+    return min(nodes, max(1, math.ceil(fraction * nodes)))
+
+
+def check_buffer(
+    mode: str, buffer: int | None, nodes: int | None, sample_fraction: float = 1.0
+) -> None:
+    """ValueError (one line, with the fix) for ``--buffer`` without ``--mode async``, or a
+    buffer that would never fill: every node trains a version at most once, so a buffer
+    larger than the nodes that can train on one version would wait forever (``nodes``
+    None: not known yet, not checked)."""
+    if mode == "sync" and buffer is not None:
+        raise ValueError(
+            f"--buffer {buffer} is for --mode async: add --mode async, or leave --buffer "
+            "out for rounds"
+        )
+    if mode != "async" or nodes is None:
+        return
+    size = buffer_size(buffer, nodes)
+    trainers = sampled(nodes, sample_fraction)
+    if size > trainers:
+        asked = (
+            f"--nodes {nodes}"
+            if sample_fraction >= 1
+            else f"the {trainers} nodes --sample-fraction {sample_fraction} asks of --nodes {nodes}"
+        )
+        raise ValueError(
+            f"--buffer {size} is more updates than {asked} can send on one version, so no "
+            f"version would ever be made: give --buffer {trainers} or less"
+        )
+
+
+MODE_HELP = (
+    "how model versions are made: sync (default: rounds; a round waits for its nodes, or "
+    "its deadline and quorum) or async (FedBuff: nodes train whenever they are free, and a "
+    "version is made every --buffer accepted updates, whatever version each was trained "
+    "on; docs/async.md)"
+)
+BUFFER_HELP = (
+    "--mode async: make a version every K accepted updates (default: half of --nodes, at "
+    "least 1; at most --nodes, or the nodes sampled per version)"
+)
+STALENESS_HELP = (
+    "--mode async: an update trained on version v arriving at version t has its delta "
+    "scaled by (1 + t - v) ** -A (default poly:0.5; poly:0 takes every update as sent)"
+)
+MAX_STALENESS_HELP = (
+    "--mode async: reject (stale) updates trained more than S versions before the open one "
+    f"(default {DEFAULT_MAX_STALENESS})"
+)
+
+
 # ---- --server-optimizer: the grammar (aggregator.optimizer builds the transform) ----------
 
 SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad")

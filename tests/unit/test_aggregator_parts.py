@@ -58,6 +58,16 @@ class EveryK:
     def most_updates(self, fleet: int) -> int:
         return self.k
 
+    @property
+    def window(self) -> int:
+        return 0
+
+    def key(self, update: NodeUpdate, node: str) -> str:
+        return node
+
+    def scale(self, update: NodeUpdate, current: OpenVersion) -> float:
+        return 1.0
+
 
 def rebuilt(h: Harness, **parts: Any) -> Harness:
     """The harness's aggregator built again with other parts."""

@@ -41,9 +41,12 @@ SAMPLES = {
     "task": "digits-mlp-large",
     "model": "digits-mlp-large",
     "round_timeout": "none",
+    "buffer": "3",
 }
 # What a command needs besides the setting under test (node: an id and data).
 REQUIRED = {"node": {"node_id": "n0", "demo_shard": "1/1"}}
+# ... and besides a setting that needs another (--buffer is for --mode async).
+NEEDS = {"buffer": {"mode": "async"}}
 
 
 def sample(item: settings.Declared) -> str:
@@ -67,7 +70,7 @@ def test_every_setting_is_an_option_a_toml_key_and_a_variable(command, name, tmp
     text = sample(item)
     others = {
         key: value
-        for key, value in REQUIRED.get(command, {}).items()
+        for key, value in {**REQUIRED.get(command, {}), **NEEDS.get(name, {})}.items()
         if key != name and (item.setting.exclusive is None or key not in _group_of(command, item))
     }
     base = [command] + [
@@ -207,6 +210,7 @@ def test_the_fingerprint_is_the_kept_settings_stored_as_before():
     assert kept == [
         "federation",
         "task",  # kept under "model", as before --task
+        "mode",  # only when async, as eval_fraction only when not 0
         "learning_rate",
         "batch_size",
         "local_epochs",
@@ -229,6 +233,7 @@ def test_the_fingerprint_is_the_kept_settings_stored_as_before():
         ({"compression": "fp16"}, "--compression"),
         ({"federation": "other"}, "--federation"),
         ({"proximal_mu": 0.01}, "--proximal-mu"),
+        ({"mode": "async"}, "--mode"),
     ],
 )
 def test_a_changed_kept_setting_is_named_by_its_option(change, option):
