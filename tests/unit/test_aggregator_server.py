@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from fedmq.aggregator.broker_drops import BrokerDrops
 from fedmq.aggregator.evaluate import evaluate
 from fedmq.aggregator.fedavg import fedavg
+from fedmq.aggregator.policy import VersionPolicy
 from fedmq.aggregator.robust import FEDAVG, Rule
 from fedmq.aggregator.rounds import RoundPolicy
 from fedmq.aggregator.server import Aggregator, RoundSettings, Store, dense_update_bound
@@ -55,7 +56,7 @@ class Harness:
     def __init__(
         self,
         *,
-        policy: RoundPolicy | None = None,
+        policy: VersionPolicy | None = None,
         rounds: int = 3,
         max_update_bytes: int | None = None,
         test: Dataset | None = None,
