@@ -1,6 +1,7 @@
 """report.json: what a federation did, round by round, built from the metrics messages."""
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,12 @@ def proximal_mu_entry(mu: float) -> dict[str, float]:
     """report.json's ``proximal_mu`` (FedProx's mu of the plan), only when it is not 0:
     a run without FedProx reports what it did before."""
     return {"proximal_mu": mu} if mu else {}
+
+
+def slow_nodes_entry(node_ids: Sequence[str], seconds: float) -> dict[str, Any]:
+    """report.json's ``slow_nodes`` (``fedmq demo --slow-nodes``, a simulation): the nodes
+    given ``--train-delay`` and its seconds."""
+    return {"slow_nodes": {"node_ids": list(node_ids), "train_delay": seconds}}
 
 
 def build_report(rounds: list[RoundMetrics], **run: Any) -> dict[str, Any]:
