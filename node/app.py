@@ -171,10 +171,18 @@ class Node:
     """One device's participation: state across rounds plus what it publishes."""
 
     def __init__(
-        self, config: NodeSettings, data: Dataset, outbox: edge.Outbox, task: Task | None = None
+        self,
+        config: NodeSettings,
+        data: Dataset,
+        outbox: edge.Outbox,
+        task: Task | None = None,
+        *,
+        stop: threading.Event | None = None,
     ) -> None:
-        """``task``: the node's ``--task``, loaded; None: the global model's, if built in."""
+        """``task``: the node's ``--task``, loaded; None: the global model's, if built in.
+        ``stop``: the process's stop event, which cuts a ``--train-delay`` wait short."""
         self.client = outbox.client
+        self.stop = stop if stop is not None else threading.Event()
         self.task = task
         self.config = config
         self.data = data
@@ -490,6 +498,8 @@ class Node:
                 )
                 self.status("error", round=model.round, detail=why)
                 return
+            if not self._simulated_delay(model.round):
+                return  # stopped while simulating a slow device: the update is not sent
             started_compress = time.perf_counter()
             state = self._residual_for(model, pipeline)
             rng = np.random.default_rng([model.plan.seed, zlib.crc32(self.config.node_id.encode()),
@@ -545,6 +555,19 @@ class Node:
                 train_seconds=update.train_seconds,
             )
 
+    def _simulated_delay(self, round: int) -> bool:
+        """``--train-delay``, a simulation knob: wait that long after training, as a slower
+        device would (paho's network thread keeps the connection meanwhile). False if the
+        stop event cut the wait short."""
+        delay = self.config.train_delay
+        if delay <= 0:
+            return True
+        log.info("training.delayed", round=round, train_delay=delay)
+        if self.stop.wait(delay):
+            log.info("training.delay_interrupted", round=round, train_delay=delay)
+            return False
+        return True
+
 
 def run(config: NodeSettings, stop: threading.Event) -> int:
     """Take part until the run is over (with ``exit_when_done``: exit 0) or ``stop`` is set
@@ -579,7 +602,7 @@ def _run(config: NodeSettings, stop: threading.Event) -> int:
         persistent=True,  # a stable session; the QoS 0 downlink queues nothing while away
     )
     outbox = edge.Outbox(client)
-    node = Node(config, data, outbox, task)
+    node = Node(config, data, outbox, task, stop=stop)
     edge.start(client, config.broker)
     log.info("node.started", examples=len(data), broker=str(config.broker))
     try:

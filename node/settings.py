@@ -9,7 +9,15 @@ from typing import ClassVar
 
 from fedmq.logs import LogSettings
 from fedmq.mqtt import ConnectionSettings
-from fedmq.settings import TASK_HELP, Exclusive, partition_spec, setting, task_spec
+from fedmq.settings import (
+    TASK_HELP,
+    TRAIN_DELAY_HELP,
+    Exclusive,
+    non_negative_float,
+    partition_spec,
+    setting,
+    task_spec,
+)
 
 # Where a node keeps its state unless told (--state-dir): one directory per federation
 # and node id under the working directory, so nodes started side by side never share one.
@@ -78,6 +86,9 @@ class NodeSettings(LogSettings, ConnectionSettings):
         "(default ./.fedmq-node/FEDERATION/NODE_ID)",
     )
     exit_when_done: bool = setting(False, switch=True, help="exit when the federation finishes")
+    train_delay: float = setting(
+        0.0, parse=non_negative_float, metavar="SECONDS", help=TRAIN_DELAY_HELP
+    )
 
     @property
     def state_path(self) -> Path:

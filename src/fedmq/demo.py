@@ -54,9 +54,15 @@ from fedmq.lifeline import tied
 from fedmq.model_file import save_problem
 from fedmq.models import get_model
 from fedmq.node.settings import NodeSettings
-from fedmq.report import build_report, mode_entry, proximal_mu_entry, write_report
+from fedmq.report import (
+    build_report,
+    mode_entry,
+    proximal_mu_entry,
+    slow_nodes_entry,
+    write_report,
+)
 from fedmq.schemas import RoundMetrics, SchemaError, Topics, decode_metrics
-from fedmq.settings import to_argv
+from fedmq.settings import buffer_size, to_argv
 from fedmq.tasks.builtin_data import DIGITS_TASKS, node_limit, split_builtin
 from fedmq.tasks.registry import EXAMPLES, TaskError, is_builtin, load_task
 
@@ -94,9 +100,14 @@ def child_argv(
         aggregator = replace(aggregator, save_model=config.save_model.absolute())
     if config.round_timeout is not None:  # else the aggregator's default
         aggregator = replace(aggregator, round_timeout=config.round_timeout)
+    if config.min_nodes is not None:  # the same
+        aggregator = replace(aggregator, min_nodes=config.min_nodes)
+    if config.local_epochs is not None:  # the same
+        aggregator = replace(aggregator, local_epochs=config.local_epochs)
     argv = {"aggregator": ["aggregator", *to_argv(aggregator)]}
+    slow = slow_node_ids(config, len(node_paths))
     for index, path in enumerate(node_paths):
-        node_id = f"node-{index + 1:02d}"
+        node_id = node_name(index)
         node = NodeSettings(
             broker=address,
             federation=config.federation,
@@ -107,8 +118,37 @@ def child_argv(
             exit_when_done=True,
             log_json=True,
         )
+        if node_id in slow and config.slow_nodes is not None:
+            node = replace(node, train_delay=config.slow_nodes[1])
         argv[node_id] = ["node", *to_argv(node)]
     return argv
+
+
+def node_name(index: int) -> str:
+    """The demo's id of its node ``index`` (from 0): node-01, node-02, ..."""
+    return f"node-{index + 1:02d}"
+
+
+def slow_node_ids(config: DemoSettings, nodes: int) -> tuple[str, ...]:
+    """The nodes ``--slow-nodes N:SECONDS`` slows down: the last N of ``nodes``."""
+    count = 0 if config.slow_nodes is None else config.slow_nodes[0]
+    return tuple(node_name(index) for index in range(nodes - count, nodes))
+
+
+def quorum_problem(config: DemoSettings, nodes: int) -> str | None:
+    """Why ``--slow-nodes`` or ``--min-nodes`` does not fit ``nodes`` nodes, or None."""
+    if config.slow_nodes is not None and config.slow_nodes[0] > nodes:
+        count, seconds = config.slow_nodes
+        return (
+            f"--slow-nodes {count}:{seconds:g}: the demo has only {nodes} nodes: slow down "
+            f"at most {nodes}"
+        )
+    if config.min_nodes is not None and config.min_nodes > nodes:
+        return (
+            f"--min-nodes {config.min_nodes}: more than the demo's {nodes} nodes: give at "
+            f"most {nodes}"
+        )
+    return None
 
 
 def config_problem(config: DemoSettings) -> str | None:
@@ -117,6 +157,12 @@ def config_problem(config: DemoSettings) -> str | None:
     problem = task_problem(config.task_spec) or (
         data_dir_problem(config) if config.data_dir is not None else builtin_data_problem(config)
     )
+    if problem is not None:
+        return problem
+    nodes = config.node_count
+    if config.data_dir is not None:  # one node per node file
+        nodes = len(data_dir_files(config.data_dir)[0])
+    problem = quorum_problem(config, nodes)
     if problem is not None:
         return problem
     if config.report is not None:
@@ -444,7 +490,7 @@ def write_node_data(config: DemoSettings, directory: Path) -> tuple[list[Path], 
     train, test = digits()
     paths = []
     for index, shard in enumerate(partition(train.y, nodes, config.partition, config.seed)):
-        path = directory / f"node-{index + 1:02d}.npz"
+        path = directory / f"{node_name(index)}.npz"
         Dataset(train.x[shard], train.y[shard]).save(path)
         paths.append(path)
     test_path = directory / "test.npz"
@@ -608,9 +654,12 @@ def run(config: DemoSettings, stop: threading.Event, out: TextIO = sys.stdout) -
             **({} if config.data_dir is None else {"data_dir": str(config.data_dir)}),
             compression=config.compression,
             **proximal_mu_entry(config.proximal_mu),
+            server_optimizer=config.server_optimizer,
+            local_epochs=config.local_epochs or AggregatorSettings.local_epochs,
+            **run_policy_entries(config),
             **mode_entry(
                 config.mode,
-                config.buffer or max(1, config.node_count // 2),
+                buffer_size(config.buffer, config.node_count),
                 config.staleness,
                 config.max_staleness,
             ),
@@ -636,6 +685,20 @@ def run(config: DemoSettings, stop: threading.Event, out: TextIO = sys.stdout) -
             broker.stop()
         if config.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def run_policy_entries(config: DemoSettings) -> dict[str, Any]:
+    """report.json's ``min_nodes``, ``round_timeout`` and ``slow_nodes``, each only when
+    given: a run without them reports what it did before."""
+    entries: dict[str, Any] = {}
+    if config.min_nodes is not None:
+        entries["min_nodes"] = config.min_nodes
+    if config.round_timeout is not None:
+        entries["round_timeout"] = config.round_timeout
+    if config.slow_nodes is not None:
+        slow = slow_node_ids(config, config.node_count)
+        entries.update(slow_nodes_entry(slow, config.slow_nodes[1]))
+    return entries
 
 
 def restart_counts(by_child: dict[str, int]) -> dict[str, Any]:

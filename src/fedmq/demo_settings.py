@@ -1,6 +1,8 @@
 """``fedmq demo``'s settings, declared once (``fedmq.settings``), apart from the demo
 itself so that reading them (``fedmq --help``) loads no numpy."""
 
+import argparse
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -40,6 +42,24 @@ from fedmq.settings import (
 )
 
 DEFAULT_NODES = 10
+SLOW_NODES_FORM = "N:SECONDS (N nodes >= 0, SECONDS >= 0), e.g. 3:0.5"
+
+
+def slow_nodes_spec(text: str) -> tuple[int, float]:
+    """``--slow-nodes N:SECONDS``: (N, SECONDS); whether N fits ``--nodes`` is checked with
+    the rest of the demo's configuration (``fedmq.demo.config_problem``)."""
+    count, colon, seconds = text.strip().partition(":")
+    try:
+        delay = float(seconds)
+    except ValueError:
+        delay = -1.0
+    if not (colon and count.strip().isdigit() and math.isfinite(delay) and delay >= 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not {SLOW_NODES_FORM}")
+    return int(count), delay
+
+
+def _show_slow_nodes(value: tuple[int, float]) -> str:
+    return f"{value[0]}:{value[1]!r}"
 
 
 @usage_errors
@@ -127,8 +147,31 @@ class DemoSettings(LogSettings):
         None,
         parse=positive_float,
         metavar="SECONDS",
-        help="close rounds at this deadline with whoever reported, if more than half of "
-        "the nodes have (default: the aggregator's, 300)",
+        help="close rounds at this deadline with whoever reported, if --min-nodes have "
+        "(default: the aggregator's, 300)",
+    )
+    min_nodes: int | None = setting(  # None: the aggregator's default, more than half
+        None,
+        parse=positive_int,
+        metavar="N",
+        help="quorum at the --round-timeout deadline, handed to the demo's aggregator "
+        "(default: the aggregator's, more than half of --nodes)",
+    )
+    local_epochs: int | None = setting(  # None: the aggregator's default, 1
+        None,
+        parse=positive_int,
+        metavar="N",
+        help="the nodes' epochs of local training per round, handed to the demo's aggregator "
+        "(default: the aggregator's, 1)",
+    )
+    slow_nodes: tuple[int, float] | None = setting(  # (count, seconds); None: none slow
+        None,
+        parse=slow_nodes_spec,
+        show=_show_slow_nodes,
+        metavar="N:SECONDS",
+        help="SIMULATION of a heterogeneous fleet: the last N nodes (node-08 to node-10 of 10 "
+        "for 3:0.5) get fedmq node --train-delay SECONDS, so each of their local trainings "
+        "takes SECONDS longer (default: none)",
     )
     workdir: Path | None = setting(
         None, parse=Path, help="keep data and logs here (default: temp, removed)"

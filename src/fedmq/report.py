@@ -1,6 +1,7 @@
 """report.json: what a federation did, round by round, built from the metrics messages."""
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,12 @@ def round_metrics(metrics: RoundMetrics) -> dict[str, dict[str, float] | None]:
     }
 
 
+# Extra metrics keys a row carries when the aggregator sent them (asynchronous mode).
+ROW_EXTRAS = ("staleness_max", "staleness_mean")
+
+
 def round_row(metrics: RoundMetrics) -> dict[str, Any]:
+    extras = {key: metrics.extra[key] for key in ROW_EXTRAS if key in metrics.extra}
     return {
         "round": metrics.round,
         "accuracy": metrics.accuracy,
@@ -42,6 +48,7 @@ def round_row(metrics: RoundMetrics) -> dict[str, Any]:
         "rejected": metrics.rejected,
         "broker_dropped": metrics.broker_dropped,
         "model_id": metrics.model_id,
+        **extras,
     }
 
 
@@ -71,6 +78,12 @@ def mode_entry(mode: str, buffer: int, staleness: str, max_staleness: int) -> di
         "staleness": staleness,
         "max_staleness": max_staleness,
     }
+
+
+def slow_nodes_entry(node_ids: Sequence[str], seconds: float) -> dict[str, Any]:
+    """report.json's ``slow_nodes`` (``fedmq demo --slow-nodes``, a simulation): the nodes
+    given ``--train-delay`` and its seconds."""
+    return {"slow_nodes": {"node_ids": list(node_ids), "train_delay": seconds}}
 
 
 def build_report(rounds: list[RoundMetrics], **run: Any) -> dict[str, Any]:

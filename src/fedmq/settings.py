@@ -319,6 +319,25 @@ def positive_float(text: str) -> float:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    """A finite number >= 0 (``--train-delay``'s seconds)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not (math.isfinite(value) and value >= 0.0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number >= 0")
+    return value
+
+
+TRAIN_DELAY_HELP = (
+    "SIMULATION ONLY, for trying heterogeneous fleets on one machine: after each local "
+    "training the node waits SECONDS more before it compresses and publishes its update, as "
+    "a slower device would (counted in the update's train_seconds; a stop cuts the wait "
+    "short; default 0: none). Not for real devices"
+)
+
+
 @usage_errors
 def node_id_list(text: str) -> tuple[str, ...]:
     from fedmq.schemas.topics import validate_name
