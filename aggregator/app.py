@@ -488,6 +488,9 @@ def _run(config: AggregatorSettings, stop: threading.Event) -> int:
         aggregator.start()
     connects = 0
     progress = ProgressLine()
+    # Asynchronous mode makes a version from every update of a received batch once the
+    # buffer holds K (aggregator.buffer); rounds take exactly their nodes' updates.
+    batched = config.mode == "async"
     while not aggregator.done and not stop.is_set():
         edge.check(client)
         progress.show(progress_text(aggregator))
@@ -513,8 +516,12 @@ def _run(config: AggregatorSettings, stop: threading.Event) -> int:
                     drops.note(count)
             elif received.topic == VERSION:  # sent after the counter, if it had one to send
                 drops.note_unchanged()
+            elif batched:
+                aggregator.ingest(received.topic, received.payload)
             else:
                 aggregator.handle(received.topic, received.payload)
+        if batched:
+            aggregator.tick()
         if store is not None:
             store.sync()  # group commit: one fsync for the batch, before its PUBACKs
         for received in batch:

@@ -3,7 +3,10 @@ aggregator's other version policy (``aggregator.policy``).
 
 Nodes train whenever they hold a model and are free; nobody waits for the slowest. Every
 accepted update goes into a buffer, whatever version it was trained on, and as soon as
-``buffer`` updates are held the next version is made from them. An update trained on
+``buffer`` updates are held the next version is made from them: from K of them when
+updates come one at a time, from all that arrived together when they come faster than
+versions are made (the MQTT edge ingests a received batch whole, then asks; see
+``BufferPolicy``). An update trained on
 version v that arrives while version t is open is ``t - v`` versions stale: its delta is
 scaled by ``(1 + t - v) ** -exponent`` (a stale delta points from an older model, so it
 moves the new one less), and one more than ``max_staleness`` versions stale is rejected
@@ -43,6 +46,15 @@ def update_key(node: str, version: int) -> str:
 class BufferPolicy:
     """Make a version every ``buffer`` accepted updates (or, with ``deadline_seconds``,
     once that long has passed with at least one held).
+
+    At least ``buffer``: when nodes send updates faster than the aggregator makes versions
+    (fast local training, a busy server), the updates queue up, and a version made from
+    exactly K of them would leave the rest to grow staler version after version (each
+    version starts a new update on every free node, but takes only K). The MQTT edge
+    therefore hands the policy a received batch whole: the version takes every update
+    that arrived with its K-th, so the queue, and the staleness, stay bounded. The
+    journal holds exactly the updates a version is made from, so a resume is still
+    bitwise.
 
     With ``sample_fraction`` below 1 each version asks a seeded sample of the nodes
     (``select_nodes``, as rounds do); a node trains on the versions that ask it."""
@@ -159,4 +171,5 @@ class BufferPolicy:
         )
 
     def most_updates(self, fleet: int) -> int:
-        return self.buffer
+        """K, or with updates queued the fleet's (about one each: ``fleet`` if known)."""
+        return max(self.buffer, fleet)

@@ -359,9 +359,16 @@ class Aggregator:
                 log.warning(event, **fields)
 
     def handle(self, topic: str, payload: bytes) -> None:
-        """Validate one update; accept it (journaled) or reject it with a reason."""
-        self._intake.offer(topic, payload, self._open)
+        """Validate one update; accept it (journaled) or reject it with a reason; then make
+        the next version if the policy says so (``tick``)."""
+        self.ingest(topic, payload)
         self.tick()
+
+    def ingest(self, topic: str, payload: bytes) -> None:
+        """``handle`` without the ``tick``: the MQTT edge of asynchronous mode ingests a
+        whole batch of received messages, then ticks once, so a version takes every
+        update that arrived with its K-th (aggregator.buffer: the backpressure)."""
+        self._intake.offer(topic, payload, self._open)
         if not self.done and self._out.status_due():
             self._publish_server_status()  # progress toward the quorum, for monitors
 

@@ -1,6 +1,9 @@
 """SIGKILL the aggregator at seeded random moments of a real federation and restart it:
 the run must end with bitwise the same global model as an uninterrupted one, and with
-every node's update of every round accepted exactly once."""
+every node's update of every round accepted exactly once. In asynchronous mode with a
+buffer of every node's update (K = nodes) the versions are as deterministic as rounds, so
+the same holds through its own checkpoint and journal (the staleness path is resumed at
+seeded moments in tests/unit/test_async.py)."""
 
 import random
 import signal
@@ -21,7 +24,7 @@ ROUNDS = 20
 KILLS = 10
 
 
-def start_federation(spawn, mosquitto, federation, node_paths, tmp_path, server_optimizer):  # type: ignore[no-untyped-def]
+def start_federation(spawn, mosquitto, federation, node_paths, tmp_path, server_optimizer, mode):  # type: ignore[no-untyped-def]
     common = ["--broker", mosquitto.address, "--federation", federation, "--log-json"]
     aggregator_args = [
         "aggregator", *common, "--nodes", str(NODES), "--rounds", str(ROUNDS),
@@ -29,6 +32,8 @@ def start_federation(spawn, mosquitto, federation, node_paths, tmp_path, server_
         "--report", str(tmp_path / f"{federation}-report.json"),
         "--server-optimizer", server_optimizer,
     ]  # fmt: skip
+    if mode == "async":
+        aggregator_args += ["--mode", "async", "--buffer", str(NODES)]
     aggregator = spawn(f"{federation}-aggregator", *aggregator_args)
     nodes = [
         spawn(f"{federation}-node-{i}", "node", *common, "--node-id", f"pi-{i:02d}",
@@ -48,17 +53,21 @@ def outcome(watcher, topics: Topics):  # type: ignore[no-untyped-def]
 
 
 # fedadam: its state (moments, step count) must come back from the checkpoint bitwise
-@pytest.mark.parametrize("server_optimizer", ["fedavg", "fedadam:0.01"])
+@pytest.mark.parametrize(
+    ("server_optimizer", "mode"),
+    [("fedavg", "sync"), ("fedadam:0.01", "sync"), ("fedavg", "async")],
+)
 def test_killed_ten_times_the_run_ends_bitwise_equal(
-    mosquitto, spawn, collect, node_data, tmp_path, server_optimizer
+    mosquitto, spawn, collect, node_data, tmp_path, server_optimizer, mode
 ):  # type: ignore[no-untyped-def]
     paths = node_data(NODES)
-    tag = server_optimizer.split(":")[0]  # a federation per variant: retained globals stay apart
+    # a federation per variant: retained globals stay apart
+    tag = f"{server_optimizer.split(':')[0]}-{mode}"
 
     reference_topics = Topics(f"crash-reference-{tag}")
     watcher = collect([reference_topics.metrics, reference_topics.global_model])
     aggregator, _, nodes = start_federation(
-        spawn, mosquitto, f"crash-reference-{tag}", paths, tmp_path, server_optimizer
+        spawn, mosquitto, f"crash-reference-{tag}", paths, tmp_path, server_optimizer, mode
     )
     assert aggregator.wait(300) == 0, aggregator.log()[-3000:]
     for node in nodes:
@@ -68,7 +77,7 @@ def test_killed_ten_times_the_run_ends_bitwise_equal(
     topics = Topics(f"crash-killed-{tag}")
     watcher = collect([topics.metrics, topics.global_model])
     aggregator, aggregator_args, nodes = start_federation(
-        spawn, mosquitto, f"crash-killed-{tag}", paths, tmp_path, server_optimizer
+        spawn, mosquitto, f"crash-killed-{tag}", paths, tmp_path, server_optimizer, mode
     )
     rng = random.Random(20261123)
     # a kill after round k's metrics appeared (k = 0: right after round 1 opened), then a
@@ -112,6 +121,8 @@ def test_killed_ten_times_the_run_ends_bitwise_equal(
         # nodes resent on seeing the restarted aggregator republish (a resend that
         # arrives a round late is a wrong_round)
         assert set(m.rejected) <= {"duplicate", "wrong_round"}, m.rejected
+        if mode == "async":
+            assert (m.closed_by, m.extra["staleness_max"]) == ("buffer_full", 0)
     resumed = sum(
         Path(tmp_path / f"crash-killed-aggregator-{i}.log").read_text().count("aggregator.resumed")
         for i in range(1, KILLS + 1)
