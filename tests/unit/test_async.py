@@ -334,3 +334,23 @@ def test_the_async_plan_and_model_ids_are_what_the_nodes_see() -> None:
     h.agg.start()
     (first,) = h.globals()
     assert first.plan.mode == "async" and first.model_id == model_id_of(MODEL.init(0))
+
+
+def test_a_robust_rule_takes_the_buffer_with_its_stale_deltas_scaled() -> None:
+    from fedmq.aggregator.robust import parse_rule
+
+    h = Harness(
+        policy=BufferPolicy(buffer=3), rounds=4, plan=ASYNC, aggregation=parse_rule("median")
+    )
+    h.agg.start()
+    for node in ("x", "y", "z"):
+        send(h, node, 1, seed=ord(node))  # version 2
+    before = {name: array.copy() for name, array in h.agg.params.items()}
+    stale = send(h, "a", 1, seed=1)
+    fresh = [send(h, node, 2, seed=seed) for node, seed in (("b", 2), ("c", 3))]
+    factor = np.float32(2**-0.5)
+    for name, array in before.items():
+        stack = np.stack([stale[name] * factor, fresh[0][name], fresh[1][name]])
+        expected = array.astype(np.float64) + np.median(stack.astype(np.float64), axis=0)
+        np.testing.assert_allclose(h.agg.params[name], expected, rtol=0, atol=1e-6)
+    assert h.metrics()[-1].extra["aggregation"] == "median"
