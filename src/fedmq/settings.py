@@ -293,17 +293,6 @@ def eval_fraction(text: str) -> float | None:
     return value
 
 
-def proximal_mu(text: str) -> float:
-    """``--proximal-mu``: a finite number >= 0 (FedProx's mu; 0: off)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not (math.isfinite(value) and value >= 0.0):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number >= 0")
-    return value
-
-
 def show_auto(value: object) -> str:
     """``auto`` for None (``--eval-fraction``)."""
     return "auto" if value is None else str(value)
@@ -328,6 +317,11 @@ def non_negative_float(text: str) -> float:
     if not (math.isfinite(value) and value >= 0.0):
         raise argparse.ArgumentTypeError(f"{text!r} is not a number >= 0")
     return value
+
+
+def proximal_mu(text: str) -> float:
+    """``--proximal-mu``: a finite number >= 0 (FedProx's mu; 0: off)."""
+    return non_negative_float(text)
 
 
 TRAIN_DELAY_HELP = (
