@@ -114,16 +114,19 @@ def write_report(path: Path, report: dict[str, Any]) -> None:
 def summary_lines(report: dict[str, Any]) -> list[str]:
     """A report in a few lines of text: setup, final and best accuracy, bytes, rejections."""
     rows = report.get("rounds", [])
-    keys = ("federation", "model", "compression", "nodes")
+    keys = ("federation", "model", "compression", "nodes", "mode")
     setup = [f"{key} {report[key]}" for key in keys if report.get(key) is not None]
     lines = [" · ".join(setup) or "fedmq report"]
     if not rows:
         return [*lines, "no rounds"]
     scored = [(r["accuracy"], r["round"]) for r in rows if r.get("accuracy") is not None]
-    text = f"{len(rows)} rounds (round {rows[0]['round']} to {rows[-1]['round']})"
+    unit = "version" if report.get("mode") == "async" else "round"
+    text = f"{len(rows)} {unit}s ({unit} {rows[0]['round']} to {rows[-1]['round']})"
     if scored:
         best, best_round = max(scored)
-        text += f"; final accuracy {scored[-1][0]:.4f}, best {best:.4f} in round {best_round}"
+        text += f"; final accuracy {scored[-1][0]:.4f}, best {best:.4f} in {unit} {best_round}"
+    if rows[-1].get("elapsed") is not None:
+        text += f"; {rows[-1]['elapsed']:.1f} s"
     lines.append(text)
     losses = [r["loss"] for r in rows if r.get("loss") is not None]
     if losses:
