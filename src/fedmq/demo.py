@@ -717,11 +717,12 @@ def print_summary(report: dict[str, Any], out: TextIO) -> None:
         accuracy = "final test " + ", ".join(f"{n} {v:.4f}" for n, v in central.items()) + " "
     else:
         accuracy = ""
+    unit = "version" if report.get("mode") == "async" else "round"
     out.write(
-        f"{accuracy}after {len(rows)} rounds in {report['total_seconds']:.1f} s\n"
-        f"median round {statistics.median(warm) * 1000:.1f} ms (after round 1),"
-        f" uplink {statistics.mean(r['uplink_bytes'] for r in rows):.0f} B/round,"
-        f" downlink {statistics.mean(r['downlink_bytes'] for r in rows):.0f} B/round\n"
+        f"{accuracy}after {len(rows)} {unit}s in {report['total_seconds']:.1f} s\n"
+        f"median {unit} {statistics.median(warm) * 1000:.1f} ms (after {unit} 1),"
+        f" uplink {statistics.mean(r['uplink_bytes'] for r in rows):.0f} B/{unit},"
+        f" downlink {statistics.mean(r['downlink_bytes'] for r in rows):.0f} B/{unit}\n"
     )
     federated = report["final_metrics"]["federated"]
     if federated:  # measured on the model the last round started from
