@@ -20,6 +20,7 @@ repeats.
 import argparse
 import statistics
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -90,15 +91,38 @@ def check(aggregator: Aggregator, versions: int, buffer: int, *, stale: bool) ->
     assert (max(staleness) > 0) == stale, staleness
 
 
-def time_replay(policy: VersionPolicy, params: dict[str, np.ndarray], payloads: Payloads) -> float:
-    """Seconds per update: every ``handle`` (the closing ones make the version)."""
+@dataclass(frozen=True)
+class Timing:
+    per_update: float  # seconds per update, the version closes included
+    intake: float  # mean seconds of a handle that made no version (decode, check, hold)
+    close: float  # mean seconds of a handle that made one, less the mean intake
+
+
+def time_replay(policy: VersionPolicy, params: dict[str, np.ndarray], payloads: Payloads) -> Timing:
+    """Every ``handle`` timed (the closing ones make the version) into a fresh aggregator."""
     aggregator = new_aggregator(policy, params)
-    started = time.perf_counter()
+    intake: list[float] = []
+    closing: list[float] = []
     for topic, payload in payloads:
+        made = len(aggregator.history)
+        started = time.perf_counter()
         aggregator.handle(topic, payload)
-    seconds = time.perf_counter() - started
+        seconds = time.perf_counter() - started
+        (closing if len(aggregator.history) > made else intake).append(seconds)
     assert not any(m.rejected for m in aggregator.history)
-    return seconds / len(payloads)
+    mean_intake = statistics.fmean(intake)
+    return Timing(
+        per_update=(sum(intake) + sum(closing)) / len(payloads),
+        intake=mean_intake,
+        close=statistics.fmean(closing) - mean_intake,
+    )
+
+
+def median_timing(timings: list[Timing]) -> Timing:
+    """Each figure's median over the repeats."""
+    return Timing(
+        *(statistics.median(getattr(t, name) for t in timings) for name in Timing.__annotations__)
+    )
 
 
 def main() -> None:
@@ -122,18 +146,26 @@ def main() -> None:
     sync = RoundPolicy(expected_nodes=k, min_nodes=k)
     buffered = BufferPolicy(buffer=k)  # poly:0.5, max staleness 20: the defaults
     print(f"K = {k} updates per version (round: expected nodes; async: --buffer), "
-          f"{args.repeats} repeats, median; us per update, version close included")  # fmt: skip
-    print(f"{'case':<38} {'bytes':>9} {'versions':>8} {'sync us':>9} {'async us':>9} {'ratio':>6}")
+          f"{args.repeats} repeats, medians. per update: us per update, version closes "
+          "included; intake: us per update that made no version; close: ms to make a version "
+          "(the closing update's handle less an intake)")  # fmt: skip
+    print(f"{'case':<38} {'bytes':>9} {'vers':>4} {'sync us':>9} {'async us':>9} {'ratio':>6} "
+          f"{'intake sync/async us':>21} {'close sync/async ms':>20}")  # fmt: skip
     for name, (params, versions) in cases.items():
         sync_payloads = make_payloads(sync, params, k, versions, lag=False)
         async_payloads = make_payloads(buffered, params, k, versions, lag=True)
-        sync_times, async_times = [], []
+        sync_times: list[Timing] = []
+        async_times: list[Timing] = []
         for _ in range(args.repeats):  # alternately, so machine noise hits both
             sync_times.append(time_replay(sync, params, sync_payloads))
             async_times.append(time_replay(buffered, params, async_payloads))
-        s, a = statistics.median(sync_times), statistics.median(async_times)
+        s, a = median_timing(sync_times), median_timing(async_times)
         size = len(sync_payloads[0][1])
-        print(f"{name:<38} {size:>9} {versions:>8} {s * 1e6:>9.1f} {a * 1e6:>9.1f} {a / s:>6.2f}")
+        intake = f"{s.intake * 1e6:.1f}/{a.intake * 1e6:.1f}"
+        close = f"{s.close * 1e3:.2f}/{a.close * 1e3:.2f}"
+        print(f"{name:<38} {size:>9} {versions:>4} {s.per_update * 1e6:>9.1f} "
+              f"{a.per_update * 1e6:>9.1f} {a.per_update / s.per_update:>6.2f} "
+              f"{intake:>21} {close:>20}")  # fmt: skip
 
 
 if __name__ == "__main__":
