@@ -103,6 +103,7 @@ def summarise(report: dict[str, Any], per_version: int, target: float) -> dict[s
         "updates_total": sum(updates_in(r, per_version) for r in rows),
         "closed_by": dict(Counter(r["closed_by"] for r in rows)),
         "rejected": dict(rejected),
+        "restarts": (report.get("restarts") or {}).get("total"),
         "staleness_mean": statistics.fmean(staleness) if staleness else None,
         "staleness_max": max(
             (r["staleness_max"] for r in rows if "staleness_max" in r), default=None
@@ -190,7 +191,7 @@ def main() -> None:
                 f"peak {run['peak_accuracy']:.4f} after {run['rounds']} versions "
                 f"({run['updates_total']} updates) in {run['total_seconds']:.1f} s; "
                 f"first version {run['first_version_seconds']:.1f} s; closed_by "
-                f"{run['closed_by']}; rejected {run['rejected']}; staleness mean "
+                f"{run['closed_by']}; rejected {run['rejected']}; restarts {run['restarts']}; staleness mean "
                 f"{fmt(run['staleness_mean'], '.2f')} max {run['staleness_max']} "
                 f"(wall {time.perf_counter() - started:.0f} s)",
                 flush=True,
