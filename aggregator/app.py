@@ -61,7 +61,7 @@ from fedmq.schemas import (
     decode_status,
     encode,
 )
-from fedmq.schemas.sys_topics import DROPPED, VERSION, parse_counter
+from fedmq.schemas.sys_topics import DROPPED, VERSION, counts_drops, parse_counter
 from fedmq.settings import parse_server_optimizer, staleness_exponent
 from fedmq.tasks.layout import layout_difference, layout_of
 from fedmq.tasks.registry import EXAMPLES, TaskError, is_builtin, load_task
@@ -515,7 +515,8 @@ def _run(config: AggregatorSettings, stop: threading.Event) -> int:
                 if count is not None:
                     drops.note(count)
             elif received.topic == VERSION:  # sent after the counter, if it had one to send
-                drops.note_unchanged()
+                if counts_drops(received.payload):  # mosquitto; another broker may not count
+                    drops.note_unchanged()
             elif batched:
                 aggregator.ingest(received.topic, received.payload)
             else:

@@ -19,6 +19,13 @@ DROPPED = "$SYS/broker/publish/messages/dropped"
 # "mosquitto version 2.0.11": retained, never expires; sent on every subscribe.
 VERSION = "$SYS/broker/version"
 
+def counts_drops(version: bytes) -> bool:
+    """Whether the broker that sent this ``$SYS/broker/version`` is mosquitto, whose
+    dropped counter a missing reading means unchanged (above). Another broker may publish
+    $SYS without that counter (amqtt does): then nothing is known about drops."""
+    return version.strip().lower().startswith(b"mosquitto")
+
+
 # Longest counter accepted: 20 digits hold any unsigned 64-bit value.
 _MAX_DIGITS = 20
 

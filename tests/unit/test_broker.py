@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from fedmq.aggregator.server import dense_update_bound
 from fedmq.broker.process import PROJECT_CONF, render_config
 from fedmq.models import get_model
-from fedmq.schemas.sys_topics import DROPPED, parse_counter
+from fedmq.schemas.sys_topics import DROPPED, counts_drops, parse_counter
 
 
 def settings_of(text: str) -> dict[str, list[str]]:
@@ -159,3 +159,19 @@ def test_a_port_out_of_range_is_a_usage_error(port: str, capsys) -> None:  # typ
         f"fedmq broker: error: argument --port: {port!r} is not a port number (0-65535, "
         "0 = any free port) (see fedmq broker --help)\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("version", "counts"),
+    [
+        (b"mosquitto version 2.0.11", True),
+        (b"mosquitto version 2.0.18\n", True),
+        (b"aMQTT version 0.12.1", False),  # publishes $SYS, but no dropped counter at all
+        (b"EMQX 5.8", False),
+        (b"", False),
+    ],
+)
+def test_only_mosquittos_version_says_a_missing_dropped_counter_is_unchanged(version, counts):
+    # found running the federation on amqtt: its $SYS has a version and no dropped
+    # counter, and broker_dropped said 0 (nothing lost) where it knew nothing
+    assert counts_drops(version) is counts
