@@ -286,6 +286,45 @@ GLOBAL_PROXIMAL = GlobalModel(
 )  # fmt: skip
 
 
+# Asynchronous mode (issue 14): the plan says so, and a version's metrics say how it
+# was made (buffer_full), when (elapsed) and how stale its updates were (extra keys).
+GLOBAL_ASYNC = GlobalModel(
+    federation=FEDERATION,
+    round=5,
+    model="tiny-mlp",
+    model_id=MODEL_ID,
+    params=PARAMS,
+    plan=TrainingPlan(learning_rate=0.05, batch_size=32, local_epochs=1, seed=7, mode="async"),
+    final=False,
+    created_at=1_700_000_000.25,
+)
+
+METRICS_ASYNC = RoundMetrics(
+    federation=FEDERATION,
+    round=5,
+    model_id=MODEL_ID,
+    participants=[NODE, "node-02"],
+    num_examples=240,
+    accuracy=0.875,
+    loss=0.375,
+    train_loss=0.6875,
+    uplink_bytes=1_536,
+    downlink_bytes=3_072,
+    global_bytes=768,
+    rejected={"stale": 1},
+    seconds=0.125,
+    aggregate_seconds=0.0625,
+    closed_by="buffer_full",
+    at=1_700_000_012.5,
+    train_seconds_median=0.5,
+    global_delta_bytes=512,
+    broker_dropped=0,
+    metrics=RoundEvaluation(central={"accuracy": 0.875, "loss": 0.375}, federated=None),
+    elapsed=12.5,
+    extra={"staleness_max": 3, "staleness_mean": 1.5},
+)
+
+
 class Sample(NamedTuple):
     message: Any
     decode: Callable[[bytes], Any]
@@ -308,6 +347,8 @@ SAMPLES: dict[str, Sample] = {
     "update_metrics": Sample(UPDATE_METRICS, decode_update),
     "metrics_evaluated": Sample(METRICS_EVALUATED, decode_metrics),
     "global_proximal": Sample(GLOBAL_PROXIMAL, decode_global),
+    "global_async": Sample(GLOBAL_ASYNC, decode_global),
+    "metrics_async": Sample(METRICS_ASYNC, decode_metrics),
 }
 
 
