@@ -19,6 +19,7 @@ DROPPED = "$SYS/broker/publish/messages/dropped"
 # "mosquitto version 2.0.11": retained, never expires; sent on every subscribe.
 VERSION = "$SYS/broker/version"
 
+
 def counts_drops(version: bytes) -> bool:
     """Whether the broker that sent this ``$SYS/broker/version`` is mosquitto, whose
     dropped counter a missing reading means unchanged (above). Another broker may publish
