@@ -517,6 +517,10 @@ def _run(config: AggregatorSettings, stop: threading.Event) -> int:
             elif received.topic == VERSION:  # sent after the counter, if it had one to send
                 if counts_drops(received.payload):  # mosquitto; another broker may not count
                     drops.note_unchanged()
+            elif not received.topic.startswith(topics.prefix + "/updates/"):
+                # a topic we never subscribed to (amqtt was seen to deliver one): not an
+                # update, so not counted as a rejected one
+                log.warning("message.unexpected", topic=received.topic[:200])
             elif batched:
                 aggregator.ingest(received.topic, received.payload)
             else:
