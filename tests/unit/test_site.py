@@ -1,0 +1,152 @@
+"""Site aggregators (aggregator.site): a root's FedAvg of site updates against flat FedAvg
+of every node's update, through the wire, and the rules that cannot be split over sites."""
+
+import numpy as np
+import pytest
+
+from fedmq.aggregator.combine import combine
+from fedmq.aggregator.robust import DEFAULT, FEDAVG, parse_rule
+from fedmq.aggregator.site import TOLERANCE, SiteRound, site_rng, site_update, split_problem
+from fedmq.compression import parse_spec
+from fedmq.schemas import NodeUpdate, decode_update, encode
+
+LAYOUT = {"l0.w": (64, 32), "l0.b": (32,), "l1.w": (32, 10), "l1.b": (10,)}
+FED = "hier"
+M3 = "3" * 32
+
+
+def node_update(rng: np.random.Generator, node: str, *, scale: float = 0.01) -> NodeUpdate:
+    """A node's update as the aggregator holds it: encoded and decoded."""
+    delta = {n: (scale * rng.standard_normal(s)).astype(np.float32) for n, s in LAYOUT.items()}
+    update = NodeUpdate(
+        federation=FED, node_id=node, round=3, base_model_id=M3,
+        num_examples=int(rng.integers(1, 5000)), train_loss=float(rng.random()),
+        train_seconds=float(rng.random()), delta=delta,
+    )  # fmt: skip
+    return decode_update(encode(update), layout=LAYOUT)
+
+
+def sites_of(rng: np.random.Generator, sizes: list[int]) -> list[dict[str, NodeUpdate]]:
+    sites = []
+    for s, size in enumerate(sizes):
+        nodes = [f"s{s}-n{i}" for i in range(size)]
+        sites.append({node: node_update(rng, node) for node in nodes})
+    return sites
+
+
+def through_root(
+    sites: list[dict[str, NodeUpdate]], spec: str = "dense", rule_text: str = "fedavg"
+) -> dict[str, np.ndarray]:
+    """Each site's update sent (encoded, decoded as the root would), then the root's FedAvg."""
+    at_root = {}
+    for s, held in enumerate(sites):
+        at = SiteRound(FED, f"site-{s}", 3, M3, parse_spec(spec), seed=0)
+        update, _ = site_update(
+            at, held, LAYOUT, parse_rule(rule_text), site_rng(at), None, sent_at=1.0
+        )
+        at_root[at.site] = decode_update(encode(update), layout=LAYOUT)
+    return combine(FEDAVG, at_root, LAYOUT).delta
+
+
+def bound(nodes: dict[str, NodeUpdate]) -> dict[str, np.ndarray]:
+    """TOLERANCE x sum_i n_i |d_i| / N, per coordinate."""
+    total = sum(u.num_examples for u in nodes.values())
+    return {
+        name: TOLERANCE
+        * sum(u.num_examples * np.abs(np.asarray(u.delta[name], np.float64)) for u in nodes.values())
+        / total
+        for name in LAYOUT
+    }
+
+
+@pytest.mark.parametrize("sizes", [[3, 2], [1, 1], [5, 1, 4]])
+def test_root_of_sites_equals_flat_fedavg_within_the_tolerance(sizes: list[int]) -> None:
+    rng = np.random.default_rng(sum(sizes))
+    sites = sites_of(rng, sizes)
+    every = {node: update for held in sites for node, update in held.items()}
+    flat = combine(FEDAVG, every, LAYOUT).delta
+    root = through_root(sites)
+    limit = bound(every)
+    worst = 0.0
+    for name in LAYOUT:
+        error = np.abs(root[name] - flat[name])
+        assert (error <= limit[name]).all(), name
+        worst = max(worst, float((error / limit[name] * TOLERANCE).max()))
+    if max(sizes) > 1:  # float32 on the wire rounds a mean of several: not vacuous
+        assert worst > 0
+
+
+def test_clip_norm_at_the_sites_equals_flat_clip_norm() -> None:
+    rng = np.random.default_rng(7)
+    sites = sites_of(rng, [3, 3])
+    every = {node: update for held in sites for node, update in held.items()}
+    rule = "fedavg+clip-norm:0.3"  # the deltas' norms are ~0.46: every one is clipped
+    flat = combine(parse_rule(rule), every, LAYOUT).delta
+    root = through_root(sites, rule_text=rule)
+    limit = bound(every)
+    for name in LAYOUT:
+        assert (np.abs(root[name] - flat[name]) <= limit[name]).all()
+
+
+def test_a_site_update_speaks_for_its_nodes() -> None:
+    rng = np.random.default_rng(3)
+    [held] = sites_of(rng, [4])
+    at = SiteRound(FED, "north", 3, M3, parse_spec("dense"), seed=0)
+    update, state = site_update(at, held, LAYOUT, FEDAVG, site_rng(at), None, sent_at=2.0)
+    assert state is None
+    assert (update.node_id, update.round, update.base_model_id) == ("north", 3, M3)
+    assert update.num_examples == sum(u.num_examples for u in held.values())
+    weighted = sum(u.train_loss * u.num_examples for u in held.values()) / update.num_examples
+    assert update.train_loss == pytest.approx(weighted)
+    assert all(np.asarray(t).dtype == np.float32 for t in update.delta.values())
+
+
+def test_upstream_compression_with_error_feedback_keeps_the_residual() -> None:
+    rng = np.random.default_rng(4)
+    [held] = sites_of(rng, [3])
+    at = SiteRound(FED, "north", 3, M3, parse_spec("topk:0.1+ef"), seed=0)
+    first, state = site_update(at, held, LAYOUT, FEDAVG, site_rng(at), None, sent_at=0.0)
+    again, same = site_update(at, held, LAYOUT, FEDAVG, site_rng(at), None, sent_at=0.0)
+    assert encode(first) == encode(again)  # a restarted site makes the same update
+    assert state is not None and same is not None
+    assert first.compression == "topk:0.1+ef"
+    mean = combine(FEDAVG, held, LAYOUT).delta
+    for name in LAYOUT:  # what was sent + what is kept == the mean delta
+        sent = decode_update(encode(first), layout=LAYOUT).delta[name]
+        dense = np.zeros(LAYOUT[name], np.float32).reshape(-1)
+        dense[sent.indices] = sent.values  # type: ignore[union-attr]
+        np.testing.assert_allclose(
+            dense.reshape(LAYOUT[name]) + state.residual[name], mean[name], atol=1e-7
+        )
+
+
+@pytest.mark.parametrize(
+    ("text", "site_ok", "root_ok"),
+    [
+        ("fedavg", True, True),
+        ("fedavg+clip-norm:1", True, False),
+        ("median", False, False),
+        ("trimmed-mean:0.2", False, False),
+        ("fedavg+clip-median:2", False, False),
+        ("fedavg+cap-examples:1.5", False, False),
+        (str(DEFAULT), False, False),
+    ],
+)
+def test_rules_that_cannot_be_split_over_sites_are_refused(
+    text: str, site_ok: bool, root_ok: bool
+) -> None:
+    rule = parse_rule(text)
+    assert (split_problem(rule, where="--site") is None) == site_ok
+    problem = split_problem(rule, where="--sites")
+    assert (problem is None) == root_ok
+    if problem is not None:
+        assert problem.startswith("--sites: aggregation") and "\n" not in problem
+
+
+def test_a_site_too_large_for_one_update_is_refused() -> None:
+    rng = np.random.default_rng(5)
+    [held] = sites_of(rng, [2])
+    held = {k: NodeUpdate(**{**vars(u), "num_examples": 2**24}) for k, u in held.items()}
+    at = SiteRound(FED, "big", 3, M3, parse_spec("dense"), seed=0)
+    with pytest.raises(ValueError, match="split the site"):
+        site_update(at, held, LAYOUT, FEDAVG, site_rng(at), None, sent_at=0.0)
