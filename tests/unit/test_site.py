@@ -53,7 +53,9 @@ def bound(nodes: dict[str, NodeUpdate]) -> dict[str, np.ndarray]:
     total = sum(u.num_examples for u in nodes.values())
     return {
         name: TOLERANCE
-        * sum(u.num_examples * np.abs(np.asarray(u.delta[name], np.float64)) for u in nodes.values())
+        * sum(
+            u.num_examples * np.abs(np.asarray(u.delta[name], np.float64)) for u in nodes.values()
+        )
         / total
         for name in LAYOUT
     }
@@ -150,3 +152,144 @@ def test_a_site_too_large_for_one_update_is_refused() -> None:
     at = SiteRound(FED, "big", 3, M3, parse_spec("dense"), seed=0)
     with pytest.raises(ValueError, match="split the site"):
         site_update(at, held, LAYOUT, FEDAVG, site_rng(at), None, sent_at=0.0)
+
+
+# ---------------------------------------------------------------- the site's round life
+
+from pathlib import Path  # noqa: E402
+
+from fedmq.aggregator.checkpoint import StateDir  # noqa: E402
+from fedmq.aggregator.rounds import RoundPolicy  # noqa: E402
+from fedmq.aggregator.site_server import SiteAggregator, SiteSettings  # noqa: E402
+from fedmq.schemas import GlobalModel, Topics, TrainingPlan, decode_metrics, model_id_of  # noqa: E402
+
+MODEL_LAYOUT = {"w": (8, 4), "b": (4,)}
+
+
+def root_model(number: int, *, final: bool = False) -> tuple[GlobalModel, bytes]:
+    params = {n: np.full(s, number, np.float32) for n, s in MODEL_LAYOUT.items()}
+    model = GlobalModel(
+        federation=FED, round=number, model="digits-mlp", model_id=model_id_of(params),
+        params=params, plan=TrainingPlan(learning_rate=0.1, batch_size=16, local_epochs=1, seed=0),
+        final=final,
+    )  # fmt: skip
+    return model, encode(model)
+
+
+def node_payload(model: GlobalModel, node: str, examples: int, value: float) -> bytes:
+    delta = {n: np.full(s, value, np.float32) for n, s in MODEL_LAYOUT.items()}
+    return encode(
+        NodeUpdate(
+            federation=FED, node_id=node, round=model.round, base_model_id=model.model_id,
+            num_examples=examples, train_loss=0.5, train_seconds=1.0, delta=delta,
+        )
+    )  # fmt: skip
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.upstream: list[bytes] = []
+        self.local: list[tuple[str, bytes]] = []
+
+    def send(self, payload: bytes) -> None:
+        self.upstream.append(payload)
+
+    def publish(self, topic: str, payload: bytes, _retain: bool) -> None:
+        self.local.append((topic, payload))
+
+
+STORES: list[StateDir] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_stores() -> object:
+    yield
+    while STORES:
+        STORES.pop().close()
+
+
+def make_site(tmp_path: Path, recorder: Recorder, nodes: int = 2) -> SiteAggregator:
+    settings = SiteSettings(
+        federation=FED,
+        site="north",
+        policy=RoundPolicy(expected_nodes=nodes, min_nodes=nodes),
+        aggregation=FEDAVG,
+        upstream=parse_spec("dense"),
+    )
+    store = StateDir(tmp_path)
+    STORES.append(store)
+    site = SiteAggregator(
+        settings, publish=recorder.publish, send_upstream=recorder.send, store=store
+    )
+    checkpoint = store.load()
+    if checkpoint is not None:
+        store.open_journal(checkpoint.version)
+        site.resume(checkpoint, store.journal_records(checkpoint.version))
+    return site
+
+
+def test_a_site_sends_one_update_per_root_round_and_resends_it_after_a_restart(
+    tmp_path: Path,
+) -> None:
+    topics, recorder = Topics(FED), Recorder()
+    site = make_site(tmp_path, recorder)
+    model, payload = root_model(1)
+    site.on_global(payload)
+    site.on_global(payload)  # a retained copy: nothing new
+    site.handle(topics.update("a"), node_payload(model, "a", 30, 1.0))
+    assert not recorder.upstream
+    site.handle(topics.update("b"), node_payload(model, "b", 10, 5.0))
+    [sent] = recorder.upstream
+    update = decode_update(sent, layout=MODEL_LAYOUT)
+    assert (update.node_id, update.round, update.base_model_id) == ("north", 1, model.model_id)
+    assert update.num_examples == 40
+    np.testing.assert_array_equal(update.delta["w"], np.full((8, 4), 2.0, np.float32))
+    [(topic, wire)] = recorder.local
+    metrics = decode_metrics(wire)
+    assert topic == topics.metrics and metrics.participants == ["a", "b"]
+    assert metrics.extra["site"] == "north" and metrics.extra["upstream_bytes"] == len(sent)
+
+    site.handle(topics.update("a"), node_payload(model, "a", 30, 1.0))  # late: not held
+    assert len(recorder.upstream) == 1
+
+    again = Recorder()  # SIGKILL, restart: the same update goes again
+    store_site = make_site(tmp_path, again)
+    store_site.republish()
+    assert again.upstream == [sent]
+    assert store_site.round == 1 and store_site.sent
+
+    next_model, next_payload = root_model(2)
+    store_site.on_global(next_payload)
+    store_site.handle(topics.update("a"), node_payload(model, "a", 30, 1.0))  # a resend
+    assert store_site.reported == 0
+    store_site.handle(topics.update("a"), node_payload(next_model, "a", 30, 1.0))
+    assert store_site.reported == 1
+
+    _final, final_payload = root_model(3, final=True)
+    store_site.on_global(final_payload)
+    assert store_site.done
+
+
+def test_a_restarted_site_replays_its_journal(tmp_path: Path) -> None:
+    topics, recorder = Topics(FED), Recorder()
+    site = make_site(tmp_path, recorder)
+    model, payload = root_model(1)
+    site.on_global(payload)
+    site.handle(topics.update("a"), node_payload(model, "a", 30, 1.0))
+    site.store.sync()  # type: ignore[union-attr]  # what the edge does before the PUBACK
+    again = Recorder()
+    restarted = make_site(tmp_path, again)
+    assert restarted.reported == 1 and not restarted.sent
+    restarted.handle(topics.update("b"), node_payload(model, "b", 10, 5.0))
+    [sent] = again.upstream
+    assert decode_update(sent, layout=MODEL_LAYOUT).num_examples == 40
+
+
+def test_a_root_model_before_the_site_closed_opens_the_next_round(tmp_path: Path) -> None:
+    topics, recorder = Topics(FED), Recorder()
+    site = make_site(tmp_path, recorder)
+    model, payload = root_model(1)
+    site.on_global(payload)
+    site.handle(topics.update("a"), node_payload(model, "a", 30, 1.0))
+    site.on_global(root_model(2)[1])  # the root closed round 1 without this site
+    assert site.round == 2 and site.reported == 0 and not recorder.upstream
