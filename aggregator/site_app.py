@@ -133,6 +133,7 @@ def _run(
             return 130
     log.info("site.started", broker=str(config.broker), upstream=str(upstream))
     root_connects = 0
+    early: list[edge.Received] = []  # updates for a root round not open here yet
     progress = ProgressLine()
     while not aggregator.done and not stop.is_set():
         edge.check(local)
@@ -154,18 +155,28 @@ def _run(
             aggregator.tick()
             continue
         batch = edge.drain(inbox, first, limit=4096)
+        opened = aggregator.round
+        handled = []
         for received in batch:
-            if received.topic == edge.CONNECTED:
-                continue
             if received.topic == topics.global_model:
                 aggregator.on_global(received.payload)
             elif received.topic.startswith(topics.prefix + "/updates/"):
-                aggregator.handle(received.topic, received.payload)
-            else:
+                if not aggregator.handle(received.topic, received.payload):
+                    early.append(received)  # its round's model first; no PUBACK until then
+                    continue
+            elif received.topic != edge.CONNECTED:
                 log.warning("message.unexpected", topic=received.topic[:200])
+            handled.append(received)
+        if early and aggregator.round != opened:  # a new round: the updates that waited for it
+            waiting, early = early, []
+            for received in waiting:
+                if aggregator.handle(received.topic, received.payload):
+                    handled.append(received)
+                else:
+                    early.append(received)
         if store is not None:
             store.sync()  # group commit: one fsync for the batch, before its PUBACKs
-        for received in batch:
+        for received in handled:
             edge.acknowledge(local, received)
     progress.close()
     if aggregator.done:

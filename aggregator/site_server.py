@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Protocol
 
+import msgpack
 import numpy as np
 import structlog
 
@@ -73,6 +74,17 @@ class SiteSettings:
     def fingerprint(self) -> dict[str, str]:
         """What a site's state directory must keep: the federation and the site."""
         return {"federation": self.federation, "site": self.site}
+
+
+def update_round(payload: bytes) -> int | None:
+    """The ``round`` of an update message, read without checking the rest (the intake
+    checks everything when it takes the update), or None if it has none."""
+    try:
+        message = msgpack.unpackb(payload, raw=False, strict_map_key=True, max_ext_len=0)
+    except Exception:  # msgpack raises many types; any means "not an update to wait with"
+        return None
+    number = message.get("round") if isinstance(message, dict) else None
+    return number if type(number) is int else None
 
 
 class SiteAggregator:
@@ -199,14 +211,21 @@ class SiteAggregator:
 
     # ------------------------------------------------------------------ from the nodes
 
-    def handle(self, topic: str, payload: bytes) -> None:
-        """One node's update: accepted (journaled) or rejected with a reason; then the
-        round closes if the policy says so (``tick``)."""
+    def handle(self, topic: str, payload: bytes) -> bool:
+        """One node's update: accepted (journaled) or rejected with a reason, then the
+        round closes if the policy says so (``tick``): True. False: the update is for a
+        root round whose model has not reached the site yet (a restarted site's broker
+        delivers the updates queued for it before the retained model): the edge keeps it
+        unacknowledged and hands it in again once a new round opens."""
+        if self._open is None or self._open.final:
+            number = update_round(payload)
+            if number is not None and number > self.round and not self.done:
+                return False
         if self._open is None or self._intake is None:
-            log.warning("update.rejected", reason="wrong_round", detail="no root model yet")
-            return
+            return False
         self._intake.offer(topic, payload, self._open)
         self.tick()
+        return True
 
     def timeout(self) -> float | None:
         """Seconds until ``tick`` might close the round, or None (only a message can)."""
