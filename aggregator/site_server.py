@@ -262,8 +262,9 @@ class SiteAggregator:
         kept = self._residual
         if kept is not None and {n: a.shape for n, a in kept.items()} == self._layout:
             state = ErrorFeedbackState(kept)
+        rule = self.settings.aggregation
         update, state = site_update(
-            at, held, self._layout, self.settings.aggregation, site_rng(at), state,
+            at, held, self._layout, rule, site_rng(at), state,
             sent_at=self._wall(),
         )  # fmt: skip
         payload = encode(update)
@@ -289,11 +290,11 @@ class SiteAggregator:
                 elapsed=made_at - self._started_at,
                 train_seconds_median=statistics.median(u.train_seconds for u in held.values()),
                 metrics=RoundEvaluation(central=None, federated=update.metrics),
-                extra={
+                extra={  # docs/PROTOCOL.md 8.5; aggregation as a root's: absent if plain
                     "site": self.settings.site,
                     "upstream_bytes": len(payload),
                     "upstream_compression": str(self.settings.upstream),
-                    "aggregation": str(self.settings.aggregation),
+                    **({} if rule.plain else {"aggregation": str(rule)}),
                 },
             )
         )
