@@ -208,13 +208,15 @@ def _close_stores() -> object:
         STORES.pop().close()
 
 
-def make_site(tmp_path: Path, recorder: Recorder, nodes: int = 2) -> SiteAggregator:
+def make_site(
+    tmp_path: Path, recorder: Recorder, nodes: int = 2, upstream: str = "dense"
+) -> SiteAggregator:
     settings = SiteSettings(
         federation=FED,
         site="north",
         policy=RoundPolicy(expected_nodes=nodes, min_nodes=nodes),
         aggregation=FEDAVG,
-        upstream=parse_spec("dense"),
+        upstream=parse_spec(upstream),
     )
     store = StateDir(tmp_path)
     STORES.append(store)
@@ -293,3 +295,44 @@ def test_a_root_model_before_the_site_closed_opens_the_next_round(tmp_path: Path
     site.handle(topics.update("a"), node_payload(model, "a", 30, 1.0))
     site.on_global(root_model(2)[1])  # the root closed round 1 without this site
     assert site.round == 2 and site.reported == 0 and not recorder.upstream
+
+
+def test_the_upstream_residual_survives_a_restart_and_feeds_the_next_round(
+    tmp_path: Path,
+) -> None:
+    topics = Topics(FED)
+
+    def site_with(recorder: Recorder) -> SiteAggregator:
+        return make_site(tmp_path, recorder, upstream="topk:0.25+ef")
+
+    first = Recorder()
+    site = site_with(first)
+    model, payload = root_model(1)
+    site.on_global(payload)
+    site.handle(topics.update("a"), node_payload(model, "a", 30, 1.0))
+    site.handle(topics.update("b"), node_payload(model, "b", 10, 5.0))
+    [sent_1] = first.upstream
+    kept = StateDir(tmp_path).load()
+    assert kept is not None and kept.upstream == sent_1 and kept.residual is not None
+    residual_1 = kept.residual
+
+    second = Recorder()  # restarted
+    site = site_with(second)
+    model, payload = root_model(2)
+    site.on_global(payload)
+    site.handle(topics.update("a"), node_payload(model, "a", 30, 2.0))
+    site.handle(topics.update("b"), node_payload(model, "b", 10, 2.0))
+    [sent_2] = second.upstream
+    update = decode_update(sent_2, layout=MODEL_LAYOUT)
+    assert update.compression == "topk:0.25+ef"
+    kept = StateDir(tmp_path).load()
+    assert kept is not None and kept.residual is not None
+    for name in MODEL_LAYOUT:  # sent + new residual == this round's mean + old residual
+        tensor = update.delta[name]
+        dense = np.zeros(MODEL_LAYOUT[name], np.float32).reshape(-1)
+        dense[tensor.indices] = tensor.values  # type: ignore[union-attr]
+        np.testing.assert_allclose(
+            dense.reshape(MODEL_LAYOUT[name]) + kept.residual[name],
+            2.0 + residual_1[name],
+            atol=1e-6,
+        )
