@@ -132,6 +132,9 @@ def _run(
             edge.stop(root)
             return 130
     log.info("site.started", broker=str(config.broker), upstream=str(upstream))
+    if checkpoint is not None:  # resumed: the update may not have left before the crash
+        aggregator.republish()
+        aggregator.tick()  # the journal may already hold the whole round
     root_connects = 0
     early: list[edge.Received] = []  # updates for a root round not open here yet
     progress = ProgressLine()
