@@ -326,7 +326,7 @@ class AggregatorSettings(LogSettings, ConnectionSettings):
         "flat FedAvg of the nodes' updates up to float32 rounding)",
     )
     upstream_username: str | None = setting(
-        None, group=_SITES, help="with --site: MQTT username at the root's broker"
+        None, metavar="NAME", group=_SITES, help="with --site: MQTT username at the root's broker"
     )
     upstream_password_file: Path | None = setting(
         None, parse=Path, metavar="PATH", group=_SITES,
