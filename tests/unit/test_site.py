@@ -251,8 +251,11 @@ def test_a_site_sends_one_update_per_root_round_and_resends_it_after_a_restart(
     assert topic == topics.metrics and metrics.participants == ["a", "b"]
     assert metrics.extra["site"] == "north" and metrics.extra["upstream_bytes"] == len(sent)
 
-    site.handle(topics.update("a"), node_payload(model, "a", 30, 1.0))  # late: not held
+    site.handle(topics.update("a"), node_payload(model, "a", 30, 1.0))  # resent: not held
+    site.handle(topics.update("c"), node_payload(model, "c", 30, 1.0))  # late: not held
     assert len(recorder.upstream) == 1
+    assert site._intake is not None
+    assert dict(site._intake.rejected) == {"duplicate": 1, "wrong_round": 1}
 
     again = Recorder()  # SIGKILL, restart: the same update goes again
     store_site = make_site(tmp_path, again)
