@@ -44,6 +44,7 @@ from fedmq.aggregator.settings import (
     eval_fraction_of,
     fingerprint_mismatch,
 )
+from fedmq.aggregator.site import split_problem
 from fedmq.compression import parse_spec
 from fedmq.datasets import DIGITS_CLASSES, DIGITS_FEATURES, Dataset, digits, load_npz
 from fedmq.files import lock_directory
@@ -151,13 +152,19 @@ def run_task(spec: str, seed: int) -> RunTask:
 
 def aggregation_rule(config: AggregatorSettings) -> Rule:
     """``--aggregation`` with ``--clip-norm`` folded in; ValueError if they clash. The
-    default rule's adaptive clip gives way to ``--clip-norm`` (its examples cap stays)."""
+    default rule's adaptive clip gives way to ``--clip-norm`` (its examples cap stays).
+    A site aggregator (``--site``) or the root of sites (``--sites``) refuses a rule that
+    cannot be split over sites (``aggregator.site.split_problem``)."""
     rule = parse_rule(config.aggregation)
-    if config.clip_norm is None:
-        return rule
-    if rule == DEFAULT:
-        rule = replace(rule, clip=None)
-    return with_clip(rule, Clip(config.clip_norm))
+    if config.clip_norm is not None:
+        if rule == DEFAULT:
+            rule = replace(rule, clip=None)
+        rule = with_clip(rule, Clip(config.clip_norm))
+    where = "--site" if config.site is not None else "--sites" if config.sites else None
+    problem = None if where is None else split_problem(rule, where=where)
+    if problem is not None:
+        raise ValueError(problem)
+    return rule
 
 
 def version_policy(config: AggregatorSettings) -> VersionPolicy:
@@ -231,6 +238,7 @@ def build_aggregator(
         task_version=task.version,
         model_floats=num_params,
         server_optimizer=str(parse_server_optimizer(config.server_optimizer)),
+        accepted_compression=config.upstream_compression if config.sites else None,
     )
     return Aggregator(
         settings,

@@ -59,6 +59,11 @@ class Checkpoint:
     # an update may still be trained on, and each node's newest version in a made model.
     recent: dict[int, Opened] | None = None
     latest: dict[str, int] | None = None
+    # A site aggregator only (docs/hierarchy.md; None otherwise, and the keys are not
+    # written): its update for the root's round, once sent (resent after a restart), and
+    # its upstream compression's error-feedback residual, after that update if sent.
+    upstream: bytes | None = None
+    residual: dict[str, np.ndarray] | None = None
 
 
 # Numeric dtypes a state array may have in a checkpoint (optax state: floats, a count).
@@ -113,6 +118,12 @@ def to_bytes(checkpoint: Checkpoint) -> bytes:
         }
     if checkpoint.latest is not None:
         content["latest"] = dict(sorted(checkpoint.latest.items()))
+    if checkpoint.upstream is not None:
+        content["upstream"] = checkpoint.upstream
+    if checkpoint.residual is not None:
+        content["residual"] = {
+            name: encode_state_array(array) for name, array in checkpoint.residual.items()
+        }
     return msgpack.packb(content, use_bin_type=True)
 
 
@@ -151,6 +162,10 @@ def from_bytes(data: bytes) -> Checkpoint:
             started_at=None if raw.get("started_at") is None else float(raw["started_at"]),
             recent=_recent(raw.get("recent")),
             latest=_latest(raw.get("latest")),
+            upstream=None if raw.get("upstream") is None else bytes(raw["upstream"]),
+            residual=None
+            if raw.get("residual") is None
+            else {str(name): decode_state_array(a) for name, a in raw["residual"].items()},
         )
     except (ValueError, TypeError, KeyError, AttributeError, msgpack.UnpackException) as error:
         raise CheckpointError(f"unreadable checkpoint: {error}") from error

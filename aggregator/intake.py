@@ -127,6 +127,10 @@ class Intake:
                 return "wrong_encoding", f"delta.{name}: {problem}"
         return None
 
+    def reject(self, reason: str, detail: str, node: str | None, current: OpenVersion) -> None:
+        """Count and log an update refused before it was offered (a site's closed round)."""
+        self._reject(reason, detail, node, current)
+
     def _reject(self, reason: str, detail: str, node: str | None, current: OpenVersion) -> None:
         self.rejected[reason] += 1
         log.warning(

@@ -97,6 +97,9 @@ class RoundSettings:
     # The server update (aggregator.optimizer; --server-optimizer's canonical text). Kept:
     # its state belongs to the run, in the checkpoint; fedavg keeps none.
     server_optimizer: str = "fedavg"
+    # The SPEC updates must follow if not the plan's: a root of site aggregators takes
+    # the sites' --upstream-compression (docs/hierarchy.md). Not kept, like the rule.
+    accepted_compression: str | None = None
 
     def __post_init__(self) -> None:
         check_memory(
@@ -207,7 +210,7 @@ class Aggregator:
             topics=self.topics,
             layout=self.layout,
             max_update_bytes=settings.max_update_bytes,
-            compression=settings.plan.compression,
+            compression=settings.accepted_compression or settings.plan.compression,
             known_nodes=settings.known_nodes,
             policy=self.policy,
             journal=store,

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from fedmq.logs import LogSettings
-from fedmq.mqtt import ConnectionSettings
+from fedmq.mqtt import BrokerAddress, ConnectionSettings, Credentials
 from fedmq.settings import (
     BUFFER_HELP,
     COMPRESSION_HELP,
@@ -24,6 +24,7 @@ from fedmq.settings import (
     STALENESS_HELP,
     TASK_HELP,
     Exclusive,
+    HelpGroup,
     buffer_size,
     check_buffer,
     chosen_task,
@@ -83,7 +84,29 @@ def _aggregation(text: str) -> str:
     return str(parse_rule(text))
 
 
+@usage_errors
+def _site_name(text: str) -> str:
+    from fedmq.schemas.topics import validate_name
+
+    return validate_name("site name", text)
+
+
+@usage_errors
+def _upstream(text: str) -> BrokerAddress:
+    return BrokerAddress.parse(text)
+
+
+def _show_address(value: object) -> str:
+    return "" if not isinstance(value, BrokerAddress) else f"{value.host}:{value.port}"
+
+
 _RESTART = Exclusive("restart")
+_LEVEL = Exclusive("hierarchy")  # a site aggregator, or the root of sites
+_SITES = HelpGroup(
+    "site aggregators",
+    "a site aggregator folds its site broker's nodes' updates into one update per root "
+    "round, sent to the root's broker (docs/hierarchy.md)",
+)
 # robust.DEFAULT and rounds.DEFAULT_DEADLINE_SECONDS, written out so that reading the
 # settings (``fedmq --help``) loads no numpy; tests/unit/test_settings.py checks they agree.
 DEFAULT_AGGREGATION = "fedavg+clip-median:2+cap-examples:1.25"
@@ -265,9 +288,85 @@ class AggregatorSettings(LogSettings, ConnectionSettings):
         help=SERVER_OPTIMIZER_HELP,
     )
 
+    site: str | None = setting(
+        None,
+        parse=_site_name,
+        metavar="NAME",
+        group=_SITES,
+        exclusive=_LEVEL,
+        help="run as the site aggregator NAME (its node id at the root): take the root's "
+        "model from --broker (the site broker, bridged to the root's: fedmq broker init "
+        "--site), fold the site's nodes' updates of each root round into one update and "
+        "send it to --upstream; publishes no model",
+    )
+    sites: bool = setting(
+        False,
+        switch=True,
+        group=_SITES,
+        exclusive=_LEVEL,
+        help="the root of site aggregators: the updates come from sites (compressed as "
+        "--upstream-compression); refuses rules that cannot be split over sites",
+    )
+    upstream: BrokerAddress | None = setting(
+        None,
+        parse=_upstream,
+        show=_show_address,
+        metavar="HOST:PORT",
+        group=_SITES,
+        help="with --site: the root's broker, where the site's update goes (QoS 1)",
+    )
+    upstream_compression: str = setting(
+        "dense",
+        parse=compression_spec,
+        metavar="SPEC",
+        group=_SITES,
+        help="with --site: how the site compresses its update for the root (the nodes' "
+        "SPEC grammar; ef keeps the site's residual in its state directory); with --sites: "
+        "what the root accepts from sites (default dense: the root's model then equals "
+        "flat FedAvg of the nodes' updates up to float32 rounding)",
+    )
+    upstream_username: str | None = setting(
+        None, metavar="NAME", group=_SITES, help="with --site: MQTT username at the root's broker"
+    )
+    upstream_password_file: Path | None = setting(
+        None, parse=Path, metavar="PATH", group=_SITES,
+        help="with --site: first line: password at the root's broker",
+    )  # fmt: skip
+    upstream_tls_ca: Path | None = setting(
+        None, parse=Path, metavar="PATH", group=_SITES,
+        help="with --site: CA certificate of the root's broker: use TLS",
+    )  # fmt: skip
+
     def __post_init__(self) -> None:
         chosen_task(self.task, self.model)  # both given and different: ValueError
         check_buffer(self.mode, self.buffer, self.nodes, self.sample_fraction)
+        if (self.site is None) != (self.upstream is None):
+            raise ValueError(
+                "--site NAME and --upstream HOST:PORT (the root's broker) come together"
+            )
+        level = "--site" if self.site is not None else "--sites" if self.sites else None
+        if level is not None and self.mode != "sync":
+            raise ValueError(f"{level}: site aggregators follow the root's rounds: --mode sync")
+        if level is not None and self.sample_fraction < 1:
+            raise ValueError(
+                f"{level}: --sample-fraction would sample sites (or, at a site, nodes the "
+                "root's model names): not supported with site aggregators"
+            )
+
+    @property
+    def upstream_broker(self) -> BrokerAddress | None:
+        """``--upstream`` with its credentials; ValueError if they cannot work."""
+        if self.upstream is None:
+            return None
+        credentials = Credentials(
+            username=self.upstream_username,
+            password_file=self.upstream_password_file,
+            ca_file=self.upstream_tls_ca,
+        )
+        problem = credentials.problem()
+        if problem is not None:
+            raise ValueError(f"upstream credentials: {problem}")
+        return BrokerAddress(self.upstream.host, self.upstream.port, credentials)
 
     @property
     def buffer_size(self) -> int:

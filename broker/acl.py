@@ -21,11 +21,13 @@ DROPPED = "$SYS/broker/publish/messages/dropped"  # as schemas.sys_topics.DROPPE
 VERSION = "$SYS/broker/version"  # as schemas.sys_topics.VERSION
 
 
-def rules(federation: str) -> dict[str, list[tuple[str, str]]]:
-    """Who may do what: ``"%u"`` (every node, by pattern) and each role -> (access, topic)."""
+def rules(federation: str, *, site: bool = False) -> dict[str, list[tuple[str, str]]]:
+    """Who may do what: ``"%u"`` (every node, by pattern) and each role -> (access, topic).
+    ``site``: a site broker's (docs/hierarchy.md), whose aggregator reads the root's
+    global model, bridged in, instead of writing one."""
     topics = Topics(federation)
     prefix = f"{ROOT}/{federation}"
-    return {
+    table = {
         "%u": [
             ("write", f"{prefix}/updates/%u"),
             ("write", f"{prefix}/status/%u"),
@@ -49,11 +51,14 @@ def rules(federation: str) -> dict[str, list[tuple[str, str]]]:
             ("read", topics.global_model),
         ],
     }
+    if site:
+        table[AGGREGATOR].append(("read", topics.global_model))
+    return table
 
 
-def render_acl(federation: str) -> str:
-    """The ACL file's text."""
-    table = rules(federation)
+def render_acl(federation: str, *, site: bool = False) -> str:
+    """The ACL file's text (``site``: see ``rules``)."""
+    table = rules(federation, site=site)
     topics = Topics(federation)
     lines = [
         f"# fedmq ACL for federation {federation!r}, written by `fedmq broker init`.",

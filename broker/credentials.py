@@ -24,6 +24,7 @@ from pathlib import Path
 
 from fedmq.broker import bundle, certs, passwords
 from fedmq.broker.acl import AGGREGATOR, MONITOR, ROLES, render_acl
+from fedmq.broker.bridge import Bridge, render_bridge
 from fedmq.broker.process import PROJECT_CONF
 from fedmq.broker.production import ListenerFiles, render_production
 from fedmq.models import get_model
@@ -182,8 +183,11 @@ def init_deployment(
     mtls: bool = False,
     model: str = "digits-mlp",
     project_conf: Path = PROJECT_CONF,
+    bridge: Bridge | None = None,
 ) -> Deployment:
-    """Create everything in ``root`` (which must not hold a deployment yet)."""
+    """Create everything in ``root`` (which must not hold a deployment yet). ``bridge``:
+    a site broker's (``fedmq broker init --site``, broker.bridge): the root's model comes
+    in through it, and the site aggregator's account may read it (docs/hierarchy.md)."""
     layout = DeploymentFiles(root.resolve())
     if layout.state.exists():
         raise ValueError(f"{root} already holds a deployment: add or revoke nodes instead")
@@ -222,9 +226,12 @@ def init_deployment(
         common_name=hostnames[0],
         server_names=hostnames,
     )
-    _write_public(files.acl, render_acl(federation))
+    _write_public(files.acl, render_acl(federation, site=bridge is not None))
     _add_accounts(layout, deployment, [AGGREGATOR, MONITOR, *sorted(set(nodes))])
-    _write_public(layout.config, config)
+    if bridge is None:
+        _write_public(layout.config, config)
+    else:  # the bridge's password, if any, is in it: not for everyone's eyes
+        passwords.write_secret(layout.config, config + render_bridge(bridge))
     _save_state(layout, deployment)
     return deployment
 

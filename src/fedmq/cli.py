@@ -8,6 +8,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedmq import config, launch, logs, settings
 from fedmq.aggregator.settings import AggregatorSettings
@@ -15,6 +16,9 @@ from fedmq.broker.settings import BrokerSettings
 from fedmq.demo_settings import DemoSettings
 from fedmq.monitor_settings import MonitorSettings
 from fedmq.node.settings import NodeSettings
+
+if TYPE_CHECKING:
+    from fedmq.broker.bridge import Bridge
 
 DESCRIPTION = """\
 Federated learning for fleets of small devices over MQTT.
@@ -107,6 +111,28 @@ def _add_broker_admin(broker: argparse.ArgumentParser) -> None:
         help="the federation's model: the broker's max_packet_size is derived from its size "
         "(default digits-mlp)",
     )
+    site = p.add_argument_group(
+        "site broker",
+        "a site of a hierarchical federation (docs/hierarchy.md): the config also bridges "
+        "the root broker's global model, its compact form and server status in",
+    )
+    site.add_argument("--site", metavar="NAME", help="the site's name (its aggregator's --site)")
+    site.add_argument(
+        "--upstream", metavar="HOST:PORT", help="the root broker (needed with --site)"
+    )
+    site.add_argument(
+        "--upstream-ca", type=Path, metavar="PATH", help="the root broker's CA: bridge over TLS"
+    )
+    site.add_argument(
+        "--upstream-username", metavar="NAME", help="the bridge's account at the root"
+    )
+    site.add_argument(
+        "--upstream-password-file",
+        type=Path,
+        metavar="PATH",
+        help="first line: the bridge's password at the root (copied into the config, "
+        "which is then written mode 0600)",
+    )
     for name, text in (
         ("add-node", "give a new node an account and a bundle"),
         ("revoke-node", "remove a node's account (then reload the broker)"),
@@ -114,6 +140,31 @@ def _add_broker_admin(broker: argparse.ArgumentParser) -> None:
         p = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
         p.add_argument("dir", type=Path, metavar="DIR", help="deployment directory")
         p.add_argument("node_id", metavar="ID", help="node id")
+
+
+def _bridge(args: argparse.Namespace) -> "Bridge | None":
+    """``broker init --site NAME --upstream HOST:PORT ...``'s bridge, or None without
+    --site; ValueError (one line) if the options do not fit together."""
+    from fedmq.broker.bridge import Bridge
+    from fedmq.mqtt import BrokerAddress
+
+    upstream_options = (args.upstream_ca, args.upstream_username, args.upstream_password_file)
+    if args.site is None:
+        if args.upstream is not None or any(o is not None for o in upstream_options):
+            raise ValueError("--upstream and its credentials are for a site broker: add --site")
+        return None
+    if args.upstream is None:
+        raise ValueError("--site needs --upstream HOST:PORT (the root broker)")
+    root = BrokerAddress.parse(args.upstream)
+    password = None
+    if args.upstream_password_file is not None:
+        lines = args.upstream_password_file.read_text().splitlines()
+        password = lines[0] if lines else ""
+    return Bridge(
+        federation=args.federation, site=args.site, host=root.host, port=root.port,
+        ca_file=args.upstream_ca.resolve() if args.upstream_ca else None,
+        username=args.upstream_username, password=password,
+    )  # fmt: skip
 
 
 def _broker_admin(args: argparse.Namespace) -> int:
@@ -126,6 +177,7 @@ def _broker_admin(args: argparse.Namespace) -> int:
         deployment = credentials.init_deployment(
             args.dir, nodes=list(args.nodes), federation=args.federation, hostnames=hostnames,
             tls_port=args.tls_port, listen=args.listen, mtls=args.mtls, model=args.model,
+            bridge=_bridge(args),
         )  # fmt: skip
         print(
             f"deployment for federation {deployment.federation!r} in {args.dir}: "

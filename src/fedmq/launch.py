@@ -29,6 +29,10 @@ def run(settings: Settings, stop: threading.Event | None = None) -> int:
         settings = settings.with_credentials()
     if isinstance(settings, BrokerSettings):
         return _run_broker(settings, stop)
+    if isinstance(settings, AggregatorSettings) and settings.site is not None:
+        from fedmq.aggregator.site_app import run as run_site
+
+        return run_site(settings, stop)
     if isinstance(settings, AggregatorSettings):
         from fedmq.aggregator.app import run as run_aggregator
 

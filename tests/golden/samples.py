@@ -324,6 +324,31 @@ METRICS_ASYNC = RoundMetrics(
     extra={"staleness_max": 3, "staleness_mean": 1.5},
 )
 
+# A site aggregator's metrics of one root round, on its site broker (docs/hierarchy.md):
+# model_id is the root's model the round trained on; the site sends no model.
+METRICS_SITE = RoundMetrics(
+    federation=FEDERATION,
+    round=4,
+    model_id=MODEL_ID,
+    participants=[NODE, "node-02"],
+    num_examples=240,
+    accuracy=None,
+    loss=None,
+    train_loss=0.6875,
+    uplink_bytes=1_536,
+    downlink_bytes=0,
+    global_bytes=0,
+    rejected={},
+    seconds=0.125,
+    aggregate_seconds=0.0625,
+    closed_by="all_reported",
+    at=1_700_000_012.5,
+    train_seconds_median=0.5,
+    metrics=RoundEvaluation(central=None, federated=None),
+    elapsed=12.5,
+    extra={"site": "site-north", "upstream_bytes": 800, "upstream_compression": "dense"},
+)
+
 
 class Sample(NamedTuple):
     message: Any
@@ -349,6 +374,7 @@ SAMPLES: dict[str, Sample] = {
     "global_proximal": Sample(GLOBAL_PROXIMAL, decode_global),
     "global_async": Sample(GLOBAL_ASYNC, decode_global),
     "metrics_async": Sample(METRICS_ASYNC, decode_metrics),
+    "metrics_site": Sample(METRICS_SITE, decode_metrics),
 }
 
 

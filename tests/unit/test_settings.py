@@ -42,11 +42,20 @@ SAMPLES = {
     "model": "digits-mlp-large",
     "round_timeout": "none",
     "buffer": "3",
+    "site": "north",
+    "upstream": "127.0.0.1:1884",
+    "upstream_username": "u",
+    "upstream_password_file": "pw",
+    "upstream_tls_ca": "ca.crt",
 }
 # What a command needs besides the setting under test (node: an id and data).
 REQUIRED = {"node": {"node_id": "n0", "demo_shard": "1/1"}}
 # ... and besides a setting that needs another (--buffer is for --mode async).
-NEEDS = {"buffer": {"mode": "async"}}
+NEEDS = {
+    "buffer": {"mode": "async"},
+    "site": {"upstream": "127.0.0.1:1884"},  # a site aggregator sends to the root's broker
+    "upstream": {"site": "north"},
+}
 
 
 def sample(item: settings.Declared) -> str:
