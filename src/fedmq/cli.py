@@ -422,7 +422,9 @@ def _node_of_line(
     except SystemExit:
         message = said.getvalue().strip().splitlines()
         error = next((line for line in message if ": error: " in line), None)
-        why = error.split(": error: ", 1)[1] if error else "--help is not a node's option"
-        raise ValueError(f"{where}: {why}") from None
+        if error is None:
+            raise ValueError(f"{where}: --help is not a node's option") from None
+        why = error.split(": error: ", 1)[1].rsplit(" (see fedmq", 1)[0]
+        raise ValueError(f"{where}: {why} (see fedmq node --help)") from None
     except ValueError as error:  # ConfigError, or a settings check
         raise ValueError(f"{where}: {error}") from None

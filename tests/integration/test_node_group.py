@@ -1,0 +1,48 @@
+"""Many nodes per process, end to end: ``fedmq demo --nodes-per-process`` runs every node
+each round with nothing rejected or dropped, and ``fedmq node-group`` refuses a bad line in
+one line before it starts anything. Every process here is a child the test waits for."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def test_thirty_nodes_in_three_processes_all_take_part(tmp_path):
+    report = tmp_path / "r.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "fedmq", "demo", "--nodes", "30", "--nodes-per-process", "10",
+         "--rounds", "2", "--report", str(report), "--workdir", str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "3 node processes of up to 10 nodes" in result.stdout
+    found = json.loads(report.read_text())
+    assert [row["participants"] for row in found["rounds"]] == [30, 30]
+    assert all(row["rejected"] == {} and row["broker_dropped"] == 0 for row in found["rounds"])
+    assert found["restarts"]["total"] == 0
+    logs = sorted(path.name for path in (tmp_path / "run" / "logs").iterdir())
+    assert logs == ["aggregator.log", "group-01.log", "group-02.log", "group-03.log"]
+    # each node kept its own state directory, as a lone node does
+    assert all((tmp_path / "run" / f"node-{i:02d}" / "last_update.msgpack").exists() for i in (1, 30))
+
+
+def test_a_group_with_a_typo_is_refused_in_one_line(tmp_path):
+    nodes = tmp_path / "nodes.txt"
+    nodes.write_text(
+        "--node-id a --demo-shard 1/2 --broker 127.0.0.1:9\n"
+        "--node-id b --demo-shard 2/2 --brokr 127.0.0.1:9\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "fedmq", "node-group", str(nodes)],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr == (
+        f"fedmq node-group: error: {nodes} line 2: unrecognized arguments: --brokr 127.0.0.1:9 "
+        "(see fedmq node --help)\n"
+    )
+    assert not (tmp_path / ".fedmq-node").exists()  # refused before any node started
