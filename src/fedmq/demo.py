@@ -732,12 +732,15 @@ def run(config: DemoSettings, stop: threading.Event, out: TextIO = sys.stdout) -
 
 def run_policy_entries(config: DemoSettings) -> dict[str, Any]:
     """report.json's ``min_nodes``, ``round_timeout`` and ``slow_nodes``, each only when
-    given: a run without them reports what it did before."""
+    given (``round_timeout`` also when the demo lengthened it for a large fleet): a run
+    without them reports what it did before."""
     entries: dict[str, Any] = {}
     if config.min_nodes is not None:
         entries["min_nodes"] = config.min_nodes
     if config.round_timeout is not None:
         entries["round_timeout"] = config.round_timeout
+    elif round_deadline(config.node_count) > DEFAULT_ROUND_TIMEOUT:  # what the demo handed on
+        entries["round_timeout"] = round_deadline(config.node_count)
     if config.slow_nodes is not None:
         slow = slow_node_ids(config, config.node_count)
         entries.update(slow_nodes_entry(slow, config.slow_nodes[1]))

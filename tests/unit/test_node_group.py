@@ -256,3 +256,10 @@ def test_many_nodes_get_a_longer_round_deadline(tmp_path):
     argv = _demo_argv(tmp_path, nodes=1400)
     at = argv["aggregator"].index("--round-timeout")
     assert float(argv["aggregator"][at + 1]) == 420.0
+
+
+def test_a_lengthened_deadline_is_reported():
+    from fedmq.demo import run_policy_entries
+
+    assert "round_timeout" not in run_policy_entries(DemoSettings(nodes=1000))
+    assert run_policy_entries(DemoSettings(nodes=1400))["round_timeout"] == 420.0
