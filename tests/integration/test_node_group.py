@@ -27,7 +27,9 @@ def test_thirty_nodes_in_three_processes_all_take_part(tmp_path):
     logs = sorted(path.name for path in (tmp_path / "run" / "logs").iterdir())
     assert logs == ["aggregator.log", "group-01.log", "group-02.log", "group-03.log"]
     # each node kept its own state directory, as a lone node does
-    assert all((tmp_path / "run" / f"node-{i:02d}" / "last_update.msgpack").exists() for i in (1, 30))
+    assert all(
+        (tmp_path / "run" / f"node-{i:02d}" / "last_update.msgpack").exists() for i in (1, 30)
+    )
 
 
 def test_a_group_with_a_typo_is_refused_in_one_line(tmp_path):
