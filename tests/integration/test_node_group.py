@@ -3,12 +3,39 @@ each round with nothing rejected or dropped, and ``fedmq node-group`` refuses a 
 one line before it starts anything. Every process here is a child the test waits for."""
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+from tests.conftest import child_pids
+
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def _processes_naming(text: str, pids: list[int]) -> list[str]:
+    found = []
+    for pid in pids:
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if text in argv:
+            found.append(f"{pid}: {argv}")
+    return found
+
+
+@pytest.fixture(autouse=True)
+def _nothing_left_behind(tmp_path):
+    """Every process these tests start has ended when each test ends: our fedmq children,
+    and anything anywhere whose command line names the test's directory (the demo's
+    aggregator, broker and node groups are its children, not ours)."""
+    yield
+    everyone = [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()]
+    assert _processes_naming("fedmq", child_pids(os.getpid())) == []
+    assert _processes_naming(str(tmp_path), everyone) == []
 
 
 def test_thirty_nodes_in_three_processes_all_take_part(tmp_path):

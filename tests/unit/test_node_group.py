@@ -22,6 +22,15 @@ from fedmq.node.settings import NodeGroup, NodeSettings, group_lines
 INFINITY = resource.RLIM_INFINITY
 
 
+@pytest.fixture(autouse=True)
+def _limits_as_found():
+    """Nothing here may change the test process's limits (a lowered open-files limit
+    breaks later tests that open a thousand sockets, tests/faults/test_burst.py)."""
+    before = resource.getrlimit(resource.RLIMIT_NOFILE)
+    yield
+    assert resource.getrlimit(resource.RLIMIT_NOFILE) == before
+
+
 def _args(path: Path, **given: object) -> argparse.Namespace:
     values = {"group_file": path, "stagger": 0.02, "log_json": None, "log_level": "info"}
     return argparse.Namespace(**{**values, **given})
