@@ -34,7 +34,7 @@ def _nothing_left_behind(tmp_path):
     aggregator, broker and node groups are its children, not ours)."""
     yield
     everyone = [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()]
-    assert _processes_naming("fedmq", child_pids(os.getpid())) == []
+    assert _processes_naming("-m fedmq", child_pids(os.getpid())) == []
     assert _processes_naming(str(tmp_path), everyone) == []
 
 
@@ -75,3 +75,39 @@ def test_a_group_with_a_typo_is_refused_in_one_line(tmp_path):
         "(see fedmq node --help)\n"
     )
     assert not (tmp_path / ".fedmq-node").exists()  # refused before any node started
+
+
+def test_a_stopped_group_leaves_every_node_offline_not_by_its_will(
+    mosquitto, federation, spawn, collect, node_data, tmp_path
+):
+    """Three nodes in one process, no aggregator: each comes online under its own client
+    id; SIGTERM ends the group (130) and every node hands its own retained ``offline``
+    over, as a lone node does (a last will would carry no ``at`` time)."""
+    from fedmq.schemas import Topics, decode_status
+    from tests.conftest import wait_until
+
+    topics = Topics(federation)
+    nodes = tmp_path / "nodes.txt"
+    nodes.write_text(
+        "".join(
+            f"--node-id g{i} --data {path} --broker {mosquitto.address} --federation {federation}\n"
+            for i, path in enumerate(node_data(3))
+        )
+    )
+    watcher = collect([topics.all_status])
+
+    def last(node: str):
+        seen = watcher.on(topics.status(node))
+        return decode_status(seen[-1]) if seen else None
+
+    group = spawn("group", "node-group", str(nodes), "--log-json")
+    wait_until(
+        lambda: all((s := last(f"g{i}")) is not None and s.state == "online" for i in range(3)),
+        60, "three nodes online",
+    )  # fmt: skip
+    group.stop()
+    assert group.proc.returncode == 130, group.log()[-2000:]
+    for i in range(3):
+        status = last(f"g{i}")
+        assert status is not None and status.state == "offline" and status.at is not None
+    assert '"node_group.stopped"' in group.log()
