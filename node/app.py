@@ -10,6 +10,7 @@ import queue
 import threading
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from fedmq import mqtt as edge
 from fedmq.compression import Pipeline, parse_spec
 from fedmq.compression.transforms import ErrorFeedbackState, error_feedback_init
 from fedmq.datasets import Dataset, digits, load_npz, partition
-from fedmq.files import lock_directory
+from fedmq.files import DirectoryLock, lock_directory
 from fedmq.node import last_update, personal, residual, saved_tensors
 from fedmq.node.settings import STATE_ROOT, NodeSettings
 from fedmq.progress_line import ProgressLine
@@ -178,10 +179,13 @@ class Node:
         task: Task | None = None,
         *,
         stop: threading.Event | None = None,
+        load: Callable[[str], Task] = load_task,
     ) -> None:
-        """``task``: the node's ``--task``, loaded; None: the global model's, if built in.
+        """``task``: the node's ``--task``, loaded; None: the global model's, if built in
+        (``load`` loads it: a node group shares one task object per name, so one compile).
         ``stop``: the process's stop event, which cuts a ``--train-delay`` wait short."""
         self.client = outbox.client
+        self._load = load
         self.stop = stop if stop is not None else threading.Event()
         self.task = task
         self.config = config
@@ -413,7 +417,7 @@ class Node:
                 "node with --task MODULE:ATTRIBUTE (the same the aggregator runs)"
             )
         try:
-            return load_task(model.model)
+            return self._load(model.model)
         except TaskError as error:
             raise Refused(str(error)) from None
 
@@ -576,24 +580,69 @@ def run(config: NodeSettings, stop: threading.Event) -> int:
     cannot train the model, its state cannot be written) leaves the reason as the
     ``detail`` of its retained ``offline`` status, then raises."""
     structlog.contextvars.bind_contextvars(node=config.node_id, federation=config.federation)
+    lock = claim_state(config)
+    try:
+        return _run(config, stop)
+    finally:
+        lock.release()
+
+
+def claim_state(config: NodeSettings) -> DirectoryLock:
+    """Lock the node's state directory (``DirectoryLocked`` if another process has it) and
+    move in what a node of an earlier version kept in the old default directory."""
     lock = lock_directory(config.state_path)
     try:
         if config.state_path == STATE_ROOT / config.federation / config.node_id:
             adopt_old_state(
                 STATE_ROOT, config.state_path, federation=config.federation, node_id=config.node_id
             )
-        return _run(config, stop)
-    finally:
+    except BaseException:
         lock.release()
+        raise
+    return lock
 
 
 def _run(config: NodeSettings, stop: threading.Event) -> int:
     enable_compile_cache(config.state_path / "jax-cache")
     data = load_local_data(config)  # unreadable: one line and exit 2, before connecting
     task = load_task(config.task) if config.task is not None else None  # the same
+    inbox: queue.Queue[edge.Received] = queue.Queue()
+    node = open_node(config, data, inbox, task, stop=stop)
+    edge.start(node.client, config.broker)
+    log.info("node.started", examples=len(data), broker=str(config.broker))
+    try:
+        while not stop.is_set() and not (node.finished and config.exit_when_done):
+            edge.check(node.client)
+            try:
+                batch = edge.drain(inbox, inbox.get(timeout=0.2))
+            except queue.Empty:
+                continue
+            handle(node, batch)
+    except edge.LoginRefused:
+        edge.stop(node.client)
+        raise
+    except Exception as error:  # the CLI prints it: one line, exit 2
+        close_node(node, error=error)
+        raise
+    close_node(node)
+    log.info("node.stopped", last_trained=node.last_trained)
+    return 0 if node.finished else 130
+
+
+def open_node(
+    config: NodeSettings,
+    data: Dataset,
+    inbox: edge.Inbox,
+    task: Task | None,
+    *,
+    stop: threading.Event,
+    load: Callable[[str], Task] = load_task,
+) -> "Node":
+    """The node's MQTT client (not started: ``edge.start``), handing what it receives to
+    ``inbox``, and the ``Node`` that owns its state. ``fedmq node`` opens one;
+    ``fedmq node-group`` many, sharing one ``load`` so they share the task (one compile)."""
     topics = Topics(config.federation)
     offline = NodeStatus(federation=config.federation, node_id=config.node_id, state="offline")
-    inbox: queue.Queue[edge.Received] = queue.Queue()
     client = edge.make_client(
         edge.make_client_id(config.federation, "node", config.node_id),
         subscriptions=[(topics.global_model, DOWNLINK_QOS), (topics.global_delta, DOWNLINK_QOS)],
@@ -601,41 +650,34 @@ def _run(config: NodeSettings, stop: threading.Event) -> int:
         inbox=inbox,
         persistent=True,  # a stable session; the QoS 0 downlink queues nothing while away
     )
-    outbox = edge.Outbox(client)
-    node = Node(config, data, outbox, task, stop=stop)
-    edge.start(client, config.broker)
-    log.info("node.started", examples=len(data), broker=str(config.broker))
-    try:
-        while not stop.is_set() and not (node.finished and config.exit_when_done):
-            edge.check(client)
-            try:
-                batch = edge.drain(inbox, inbox.get(timeout=0.2))
-            except queue.Empty:
-                continue
-            if any(r.topic == edge.CONNECTED for r in batch):
-                node.on_connected()
-            # A node that fell behind trains on the newest model only: the newest full one
-            # first, then the newest compact one (which may build on it).
-            newest = {r.topic: r for r in batch if r.topic != edge.CONNECTED}
-            if topics.global_model in newest:
-                full = newest[topics.global_model]
-                node.on_global(full.payload, retained=full.retain)
-            if topics.global_delta in newest:
-                node.on_global_delta(newest[topics.global_delta].payload)
-    except edge.LoginRefused:
-        edge.stop(client)
-        raise
-    except Exception as error:  # the CLI prints it: one line, exit 2
+    return Node(config, data, edge.Outbox(client), task, stop=stop, load=load)
+
+
+def handle(node: "Node", batch: list[edge.Received]) -> None:
+    """What the node does with the messages that arrived together (training included)."""
+    if any(r.topic == edge.CONNECTED for r in batch):
+        node.on_connected()
+    # A node that fell behind trains on the newest model only: the newest full one
+    # first, then the newest compact one (which may build on it).
+    newest = {r.topic: r for r in batch if r.topic != edge.CONNECTED}
+    if node.topics.global_model in newest:
+        full = newest[node.topics.global_model]
+        node.on_global(full.payload, retained=full.retain)
+    if node.topics.global_delta in newest:
+        node.on_global_delta(newest[node.topics.global_delta].payload)
+
+
+def close_node(node: "Node", *, error: Exception | None = None) -> None:
+    """Leave the broker: the last status retained (``offline`` with the error's reason if
+    the node stopped on one; none over ``done``), then disconnect without a last will."""
+    if error is not None:
         node.status("offline", detail=f"stopped on an error: {error}")
         node.progress.close()
-        leave(client, outbox, topics)
-        raise
-    node.progress.close()
-    if not node.finished:
-        node.status("offline")
-    leave(client, outbox, topics)
-    log.info("node.stopped", last_trained=node.last_trained)
-    return 0 if node.finished else 130
+    else:
+        node.progress.close()
+        if not node.finished:
+            node.status("offline")
+    leave(node.client, node.outbox, node.topics)
 
 
 # How long a node tries to hand its last status to the broker before it disconnects.

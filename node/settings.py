@@ -3,6 +3,7 @@
 demo starts it with."""
 
 import argparse
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -96,3 +97,80 @@ class NodeSettings(LogSettings, ConnectionSettings):
         if self.state_dir is not None:
             return self.state_dir
         return default_state_dir(self.federation, self.node_id)
+
+
+# Time between two nodes' first connects in one ``fedmq node-group`` process: 1,000 nodes
+# connecting at once would hit the broker with 1,000 CONNECTs and subscriptions together.
+DEFAULT_STAGGER = 0.02
+
+
+@dataclass(frozen=True, kw_only=True)
+class NodeGroup:
+    """``fedmq node-group FILE``: several nodes in one process, each as ``fedmq node``
+    would run it (``fedmq.node.group``). ``stagger``: seconds between two first connects."""
+
+    nodes: tuple[NodeSettings, ...]
+    stagger: float = DEFAULT_STAGGER
+
+    def __post_init__(self) -> None:
+        if not self.nodes:
+            raise ValueError("a node group needs at least one node")
+        problem = group_problem(self.nodes)
+        if problem is not None:
+            raise ValueError(problem)
+
+
+def group_problem(
+    nodes: tuple[NodeSettings, ...], lines: tuple[int, ...] | None = None
+) -> str | None:
+    """Why these nodes cannot run in one process, or None: two with the same federation and
+    node id (one MQTT client id: the broker would throw one out each time the other
+    connects) or the same state directory (locked by the first). ``lines``: each node's
+    line in the group file, for the message."""
+    where = lines or tuple(range(1, len(nodes) + 1))
+    word = "line" if lines is not None else "node"
+    ids: dict[tuple[str, str], int] = {}
+    dirs: dict[Path, int] = {}
+    for at, node in zip(where, nodes, strict=True):
+        key = (node.federation, node.node_id)
+        if key in ids:
+            return (
+                f"{word} {at}: node id {node.node_id!r} of federation {node.federation!r} is "
+                f"already {word} {ids[key]}'s (one MQTT client id each): give every node its "
+                "own --node-id"
+            )
+        ids[key] = at
+        state = node.state_path.absolute()
+        if state in dirs:
+            return (
+                f"{word} {at}: state directory {node.state_path} is already {word} "
+                f"{dirs[state]}'s: give every node its own --state-dir"
+            )
+        dirs[state] = at
+    return None
+
+
+def group_lines(text: str) -> list[tuple[int, list[str]]]:
+    """The node command lines of a group file: (line number from 1, arguments of
+    ``fedmq node``), shell-quoted as on a command line; blank lines and ``#`` comments are
+    skipped, and a leading ``fedmq node`` (or ``node``) is optional. ValueError naming
+    the line for a line that is not shell words."""
+    found = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        try:
+            words = shlex.split(line, comments=True)
+        except ValueError as error:
+            raise ValueError(f"line {number}: {error} (quote it as in a shell)") from None
+        if not words:
+            continue
+        if words[:2] == ["fedmq", "node"]:
+            words = words[2:]
+        elif words[:1] == ["node"]:
+            words = words[1:]
+        elif words[:1] in (["fedmq"], ["node-group"]) or words[:2] == ["fedmq", "node-group"]:
+            raise ValueError(
+                f"line {number}: {' '.join(words[:2])!r}: a line holds one node's options "
+                "(those of fedmq node), e.g. --node-id a --data a.npz"
+            )
+        found.append((number, words))
+    return found

@@ -24,6 +24,7 @@ _EXPORTS = {
     "run": "fedmq.launch",
     "AggregatorSettings": "fedmq.aggregator.settings",
     "NodeSettings": "fedmq.node.settings",
+    "NodeGroup": "fedmq.node.settings",
     "MonitorSettings": "fedmq.monitor_settings",
     "DemoSettings": "fedmq.demo_settings",
     "BrokerSettings": "fedmq.broker.settings",
@@ -47,6 +48,7 @@ __all__ = [  # the keys of _EXPORTS and _RENAMED (tests/unit/test_python_api.py)
     "BrokerSettings",
     "DemoSettings",
     "MonitorSettings",
+    "NodeGroup",
     "NodeSettings",
     "SchemaError",
     "Task",
@@ -71,7 +73,7 @@ if TYPE_CHECKING:
     from fedmq.model_file import load_params
     from fedmq.monitor_settings import MonitorSettings
     from fedmq.mqtt import BrokerAddress
-    from fedmq.node.settings import NodeSettings
+    from fedmq.node.settings import NodeGroup, NodeSettings
     from fedmq.report import read_report
     from fedmq.schemas import (
         SchemaError,

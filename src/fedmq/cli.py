@@ -3,10 +3,12 @@ configures logging and installs signal handlers."""
 
 import argparse
 import contextlib
+import io
 import os
 import signal
 import sys
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,7 +17,13 @@ from fedmq.aggregator.settings import AggregatorSettings
 from fedmq.broker.settings import BrokerSettings
 from fedmq.demo_settings import DemoSettings
 from fedmq.monitor_settings import MonitorSettings
-from fedmq.node.settings import NodeSettings
+from fedmq.node.settings import (
+    DEFAULT_STAGGER,
+    NodeGroup,
+    NodeSettings,
+    group_lines,
+    group_problem,
+)
 
 if TYPE_CHECKING:
     from fedmq.broker.bridge import Bridge
@@ -27,6 +35,8 @@ Federated learning for fleets of small devices over MQTT.
   fedmq broker      run mosquitto with the project's mosquitto.conf
   fedmq aggregator  average the nodes' updates each round and publish the global model
   fedmq node        train on local data and publish updates (one per device)
+  fedmq node-group  run many nodes in one process (simulation): FILE holds one
+                    fedmq node command line per line
   fedmq monitor     watch node status and round metrics live
   fedmq report      summarise a report.json; --plot draws it as a PNG or SVG chart
   fedmq export      write the newest global model of an aggregator's state directory
@@ -248,6 +258,30 @@ def build_parser() -> settings.Parser:
         "stopped (Ctrl-C, SIGTERM) before; 2 on a configuration error: bad settings, a "
         "refused login, a state directory in use, data that cannot train the model.",
     )
+    p = sub.add_parser(
+        "node-group",
+        help="run many nodes in one process (simulation)",
+        description="Run the nodes listed in FILE in this one process, each exactly as "
+        "fedmq node runs it: its own MQTT client (client id, persistent session, last will), "
+        "state directory and status. FILE holds one node per line: the options of fedmq node "
+        "(e.g. --node-id a --data a.npz --exit-when-done), shell-quoted; blank lines and # "
+        "comments are skipped. The nodes take turns training on one thread and share one "
+        "task object, so JAX compiles once per process; their first connects are --stagger "
+        "apart. fedmq demo --nodes-per-process starts these.",
+        epilog="Exit status: 0 when every node's run is over (with --exit-when-done); 130 "
+        "when stopped (Ctrl-C, SIGTERM) before; 2 on a configuration error: a bad line "
+        "(named by its number), too few open files allowed, or any node's error as fedmq "
+        "node has it.",
+    )
+    p.add_argument("group_file", type=Path, metavar="FILE", help="the nodes, one per line")
+    p.add_argument(
+        "--stagger",
+        type=settings.non_negative_float,
+        default=DEFAULT_STAGGER,
+        metavar="SECONDS",
+        help=f"time between two nodes' first connects (default {DEFAULT_STAGGER:g})",
+    )
+    settings.add_options(p, logs.LogSettings)
     settings.add_command(
         parser,
         sub,
@@ -380,6 +414,8 @@ def dispatch(args: argparse.Namespace, stop: threading.Event) -> int:
             save_plot(report, args.plot)
             print(f"chart written to {args.plot}")
         return 0
+    if args.command == "node-group":
+        return launch.run(read_node_group(args, os.environ), stop)
     if args.command == "export":
         from fedmq.export import export
         from fedmq.model_file import describe
@@ -388,3 +424,59 @@ def dispatch(args: argparse.Namespace, stop: threading.Event) -> int:
         print(f"{describe(model)}: written to {args.out}")
         return 0
     return launch.run(settings.build(SETTINGS[args.command], args), stop)
+
+
+def read_node_group(args: argparse.Namespace, environ: Mapping[str, str]) -> NodeGroup:
+    """The nodes of ``fedmq node-group FILE``: each line read as ``fedmq node`` reads its
+    command line (with the environment and a line's --config); ValueError naming the file
+    and the line for the first that cannot work."""
+    path: Path = args.group_file
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise ValueError(f"cannot read {path}: {error.strerror or error}") from None
+    try:
+        lines = group_lines(text)
+    except ValueError as error:
+        raise ValueError(f"{path} {error}") from None
+    if not lines:
+        raise ValueError(f"{path} lists no node: write one fedmq node command line per line")
+    parser = build_parser()
+    nodes = []
+    for number, words in lines:
+        where = f"{path} line {number}"
+        node = _node_of_line(parser, words, environ, where)
+        for name, flag in (("log_json", "--log-json"), ("log_level", "--log-level")):
+            given, default = getattr(node, name), getattr(NodeSettings, name)
+            if given != default and given != getattr(args, name):
+                raise ValueError(
+                    f"{where}: {flag}: a node group logs one way: give it to fedmq node-group, "
+                    "not on a line"
+                )
+        nodes.append(node)
+    problem = group_problem(tuple(nodes), tuple(number for number, _ in lines))
+    if problem is not None:
+        raise ValueError(f"{path} {problem}")
+    return NodeGroup(nodes=tuple(nodes), stagger=args.stagger)
+
+
+def _node_of_line(
+    parser: settings.Parser, words: list[str], environ: Mapping[str, str], where: str
+) -> NodeSettings:
+    """One line's node settings; ValueError ``<where>: <the error fedmq node would give>``."""
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(said), contextlib.redirect_stdout(said):
+            parsed = config.parse_args(parser, ["node", *words], environ)
+        if parsed.command != "node":  # a line cannot name another command
+            raise ValueError("not the options of fedmq node")
+        return settings.build(NodeSettings, parsed)
+    except SystemExit:
+        message = said.getvalue().strip().splitlines()
+        error = next((line for line in message if ": error: " in line), None)
+        if error is None:
+            raise ValueError(f"{where}: --help is not a node's option") from None
+        why = error.split(": error: ", 1)[1].rsplit(" (see fedmq", 1)[0]
+        raise ValueError(f"{where}: {why} (see fedmq node --help)") from None
+    except ValueError as error:  # ConfigError, or a settings check
+        raise ValueError(f"{where}: {error}") from None

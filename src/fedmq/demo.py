@@ -16,6 +16,7 @@ fail again): the demo stops at once with that child's one-line error.
 
 import os
 import queue
+import shlex
 import shutil
 import signal
 import statistics
@@ -33,7 +34,7 @@ import numpy as np
 import structlog
 
 from fedmq import mqtt as edge
-from fedmq.aggregator.settings import AggregatorSettings
+from fedmq.aggregator.settings import DEFAULT_ROUND_TIMEOUT, AggregatorSettings
 from fedmq.broker.process import Mosquitto
 from fedmq.datasets import (
     DIGITS_CLASSES,
@@ -98,8 +99,10 @@ def child_argv(
     )
     if config.save_model is not None:  # absolute: the file is the caller's, not the child's
         aggregator = replace(aggregator, save_model=config.save_model.absolute())
-    if config.round_timeout is not None:  # else the aggregator's default
+    if config.round_timeout is not None:  # else the aggregator's default, or more
         aggregator = replace(aggregator, round_timeout=config.round_timeout)
+    elif round_deadline(config.node_count) > DEFAULT_ROUND_TIMEOUT:
+        aggregator = replace(aggregator, round_timeout=round_deadline(config.node_count))
     if config.min_nodes is not None:  # the same
         aggregator = replace(aggregator, min_nodes=config.min_nodes)
     if config.local_epochs is not None:  # the same
@@ -122,6 +125,39 @@ def child_argv(
             node = replace(node, train_delay=config.slow_nodes[1])
         argv[node_id] = ["node", *to_argv(node)]
     return argv
+
+
+# A round's deadline grows by this much per node past the aggregator's default (300 s):
+# one machine trains its nodes in turn, ~3 ms each on a core for digits-mlp, so this
+# leaves a hundredfold margin and changes nothing below 1,000 nodes.
+DEADLINE_PER_NODE = 0.3
+
+
+def round_deadline(nodes: int) -> float:
+    """The demo's --round-timeout when none is given: the aggregator's default (300 s), or
+    DEADLINE_PER_NODE a node if that is more."""
+    return max(DEFAULT_ROUND_TIMEOUT, DEADLINE_PER_NODE * nodes)
+
+
+def group_children(
+    argv: dict[str, list[str]], per_process: int, directory: Path
+) -> dict[str, list[str]]:
+    """``argv`` (from ``child_argv``) with the nodes run ``per_process`` to a process: each
+    ``group-NN`` a ``fedmq node-group`` of a file in ``directory`` listing its nodes'
+    command lines, the lines exactly the ``fedmq node`` ones (one per process: unchanged)."""
+    if per_process <= 1:
+        return argv
+    nodes = [name for name in argv if name != "aggregator"]
+    groups = [nodes[start : start + per_process] for start in range(0, len(nodes), per_process)]
+    width = max(2, len(str(len(groups))))
+    directory.mkdir(parents=True, exist_ok=True)
+    grouped = {name: args for name, args in argv.items() if name == "aggregator"}
+    for number, members in enumerate(groups, start=1):
+        name = f"group-{number:0{width}d}"
+        path = directory / f"{name}.txt"
+        path.write_text("".join(shlex.join(argv[node][1:]) + "\n" for node in members))
+        grouped[name] = ["node-group", str(path), "--log-json"]
+    return grouped
 
 
 def node_name(index: int) -> str:
@@ -609,8 +645,15 @@ def run(config: DemoSettings, stop: threading.Event, out: TextIO = sys.stdout) -
         # Each demo is a new run: a run kept in the same --workdir by an earlier demo is
         # discarded.
         shutil.rmtree(workdir / "aggregator", ignore_errors=True)
-        for name, argv in child_argv(config, address, workdir, test_path, node_paths).items():
-            children.spawn(name, argv)
+        argv = child_argv(config, address, workdir, test_path, node_paths)
+        argv = group_children(argv, config.nodes_per_process, workdir / "groups")
+        if config.nodes_per_process > 1:
+            out.write(
+                f"{len(argv) - 1} node processes of up to {config.nodes_per_process} nodes "
+                f"(fedmq node-group {workdir / 'groups'}/group-*.txt)\n"
+            )
+        for name, args in argv.items():
+            children.spawn(name, args)
         progress = Progress(config.rounds, out)
         rounds: dict[int, RoundMetrics] = {}
         while True:
@@ -623,8 +666,8 @@ def run(config: DemoSettings, stop: threading.Event, out: TextIO = sys.stdout) -
                 progress.note(event)
             if run_done:
                 break
-            if not rounds and time.monotonic() - started > config.start_timeout:
-                raise ChildFailed(f"no round finished within {config.start_timeout:.0f} s")
+            if not rounds and time.monotonic() - started > config.first_round_timeout:
+                raise ChildFailed(f"no round finished within {config.first_round_timeout:.0f} s")
             try:
                 received = inbox.get(timeout=0.2)
             except queue.Empty:
@@ -640,7 +683,7 @@ def run(config: DemoSettings, stop: threading.Event, out: TextIO = sys.stdout) -
             rounds[metrics.round] = metrics  # a repeat (aggregator restart) supersedes
             if new:
                 progress.round(metrics)
-        if not children.wait_all(timeout=30):
+        if not children.wait_all(timeout=30 + 0.05 * config.node_count):
             raise ChildFailed("processes did not exit after the last round")
         children.supervise(time.monotonic(), run_done=True)
         total = time.monotonic() - started
@@ -689,12 +732,15 @@ def run(config: DemoSettings, stop: threading.Event, out: TextIO = sys.stdout) -
 
 def run_policy_entries(config: DemoSettings) -> dict[str, Any]:
     """report.json's ``min_nodes``, ``round_timeout`` and ``slow_nodes``, each only when
-    given: a run without them reports what it did before."""
+    given (``round_timeout`` also when the demo lengthened it for a large fleet): a run
+    without them reports what it did before."""
     entries: dict[str, Any] = {}
     if config.min_nodes is not None:
         entries["min_nodes"] = config.min_nodes
     if config.round_timeout is not None:
         entries["round_timeout"] = config.round_timeout
+    elif round_deadline(config.node_count) > DEFAULT_ROUND_TIMEOUT:  # what the demo handed on
+        entries["round_timeout"] = round_deadline(config.node_count)
     if config.slow_nodes is not None:
         slow = slow_node_ids(config, config.node_count)
         entries.update(slow_nodes_entry(slow, config.slow_nodes[1]))

@@ -77,7 +77,15 @@ class DemoSettings(LogSettings):
     nodes: int | None = setting(  # None: DEFAULT_NODES, or one per --data-dir node file
         None,
         parse=positive_int,
-        help=f"node processes (default {DEFAULT_NODES}; with --data-dir one per node file)",
+        help=f"nodes (default {DEFAULT_NODES}; with --data-dir one per node file)",
+    )
+    nodes_per_process: int = setting(
+        1,
+        parse=positive_int,
+        metavar="K",
+        help="run K nodes in each node process (fedmq node-group): each still its own MQTT "
+        "client, state and status, taking turns to train; for fleets of hundreds or "
+        "thousands on one machine (default 1: a process per node)",
     )
     rounds: int = setting(30, parse=positive_int, help="rounds (default 30)")
     seed: int = setting(0, parse=int, help="seed for init, split and shuffles (default 0)")
@@ -183,7 +191,7 @@ class DemoSettings(LogSettings):
         help="restart a child that dies before the run is over up to N times, after a short "
         "back-off (default 3 per child; 0 = fail at once)",
     )
-    start_timeout: float = 120.0  # no round within this long: the demo fails
+    start_timeout: float | None = None  # no round within this long: the demo fails
 
     def __post_init__(self) -> None:
         chosen_task(self.task, self.model)  # both given and different: ValueError
@@ -191,6 +199,15 @@ class DemoSettings(LogSettings):
         # aggregator's settings check it then
         known = self.nodes or (None if self.data_dir is not None else DEFAULT_NODES)
         check_buffer(self.mode, self.buffer, known)
+
+    @property
+    def first_round_timeout(self) -> float:
+        """How long the demo waits for the first round: ``start_timeout``, else 120 s, or
+        0.25 s a node if that is more (from 480 nodes on: 250 s for 1,000, which start,
+        compile and train once in well under a minute on 2 cores, docs/scaling.md)."""
+        if self.start_timeout is not None:
+            return self.start_timeout
+        return max(120.0, 0.25 * self.node_count)
 
     @property
     def node_count(self) -> int:

@@ -1,9 +1,12 @@
-"""Crash-safe file writes shared by the aggregator's checkpoint and a node's state."""
+"""Crash-safe file writes shared by the aggregator's checkpoint and a node's state, the
+locks on state directories, and the process's limit of open files."""
 
 import errno
 import fcntl
 import os
+import resource
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -105,3 +108,38 @@ def lock_directory(directory: Path) -> DirectoryLock:
     os.ftruncate(fd, 0)
     os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
     return DirectoryLock(directory, fd)
+
+
+def open_files_plan(needed: int, soft: int, hard: int) -> tuple[int | None, str | None]:
+    """(the soft limit of open files to set, or None to keep it; why ``needed`` cannot be
+    had, or None). Never lower: a soft limit already at ``needed`` stays, and the soft limit
+    is raised at most to the hard one, which only the administrator raises."""
+    unlimited = resource.RLIM_INFINITY
+    if soft == unlimited or soft >= needed:
+        return None, None
+    if hard == unlimited or hard >= needed:
+        return needed, None
+    return None, (
+        f"{needed} open files are needed and the hard limit is {hard}: raise it (as root, "
+        f"or in the service's LimitNOFILE) and run `ulimit -n {needed}` before starting, "
+        "or put fewer nodes in one process"
+    )
+
+
+def ensure_open_files(
+    needed: int,
+    *,
+    get: Callable[[int], tuple[int, int]] = resource.getrlimit,
+    set_limit: Callable[[int, tuple[int, int]], None] = resource.setrlimit,
+) -> int | None:
+    """Raise this process's soft limit of open files (RLIMIT_NOFILE) to ``needed`` if it is
+    lower and the hard limit allows; the new soft limit, or None if it was left as it was.
+    ValueError with the fix if the hard limit is too low. ``get``/``set_limit``: the
+    ``resource`` functions (tests pass their own)."""
+    soft, hard = get(resource.RLIMIT_NOFILE)
+    raised, problem = open_files_plan(needed, soft, hard)
+    if problem is not None:
+        raise ValueError(problem)
+    if raised is not None:
+        set_limit(resource.RLIMIT_NOFILE, (raised, hard))
+    return raised

@@ -8,15 +8,18 @@ configuring logging, turning Ctrl-C and SIGTERM into ``stop``.
 import os
 import sys
 import threading
+from dataclasses import replace
 
 from fedmq.aggregator.settings import AggregatorSettings
 from fedmq.broker.settings import BrokerSettings
 from fedmq.demo_settings import DemoSettings
 from fedmq.monitor_settings import MonitorSettings
 from fedmq.mqtt import ConnectionSettings
-from fedmq.node.settings import NodeSettings
+from fedmq.node.settings import NodeGroup, NodeSettings
 
-Settings = AggregatorSettings | NodeSettings | MonitorSettings | DemoSettings | BrokerSettings
+Settings = (
+    AggregatorSettings | NodeSettings | NodeGroup | MonitorSettings | DemoSettings | BrokerSettings
+)
 
 
 def run(settings: Settings, stop: threading.Event | None = None) -> int:
@@ -38,15 +41,16 @@ def run(settings: Settings, stop: threading.Event | None = None) -> int:
 
         return run_aggregator(settings, stop)
     if isinstance(settings, NodeSettings):
-        # One XLA thread per node: a device trains one tiny model, and on a shared machine
-        # ten nodes must not each spawn a thread pool per core. Only before JAX is imported.
-        os.environ.setdefault(
-            "XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
-        )
-        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+        _one_xla_thread()
         from fedmq.node.app import run as run_node
 
         return run_node(settings, stop)
+    if isinstance(settings, NodeGroup):
+        _one_xla_thread()  # the group's nodes take turns on one worker thread
+        from fedmq.node.group import run as run_group
+
+        nodes = tuple(node.with_credentials() for node in settings.nodes)
+        return run_group(replace(settings, nodes=nodes), stop)
     if isinstance(settings, MonitorSettings):
         from fedmq.monitor import run as run_monitor
 
@@ -56,9 +60,19 @@ def run(settings: Settings, stop: threading.Event | None = None) -> int:
 
         return run_demo(settings, stop)
     raise TypeError(
-        f"fedmq.run takes AggregatorSettings, NodeSettings, MonitorSettings, DemoSettings "
-        f"or BrokerSettings, not {type(settings).__name__}"
+        f"fedmq.run takes AggregatorSettings, NodeSettings, NodeGroup, MonitorSettings, "
+        f"DemoSettings or BrokerSettings, not {type(settings).__name__}"
     )
+
+
+def _one_xla_thread() -> None:
+    """One XLA thread per node process: a device trains one tiny model, and on a shared
+    machine ten nodes must not each spawn a thread pool per core. Only before JAX is
+    imported."""
+    os.environ.setdefault(
+        "XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+    )
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
 def _run_broker(chosen: BrokerSettings, stop: threading.Event) -> int:

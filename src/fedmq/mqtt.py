@@ -8,7 +8,7 @@ import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import paho.mqtt.client as mqtt
 import structlog
@@ -277,12 +277,20 @@ class Received:
     qos: int = 0
 
 
+class Inbox(Protocol):
+    """Where ``make_client`` drops what it receives: a ``queue.Queue[Received]``, or
+    anything with its ``put`` (``fedmq.node.group`` tags each node's messages on their way
+    into the one queue its worker reads)."""
+
+    def put(self, item: Received, /) -> None: ...
+
+
 def make_client(
     client_id: str,
     *,
     subscriptions: Iterable[tuple[str, int]] = (),
     will: tuple[str, bytes] | None = None,
-    inbox: "queue.Queue[Received] | None" = None,
+    inbox: Inbox | None = None,
     ready: threading.Event | None = None,
     persistent: bool = False,
     manual_ack: bool = False,
@@ -425,7 +433,7 @@ class Outbox:
     and otherwise dropped; nothing waits for it.
     """
 
-    def __init__(self, client: mqtt.Client) -> None:
+    def __init__(self, client: Client) -> None:
         self.client = client
         self._unacked: set[int] = set()
         self._unsent: set[int] = set()  # QoS 0: paho calls on_publish once written
@@ -468,9 +476,10 @@ class Outbox:
             return self._changed.wait_for(lambda: not self._unacked, timeout=timeout)
 
 
-def drain(
-    inbox: "queue.Queue[Received]", first: Received, *, limit: int | None = None
-) -> list[Received]:
+T = TypeVar("T")
+
+
+def drain(inbox: "queue.Queue[T]", first: T, *, limit: int | None = None) -> list[T]:
     """``first`` and what is queued behind it (up to ``limit`` messages in all)."""
     batch = [first]
     while limit is None or len(batch) < limit:
