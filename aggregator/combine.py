@@ -16,7 +16,7 @@ one of the same size.
 """
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from fedmq.aggregator.fedavg import WeightedSum
@@ -117,7 +117,8 @@ class Held(Mapping[str, NodeUpdate]):
             raise ValueError(f"an update is already held as {key!r}")
         if self._sum is not None:
             self._sum.add(scaled_delta(update, scale), update.num_examples)
-            update = replace(update, delta={})
+            # (``dataclasses.replace`` looks the fields up every call: ~10 us an update)
+            update = NodeUpdate(**{**update.__dict__, "delta": {}})
         else:
             self._scales[key] = scale
         self._updates[key] = update

@@ -22,7 +22,7 @@ stay those of ``schemas.encodings``.
 """
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import ItemsView, Iterator, Mapping, ValuesView
 from typing import Any
 
 import numpy as np
@@ -173,16 +173,16 @@ class FlatDense(Mapping[str, np.ndarray]):
     order, each in C order) in ``array``. As a mapping it gives each tensor as the
     read-only array the per-tensor decoder returns (a view)."""
 
-    __slots__ = ("_parts", "array", "layout")
+    __slots__ = ("_views", "array", "layout")
 
     def __init__(self, layout: Layout, array: np.ndarray) -> None:
         self.layout = layout
         self.array = array
-        self._parts: dict[str, tuple[int, int, tuple[int, ...]]] = {}
+        self._views: dict[str, np.ndarray] = {}
         offset = 0
         for name, shape in layout:
             size = math.prod(shape)
-            self._parts[name] = (offset, offset + size, shape)
+            self._views[name] = array[offset : offset + size].reshape(shape)
             offset += size
 
     def add_scaled_into(self, total: np.ndarray, scale: np.float32) -> None:
@@ -200,14 +200,19 @@ class FlatDense(Mapping[str, np.ndarray]):
             np.add(window, scaled, out=window)
 
     def __getitem__(self, name: str) -> np.ndarray:
-        start, stop, shape = self._parts[name]
-        return self.array[start:stop].reshape(shape)
+        return self._views[name]
 
     def __contains__(self, name: object) -> bool:
-        return name in self._parts
+        return name in self._views
 
     def __iter__(self) -> Iterator[str]:
-        return (name for name, _ in self.layout)
+        return iter(self._views)
+
+    def items(self) -> ItemsView[str, np.ndarray]:
+        return self._views.items()
+
+    def values(self) -> ValuesView[np.ndarray]:
+        return self._views.values()
 
     def __len__(self) -> int:
         return len(self.layout)
