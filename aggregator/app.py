@@ -410,6 +410,11 @@ def saving_model(publish: Publish, topic: str, path: Path) -> Publish:
 
 
 LEAVE_SECONDS = 10.0  # the most a stop waits for the broker's acknowledgements
+# Messages received and not yet handled, at most: the rest wait at the broker (the
+# memory of a burst of updates does not grow with the number of nodes; mosquitto was
+# seen to send several hundred unacknowledged ones despite max_inflight_messages 100).
+# Also the largest group commit: one fsync per batch of at most this many.
+INBOX_LIMIT = 100
 
 
 def leave(client: mqtt.Client, outbox: edge.Outbox, topics: Topics, *, done: bool) -> None:
@@ -420,7 +425,9 @@ def leave(client: mqtt.Client, outbox: edge.Outbox, topics: Topics, *, done: boo
     more, so we close no socket with unread data in it, the broker reads our DISCONNECT
     and discards the will (``offline``, round 0) that would otherwise replace the
     retained ``done`` (``edge.unsubscribe``). A stopped run keeps its subscriptions: the
-    broker queues updates for its restart."""
+    broker queues updates for its restart. Messages still arriving are not taken any
+    more (``edge.stop_receiving``): unacknowledged, the broker keeps them."""
+    edge.stop_receiving(client)
     wanted = [topics.all_updates, topics.all_status, DROPPED, VERSION]
     if done and client.is_connected() and not edge.unsubscribe(client, wanted, timeout=10):
         log.warning("aggregator.unsubscribe_unacknowledged")
@@ -452,7 +459,7 @@ def run(config: AggregatorSettings, stop: threading.Event) -> int:
 
 def _run(config: AggregatorSettings, stop: threading.Event) -> int:
     topics = Topics(config.federation)
-    inbox: queue.Queue[edge.Received] = queue.Queue()
+    inbox: queue.Queue[edge.Received] = queue.Queue(maxsize=INBOX_LIMIT)
     ready = threading.Event()
     offline = ServerStatus(
         federation=config.federation,

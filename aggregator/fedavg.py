@@ -1,9 +1,10 @@
 """FedAvg maths: an example-weighted sum and its application to the global model.
 
 ``WeightedSum`` folds updates in one at a time into a float64 running sum of model size.
-The aggregator does not feed it as updates arrive: it holds a round's updates until the
-round closes and then adds them in node-id order (``aggregator.combine``), so the order
-updates arrived in never changes the model and a resumed run is bitwise the same.
+Under plain FedAvg the aggregator feeds it each update as it is accepted (in arrival
+order; ``aggregator.combine.Held`` says why that order does not change the model in
+practice); the clipped and capped forms add a round's held updates in node-id order
+when it closes.
 """
 
 import math

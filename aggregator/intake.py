@@ -7,11 +7,13 @@ the node is known; whether it is meant for the open model version (the version p
 its round, its node sampled, not a resend); its compression and encoding; then whether
 it can be held for the next version (the policy: its base model, not a duplicate). An
 accepted update is appended to the journal (the MQTT edge fsyncs it before the PUBACK)
-and held until the next version is made.
+and handed to the version's ``Holding`` (``aggregator.combine.Held``: under plain FedAvg
+folded into the running sum at once), with the policy's scale for it.
 """
 
 from collections import Counter
-from typing import Protocol
+from collections.abc import Callable, Collection
+from typing import Generic, Protocol, TypeVar
 
 import structlog
 
@@ -29,7 +31,16 @@ class Journal(Protocol):
     def append(self, topic: str, payload: bytes) -> None: ...
 
 
-class Intake:
+class Holding(Collection[str], Protocol):
+    """Where the open version's accepted updates go, by key (``aggregator.combine.Held``)."""
+
+    def add(self, key: str, update: NodeUpdate, scale: float) -> None: ...
+
+
+H = TypeVar("H", bound=Holding)
+
+
+class Intake(Generic[H]):
     """The updates accepted on the open model version, and the rejections."""
 
     def __init__(
@@ -41,6 +52,7 @@ class Intake:
         compression: str,  # the SPEC every update must follow
         known_nodes: frozenset[str] | None,  # None: any node id
         policy: VersionPolicy,
+        hold: Callable[[], H],  # a new, empty Holding for each version
         journal: Journal | None = None,
     ) -> None:
         self.topics = topics
@@ -51,16 +63,15 @@ class Intake:
         self.policy = policy
         self.journal = journal
         self._pipeline = parse_spec(compression)
-        # Held until the version is made (memory: its updates as decoded, about their
-        # wire size), then combined in key order (aggregator.combine): by the policy's
-        # key, the node id in rounds, ``node@version`` in the asynchronous buffer.
-        self.held: dict[str, NodeUpdate] = {}
+        # By the policy's key: the node id in rounds, ``node@version`` in the buffer.
+        self._hold = hold
+        self.held = hold()
         self.uplink_bytes = 0  # of the held updates, as received
         self.rejected: Counter[str] = Counter()  # since the last ``take_rejected``
 
     def start_version(self) -> None:
         """Forget the held updates: a new version is open."""
-        self.held = {}
+        self.held = self._hold()
         self.uplink_bytes = 0
 
     def take_rejected(self) -> dict[str, int]:
@@ -92,7 +103,7 @@ class Intake:
             return False
         if journal and self.journal is not None:
             self.journal.append(topic, payload)
-        self.held[self.policy.key(update, node_id)] = update
+        self.held.add(self.policy.key(update, node_id), update, self.policy.scale(update, current))
         self.uplink_bytes += len(payload)
         log.debug("update.accepted", node=node_id, round=current.number, bytes=len(payload))
         return True

@@ -42,9 +42,10 @@ them). The clipped and capped FedAvg sums in the order given, which the aggregat
 Memory: FedAvg could fold updates into a running sum one by one; an order statistic needs
 all n values of a coordinate at once, so the median and trimmed mean **cannot stream**:
 the round's n updates must all be held until it closes, n x model size x 4 bytes for
-dense float32 updates (less for compressed ones, which stay compressed until read). The
-aggregator holds them anyway (it sums in node-id order at round close), as decoded
-(views on the payloads, at most ``max_update_bytes`` each). On top of that these rules
+dense float32 updates (less for compressed ones, which stay compressed until read), as
+decoded (views on the payloads, at most ``max_update_bytes`` each). So must clipping and
+the examples cap, whose bounds are medians over the whole round; only plain FedAvg folds
+each update in as it is accepted (``aggregator.combine.Held``). On top of that these rules
 densify block by block: an (n, WORK_FLOATS // n) float32 block, sorted in place, plus
 the float64 result (the size of the model): their working memory does not grow with
 the model. ``memory_bound`` adds these up; ``check_memory`` refuses (at start-up) a

@@ -18,15 +18,18 @@ MQTT edge (``aggregator.app``) stays a thin loop.
 Durability goes through the optional ``store`` (``aggregator.checkpoint.StateDir``):
 every accepted update is appended to the journal of the version open when it arrived,
 and every version is checkpointed before its global model is published, so ``resume`` can
-rebuild the exact state after a crash. The held updates are combined when the next version
-is made, in the order of their keys (node ids in rounds), so the new model does not depend
-on the order updates arrived in: a crashed-and-resumed run gives bitwise the same model as
-an uninterrupted one.
+rebuild the exact state after a crash. Under plain FedAvg each accepted update is folded
+into the version's running sum at once and its delta dropped (memory flat in the number
+of nodes); the other rules hold the updates and combine them in the order of their keys
+(node ids in rounds) when the next version is made. Either way the new model does not
+depend on the order updates arrived in (``aggregator.combine.Held`` says why, for the
+running sum): a crashed-and-resumed run gives bitwise the same model as an uninterrupted
+one.
 """
 
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
@@ -39,7 +42,7 @@ from fedmq.aggregator.checkpoint import (
     metrics_payload,
     read_history,
 )
-from fedmq.aggregator.combine import combine
+from fedmq.aggregator.combine import Held
 from fedmq.aggregator.evaluate import Evaluator, mlp_evaluator
 from fedmq.aggregator.federated_metrics import federated_metrics
 from fedmq.aggregator.intake import Intake
@@ -57,7 +60,6 @@ from fedmq.datasets import Dataset
 from fedmq.models import MLP
 from fedmq.schemas import (
     GlobalModel,
-    NodeUpdate,
     RoundEvaluation,
     RoundMetrics,
     ServerStatus,
@@ -213,6 +215,7 @@ class Aggregator:
             compression=settings.accepted_compression or settings.plan.compression,
             known_nodes=settings.known_nodes,
             policy=self.policy,
+            hold=lambda: Held(settings.aggregation, self.layout),
             journal=store,
         )
         self._open = OpenVersion(
@@ -249,9 +252,10 @@ class Aggregator:
         return self._open.final
 
     @property
-    def held(self) -> Mapping[str, NodeUpdate]:
+    def held(self) -> Held:
         """The updates accepted for the open version, by the policy's key (node id in
-        rounds, ``node@version`` in the asynchronous buffer)."""
+        rounds, ``node@version`` in the asynchronous buffer); under plain FedAvg without
+        their deltas, which are in the running sum already (``aggregator.combine.Held``)."""
         return self._intake.held
 
     @property
@@ -476,8 +480,7 @@ class Aggregator:
         metrics, and open the next version on the new model."""
         started = self._clock()
         held = self._intake.held
-        scales = {key: self.policy.scale(update, self._open) for key, update in held.items()}
-        combined = combine(self.settings.aggregation, held, self.layout, scales)
+        combined = held.combine()
         previous = (self.params, self.model_id)
         self.params, self._optimizer_state = self._optimizer.update(
             self.params, combined.delta, self._optimizer_state

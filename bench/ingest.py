@@ -3,9 +3,9 @@ against a plain numpy add of the same array, measured in the same run.
 
     .venv/bin/python bench/ingest.py
 
-Ingest goes through ``Aggregator.handle`` exactly as a message from the broker does,
-plus the accumulation that the round close does for each update
-(``aggregator.combine.weighted_sum``).
+Ingest goes through ``Aggregator.handle`` exactly as a message from the broker does
+(under plain FedAvg that folds the update into the round's sum), plus the round close's
+mean (``aggregator.combine.Held.combine``).
 The baseline is ``acc += delta`` on a float32 array of the same size: the least any
 aggregator must do per update.
 """
@@ -17,7 +17,6 @@ import timeit
 import numpy as np
 
 from fedmq import logs
-from fedmq.aggregator.combine import weighted_sum
 from fedmq.aggregator.rounds import RoundPolicy
 from fedmq.aggregator.server import Aggregator, RoundSettings
 from fedmq.models import MLP
@@ -53,10 +52,10 @@ def time_ingest(params: dict[str, np.ndarray]) -> tuple[float, int]:
         aggregator.start()
         started = time.perf_counter()
         for topic, payload in payloads:
-            aggregator.handle(topic, payload)  # decode + validate + keep
-        total, _ = weighted_sum(aggregator.held, aggregator.layout)  # as the round close does
+            aggregator.handle(topic, payload)  # decode + validate + fold in
+        aggregator.held.combine()  # as the round close does
         per_update.append((time.perf_counter() - started) / UPDATES)
-        assert total.count == UPDATES, "an update was rejected"
+        assert len(aggregator.held) == UPDATES, "an update was rejected"
     return statistics.median(per_update), len(payloads[0][1])
 
 

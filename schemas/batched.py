@@ -1,4 +1,5 @@
-"""All sparse-quantized tensors of one update decoded in one pass (same wire format).
+"""All tensors of one update decoded in one pass, when they share one form (same wire
+format): sparse with quantized values, or dense float32.
 
 At 100x compression an update holds a few thousand numbers spread over a handful of
 tensors, and decoding them one by one costs a dozen numpy calls per tensor: fixed
@@ -8,18 +9,25 @@ model's flat layout (tensors one after the other, in layout order), and the resu
 ``FlatSparse`` (``schemas.flat``), a read-only mapping that the aggregator folds into its
 sum with a single scatter-add and that yields the per-tensor ``Sparse`` objects on demand.
 
-The batch path only accepts what the per-tensor decoder (``decode_encoded``) accepts,
-and gives the same numbers; when anything is off it returns None and the caller decodes
+A dense update of a small model pays the same fixed overhead per tensor (its checks,
+``frombuffer``, the finiteness test, then a multiply and an add per tensor in the sum):
+``decode_flat_dense`` joins the tensors' bytes into one float32 run, checks it with one
+dot product and gives a ``FlatDense``, which the aggregator adds in one run and which
+reads as the per-tensor arrays.
+
+The batch paths only accept what the per-tensor decoder (``decode_encoded``) accepts,
+and give the same numbers; when anything is off they return None and the caller decodes
 tensor by tensor, which names the problem. So the wire format and every error message
 stay those of ``schemas.encodings``.
 """
 
 import math
-from collections.abc import Mapping
+from collections.abc import ItemsView, Iterator, Mapping, ValuesView
 from typing import Any
 
 import numpy as np
 
+from fedmq.schemas.encodings.base import MAX_ABS
 from fedmq.schemas.encodings.quantized import (
     _NIBBLE_PAIRS,
     _SIGN_OCTETS,
@@ -28,7 +36,8 @@ from fedmq.schemas.encodings.quantized import (
 )
 from fedmq.schemas.encodings.sparse import decode_varints
 from fedmq.schemas.errors import SchemaError
-from fedmq.schemas.flat import FlatSparse
+from fedmq.schemas.flat import FlatSparse, Layout
+from fedmq.schemas.tensors import squared_norm
 
 _INT_ONLY = frozenset([int])
 # Byte values of varint continuation bytes: deleting them leaves one byte per varint.
@@ -150,3 +159,93 @@ def _decode(
         tuple((name, tuple(shape)) for name, shape in layout.items()), positions, parts,
         codes=codes, scales=scales, bits=bits, scale_of=scale_of,
     )  # fmt: skip
+
+
+# ------------------------------------------------------------------------ dense float32
+
+_F32 = np.dtype("<f4")
+# Elements per step when a FlatDense is added into a float64 sum (256 KiB of float32).
+_ADD_CHUNK = 65536
+
+
+class FlatDense(Mapping[str, np.ndarray]):
+    """A dense float32 delta over a whole layout: the tensors one after the other (layout
+    order, each in C order) in ``array``. As a mapping it gives each tensor as the
+    read-only array the per-tensor decoder returns (a view)."""
+
+    __slots__ = ("_views", "array", "layout")
+
+    def __init__(self, layout: Layout, array: np.ndarray) -> None:
+        self.layout = layout
+        self.array = array
+        self._views: dict[str, np.ndarray] = {}
+        offset = 0
+        for name, shape in layout:
+            size = math.prod(shape)
+            self._views[name] = array[offset : offset + size].reshape(shape)
+            offset += size
+
+    def add_scaled_into(self, total: np.ndarray, scale: np.float32) -> None:
+        """``total += scale * delta`` over the layout laid end to end (``WholeDelta``):
+        per element the float32 product added in float64, as tensor by tensor."""
+        step = min(_ADD_CHUNK, self.array.size)
+        if step == 0:
+            return
+        scratch = np.empty(step, dtype=np.float32)
+        for start in range(0, self.array.size, step):
+            stop = min(start + step, self.array.size)
+            scaled = scratch[: stop - start]
+            np.multiply(self.array[start:stop], scale, out=scaled)
+            window = total[start:stop]
+            np.add(window, scaled, out=window)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self._views[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._views
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._views)
+
+    def items(self) -> ItemsView[str, np.ndarray]:
+        return self._views.items()
+
+    def values(self) -> ValuesView[np.ndarray]:
+        return self._views.values()
+
+    def __len__(self) -> int:
+        return len(self.layout)
+
+
+def decode_flat_dense(
+    wire: Mapping[str, Any], layout: Mapping[str, tuple[int, ...]], max_elements: int
+) -> FlatDense | None:
+    """The whole delta ``wire`` (already checked to name ``layout``'s tensors in order) if
+    every tensor is dense float32 of its layout's shape, with every value finite and at
+    most ``MAX_ABS`` (one sum of squares below MAX_ABS**2 says so); None otherwise (the
+    caller then decodes tensor by tensor, which names the problem)."""
+    chunks = []
+    total = 0
+    for name, obj in wire.items():
+        if not isinstance(obj, dict) or obj.get("enc", "dense") != "dense":
+            return None
+        shape = layout[name]
+        size = math.prod(shape)
+        wire_shape, data = obj.get("shape"), obj.get("data")
+        if (
+            obj.get("dtype") != "<f4"
+            or wire_shape != list(shape)
+            or not _INT_ONLY.issuperset(map(type, wire_shape))  # no 1.0 or True for 1
+            or not isinstance(data, bytes)
+            or len(data) != 4 * size
+        ):
+            return None
+        total += size
+        chunks.append(data)
+    if total > max_elements:
+        return None
+    values = np.frombuffer(b"".join(chunks), dtype=_F32)
+    if not squared_norm(values) <= MAX_ABS * MAX_ABS:  # NaN, Inf, or some value too large
+        return None
+    return FlatDense(tuple((name, tuple(shape)) for name, shape in layout.items()), values)

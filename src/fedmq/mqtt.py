@@ -184,6 +184,7 @@ _LOGIN_REFUSED = frozenset({134, 135, 140})
 # A client not connected when it stops waits this long for paho's thread (which may be
 # in a connect attempt); the thread is a daemon and ends with the process anyway.
 STOP_WAIT_UNCONNECTED = 0.2
+INBOX_WAIT = 0.2  # seconds between looks at ``receiving_stopped`` while a bounded inbox is full
 
 
 class LoginRefused(RuntimeError):
@@ -241,6 +242,9 @@ class Client(mqtt.Client):
     broker: "BrokerAddress | None" = None
     connect_error: OSError | None = None
     refused: LoginRefused | None = None
+    # Set once the receiver stops taking messages (``stop``, ``stop_receiving``): a
+    # message that finds a bounded inbox full is then dropped, not waited with.
+    receiving_stopped: bool = False
 
     def reconnect(self) -> mqtt.MQTTErrorCode:
         # paho's loop calls this for the first connect and every reconnect, and turns an
@@ -310,6 +314,13 @@ def make_client(
     so the broker keeps the subscriptions and queues QoS 1 messages while we are away.
     ``manual_ack``: PUBACK only when the receiver calls ``acknowledge`` (after it has
     made the message durable); unacknowledged messages are redelivered on reconnect.
+
+    A bounded ``inbox`` (``queue.Queue(maxsize=...)``) bounds the memory of messages
+    received and not yet handled: when it is full, paho's network thread waits, stops
+    reading the socket, and the broker keeps the rest (TCP back-pressure; with
+    ``manual_ack`` none of them is acknowledged yet). After ``stop_receiving`` (or
+    ``stop``) a message that finds it full is dropped instead: unacknowledged, the
+    broker sends it again to the next session.
 
     Every failed attempt is a warning ``mqtt.connect_failed`` with the cause in words
     (``describe_connect_error``, ``describe_hang_up``, or the broker's refusal). After
@@ -410,15 +421,20 @@ def make_client(
     if inbox is not None:
 
         def on_message(_c: mqtt.Client, _u: Any, message: mqtt.MQTTMessage) -> None:
-            inbox.put(
-                Received(
-                    message.topic,
-                    bytes(message.payload),
-                    bool(message.retain),
-                    mid=message.mid,
-                    qos=message.qos,
-                )
+            received = Received(
+                message.topic,
+                bytes(message.payload),
+                bool(message.retain),
+                mid=message.mid,
+                qos=message.qos,
             )
+            while True:  # an unbounded inbox takes it at once
+                try:
+                    inbox.put(received, timeout=INBOX_WAIT)
+                    return
+                except queue.Full:
+                    if client.receiving_stopped:
+                        return
 
         client.on_message = on_message
     return client
@@ -512,10 +528,19 @@ def start(client: Client, broker: BrokerAddress, *, keepalive: int = 30) -> None
     client.loop_start()
 
 
+def stop_receiving(client: mqtt.Client) -> None:
+    """The receiver takes no more messages from its inbox: paho's network thread no
+    longer waits for room in a bounded one (``make_client``), so it goes on handling
+    acknowledgements and the disconnect."""
+    if isinstance(client, Client):
+        client.receiving_stopped = True
+
+
 def stop(client: mqtt.Client) -> None:
     """Disconnect and end paho's thread. Not connected, wait for that thread at most
     ``STOP_WAIT_UNCONNECTED`` s: it may be sleeping between attempts or inside one (up
     to paho's 5 s connect timeout), and a stop must not wait for that."""
+    stop_receiving(client)
     connected = client.is_connected()
     client.disconnect()
     if connected:
