@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedmq.aggregator.combine import combine
+from fedmq.aggregator.combine import Held, combine
 from fedmq.aggregator.federated_metrics import federated_metrics
 from fedmq.aggregator.robust import Rule
 from fedmq.compression import Pipeline
@@ -98,7 +98,8 @@ def site_update(
             f"site {at.site}: its nodes hold {examples} examples, more than the "
             f"{MAX_EXAMPLES} one update may claim: split the site"
         )
-    combined = combine(rule, held, layout)
+    # The intake's Held has folded plain FedAvg already; a plain mapping is combined here.
+    combined = held.combine() if isinstance(held, Held) else combine(rule, held, layout)
     state = residual
     if at.pipeline.error_feedback and state is None:
         state = ErrorFeedbackState({n: np.zeros(s, np.float32) for n, s in layout.items()})

@@ -29,6 +29,7 @@ import numpy as np
 import structlog
 
 from fedmq.aggregator.checkpoint import Checkpoint, CheckpointError, metrics_payload, read_history
+from fedmq.aggregator.combine import Held
 from fedmq.aggregator.intake import Intake
 from fedmq.aggregator.policy import OpenVersion
 from fedmq.aggregator.publisher import Publish
@@ -193,6 +194,7 @@ class SiteAggregator:
                 compression=model.plan.compression,
                 known_nodes=self.settings.known_nodes,
                 policy=self.settings.policy,
+                hold=lambda: Held(self.settings.aggregation, layout),
                 journal=self.store,
             )
         self._layout = layout

@@ -286,7 +286,8 @@ class Inbox(Protocol):
     anything with its ``put`` (``fedmq.node.group`` tags each node's messages on their way
     into the one queue its worker reads)."""
 
-    def put(self, item: Received, /) -> None: ...
+    def put(self, item: Received, /, block: bool = True, timeout: float | None = None) -> None:
+        """Take ``item``; a bounded inbox may raise ``queue.Full`` after ``timeout``."""
 
 
 def make_client(
