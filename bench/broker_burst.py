@@ -369,7 +369,9 @@ def run_burst(broker: Mosquitto, nodes: int, workdir: Path, *, copies: int = 1,
                 status = agg.process.poll()
                 raise TimeoutError(
                     f"{error}; aggregator {'running' if status is None else f'exited {status}'},"
-                    f" its log ends:\n{agg.log()[-3000:]}"
+                    f" its log ends:\n{agg.log()[-3000:]}\nmosquitto's log ends:\n"
+                    f"{broker.log_path.read_text(errors='replace')[-2000:]}\n"
+                    f"connected simulated nodes {len(swarm.connected)}, lost {len(swarm.lost)}"
                 ) from None
             messages = build_updates(model, nodes)
             seconds = swarm.publish_all(messages, copies=copies, timeout=60)
