@@ -127,10 +127,6 @@ def to_bytes(checkpoint: Checkpoint) -> bytes:
     return msgpack.packb(content, use_bin_type=True)
 
 
-def _listed(selected: tuple[str, ...] | None) -> list[str] | None:
-    return None if selected is None else list(selected)
-
-
 def _recent(raw: Any) -> dict[int, Opened] | None:
     if raw is None:
         return None
