@@ -62,6 +62,7 @@ class Swarm:
         self.host, self.port = host, port
         self._selector = selectors.DefaultSelector()
         self.clients = [self._client(index, cid) for index, cid in enumerate(client_ids)]
+        self._others: list[mqtt.Client] = []  # driven here too, not simulated nodes (drive)
         self.connected: set[int] = set()
         self.acks: list[float] = []  # monotonic time of every PUBACK
         self.lost: dict[int, str] = {}  # client index -> why its connection ended
@@ -76,13 +77,28 @@ class Swarm:
             userdata=index,
         )
         client.max_queued_messages_set(0)
+        self._loop_callbacks(client)
+        client.on_connect = self._on_connect
+        client.on_publish = self._on_publish
+        client.on_disconnect = self._on_disconnect
+        return client
+
+    def _loop_callbacks(self, client: mqtt.Client) -> None:
         client.on_socket_open = self._on_socket_open
         client.on_socket_close = self._on_socket_close
         client.on_socket_register_write = self._on_register_write
         client.on_socket_unregister_write = self._on_unregister_write
-        client.on_connect = self._on_connect
-        client.on_publish = self._on_publish
-        client.on_disconnect = self._on_disconnect
+
+    def drive(self, client: mqtt.Client) -> mqtt.Client:
+        """Run ``client`` (not a simulated node; connect it after this call) in this loop
+        too. Any client this process opens while the swarm is connected must: its socket's
+        number is above 1,000, and paho's own loop (``loop_start``) waits in ``select()``,
+        which refuses descriptors from 1,024 (FD_SETSIZE) on; paho takes that for a lost
+        connection and reconnects for ever without reading a byte. In a long pytest run
+        the process holds enough other files to get there (the burst test's "no global
+        model within 60 s" in CI)."""
+        self._loop_callbacks(client)
+        self._others.append(client)
         return client
 
     # paho's external-loop callbacks: keep the selector in step with each socket
@@ -129,7 +145,7 @@ class Swarm:
         now = time.monotonic()
         if now >= self._next_misc:
             self._next_misc = now + 1.0
-            for client in self.clients:
+            for client in [*self.clients, *self._others]:
                 client.loop_misc()
 
     def pump_until(self, done: Callable[[], bool], timeout: float, what: str) -> None:
@@ -171,15 +187,19 @@ class Swarm:
             raise RuntimeError(f"{len(self.lost)} clients lost their connection: {self.lost}")
         return max(self.acks, default=started) - started
 
+    def close_client(self, client: mqtt.Client) -> None:
+        """Disconnect one client of this loop (a node or one it ``drive``s)."""
+        if client.socket() is not None:
+            client.disconnect()
+            client.loop_write()
+        sock = client.socket()
+        if sock is not None:  # DISCONNECT not written: close it ourselves
+            self._on_socket_close(client, 0, sock)
+            sock.close()
+
     def close(self) -> None:
-        for client in self.clients:
-            if client.socket() is not None:
-                client.disconnect()
-                client.loop_write()
-            sock = client.socket()
-            if sock is not None:  # DISCONNECT not written: close it ourselves
-                self._on_socket_close(client, 0, sock)
-                sock.close()
+        for client in [*self.clients, *self._others]:
+            self.close_client(client)
         self._selector.close()
 
 
@@ -229,30 +249,33 @@ class SysWatcher:
         self._client.loop_stop()
 
 
-def fetch_global(host: str, port: int, federation: str, timeout: float = 60.0) -> GlobalModel:
-    """The retained global model of ``federation``, waiting until there is one."""
+def fetch_global(swarm: Swarm, federation: str, timeout: float = 60.0) -> GlobalModel:
+    """The retained global model of ``federation``, waiting until there is one: read by
+    one more client in ``swarm``'s loop (``Swarm.drive`` says why not in a thread of its
+    own), which also keeps the simulated nodes' connections serviced meanwhile."""
     arrived: list[bytes] = []
-    got = threading.Event()
 
     def on_message(_c: mqtt.Client, _u: Any, message: mqtt.MQTTMessage) -> None:
         if message.payload:
             arrived.append(bytes(message.payload))
-            got.set()
 
-    client = mqtt.Client(
-        mqtt.CallbackAPIVersion.VERSION2, client_id=f"burst-g-{uuid.uuid4().hex[:8]}"
+    client = swarm.drive(
+        mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"burst-g-{uuid.uuid4().hex[:8]}")
     )
     client.on_connect = lambda c, _u, _f, _r, _p: c.subscribe(Topics(federation).global_model, 1)
     client.on_message = on_message
-    client.connect(host, port)
-    client.loop_start()
+    client.connect(swarm.host, swarm.port)
     try:
-        if not got.wait(timeout):
-            raise TimeoutError(f"no global model for {federation} within {timeout} s")
+        try:
+            swarm.pump_until(lambda: bool(arrived), timeout, "global model")
+        except TimeoutError:
+            state = "connected" if client.is_connected() else "not connected"
+            raise TimeoutError(
+                f"no global model for {federation} within {timeout} s (its reader {state})"
+            ) from None
         return decode_global(arrived[0])
     finally:
-        client.disconnect()
-        client.loop_stop()
+        swarm.close_client(client)
 
 
 def node_id(index: int) -> str:
@@ -355,6 +378,8 @@ def run_burst(broker: Mosquitto, nodes: int, workdir: Path, *, copies: int = 1,
     """Connect ``nodes`` simulated nodes, start an aggregator expecting them, and send
     every node's round-1 update (``copies`` times) in the same instant."""
     federation = f"burst-{uuid.uuid4().hex[:8]}"
+    # Before the swarm: its own paho thread waits in select(), which needs its socket
+    # numbered below 1,024 (Swarm.drive).
     watcher = SysWatcher(broker.host, broker.port)
     swarm = Swarm(broker.host, broker.port, [f"{federation}-{node_id(i)}" for i in range(nodes)])
     try:
@@ -364,7 +389,7 @@ def run_burst(broker: Mosquitto, nodes: int, workdir: Path, *, copies: int = 1,
         # about the moment of the burst.
         with Aggregator(broker, federation, nodes, workdir, round_timeout=round_timeout) as agg:
             try:
-                model = fetch_global(broker.host, broker.port, federation)
+                model = fetch_global(swarm, federation)
             except TimeoutError as error:  # say why: the aggregator's status and its log
                 status = agg.process.poll()
                 raise TimeoutError(

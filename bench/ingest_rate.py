@@ -219,7 +219,7 @@ def run_aggregator(broker: Mosquitto, swarm: Swarm, federation: str, payloads: l
     process = subprocess.Popen([python, *command], stdout=log, stderr=subprocess.STDOUT,
                                stdin=subprocess.DEVNULL, cwd=workdir)  # fmt: skip
     try:
-        fetch_global(broker.host, broker.port, federation)
+        fetch_global(swarm, federation)
         burst = Burst(broker, swarm, process.pid, federation, payloads)
         cpu, rss = wait_usage(process, TIMEOUT)
     finally:
@@ -234,16 +234,16 @@ def run_aggregator(broker: Mosquitto, swarm: Swarm, federation: str, payloads: l
     return burst.run(label, first["at"], cpu, rss)
 
 
-def initial_model(broker: Mosquitto, workdir: Path, aggregation: str) -> GlobalModel:
+def initial_model(broker: Mosquitto, swarm: Swarm, workdir: Path, aggregation: str) -> GlobalModel:
     """The aggregator's initial global model (the same for every federation: same task,
-    same seed), from a short-lived aggregator."""
+    same seed), from a short-lived aggregator, read in ``swarm``'s loop."""
     federation = f"ingest-{uuid.uuid4().hex[:8]}"
     workdir.mkdir(parents=True)
     command = aggregator_command(broker, federation, 1, workdir, aggregation)
     process = subprocess.Popen([sys.executable, *command], stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, cwd=workdir)  # fmt: skip
     try:
-        return fetch_global(broker.host, broker.port, federation)
+        return fetch_global(swarm, federation)
     finally:
         process.terminate()
         process.wait()
@@ -284,10 +284,10 @@ def main() -> int:
         Mosquitto(config=PROJECT_CONF) as broker,
     ):
         base = Path(tmp)
-        model = initial_model(broker, base / "initial", args.aggregation)
         swarm = Swarm(broker.host, broker.port, [f"swarm-{node_id(i)}" for i in range(args.nodes)])
         try:
             swarm.connect()
+            model = initial_model(broker, swarm, base / "initial", args.aggregation)
             size = len(payloads_for(model, 1)[1][0])
             print(f"{args.nodes} nodes, dense digits-mlp updates ({size:,} B) at QoS 1, all at "
                   f"once; aggregator --aggregation {args.aggregation}"

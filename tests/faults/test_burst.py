@@ -8,6 +8,7 @@ The simulated nodes, the aggregator runner and the $SYS watcher are those of
 bench/broker_burst.py (one thread, one selectors loop, paho's external-loop API).
 """
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,6 +36,18 @@ def default_broker(tmp_path: Path) -> Iterator[Mosquitto]:
     conf.write_text(default_queue_config(PROJECT_CONF.read_text()))
     with Mosquitto(config=conf) as broker:
         yield broker
+
+
+@pytest.fixture
+def files_held() -> Iterator[None]:
+    """64 more open files in this process, as a long pytest run holds by the time it gets
+    here: the thousand simulated nodes' sockets then take the numbers up to about 1,080,
+    and a client opened after them with paho's own loop (select(), numbers below 1,024
+    only) never read a byte: "no global model within 60 s", 1 CI run in 3."""
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(64)]
+    yield
+    for descriptor in held:
+        os.close(descriptor)
 
 
 def show(label: str, burst: Burst) -> None:
@@ -65,7 +78,7 @@ def test_a_burst_of_1000_updates_is_delivered_in_full(project_broker, tmp_path):
     assert burst.dropped == 0
 
 
-def test_the_worst_round_fits_too(project_broker, tmp_path):
+def test_the_worst_round_fits_too(project_broker, files_held, tmp_path):
     """Every node's update twice (a node resends after a reconnect): what the queue
     limits are sized for. The copies are rejected as duplicates; nothing is dropped."""
     burst = run_burst(project_broker, NODES, tmp_path / "project-2x", copies=2)
