@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +17,7 @@ import structlog
 
 from fedmq.broker.process import Mosquitto
 from fedmq.datasets import Dataset, digits, partition
+from fedmq.schemas import decode_global, decode_metrics, decode_status
 
 
 @pytest.fixture(autouse=True)
@@ -126,6 +127,36 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.05) -> 
         time.sleep(interval)
 
 
+def metrics_rounds(payloads: list[bytes]) -> set[int]:
+    """The rounds the ``metrics`` messages among ``payloads`` are of (``Collector.wait_on``)."""
+    return {decode_metrics(payload).round for payload in payloads}
+
+
+def through(rounds: int) -> Callable[[list[bytes]], bool]:
+    """``Collector.wait_on``'s test for the metrics of rounds 1 to ``rounds`` (at least)."""
+    return lambda payloads: metrics_rounds(payloads) >= set(range(1, rounds + 1))
+
+
+def at_least(count: int) -> Callable[[list[bytes]], bool]:
+    """``Collector.wait_on``'s test for ``count`` messages or more."""
+    return lambda payloads: len(payloads) >= count
+
+
+def ends_final(payloads: list[bytes]) -> bool:
+    """``Collector.wait_on``'s test for global models: the last one is the final model."""
+    return bool(payloads) and bool(payloads[-1]) and decode_global(payloads[-1]).final
+
+
+def has_final(payloads: list[bytes]) -> bool:
+    """``Collector.wait_on``'s test for global models: the final model is among them."""
+    return any(payload and decode_global(payload).final for payload in payloads)
+
+
+def ends_in(state: str) -> Callable[[list[bytes]], bool]:
+    """``Collector.wait_on``'s test for a node's status messages: the last one is ``state``."""
+    return lambda payloads: bool(payloads) and decode_status(payloads[-1]).state == state
+
+
 class Collector:
     """A raw paho client (no fedmq code on the receiving side) that keeps what it gets."""
 
@@ -162,6 +193,16 @@ class Collector:
     def on(self, topic: str) -> list[bytes]:
         with self._lock:
             return [payload for t, payload, _ in self.messages if t == topic]
+
+    def wait_on(
+        self, topic: str, enough: Callable[[list[bytes]], bool], what: str, timeout: float = 10.0
+    ) -> list[bytes]:
+        """The payloads on ``topic`` once ``enough`` says they are: for reading what the
+        broker is known to have, from a child that exited (its publishes acknowledged) or
+        from another subscriber's copy. mosquitto delivers to each subscriber on its own,
+        so this one's copy may still be on its way."""
+        wait_until(lambda: enough(self.on(topic)), timeout, what)
+        return self.on(topic)
 
     def close(self) -> None:
         self.client.disconnect()

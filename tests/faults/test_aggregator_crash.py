@@ -15,7 +15,7 @@ import pytest
 
 from fedmq.schemas import Topics, decode_global, decode_metrics
 
-from ..conftest import wait_until
+from ..conftest import ends_final, through, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -45,9 +45,12 @@ def start_federation(spawn, mosquitto, federation, node_paths, tmp_path, server_
 
 
 def outcome(watcher, topics: Topics):  # type: ignore[no-untyped-def]
-    """Per-round metrics (last copy of each round) and the final global's parameters."""
-    metrics = {m.round: m for m in (decode_metrics(p) for p in watcher.on(topics.metrics))}
-    final = decode_global(watcher.on(topics.global_model)[-1])
+    """Per-round metrics (last copy of each round) and the final global's parameters,
+    once this watcher has them (the aggregator's exit says only that the broker has)."""
+    payloads = watcher.wait_on(topics.metrics, through(ROUNDS), f"metrics of rounds 1-{ROUNDS}")
+    metrics = {m.round: m for m in map(decode_metrics, payloads)}
+    models = watcher.wait_on(topics.global_model, ends_final, "the final model")
+    final = decode_global(models[-1])
     assert final.final
     return [metrics[r] for r in sorted(metrics)], final
 

@@ -32,7 +32,11 @@ def test_a_finished_run_continues_and_rolls_back_with_the_nodes_still_running(
 
     first = spawn("aggregator-1", *aggregator_args, "--rounds", "2")
     assert first.wait(300) == 0, first.log()[-3000:]
-    opened = {decode_global(p).round: decode_global(p) for p in watcher.on(topics.global_model)}
+    # the broker delivers to each subscriber on its own: the watcher's copy may lag the exit
+    models = watcher.wait_on(
+        topics.global_model, lambda ps: any(decode_global(p).round == 3 for p in ps), "round 3"
+    )
+    opened = {decode_global(p).round: decode_global(p) for p in models}
     assert opened[3].final
 
     # --rounds 4 on the finished 2-round run: it was "exit 0, nothing done"
@@ -54,6 +58,12 @@ def test_a_finished_run_continues_and_rolls_back_with_the_nodes_still_running(
     assert third.wait(300) == 0, third.log()[-3000:]
     rows = json.loads(report.read_text())["rounds"]
     assert [r["round"] for r in rows] == [1, 2, 3, 4]
+
+    def by_median(payloads: list[bytes]) -> list[int]:
+        again = map(decode_metrics, payloads[seen:])
+        return [m.round for m in again if m.extra.get("aggregation") == "median"]
+
+    watcher.wait_on(topics.metrics, lambda ps: 4 in by_median(ps), "round 4's median metrics")
     again = [decode_metrics(p) for p in watcher.on(topics.metrics)[seen:]]
     assert [m.round for m in again if m.extra.get("aggregation") == "median"] == [3, 4]
     assert all(len(m.participants) == NODES for m in again if m.round >= 3)

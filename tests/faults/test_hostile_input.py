@@ -25,7 +25,7 @@ from fedmq.schemas import (
     encode,
 )
 
-from ..conftest import wait_until
+from ..conftest import through, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -55,7 +55,8 @@ def start_node(spawn, mosquitto, federation: str, index: int, data: Path, tmp_pa
 
 def per_round(watcher, topics: Topics):
     """The last metrics message of each round (metrics are at least once), in order."""
-    metrics = {m.round: m for m in (decode_metrics(p) for p in watcher.on(topics.metrics))}
+    payloads = watcher.wait_on(topics.metrics, through(ROUNDS), f"metrics of rounds 1-{ROUNDS}")
+    metrics = {m.round: m for m in map(decode_metrics, payloads)}
     assert sorted(metrics) == list(range(1, ROUNDS + 1))
     return [metrics[r] for r in sorted(metrics)]
 

@@ -28,7 +28,7 @@ from fedmq.schemas import NodeUpdate, Topics, decode_global, decode_metrics, enc
 from fedmq.schemas.encodings import MAX_ABS
 from fedmq.schemas.messages import MAX_EXAMPLES
 
-from ..conftest import wait_until
+from ..conftest import through
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -123,7 +123,8 @@ class HostileNode:
 
 
 def final_metrics(watcher, topics: Topics):
-    metrics = {m.round: m for m in (decode_metrics(p) for p in watcher.on(topics.metrics))}
+    payloads = watcher.wait_on(topics.metrics, through(ROUNDS), f"metrics of rounds 1-{ROUNDS}")
+    metrics = {m.round: m for m in map(decode_metrics, payloads)}
     assert sorted(metrics) == list(range(1, ROUNDS + 1))
     return [metrics[r] for r in sorted(metrics)]
 
@@ -149,7 +150,6 @@ def test_one_hostile_node_of_ten_costs_at_most_three_points(
             assert child.wait(AGGREGATOR_WAIT) == 0, child.log()[-3000:]
         for child in [*clean_nodes, *nodes]:
             assert child.wait(60) == 0, child.log()[-3000:]
-        wait_until(lambda: len(watcher.on(topics.metrics)) >= ROUNDS, 10, "the last metrics")
     finally:
         hostile.close()
     reference = final_metrics(clean_watcher, clean)

@@ -11,7 +11,7 @@ import pytest
 from fedmq.node import last_update, residual
 from fedmq.schemas import Topics, decode_metrics, decode_status, decode_update
 
-from ..conftest import wait_until
+from ..conftest import through, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -39,7 +39,8 @@ def node_args(mosquitto, federation: str, index: int, data: Path, tmp_path: Path
 
 def per_round(watcher, topics: Topics, rounds: int):
     """The last metrics message of each round (metrics are at least once), in order."""
-    metrics = {m.round: m for m in (decode_metrics(p) for p in watcher.on(topics.metrics))}
+    payloads = watcher.wait_on(topics.metrics, through(rounds), f"metrics of rounds 1-{rounds}")
+    metrics = {m.round: m for m in map(decode_metrics, payloads)}
     assert sorted(metrics) == list(range(1, rounds + 1))
     return [metrics[r] for r in sorted(metrics)]
 

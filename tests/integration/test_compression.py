@@ -13,6 +13,8 @@ from fedmq.node import residual
 from fedmq.schemas import Topics, decode_global, decode_metrics, decode_update
 from fedmq.schemas.encodings import Quantized, Sparse
 
+from ..conftest import at_least, ends_final, through
+
 pytestmark = [pytest.mark.integration]
 
 DENSE_UPDATE_BYTES = 9_971  # one dense digits-mlp update (docs/PROTOCOL.md, section 10)
@@ -44,7 +46,9 @@ def test_three_nodes_send_sparse_quantized_updates_with_error_feedback(
     for node in nodes:
         assert node.wait(60) == 0, node.log()
 
-    metrics = [decode_metrics(p) for p in watcher.on(topics.metrics)]
+    # those exits say the broker had every message; the watcher's copies may still be on
+    # their way (mosquitto delivers to each subscriber on its own)
+    metrics = [decode_metrics(p) for p in watcher.wait_on(topics.metrics, through(4), "metrics")]
     assert [m.round for m in metrics] == [1, 2, 3, 4]
     for m in metrics:
         assert m.participants == ["pi-0", "pi-1", "pi-2"], m
@@ -54,13 +58,17 @@ def test_three_nodes_send_sparse_quantized_updates_with_error_feedback(
     assert metrics[-1].accuracy > metrics[0].accuracy > 0.1
 
     # Every global, the final one included, announces the canonical SPEC.
-    globals_ = [decode_global(p) for p in watcher.on(topics.global_model) if p]
+    models = watcher.wait_on(topics.global_model, ends_final, "the final model")
+    globals_ = [decode_global(p) for p in models if p]
     assert [g.round for g in globals_] == [1, 2, 3, 4, 5]
     assert {g.plan.compression for g in globals_} == {spec}
 
     # The updates on the wire: sparse tensors with quantized values, as the SPEC says.
     layout = get_model("digits-mlp").layout
-    payloads = [p for i in range(3) for p in watcher.on(topics.update(f"pi-{i}"))]
+    updates_of = [
+        watcher.wait_on(topics.update(f"pi-{i}"), at_least(4), "updates") for i in range(3)
+    ]
+    payloads = [p for sent in updates_of for p in sent]
     updates = [decode_update(p, layout=layout) for p in payloads]
     for payload in payloads:  # with +flat one map for the whole delta, else one per tensor
         wire = msgpack.unpackb(payload, raw=False)["delta"]

@@ -25,7 +25,7 @@ from fedmq.schemas import (
     decode_update,
 )
 
-from ..conftest import Collector, wait_until
+from ..conftest import Collector, has_final, through, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -114,6 +114,11 @@ def test_root_of_two_sites_equals_flat_fedavg_and_survives_a_site_sigkill(
     for node in nodes:
         assert node.wait(30) == 0, node.log()[-3000:]
 
+    # those exits say each broker had every message; the watchers' copies may still be on
+    # their way (mosquitto delivers to each subscriber on its own)
+    for watcher in watchers.values():
+        watcher.wait_on(topics.metrics, through(ROUNDS), "metrics")
+        watcher.wait_on(topics.global_model, has_final, "the final model")
     metrics = {m.round: m for m in map(decode_metrics, watchers["root"].on(topics.metrics))}
     assert sorted(metrics) == list(range(1, ROUNDS + 1))
     for payload in watchers["root"].on(topics.update("site-b")):

@@ -84,7 +84,7 @@ def test_a_stopped_group_leaves_every_node_offline_not_by_its_will(
     id; SIGTERM ends the group (130) and every node hands its own retained ``offline``
     over, as a lone node does (a last will would carry no ``at`` time)."""
     from fedmq.schemas import Topics, decode_status
-    from tests.conftest import wait_until
+    from tests.conftest import ends_in, wait_until
 
     topics = Topics(federation)
     nodes = tmp_path / "nodes.txt"
@@ -107,7 +107,8 @@ def test_a_stopped_group_leaves_every_node_offline_not_by_its_will(
     )  # fmt: skip
     group.stop()
     assert group.proc.returncode == 130, group.log()[-2000:]
-    for i in range(3):
+    for i in range(3):  # the exit says the broker has them; the watcher's copies may lag
+        watcher.wait_on(topics.status(f"g{i}"), ends_in("offline"), f"g{i} offline")
         status = last(f"g{i}")
         assert status is not None and status.state == "offline" and status.at is not None
     assert '"node_group.stopped"' in group.log()

@@ -9,7 +9,7 @@ import pytest
 from fedmq.models import get_model
 from fedmq.schemas import NodeUpdate, Topics, decode_global, decode_metrics, encode, model_id_of
 
-from ..conftest import wait_until
+from ..conftest import through, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -61,7 +61,8 @@ def test_bad_updates_are_rejected_with_reasons(
     assert aggregator.wait(120) == 0, aggregator.log()
     assert node.wait(60) == 0, node.log()
 
-    metrics = [decode_metrics(p) for p in watcher.on(topics.metrics)]
+    # the aggregator's exit says the broker has its metrics, not that our copy has come
+    metrics = [decode_metrics(p) for p in watcher.wait_on(topics.metrics, through(2), "metrics")]
     assert [m.participants for m in metrics] == [["eve"], ["pi-0"]]
     counted = Counter()
     for m in metrics:

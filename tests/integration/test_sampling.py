@@ -4,6 +4,8 @@ import pytest
 
 from fedmq.schemas import Topics, decode_global, decode_metrics, decode_status
 
+from ..conftest import through
+
 pytestmark = pytest.mark.integration
 
 
@@ -25,6 +27,9 @@ def test_only_sampled_nodes_train(mosquitto, federation, spawn, collect, node_da
     for node in nodes:
         assert node.wait(60) == 0, node.log()
 
+    # those exits say the broker had every message; the watcher's copies may still be on
+    # their way (mosquitto delivers to each subscriber on its own)
+    watcher.wait_on(topics.metrics, through(4), "metrics")
     selected = {}
     for payload in watcher.on(topics.global_model):
         model = decode_global(payload)

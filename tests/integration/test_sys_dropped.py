@@ -19,7 +19,7 @@ from fedmq.broker.process import Mosquitto
 from fedmq.schemas import Topics, decode_metrics
 from fedmq.schemas.sys_topics import DROPPED, VERSION
 
-from ..conftest import Collector
+from ..conftest import Collector, through
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(420)]
 
@@ -81,7 +81,10 @@ def test_a_broker_up_for_minutes_still_gives_a_reading(broker, spawn, node_data,
         )  # fmt: skip
         assert aggregator.wait(240) == 0, aggregator.log()
         assert node.wait(60) == 0, node.log()
-        metrics = [decode_metrics(payload) for payload in watcher.on(topics.metrics)]
+        # the exits say the broker had the metrics; the watcher's copy may still be on its way
+        metrics = [
+            decode_metrics(p) for p in watcher.wait_on(topics.metrics, through(2), "metrics")
+        ]
     finally:
         watcher.close()
     assert [m.round for m in metrics] == [1, 2]

@@ -9,7 +9,7 @@ import pytest
 
 from fedmq.schemas import Topics, decode_metrics, decode_status
 
-from ..conftest import wait_until
+from ..conftest import through, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -95,8 +95,9 @@ def test_a_node_on_another_task_refuses_then_trains_on_the_same(
     node = spawn("node", "node", *node_args, "--task", aggregator_task)
     assert aggregator.wait(120) == 0, aggregator.log()[-3000:]
     assert node.wait(60) == 0, node.log()[-3000:]
-    assert len(watcher.on(topics.update("pi-0"))) == 1
-    metrics = [decode_metrics(p) for p in watcher.on(topics.metrics)]
+    # those exits say the broker had them; the watcher's copies may still be on their way
+    assert len(watcher.wait_on(topics.update("pi-0"), bool, "the update")) == 1
+    metrics = [decode_metrics(p) for p in watcher.wait_on(topics.metrics, through(1), "metrics")]
     assert [(m.round, m.participants, m.rejected) for m in metrics] == [(1, ["pi-0"], {})]
     written = json.loads(report.read_text())
     assert written["rounds"][0]["participants"] == 1
