@@ -51,7 +51,13 @@ from fedmq.files import lock_directory
 from fedmq.model_file import ModelFileError, save_problem, write_model
 from fedmq.models import MLP, get_model
 from fedmq.progress_line import ProgressLine
-from fedmq.report import build_report, mode_entry, proximal_mu_entry, write_report
+from fedmq.report import (
+    build_report,
+    dp_sgd_entry,
+    mode_entry,
+    proximal_mu_entry,
+    write_report,
+)
 from fedmq.schemas import (
     GlobalModel,
     SchemaError,
@@ -63,7 +69,7 @@ from fedmq.schemas import (
     encode,
 )
 from fedmq.schemas.sys_topics import DROPPED, VERSION, counts_drops, parse_counter
-from fedmq.settings import parse_server_optimizer, staleness_exponent
+from fedmq.settings import parse_dp_sgd, parse_server_optimizer, staleness_exponent
 from fedmq.tasks.layout import layout_difference, layout_of
 from fedmq.tasks.registry import EXAMPLES, TaskError, is_builtin, load_task
 from fedmq.tasks.task import Task
@@ -227,10 +233,13 @@ def build_aggregator(
             seed=config.seed,
             compression=str(parse_spec(config.compression)),
             eval_fraction=eval_fraction_of(
-                config.eval_fraction, has_test_set=evaluator is not None
+                config.eval_fraction,
+                has_test_set=evaluator is not None,
+                private=config.dp_sgd is not None,
             ),
             proximal_mu=config.proximal_mu,
             mode=config.mode,
+            dp_sgd=None if config.dp_sgd is None else parse_dp_sgd(config.dp_sgd),
         ),
         max_update_bytes=config.max_update_bytes or dense_update_bound(num_params),
         known_nodes=frozenset(config.node_ids) if config.node_ids is not None else None,
@@ -553,6 +562,7 @@ def _run(config: AggregatorSettings, stop: threading.Event) -> int:
                 federation=config.federation,
                 model=aggregator.settings.model_name,
                 **proximal_mu_entry(aggregator.settings.plan.proximal_mu),
+                **dp_sgd_entry(config.dp_sgd),
                 **mode_entry(
                     config.mode, config.buffer_size, config.staleness, config.max_staleness
                 ),

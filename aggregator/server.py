@@ -217,6 +217,7 @@ class Aggregator:
             policy=self.policy,
             hold=lambda: Held(settings.aggregation, self.layout),
             journal=store,
+            private=settings.plan.dp_sgd is not None,
         )
         self._open = OpenVersion(
             number=0,
@@ -500,6 +501,9 @@ class Aggregator:
                 "staleness_max": max(staleness),
                 "staleness_mean": statistics.fmean(staleness),
             }
+        spent = [u.dp_epsilon for u in held.values() if u.dp_epsilon is not None]
+        if spent:  # DP-SGD: the most any participant has spent (docs/PROTOCOL.md 8.5)
+            extra |= {"dp_epsilon_max": max(spent)}
         out = self._out
         metrics = RoundMetrics(
             federation=self.settings.federation,
@@ -509,7 +513,8 @@ class Aggregator:
             num_examples=sum(update.num_examples for update in held.values()),
             accuracy=accuracy,
             loss=loss,
-            train_loss=combined.train_loss,
+            # DP-SGD nodes send no training loss (it is not private): none to average
+            train_loss=None if self.settings.plan.dp_sgd else combined.train_loss,
             uplink_bytes=self._intake.uplink_bytes,
             # what the participants needed: the compact form if there was one
             downlink_bytes=(out.delta_bytes or out.global_bytes) * len(participants),
