@@ -320,3 +320,46 @@ def test_a_dp_node_refuses_to_send_held_out_metrics(tmp_path):
     last = statuses(outbox)[-1]
     assert last.state == "error" and "eval_fraction" in last.detail
     assert not (tmp_path / ledger.FILE).exists()
+
+
+# ---------------------------------------------------------------- the aggregator
+
+
+def test_the_aggregator_takes_only_private_updates_and_reports_the_most_spent():
+    from fedmq.aggregator.rounds import RoundPolicy
+    from fedmq.aggregator.server import Aggregator, RoundSettings, dense_update_bound
+    from fedmq.schemas import NodeUpdate, decode_metrics
+
+    model = get_model("digits-mlp")
+    settings = RoundSettings(
+        federation=FEDERATION, model_name="digits-mlp", model=model, rounds=2,
+        policy=RoundPolicy(expected_nodes=3, min_nodes=3), plan=plan(dp_sgd=DP),
+        max_update_bytes=dense_update_bound(model),
+    )  # fmt: skip
+    published: list[tuple[str, bytes]] = []
+    agg = Aggregator(
+        settings, model.init(0), publish=lambda topic, payload, _retain: published.append(
+            (topic, payload)), test=None, clock=lambda: 100.0, wall_clock=lambda: 1.7e9,
+    )  # fmt: skip
+    agg.start()
+    announced = decode_global(next(p for t, p in published if t == TOPICS.global_model))
+    assert announced.plan.dp_sgd == DP
+
+    def send(node: str, spent: float | None) -> None:
+        update = NodeUpdate(
+            federation=FEDERATION, node_id=node, round=agg.round, base_model_id=agg.model_id,
+            num_examples=10, train_loss=0.0, train_seconds=0.1, compression="dense",
+            delta={n: np.zeros(s, np.float32) for n, s in model.layout.items()},
+            dp_epsilon=spent, dp_delta=None if spent is None else 1e-3,
+        )  # fmt: skip
+        agg.handle(TOPICS.update(node), encode(update))
+
+    with structlog.testing.capture_logs() as logs:
+        send("old-node", None)  # a node from before DP-SGD ignores the plan's dp_sgd
+    [event] = [e for e in logs if e["event"] == "update.rejected"]
+    assert event["reason"] == "not_private"
+    for i, spent in enumerate([1.5, 4.25, 2.0]):
+        send(f"pi-{i}", spent)
+    [metrics] = [decode_metrics(p) for t, p in published if t == TOPICS.metrics]
+    assert metrics.rejected == {"not_private": 1}
+    assert metrics.extra["dp_epsilon_max"] == 4.25 and metrics.train_loss is None
