@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from fedmq.files import fsync_directory, write_atomically
-from fedmq.privacy import Spend, epsilon, grouped
+from fedmq.privacy import Spend, epsilon
 
 FILE = "privacy.json"
 PENDING = "privacy.next.json"
@@ -60,14 +60,11 @@ class Ledger:
     delta: float  # the delta epsilon is reported at unless the node is given one
     spent: tuple[Entry, ...] = ()
 
-    def spends(self) -> list[Spend]:
-        return grouped(Spend(e.q, e.noise, e.steps) for e in self.spent)
-
     def epsilon(self, delta: float | None = None, extra: Entry | None = None) -> float:
         """Epsilon spent (with ``extra`` as if it were spent too) at ``delta`` or the
         ledger's own."""
         entries = self.spent if extra is None else (*self.spent, extra)
-        return epsilon(grouped(Spend(e.q, e.noise, e.steps) for e in entries), delta or self.delta)
+        return epsilon((Spend(e.q, e.noise, e.steps) for e in entries), delta or self.delta)
 
     def with_entry(self, entry: Entry) -> "Ledger":
         return replace(self, spent=(*self.spent, entry))

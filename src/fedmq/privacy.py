@@ -9,10 +9,10 @@ composition of its rounds' steps (the ledger, ``fedmq.node.ledger``).
 
 The accountant is Google's ``dp_accounting`` (its RDP accountant, Mironov 2017 and
 Mironov, Talwar, Zhang 2019): composing thousands of steps is a sum over a fixed list of
-orders, milliseconds on a Raspberry Pi and no extra memory, and its bound is an upper
-bound (never optimistic). Its PLD accountant is tighter (about 20 % lower epsilon on the
-configurations tried) but takes seconds and ~150 MiB for a few thousand steps, which a
-node pays every round; bench/README.md has the figures.
+orders (13 ms for a 30-round ledger on the loaded test machine), and its bound is an
+upper bound (never optimistic). Its PLD accountant is tighter (8.5 against 9.9 on the
+reference node's 30 rounds) but took 1.9 s and +51 MiB more for the same ledger, which a
+node would pay every round; bench/README.md ("Differential privacy") has the figures.
 
 Pure: no files, no clocks, no logging; ``dp_accounting`` is imported when first used, so a
 node without DP never loads it.
@@ -21,11 +21,13 @@ node without DP never loads it.
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import lru_cache
 
 # Integer orders only: dp_accounting's fractional orders below 2 do not converge for the
-# sampling rates nodes use (it logs a warning per order and drops them), and integers up
-# to 256 lose almost nothing at the epsilons that matter (1 to 10).
-RDP_ORDERS = (*range(2, 65), 80, 96, 128, 192, 256)
+# sampling rates nodes use (it logs a warning per order and drops them); every integer up
+# to 32, where the best order lies for epsilons from about 1 to 50, then sparser up to 256
+# for smaller epsilons. Each order costs accountant time on the node every round.
+RDP_ORDERS = (*range(2, 33), 40, 48, 56, 64, 80, 96, 128, 192, 256)
 
 
 @dataclass(frozen=True)
@@ -61,10 +63,16 @@ def default_delta(num_examples: int) -> float:
 
 
 def epsilon(spent: Iterable[Spend], delta: float) -> float:
-    """The epsilon of all of ``spent`` composed, at ``delta`` (RDP accountant); 0 for none."""
+    """The epsilon of all of ``spent`` composed, at ``delta`` (RDP accountant); 0 for none.
+    Equal (q, noise) are composed as one event (``grouped``), and results are cached: a
+    node asks for the same ledger's epsilon again the next round."""
     if not 0.0 < delta < 1.0:
         raise ValueError(f"delta must be in (0, 1), not {delta}")
-    events = [s for s in spent if s.steps > 0]
+    return _epsilon(tuple(grouped(s for s in spent if s.steps > 0)), delta)
+
+
+@lru_cache(maxsize=8)
+def _epsilon(events: tuple[Spend, ...], delta: float) -> float:
     if not events:
         return 0.0
     import dp_accounting

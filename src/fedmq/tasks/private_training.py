@@ -7,7 +7,8 @@ With ``plan.dp_sgd`` = (Z, C), a round is ``privacy.steps_per_round`` steps, and
    size varies, B = q n on average). This is exactly the sampling the accountant assumes
    (``fedmq.privacy``: ``PoissonSampledDpEvent``); shuffled fixed-size batches, which plain
    training uses, are not. The sample is laid out in a padded block of fixed width with
-   a mask (``poisson_batches``), so a round compiles once per width;
+   a mask (``poisson_batches``; the width depends on n and q only), so a node compiles
+   its DP round once;
 2. takes **each sampled example's gradient** (``jax.vmap`` of the gradient of the task's
    loss on that example alone, ``training.example_losses``) and **clips** it to L2 norm C
    over all parameters together, personal ones included (``clipped_sum``): one example
@@ -28,6 +29,7 @@ plan's seed, which the aggregator knows (with it, it could recompute the noise a
 subtract it, and see which examples each step used).
 """
 
+import math
 from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
@@ -42,9 +44,13 @@ from fedmq.schemas.messages import DpSgd, TrainingPlan
 from fedmq.tasks.task import Task
 from fedmq.tasks.training import anchored_leaves, example_losses, make_start
 
-# A Poisson batch is padded to a multiple of this: a round compiles once per width, and
-# the widths a node sees stay few (the largest of ~ceil(n/B) binomial draws varies little).
+# A Poisson batch is padded to a fixed width: the expected size plus SPARE_SDS standard
+# deviations, rounded up to a multiple of WIDTH_STEP. The width then depends only on the
+# node's examples and the plan, so a node compiles its DP round once (each new width is a
+# JIT compile: seconds on a laptop, a minute on a loaded Pi); a sample above it (odds
+# below 1e-8 a step) widens that round's block, never cuts the sample.
 WIDTH_STEP = 16
+SPARE_SDS = 6.0
 
 Batch = tuple[jax.Array, jax.Array, jax.Array]
 
@@ -55,10 +61,11 @@ def poisson_batches(
     """``steps`` Poisson samples of ``range(num_examples)``, each index in each independently
     with probability ``q``: ``(indices, mask)`` of shape (steps, width), the indices of a
     step's sample first (ascending) then 0 padding, mask 1 for sampled and 0 for padding.
-    ``width`` is the largest sample rounded up to a multiple of WIDTH_STEP: no sample is
-    ever cut."""
+    ``width``: the expected size plus SPARE_SDS standard deviations, or the largest sample
+    if larger, rounded up to a multiple of WIDTH_STEP: no sample is ever cut."""
     chosen = [np.flatnonzero(rng.random(num_examples) < q) for _ in range(steps)]
-    largest = max((len(c) for c in chosen), default=0)
+    spread = SPARE_SDS * math.sqrt(num_examples * q * (1.0 - q))
+    largest = max([math.ceil(num_examples * q + spread), *(len(c) for c in chosen)])
     width = max(WIDTH_STEP, -(-largest // WIDTH_STEP) * WIDTH_STEP)
     indices = np.zeros((steps, width), dtype=np.int32)
     mask = np.zeros((steps, width), dtype=np.float32)
