@@ -51,8 +51,6 @@ log = structlog.get_logger()
 # The files of a node's state (section 13.2 of docs/PROTOCOL.md), found in STATE_ROOT
 # itself by versions before the default was per federation and node.
 STATE_FILES = ("last_update.msgpack", "residual.npz", "residual.next.npz")
-# The privacy ledger (DP-SGD, node.ledger), never in the old default directory.
-PRIVACY_FILES = (ledger.FILE, ledger.PENDING)
 # Files a node keeps since issue 13, never in the old default directory.
 PERSONAL_FILES = (personal.FILE, personal.PENDING)
 
@@ -548,9 +546,10 @@ class Node:
             if not math.isfinite(loss) or not all(np.isfinite(a).all() for a in change.values()):
                 # diverged: sending would be rejected, and keeping it would poison the residual
                 rate = model.plan.learning_rate
+                shown = f"; loss {loss:g}" if private is None else ""  # DP: not private
                 log.error("training.diverged", round=model.round, loss=loss, learning_rate=rate)
                 why = (
-                    f"local training diverged (NaN or Inf; loss {loss:g}) at learning rate "
+                    f"local training diverged (NaN or Inf{shown}) at learning rate "
                     f"{rate:g}: lower the aggregator's --learning-rate"
                 )
                 self.status("error", round=model.round, detail=why)

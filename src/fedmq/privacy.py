@@ -71,7 +71,7 @@ def epsilon(spent: Iterable[Spend], delta: float) -> float:
     return _epsilon(tuple(grouped(s for s in spent if s.steps > 0)), delta)
 
 
-@lru_cache(maxsize=8)
+@lru_cache(maxsize=1024)  # a node group holds many ledgers; a few hundred bytes each
 def _epsilon(events: tuple[Spend, ...], delta: float) -> float:
     if not events:
         return 0.0
