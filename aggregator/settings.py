@@ -212,6 +212,17 @@ class AggregatorSettings(LogSettings, ConnectionSettings):
         metavar="MU",
         help=PROXIMAL_MU_HELP,
     )
+    dp_fedavg: str | None = setting(  # None: off; else the canonical noise=Z,clip=C
+        None,
+        kept="dp_fedavg",
+        unkept=(None,),
+        parse=dp_sgd_spec,
+        metavar="noise=Z,clip=C",
+        help="user-level differential privacy at the aggregator (DP-FedAvg): each node's "
+        "delta clipped to L2 norm C, one vote per node, Gaussian noise Z x C on the sum, "
+        "the run's epsilon in every round's metrics; with --aggregation fedavg in rounds "
+        "only (default: off)",
+    )
     dp_sgd: str | None = setting(  # None: off; else the canonical noise=Z,clip=C
         None,
         kept="dp_sgd",

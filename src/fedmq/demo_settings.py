@@ -129,6 +129,13 @@ class DemoSettings(LogSettings):
         metavar="noise=Z,clip=C",
         help=DP_SGD_HELP + "; handed to the aggregator",
     )
+    dp_fedavg: str | None = setting(
+        None,
+        parse=dp_sgd_spec,
+        metavar="noise=Z,clip=C",
+        help="user-level differential privacy at the aggregator (DP-FedAvg, docs/privacy.md);"
+        " handed to the aggregator",
+    )
     max_epsilon: float | None = setting(
         None,
         parse=max_epsilon,

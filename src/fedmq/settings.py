@@ -621,7 +621,8 @@ def parse_dp_sgd(text: str) -> "DpSgd":
     return DpSgd(noise=values["noise"], clip=values["clip"])
 
 
-def str_of_dp_sgd(dp: "DpSgd") -> str:
+def str_of_dp_sgd(dp: "DpSgd | Any") -> str:
+    """``noise=Z,clip=C`` of anything with ``noise`` and ``clip`` (DP-SGD, DP-FedAvg)."""
     return f"noise={dp.noise!r},clip={dp.clip!r}"
 
 

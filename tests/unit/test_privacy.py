@@ -363,3 +363,91 @@ def test_the_aggregator_takes_only_private_updates_and_reports_the_most_spent():
     [metrics] = [decode_metrics(p) for t, p in published if t == TOPICS.metrics]
     assert metrics.rejected == {"not_private": 1}
     assert metrics.extra["dp_epsilon_max"] == 4.25 and metrics.train_loss is None
+
+
+# ---------------------------------------------------------------- DP-FedAvg at the aggregator
+
+
+def fedavg_update(node: str, delta: dict, round: int = 1, base: str = "0" * 32):
+    from fedmq.schemas import NodeUpdate
+
+    return NodeUpdate(
+        federation=FEDERATION, node_id=node, round=round, base_model_id=base, num_examples=10,
+        train_loss=0.5, train_seconds=0.1, compression="dense", delta=delta,
+    )  # fmt: skip
+
+
+def test_dp_fedavg_bounds_each_node_and_noises_with_z_times_c():
+    from fedmq.aggregator.dp_fedavg import DpFedAvg, private_mean
+
+    layout = {"w": (30, 40), "b": (40,)}
+    rng = np.random.default_rng(0)
+    updates = {
+        f"n{i}": fedavg_update(f"n{i}", {k: (rng.normal(0, 1, s) * 3).astype(np.float32)
+                                         for k, s in layout.items()})
+        for i in range(5)
+    }  # fmt: skip
+    dp = DpFedAvg(noise=0.0001, clip=0.5)  # noise ~0: the clipped mean shows
+    mean, clipped = private_mean(updates, layout, dp, 5, np.random.default_rng(1))
+    without, _ = private_mean(
+        {k: u for k, u in updates.items() if k != "n3"}, layout, dp, 5, np.random.default_rng(1)
+    )
+    moved = math.sqrt(sum(float(np.sum(np.square((mean[k] - without[k]) * 5))) for k in layout))
+    assert clipped == 5 and moved <= 0.5 * (1 + 1e-3)  # removing one node: at most C
+    noisy, _ = private_mean(
+        updates, layout, DpFedAvg(noise=2.0, clip=0.5), 5, np.random.default_rng(2)
+    )
+    residual = np.concatenate([np.ravel((noisy[k] - mean[k]) * 5) for k in layout])
+    assert np.std(residual) == pytest.approx(2.0 * 0.5, rel=0.05)
+
+
+def test_dp_fedavg_rounds_report_the_runs_growing_epsilon():
+    from fedmq.aggregator.dp_fedavg import DpFedAvg, fleet_delta
+    from fedmq.aggregator.rounds import RoundPolicy
+    from fedmq.aggregator.server import Aggregator, RoundSettings, dense_update_bound
+    from fedmq.schemas import decode_metrics
+
+    model = get_model("digits-mlp")
+    dp = DpFedAvg(noise=1.5, clip=0.1)
+    settings = RoundSettings(
+        federation=FEDERATION, model_name="digits-mlp", model=model, rounds=3,
+        policy=RoundPolicy(expected_nodes=3, min_nodes=3), plan=plan(),
+        max_update_bytes=dense_update_bound(model), dp_fedavg=dp,
+    )  # fmt: skip
+    published: list[tuple[str, bytes]] = []
+    agg = Aggregator(
+        settings, model.init(0), publish=lambda topic, payload, _retain: published.append(
+            (topic, payload)), test=None, clock=lambda: 100.0, wall_clock=lambda: 1.7e9,
+    )  # fmt: skip
+    agg.start()
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        for i in range(3):
+            delta = {n: rng.normal(0, 0.01, s).astype(np.float32) for n, s in model.layout.items()}
+            update = fedavg_update(f"pi-{i}", delta, round=agg.round, base=agg.model_id)
+            agg.handle(TOPICS.update(f"pi-{i}"), encode(update))
+    rows = [decode_metrics(p) for t, p in published if t == TOPICS.metrics]
+    spent = [m.extra["dp_fedavg_epsilon"] for m in rows]
+    delta = fleet_delta(3)
+    assert spent == pytest.approx([epsilon([Spend(1.0, 1.5, v)], delta) for v in (1, 2, 3)])
+    assert all(b > a for a, b in itertools.pairwise(spent))
+    assert all(m.extra["dp_fedavg_delta"] == delta for m in rows)
+
+
+@pytest.mark.parametrize(
+    ("extra", "named"),
+    [
+        (["--mode", "async", "--buffer", "2"], "--mode async"),
+        (["--aggregation", "median"], "--aggregation median"),
+        (["--clip-norm", "2"], "--clip-norm"),
+    ],
+)
+def test_dp_fedavg_refuses_what_it_cannot_argue(extra, named, tmp_path):
+    from fedmq import cli, config
+    from fedmq.aggregator.app import dp_fedavg_of
+
+    settings = config.parse_args(
+        cli.build_parser(), ["aggregator", "--dp-fedavg", "noise=1,clip=1", *extra], {}
+    )
+    with pytest.raises(ValueError, match=named):
+        dp_fedavg_of(settings)
