@@ -28,6 +28,7 @@ from fedmq.aggregator.checkpoint import (
     changed_setting,
     ways_out,
 )
+from fedmq.aggregator.dp_fedavg import DpFedAvg
 from fedmq.aggregator.evaluate import (
     Evaluator,
     evaluation_set_problem,
@@ -36,10 +37,11 @@ from fedmq.aggregator.evaluate import (
 )
 from fedmq.aggregator.policy import VersionPolicy
 from fedmq.aggregator.publisher import Publish
-from fedmq.aggregator.robust import DEFAULT, Clip, Rule, parse_rule, with_clip
+from fedmq.aggregator.robust import DEFAULT, FEDAVG, Clip, Rule, parse_rule, with_clip
 from fedmq.aggregator.rounds import RoundPolicy, default_quorum
 from fedmq.aggregator.server import Aggregator, RoundSettings, dense_update_bound
 from fedmq.aggregator.settings import (
+    DEFAULT_AGGREGATION,
     AggregatorSettings,
     eval_fraction_of,
     fingerprint_mismatch,
@@ -51,7 +53,13 @@ from fedmq.files import lock_directory
 from fedmq.model_file import ModelFileError, save_problem, write_model
 from fedmq.models import MLP, get_model
 from fedmq.progress_line import ProgressLine
-from fedmq.report import build_report, mode_entry, proximal_mu_entry, write_report
+from fedmq.report import (
+    build_report,
+    dp_sgd_entry,
+    mode_entry,
+    proximal_mu_entry,
+    write_report,
+)
 from fedmq.schemas import (
     GlobalModel,
     SchemaError,
@@ -63,7 +71,7 @@ from fedmq.schemas import (
     encode,
 )
 from fedmq.schemas.sys_topics import DROPPED, VERSION, counts_drops, parse_counter
-from fedmq.settings import parse_server_optimizer, staleness_exponent
+from fedmq.settings import parse_dp_sgd, parse_server_optimizer, staleness_exponent
 from fedmq.tasks.layout import layout_difference, layout_of
 from fedmq.tasks.registry import EXAMPLES, TaskError, is_builtin, load_task
 from fedmq.tasks.task import Task
@@ -150,11 +158,39 @@ def run_task(spec: str, seed: int) -> RunTask:
     return RunTask(task.name, task.version_text, shared, None, task, template, personal)
 
 
+def dp_fedavg_of(config: AggregatorSettings) -> DpFedAvg | None:
+    """``--dp-fedavg``, or None; ValueError (one line) for a combination whose privacy
+    cannot be argued: a robust rule (its own clipping and weights change what one node
+    can move), asynchronous mode (a node may count in several versions of one window),
+    site aggregators (a site's update is many nodes)."""
+    if config.dp_fedavg is None:
+        return None
+    dp = parse_dp_sgd(config.dp_fedavg)
+    problem = None
+    if config.mode != "sync":
+        problem = "--mode async"
+    elif config.site is not None or config.sites:
+        problem = "--site or --sites"
+    elif config.clip_norm is not None or config.aggregation not in (
+        DEFAULT_AGGREGATION,
+        "fedavg",
+    ):
+        problem = f"--aggregation {config.aggregation} (or --clip-norm)"
+    if problem is not None:
+        raise ValueError(
+            f"--dp-fedavg with {problem}: its privacy is argued for plain rounds of FedAvg "
+            "only (docs/privacy.md); drop one of them"
+        )
+    return DpFedAvg(noise=dp.noise, clip=dp.clip)
+
+
 def aggregation_rule(config: AggregatorSettings) -> Rule:
     """``--aggregation`` with ``--clip-norm`` folded in; ValueError if they clash. The
     default rule's adaptive clip gives way to ``--clip-norm`` (its examples cap stays).
     A site aggregator (``--site``) or the root of sites (``--sites``) refuses a rule that
     cannot be split over sites (``aggregator.site.split_problem``)."""
+    if config.dp_fedavg is not None:  # its own clipping, one vote per node (dp_fedavg_of)
+        return FEDAVG
     rule = parse_rule(config.aggregation)
     if config.clip_norm is not None:
         if rule == DEFAULT:
@@ -227,10 +263,13 @@ def build_aggregator(
             seed=config.seed,
             compression=str(parse_spec(config.compression)),
             eval_fraction=eval_fraction_of(
-                config.eval_fraction, has_test_set=evaluator is not None
+                config.eval_fraction,
+                has_test_set=evaluator is not None,
+                private=config.dp_sgd is not None,
             ),
             proximal_mu=config.proximal_mu,
             mode=config.mode,
+            dp_sgd=None if config.dp_sgd is None else parse_dp_sgd(config.dp_sgd),
         ),
         max_update_bytes=config.max_update_bytes or dense_update_bound(num_params),
         known_nodes=frozenset(config.node_ids) if config.node_ids is not None else None,
@@ -239,6 +278,7 @@ def build_aggregator(
         model_floats=num_params,
         server_optimizer=str(parse_server_optimizer(config.server_optimizer)),
         accepted_compression=config.upstream_compression if config.sites else None,
+        dp_fedavg=dp_fedavg_of(config),
     )
     return Aggregator(
         settings,
@@ -553,6 +593,8 @@ def _run(config: AggregatorSettings, stop: threading.Event) -> int:
                 federation=config.federation,
                 model=aggregator.settings.model_name,
                 **proximal_mu_entry(aggregator.settings.plan.proximal_mu),
+                **dp_sgd_entry(config.dp_sgd),
+                **({} if config.dp_fedavg is None else {"dp_fedavg": config.dp_fedavg}),
                 **mode_entry(
                     config.mode, config.buffer_size, config.staleness, config.max_staleness
                 ),

@@ -103,12 +103,14 @@ class Held(Mapping[str, NodeUpdate]):
     still summed in key order, from the fields kept.
     """
 
-    def __init__(self, rule: Rule, layout: Shapes) -> None:
+    def __init__(self, rule: Rule, layout: Shapes, *, whole: bool = False) -> None:
+        """``whole``: keep every update whole even under plain FedAvg (DP-FedAvg clips
+        each delta when the version is made, ``aggregator.dp_fedavg``)."""
         self.rule = rule
         self.layout = layout
         self._updates: dict[str, NodeUpdate] = {}
         self._scales: dict[str, float] = {}  # kept for the rules that combine at the end
-        self._sum = WeightedSum(layout) if rule.plain else None
+        self._sum = WeightedSum(layout) if rule.plain and not whole else None
 
     def add(self, key: str, update: NodeUpdate, scale: float = 1.0) -> None:
         """Hold ``update`` (whose delta matches the layout) under ``key``, its delta times

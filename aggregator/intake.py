@@ -54,7 +54,9 @@ class Intake(Generic[H]):
         policy: VersionPolicy,
         hold: Callable[[], H],  # a new, empty Holding for each version
         journal: Journal | None = None,
+        private: bool = False,  # plan.dp_sgd: an update must carry its node's dp_epsilon
     ) -> None:
+        self.private = private
         self.topics = topics
         self.layout = layout
         self.max_update_bytes = max_update_bytes
@@ -131,6 +133,12 @@ class Intake(Generic[H]):
             return (
                 "wrong_compression",
                 f"compressed as {update.compression!r}, the federation uses {self.compression!r}",
+            )
+        if self.private and update.dp_epsilon is None:
+            return (
+                "not_private",
+                "no dp_epsilon: the node did not train with the plan's dp_sgd (a node from "
+                "before DP-SGD ignores it); upgrade it",
             )
         for name, tensor in update.delta.items():
             problem = self._pipeline.form_problem(tensor)

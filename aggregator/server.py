@@ -27,9 +27,10 @@ running sum): a crashed-and-resumed run gives bitwise the same model as an unint
 one.
 """
 
+import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
@@ -42,7 +43,8 @@ from fedmq.aggregator.checkpoint import (
     metrics_payload,
     read_history,
 )
-from fedmq.aggregator.combine import Held
+from fedmq.aggregator.combine import Combined, Held
+from fedmq.aggregator.dp_fedavg import DpFedAvg, fleet_delta, private_mean, run_epsilon
 from fedmq.aggregator.evaluate import Evaluator, mlp_evaluator
 from fedmq.aggregator.federated_metrics import federated_metrics
 from fedmq.aggregator.intake import Intake
@@ -60,6 +62,7 @@ from fedmq.datasets import Dataset
 from fedmq.models import MLP
 from fedmq.schemas import (
     GlobalModel,
+    NodeUpdate,
     RoundEvaluation,
     RoundMetrics,
     ServerStatus,
@@ -70,6 +73,7 @@ from fedmq.schemas import (
 )
 from fedmq.schemas.messages import finite_metrics, update_bound
 from fedmq.schemas.tensors import Params
+from fedmq.settings import str_of_dp_sgd
 from fedmq.tasks.layout import layout_of
 
 log = structlog.get_logger()
@@ -102,6 +106,9 @@ class RoundSettings:
     # The SPEC updates must follow if not the plan's: a root of site aggregators takes
     # the sites' --upstream-compression (docs/hierarchy.md). Not kept, like the rule.
     accepted_compression: str | None = None
+    # User-level DP (--dp-fedavg, aggregator.dp_fedavg): clipped, noised, one vote per
+    # node. Kept in the fingerprint; only with plain FedAvg in rounds (build checks).
+    dp_fedavg: DpFedAvg | None = None
 
     def __post_init__(self) -> None:
         check_memory(
@@ -133,6 +140,9 @@ class RoundSettings:
                 "federation": self.federation,
                 "task": self.model_name,
                 **asdict(self.plan),
+                # as the options say them (noise=Z,clip=C), None when off
+                "dp_sgd": self.plan.dp_sgd and str_of_dp_sgd(self.plan.dp_sgd),
+                "dp_fedavg": self.dp_fedavg and str_of_dp_sgd(self.dp_fedavg),
                 "server_optimizer": self.server_optimizer,
             }
         )
@@ -180,6 +190,9 @@ class Aggregator:
         self.settings = settings
         self.store = store
         self.policy = settings.policy
+        # DP-FedAvg's noise: from a secret of this process, never from the plan's seed
+        # (a resume draws new noise for a version it makes again: nothing was published)
+        self._dp_rng = np.random.default_rng(int.from_bytes(os.urandom(32), "big"))
         self.topics = Topics(settings.federation)
         self._out = Publisher(self.topics, publish, clock)
         if evaluator is None and test is not None:
@@ -215,8 +228,11 @@ class Aggregator:
             compression=settings.accepted_compression or settings.plan.compression,
             known_nodes=settings.known_nodes,
             policy=self.policy,
-            hold=lambda: Held(settings.aggregation, self.layout),
+            hold=lambda: Held(
+                settings.aggregation, self.layout, whole=settings.dp_fedavg is not None
+            ),
             journal=store,
+            private=settings.plan.dp_sgd is not None,
         )
         self._open = OpenVersion(
             number=0,
@@ -475,12 +491,30 @@ class Aggregator:
     def _publish_server_status(self) -> None:
         self._out.status(self.server_status())
 
+    def _private(self, held: Mapping[str, NodeUpdate]) -> Combined:
+        """DP-FedAvg's mean delta of the held updates (``aggregator.dp_fedavg``), the
+        participants' plain mean training loss, and the run's epsilon so far."""
+        dp = self.settings.dp_fedavg
+        assert dp is not None
+        selected = self._open.selected
+        expected = len(selected) if selected else getattr(self.policy, "expected_nodes", 1)
+        mean, clipped = private_mean(held, self.layout, dp, expected, self._dp_rng)
+        fleet = len(self.settings.known_nodes or ()) or getattr(self.policy, "expected_nodes", 1)
+        delta = fleet_delta(fleet)
+        extra = {
+            "dp_fedavg_epsilon": run_epsilon(dp, self.version, delta),
+            "dp_fedavg_delta": delta,
+            "dp_fedavg_clipped": clipped,
+        }
+        loss = statistics.fmean(update.train_loss for update in held.values())
+        return Combined(mean, loss, extra)
+
     def _make_version(self, closed_by: str) -> None:
         """Combine the held updates, apply the server update, record and publish the
         metrics, and open the next version on the new model."""
         started = self._clock()
         held = self._intake.held
-        combined = held.combine()
+        combined = held.combine() if self.settings.dp_fedavg is None else self._private(held)
         previous = (self.params, self.model_id)
         self.params, self._optimizer_state = self._optimizer.update(
             self.params, combined.delta, self._optimizer_state
@@ -500,6 +534,9 @@ class Aggregator:
                 "staleness_max": max(staleness),
                 "staleness_mean": statistics.fmean(staleness),
             }
+        spent = [u.dp_epsilon for u in held.values() if u.dp_epsilon is not None]
+        if spent:  # DP-SGD: the most any participant has spent (docs/PROTOCOL.md 8.5)
+            extra |= {"dp_epsilon_max": max(spent)}
         out = self._out
         metrics = RoundMetrics(
             federation=self.settings.federation,
@@ -509,7 +546,8 @@ class Aggregator:
             num_examples=sum(update.num_examples for update in held.values()),
             accuracy=accuracy,
             loss=loss,
-            train_loss=combined.train_loss,
+            # DP-SGD nodes send no training loss (it is not private): none to average
+            train_loss=None if self.settings.plan.dp_sgd else combined.train_loss,
             uplink_bytes=self._intake.uplink_bytes,
             # what the participants needed: the compact form if there was one
             downlink_bytes=(out.delta_bytes or out.global_bytes) * len(participants),

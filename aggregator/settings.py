@@ -15,6 +15,7 @@ from fedmq.settings import (
     COMPRESSION_HELP,
     DEFAULT_MAX_STALENESS,
     DEFAULT_STALENESS,
+    DP_SGD_HELP,
     EVAL_FRACTION_HELP,
     MAX_STALENESS_HELP,
     MODE_HELP,
@@ -31,6 +32,7 @@ from fedmq.settings import (
     compression_spec,
     count,
     declared,
+    dp_sgd_spec,
     eval_fraction,
     fraction,
     mode_name,
@@ -64,12 +66,19 @@ def _show_deadline(value: object) -> str:
     return "none" if value is None else str(value)
 
 
-def eval_fraction_of(setting: float | None, *, has_test_set: bool) -> float:
+def eval_fraction_of(setting: float | None, *, has_test_set: bool, private: bool = False) -> float:
     """The plan's ``eval_fraction``: the one given, or for ``auto`` (None) 0 when the
-    aggregator evaluates centrally, ``AUTO_EVAL_FRACTION`` when it has no test set."""
+    aggregator evaluates centrally or runs DP-SGD (``private``: a node's metrics of its
+    held-out examples are not private, so DP-SGD nodes refuse to send them),
+    ``AUTO_EVAL_FRACTION`` when it has no test set."""
     if setting is not None:
+        if private and setting > 0:
+            raise ValueError(
+                f"--eval-fraction {setting} with --dp-sgd: the held-out examples' metrics "
+                "would be sent without differential privacy; leave --eval-fraction auto (0)"
+            )
         return setting
-    return 0.0 if has_test_set else AUTO_EVAL_FRACTION
+    return 0.0 if has_test_set or private else AUTO_EVAL_FRACTION
 
 
 def _test_data(text: str) -> str | None:
@@ -202,6 +211,25 @@ class AggregatorSettings(LogSettings, ConnectionSettings):
         parse=proximal_mu,
         metavar="MU",
         help=PROXIMAL_MU_HELP,
+    )
+    dp_fedavg: str | None = setting(  # None: off; else the canonical noise=Z,clip=C
+        None,
+        kept="dp_fedavg",
+        unkept=(None,),
+        parse=dp_sgd_spec,
+        metavar="noise=Z,clip=C",
+        help="user-level differential privacy at the aggregator (DP-FedAvg): each node's "
+        "delta clipped to L2 norm C, one vote per node, Gaussian noise Z x C on the sum, "
+        "the run's epsilon in every round's metrics; with --aggregation fedavg in rounds "
+        "only (default: off)",
+    )
+    dp_sgd: str | None = setting(  # None: off; else the canonical noise=Z,clip=C
+        None,
+        kept="dp_sgd",
+        unkept=(None,),
+        parse=dp_sgd_spec,
+        metavar="noise=Z,clip=C",
+        help=DP_SGD_HELP,
     )
     max_update_bytes: int | None = setting(
         None,

@@ -121,8 +121,22 @@ def site_update(
         sent_at=sent_at,
         metrics=evaluation,
         eval_examples=eval_examples if evaluation is not None else None,
+        **site_privacy(held),
     )
     return update, state
+
+
+def site_privacy(held: Mapping[str, NodeUpdate]) -> dict[str, float]:
+    """DP-SGD (plan.dp_sgd): the site update's ``dp_epsilon`` and ``dp_delta``, the largest
+    of its nodes' (each node is (eps_i, delta_i)-DP, so every one is (max eps, max delta)-DP
+    for its own examples); nothing when its nodes sent none."""
+    spent = [(u.dp_epsilon, u.dp_delta) for u in held.values() if u.dp_epsilon is not None]
+    if not spent:
+        return {}
+    return {
+        "dp_epsilon": max(e for e, _ in spent),
+        "dp_delta": max(d for _, d in spent if d is not None),
+    }
 
 
 def site_rng(at: SiteRound) -> np.random.Generator:

@@ -185,6 +185,7 @@ class SiteAggregator:
             self._intake is None
             or layout != self._layout
             or (model.plan.compression != self._intake.compression)
+            or (model.plan.dp_sgd is not None) != self._intake.private
         ):
             num_params = sum(int(array.size) for array in model.params.values())
             self._intake = Intake(
@@ -196,6 +197,7 @@ class SiteAggregator:
                 policy=self.settings.policy,
                 hold=lambda: Held(self.settings.aggregation, layout),
                 journal=self.store,
+                private=model.plan.dp_sgd is not None,
             )
         self._layout = layout
         self._intake.start_version()

@@ -23,10 +23,11 @@ from fedmq.compression import Pipeline, parse_spec
 from fedmq.compression.transforms import ErrorFeedbackState, error_feedback_init
 from fedmq.datasets import Dataset, digits, load_npz, partition
 from fedmq.files import DirectoryLock, lock_directory
-from fedmq.node import last_update, personal, residual, saved_tensors
+from fedmq.node import last_update, ledger, personal, residual, saved_tensors
 from fedmq.node.settings import STATE_ROOT, NodeSettings
 from fedmq.progress_line import ProgressLine
 from fedmq.schemas import (
+    DpSgd,
     GlobalDelta,
     GlobalModel,
     NodeStatus,
@@ -60,6 +61,22 @@ class DataError(ValueError):
 
 class Refused(ValueError):
     """A global model this node cannot train: another task, or one it cannot find."""
+
+
+class OverBudget(ValueError):
+    """Training this round under DP-SGD would take the node past its --max-epsilon."""
+
+
+@dataclass(frozen=True)
+class PrivateRound:
+    """A DP-SGD round about to be trained: the plan's (Z, C), the ledger before it, the
+    entry it adds, and the epsilon the node will have spent, at ``delta``."""
+
+    dp: DpSgd
+    book: ledger.Ledger
+    entry: ledger.Entry
+    epsilon: float
+    delta: float
 
 
 @dataclass(frozen=True)
@@ -205,6 +222,21 @@ class Node:
         on_record = saved.round if saved else None
         residual.settle(self.pending_residual_path, self.residual_path, on_record)
         saved_tensors.settle(self.pending_personal_path, self.personal_path, on_record)
+        ledger.settle(
+            self.pending_ledger_path,
+            self.ledger_path,
+            None if saved is None else (saved.round, saved.model_id),
+        )
+        # DP-SGD: (epsilon spent, delta) for the status, from the ledger if there is one
+        self._spent: tuple[float, float] | None = None
+        try:
+            book = ledger.load(self.ledger_path)
+        except ledger.LedgerError as error:  # DP training refuses, naming it (_privacy_for)
+            log.error("privacy.ledger_unreadable", detail=str(error))
+            book = None
+        if book is not None:
+            delta = config.dp_delta or book.delta
+            self._spent = (book.epsilon(delta), delta)
         self._held: GlobalModel | None = None  # the newest global model we have
         self._following_full = True  # subscribed to the full global model topic
         self._seen_key: tuple[int, str] | None = None
@@ -233,6 +265,8 @@ class Node:
             num_examples=len(self.data),
             at=time.time(),
             detail=detail,
+            dp_epsilon=None if self._spent is None else self._spent[0],
+            dp_delta=None if self._spent is None else self._spent[1],
         )
         self.outbox.publish(self.topics.status(self.config.node_id), encode(message), retain=True)
         where = f" round {round}" if round is not None else ""
@@ -356,6 +390,14 @@ class Node:
         return self.config.state_path / "last_update.msgpack"
 
     @property
+    def ledger_path(self) -> Path:
+        return self.config.state_path / ledger.FILE
+
+    @property
+    def pending_ledger_path(self) -> Path:
+        return self.config.state_path / ledger.PENDING
+
+    @property
     def personal_path(self) -> Path:
         return self.config.state_path / personal.FILE
 
@@ -465,8 +507,14 @@ class Node:
         try:
             pipeline = parse_spec(model.plan.compression)
             ready = self.trainable(model)
+            private = self._privacy_for(ready, model)
         except DataError:
             raise
+        except OverBudget as error:
+            self._refused = (model.round, model.model_id)
+            log.warning("privacy.budget_spent", round=model.round, detail=str(error))
+            self.status("idle", round=model.round, detail=str(error))
+            return
         except ValueError as error:
             self._refused = (model.round, model.model_id)
             log.error("global.refused", round=model.round, reason=str(error))
@@ -481,23 +529,27 @@ class Node:
             if ready.eval_x is not None:
                 found = evaluate_task(ready.task, received, ready.eval_x, ready.eval_y)
                 measured = finite_metrics(found)
-            trained, loss = train_local(
-                ready.task,
-                received,
-                ready.x,
-                ready.y,
-                model.plan,
-                node_id=self.config.node_id,
-                round_number=model.round,
-            )
+            if private is None:
+                trained, loss = train_local(
+                    ready.task,
+                    received,
+                    ready.x,
+                    ready.y,
+                    model.plan,
+                    node_id=self.config.node_id,
+                    round_number=model.round,
+                )
+            else:
+                trained, loss = self._train_private(ready, received, model, private)
             shared, own = split(flatten_params(trained), ready.personal)
             change = delta(shared, model.params)
             if not math.isfinite(loss) or not all(np.isfinite(a).all() for a in change.values()):
                 # diverged: sending would be rejected, and keeping it would poison the residual
                 rate = model.plan.learning_rate
+                shown = f"; loss {loss:g}" if private is None else ""  # DP: not private
                 log.error("training.diverged", round=model.round, loss=loss, learning_rate=rate)
                 why = (
-                    f"local training diverged (NaN or Inf; loss {loss:g}) at learning rate "
+                    f"local training diverged (NaN or Inf{shown}) at learning rate "
                     f"{rate:g}: lower the aggregator's --learning-rate"
                 )
                 self.status("error", round=model.round, detail=why)
@@ -515,13 +567,15 @@ class Node:
                 round=model.round,
                 base_model_id=model.model_id,
                 num_examples=len(ready.x),
-                train_loss=loss,
+                train_loss=loss if private is None else 0.0,  # not private: not sent
                 train_seconds=time.perf_counter() - started,
                 delta=encoded,
                 compression=str(pipeline),
                 sent_at=time.time(),
                 metrics=measured,
                 eval_examples=None if measured is None else len(ready.eval_x),
+                dp_epsilon=None if private is None else private.epsilon,
+                dp_delta=None if private is None else private.delta,
             )
             payload = encode(update)
             compress_seconds = time.perf_counter() - started_compress
@@ -534,6 +588,8 @@ class Node:
                     self.pending_residual_path,
                     residual.SavedResidual(model.round, str(pipeline), new_state.residual),
                 )
+            if private is not None:  # the ledger with this round waits the same way
+                ledger.save(self.pending_ledger_path, private.book.with_entry(private.entry))
             if own:  # the personal tensors wait the same way (node.personal)
                 tag = ready.expected.fingerprint
                 saved_tensors.save(
@@ -546,6 +602,9 @@ class Node:
                 residual.promote(self.pending_residual_path, self.residual_path)
             if own:
                 saved_tensors.promote(self.pending_personal_path, self.personal_path)
+            if private is not None:
+                ledger.promote(self.pending_ledger_path, self.ledger_path)
+                self._spent = (private.epsilon, private.delta)
             self.outbox.publish(self.topics.update(self.config.node_id), payload)
             self.last_trained = (model.round, model.model_id)
             self._resend_saved = False
@@ -558,6 +617,58 @@ class Node:
                 loss=loss,
                 train_seconds=update.train_seconds,
             )
+
+    def _privacy_for(self, ready: Trainable, model: GlobalModel) -> PrivateRound | None:
+        """The DP-SGD round ``model.plan.dp_sgd`` asks for, None without one. Refused if
+        the plan also holds examples out (their metrics would leave unprotected), a
+        ``ledger.LedgerError`` if the ledger cannot be read, OverBudget past --max-epsilon."""
+        dp = model.plan.dp_sgd
+        if dp is None:
+            return None
+        if ready.eval_x is not None:
+            raise Refused(
+                f"plan.eval_fraction {model.plan.eval_fraction} with dp_sgd: the held-out "
+                "examples' metrics would leave this node without differential privacy; run "
+                "the aggregator with --eval-fraction 0"
+            )
+        from fedmq.privacy import default_delta, sampling_rate, steps_per_round
+
+        plan, count = model.plan, len(ready.x)
+        book = ledger.load(self.ledger_path) or ledger.new(default_delta(count))
+        delta = self.config.dp_delta or book.delta
+        entry = ledger.Entry(
+            round=model.round,
+            model_id=model.model_id,
+            q=sampling_rate(count, plan.batch_size),
+            noise=dp.noise,
+            steps=steps_per_round(count, plan.batch_size, plan.local_epochs),
+        )
+        spent, after = book.epsilon(delta), book.epsilon(delta, extra=entry)
+        self._spent = (spent, delta)
+        limit = self.config.max_epsilon
+        if limit is not None and after > limit:
+            raise OverBudget(
+                f"privacy budget spent: this round would take epsilon from {spent:.4g} to "
+                f"{after:.4g} (delta {delta:.3g}), past --max-epsilon {limit:g}; the node "
+                "trains no more under DP-SGD"
+            )
+        return PrivateRound(dp, book, entry, after, delta)
+
+    def _train_private(
+        self, ready: Trainable, received: Any, model: GlobalModel, private: PrivateRound
+    ) -> tuple[Any, float]:
+        """DP-SGD on the node's data, its samples and noise drawn from the ledger's secret."""
+        import jax
+        import jax.numpy as jnp
+
+        from fedmq.tasks.private_training import train_private
+
+        rng, noise = private.book.randomness(model.round, model.model_id)
+        words = jnp.asarray(ledger.noise_key_words(noise))
+        key = jax.random.wrap_key_data(words, impl="threefry2x32")
+        return train_private(
+            ready.task, received, ready.x, ready.y, model.plan, private.dp, rng=rng, key=key
+        )
 
     def _simulated_delay(self, round: int) -> bool:
         """``--train-delay``, a simulation knob: wait that long after training, as a slower

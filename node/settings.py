@@ -14,6 +14,8 @@ from fedmq.settings import (
     TASK_HELP,
     TRAIN_DELAY_HELP,
     Exclusive,
+    dp_delta,
+    max_epsilon,
     non_negative_float,
     partition_spec,
     setting,
@@ -89,6 +91,20 @@ class NodeSettings(LogSettings, ConnectionSettings):
     exit_when_done: bool = setting(False, switch=True, help="exit when the federation finishes")
     train_delay: float = setting(
         0.0, parse=non_negative_float, metavar="SECONDS", help=TRAIN_DELAY_HELP
+    )
+    max_epsilon: float | None = setting(  # None: no limit
+        None,
+        parse=max_epsilon,
+        metavar="E",
+        help="DP-SGD: this node's privacy budget; it does not train a round that would take "
+        "its ledger's epsilon past E, and says so in its status (default: no limit)",
+    )
+    dp_delta: float | None = setting(  # None: the ledger's, 1 / n^1.1
+        None,
+        parse=dp_delta,
+        metavar="D",
+        help="DP-SGD: the delta this node reports (and limits) its epsilon at (default: "
+        "1/n^1.1 of its training examples when its ledger was made)",
     )
 
     @property

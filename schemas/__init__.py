@@ -6,6 +6,7 @@ docs/PROTOCOL.md is the human contract; this package is its executable form.
 from fedmq.schemas.errors import SchemaError
 from fedmq.schemas.messages import (
     SCHEMA_VERSION,
+    DpSgd,
     GlobalDelta,
     GlobalModel,
     NodeStatus,
@@ -29,6 +30,7 @@ from fedmq.schemas.topics import Topics, validate_name
 
 __all__ = [
     "SCHEMA_VERSION",
+    "DpSgd",
     "GlobalDelta",
     "GlobalModel",
     "NodeStatus",

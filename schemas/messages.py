@@ -75,6 +75,17 @@ def model_id_of(params: Mapping[str, np.ndarray]) -> str:
 
 
 @dataclass(frozen=True)
+class DpSgd:
+    """Example-level differential privacy on the nodes (DP-SGD, Abadi et al. 2016): each
+    step clips every example's gradient to L2 norm ``clip`` over all parameters, sums,
+    adds Gaussian noise of standard deviation ``noise * clip`` and divides by the expected
+    batch size; batches are Poisson samples (docs/PROTOCOL.md 8.1)."""
+
+    noise: float  # the noise multiplier Z: standard deviation over clip
+    clip: float  # C, the L2 bound of one example's gradient
+
+
+@dataclass(frozen=True)
 class TrainingPlan:
     """What each node does with a global model, chosen by the aggregator."""
 
@@ -93,6 +104,8 @@ class TrainingPlan:
     # node may skip versions (its error-feedback residual carries over). Written only
     # when async.
     mode: str = "sync"
+    # Example-level DP-SGD on every node; None: plain training. Written only when set.
+    dp_sgd: DpSgd | None = None
 
 
 @dataclass(frozen=True)
@@ -210,6 +223,10 @@ class NodeUpdate:
     # global model on the node's held-out examples, and how many there were. Both or neither.
     metrics: dict[str, float] | None = None
     eval_examples: int | None = None
+    # DP-SGD (plan.dp_sgd): the epsilon the node has spent in all, this update included,
+    # at its delta (its privacy ledger, docs/PROTOCOL.md 13.2). Both or neither.
+    dp_epsilon: float | None = None
+    dp_delta: float | None = None
 
 
 @dataclass(frozen=True)
@@ -222,6 +239,10 @@ class NodeStatus:
     num_examples: int | None = None
     at: float | None = None
     detail: str | None = None
+    # The epsilon spent by the node's privacy ledger so far, at its delta; set once the
+    # node has spent any (DP-SGD, plan.dp_sgd).
+    dp_epsilon: float | None = None
+    dp_delta: float | None = None
 
 
 @dataclass(frozen=True)
@@ -524,6 +545,26 @@ def _mode(obj: Mapping[str, Any], key: str) -> str:
     return _choice(MODES)(obj, key)
 
 
+DP_SGD_KEYS = frozenset({"noise", "clip"})
+
+
+def _dp_sgd(obj: Mapping[str, Any], key: str) -> DpSgd:
+    """A map of ``noise`` and ``clip``, both finite and > 0. Unlike anywhere else, an
+    unknown key in it is refused (``bad_field``): a node must not train without a privacy
+    requirement it does not understand (docs/PROTOCOL.md section 4)."""
+    value = _get(obj, key, dict)
+    unknown = sorted(str(k) for k in value if k not in DP_SGD_KEYS)
+    if unknown:
+        raise SchemaError(
+            "bad_field", f"{key} has keys {unknown} this node does not know: it will not train"
+        )
+    return DpSgd(**DP_SGD.decode(value))
+
+
+def _epsilon(obj: Mapping[str, Any], key: str) -> float:
+    return _non_negative_float(obj, key)
+
+
 def _metric_values(obj: Mapping[str, Any], key: str) -> dict[str, float]:
     """A non-empty map of at most MAX_METRICS names (tensor-name characters) to finite
     numbers, saturated to +-MAX_LOSS as a training loss is."""
@@ -746,6 +787,11 @@ class Kind:
         return values
 
 
+DP_SGD = Kind(None, DpSgd, (
+    Field("noise", _positive_float, to_wire=float),
+    Field("clip", _positive_float, to_wire=float),
+))  # fmt: skip
+
 PLAN = Kind(None, TrainingPlan, (
     Field("learning_rate", _positive_float, to_wire=float),
     Field("batch_size", _at_least_1),
@@ -755,6 +801,7 @@ PLAN = Kind(None, TrainingPlan, (
     Field("eval_fraction", _eval_fraction, to_wire=float, omit_default=True),
     Field("proximal_mu", _proximal_mu, to_wire=float, omit_default=True),
     Field("mode", _mode, omit_default=True),
+    Field("dp_sgd", _dp_sgd, nullable=True, to_wire=DP_SGD.to_wire, omit_none=True),
 ))  # fmt: skip
 
 
@@ -806,6 +853,9 @@ UPDATE = Kind("update", NodeUpdate, (
     # Only with federated evaluation; the decoder checks they come together.
     Field("metrics", _metric_values, nullable=True, to_wire=_float_map, omit_none=True),
     Field("eval_examples", _examples, nullable=True, omit_none=True),
+    # Only under DP-SGD (plan.dp_sgd); the decoder checks they come together.
+    Field("dp_epsilon", _epsilon, nullable=True, to_wire=float, omit_none=True),
+    Field("dp_delta", _positive_float, nullable=True, to_wire=float, omit_none=True),
     # Decoded with compression and the caller's limits, encoded as compression says.
     Field("delta", None, to_wire=_delta_to_wire, with_message=True),
 ), first=("compression", "train_seconds"))  # fmt: skip
@@ -819,6 +869,8 @@ STATUS = Kind("status", NodeStatus, (
     Field("num_examples", _positive, nullable=True),
     Field("at", _float, nullable=True),
     Field("detail", _str, nullable=True),
+    Field("dp_epsilon", _epsilon, nullable=True, to_wire=float, omit_none=True),
+    Field("dp_delta", _positive_float, nullable=True, to_wire=float, omit_none=True),
 ))  # fmt: skip
 
 SERVER = Kind("server", ServerStatus, (
@@ -942,6 +994,8 @@ def decode_update(
             f"eval_examples {update.eval_examples} is more than num_examples "
             f"{update.num_examples} (a node holds out at most half of its examples)",
         )
+    if (update.dp_epsilon is None) != (update.dp_delta is None):
+        raise SchemaError("bad_field", "dp_epsilon and dp_delta must come together")
     return update
 
 

@@ -57,6 +57,7 @@ from fedmq.models import get_model
 from fedmq.node.settings import NodeSettings
 from fedmq.report import (
     build_report,
+    dp_sgd_entry,
     mode_entry,
     proximal_mu_entry,
     slow_nodes_entry,
@@ -89,6 +90,8 @@ def child_argv(
         compression=config.compression,
         eval_fraction=config.eval_fraction,
         proximal_mu=config.proximal_mu,
+        dp_sgd=config.dp_sgd,
+        dp_fedavg=config.dp_fedavg,
         server_optimizer=config.server_optimizer,
         mode=config.mode,
         buffer=config.buffer,
@@ -120,6 +123,7 @@ def child_argv(
             state_dir=workdir / node_id,
             exit_when_done=True,
             log_json=True,
+            max_epsilon=config.max_epsilon,
         )
         if node_id in slow and config.slow_nodes is not None:
             node = replace(node, train_delay=config.slow_nodes[1])
@@ -697,6 +701,8 @@ def run(config: DemoSettings, stop: threading.Event, out: TextIO = sys.stdout) -
             **({} if config.data_dir is None else {"data_dir": str(config.data_dir)}),
             compression=config.compression,
             **proximal_mu_entry(config.proximal_mu),
+            **dp_sgd_entry(config.dp_sgd, config.max_epsilon),
+            **({} if config.dp_fedavg is None else {"dp_fedavg": config.dp_fedavg}),
             server_optimizer=config.server_optimizer,
             local_epochs=config.local_epochs or AggregatorSettings.local_epochs,
             **run_policy_entries(config),

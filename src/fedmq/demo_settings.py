@@ -14,6 +14,7 @@ from fedmq.settings import (
     COMPRESSION_HELP,
     DEFAULT_MAX_STALENESS,
     DEFAULT_STALENESS,
+    DP_SGD_HELP,
     EVAL_FRACTION_HELP,
     MAX_STALENESS_HELP,
     MODE_HELP,
@@ -26,7 +27,9 @@ from fedmq.settings import (
     chosen_task,
     compression_spec,
     count,
+    dp_sgd_spec,
     eval_fraction,
+    max_epsilon,
     mode_name,
     model_name,
     partition_spec,
@@ -119,6 +122,25 @@ class DemoSettings(LogSettings):
     )
     proximal_mu: float = setting(
         0.0, parse=proximal_mu, metavar="MU", help=PROXIMAL_MU_HELP + "; handed to the aggregator"
+    )
+    dp_sgd: str | None = setting(
+        None,
+        parse=dp_sgd_spec,
+        metavar="noise=Z,clip=C",
+        help=DP_SGD_HELP + "; handed to the aggregator",
+    )
+    dp_fedavg: str | None = setting(
+        None,
+        parse=dp_sgd_spec,
+        metavar="noise=Z,clip=C",
+        help="user-level differential privacy at the aggregator (DP-FedAvg, docs/privacy.md);"
+        " handed to the aggregator",
+    )
+    max_epsilon: float | None = setting(
+        None,
+        parse=max_epsilon,
+        metavar="E",
+        help="DP-SGD: every node's privacy budget (fedmq node --max-epsilon; default: none)",
     )
     server_optimizer: str = setting(
         "fedavg",

@@ -20,8 +20,9 @@ def round_metrics(metrics: RoundMetrics) -> dict[str, dict[str, float] | None]:
     }
 
 
-# Extra metrics keys a row carries when the aggregator sent them (asynchronous mode).
-ROW_EXTRAS = ("staleness_max", "staleness_mean")
+# Extra metrics keys a row carries when the aggregator sent them (asynchronous mode;
+# DP-SGD: the most epsilon any participant had spent; DP-FedAvg: the run's epsilon).
+ROW_EXTRAS = ("staleness_max", "staleness_mean", "dp_epsilon_max", "dp_fedavg_epsilon")
 
 
 def round_row(metrics: RoundMetrics) -> dict[str, Any]:
@@ -65,6 +66,13 @@ def proximal_mu_entry(mu: float) -> dict[str, float]:
     """report.json's ``proximal_mu`` (FedProx's mu of the plan), only when it is not 0:
     a run without FedProx reports what it did before."""
     return {"proximal_mu": mu} if mu else {}
+
+
+def dp_sgd_entry(dp_sgd: str | None, max_epsilon: float | None = None) -> dict[str, Any]:
+    """report.json's ``dp_sgd`` (the plan's ``noise=Z,clip=C``) and the nodes'
+    ``max_epsilon``, each only when set: a run without DP reports what it did before."""
+    entry: dict[str, Any] = {} if dp_sgd is None else {"dp_sgd": dp_sgd}
+    return entry | ({} if max_epsilon is None else {"max_epsilon": max_epsilon})
 
 
 def mode_entry(mode: str, buffer: int, staleness: str, max_staleness: int) -> dict[str, Any]:

@@ -25,7 +25,10 @@ import math
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+
+if TYPE_CHECKING:
+    from fedmq.schemas.messages import DpSgd
 
 T = TypeVar("T")
 S = TypeVar("S")
@@ -583,4 +586,71 @@ SERVER_OPTIMIZER_HELP = (
     "mean delta added), or the mean delta as a pseudo-gradient of fedavgm:LR,MOMENTUM (SGD "
     "with momentum), fedadam:LR, fedyogi:LR or fedadagrad:LR, e.g. fedadam:0.01; its state "
     "is checkpointed with the model, and a run keeps it (docs/aggregation.md)"
+)
+
+
+def dp_sgd_spec(text: str) -> str:
+    """``--dp-sgd noise=Z,clip=C``: both finite and > 0, in either order; the canonical
+    text (``noise=Z,clip=C``, Python's shortest float text) is what is kept."""
+    return str_of_dp_sgd(parse_dp_sgd(text))
+
+
+def parse_dp_sgd(text: str) -> "DpSgd":
+    """The plan's ``dp_sgd`` from ``noise=Z,clip=C``; ArgumentTypeError naming the fix."""
+    from fedmq.schemas.messages import DpSgd
+
+    values: dict[str, float] = {}
+    for part in text.split(","):
+        key, equals, number = part.strip().partition("=")
+        try:
+            value = float(number) if equals else math.nan
+        except ValueError:
+            value = math.nan
+        if (
+            key not in ("noise", "clip")
+            or key in values
+            or not (math.isfinite(value) and value > 0)
+        ):
+            values = {}
+            break
+        values[key] = value
+    if set(values) != {"noise", "clip"}:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not noise=Z,clip=C with numbers > 0 (e.g. noise=1.1,clip=1.0)"
+        )
+    return DpSgd(noise=values["noise"], clip=values["clip"])
+
+
+def str_of_dp_sgd(dp: "DpSgd | Any") -> str:
+    """``noise=Z,clip=C`` of anything with ``noise`` and ``clip`` (DP-SGD, DP-FedAvg)."""
+    return f"noise={dp.noise!r},clip={dp.clip!r}"
+
+
+def max_epsilon(text: str) -> float:
+    """``--max-epsilon``: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not (math.isfinite(value) and value > 0.0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number > 0 (e.g. 8)")
+    return value
+
+
+def dp_delta(text: str) -> float:
+    """``--dp-delta``: a number in (0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number between 0 and 1 (e.g. 1e-5)")
+    return value
+
+
+DP_SGD_HELP = (
+    "example-level differential privacy on the nodes (DP-SGD): each example's gradient "
+    "clipped to L2 norm C, Gaussian noise of standard deviation Z x C added to each "
+    "Poisson-sampled batch's sum; announced in the plan, nodes account the epsilon they "
+    "spend (default: off)"
 )

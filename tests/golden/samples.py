@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from fedmq.schemas import (
+    DpSgd,
     GlobalDelta,
     GlobalModel,
     NodeStatus,
@@ -350,6 +351,34 @@ METRICS_SITE = RoundMetrics(
 )
 
 
+# DP-SGD (issue 17, docs/PROTOCOL.md 8.1-8.3): the plan's dp_sgd, the epsilon a node has
+# spent in its update and status. Train loss 0: a DP-SGD node does not send its loss.
+GLOBAL_DP = GlobalModel(
+    federation=FEDERATION,
+    round=3,
+    model="tiny-mlp",
+    model_id=MODEL_ID,
+    params=PARAMS,
+    plan=TrainingPlan(learning_rate=0.05, batch_size=32, local_epochs=1, seed=7,
+                      dp_sgd=DpSgd(noise=1.125, clip=0.5)),
+    final=False,
+    created_at=1_700_000_000.25,
+)  # fmt: skip
+
+UPDATE_DP = dataclasses.replace(UPDATE, train_loss=0.0, dp_epsilon=2.5, dp_delta=0.0009765625)
+
+STATUS_DP = dataclasses.replace(
+    STATUS,
+    state="idle",
+    detail="privacy budget spent: this round would take epsilon from 2.5 to 3.25 (delta "
+    "0.000977), past --max-epsilon 3; the node trains no more under DP-SGD",
+    dp_epsilon=2.5,
+    dp_delta=0.0009765625,
+)
+
+METRICS_DP = dataclasses.replace(METRICS_ASYNC, train_loss=None, extra={"dp_epsilon_max": 2.5})
+
+
 class Sample(NamedTuple):
     message: Any
     decode: Callable[[bytes], Any]
@@ -375,6 +404,10 @@ SAMPLES: dict[str, Sample] = {
     "global_async": Sample(GLOBAL_ASYNC, decode_global),
     "metrics_async": Sample(METRICS_ASYNC, decode_metrics),
     "metrics_site": Sample(METRICS_SITE, decode_metrics),
+    "global_dp": Sample(GLOBAL_DP, decode_global),
+    "update_dp": Sample(UPDATE_DP, decode_update),
+    "status_dp": Sample(STATUS_DP, decode_status),
+    "metrics_dp": Sample(METRICS_DP, decode_metrics),
 }
 
 

@@ -47,6 +47,10 @@ SAMPLES = {
     "upstream_username": "u",
     "upstream_password_file": "pw",
     "upstream_tls_ca": "ca.crt",
+    "dp_sgd": "noise=1.1,clip=0.5",
+    "dp_fedavg": "noise=1.1,clip=0.5",
+    "max_epsilon": "8.0",
+    "dp_delta": "1e-05",
 }
 # What a command needs besides the setting under test (node: an id and data).
 REQUIRED = {"node": {"node_id": "n0", "demo_shard": "1/1"}}
@@ -227,6 +231,8 @@ def test_the_fingerprint_is_the_kept_settings_stored_as_before():
         "compression",
         "eval_fraction",
         "proximal_mu",
+        "dp_fedavg",  # only when given, as eval_fraction only when not 0
+        "dp_sgd",  # only when given, as eval_fraction only when not 0
         "server_optimizer",  # only when not fedavg, as eval_fraction only when not 0
     ]
 
@@ -242,6 +248,8 @@ def test_the_fingerprint_is_the_kept_settings_stored_as_before():
         ({"compression": "fp16"}, "--compression"),
         ({"federation": "other"}, "--federation"),
         ({"proximal_mu": 0.01}, "--proximal-mu"),
+        ({"dp_sgd": "noise=1.0,clip=1.0"}, "--dp-sgd"),
+        ({"dp_fedavg": "noise=1.0,clip=1.0"}, "--dp-fedavg"),
         ({"mode": "async"}, "--mode"),
     ],
 )
