@@ -224,7 +224,15 @@ class NetworkLoop:
         if link.sock is None or link.connecting:
             return
         sock = link.sock
-        operation()
+        try:
+            operation()
+        except Exception as error:  # a callback raised: paho's own thread would end (for
+            # that client alone); here every client shares the thread, so it goes on
+            log.error(
+                "mqtt.callback_failed",
+                client_id=link.client._client_id.decode(errors="replace"),
+                error=f"{type(error).__name__}: {error}",
+            )
         if link.sock is not None and getattr(sock, "pending", None) and sock.pending() > 0:
             with self._lock:
                 self._pending.add(link)

@@ -111,3 +111,38 @@ def test_a_stop_does_not_wait_for_a_broker_that_is_gone(tmp_path, federation):
     finally:
         network.close()
         broker.stop()
+
+
+def test_a_callback_that_raises_does_not_stop_the_other_clients(tmp_path, federation):
+    from structlog.testing import capture_logs
+
+    broker = Mosquitto(data_dir=tmp_path / "broker").start()
+    address = edge.BrokerAddress.parse(broker.address)
+    topic = f"t/{federation}/raise"
+    inbox: queue.Queue[tuple[int, edge.Received]] = queue.Queue()
+    clients, readies = _clients(inbox, federation, topic)
+    broken, healthy = clients[0], clients[1:]
+
+    def on_message(*_args: object) -> None:
+        raise RuntimeError("a bug in a callback")
+
+    broken.on_message = on_message
+    network = NetworkLoop().start()
+    try:
+        with capture_logs() as logs:
+            for client in clients:
+                edge.start(client, address, network=network)
+            assert all(ready.wait(10) for ready in readies)
+            for round_trip in range(2):
+                edge.Outbox(healthy[0]).publish(topic, f"{round_trip}".encode())
+                wait_until(
+                    lambda n=round_trip + 1: sum(r.topic == topic for _, r in list(inbox.queue)) >= len(healthy) * n,
+                    10, "the healthy clients' copies",
+                )  # fmt: skip
+        assert any(e["event"] == "mqtt.callback_failed" for e in logs), logs
+        assert broken.is_connected()
+        for client in clients:
+            edge.stop(client)
+    finally:
+        network.close()
+        broker.stop()
