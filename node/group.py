@@ -6,7 +6,9 @@ persistent session, last will), its own locked state directory, its own retained
 What the nodes of one process share is what one machine has once: one worker thread, so
 they take turns training (the messages of all clients go into one queue, tagged with
 their node); one task object per task name, so JAX compiles each step once per process;
-one XLA compile cache (the first node's state directory's).
+one XLA compile cache (the first node's state directory's); one network thread, which
+reads and writes every client's socket (``fedmq.netloop``: paho's own loop would be a
+thread per client, and its ``select()`` cannot watch a socket numbered 1024 or more).
 
 First connects are ``stagger`` seconds apart, so a thousand nodes do not hit the broker
 with a thousand CONNECTs at once; after that each client reconnects with its own jittered
@@ -24,6 +26,7 @@ import structlog
 
 from fedmq import mqtt as edge
 from fedmq.files import DirectoryLock, ensure_open_files
+from fedmq.netloop import NetworkLoop
 from fedmq.node.app import (
     Node,
     claim_state,
@@ -39,8 +42,9 @@ from fedmq.tasks.task import Task
 
 log = structlog.get_logger()
 
-# Open files per node: its socket, paho's wake-up socket pair and its state directory's
-# lock (measured: /proc/PID/fd of a 100-node group, docs/scaling.md); plus what the
+# Open files per node: its socket and its state directory's lock (the shared network
+# loop needs no wake-up socket pair per client, as paho's own loop does), with room to
+# spare (measured: /proc/PID/fd of a 250-node group, docs/scaling.md); plus what the
 # interpreter, JAX and the log hold whatever the number of nodes.
 FILES_PER_NODE = 4
 FILES_BASE = 256
@@ -96,6 +100,14 @@ def run(group: NodeGroup, stop: threading.Event) -> int:
 
 
 def _run(group: NodeGroup, stop: threading.Event) -> int:
+    network = NetworkLoop().start()
+    try:
+        return _run_nodes(group, stop, network)
+    finally:
+        network.close()
+
+
+def _run_nodes(group: NodeGroup, stop: threading.Event, network: NetworkLoop) -> int:
     enable_compile_cache(group.nodes[0].state_path / "jax-cache")
     shelf = TaskShelf()
     shared: queue.Queue[tuple[int, edge.Received]] = queue.Queue()
@@ -115,7 +127,7 @@ def _run(group: NodeGroup, stop: threading.Event) -> int:
             now = time.monotonic()
             if waiting and now >= next_start:
                 first = waiting.popleft()
-                edge.start(nodes[first].client, nodes[first].config.broker)
+                edge.start(nodes[first].client, nodes[first].config.broker, network=network)
                 next_start = now + group.stagger
             for index in live:
                 edge.check(nodes[index].client)
@@ -176,13 +188,13 @@ def _close(
 
 def _stop(nodes: list[Node]) -> None:
     """Stop these clients without waiting for a connect attempt to end: at most
-    STOP_WAIT_UNCONNECTED in all (paho's threads are daemons)."""
-    stoppers = []
+    STOP_WAIT_UNCONNECTED in all (the network loop lets go of each once its attempt ends)."""
+    released = []
     for node in nodes:
         node.client.disconnect()
-        stopper = threading.Thread(target=node.client.loop_stop, daemon=True)
-        stopper.start()
-        stoppers.append(stopper)
+        network = node.client.network
+        if network is not None:  # None: never started
+            released.append(network.leave(node.client))
     deadline = time.monotonic() + STOP_WAIT_UNCONNECTED
-    for stopper in stoppers:
-        stopper.join(max(0.0, deadline - time.monotonic()))
+    for gone in released:
+        gone.wait(max(0.0, deadline - time.monotonic()))

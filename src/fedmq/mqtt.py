@@ -13,6 +13,7 @@ from typing import Any, Protocol, TypeVar
 import paho.mqtt.client as mqtt
 import structlog
 
+from fedmq.netloop import NetworkLoop
 from fedmq.settings import HelpGroup, setting, usage_errors
 
 log = structlog.get_logger()
@@ -184,6 +185,9 @@ _LOGIN_REFUSED = frozenset({134, 135, 140})
 # A client not connected when it stops waits this long for paho's thread (which may be
 # in a connect attempt); the thread is a daemon and ends with the process anyway.
 STOP_WAIT_UNCONNECTED = 0.2
+# A connected client on a shared network loop waits this long for its DISCONNECT to be
+# written (paho's own thread is waited for without a bound; it takes milliseconds).
+STOP_WAIT_CONNECTED = 10.0
 INBOX_WAIT = 0.2  # seconds between looks at ``receiving_stopped`` while a bounded inbox is full
 
 
@@ -245,6 +249,9 @@ class Client(mqtt.Client):
     # Set once the receiver stops taking messages (``stop``, ``stop_receiving``): a
     # message that finds a bounded inbox full is then dropped, not waited with.
     receiving_stopped: bool = False
+    # The shared network loop driving this client (``start(network=...)``), or None:
+    # paho's own thread (``loop_start``).
+    network: NetworkLoop | None = None
 
     def reconnect(self) -> mqtt.MQTTErrorCode:
         # paho's loop calls this for the first connect and every reconnect, and turns an
@@ -513,8 +520,16 @@ def acknowledge(client: mqtt.Client, received: Received) -> None:
         client.ack(received.mid, received.qos)
 
 
-def start(client: Client, broker: BrokerAddress, *, keepalive: int = 30) -> None:
-    """Connect in the background (retrying until the broker answers) and run paho's loop."""
+def start(
+    client: Client,
+    broker: BrokerAddress,
+    *,
+    keepalive: int = 30,
+    network: NetworkLoop | None = None,
+) -> None:
+    """Connect in the background (retrying until the broker answers) and run paho's loop,
+    or, given ``network``, let that one thread drive this client with many others
+    (``fedmq.netloop``: what a node group does)."""
     client.broker = broker
     credentials = broker.credentials
     problem = credentials.problem()
@@ -526,7 +541,11 @@ def start(client: Client, broker: BrokerAddress, *, keepalive: int = 30) -> None
     if context is not None:
         client.tls_set_context(context)
     client.connect_async(broker.host, broker.port, keepalive=keepalive)
-    client.loop_start()
+    if network is None:
+        client.loop_start()
+    else:
+        client.network = network
+        network.add(client)
 
 
 def stop_receiving(client: mqtt.Client) -> None:
@@ -544,6 +563,10 @@ def stop(client: mqtt.Client) -> None:
     stop_receiving(client)
     connected = client.is_connected()
     client.disconnect()
+    network = getattr(client, "network", None)
+    if network is not None:  # the shared loop writes the DISCONNECT, then lets go
+        network.leave(client).wait(STOP_WAIT_CONNECTED if connected else STOP_WAIT_UNCONNECTED)
+        return
     if connected:
         client.loop_stop()
         return

@@ -238,3 +238,43 @@ def test_a_node_whose_training_diverges_says_why(spawn, mosquitto, federation, c
     wait_until(errors, 120, "the node's error status")
     detail = errors()[-1].detail or ""
     assert "diverged" in detail and "1e+30" in detail and "--learning-rate" in detail, detail
+
+
+def test_a_node_group_refused_its_login_over_tls_exits_2(spawn, deployment, tmp_path):  # type: ignore[no-untyped-def]
+    """The same through a node group's shared network loop (``fedmq.netloop``): the TLS
+    handshake on its connect thread, the broker's refusal read on its network thread."""
+    wrong = tmp_path / "wrong-password"
+    wrong.write_text("not-the-password\n")
+    nodes = tmp_path / "nodes.txt"
+    nodes.write_text(
+        f"--config {deployment.config('pi-01')} --password-file {wrong} --demo-shard 1/2 "
+        f"--state-dir {tmp_path / 'node'}\n"
+    )
+    group = spawn("group", "node-group", str(nodes), "--log-json")
+    assert group.wait(60) == 2, group.log()[-3000:]
+    refusals = events(group, "mqtt.connect_failed")
+    assert len(refusals) >= 2, group.log()[-3000:]
+    assert all("not authori" in e["reason"].lower() for e in refusals), refusals
+    last = group.log().strip().splitlines()[-1]
+    assert last.startswith("fedmq node-group: error: ") and "--password-file" in last, last
+
+
+def test_ctrl_c_stops_a_connecting_node_group_within_a_second(spawn, tmp_path):  # type: ignore[no-untyped-def]
+    port = closed_port()
+    nodes = tmp_path / "nodes.txt"
+    nodes.write_text(
+        "".join(
+            f"--broker 127.0.0.1:{port} --node-id g{i} --demo-shard {i + 1}/3 "
+            f"--state-dir {tmp_path / f'g{i}'}\n"
+            for i in range(3)
+        )
+    )
+    group = spawn("group", "node-group", str(nodes), "--log-json")
+    wait_until(lambda: events(group, "node_group.started"), 60, "the group to start connecting")
+    wait_until(lambda: len(events(group, "mqtt.connect_failed")) >= 3, 30, "failed attempts")
+    group.proc.send_signal(signal.SIGINT)
+    sent = time.monotonic()
+    code = group.wait(15)
+    stopped_in = time.monotonic() - sent
+    assert code == 130, group.log()[-3000:]
+    assert stopped_in < 2.5, f"{stopped_in:.1f} s"
