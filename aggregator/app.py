@@ -239,6 +239,7 @@ def build_aggregator(
         model_floats=num_params,
         server_optimizer=str(parse_server_optimizer(config.server_optimizer)),
         accepted_compression=config.upstream_compression if config.sites else None,
+        downlink_compression=config.downlink_compression,
     )
     return Aggregator(
         settings,

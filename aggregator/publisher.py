@@ -7,8 +7,16 @@ restart and for the checkpoint. Publishes through the ``publish`` callable it is
 """
 
 from collections.abc import Callable
+from typing import Any
 
-from fedmq.schemas import GlobalModel, ServerStatus, Topics, encode, make_global_delta
+from fedmq.schemas import (
+    GlobalModel,
+    ServerStatus,
+    Topics,
+    encode,
+    make_compressed_global_delta,
+    make_global_delta,
+)
 from fedmq.schemas.tensors import Params
 
 Publish = Callable[[str, bytes, bool], None]  # (topic, payload, retain), QoS 1
@@ -30,12 +38,23 @@ class Publisher:
     def global_bytes(self) -> int:
         return len(self.global_payload)
 
-    def prepare_model(self, message: GlobalModel, previous: tuple[Params, str] | None) -> None:
+    def prepare_model(
+        self,
+        message: GlobalModel,
+        previous: tuple[Params, str] | None,
+        *,
+        compressed: tuple[str | None, Any] = (None, None),
+    ) -> None:
         """Encode the model opening a version and, when the one before is known (its params,
-        its id), its compact XOR form for nodes that hold that one; nothing is sent yet
+        its id), its compact form for nodes that hold that one: the XOR form, or with
+        ``compressed`` (SPEC, delta as it travels) the compressed one; nothing is sent yet
         (the checkpoint goes first)."""
         self.global_payload = encode(message)
-        if previous is not None:
+        spec, wire = compressed
+        if previous is not None and spec is not None:
+            compact = encode(make_compressed_global_delta(message, previous[1], spec, wire))
+            self.delta_bytes = len(compact)
+        elif previous is not None:
             compact = encode(make_global_delta(previous[0], message, previous[1]))
             self.delta_bytes = len(compact)
         else:  # nothing to XOR against: nodes following compact forms get it whole

@@ -43,6 +43,7 @@ from fedmq.aggregator.checkpoint import (
     read_history,
 )
 from fedmq.aggregator.combine import Held
+from fedmq.aggregator.downlink import compress_global, downlink_pipeline, initial_residual
 from fedmq.aggregator.evaluate import Evaluator, mlp_evaluator
 from fedmq.aggregator.federated_metrics import federated_metrics
 from fedmq.aggregator.intake import Intake
@@ -102,6 +103,10 @@ class RoundSettings:
     # The SPEC updates must follow if not the plan's: a root of site aggregators takes
     # the sites' --upstream-compression (docs/hierarchy.md). Not kept, like the rule.
     accepted_compression: str | None = None
+    # --downlink-compression: the SPEC each new model goes to the nodes as (its difference
+    # from the previous one; aggregator.downlink), None or "none": the lossless xor form.
+    # Not kept, like the rule; its residual (with ef) is in the checkpoint.
+    downlink_compression: str | None = None
 
     def __post_init__(self) -> None:
         check_memory(
@@ -194,6 +199,8 @@ class Aggregator:
         self.params = initial_params
         self._optimizer_state = self._optimizer.init(initial_params)
         self.layout = {name: tuple(a.shape) for name, a in initial_params.items()}
+        self._downlink = downlink_pipeline(settings.downlink_compression)
+        self._downlink_residual = initial_residual(self._downlink, self.layout)
         # The layout's fingerprint, which nodes check their task against (fedmq.tasks.layout).
         self.task_fingerprint = layout_of(
             settings.model_name, settings.task_version, initial_params
@@ -295,6 +302,11 @@ class Aggregator:
         self._out.restore(
             checkpoint.global_payload, checkpoint.delta_payload, checkpoint.delta_bytes
         )
+        kept = checkpoint.downlink_residual
+        if self._downlink_residual is not None and kept is not None:
+            if {name: a.shape for name, a in kept.items()} != dict(self.layout):
+                raise CheckpointError("unreadable checkpoint: downlink residual of another layout")
+            self._downlink_residual = {name: kept[name] for name in self.layout}
         if checkpoint.started_at is not None:  # else (an older checkpoint): from now
             self._started_at = checkpoint.started_at
         self._recent = dict(checkpoint.recent or {})
@@ -401,10 +413,13 @@ class Aggregator:
         model_id: str,
         previous: tuple[Params, str] | None = None,
         reporters: frozenset[str] | None = None,
+        compressed: Any = None,
     ) -> None:
         """Checkpoint and publish the global model ``model_id`` (``self.params``) that
         opens version ``number``. ``previous``: the model before (params, id), for the
-        compact form; ``reporters``: the previous version's, if not the ones just held."""
+        compact form; ``reporters``: the previous version's, if not the ones just held;
+        ``compressed``: the compressed delta from ``previous`` as it travels (with
+        --downlink-compression), for the compact form instead of the xor one."""
         final = number > self.settings.rounds
         selected = None
         if not final:
@@ -424,7 +439,8 @@ class Aggregator:
             task_version=self.settings.task_version,
             task_fingerprint=self.task_fingerprint,
         )
-        self._out.prepare_model(message, previous)
+        spec = None if compressed is None else str(self._downlink)
+        self._out.prepare_model(message, previous, compressed=(spec, compressed))
         self._recent[number] = Opened(model_id, selected)
         for old in [v for v in self._recent if v < number - self.policy.window]:
             del self._recent[old]
@@ -470,6 +486,7 @@ class Aggregator:
             started_at=self._started_at,
             recent=dict(self._recent) if remembers else None,
             latest=dict(self._latest) if remembers else None,
+            downlink_residual=self._downlink_residual,
         )
 
     def _publish_server_status(self) -> None:
@@ -482,9 +499,23 @@ class Aggregator:
         held = self._intake.held
         combined = held.combine()
         previous = (self.params, self.model_id)
-        self.params, self._optimizer_state = self._optimizer.update(
+        target, self._optimizer_state = self._optimizer.update(
             self.params, combined.delta, self._optimizer_state
         )
+        compressed = None
+        if self._downlink is None:
+            self.params = target
+        else:  # the new model is what the nodes rebuild from the compressed delta
+            downlink = compress_global(
+                self._downlink,
+                previous[0],
+                target,
+                self._downlink_residual,
+                seed=self.settings.plan.seed,
+                version=self.version + 1,
+            )
+            self.params, self._downlink_residual = downlink.params, downlink.residual
+            compressed = downlink.wire
         model_id = model_id_of(self.params)
         central = self._evaluator(self.params) if self._evaluator is not None else {}
         loss, accuracy = central.get("loss"), central.get("accuracy")
@@ -547,4 +578,6 @@ class Aggregator:
             seconds=round(metrics.seconds, 4),
         )
         out.metrics(payload)
-        self._open_version(self.version + 1, model_id=model_id, previous=previous)
+        self._open_version(
+            self.version + 1, model_id=model_id, previous=previous, compressed=compressed
+        )

@@ -24,7 +24,14 @@ import msgpack
 import numpy as np
 
 from fedmq.schemas.batched import decode_flat_dense, decode_flat_sparse
-from fedmq.schemas.encodings import Encoded, decode_encoded, encode_encoded, shape_of, value_problem
+from fedmq.schemas.encodings import (
+    Encoded,
+    decode_encoded,
+    encode_encoded,
+    shape_of,
+    to_dense,
+    value_problem,
+)
 from fedmq.schemas.errors import SchemaError
 from fedmq.schemas.flat import decode_flat, encode_flat
 from fedmq.schemas.framing import Framing
@@ -123,11 +130,17 @@ class GlobalModel:
 
 @dataclass(frozen=True)
 class GlobalDelta:
-    """A global model told as the bitwise XOR of its float32 bytes with the previous one's.
+    """A global model told as its difference from the previous one, in one of two forms.
 
-    Lossless: a node holding ``base_model_id`` rebuilds the exact parameters (and checks
+    ``xor`` (lossless): the bitwise XOR of its float32 bytes with the previous one's,
+    deflated; a node holding ``base_model_id`` rebuilds the exact parameters (and checks
     the result's model_id). Unchanged bits XOR to zero, so zlib shrinks it a lot when
     updates are sparse.
+
+    ``delta`` (with ``compression``, the aggregator's --downlink-compression): the
+    compressed float32 difference, in an update's wire form; the model *is* the base plus
+    its dense values in float32 (``add_delta``), so every node rebuilds the same bits.
+    ``xor`` is then empty (an older node fails to rebuild it and fetches the full model).
     """
 
     federation: str
@@ -142,6 +155,11 @@ class GlobalDelta:
     selected: tuple[str, ...] | None = None  # as in GlobalModel
     task_version: str | None = None  # as in GlobalModel
     task_fingerprint: str | None = None  # as in GlobalModel
+    # The compressed form (--downlink-compression): its SPEC, and the delta as it travels
+    # (a map of tensors, a flat map, or bin with +zlib; decoded against the base when
+    # applied). None: the xor form.
+    compression: str | None = None
+    delta: Any = None
 
 
 def make_global_delta(
@@ -159,6 +177,59 @@ def make_global_delta(
     )  # fmt: skip
 
 
+def make_compressed_global_delta(
+    model: GlobalModel, base_id: str, compression: str, wire: Any
+) -> GlobalDelta:
+    """The compact form of ``model`` as ``compression`` (a canonical SPEC) with ``wire``
+    its compressed delta from the base as it travels (``delta_to_wire``); ``model.params``
+    must be ``add_delta(base, the delta)``."""
+    return GlobalDelta(
+        federation=model.federation, round=model.round, model=model.model,
+        model_id=model.model_id, base_model_id=base_id, plan=model.plan, xor=b"",
+        final=model.final, created_at=model.created_at, selected=model.selected,
+        task_version=model.task_version, task_fingerprint=model.task_fingerprint,
+        compression=compression, delta=wire,
+    )  # fmt: skip
+
+
+def add_delta(base: Mapping[str, np.ndarray], delta: Mapping[str, Encoded]) -> Params:
+    """``base`` plus the dense float32 values of ``delta``, tensor by tensor in float32,
+    cast back to each base tensor's dtype: how the aggregator makes a model from its
+    compressed downlink and how every node rebuilds it (one function, the same bits)."""
+    return {
+        name: np.asarray(
+            np.add(np.asarray(array, np.float32), to_dense(delta[name]), dtype=np.float32),
+            dtype=array.dtype,
+        )
+        for name, array in base.items()
+    }
+
+
+def delta_to_wire(delta: Mapping[str, Encoded], compression: str) -> Any:
+    """A compressed delta as it travels, framed as ``compression`` says (flat, zlib)."""
+    framing = Framing.named_by(compression)
+    if framing.flat:  # one sparse run for the whole delta (schemas.flat)
+        wire: Any = encode_flat(delta)
+    else:
+        wire = {name: encode_encoded(tensor) for name, tensor in delta.items()}
+    if framing.zlib:  # lossless last stage over the whole delta map
+        return zlib.compress(msgpack.packb(wire, use_bin_type=True), 9)
+    return wire
+
+
+def delta_from_wire(
+    wire: Any, compression: str, layout: Shapes, *, max_bytes: int = DEFAULT_MAX_BYTES
+) -> Mapping[str, Encoded]:
+    """``delta_to_wire`` read back, checked against ``layout`` as an update's delta is."""
+    return _delta(
+        {"delta": wire},
+        Framing.named_by(compression),
+        max_bytes=max_bytes,
+        max_elements=sum(math.prod(shape) for shape in layout.values()),
+        layout=layout,
+    )
+
+
 def _bits(array: np.ndarray) -> np.ndarray:
     wire = np.asarray(array, dtype=array.dtype.newbyteorder("<"), order="C")
     return wire.view(np.dtype(f"<u{wire.dtype.itemsize}"))
@@ -167,6 +238,30 @@ def _bits(array: np.ndarray) -> np.ndarray:
 def apply_global_delta(base: Mapping[str, np.ndarray], message: GlobalDelta) -> GlobalModel:
     """The full global model from the one it was made against; SchemaError if it does
     not fit ``base`` or the result's hash is not ``model_id``."""
+    if message.delta is not None:
+        params = _apply_compressed(base, message)
+    else:
+        params = _apply_xor(base, message)
+    if not all(np.isfinite(a).all() for a in params.values()):
+        raise SchemaError("non_finite", "the rebuilt global model holds NaN or Inf")
+    if model_id_of(params) != message.model_id:
+        raise SchemaError("bad_model_id", "the rebuilt parameters do not hash to model_id")
+    return GlobalModel(
+        federation=message.federation, round=message.round, model=message.model,
+        model_id=message.model_id, params=params, plan=message.plan, final=message.final,
+        created_at=message.created_at, selected=message.selected,
+        task_version=message.task_version, task_fingerprint=message.task_fingerprint,
+    )  # fmt: skip
+
+
+def _apply_compressed(base: Mapping[str, np.ndarray], message: GlobalDelta) -> Params:
+    if message.compression is None:
+        raise SchemaError("bad_field", "a global_delta with delta needs compression")
+    layout = {name: tuple(array.shape) for name, array in base.items()}
+    return add_delta(base, delta_from_wire(message.delta, message.compression, layout))
+
+
+def _apply_xor(base: Mapping[str, np.ndarray], message: GlobalDelta) -> Params:
     total = sum(_bits(array).nbytes for array in base.values())
     inflater = zlib.decompressobj()
     try:
@@ -182,16 +277,7 @@ def apply_global_delta(base: Mapping[str, np.ndarray], message: GlobalDelta) -> 
         flips = np.frombuffer(xored, dtype=bits.dtype, count=bits.size, offset=offset)
         params[name] = (bits ^ flips.reshape(bits.shape)).view(bits.dtype.str.replace("u", "f"))
         offset += bits.nbytes
-    if not all(np.isfinite(a).all() for a in params.values()):
-        raise SchemaError("non_finite", "the rebuilt global model holds NaN or Inf")
-    if model_id_of(params) != message.model_id:
-        raise SchemaError("bad_model_id", "the rebuilt parameters do not hash to model_id")
-    return GlobalModel(
-        federation=message.federation, round=message.round, model=message.model,
-        model_id=message.model_id, params=params, plan=message.plan, final=message.final,
-        created_at=message.created_at, selected=message.selected,
-        task_version=message.task_version, task_fingerprint=message.task_fingerprint,
-    )  # fmt: skip
+    return params
 
 
 @dataclass(frozen=True)
@@ -648,13 +734,21 @@ def _params_to_wire(params: Mapping[str, np.ndarray]) -> dict[str, Any]:
 
 
 def _delta_to_wire(delta: Mapping[str, Encoded], message: NodeUpdate) -> Any:
-    framing = Framing.named_by(message.compression)
-    if framing.flat:  # one sparse run for the whole delta (schemas.flat)
-        wire: Any = encode_flat(delta)
-    else:
-        wire = {name: encode_encoded(tensor) for name, tensor in delta.items()}
-    if framing.zlib:  # lossless last stage over the whole delta map
-        return zlib.compress(msgpack.packb(wire, use_bin_type=True), 9)
+    return delta_to_wire(delta, message.compression)
+
+
+def _compressed_delta(obj: Mapping[str, Any], key: str) -> Any:
+    """A global_delta's ``delta``, as it travels: bin with +zlib, else a map; what is
+    inside is checked against the base when applied (``apply_global_delta``)."""
+    wire = obj.get(key)
+    spec = obj.get("compression")
+    if not isinstance(spec, str):
+        raise SchemaError("bad_field", "delta needs compression")
+    if Framing.named_by(spec).zlib:
+        if not isinstance(wire, bytes):
+            raise SchemaError("bad_field", "delta must be zlib bytes with compression +zlib")
+    elif not isinstance(wire, dict) or not wire:
+        raise SchemaError("bad_field", "delta must be a non-empty map")
     return wire
 
 
@@ -791,6 +885,9 @@ GLOBAL_DELTA = Kind("global_delta", GlobalDelta, (
     Field("selected", _node_ids, nullable=True, to_wire=list, omit_none=True),
     Field("task_version", _task_version, nullable=True, omit_none=True),
     Field("task_fingerprint", _model_id, nullable=True, omit_none=True),
+    # Only with --downlink-compression (then xor is empty): absent, the bytes as before.
+    Field("compression", _spec, nullable=True, omit_none=True),
+    Field("delta", _compressed_delta, nullable=True, omit_none=True),
 ))  # fmt: skip
 
 UPDATE = Kind("update", NodeUpdate, (

@@ -87,6 +87,7 @@ def child_argv(
         seed=config.seed,
         test_data=None if test_path is None else str(test_path),
         compression=config.compression,
+        downlink_compression=config.downlink_compression,
         eval_fraction=config.eval_fraction,
         proximal_mu=config.proximal_mu,
         server_optimizer=config.server_optimizer,

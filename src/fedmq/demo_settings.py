@@ -14,6 +14,7 @@ from fedmq.settings import (
     COMPRESSION_HELP,
     DEFAULT_MAX_STALENESS,
     DEFAULT_STALENESS,
+    DOWNLINK_HELP,
     EVAL_FRACTION_HELP,
     MAX_STALENESS_HELP,
     MODE_HELP,
@@ -26,6 +27,7 @@ from fedmq.settings import (
     chosen_task,
     compression_spec,
     count,
+    downlink_spec,
     eval_fraction,
     mode_name,
     model_name,
@@ -91,6 +93,9 @@ class DemoSettings(LogSettings):
     seed: int = setting(0, parse=int, help="seed for init, split and shuffles (default 0)")
     compression: str = setting(
         "dense", parse=compression_spec, metavar="SPEC", help=COMPRESSION_HELP
+    )
+    downlink_compression: str = setting(
+        "none", parse=downlink_spec, metavar="SPEC|none", help=DOWNLINK_HELP
     )
     task: str | None = setting(  # None: --model, or digits-mlp
         None,

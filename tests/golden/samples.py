@@ -26,6 +26,7 @@ from fedmq.schemas import (
     RoundMetrics,
     ServerStatus,
     TrainingPlan,
+    add_delta,
     decode_global,
     decode_global_delta,
     decode_metrics,
@@ -35,6 +36,7 @@ from fedmq.schemas import (
     model_id_of,
 )
 from fedmq.schemas.encodings import Quantized, Sparse
+from fedmq.schemas.messages import delta_to_wire
 from fedmq.tasks.layout import layout_of
 
 GOLDEN_DIR = Path(__file__).resolve().parent
@@ -169,6 +171,20 @@ GLOBAL_TASK = dataclasses.replace(
 )
 GLOBAL_DELTA_TASK = dataclasses.replace(
     GLOBAL_DELTA, task_version=TASK_VERSION, task_fingerprint=TASK_FINGERPRINT
+)
+
+# The compressed form (--downlink-compression topk:0.1+sign+ef+flat): the sign delta of
+# UPDATE_FLAT_SIGN as it travels, from the base PARAMS to the model add_delta makes of
+# it; xor is empty, so an older node fails to rebuild it and fetches the full model.
+COMPRESSED_SPEC = "topk:0.1+sign+ef+flat"
+COMPRESSED_PARAMS = add_delta(PARAMS, SPARSE_SIGN_DELTA)
+GLOBAL_DELTA_COMPRESSED = dataclasses.replace(
+    GLOBAL_DELTA_TASK,
+    model_id=model_id_of(COMPRESSED_PARAMS),
+    base_model_id=MODEL_ID,
+    xor=b"",
+    compression=COMPRESSED_SPEC,
+    delta=delta_to_wire(SPARSE_SIGN_DELTA, COMPRESSED_SPEC),
 )
 
 
@@ -364,6 +380,7 @@ SAMPLES: dict[str, Sample] = {
     "global_delta": Sample(GLOBAL_DELTA, decode_global_delta),
     "global_task": Sample(GLOBAL_TASK, decode_global),
     "global_delta_task": Sample(GLOBAL_DELTA_TASK, decode_global_delta),
+    "global_delta_compressed": Sample(GLOBAL_DELTA_COMPRESSED, decode_global_delta),
     "status": Sample(STATUS, decode_status),
     "status_minimal": Sample(STATUS_MINIMAL, decode_status),
     "server": Sample(SERVER, decode_server_status),

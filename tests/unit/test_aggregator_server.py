@@ -65,6 +65,7 @@ class Harness:
         aggregation: Rule = FEDAVG,
         known_nodes: frozenset[str] | None = None,
         server_optimizer: str = "fedavg",
+        downlink_compression: str | None = None,
     ) -> None:
         self.settings = RoundSettings(
             federation=FEDERATION,
@@ -77,6 +78,7 @@ class Harness:
             aggregation=aggregation,
             known_nodes=known_nodes,
             server_optimizer=server_optimizer,
+            downlink_compression=downlink_compression,
         )
         self.initial = MODEL.init(0)
         self.clock = FakeClock()

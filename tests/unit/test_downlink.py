@@ -1,0 +1,286 @@
+"""The compressed downlink (--downlink-compression, docs/PROTOCOL.md 12.10): the aggregator
+publishes what the nodes rebuild, every node rebuilds it bitwise, a node that missed an
+update catches up from the retained full model, and hostile compact updates are refused."""
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import numpy as np
+import pytest
+import structlog
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fedmq.aggregator.downlink import compress_global, downlink_pipeline, initial_residual
+from fedmq.compression import parse_spec
+from fedmq.datasets import Dataset
+from fedmq.mqtt import BrokerAddress
+from fedmq.node.app import Node
+from fedmq.node.settings import NodeSettings
+from fedmq.schemas import (
+    GlobalModel,
+    SchemaError,
+    apply_global_delta,
+    decode_global,
+    decode_global_delta,
+    encode,
+    make_compressed_global_delta,
+    model_id_of,
+)
+
+from .node_doubles import RecordingOutbox
+from .test_aggregator_server import FEDERATION, MODEL, PLAN, TOPICS, Harness
+
+SPECS = [
+    "topk:0.035+sign+ef+flat",
+    "topk:0.1+int8+ef",
+    "topk:0.05+int4+ef+flat+zlib",
+    "fp16",
+    "int8+ef+zlib",
+    "dense",
+]
+NODES = ["pi-a", "pi-b", "pi-c"]
+
+
+def run(spec: str | None, rounds: int = 4) -> Harness:
+    """A run of ``rounds`` rounds, every node reporting each round, with the downlink ``spec``."""
+    h = Harness(rounds=rounds, downlink_compression=spec)
+    h.agg.start()
+    while not h.agg.done:
+        for index, node in enumerate(NODES):
+            h.report(node, seed=100 * h.agg.round + index, num_examples=10 + index)
+    return h
+
+
+def compact_payloads(h: Harness) -> list[bytes]:
+    """What went out on global/delta: round 1 in full, then the compact forms."""
+    return [payload for payload, _ in h.on(TOPICS.global_delta)]
+
+
+def bits(params: dict[str, np.ndarray]) -> list[tuple[str, bytes]]:
+    return [(name, np.asarray(array).tobytes()) for name, array in params.items()]
+
+
+# ------------------------------------------------------------------ the codec
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    spec=st.sampled_from(SPECS),
+    seed=st.integers(0, 2**32 - 1),
+    scale=st.sampled_from([1e-4, 1e-2, 1.0]),
+)
+def test_a_compressed_global_delta_round_trips_to_the_model_the_aggregator_made(
+    spec: str, seed: int, scale: float
+) -> None:
+    rng = np.random.default_rng(seed)
+    base = {n: rng.normal(0, 1, s).astype(np.float32) for n, s in MODEL.layout.items()}
+    target = {n: (a + rng.normal(0, scale, a.shape)).astype(np.float32) for n, a in base.items()}
+    pipeline = parse_spec(spec)
+    residual = initial_residual(pipeline, MODEL.layout)
+    made = compress_global(pipeline, base, target, residual, seed=seed, version=2)
+    model = GlobalModel(
+        federation=FEDERATION, round=2, model="digits-mlp", model_id=model_id_of(made.params),
+        params=made.params, plan=PLAN,
+    )  # fmt: skip
+    wire = encode(make_compressed_global_delta(model, model_id_of(base), spec, made.wire))
+    rebuilt = apply_global_delta(base, decode_global_delta(wire))
+    assert bits(rebuilt.params) == bits(made.params)
+    assert rebuilt.model_id == model.model_id
+    if pipeline.error_feedback:  # what was not sent is carried: sent + residual = delta
+        assert made.residual is not None
+        for name, array in base.items():
+            carried = (made.params[name] - array) + made.residual[name]
+            np.testing.assert_allclose(carried, target[name] - array, atol=1e-5 * max(scale, 1))
+    else:
+        assert made.residual is None
+
+
+def test_none_is_the_xor_form_byte_for_byte() -> None:
+    """The default leaves the published bytes as they were (the reference run's)."""
+    plain, explicit = run(None), run("none")
+    assert plain.published == explicit.published
+    for payload in compact_payloads(plain)[1:]:
+        message = msgpack.unpackb(payload)
+        assert "delta" not in message and "compression" not in message
+        assert message["xor"]
+    assert downlink_pipeline("none") is None
+
+
+# ------------------------------------------------------------------ the aggregator
+
+
+@pytest.mark.parametrize("spec", ["topk:0.035+sign+ef+flat", "topk:0.1+int8+ef"])
+def test_every_node_rebuilds_bitwise_the_published_global(spec: str, tmp_path: Path) -> None:
+    h = run(spec)
+    fulls = h.globals()
+    payloads = compact_payloads(h)
+    assert decode_global(payloads[0]).model_id == fulls[0].model_id  # round 1 in full
+    for payload, full in zip(payloads[1:], fulls[1:], strict=True):
+        compact = decode_global_delta(payload)
+        assert (compact.compression, compact.xor) == (spec, b"")
+        assert len(payload) < len(encode(full)) / 3
+    followers = [Following(tmp_path / node, node) for node in NODES]
+    for follower in followers:  # real nodes, each rebuilding from the bytes it received
+        for payload, full in zip(payloads, fulls, strict=True):
+            follower.node.on_global_delta(payload)
+            assert follower.held is not None
+            assert follower.held.model_id == full.model_id
+            assert bits(follower.held.params) == bits(full.params)
+        assert [m.round for m in follower.trained] == [1, 2, 3, 4]
+        assert follower.subscribed == [False]  # never needed the full model
+    # the aggregator's own model (evaluated, the next base) is what the nodes hold
+    assert bits(h.agg.params) == bits(fulls[-1].params)
+    assert [m.global_delta_bytes for m in h.metrics()][1:] == [len(p) for p in payloads[1:-1]]
+
+
+def test_the_residual_carries_what_the_downlink_did_not_send() -> None:
+    """With ef the models follow the uncompressed run: the gap does not grow round on
+    round as it would if the residual were dropped."""
+    exact = run(None, rounds=6).agg.params
+    with_ef = run("topk:0.1+sign+ef", rounds=6).agg.params
+    without = run("topk:0.1+sign", rounds=6).agg.params
+
+    def gap(params: dict[str, np.ndarray]) -> float:
+        return float(sum(np.abs(params[n] - exact[n]).sum() for n in exact))
+
+    assert gap(with_ef) < gap(without)
+
+
+# ------------------------------------------------------------------ nodes
+
+
+class Following:
+    """A real ``Node`` fed the aggregator's messages, whose training is recorded, not run."""
+
+    def __init__(self, tmp_path: Path, node_id: str = "pi-a") -> None:
+        config = NodeSettings(
+            broker=BrokerAddress(), federation=FEDERATION, node_id=node_id, state_dir=tmp_path
+        )
+        data = Dataset(np.zeros((4, 64), np.float32), np.zeros(4, np.int64))
+        self.outbox = RecordingOutbox()
+        self.subscribed: list[bool] = []
+        self.outbox.client.subscribe = lambda *a, **k: self.subscribed.append(True)  # type: ignore[method-assign]
+        self.outbox.client.unsubscribe = lambda *a: self.subscribed.append(False)  # type: ignore[method-assign]
+        self.node = Node(config, data, self.outbox)  # type: ignore[arg-type]
+        self.trained: list[GlobalModel] = []
+        self.node.train_and_publish = self.trained.append  # type: ignore[method-assign]
+
+    @property
+    def held(self) -> GlobalModel | None:
+        return self.node._held
+
+
+def test_a_node_follows_the_compact_forms_and_catches_up_after_missing_one(
+    tmp_path: Path,
+) -> None:
+    h = run("topk:0.035+sign+ef+flat", rounds=5)
+    payloads, fulls = compact_payloads(h), h.globals()
+    follower = Following(tmp_path)
+    with structlog.testing.capture_logs() as logs:
+        follower.node.on_global_delta(payloads[0])  # round 1, in full
+        follower.node.on_global_delta(payloads[1])  # round 2, compact
+        assert follower.held is not None and follower.held.model_id == fulls[1].model_id
+        # round 3's compact form is lost; round 4's has no base here
+        follower.node.on_global_delta(payloads[3])
+        assert follower.held.model_id == fulls[1].model_id
+        assert follower.subscribed[-1] is True  # it subscribed to the retained full model
+        follower.node.on_global(encode(fulls[3]), retained=True)
+        assert follower.held.model_id == fulls[3].model_id
+        follower.node.on_global_delta(payloads[4])  # round 5, compact again
+    assert any(e["event"] == "global_delta.no_base" for e in logs)
+    assert follower.held.model_id == fulls[4].model_id
+    assert bits(follower.held.params) == bits(fulls[4].params)
+    assert [m.round for m in follower.trained] == [1, 2, 4, 5]
+
+
+def forged(payload: bytes, change: Any) -> bytes:
+    message = msgpack.unpackb(payload)
+    change(message)
+    return msgpack.packb(message, use_bin_type=True)
+
+
+def _codes_flipped(m: dict[str, Any]) -> None:
+    data = bytearray(m["delta"]["data"])
+    data[0] ^= 0xFF
+    m["delta"]["data"] = bytes(data)
+
+
+def _size_changed(m: dict[str, Any]) -> None:
+    m["delta"]["size"] -= 1
+
+
+def _other_model_id(m: dict[str, Any]) -> None:
+    m["model_id"] = "0" * 32
+
+
+def _not_a_delta(m: dict[str, Any]) -> None:
+    m["delta"] = b"junk"
+
+
+def _no_compression(m: dict[str, Any]) -> None:
+    del m["compression"]
+
+
+def _count_beyond_size(m: dict[str, Any]) -> None:
+    m["delta"]["count"] = m["delta"]["size"] + 1
+
+
+def _huge_scales(m: dict[str, Any]) -> None:
+    m["delta"]["scales"] = np.full(len(m["delta"]["scales"]) // 4, 3e38, np.float32).tobytes()
+
+
+HOSTILE = {
+    "flipped_codes": (_codes_flipped, {"bad_model_id"}),
+    "wrong_size": (_size_changed, {"layout_mismatch"}),
+    "model_id_mismatch": (_other_model_id, {"bad_model_id"}),
+    "count_beyond_size": (_count_beyond_size, {"bad_index"}),
+    "huge_scales": (_huge_scales, {"non_finite", "bad_field", "out_of_range"}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_a_hostile_compact_update_is_refused_with_a_reason_and_the_model_kept(
+    tmp_path: Path, name: str
+) -> None:
+    change, reasons = HOSTILE[name]
+    h = run("topk:0.035+sign+ef+flat", rounds=2)
+    payloads = compact_payloads(h)
+    follower = Following(tmp_path)
+    with structlog.testing.capture_logs() as logs:
+        follower.node.on_global_delta(payloads[0])
+        before = follower.held
+        follower.node.on_global_delta(forged(payloads[1], change))
+    refused = [e for e in logs if e["event"] == "global_delta.rejected"]
+    assert len(refused) == 1 and refused[0]["reason"] in reasons, refused
+    assert follower.held is before  # kept its model
+    assert follower.subscribed[-1] is True  # and fetches the full one
+    assert [m.round for m in follower.trained] == [1]
+
+
+@pytest.mark.parametrize("change", [_not_a_delta, _no_compression])
+def test_an_unreadable_compact_update_is_ignored_with_a_reason(tmp_path: Path, change: Any) -> None:
+    h = run("topk:0.035+sign+ef+flat", rounds=2)
+    payloads = compact_payloads(h)
+    with pytest.raises(SchemaError) as error:
+        decode_global_delta(forged(payloads[1], change))
+    assert error.value.reason == "bad_field"
+    follower = Following(tmp_path)
+    with structlog.testing.capture_logs() as logs:
+        follower.node.on_global_delta(payloads[0])
+        before = follower.held
+        follower.node.on_global_delta(forged(payloads[1], change))
+    assert [e["reason"] for e in logs if e["event"] == "global_delta.rejected"] == ["bad_field"]
+    assert follower.held is before
+
+
+def test_an_older_node_fetches_the_full_model_instead(tmp_path: Path) -> None:
+    """A reader that knows only the xor form finds it empty and fetches the full model."""
+    h = run("topk:0.035+sign+ef+flat", rounds=2)
+    compact = decode_global_delta(compact_payloads(h)[1])
+    older = dataclasses.replace(compact, compression=None, delta=None)
+    with pytest.raises(SchemaError) as error:
+        apply_global_delta(h.globals()[0].params, older)
+    assert error.value.reason == "bad_shape"
