@@ -281,6 +281,8 @@ def note_presence(aggregator: Aggregator, node_id: str, payload: bytes) -> None:
     except SchemaError:
         return
     aggregator.note_presence(node_id, status.state != "offline")
+    if status.received_bytes is not None:
+        aggregator.note_received(node_id, status.received_bytes)
     if status.state == "error":
         log.warning("node.error", node_id=node_id, round=status.round, detail=status.detail)
 

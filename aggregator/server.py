@@ -208,6 +208,10 @@ class Aggregator:
         self.history: list[RoundMetrics] = []
         self._history_wire: list[bytes] = []  # the same, as published (for checkpoints)
         self._present: dict[str, bool] = {}  # node id -> online, from retained status
+        # Delivered downlink: each node's last reported received_bytes, and what the
+        # reports added up to while the open version was open (None: none reported).
+        self._received: dict[str, int] = {}
+        self._delivered: int | None = None
         self._reopen = False  # resumed a finished run whose last model opens another version
         self._started_at = wall_clock()  # when the run started (``elapsed`` in metrics)
         # The versions updates may still be trained on (policy.window), and each node's
@@ -339,6 +343,17 @@ class Aggregator:
         """A node's retained status (its last will says offline): candidates for sampling."""
         self._present[node_id] = online
 
+    def note_received(self, node_id: str, received: int) -> None:
+        """A node's count of bytes received on the global topics (its status): what it
+        grew by since the node's last report counts in the open version. A node's first
+        report (since this process started) is its baseline; a count below the last one
+        means the node restarted, and counts in full."""
+        last = self._received.get(node_id)
+        self._received[node_id] = received
+        if last is not None:
+            grown = received - last if received >= last else received
+            self._delivered = (self._delivered or 0) + grown
+
     def republish(self) -> None:
         """Publish the open version's global model and server status again (after a
         reconnect or a restart: the broker or the nodes may have missed them), and the
@@ -457,6 +472,7 @@ class Aggregator:
         self._intake.start_version()
         self._said_overdue = False
         self._broker_dropped()  # count from here
+        self._delivered = None
         if self.store is not None:  # durable before anyone can train on it
             self.store.save(self._checkpoint())
         self._out.model()
@@ -552,6 +568,7 @@ class Aggregator:
             closed_by=closed_by,
             at=made_at,
             elapsed=made_at - self._started_at,
+            downlink_delivered=self._delivered,
             extra=extra,
             train_seconds_median=statistics.median(
                 update.train_seconds for update in held.values()

@@ -210,6 +210,9 @@ class Node:
         self._seen_key: tuple[int, str] | None = None
         self._seen = {"full": 0, "delta": 0}
         self.finished = False
+        # Payload bytes received on the global topics since this process started, both
+        # forms and catch-ups included: reported in every status (received_bytes).
+        self.received_bytes = 0
         self.progress = ProgressLine()  # on a terminal only
         self._trainable: Trainable | None = None
         # The model last refused: round 1 comes on both global topics, and a model is
@@ -233,6 +236,7 @@ class Node:
             num_examples=len(self.data),
             at=time.time(),
             detail=detail,
+            received_bytes=self.received_bytes,
         )
         self.outbox.publish(self.topics.status(self.config.node_id), encode(message), retain=True)
         where = f" round {round}" if round is not None else ""
@@ -660,6 +664,9 @@ def handle(node: "Node", batch: list[edge.Received]) -> None:
     # A node that fell behind trains on the newest model only: the newest full one
     # first, then the newest compact one (which may build on it).
     newest = {r.topic: r for r in batch if r.topic != edge.CONNECTED}
+    node.received_bytes += sum(  # delivered, whether handled or skipped as older
+        len(r.payload) for r in batch if r.topic in node.topics.global_topics
+    )
     if node.topics.global_model in newest:
         full = newest[node.topics.global_model]
         node.on_global(full.payload, retained=full.retain)

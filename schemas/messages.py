@@ -308,6 +308,9 @@ class NodeStatus:
     num_examples: int | None = None
     at: float | None = None
     detail: str | None = None
+    # Payload bytes this node process received on the global topics since it started
+    # (both forms, catch-ups included); None: not counted (older nodes, the last will).
+    received_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -356,6 +359,9 @@ class RoundMetrics:
     broker_dropped: int | None = None
     metrics: RoundEvaluation | None = None  # None: an aggregator before federated evaluation
     elapsed: float | None = None  # seconds since the run started; None: an older aggregator
+    # Payload bytes the nodes reported receiving on the global topics while this round was
+    # open (NodeStatus.received_bytes); None: no node reported a count.
+    downlink_delivered: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -916,6 +922,8 @@ STATUS = Kind("status", NodeStatus, (
     Field("num_examples", _positive, nullable=True),
     Field("at", _float, nullable=True),
     Field("detail", _str, nullable=True),
+    # From issue 16 on: written only when counted, so older statuses keep their bytes.
+    Field("received_bytes", _positive, nullable=True, omit_none=True),
 ))  # fmt: skip
 
 SERVER = Kind("server", ServerStatus, (
@@ -963,6 +971,8 @@ METRICS = Kind("metrics", RoundMetrics, (
     # The reference aggregator always writes it; without it, the bytes of older messages.
     Field("metrics", _evaluation, nullable=True, to_wire=EVALUATION.to_wire, omit_none=True),
     Field("elapsed", _float, nullable=True, to_wire=float, omit_none=True),
+    # From issue 16 on: what nodes reported receiving while the round was open.
+    Field("downlink_delivered", _positive, nullable=True, omit_none=True),
 ), first=("participants", "rejected"))  # fmt: skip
 
 KINDS: dict[type, Kind] = {

@@ -200,6 +200,8 @@ STATUS = NodeStatus(
 )
 
 # Only the required fields: pins how absent optionals travel (as msgpack nil).
+# A node of issue 16 on: with its count of bytes received on the global topics.
+STATUS_RECEIVED = dataclasses.replace(STATUS, received_bytes=123_456)
 STATUS_MINIMAL = NodeStatus(federation=FEDERATION, node_id="node-02", state="online")
 
 SERVER = ServerStatus(
@@ -371,6 +373,10 @@ class Sample(NamedTuple):
     decode: Callable[[bytes], Any]
 
 
+# An aggregator of issue 16 on: with what the nodes reported receiving in the round.
+METRICS_DELIVERED = dataclasses.replace(METRICS, downlink_delivered=98_765)
+
+
 SAMPLES: dict[str, Sample] = {
     "global": Sample(GLOBAL, decode_global),
     "update": Sample(UPDATE, decode_update),
@@ -383,6 +389,7 @@ SAMPLES: dict[str, Sample] = {
     "global_delta_compressed": Sample(GLOBAL_DELTA_COMPRESSED, decode_global_delta),
     "status": Sample(STATUS, decode_status),
     "status_minimal": Sample(STATUS_MINIMAL, decode_status),
+    "status_received": Sample(STATUS_RECEIVED, decode_status),
     "server": Sample(SERVER, decode_server_status),
     "metrics": Sample(METRICS, decode_metrics),
     "global_eval": Sample(GLOBAL_EVAL, decode_global),
@@ -392,6 +399,7 @@ SAMPLES: dict[str, Sample] = {
     "global_async": Sample(GLOBAL_ASYNC, decode_global),
     "metrics_async": Sample(METRICS_ASYNC, decode_metrics),
     "metrics_site": Sample(METRICS_SITE, decode_metrics),
+    "metrics_delivered": Sample(METRICS_DELIVERED, decode_metrics),
 }
 
 

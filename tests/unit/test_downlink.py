@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 from fedmq.aggregator.downlink import compress_global, downlink_pipeline, initial_residual
 from fedmq.compression import parse_spec
 from fedmq.datasets import Dataset
-from fedmq.mqtt import BrokerAddress
-from fedmq.node.app import Node
+from fedmq.mqtt import BrokerAddress, Received
+from fedmq.node.app import Node, handle
 from fedmq.node.settings import NodeSettings
 from fedmq.schemas import (
     GlobalModel,
@@ -25,6 +25,7 @@ from fedmq.schemas import (
     apply_global_delta,
     decode_global,
     decode_global_delta,
+    decode_status,
     encode,
     make_compressed_global_delta,
     model_id_of,
@@ -284,3 +285,46 @@ def test_an_older_node_fetches_the_full_model_instead(tmp_path: Path) -> None:
     with pytest.raises(SchemaError) as error:
         apply_global_delta(h.globals()[0].params, older)
     assert error.value.reason == "bad_shape"
+
+
+# ------------------------------------------------------------------ delivered bytes
+
+
+def test_a_node_counts_every_model_delivered_and_reports_it(tmp_path: Path) -> None:
+    h = run("topk:0.035+sign+ef+flat", rounds=3)
+    payloads, fulls = compact_payloads(h), h.globals()
+    follower = Following(tmp_path)
+    retained_full = encode(fulls[0])
+    batch = [  # the connect: the retained full model and round 1 on global/delta
+        Received(TOPICS.global_model, retained_full, True),
+        Received(TOPICS.global_delta, payloads[0], False),
+    ]
+    handle(follower.node, batch)
+    handle(follower.node, [Received(TOPICS.global_delta, payloads[1], False)])
+    # two compact forms in one batch: the older is skipped, but was delivered
+    handle(
+        follower.node,
+        [Received(TOPICS.global_delta, p, False) for p in (payloads[2], payloads[3])],
+    )
+    expected = len(retained_full) + sum(len(p) for p in payloads)
+    assert follower.node.received_bytes == expected
+    follower.node.status("idle")
+    status = decode_status(follower.outbox.on(TOPICS.status("pi-a"))[-1])
+    assert status.received_bytes == expected
+
+
+def test_the_aggregator_adds_up_what_nodes_report_per_round() -> None:
+    h = Harness(rounds=3)
+    h.agg.start()
+    h.agg.note_received("pi-a", 10_000)  # first reports: baselines
+    h.agg.note_received("pi-b", 20_000)
+    h.agg.note_received("pi-a", 11_000)  # +1,000
+    h.agg.note_received("pi-b", 20_500)  # +500
+    for index, node in enumerate(NODES):
+        h.report(node, seed=index)
+    h.agg.note_received("pi-b", 300)  # restarted: counts in full
+    for index, node in enumerate(NODES):
+        h.report(node, seed=10 + index)
+    for index, node in enumerate(NODES):  # nobody reports
+        h.report(node, seed=20 + index)
+    assert [m.downlink_delivered for m in h.metrics()] == [1_500, 300, None]
