@@ -10,6 +10,15 @@ same model and partition, measured in the same run of this script. Encode (compr
 msgpack) and decode (decode + validate + accumulate into the running sum) are timed
 in-process on a delta from one real local epoch, as CPU time, the pipelines taking turns
 (see ``codec_costs``). ``--codecs-only`` prints just those costs.
+
+    .venv/bin/python bench/compression.py --models digits-mlp-large --partitions iid \
+        --both-ways dense/none,topk:0.035+sign+ef+flat/none,topk:0.035+sign+ef+flat/topk:0.035+sign+ef+flat
+
+``--both-ways UP/DOWN,...`` runs one federation per pair instead: the nodes' SPEC up and
+the aggregator's --downlink-compression down (issue 16), and prints bytes both ways:
+uplink as the aggregator counted it, downlink as the nodes counted what was delivered to
+them (metrics ``downlink_delivered``) and as the old estimate (``downlink_bytes``), their
+total against the first pair's, and the sizes of one full and one compact model.
 """
 
 import argparse
@@ -41,11 +50,14 @@ PIPELINES = [
 ]  # fmt: skip
 
 
-def federation(model: str, part: str, spec: str, rounds: int, seed: int) -> list[dict]:
+def federation(
+    model: str, part: str, spec: str, rounds: int, seed: int, downlink: str = "none"
+) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "r.json"
         config = DemoSettings(nodes=10, rounds=rounds, model=model, partition=part, seed=seed,
-                            compression=spec, report=report)  # fmt: skip
+                            compression=spec, downlink_compression=downlink,
+                            report=report)  # fmt: skip
         with open("/dev/null", "w") as quiet:
             if run(config, threading.Event(), out=quiet) != 0:
                 raise RuntimeError(f"federation {model} {part} {spec} failed")
@@ -138,6 +150,30 @@ def _cpu_seconds(fn: Callable[[], object], calls: int = 10) -> float:
     return (time.thread_time() - started) / calls
 
 
+def both_ways(model: str, part: str, pairs: list[str], rounds: int, seed: int) -> None:
+    """One federation per UP/DOWN pair; bytes both ways against the first pair."""
+    print(f"\n{model}, {part}, 10 nodes, {rounds} rounds, seed {seed}: bytes both ways")
+    print(f"{'up SPEC / down SPEC':<52} {'up MB':>7} {'down MB':>8} {'(est.)':>7} {'total MB':>8}"
+          f" {'vs first':>8} {'final acc':>9} {'Δ pp':>6} {'→95% rnd':>8} {'full B':>7}"
+          f" {'compact B':>9}")  # fmt: skip
+    first = None
+    for pair in pairs:
+        up, down = pair.split("/")
+        rows = federation(model, part, up, rounds, seed, downlink=down)
+        uplink = sum(r["uplink_bytes"] for r in rows)
+        delivered = sum(r["downlink_delivered"] or 0 for r in rows)
+        estimate = sum(r["downlink_bytes"] for r in rows)
+        total = uplink + delivered
+        accuracy = rows[-1]["accuracy"]
+        first = first or (total, accuracy)
+        reach = next((r["round"] for r in rows if r["accuracy"] >= 0.95), "-")
+        compact = statistics.median(r["global_delta_bytes"] for r in rows[1:])
+        print(f"{pair:<52} {uplink / 1e6:>7.3f} {delivered / 1e6:>8.3f} {estimate / 1e6:>7.3f}"
+              f" {total / 1e6:>8.3f} {first[0] / total:>7.1f}x {accuracy:>9.4f}"
+              f" {(accuracy - first[1]) * 100:>+6.2f} {reach!s:>8} {rows[-1]['global_bytes']:>7}"
+              f" {compact:>9.0f}")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="digits-mlp,digits-mlp-large")
@@ -146,8 +182,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--seeds", default="0", help="comma-separated; accuracy is the mean")
     parser.add_argument("--codecs-only", action="store_true", help="no federations")
+    parser.add_argument("--both-ways", help="UP/DOWN SPEC pairs, comma-separated (issue 16)")
     args = parser.parse_args()
     logs.configure(json=True, level="error")
+    if args.both_ways:
+        for model in args.models.split(","):
+            for part in args.partitions.split(","):
+                for seed in (int(x) for x in args.seeds.split(",")):
+                    both_ways(model, part, args.both_ways.split(","), args.rounds, seed)
+        return
     pipelines = args.pipelines.split(",")
     for model in args.models.split(","):
         dense_numbers = 4 * get_model(model).num_params

@@ -273,6 +273,13 @@ class Node:
 
         A round with no previous model (round 1 of a run) comes on this topic in full, so
         nodes that follow compact forms see a new run start."""
+        compact = self.read_compact(payload)
+        if compact is not None:
+            self.on_compact(compact)
+
+    def read_compact(self, payload: bytes) -> "GlobalModel | GlobalDelta | None":
+        """A message on global/delta, decoded; None (logged) if unreadable or another
+        federation's."""
         compact: GlobalModel | GlobalDelta
         try:
             compact = decode_global_delta(payload)
@@ -283,9 +290,13 @@ class Node:
                 compact = decode_global(payload)
             except SchemaError as error:
                 log.warning("global_delta.rejected", reason=error.reason, detail=error.detail)
-                return
+                return None
         if compact.federation != self.config.federation:
-            return
+            return None
+        return compact
+
+    def on_compact(self, compact: "GlobalModel | GlobalDelta") -> None:
+        """A readable compact form of our federation (``read_compact``)."""
         self._follow_full(False)  # compact forms flow: the full model is needed only to catch up
         seen = self._count(compact.round, compact.model_id, "delta")
         if (compact.round, compact.model_id) == self.last_trained:
@@ -307,6 +318,10 @@ class Node:
             self._follow_full(True)
             return
         self._accept(model, resend=False)
+
+    def follow_full(self, follow: bool) -> None:
+        """(Un)subscribe the retained full global model topic (``handle`` leaves it early)."""
+        self._follow_full(follow)
 
     def _follow_full(self, follow: bool) -> None:
         """(Un)subscribe the retained full global model topic."""
@@ -667,11 +682,18 @@ def handle(node: "Node", batch: list[edge.Received]) -> None:
     node.received_bytes += sum(  # delivered, whether handled or skipped as older
         len(r.payload) for r in batch if r.topic in node.topics.global_topics
     )
+    compact = None
+    if node.topics.global_delta in newest:
+        compact = node.read_compact(newest[node.topics.global_delta].payload)
+        if compact is not None and node.topics.global_model in newest:
+            # compact forms flow: leave the full topic before training on the full copy,
+            # or the next round's full model may come too, at ~100x the compact's size
+            node.follow_full(False)
     if node.topics.global_model in newest:
         full = newest[node.topics.global_model]
         node.on_global(full.payload, retained=full.retain)
-    if node.topics.global_delta in newest:
-        node.on_global_delta(newest[node.topics.global_delta].payload)
+    if compact is not None:
+        node.on_compact(compact)
 
 
 def close_node(node: "Node", *, error: Exception | None = None) -> None:

@@ -57,6 +57,7 @@ from fedmq.models import get_model
 from fedmq.node.settings import NodeSettings
 from fedmq.report import (
     build_report,
+    downlink_entry,
     mode_entry,
     proximal_mu_entry,
     slow_nodes_entry,
@@ -697,6 +698,7 @@ def run(config: DemoSettings, stop: threading.Event, out: TextIO = sys.stdout) -
             partition=config.partition if config.data_dir is None else None,
             **({} if config.data_dir is None else {"data_dir": str(config.data_dir)}),
             compression=config.compression,
+            **downlink_entry(config.downlink_compression),
             **proximal_mu_entry(config.proximal_mu),
             server_optimizer=config.server_optimizer,
             local_epochs=config.local_epochs or AggregatorSettings.local_epochs,

@@ -62,6 +62,12 @@ def final_accuracy(final: dict[str, dict[str, float] | None]) -> float | None:
     return None
 
 
+def downlink_entry(spec: str) -> dict[str, str]:
+    """The report's ``downlink_compression``, only when the downlink is compressed (a run
+    without it reports what it did before)."""
+    return {} if spec == "none" else {"downlink_compression": spec}
+
+
 def proximal_mu_entry(mu: float) -> dict[str, float]:
     """report.json's ``proximal_mu`` (FedProx's mu of the plan), only when it is not 0:
     a run without FedProx reports what it did before."""
