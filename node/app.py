@@ -675,7 +675,7 @@ def open_node(
 def handle(node: "Node", batch: list[edge.Received]) -> None:
     """What the node does with the messages that arrived together (training included)."""
     if any(r.topic == edge.CONNECTED for r in batch):
-        node.on_connected()
+        node.on_connected()  # its status counts what came before this batch
     # A node that fell behind trains on the newest model only: the newest full one
     # first, then the newest compact one (which may build on it).
     newest = {r.topic: r for r in batch if r.topic != edge.CONNECTED}

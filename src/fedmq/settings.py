@@ -394,12 +394,14 @@ def compression_spec(text: str) -> str:
 NO_DOWNLINK_COMPRESSION = "none"  # the lossless xor form of global_delta (PROTOCOL 8.6)
 
 
-@usage_errors
 def downlink_spec(text: str) -> str:
     """``--downlink-compression``: none, or a SPEC (canonical)."""
     if text.strip().lower() == NO_DOWNLINK_COMPRESSION:
         return NO_DOWNLINK_COMPRESSION
-    return compression_spec(text)
+    try:
+        return compression_spec(text)
+    except argparse.ArgumentTypeError as error:
+        raise argparse.ArgumentTypeError(f"{error}; or none (the lossless form)") from None
 
 
 def show_list(value: tuple[str, ...]) -> str:

@@ -2,6 +2,7 @@
 publishes what the nodes rebuild, every node rebuilds it bitwise, a node that missed an
 update catches up from the retained full model, and hostile compact updates are refused."""
 
+import argparse
 import dataclasses
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedmq.aggregator.downlink import compress_global, downlink_pipeline, initial_residual
+from fedmq.aggregator.settings import AggregatorSettings
 from fedmq.compression import parse_spec
 from fedmq.datasets import Dataset
 from fedmq.mqtt import BrokerAddress, Received
@@ -30,6 +32,7 @@ from fedmq.schemas import (
     make_compressed_global_delta,
     model_id_of,
 )
+from fedmq.settings import downlink_spec
 
 from .node_doubles import RecordingOutbox
 from .test_aggregator_server import FEDERATION, MODEL, PLAN, TOPICS, Harness
@@ -328,3 +331,13 @@ def test_the_aggregator_adds_up_what_nodes_report_per_round() -> None:
     for index, node in enumerate(NODES):  # nobody reports
         h.report(node, seed=20 + index)
     assert [m.downlink_delivered for m in h.metrics()] == [1_500, 300, None]
+
+
+def test_the_option_takes_none_or_a_spec_in_canonical_form() -> None:
+    assert downlink_spec("none") == downlink_spec("NONE") == "none"
+    assert downlink_spec("flat+sign+ef+topk:0.0350") == "topk:0.035+sign+ef+flat"
+    with pytest.raises(argparse.ArgumentTypeError, match=r"unknown stage 'bogus'.*or none"):
+        downlink_spec("bogus")
+    settings_ = AggregatorSettings(downlink_compression="topk:0.035+sign+ef+flat")
+    assert settings_.downlink_compression == "topk:0.035+sign+ef+flat"
+    assert AggregatorSettings().downlink_compression == "none"
