@@ -16,6 +16,7 @@ from fedmq.schemas import (
     encode,
     make_compressed_global_delta,
     make_global_delta,
+    make_init_global_delta,
 )
 from fedmq.schemas.tensors import Params
 
@@ -25,8 +26,17 @@ STATUS_INTERVAL = 0.25
 
 
 class Publisher:
-    def __init__(self, topics: Topics, publish: Publish, clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        topics: Topics,
+        publish: Publish,
+        clock: Callable[[], float],
+        *,
+        retain_compact: bool = False,
+    ) -> None:
+        """``retain_compact``: the compact form is retained too (compressed downlink)."""
         self.topics = topics
+        self._retain_compact = retain_compact
         self._publish = publish
         self._clock = clock
         self.global_payload = b""  # the open version's GlobalModel message
@@ -44,11 +54,14 @@ class Publisher:
         previous: tuple[Params, str] | None,
         *,
         compressed: tuple[str | None, Any] = (None, None),
+        init_seed: int | None = None,
     ) -> None:
         """Encode the model opening a version and, when the one before is known (its params,
         its id), its compact form for nodes that hold that one: the XOR form, or with
         ``compressed`` (SPEC, delta as it travels) the compressed one; nothing is sent yet
-        (the checkpoint goes first)."""
+        (the checkpoint goes first). With no model before and ``init_seed`` (a run's
+        first model, the task's initial parameters from that seed), the compact form
+        carries the seed only; without it, the full message."""
         self.global_payload = encode(message)
         spec, wire = compressed
         if previous is not None and spec is not None:
@@ -56,6 +69,9 @@ class Publisher:
             self.delta_bytes = len(compact)
         elif previous is not None:
             compact = encode(make_global_delta(previous[0], message, previous[1]))
+            self.delta_bytes = len(compact)
+        elif init_seed is not None:  # nodes build the initial model from the seed
+            compact = encode(make_init_global_delta(message, init_seed))
             self.delta_bytes = len(compact)
         else:  # nothing to XOR against: nodes following compact forms get it whole
             compact = self.global_payload
@@ -73,7 +89,7 @@ class Publisher:
     def model(self) -> None:
         """The open version's model: its compact form, then in full (retained)."""
         if self.delta_payload is not None:  # nodes following compact forms see this
-            self._publish(self.topics.global_delta, self.delta_payload, False)
+            self._publish(self.topics.global_delta, self.delta_payload, self._retain_compact)
         self._publish(self.topics.global_model, self.global_payload, True)
 
     def status(self, status: ServerStatus) -> None:

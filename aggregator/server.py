@@ -107,6 +107,11 @@ class RoundSettings:
     # from the previous one; aggregator.downlink), None or "none": the lossless xor form.
     # Not kept, like the rule; its residual (with ef) is in the checkpoint.
     downlink_compression: str | None = None
+    # The seed the initial parameters are the task's initial ones of (fedmq.tasks.initial),
+    # if they are: with --downlink-compression, round 1's compact form then carries only
+    # this seed (``init_seed``) and nodes build the model. None: not known to be (nodes
+    # get round 1 in full). Not kept: it changes no model.
+    init_seed: int | None = None
 
     def __post_init__(self) -> None:
         check_memory(
@@ -186,7 +191,15 @@ class Aggregator:
         self.store = store
         self.policy = settings.policy
         self.topics = Topics(settings.federation)
-        self._out = Publisher(self.topics, publish, clock)
+        # With a compressed downlink the compact form is retained too: a node that
+        # (re)connects gets the newest one and needs the full model only if it cannot
+        # rebuild from it (docs/PROTOCOL.md section 3).
+        self._out = Publisher(
+            self.topics,
+            publish,
+            clock,
+            retain_compact=downlink_pipeline(settings.downlink_compression) is not None,
+        )
         if evaluator is None and test is not None:
             if settings.model is None:
                 raise ValueError("a test set without an evaluator needs a built-in MLP")
@@ -455,7 +468,10 @@ class Aggregator:
             task_fingerprint=self.task_fingerprint,
         )
         spec = None if compressed is None else str(self._downlink)
-        self._out.prepare_model(message, previous, compressed=(spec, compressed))
+        seed = None
+        if self._downlink is not None and previous is None and number == 1:
+            seed = self.settings.init_seed  # the run's initial model: nodes build it
+        self._out.prepare_model(message, previous, compressed=(spec, compressed), init_seed=seed)
         self._recent[number] = Opened(model_id, selected)
         for old in [v for v in self._recent if v < number - self.policy.window]:
             del self._recent[old]

@@ -23,8 +23,10 @@ from fedmq.schemas.messages import (
     decode_status,
     decode_update,
     encode,
+    initial_global,
     make_compressed_global_delta,
     make_global_delta,
+    make_init_global_delta,
     model_id_of,
 )
 from fedmq.schemas.topics import Topics, validate_name
@@ -50,8 +52,10 @@ __all__ = [
     "decode_status",
     "decode_update",
     "encode",
+    "initial_global",
     "make_compressed_global_delta",
     "make_global_delta",
+    "make_init_global_delta",
     "model_id_of",
     "validate_name",
 ]

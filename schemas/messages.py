@@ -160,6 +160,11 @@ class GlobalDelta:
     # applied). None: the xor form.
     compression: str | None = None
     delta: Any = None
+    # Round 1 of a run with --downlink-compression: the seed the model is the task's
+    # initial parameters of (``fedmq.tasks.initial``); a node builds them itself and checks
+    # them against model_id. Then ``base_model_id`` is ``model_id`` (there is no base),
+    # ``xor`` is empty and ``compression``/``delta`` are absent. None: another form.
+    init_seed: int | None = None
 
 
 def make_global_delta(
@@ -189,6 +194,18 @@ def make_compressed_global_delta(
         final=model.final, created_at=model.created_at, selected=model.selected,
         task_version=model.task_version, task_fingerprint=model.task_fingerprint,
         compression=compression, delta=wire,
+    )  # fmt: skip
+
+
+def make_init_global_delta(model: GlobalModel, seed: int) -> GlobalDelta:
+    """The compact form of a run's first model, ``model.params`` being the task's initial
+    parameters from ``seed``: nothing but the seed travels (``init_seed``)."""
+    return GlobalDelta(
+        federation=model.federation, round=model.round, model=model.model,
+        model_id=model.model_id, base_model_id=model.model_id, plan=model.plan, xor=b"",
+        final=model.final, created_at=model.created_at, selected=model.selected,
+        task_version=model.task_version, task_fingerprint=model.task_fingerprint,
+        init_seed=seed,
     )  # fmt: skip
 
 
@@ -237,7 +254,10 @@ def _bits(array: np.ndarray) -> np.ndarray:
 
 def apply_global_delta(base: Mapping[str, np.ndarray], message: GlobalDelta) -> GlobalModel:
     """The full global model from the one it was made against; SchemaError if it does
-    not fit ``base`` or the result's hash is not ``model_id``."""
+    not fit ``base`` or the result's hash is not ``model_id``. The ``init_seed`` form has
+    no base: a node builds it from its task (``fedmq.tasks.initial``)."""
+    if message.init_seed is not None:
+        raise SchemaError("bad_field", "an init_seed form is built from the task, not applied")
     if message.delta is not None:
         params = _apply_compressed(base, message)
     else:
@@ -246,6 +266,24 @@ def apply_global_delta(base: Mapping[str, np.ndarray], message: GlobalDelta) -> 
         raise SchemaError("non_finite", "the rebuilt global model holds NaN or Inf")
     if model_id_of(params) != message.model_id:
         raise SchemaError("bad_model_id", "the rebuilt parameters do not hash to model_id")
+    return _model_of(message, params)
+
+
+def initial_global(message: GlobalDelta, params: Mapping[str, np.ndarray]) -> GlobalModel:
+    """The global model an ``init_seed`` form carries, ``params`` being what the node built
+    from the seed; SchemaError ``bad_model_id`` (naming both ids) if they hash otherwise."""
+    params = {name: np.asarray(array) for name, array in params.items()}
+    built = model_id_of(params)
+    if built != message.model_id:
+        raise SchemaError(
+            "bad_model_id",
+            f"the task's initial parameters from seed {message.init_seed} hash to {built}, "
+            f"the aggregator's to {message.model_id}",
+        )
+    return _model_of(message, params)
+
+
+def _model_of(message: GlobalDelta, params: Params) -> GlobalModel:
     return GlobalModel(
         federation=message.federation, round=message.round, model=message.model,
         model_id=message.model_id, params=params, plan=message.plan, final=message.final,
@@ -894,6 +932,8 @@ GLOBAL_DELTA = Kind("global_delta", GlobalDelta, (
     # Only with --downlink-compression (then xor is empty): absent, the bytes as before.
     Field("compression", _spec, nullable=True, omit_none=True),
     Field("delta", _compressed_delta, nullable=True, omit_none=True),
+    # Only in round 1 with --downlink-compression: the seed of the initial parameters.
+    Field("init_seed", _positive, nullable=True, omit_none=True),
 ))  # fmt: skip
 
 UPDATE = Kind("update", NodeUpdate, (

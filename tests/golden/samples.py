@@ -33,6 +33,7 @@ from fedmq.schemas import (
     decode_server_status,
     decode_status,
     decode_update,
+    make_init_global_delta,
     model_id_of,
 )
 from fedmq.schemas.encodings import Quantized, Sparse
@@ -186,6 +187,10 @@ GLOBAL_DELTA_COMPRESSED = dataclasses.replace(
     compression=COMPRESSED_SPEC,
     delta=delta_to_wire(SPARSE_SIGN_DELTA, COMPRESSED_SPEC),
 )
+
+# Round 1 with --downlink-compression: the seed of the task's initial parameters, no
+# difference (base_model_id is model_id, xor empty); nodes build the model themselves.
+GLOBAL_DELTA_INIT = make_init_global_delta(dataclasses.replace(GLOBAL_TASK, round=1), 7)
 
 
 STATUS = NodeStatus(
@@ -387,6 +392,7 @@ SAMPLES: dict[str, Sample] = {
     "global_task": Sample(GLOBAL_TASK, decode_global),
     "global_delta_task": Sample(GLOBAL_DELTA_TASK, decode_global_delta),
     "global_delta_compressed": Sample(GLOBAL_DELTA_COMPRESSED, decode_global_delta),
+    "global_delta_init": Sample(GLOBAL_DELTA_INIT, decode_global_delta),
     "status": Sample(STATUS, decode_status),
     "status_minimal": Sample(STATUS_MINIMAL, decode_status),
     "status_received": Sample(STATUS_RECEIVED, decode_status),

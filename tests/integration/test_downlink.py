@@ -52,7 +52,8 @@ def test_three_nodes_and_the_aggregator_compress_both_ways(
     fulls = [decode_global(p) for p in watcher.on(topics.global_model) if p]
     compact = watcher.on(topics.global_delta)
     assert [g.round for g in fulls] == [1, 2, 3, 4, 5]
-    assert decode_global(compact[0]).model_id == fulls[0].model_id
+    first = decode_global_delta(compact[0])  # round 1: the seed, the nodes build it
+    assert (first.init_seed, first.model_id) == (0, fulls[0].model_id)
     held = fulls[0].params
     for payload, full in zip(compact[1:], fulls[1:], strict=True):
         message = decode_global_delta(payload)
@@ -74,6 +75,8 @@ def test_three_nodes_and_the_aggregator_compress_both_ways(
     for i in range(3):
         counts = [s.received_bytes for s in done if s.node_id == f"pi-{i}"]
         assert None not in counts and counts == sorted(counts) and counts[-1] > 0, counts
+        # no full model reached them: each compact form once, nothing else
+        assert counts[-1] == sum(len(p) for p in compact), (counts, [len(p) for p in compact])
     delivered = [m.downlink_delivered for m in metrics]
     assert all(d is not None and d > 0 for d in delivered[1:]), delivered
     rows = json.loads(report.read_text())["rounds"]

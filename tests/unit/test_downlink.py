@@ -18,7 +18,7 @@ from fedmq.aggregator.downlink import compress_global, downlink_pipeline, initia
 from fedmq.aggregator.settings import AggregatorSettings
 from fedmq.compression import parse_spec
 from fedmq.datasets import Dataset
-from fedmq.mqtt import BrokerAddress, Received
+from fedmq.mqtt import CONNECTED, SETTLED, BrokerAddress, Received
 from fedmq.node.app import Node, handle
 from fedmq.node.settings import NodeSettings
 from fedmq.schemas import (
@@ -134,7 +134,7 @@ def test_every_node_rebuilds_bitwise_the_published_global(spec: str, tmp_path: P
             assert follower.held.model_id == full.model_id
             assert bits(follower.held.params) == bits(full.params)
         assert [m.round for m in follower.trained] == [1, 2, 3, 4]
-        assert follower.subscribed == [False]  # never needed the full model
+        assert follower.fetched == []  # never needed the full model
     # the aggregator's own model (evaluated, the next base) is what the nodes hold
     assert bits(h.agg.params) == bits(fulls[-1].params)
     assert [m.global_delta_bytes for m in h.metrics()][1:] == [len(p) for p in payloads[1:-1]]
@@ -165,10 +165,9 @@ class Following:
         )
         data = Dataset(np.zeros((4, 64), np.float32), np.zeros(4, np.int64))
         self.outbox = RecordingOutbox()
-        self.subscribed: list[bool] = []
-        self.outbox.client.subscribe = lambda *a, **k: self.subscribed.append(True)  # type: ignore[method-assign]
-        self.outbox.client.unsubscribe = lambda *a: self.subscribed.append(False)  # type: ignore[method-assign]
         self.node = Node(config, data, self.outbox)  # type: ignore[arg-type]
+        self.fetched: list[str] = []  # fetches of the retained full model (their topic)
+        self.node._fetch = lambda topic: self.fetched.append(topic) is None
         self.trained: list[GlobalModel] = []
         self.node.train_and_publish = self.trained.append  # type: ignore[method-assign]
 
@@ -190,8 +189,9 @@ def test_a_node_follows_the_compact_forms_and_catches_up_after_missing_one(
         # round 3's compact form is lost; round 4's has no base here
         follower.node.on_global_delta(payloads[3])
         assert follower.held.model_id == fulls[1].model_id
-        assert follower.subscribed[-1] is True  # it subscribed to the retained full model
+        assert follower.fetched == [TOPICS.global_model]  # it fetches the retained full model
         follower.node.on_global(encode(fulls[3]), retained=True)
+        follower.node.on_settled(b"fetch")
         assert follower.held.model_id == fulls[3].model_id
         follower.node.on_global_delta(payloads[4])  # round 5, compact again
     assert any(e["event"] == "global_delta.no_base" for e in logs)
@@ -260,7 +260,7 @@ def test_a_hostile_compact_update_is_refused_with_a_reason_and_the_model_kept(
     refused = [e for e in logs if e["event"] == "global_delta.rejected"]
     assert len(refused) == 1 and refused[0]["reason"] in reasons, refused
     assert follower.held is before  # kept its model
-    assert follower.subscribed[-1] is True  # and fetches the full one
+    assert follower.fetched == [TOPICS.global_model]  # and fetches the full one
     assert [m.round for m in follower.trained] == [1]
 
 
@@ -341,3 +341,109 @@ def test_the_option_takes_none_or_a_spec_in_canonical_form() -> None:
     settings_ = AggregatorSettings(downlink_compression="topk:0.035+sign+ef+flat")
     assert settings_.downlink_compression == "topk:0.035+sign+ef+flat"
     assert AggregatorSettings().downlink_compression == "none"
+
+
+# ------------------------------------------------------------------ round 1 from a seed
+
+
+def seeded_run(rounds: int = 3, init_seed: int = 0) -> Harness:
+    """``run`` with the aggregator told its initial model is the task's from ``init_seed``."""
+    h = Harness(rounds=rounds, downlink_compression="topk:0.035+sign+ef+flat", init_seed=init_seed)
+    h.agg.start()
+    while not h.agg.done:
+        for index, node in enumerate(NODES):
+            h.report(node, seed=100 * h.agg.round + index, num_examples=10 + index)
+    return h
+
+
+def test_round_one_travels_as_its_seed_and_every_compact_form_is_retained() -> None:
+    h = seeded_run()
+    sent = h.on(TOPICS.global_delta)
+    first = decode_global_delta(sent[0][0])
+    full = h.globals()[0]
+    assert (first.init_seed, first.round, first.model_id) == (0, 1, full.model_id)
+    assert (first.base_model_id, first.xor, first.delta) == (full.model_id, b"", None)
+    assert len(sent[0][0]) < 400 < len(encode(full))
+    assert all(retain for _, retain in sent)  # a (re)connecting node gets the newest
+    assert h.metrics()[0].global_delta_bytes == len(sent[0][0])
+    with pytest.raises(SchemaError) as error:  # not a difference: nothing to apply
+        apply_global_delta(full.params, first)
+    assert error.value.reason == "bad_field"
+
+
+def test_without_a_compressed_downlink_round_one_is_the_full_model_and_not_retained() -> None:
+    h = Harness(rounds=2, init_seed=0)
+    h.agg.start()
+    payload, retain = h.on(TOPICS.global_delta)[0]
+    assert payload == encode(h.globals()[0]) and not retain
+
+
+def test_a_node_builds_round_one_from_the_seed_bitwise_and_needs_no_full_model(
+    tmp_path: Path,
+) -> None:
+    h = seeded_run()
+    payloads, fulls = compact_payloads(h), h.globals()
+    follower = Following(tmp_path)
+    handle(follower.node, [Received(CONNECTED, b"", False)])
+    for payload, full in zip(payloads, fulls, strict=True):
+        handle(follower.node, [Received(TOPICS.global_delta, payload, True)])
+        assert follower.held is not None and follower.held.model_id == full.model_id
+        assert bits(follower.held.params) == bits(full.params)
+        handle(follower.node, [Received(SETTLED, b"connect", False)])  # harmless after one
+    assert [m.round for m in follower.trained] == [1, 2, 3]
+    assert follower.fetched == []
+    assert follower.node.received_bytes == sum(len(p) for p in payloads)
+
+
+def test_a_node_whose_initial_model_differs_fetches_the_full_one_and_says_why(
+    tmp_path: Path,
+) -> None:
+    """Another seed stands for another numpy/JAX/CPU: the bits differ, the hash says so."""
+    h = seeded_run(init_seed=1)  # the aggregator's initial model is MODEL.init(0)
+    payloads, fulls = compact_payloads(h), h.globals()
+    follower = Following(tmp_path)
+    with structlog.testing.capture_logs() as logs:
+        follower.node.on_global_delta(payloads[0])
+    unbuilt = [e for e in logs if e["event"] == "global_delta.init_unbuilt"]
+    assert len(unbuilt) == 1 and "bad_model_id" in unbuilt[0]["reason"], unbuilt
+    assert follower.held is None and follower.trained == []
+    assert follower.fetched == [TOPICS.global_model]
+    follower.node.on_global(encode(fulls[0]), retained=True)  # the fetch brings it
+    follower.node.on_settled(b"fetch")
+    follower.node.on_global_delta(payloads[1])
+    assert follower.held is not None and follower.held.model_id == fulls[1].model_id
+    assert [m.round for m in follower.trained] == [1, 2]
+    assert follower.fetched == [TOPICS.global_model]
+
+
+def test_a_connect_fetches_the_full_model_only_without_a_usable_compact_form(
+    tmp_path: Path,
+) -> None:
+    h = seeded_run()
+    payloads = compact_payloads(h)
+    plain = Following(tmp_path / "plain")  # nothing retained on global/delta
+    handle(plain.node, [Received(CONNECTED, b"", False), Received(SETTLED, b"connect", False)])
+    assert plain.fetched == [TOPICS.global_model]
+    handle(plain.node, [Received(SETTLED, b"connect", False)])  # one fetch at a time
+    assert plain.fetched == [TOPICS.global_model]
+    late = Following(tmp_path / "late")  # joins at round 2: no base for its compact form
+    handle(
+        late.node,
+        [
+            Received(CONNECTED, b"", False),
+            Received(TOPICS.global_delta, payloads[1], True),
+            Received(SETTLED, b"connect", False),
+        ],
+    )
+    assert late.fetched == [TOPICS.global_model]
+    back = Following(tmp_path / "back")  # holds round 1, reconnects during round 2
+    handle(back.node, [Received(TOPICS.global_delta, payloads[0], False)])
+    handle(
+        back.node,
+        [
+            Received(CONNECTED, b"", False),
+            Received(TOPICS.global_delta, payloads[1], True),
+            Received(SETTLED, b"connect", False),
+        ],
+    )
+    assert back.fetched == [] and [m.round for m in back.trained] == [1, 2]
