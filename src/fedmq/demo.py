@@ -109,6 +109,8 @@ def child_argv(
         aggregator = replace(aggregator, min_nodes=config.min_nodes)
     if config.local_epochs is not None:  # the same
         aggregator = replace(aggregator, local_epochs=config.local_epochs)
+    if config.sample_fraction is not None:  # the same
+        aggregator = replace(aggregator, sample_fraction=config.sample_fraction)
     argv = {"aggregator": ["aggregator", *to_argv(aggregator)]}
     slow = slow_node_ids(config, len(node_paths))
     for index, path in enumerate(node_paths):

@@ -29,6 +29,7 @@ from fedmq.settings import (
     count,
     downlink_spec,
     eval_fraction,
+    fraction,
     mode_name,
     model_name,
     partition_spec,
@@ -169,6 +170,13 @@ class DemoSettings(LogSettings):
         metavar="N",
         help="quorum at the --round-timeout deadline, handed to the demo's aggregator "
         "(default: the aggregator's, more than half of --nodes)",
+    )
+    sample_fraction: float | None = setting(  # None: the aggregator's default, 1
+        None,
+        parse=fraction,
+        metavar="F",
+        help="ask a seeded random fraction F of the nodes to train each round, handed to the "
+        "demo's aggregator (default: the aggregator's, 1: every node)",
     )
     local_epochs: int | None = setting(  # None: the aggregator's default, 1
         None,
