@@ -280,8 +280,18 @@ def main() -> None:
                         help="with --both-ways: comma-separated, each a grid of its own")  # fmt: skip
     parser.add_argument("--json", type=Path, help="with --both-ways: write every run's row here")
     parser.add_argument("--plot", type=Path, help="with --both-ways: the trade-off chart (PNG)")
+    parser.add_argument("--from-json", help="with --plot or alone: no runs, the trade-off of "
+                        "these --json files (comma-separated)")  # fmt: skip
     args = parser.parse_args()
     logs.configure(json=True, level="error")
+    if args.from_json:
+        made = [
+            row for name in args.from_json.split(",") for row in json.loads(Path(name).read_text())
+        ]
+        trade_off(made)
+        if args.plot:
+            plot_trade_off(made, args.plot)
+        return
     if args.both_ways:
         made: list[dict] = []
         for model in args.models.split(","):

@@ -30,6 +30,7 @@ from fedmq.schemas import (
     decode_status,
     encode,
     make_compressed_global_delta,
+    make_init_global_delta,
     model_id_of,
 )
 from fedmq.settings import downlink_spec
@@ -447,3 +448,28 @@ def test_a_connect_fetches_the_full_model_only_without_a_usable_compact_form(
         ],
     )
     assert back.fetched == [] and [m.round for m in back.trained] == [1, 2]
+
+
+@pytest.mark.slow  # JAX compiles the task's init
+def test_a_node_with_a_jax_task_builds_the_aggregators_initial_model_bitwise(
+    tmp_path: Path,
+) -> None:
+    """Not a built-in MLP: the node's --task init under JAX, the aggregator's function."""
+    from fedmq.aggregator.app import run_task
+    from fedmq.tasks.registry import load_task
+
+    made = run_task("digits-cnn", seed=3)
+    model = GlobalModel(
+        federation=FEDERATION, round=1, model=made.name, model_id=model_id_of(made.params),
+        params=made.params, plan=PLAN, task_version=made.version,
+    )  # fmt: skip
+    follower = Following(tmp_path)
+    follower.node.task = load_task("digits-cnn")
+    follower.node.on_global_delta(encode(make_init_global_delta(model, 3)))
+    assert follower.fetched == []
+    assert follower.held is not None and bits(follower.held.params) == bits(made.params)
+    other = Following(tmp_path / "other")  # no --task: a task it cannot build
+    with structlog.testing.capture_logs() as logs:
+        other.node.on_global_delta(encode(make_init_global_delta(model, 3)))
+    assert [e["event"] for e in logs if "init" in e["event"]] == ["global_delta.init_unbuilt"]
+    assert other.fetched == [TOPICS.global_model]
