@@ -252,12 +252,15 @@ def plot_trade_off(made: list[dict], path: Path) -> None:
         return
     figure, axes = plt.subplots(figsize=(8, 5))
     pairs = list(dict.fromkeys(r["pair"] for r in made))
+    kinds = list(dict.fromkeys((r["partition"], r["sample_fraction"]) for r in made))
     for index, pair in enumerate(pairs):
-        for marker, part in zip("os^v", dict.fromkeys(r["partition"] for r in made), strict=False):
-            rows = [r for r in made if (r["pair"], r["partition"]) == (pair, part)]
+        for marker, (part, fraction) in zip("os^vDP", kinds, strict=False):
+            rows = [r for r in made
+                    if (r["pair"], r["partition"], r["sample_fraction"]) == (pair, part, fraction)]  # fmt: skip
+            sampled = "" if fraction == 1 else f", sample {fraction}"
             if rows:
                 axes.scatter([r["total"] / 1e6 for r in rows], [r["accuracy"] for r in rows],
-                             color=f"C{index}", marker=marker, label=f"{pair} ({part})")  # fmt: skip
+                             color=f"C{index}", marker=marker, label=f"{pair} ({part}{sampled})")  # fmt: skip
     axes.set_xscale("log")
     axes.set_xlabel("total bytes, up + delivered down (MB)")
     axes.set_ylabel("final accuracy")
