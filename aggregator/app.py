@@ -134,27 +134,23 @@ def run_task(spec: str, seed: int) -> RunTask:
     """The task ``spec`` names and its initial parameters from ``seed``: a built-in MLP's
     from fedmq.models in numpy (no JAX), any other's ``flatten_params(task.init(seed_key(
     seed)))``. TaskError or NamingError (ValueErrors, one line) if it cannot be had."""
-    if is_builtin(spec):
-        model = get_model(spec)
-        return RunTask(spec, None, model.init(seed), model, None)
-    import jax
+    from fedmq.tasks.initial import initial_params
 
-    from fedmq.tasks.naming import flatten_params
-    from fedmq.tasks.personal import personal_names
-    from fedmq.tasks.seeds import seed_key
+    if is_builtin(spec):
+        return RunTask(spec, None, initial_params(spec, seed).params, get_model(spec), None)
+    from fedmq.tasks.personal import PersonalError
 
     task = load_task(spec)
-    key = seed_key(seed)
     try:
-        params = task.init(key)
+        initial = initial_params(task, seed)
+    except PersonalError:
+        raise
     except Exception as error:
         raise TaskError(
             f"task {task.name!r}: init failed: {type(error).__name__}: "
             f"{str(error).strip().splitlines()[0] if str(error).strip() else '(no message)'}"
         ) from None
-    template = jax.eval_shape(task.init, key)
-    personal = personal_names(task, template)
-    shared = {k: v for k, v in flatten_params(params).items() if k not in personal}
+    shared, template, personal = initial
     return RunTask(task.name, task.version_text, shared, None, task, template, personal)
 
 
@@ -279,6 +275,8 @@ def build_aggregator(
         server_optimizer=str(parse_server_optimizer(config.server_optimizer)),
         accepted_compression=config.upstream_compression if config.sites else None,
         dp_fedavg=dp_fedavg_of(config),
+        downlink_compression=config.downlink_compression,
+        init_seed=config.seed,  # run_task made the initial model from it
     )
     return Aggregator(
         settings,
@@ -320,6 +318,8 @@ def note_presence(aggregator: Aggregator, node_id: str, payload: bytes) -> None:
     except SchemaError:
         return
     aggregator.note_presence(node_id, status.state != "offline")
+    if status.received_bytes is not None:
+        aggregator.note_received(node_id, status.received_bytes)
     if status.state == "error":
         log.warning("node.error", node_id=node_id, round=status.round, detail=status.detail)
 

@@ -64,6 +64,9 @@ class Checkpoint:
     # its upstream compression's error-feedback residual, after that update if sent.
     upstream: bytes | None = None
     residual: dict[str, np.ndarray] | None = None
+    # --downlink-compression with ef (None otherwise, and the key is not written): what
+    # the compressed downlink has not sent yet (aggregator.downlink), after this version.
+    downlink_residual: dict[str, np.ndarray] | None = None
 
 
 # Numeric dtypes a state array may have in a checkpoint (optax state: floats, a count).
@@ -124,6 +127,10 @@ def to_bytes(checkpoint: Checkpoint) -> bytes:
         content["residual"] = {
             name: encode_state_array(array) for name, array in checkpoint.residual.items()
         }
+    if checkpoint.downlink_residual is not None:
+        content["downlink_residual"] = {
+            name: encode_state_array(array) for name, array in checkpoint.downlink_residual.items()
+        }
     return msgpack.packb(content, use_bin_type=True)
 
 
@@ -162,6 +169,9 @@ def from_bytes(data: bytes) -> Checkpoint:
             residual=None
             if raw.get("residual") is None
             else {str(name): decode_state_array(a) for name, a in raw["residual"].items()},
+            downlink_residual=None
+            if raw.get("downlink_residual") is None
+            else {str(name): decode_state_array(a) for name, a in raw["downlink_residual"].items()},
         )
     except (ValueError, TypeError, KeyError, AttributeError, msgpack.UnpackException) as error:
         raise CheckpointError(f"unreadable checkpoint: {error}") from error

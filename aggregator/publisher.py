@@ -7,8 +7,17 @@ restart and for the checkpoint. Publishes through the ``publish`` callable it is
 """
 
 from collections.abc import Callable
+from typing import Any
 
-from fedmq.schemas import GlobalModel, ServerStatus, Topics, encode, make_global_delta
+from fedmq.schemas import (
+    GlobalModel,
+    ServerStatus,
+    Topics,
+    encode,
+    make_compressed_global_delta,
+    make_global_delta,
+    make_init_global_delta,
+)
 from fedmq.schemas.tensors import Params
 
 Publish = Callable[[str, bytes, bool], None]  # (topic, payload, retain), QoS 1
@@ -17,8 +26,17 @@ STATUS_INTERVAL = 0.25
 
 
 class Publisher:
-    def __init__(self, topics: Topics, publish: Publish, clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        topics: Topics,
+        publish: Publish,
+        clock: Callable[[], float],
+        *,
+        retain_compact: bool = False,
+    ) -> None:
+        """``retain_compact``: the compact form is retained too (compressed downlink)."""
         self.topics = topics
+        self._retain_compact = retain_compact
         self._publish = publish
         self._clock = clock
         self.global_payload = b""  # the open version's GlobalModel message
@@ -30,13 +48,30 @@ class Publisher:
     def global_bytes(self) -> int:
         return len(self.global_payload)
 
-    def prepare_model(self, message: GlobalModel, previous: tuple[Params, str] | None) -> None:
+    def prepare_model(
+        self,
+        message: GlobalModel,
+        previous: tuple[Params, str] | None,
+        *,
+        compressed: tuple[str | None, Any] = (None, None),
+        init_seed: int | None = None,
+    ) -> None:
         """Encode the model opening a version and, when the one before is known (its params,
-        its id), its compact XOR form for nodes that hold that one; nothing is sent yet
-        (the checkpoint goes first)."""
+        its id), its compact form for nodes that hold that one: the XOR form, or with
+        ``compressed`` (SPEC, delta as it travels) the compressed one; nothing is sent yet
+        (the checkpoint goes first). With no model before and ``init_seed`` (a run's
+        first model, the task's initial parameters from that seed), the compact form
+        carries the seed only; without it, the full message."""
         self.global_payload = encode(message)
-        if previous is not None:
+        spec, wire = compressed
+        if previous is not None and spec is not None:
+            compact = encode(make_compressed_global_delta(message, previous[1], spec, wire))
+            self.delta_bytes = len(compact)
+        elif previous is not None:
             compact = encode(make_global_delta(previous[0], message, previous[1]))
+            self.delta_bytes = len(compact)
+        elif init_seed is not None:  # nodes build the initial model from the seed
+            compact = encode(make_init_global_delta(message, init_seed))
             self.delta_bytes = len(compact)
         else:  # nothing to XOR against: nodes following compact forms get it whole
             compact = self.global_payload
@@ -54,7 +89,7 @@ class Publisher:
     def model(self) -> None:
         """The open version's model: its compact form, then in full (retained)."""
         if self.delta_payload is not None:  # nodes following compact forms see this
-            self._publish(self.topics.global_delta, self.delta_payload, False)
+            self._publish(self.topics.global_delta, self.delta_payload, self._retain_compact)
         self._publish(self.topics.global_model, self.global_payload, True)
 
     def status(self, status: ServerStatus) -> None:

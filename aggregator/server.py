@@ -44,6 +44,7 @@ from fedmq.aggregator.checkpoint import (
     read_history,
 )
 from fedmq.aggregator.combine import Combined, Held
+from fedmq.aggregator.downlink import compress_global, downlink_pipeline, initial_residual
 from fedmq.aggregator.dp_fedavg import DpFedAvg, fleet_delta, private_mean, run_epsilon
 from fedmq.aggregator.evaluate import Evaluator, mlp_evaluator
 from fedmq.aggregator.federated_metrics import federated_metrics
@@ -109,6 +110,15 @@ class RoundSettings:
     # User-level DP (--dp-fedavg, aggregator.dp_fedavg): clipped, noised, one vote per
     # node. Kept in the fingerprint; only with plain FedAvg in rounds (build checks).
     dp_fedavg: DpFedAvg | None = None
+    # --downlink-compression: the SPEC each new model goes to the nodes as (its difference
+    # from the previous one; aggregator.downlink), None or "none": the lossless xor form.
+    # Not kept, like the rule; its residual (with ef) is in the checkpoint.
+    downlink_compression: str | None = None
+    # The seed the initial parameters are the task's initial ones of (fedmq.tasks.initial),
+    # if they are: with --downlink-compression, round 1's compact form then carries only
+    # this seed (``init_seed``) and nodes build the model. None: not known to be (nodes
+    # get round 1 in full). Not kept: it changes no model.
+    init_seed: int | None = None
 
     def __post_init__(self) -> None:
         check_memory(
@@ -194,7 +204,15 @@ class Aggregator:
         # (a resume draws new noise for a version it makes again: nothing was published)
         self._dp_rng = np.random.default_rng(int.from_bytes(os.urandom(32), "big"))
         self.topics = Topics(settings.federation)
-        self._out = Publisher(self.topics, publish, clock)
+        # With a compressed downlink the compact form is retained too: a node that
+        # (re)connects gets the newest one and needs the full model only if it cannot
+        # rebuild from it (docs/PROTOCOL.md section 3).
+        self._out = Publisher(
+            self.topics,
+            publish,
+            clock,
+            retain_compact=downlink_pipeline(settings.downlink_compression) is not None,
+        )
         if evaluator is None and test is not None:
             if settings.model is None:
                 raise ValueError("a test set without an evaluator needs a built-in MLP")
@@ -207,6 +225,8 @@ class Aggregator:
         self.params = initial_params
         self._optimizer_state = self._optimizer.init(initial_params)
         self.layout = {name: tuple(a.shape) for name, a in initial_params.items()}
+        self._downlink = downlink_pipeline(settings.downlink_compression)
+        self._downlink_residual = initial_residual(self._downlink, self.layout)
         # The layout's fingerprint, which nodes check their task against (fedmq.tasks.layout).
         self.task_fingerprint = layout_of(
             settings.model_name, settings.task_version, initial_params
@@ -214,6 +234,10 @@ class Aggregator:
         self.history: list[RoundMetrics] = []
         self._history_wire: list[bytes] = []  # the same, as published (for checkpoints)
         self._present: dict[str, bool] = {}  # node id -> online, from retained status
+        # Delivered downlink: each node's last reported received_bytes, and what the
+        # reports added up to while the open version was open (None: none reported).
+        self._received: dict[str, int] = {}
+        self._delivered: int | None = None
         self._reopen = False  # resumed a finished run whose last model opens another version
         self._started_at = wall_clock()  # when the run started (``elapsed`` in metrics)
         # The versions updates may still be trained on (policy.window), and each node's
@@ -311,6 +335,11 @@ class Aggregator:
         self._out.restore(
             checkpoint.global_payload, checkpoint.delta_payload, checkpoint.delta_bytes
         )
+        kept = checkpoint.downlink_residual
+        if self._downlink_residual is not None and kept is not None:
+            if {name: a.shape for name, a in kept.items()} != dict(self.layout):
+                raise CheckpointError("unreadable checkpoint: downlink residual of another layout")
+            self._downlink_residual = {name: kept[name] for name in self.layout}
         if checkpoint.started_at is not None:  # else (an older checkpoint): from now
             self._started_at = checkpoint.started_at
         self._recent = dict(checkpoint.recent or {})
@@ -342,6 +371,17 @@ class Aggregator:
     def note_presence(self, node_id: str, online: bool) -> None:
         """A node's retained status (its last will says offline): candidates for sampling."""
         self._present[node_id] = online
+
+    def note_received(self, node_id: str, received: int) -> None:
+        """A node's count of bytes received on the global topics (its status): what it
+        grew by since the node's last report counts in the open version. A node's first
+        report (since this process started) is its baseline; a count below the last one
+        means the node restarted, and counts in full."""
+        last = self._received.get(node_id)
+        self._received[node_id] = received
+        if last is not None:
+            grown = received - last if received >= last else received
+            self._delivered = (self._delivered or 0) + grown
 
     def republish(self) -> None:
         """Publish the open version's global model and server status again (after a
@@ -417,10 +457,13 @@ class Aggregator:
         model_id: str,
         previous: tuple[Params, str] | None = None,
         reporters: frozenset[str] | None = None,
+        compressed: Any = None,
     ) -> None:
         """Checkpoint and publish the global model ``model_id`` (``self.params``) that
         opens version ``number``. ``previous``: the model before (params, id), for the
-        compact form; ``reporters``: the previous version's, if not the ones just held."""
+        compact form; ``reporters``: the previous version's, if not the ones just held;
+        ``compressed``: the compressed delta from ``previous`` as it travels (with
+        --downlink-compression), for the compact form instead of the xor one."""
         final = number > self.settings.rounds
         selected = None
         if not final:
@@ -440,7 +483,11 @@ class Aggregator:
             task_version=self.settings.task_version,
             task_fingerprint=self.task_fingerprint,
         )
-        self._out.prepare_model(message, previous)
+        spec = None if compressed is None else str(self._downlink)
+        seed = None
+        if self._downlink is not None and previous is None and number == 1:
+            seed = self.settings.init_seed  # the run's initial model: nodes build it
+        self._out.prepare_model(message, previous, compressed=(spec, compressed), init_seed=seed)
         self._recent[number] = Opened(model_id, selected)
         for old in [v for v in self._recent if v < number - self.policy.window]:
             del self._recent[old]
@@ -457,6 +504,7 @@ class Aggregator:
         self._intake.start_version()
         self._said_overdue = False
         self._broker_dropped()  # count from here
+        self._delivered = None
         if self.store is not None:  # durable before anyone can train on it
             self.store.save(self._checkpoint())
         self._out.model()
@@ -486,6 +534,7 @@ class Aggregator:
             started_at=self._started_at,
             recent=dict(self._recent) if remembers else None,
             latest=dict(self._latest) if remembers else None,
+            downlink_residual=self._downlink_residual,
         )
 
     def _publish_server_status(self) -> None:
@@ -516,9 +565,23 @@ class Aggregator:
         held = self._intake.held
         combined = held.combine() if self.settings.dp_fedavg is None else self._private(held)
         previous = (self.params, self.model_id)
-        self.params, self._optimizer_state = self._optimizer.update(
+        target, self._optimizer_state = self._optimizer.update(
             self.params, combined.delta, self._optimizer_state
         )
+        compressed = None
+        if self._downlink is None:
+            self.params = target
+        else:  # the new model is what the nodes rebuild from the compressed delta
+            downlink = compress_global(
+                self._downlink,
+                previous[0],
+                target,
+                self._downlink_residual,
+                seed=self.settings.plan.seed,
+                version=self.version + 1,
+            )
+            self.params, self._downlink_residual = downlink.params, downlink.residual
+            compressed = downlink.wire
         model_id = model_id_of(self.params)
         central = self._evaluator(self.params) if self._evaluator is not None else {}
         loss, accuracy = central.get("loss"), central.get("accuracy")
@@ -559,6 +622,7 @@ class Aggregator:
             closed_by=closed_by,
             at=made_at,
             elapsed=made_at - self._started_at,
+            downlink_delivered=self._delivered,
             extra=extra,
             train_seconds_median=statistics.median(
                 update.train_seconds for update in held.values()
@@ -585,4 +649,6 @@ class Aggregator:
             seconds=round(metrics.seconds, 4),
         )
         out.metrics(payload)
-        self._open_version(self.version + 1, model_id=model_id, previous=previous)
+        self._open_version(
+            self.version + 1, model_id=model_id, previous=previous, compressed=compressed
+        )

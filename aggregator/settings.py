@@ -15,6 +15,7 @@ from fedmq.settings import (
     COMPRESSION_HELP,
     DEFAULT_MAX_STALENESS,
     DEFAULT_STALENESS,
+    DOWNLINK_HELP,
     DP_SGD_HELP,
     EVAL_FRACTION_HELP,
     MAX_STALENESS_HELP,
@@ -32,6 +33,7 @@ from fedmq.settings import (
     compression_spec,
     count,
     declared,
+    downlink_spec,
     dp_sgd_spec,
     eval_fraction,
     fraction,
@@ -184,6 +186,11 @@ class AggregatorSettings(LogSettings, ConnectionSettings):
     )
     compression: str = setting(
         "dense", kept="compression", parse=compression_spec, metavar="SPEC", help=COMPRESSION_HELP
+    )
+    # Not kept, like the aggregation rule: the server's choice (its residual is in the
+    # checkpoint; a run resumed with another SPEC starts it again from zero).
+    downlink_compression: str = setting(
+        "none", parse=downlink_spec, metavar="SPEC|none", help=DOWNLINK_HELP
     )
     test_data: str | None = setting(  # "auto", "digits", a path to an .npz, or None
         "auto",

@@ -10,6 +10,15 @@ same model and partition, measured in the same run of this script. Encode (compr
 msgpack) and decode (decode + validate + accumulate into the running sum) are timed
 in-process on a delta from one real local epoch, as CPU time, the pipelines taking turns
 (see ``codec_costs``). ``--codecs-only`` prints just those costs.
+
+    .venv/bin/python bench/compression.py --models digits-mlp-large --partitions iid \
+        --both-ways dense/none,topk:0.035+sign+ef+flat/none,topk:0.035+sign+ef+flat/topk:0.035+sign+ef+flat
+
+``--both-ways UP/DOWN,...`` runs one federation per pair instead: the nodes' SPEC up and
+the aggregator's --downlink-compression down (issue 16), and prints bytes both ways:
+uplink as the aggregator counted it, downlink as the nodes counted what was delivered to
+them (metrics ``downlink_delivered``) and as the old estimate (``downlink_bytes``), their
+total against the first pair's, and the sizes of one full and one compact model.
 """
 
 import argparse
@@ -41,11 +50,15 @@ PIPELINES = [
 ]  # fmt: skip
 
 
-def federation(model: str, part: str, spec: str, rounds: int, seed: int) -> list[dict]:
+def federation(
+    model: str, part: str, spec: str, rounds: int, seed: int, downlink: str = "none",
+    sample_fraction: float | None = None,
+) -> list[dict]:  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "r.json"
         config = DemoSettings(nodes=10, rounds=rounds, model=model, partition=part, seed=seed,
-                            compression=spec, report=report)  # fmt: skip
+                            compression=spec, downlink_compression=downlink,
+                            sample_fraction=sample_fraction, report=report)  # fmt: skip
         with open("/dev/null", "w") as quiet:
             if run(config, threading.Event(), out=quiet) != 0:
                 raise RuntimeError(f"federation {model} {part} {spec} failed")
@@ -138,6 +151,125 @@ def _cpu_seconds(fn: Callable[[], object], calls: int = 10) -> float:
     return (time.thread_time() - started) / calls
 
 
+TARGET = 0.95  # the accuracy "bytes to reach" counts up to
+
+
+def both_ways_row(rows: list[dict]) -> dict:
+    """One federation's figures: bytes up (accepted) and down (delivered, and the old
+    estimate), final accuracy, the round and the bytes both ways (cumulative, that round
+    included) at which the central accuracy first reached TARGET, one full and the
+    median compact model's size."""
+    uplink = [r["uplink_bytes"] for r in rows]
+    delivered = [r["downlink_delivered"] or 0 for r in rows]
+    reach = next((i for i, r in enumerate(rows) if r["accuracy"] >= TARGET), None)
+    compact = [r["global_delta_bytes"] for r in rows[1:] if r["global_delta_bytes"] is not None]
+    return {
+        "up": sum(uplink),
+        "down": sum(delivered),
+        "estimate": sum(r["downlink_bytes"] for r in rows),
+        "total": sum(uplink) + sum(delivered),
+        "accuracy": rows[-1]["accuracy"],
+        "reach_round": None if reach is None else rows[reach]["round"],
+        "reach_bytes": None if reach is None else sum(uplink[: reach + 1] + delivered[: reach + 1]),
+        "full": rows[-1]["global_bytes"],
+        "compact": statistics.median(compact) if compact else None,
+        "round1_down": delivered[0],
+    }
+
+
+def both_ways(
+    model: str, part: str, pairs: list[str], rounds: int, seed: int,
+    sample_fraction: float | None = None,
+) -> list[dict]:  # fmt: skip
+    """One federation per UP/DOWN pair, in turn; bytes both ways against the first pair.
+    Returns one ``both_ways_row`` per pair, tagged with what ran."""
+    fraction = "" if sample_fraction is None else f", sample fraction {sample_fraction}"
+    print(f"\n{model}, {part}, 10 nodes, {rounds} rounds, seed {seed}{fraction}: bytes both ways")
+    print(f"{'up SPEC / down SPEC':<52} {'up MB':>7} {'down MB':>8} {'(est.)':>7} {'total MB':>8}"
+          f" {'vs first':>8} {'final acc':>9} {'Δ pp':>6} {'→95% rnd':>8} {'→95% MB':>8}"
+          f" {'full B':>7} {'compact B':>9} {'rnd1 down B':>11}")  # fmt: skip
+    first = None
+    made = []
+    for pair in pairs:
+        up, down = pair.split("/")
+        rows = federation(model, part, up, rounds, seed, down, sample_fraction)
+        row = both_ways_row(rows) | {
+            "model": model, "partition": part, "seed": seed, "pair": pair,
+            "sample_fraction": sample_fraction or 1.0,
+        }  # fmt: skip
+        made.append(row)
+        first = first or row
+        reach_mb = "-" if row["reach_bytes"] is None else f"{row['reach_bytes'] / 1e6:.3f}"
+        compact = "-" if row["compact"] is None else f"{row['compact']:.0f}"
+        print(f"{pair:<52} {row['up'] / 1e6:>7.3f} {row['down'] / 1e6:>8.3f}"
+              f" {row['estimate'] / 1e6:>7.3f} {row['total'] / 1e6:>8.3f}"
+              f" {first['total'] / row['total']:>7.1f}x {row['accuracy']:>9.4f}"
+              f" {(row['accuracy'] - first['accuracy']) * 100:>+6.2f} {row['reach_round']!s:>8}"
+              f" {reach_mb:>8} {row['full']:>7} {compact:>9} {row['round1_down']:>11}",
+              flush=True)  # fmt: skip
+    return made
+
+
+def trade_off(made: list[dict]) -> None:
+    """Per (partition, sample fraction, pair), over the seeds that ran: total bytes, ratio
+    against the first pair of the same seed, final accuracy and its difference from the
+    first pair's, bytes to reach TARGET."""
+    first: dict[tuple, dict] = {}
+    for row in made:
+        first.setdefault((row["partition"], row["sample_fraction"], row["seed"]), row)
+    groups: dict[tuple, list[dict]] = {}
+    for row in made:
+        groups.setdefault((row["partition"], row["sample_fraction"], row["pair"]), []).append(row)
+    print("\ntrade-off: mean over seeds (the first pair of each seed is the baseline)")
+    print(f"{'partition':<14} {'frac':>4} {'up SPEC / down SPEC':<52} {'seeds':>5} {'total MB':>8}"
+          f" {'vs first':>8} {'final acc':>9} {'Δ pp':>6} {'→95% MB':>8}")  # fmt: skip
+    for (part, fraction, pair), rows in groups.items():
+        bases = [first[(part, fraction, r["seed"])] for r in rows]
+        ratio = statistics.mean(b["total"] / r["total"] for b, r in zip(bases, rows, strict=True))
+        diff = statistics.mean(
+            (r["accuracy"] - b["accuracy"]) * 100 for b, r in zip(bases, rows, strict=True)
+        )
+        reach = [r["reach_bytes"] for r in rows]
+        reach_mb = "-" if None in reach else f"{statistics.mean(reach) / 1e6:.3f}"
+        print(f"{part:<14} {fraction:>4} {pair:<52} {len(rows):>5}"
+              f" {statistics.mean(r['total'] for r in rows) / 1e6:>8.3f} {ratio:>7.1f}x"
+              f" {statistics.mean(r['accuracy'] for r in rows):>9.4f} {diff:>+6.2f}"
+              f" {reach_mb:>8}")  # fmt: skip
+
+
+def plot_trade_off(made: list[dict], path: Path) -> None:
+    """Total bytes (log scale) against final accuracy, one point per run, one colour per
+    pair; needs matplotlib (the ``plot`` extra), else says so and draws nothing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        from fedmq.plot import NEEDS_MATPLOTLIB
+
+        print(f"no plot: {NEEDS_MATPLOTLIB}")
+        return
+    figure, axes = plt.subplots(figsize=(8, 5))
+    pairs = list(dict.fromkeys(r["pair"] for r in made))
+    kinds = list(dict.fromkeys((r["partition"], r["sample_fraction"]) for r in made))
+    for index, pair in enumerate(pairs):
+        for marker, (part, fraction) in zip("os^vDP", kinds, strict=False):
+            rows = [r for r in made
+                    if (r["pair"], r["partition"], r["sample_fraction"]) == (pair, part, fraction)]  # fmt: skip
+            sampled = "" if fraction == 1 else f", sample {fraction}"
+            if rows:
+                axes.scatter([r["total"] / 1e6 for r in rows], [r["accuracy"] for r in rows],
+                             color=f"C{index}", marker=marker, label=f"{pair} ({part}{sampled})")  # fmt: skip
+    axes.set_xscale("log")
+    axes.set_xlabel("total bytes, up + delivered down (MB)")
+    axes.set_ylabel("final accuracy")
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path)
+    print(f"plot: {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="digits-mlp,digits-mlp-large")
@@ -146,8 +278,37 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--seeds", default="0", help="comma-separated; accuracy is the mean")
     parser.add_argument("--codecs-only", action="store_true", help="no federations")
+    parser.add_argument("--both-ways", help="UP/DOWN SPEC pairs, comma-separated (issue 16)")
+    parser.add_argument("--sample-fractions", default="1",
+                        help="with --both-ways: comma-separated, each a grid of its own")  # fmt: skip
+    parser.add_argument("--json", type=Path, help="with --both-ways: write every run's row here")
+    parser.add_argument("--plot", type=Path, help="with --both-ways: the trade-off chart (PNG)")
+    parser.add_argument("--from-json", help="with --plot or alone: no runs, the trade-off of "
+                        "these --json files (comma-separated)")  # fmt: skip
     args = parser.parse_args()
     logs.configure(json=True, level="error")
+    if args.from_json:
+        made = [
+            row for name in args.from_json.split(",") for row in json.loads(Path(name).read_text())
+        ]
+        trade_off(made)
+        if args.plot:
+            plot_trade_off(made, args.plot)
+        return
+    if args.both_ways:
+        made: list[dict] = []
+        for model in args.models.split(","):
+            for part in args.partitions.split(","):
+                for fraction in (float(x) for x in args.sample_fractions.split(",")):
+                    for seed in (int(x) for x in args.seeds.split(",")):
+                        made += both_ways(model, part, args.both_ways.split(","), args.rounds,
+                                          seed, None if fraction == 1 else fraction)  # fmt: skip
+                        if args.json:  # after every seed: a cut-short grid keeps its runs
+                            args.json.write_text(json.dumps(made, indent=1))
+        trade_off(made)
+        if args.plot:
+            plot_trade_off(made, args.plot)
+        return
     pipelines = args.pipelines.split(",")
     for model in args.models.split(","):
         dense_numbers = 4 * get_model(model).num_params

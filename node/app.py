@@ -38,6 +38,7 @@ from fedmq.schemas import (
     decode_global,
     decode_global_delta,
     encode,
+    initial_global,
 )
 from fedmq.schemas.messages import finite_metrics
 from fedmq.tasks.holdout import holdout
@@ -238,10 +239,19 @@ class Node:
             delta = config.dp_delta or book.delta
             self._spent = (book.epsilon(delta), delta)
         self._held: GlobalModel | None = None  # the newest global model we have
-        self._following_full = True  # subscribed to the full global model topic
+        # Since the last connect: a model came (either form) that the node holds or has
+        # trained on; if not by the time the subscriptions settle, it fetches the full one.
+        self._model_since_connect = False
+        self._fetching = False  # a fetch of the retained full model is under way
+        self._fetch: Callable[[str], bool] = lambda topic: edge.fetch_retained(
+            outbox.client, topic, qos=DOWNLINK_QOS
+        )
         self._seen_key: tuple[int, str] | None = None
         self._seen = {"full": 0, "delta": 0}
         self.finished = False
+        # Payload bytes received on the global topics since this process started, both
+        # forms and catch-ups included: reported in every status (received_bytes).
+        self.received_bytes = 0
         self.progress = ProgressLine()  # on a terminal only
         self._trainable: Trainable | None = None
         # The model last refused: round 1 comes on both global topics, and a model is
@@ -267,6 +277,7 @@ class Node:
             detail=detail,
             dp_epsilon=None if self._spent is None else self._spent[0],
             dp_delta=None if self._spent is None else self._spent[1],
+            received_bytes=self.received_bytes,
         )
         self.outbox.publish(self.topics.status(self.config.node_id), encode(message), retain=True)
         where = f" round {round}" if round is not None else ""
@@ -286,6 +297,7 @@ class Node:
             log.error("global.rejected", reason="wrong_federation", federation=model.federation)
             return
         seen = self._count(model.round, model.model_id, "full")
+        self._model_since_connect = True
         # A retained copy means we (re)subscribed after a reconnect; a second live copy
         # with no compact form around means the aggregator republished. In both cases
         # our update may have been lost. (A full copy racing its own compact form is not.)
@@ -298,11 +310,19 @@ class Node:
         self._seen[form] += 1
         return self._seen
 
-    def on_global_delta(self, payload: bytes) -> None:
+    def on_global_delta(self, payload: bytes, *, retained: bool = False) -> None:
         """The compact form: rebuild the new model from the one we hold, or fetch it whole.
 
-        A round with no previous model (round 1 of a run) comes on this topic in full, so
-        nodes that follow compact forms see a new run start."""
+        A run's first model comes on this topic too: in full, or with a compressed
+        downlink as the seed of the task's initial parameters (``init_seed``), so nodes
+        that follow compact forms see a new run start."""
+        compact = self.read_compact(payload)
+        if compact is not None:
+            self.on_compact(compact, retained=retained)
+
+    def read_compact(self, payload: bytes) -> "GlobalModel | GlobalDelta | None":
+        """A message on global/delta, decoded; None (logged) if unreadable or another
+        federation's."""
         compact: GlobalModel | GlobalDelta
         try:
             compact = decode_global_delta(payload)
@@ -313,39 +333,93 @@ class Node:
                 compact = decode_global(payload)
             except SchemaError as error:
                 log.warning("global_delta.rejected", reason=error.reason, detail=error.detail)
-                return
+                return None
         if compact.federation != self.config.federation:
-            return
-        self._follow_full(False)  # compact forms flow: the full model is needed only to catch up
+            return None
+        return compact
+
+    def on_compact(self, compact: "GlobalModel | GlobalDelta", *, retained: bool = False) -> None:
+        """A readable compact form of our federation (``read_compact``); ``retained``: the
+        broker's retained copy, which comes on (re)subscribing."""
         seen = self._count(compact.round, compact.model_id, "delta")
         if (compact.round, compact.model_id) == self.last_trained:
-            if seen["delta"] > 1 or self._resend_saved:  # a republish, or we restarted
+            self._model_since_connect = True
+            # a retained copy: we reconnected; a second one: the aggregator republished;
+            # or we restarted: our update may have been lost
+            if retained or seen["delta"] > 1 or self._resend_saved:
                 self._resend_saved = False
                 self._resend(compact.round)
             return
+        held = self._held
+        if held is not None and (held.round, held.model_id) == (compact.round, compact.model_id):
+            self._model_since_connect = True  # a copy of the model we hold
+            return
         if isinstance(compact, GlobalModel):
+            self._model_since_connect = True
             self._accept(compact, resend=False)
             return
-        if self._held is None or self._held.model_id != compact.base_model_id:
+        if compact.init_seed is not None:
+            model = self._initial(compact)
+        elif held is None or held.model_id != compact.base_model_id:
             log.info("global_delta.no_base", round=compact.round)
-            self._follow_full(True)  # the retained full model arrives at once
+            model = None
+        else:
+            try:
+                model = apply_global_delta(held.params, compact)
+            except SchemaError as error:
+                log.warning("global_delta.rejected", reason=error.reason, detail=error.detail)
+                model = None
+        if model is None:
+            self.fetch_full()  # the retained full model is the exact one
             return
-        try:
-            model = apply_global_delta(self._held.params, compact)
-        except SchemaError as error:
-            log.warning("global_delta.rejected", reason=error.reason, detail=error.detail)
-            self._follow_full(True)
-            return
+        self._model_since_connect = True
         self._accept(model, resend=False)
 
-    def _follow_full(self, follow: bool) -> None:
-        """(Un)subscribe the retained full global model topic."""
-        if follow != self._following_full:
-            self._following_full = follow
-            if follow:
-                self.client.subscribe(self.topics.global_model, qos=DOWNLINK_QOS)
-            else:
-                self.client.unsubscribe(self.topics.global_model)
+    def _initial(self, compact: GlobalDelta) -> GlobalModel | None:
+        """A run's first model built from its seed (``init_seed``) with the task, as the
+        aggregator built it; None (logged with the reason) if that cannot be done here or
+        gives other bits (another numpy, JAX or CPU): the node then fetches it in full."""
+        from fedmq.tasks.initial import initial_params
+
+        assert compact.init_seed is not None
+        source: Task | str
+        if self.task is not None:
+            source = self.task
+        elif is_builtin(compact.model):
+            source = compact.model
+        else:
+            log.warning(
+                "global_delta.init_unbuilt",
+                round=compact.round,
+                reason=f"task {compact.model!r} is not built in and this node has no --task",
+            )
+            return None
+        try:
+            params = initial_params(source, compact.init_seed).params
+            return initial_global(compact, params)
+        except SchemaError as error:
+            reason = f"{error.reason}: {error.detail}"
+        except Exception as error:  # the task's own init, whatever it raises
+            reason = f"init failed: {type(error).__name__}: {error}"
+        log.warning(
+            "global_delta.init_unbuilt", round=compact.round, seed=compact.init_seed, reason=reason
+        )
+        return None
+
+    def fetch_full(self) -> None:
+        """Take the retained full global model once (the newest), unless already under way:
+        subscribed only while the broker hands over its retained copy."""
+        if not self._fetching:
+            self._fetching = self._fetch(self.topics.global_model)
+            log.info("global.fetching", fetching=self._fetching)
+
+    def on_settled(self, tag: bytes) -> None:
+        """The broker answered a tagged unsubscribe (``edge.SETTLED``): after a connect, the
+        retained compact form (if any) came before this; after a fetch, the full model."""
+        if tag == b"fetch":
+            self._fetching = False
+        elif tag == b"connect" and not self._model_since_connect:
+            self.fetch_full()  # no compact form to build on: the full model, if there is one
 
     def _resend(self, round: int) -> None:
         """Send this round's update again; an aggregator that has it counts a duplicate."""
@@ -442,7 +516,8 @@ class Node:
 
     def on_connected(self) -> None:
         """Refresh our retained status: a last will may have marked us offline."""
-        self._following_full = True  # make_client subscribed both global topics again
+        self._model_since_connect = False  # until the subscriptions settle (on_settled)
+        self._fetching = False  # an unanswered fetch died with the connection
         self._refused = None  # the retained copy comes again: say so again, after "online"
         round, model_id = self.last_trained or (None, None)
         self.status("submitted" if round else "online", round=round, model_id=model_id)
@@ -756,7 +831,10 @@ def open_node(
     offline = NodeStatus(federation=config.federation, node_id=config.node_id, state="offline")
     client = edge.make_client(
         edge.make_client_id(config.federation, "node", config.node_id),
-        subscriptions=[(topics.global_model, DOWNLINK_QOS), (topics.global_delta, DOWNLINK_QOS)],
+        # global/delta only: the full model is fetched when needed (Node.on_settled,
+        # fetch_full); a persistent session's old subscription to it goes at each connect
+        subscriptions=[(topics.global_delta, DOWNLINK_QOS)],
+        settle=[topics.global_model],
         will=(topics.status(config.node_id), encode(offline)),
         inbox=inbox,
         persistent=True,  # a stable session; the QoS 0 downlink queues nothing while away
@@ -767,15 +845,21 @@ def open_node(
 def handle(node: "Node", batch: list[edge.Received]) -> None:
     """What the node does with the messages that arrived together (training included)."""
     if any(r.topic == edge.CONNECTED for r in batch):
-        node.on_connected()
+        node.on_connected()  # its status counts what came before this batch
     # A node that fell behind trains on the newest model only: the newest full one
     # first, then the newest compact one (which may build on it).
-    newest = {r.topic: r for r in batch if r.topic != edge.CONNECTED}
+    newest = {r.topic: r for r in batch if r.topic not in (edge.CONNECTED, edge.SETTLED)}
+    node.received_bytes += sum(  # delivered, whether handled or skipped as older
+        len(r.payload) for r in batch if r.topic in node.topics.global_topics
+    )
     if node.topics.global_model in newest:
         full = newest[node.topics.global_model]
         node.on_global(full.payload, retained=full.retain)
     if node.topics.global_delta in newest:
-        node.on_global_delta(newest[node.topics.global_delta].payload)
+        compact = newest[node.topics.global_delta]
+        node.on_global_delta(compact.payload, retained=compact.retain)
+    for settled in (r for r in batch if r.topic == edge.SETTLED):
+        node.on_settled(settled.payload)
 
 
 def close_node(node: "Node", *, error: Exception | None = None) -> None:

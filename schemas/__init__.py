@@ -15,6 +15,7 @@ from fedmq.schemas.messages import (
     RoundMetrics,
     ServerStatus,
     TrainingPlan,
+    add_delta,
     apply_global_delta,
     decode_global,
     decode_global_delta,
@@ -23,7 +24,10 @@ from fedmq.schemas.messages import (
     decode_status,
     decode_update,
     encode,
+    initial_global,
+    make_compressed_global_delta,
     make_global_delta,
+    make_init_global_delta,
     model_id_of,
 )
 from fedmq.schemas.topics import Topics, validate_name
@@ -41,6 +45,7 @@ __all__ = [
     "ServerStatus",
     "Topics",
     "TrainingPlan",
+    "add_delta",
     "apply_global_delta",
     "decode_global",
     "decode_global_delta",
@@ -49,7 +54,10 @@ __all__ = [
     "decode_status",
     "decode_update",
     "encode",
+    "initial_global",
+    "make_compressed_global_delta",
     "make_global_delta",
+    "make_init_global_delta",
     "model_id_of",
     "validate_name",
 ]

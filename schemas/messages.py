@@ -24,7 +24,14 @@ import msgpack
 import numpy as np
 
 from fedmq.schemas.batched import decode_flat_dense, decode_flat_sparse
-from fedmq.schemas.encodings import Encoded, decode_encoded, encode_encoded, shape_of, value_problem
+from fedmq.schemas.encodings import (
+    Encoded,
+    decode_encoded,
+    encode_encoded,
+    shape_of,
+    to_dense,
+    value_problem,
+)
 from fedmq.schemas.errors import SchemaError
 from fedmq.schemas.flat import decode_flat, encode_flat
 from fedmq.schemas.framing import Framing
@@ -136,11 +143,17 @@ class GlobalModel:
 
 @dataclass(frozen=True)
 class GlobalDelta:
-    """A global model told as the bitwise XOR of its float32 bytes with the previous one's.
+    """A global model told as its difference from the previous one, in one of two forms.
 
-    Lossless: a node holding ``base_model_id`` rebuilds the exact parameters (and checks
+    ``xor`` (lossless): the bitwise XOR of its float32 bytes with the previous one's,
+    deflated; a node holding ``base_model_id`` rebuilds the exact parameters (and checks
     the result's model_id). Unchanged bits XOR to zero, so zlib shrinks it a lot when
     updates are sparse.
+
+    ``delta`` (with ``compression``, the aggregator's --downlink-compression): the
+    compressed float32 difference, in an update's wire form; the model *is* the base plus
+    its dense values in float32 (``add_delta``), so every node rebuilds the same bits.
+    ``xor`` is then empty (an older node fails to rebuild it and fetches the full model).
     """
 
     federation: str
@@ -155,6 +168,16 @@ class GlobalDelta:
     selected: tuple[str, ...] | None = None  # as in GlobalModel
     task_version: str | None = None  # as in GlobalModel
     task_fingerprint: str | None = None  # as in GlobalModel
+    # The compressed form (--downlink-compression): its SPEC, and the delta as it travels
+    # (a map of tensors, a flat map, or bin with +zlib; decoded against the base when
+    # applied). None: the xor form.
+    compression: str | None = None
+    delta: Any = None
+    # Round 1 of a run with --downlink-compression: the seed the model is the task's
+    # initial parameters of (``fedmq.tasks.initial``); a node builds them itself and checks
+    # them against model_id. Then ``base_model_id`` is ``model_id`` (there is no base),
+    # ``xor`` is empty and ``compression``/``delta`` are absent. None: another form.
+    init_seed: int | None = None
 
 
 def make_global_delta(
@@ -172,6 +195,71 @@ def make_global_delta(
     )  # fmt: skip
 
 
+def make_compressed_global_delta(
+    model: GlobalModel, base_id: str, compression: str, wire: Any
+) -> GlobalDelta:
+    """The compact form of ``model`` as ``compression`` (a canonical SPEC) with ``wire``
+    its compressed delta from the base as it travels (``delta_to_wire``); ``model.params``
+    must be ``add_delta(base, the delta)``."""
+    return GlobalDelta(
+        federation=model.federation, round=model.round, model=model.model,
+        model_id=model.model_id, base_model_id=base_id, plan=model.plan, xor=b"",
+        final=model.final, created_at=model.created_at, selected=model.selected,
+        task_version=model.task_version, task_fingerprint=model.task_fingerprint,
+        compression=compression, delta=wire,
+    )  # fmt: skip
+
+
+def make_init_global_delta(model: GlobalModel, seed: int) -> GlobalDelta:
+    """The compact form of a run's first model, ``model.params`` being the task's initial
+    parameters from ``seed``: nothing but the seed travels (``init_seed``)."""
+    return GlobalDelta(
+        federation=model.federation, round=model.round, model=model.model,
+        model_id=model.model_id, base_model_id=model.model_id, plan=model.plan, xor=b"",
+        final=model.final, created_at=model.created_at, selected=model.selected,
+        task_version=model.task_version, task_fingerprint=model.task_fingerprint,
+        init_seed=seed,
+    )  # fmt: skip
+
+
+def add_delta(base: Mapping[str, np.ndarray], delta: Mapping[str, Encoded]) -> Params:
+    """``base`` plus the dense float32 values of ``delta``, tensor by tensor in float32,
+    cast back to each base tensor's dtype: how the aggregator makes a model from its
+    compressed downlink and how every node rebuilds it (one function, the same bits)."""
+    return {
+        name: np.asarray(
+            np.add(np.asarray(array, np.float32), to_dense(delta[name]), dtype=np.float32),
+            dtype=array.dtype,
+        )
+        for name, array in base.items()
+    }
+
+
+def delta_to_wire(delta: Mapping[str, Encoded], compression: str) -> Any:
+    """A compressed delta as it travels, framed as ``compression`` says (flat, zlib)."""
+    framing = Framing.named_by(compression)
+    if framing.flat:  # one sparse run for the whole delta (schemas.flat)
+        wire: Any = encode_flat(delta)
+    else:
+        wire = {name: encode_encoded(tensor) for name, tensor in delta.items()}
+    if framing.zlib:  # lossless last stage over the whole delta map
+        return zlib.compress(msgpack.packb(wire, use_bin_type=True), 9)
+    return wire
+
+
+def delta_from_wire(
+    wire: Any, compression: str, layout: Shapes, *, max_bytes: int = DEFAULT_MAX_BYTES
+) -> Mapping[str, Encoded]:
+    """``delta_to_wire`` read back, checked against ``layout`` as an update's delta is."""
+    return _delta(
+        {"delta": wire},
+        Framing.named_by(compression),
+        max_bytes=max_bytes,
+        max_elements=sum(math.prod(shape) for shape in layout.values()),
+        layout=layout,
+    )
+
+
 def _bits(array: np.ndarray) -> np.ndarray:
     wire = np.asarray(array, dtype=array.dtype.newbyteorder("<"), order="C")
     return wire.view(np.dtype(f"<u{wire.dtype.itemsize}"))
@@ -179,7 +267,52 @@ def _bits(array: np.ndarray) -> np.ndarray:
 
 def apply_global_delta(base: Mapping[str, np.ndarray], message: GlobalDelta) -> GlobalModel:
     """The full global model from the one it was made against; SchemaError if it does
-    not fit ``base`` or the result's hash is not ``model_id``."""
+    not fit ``base`` or the result's hash is not ``model_id``. The ``init_seed`` form has
+    no base: a node builds it from its task (``fedmq.tasks.initial``)."""
+    if message.init_seed is not None:
+        raise SchemaError("bad_field", "an init_seed form is built from the task, not applied")
+    if message.delta is not None:
+        params = _apply_compressed(base, message)
+    else:
+        params = _apply_xor(base, message)
+    if not all(np.isfinite(a).all() for a in params.values()):
+        raise SchemaError("non_finite", "the rebuilt global model holds NaN or Inf")
+    if model_id_of(params) != message.model_id:
+        raise SchemaError("bad_model_id", "the rebuilt parameters do not hash to model_id")
+    return _model_of(message, params)
+
+
+def initial_global(message: GlobalDelta, params: Mapping[str, np.ndarray]) -> GlobalModel:
+    """The global model an ``init_seed`` form carries, ``params`` being what the node built
+    from the seed; SchemaError ``bad_model_id`` (naming both ids) if they hash otherwise."""
+    params = {name: np.asarray(array) for name, array in params.items()}
+    built = model_id_of(params)
+    if built != message.model_id:
+        raise SchemaError(
+            "bad_model_id",
+            f"the task's initial parameters from seed {message.init_seed} hash to {built}, "
+            f"the aggregator's to {message.model_id}",
+        )
+    return _model_of(message, params)
+
+
+def _model_of(message: GlobalDelta, params: Params) -> GlobalModel:
+    return GlobalModel(
+        federation=message.federation, round=message.round, model=message.model,
+        model_id=message.model_id, params=params, plan=message.plan, final=message.final,
+        created_at=message.created_at, selected=message.selected,
+        task_version=message.task_version, task_fingerprint=message.task_fingerprint,
+    )  # fmt: skip
+
+
+def _apply_compressed(base: Mapping[str, np.ndarray], message: GlobalDelta) -> Params:
+    if message.compression is None:
+        raise SchemaError("bad_field", "a global_delta with delta needs compression")
+    layout = {name: tuple(array.shape) for name, array in base.items()}
+    return add_delta(base, delta_from_wire(message.delta, message.compression, layout))
+
+
+def _apply_xor(base: Mapping[str, np.ndarray], message: GlobalDelta) -> Params:
     total = sum(_bits(array).nbytes for array in base.values())
     inflater = zlib.decompressobj()
     try:
@@ -195,16 +328,7 @@ def apply_global_delta(base: Mapping[str, np.ndarray], message: GlobalDelta) -> 
         flips = np.frombuffer(xored, dtype=bits.dtype, count=bits.size, offset=offset)
         params[name] = (bits ^ flips.reshape(bits.shape)).view(bits.dtype.str.replace("u", "f"))
         offset += bits.nbytes
-    if not all(np.isfinite(a).all() for a in params.values()):
-        raise SchemaError("non_finite", "the rebuilt global model holds NaN or Inf")
-    if model_id_of(params) != message.model_id:
-        raise SchemaError("bad_model_id", "the rebuilt parameters do not hash to model_id")
-    return GlobalModel(
-        federation=message.federation, round=message.round, model=message.model,
-        model_id=message.model_id, params=params, plan=message.plan, final=message.final,
-        created_at=message.created_at, selected=message.selected,
-        task_version=message.task_version, task_fingerprint=message.task_fingerprint,
-    )  # fmt: skip
+    return params
 
 
 @dataclass(frozen=True)
@@ -243,6 +367,9 @@ class NodeStatus:
     # node has spent any (DP-SGD, plan.dp_sgd).
     dp_epsilon: float | None = None
     dp_delta: float | None = None
+    # Payload bytes this node process received on the global topics since it started
+    # (both forms, catch-ups included); None: not counted (older nodes, the last will).
+    received_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -291,6 +418,9 @@ class RoundMetrics:
     broker_dropped: int | None = None
     metrics: RoundEvaluation | None = None  # None: an aggregator before federated evaluation
     elapsed: float | None = None  # seconds since the run started; None: an older aggregator
+    # Payload bytes the nodes reported receiving on the global topics while this round was
+    # open (NodeStatus.received_bytes); None: no node reported a count.
+    downlink_delivered: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -689,13 +819,21 @@ def _params_to_wire(params: Mapping[str, np.ndarray]) -> dict[str, Any]:
 
 
 def _delta_to_wire(delta: Mapping[str, Encoded], message: NodeUpdate) -> Any:
-    framing = Framing.named_by(message.compression)
-    if framing.flat:  # one sparse run for the whole delta (schemas.flat)
-        wire: Any = encode_flat(delta)
-    else:
-        wire = {name: encode_encoded(tensor) for name, tensor in delta.items()}
-    if framing.zlib:  # lossless last stage over the whole delta map
-        return zlib.compress(msgpack.packb(wire, use_bin_type=True), 9)
+    return delta_to_wire(delta, message.compression)
+
+
+def _compressed_delta(obj: Mapping[str, Any], key: str) -> Any:
+    """A global_delta's ``delta``, as it travels: bin with +zlib, else a map; what is
+    inside is checked against the base when applied (``apply_global_delta``)."""
+    wire = obj.get(key)
+    spec = obj.get("compression")
+    if not isinstance(spec, str):
+        raise SchemaError("bad_field", "delta needs compression")
+    if Framing.named_by(spec).zlib:
+        if not isinstance(wire, bytes):
+            raise SchemaError("bad_field", "delta must be zlib bytes with compression +zlib")
+    elif not isinstance(wire, dict) or not wire:
+        raise SchemaError("bad_field", "delta must be a non-empty map")
     return wire
 
 
@@ -838,6 +976,11 @@ GLOBAL_DELTA = Kind("global_delta", GlobalDelta, (
     Field("selected", _node_ids, nullable=True, to_wire=list, omit_none=True),
     Field("task_version", _task_version, nullable=True, omit_none=True),
     Field("task_fingerprint", _model_id, nullable=True, omit_none=True),
+    # Only with --downlink-compression (then xor is empty): absent, the bytes as before.
+    Field("compression", _spec, nullable=True, omit_none=True),
+    Field("delta", _compressed_delta, nullable=True, omit_none=True),
+    # Only in round 1 with --downlink-compression: the seed of the initial parameters.
+    Field("init_seed", _positive, nullable=True, omit_none=True),
 ))  # fmt: skip
 
 UPDATE = Kind("update", NodeUpdate, (
@@ -871,6 +1014,8 @@ STATUS = Kind("status", NodeStatus, (
     Field("detail", _str, nullable=True),
     Field("dp_epsilon", _epsilon, nullable=True, to_wire=float, omit_none=True),
     Field("dp_delta", _positive_float, nullable=True, to_wire=float, omit_none=True),
+    # From issue 16 on: written only when counted, so older statuses keep their bytes.
+    Field("received_bytes", _positive, nullable=True, omit_none=True),
 ))  # fmt: skip
 
 SERVER = Kind("server", ServerStatus, (
@@ -918,6 +1063,8 @@ METRICS = Kind("metrics", RoundMetrics, (
     # The reference aggregator always writes it; without it, the bytes of older messages.
     Field("metrics", _evaluation, nullable=True, to_wire=EVALUATION.to_wire, omit_none=True),
     Field("elapsed", _float, nullable=True, to_wire=float, omit_none=True),
+    # From issue 16 on: what nodes reported receiving while the round was open.
+    Field("downlink_delivered", _positive, nullable=True, omit_none=True),
 ), first=("participants", "rejected"))  # fmt: skip
 
 KINDS: dict[type, Kind] = {

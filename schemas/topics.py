@@ -46,6 +46,11 @@ class Topics:
         return f"{self.prefix}/global/delta"
 
     @property
+    def global_topics(self) -> tuple[str, str]:
+        """Where a node receives models: the full form, then the compact one."""
+        return (self.global_model, self.global_delta)
+
+    @property
     def metrics(self) -> str:
         return f"{self.prefix}/metrics"
 

@@ -57,6 +57,7 @@ from fedmq.models import get_model
 from fedmq.node.settings import NodeSettings
 from fedmq.report import (
     build_report,
+    downlink_entry,
     dp_sgd_entry,
     mode_entry,
     proximal_mu_entry,
@@ -88,6 +89,7 @@ def child_argv(
         seed=config.seed,
         test_data=None if test_path is None else str(test_path),
         compression=config.compression,
+        downlink_compression=config.downlink_compression,
         eval_fraction=config.eval_fraction,
         proximal_mu=config.proximal_mu,
         dp_sgd=config.dp_sgd,
@@ -110,6 +112,8 @@ def child_argv(
         aggregator = replace(aggregator, min_nodes=config.min_nodes)
     if config.local_epochs is not None:  # the same
         aggregator = replace(aggregator, local_epochs=config.local_epochs)
+    if config.sample_fraction is not None:  # the same
+        aggregator = replace(aggregator, sample_fraction=config.sample_fraction)
     argv = {"aggregator": ["aggregator", *to_argv(aggregator)]}
     slow = slow_node_ids(config, len(node_paths))
     for index, path in enumerate(node_paths):
@@ -700,6 +704,7 @@ def run(config: DemoSettings, stop: threading.Event, out: TextIO = sys.stdout) -
             partition=config.partition if config.data_dir is None else None,
             **({} if config.data_dir is None else {"data_dir": str(config.data_dir)}),
             compression=config.compression,
+            **downlink_entry(config.downlink_compression),
             **proximal_mu_entry(config.proximal_mu),
             **dp_sgd_entry(config.dp_sgd, config.max_epsilon),
             **({} if config.dp_fedavg is None else {"dp_fedavg": config.dp_fedavg}),

@@ -14,6 +14,7 @@ from fedmq.settings import (
     COMPRESSION_HELP,
     DEFAULT_MAX_STALENESS,
     DEFAULT_STALENESS,
+    DOWNLINK_HELP,
     DP_SGD_HELP,
     EVAL_FRACTION_HELP,
     MAX_STALENESS_HELP,
@@ -27,8 +28,10 @@ from fedmq.settings import (
     chosen_task,
     compression_spec,
     count,
+    downlink_spec,
     dp_sgd_spec,
     eval_fraction,
+    fraction,
     max_epsilon,
     mode_name,
     model_name,
@@ -94,6 +97,9 @@ class DemoSettings(LogSettings):
     seed: int = setting(0, parse=int, help="seed for init, split and shuffles (default 0)")
     compression: str = setting(
         "dense", parse=compression_spec, metavar="SPEC", help=COMPRESSION_HELP
+    )
+    downlink_compression: str = setting(
+        "none", parse=downlink_spec, metavar="SPEC|none", help=DOWNLINK_HELP
     )
     task: str | None = setting(  # None: --model, or digits-mlp
         None,
@@ -186,6 +192,13 @@ class DemoSettings(LogSettings):
         metavar="N",
         help="quorum at the --round-timeout deadline, handed to the demo's aggregator "
         "(default: the aggregator's, more than half of --nodes)",
+    )
+    sample_fraction: float | None = setting(  # None: the aggregator's default, 1
+        None,
+        parse=fraction,
+        metavar="F",
+        help="ask a seeded random fraction F of the nodes to train each round, handed to the "
+        "demo's aggregator (default: the aggregator's, 1: every node)",
     )
     local_epochs: int | None = setting(  # None: the aggregator's default, 1
         None,

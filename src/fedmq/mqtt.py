@@ -164,6 +164,11 @@ C = TypeVar("C", bound=ConnectionSettings)
 # Pseudo-topic of the message ``make_client`` puts in the inbox after every successful
 # (re)connect, so the worker thread that owns the state can republish what it owns.
 CONNECTED = "$fedmq/connected"
+# Pseudo-topic of the message put in the inbox when the broker acknowledges an
+# unsubscribe made with a tag (``make_client``'s ``settle``, ``fetch_retained``); its
+# payload is the tag. A broker that answers a client's packets in order (mosquitto does)
+# has sent the retained messages of the subscriptions made before by then.
+SETTLED = "$fedmq/settled"
 
 
 # First reconnect delay in seconds, before jitter (each outage draws 0.5x-1.5x of it).
@@ -253,6 +258,13 @@ class Client(mqtt.Client):
     # paho's own thread (``loop_start``).
     network: NetworkLoop | None = None
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.settle_lock = threading.Lock()
+        self.settling: dict[int, bytes] = {}  # tagged UNSUBSCRIBE mid -> tag
+        self.settled_early: set[int] = set()  # UNSUBACKs that came before their mid was kept
+        self.settled_to: Inbox | None = None  # where Received(SETTLED, tag) goes
+
     def reconnect(self) -> mqtt.MQTTErrorCode:
         # paho's loop calls this for the first connect and every reconnect, and turns an
         # OSError into on_connect_fail without the error
@@ -306,6 +318,7 @@ def make_client(
     ready: threading.Event | None = None,
     persistent: bool = False,
     manual_ack: bool = False,
+    settle: Iterable[str] = (),
 ) -> Client:
     """A client that (re)subscribes on every connect and drops messages into ``inbox``.
 
@@ -322,6 +335,10 @@ def make_client(
     so the broker keeps the subscriptions and queues QoS 1 messages while we are away.
     ``manual_ack``: PUBACK only when the receiver calls ``acknowledge`` (after it has
     made the message durable); unacknowledged messages are redelivered on reconnect.
+    ``settle``: topics unsubscribed on every connect right after subscribing (a
+    persistent session may still hold them); the UNSUBACK puts ``Received(SETTLED,
+    b"connect")`` in ``inbox``, after the retained messages of ``subscriptions`` on a
+    broker that answers in order.
 
     A bounded ``inbox`` (``queue.Queue(maxsize=...)``) bounds the memory of messages
     received and not yet handled: when it is full, paho's network thread waits, stops
@@ -347,6 +364,7 @@ def make_client(
     if will is not None:
         client.will_set(will[0], will[1], qos=1, retain=True)
     wanted = list(subscriptions)
+    leaving = list(settle)
 
     failures = 0  # failed attempts since the last successful connect
     refusals = 0  # refused logins in a row
@@ -389,10 +407,18 @@ def make_client(
         failures = refusals = 0
         if inbox is not None:
             inbox.put(Received(CONNECTED, b"", False))
+        with client.settle_lock:
+            client.settling.clear()
+            client.settled_early.clear()
         if wanted:
             client.subscribe(wanted)
         elif ready is not None:
             ready.set()
+        if leaving:  # in this callback, so its UNSUBACK cannot come before the mid is kept
+            _, mid = client.unsubscribe(leaving)
+            if mid is not None:
+                with client.settle_lock:
+                    client.settling[mid] = b"connect"
 
     def on_subscribe(_c: mqtt.Client, _u: Any, _mid: int, codes: list[Any], _p: Any) -> None:
         refused = [str(code) for code in codes if code.is_failure]
@@ -427,6 +453,17 @@ def make_client(
     client.on_socket_open = on_socket_open
     client.on_subscribe = on_subscribe
     if inbox is not None:
+        client.settled_to = settled_to = inbox
+
+        def on_unsubscribe(_c: mqtt.Client, _u: Any, mid: int, _codes: Any, _p: Any) -> None:
+            with client.settle_lock:
+                tag = client.settling.pop(mid, None)
+                if tag is None:
+                    client.settled_early.add(mid)
+            if tag is not None:
+                settled_to.put(Received(SETTLED, tag, False))
+
+        client.on_unsubscribe = on_unsubscribe
 
         def on_message(_c: mqtt.Client, _u: Any, message: mqtt.MQTTMessage) -> None:
             received = Received(
@@ -601,6 +638,27 @@ def unsubscribe(client: mqtt.Client, topics: list[str], *, timeout: float) -> bo
             return changed.wait_for(lambda: mid in acked, timeout=timeout)
     finally:
         client.on_unsubscribe = previous
+
+
+def fetch_retained(client: Client, topic: str, *, qos: int = 0) -> bool:
+    """Take the retained message of ``topic`` once: subscribe and at once unsubscribe, so
+    nothing published later comes. Needs a client made by ``make_client`` with an
+    ``inbox``: the UNSUBACK puts ``Received(SETTLED, b"fetch")`` in it, after the retained
+    message on a broker that answers in order. False if not connected (nothing sent)."""
+    rc, _ = client.subscribe(topic, qos=qos)
+    if rc != mqtt.MQTT_ERR_SUCCESS:
+        return False
+    rc, mid = client.unsubscribe(topic)
+    if rc != mqtt.MQTT_ERR_SUCCESS or mid is None:
+        return False
+    with client.settle_lock:
+        early = mid in client.settled_early
+        client.settled_early.discard(mid)
+        if not early:
+            client.settling[mid] = b"fetch"
+    if early and client.settled_to is not None:  # the UNSUBACK beat unsubscribe()'s return
+        client.settled_to.put(Received(SETTLED, b"fetch", False))
+    return True
 
 
 def unique_suffix() -> str:

@@ -40,6 +40,7 @@ def round_row(metrics: RoundMetrics) -> dict[str, Any]:
         "downlink_bytes": metrics.downlink_bytes,
         "global_bytes": metrics.global_bytes,
         "global_delta_bytes": metrics.global_delta_bytes,
+        "downlink_delivered": metrics.downlink_delivered,
         "seconds": metrics.seconds,
         "aggregate_seconds": metrics.aggregate_seconds,
         "train_seconds_median": metrics.train_seconds_median,
@@ -60,6 +61,12 @@ def final_accuracy(final: dict[str, dict[str, float] | None]) -> float | None:
         if accuracy is not None:
             return accuracy
     return None
+
+
+def downlink_entry(spec: str) -> dict[str, str]:
+    """The report's ``downlink_compression``, only when the downlink is compressed (a run
+    without it reports what it did before)."""
+    return {} if spec == "none" else {"downlink_compression": spec}
 
 
 def proximal_mu_entry(mu: float) -> dict[str, float]:
@@ -157,6 +164,11 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         f"bytes: uplink {up / len(rows):,.0f} B/round ({up:,} in all),"
         f" downlink {down / len(rows):,.0f} B/round ({down:,} in all)"
     )
+    delivered = [r["downlink_delivered"] for r in rows if r.get("downlink_delivered") is not None]
+    if delivered:
+        lines.append(
+            f"downlink delivered (nodes' counts): {sum(delivered):,} B in {len(delivered)} rounds"
+        )
     seconds = sorted(r.get("seconds") or 0.0 for r in rows)
     lines.append(f"round time: median {seconds[len(seconds) // 2]:.2f} s, max {seconds[-1]:.2f} s")
     rejected: dict[str, int] = {}

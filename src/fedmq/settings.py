@@ -394,6 +394,19 @@ def compression_spec(text: str) -> str:
     return str(parse_spec(text))
 
 
+NO_DOWNLINK_COMPRESSION = "none"  # the lossless xor form of global_delta (PROTOCOL 8.6)
+
+
+def downlink_spec(text: str) -> str:
+    """``--downlink-compression``: none, or a SPEC (canonical)."""
+    if text.strip().lower() == NO_DOWNLINK_COMPRESSION:
+        return NO_DOWNLINK_COMPRESSION
+    try:
+        return compression_spec(text)
+    except argparse.ArgumentTypeError as error:
+        raise argparse.ArgumentTypeError(f"{error}; or none (the lossless form)") from None
+
+
 def show_list(value: tuple[str, ...]) -> str:
     return ",".join(value)
 
@@ -402,6 +415,13 @@ COMPRESSION_HELP = (
     "how nodes compress their deltas: dense (default), fp16, int8, int4, sign, topk:F, joined "
     "with + and optionally ef (error feedback), flat (one Elias-Fano coded run for the whole "
     "sparse delta; needs topk) and zlib, e.g. topk:0.035+sign+ef+flat (100x fewer bytes)"
+)
+
+DOWNLINK_HELP = (
+    "how the aggregator compresses each new global model's difference from the previous one "
+    "for nodes (the same SPEC grammar; ef keeps the aggregator's residual in its checkpoint): "
+    "the new model is then exactly what every node rebuilds, e.g. topk:0.035+sign+ef+flat "
+    "(default none: the lossless compact form)"
 )
 
 EVAL_FRACTION_HELP = (

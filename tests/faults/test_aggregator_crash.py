@@ -24,13 +24,15 @@ ROUNDS = 20
 KILLS = 10
 
 
-def start_federation(spawn, mosquitto, federation, node_paths, tmp_path, server_optimizer, mode):  # type: ignore[no-untyped-def]
+def start_federation(
+    spawn, mosquitto, federation, node_paths, tmp_path, server_optimizer, mode, downlink
+):  # type: ignore[no-untyped-def]
     common = ["--broker", mosquitto.address, "--federation", federation, "--log-json"]
     aggregator_args = [
         "aggregator", *common, "--nodes", str(NODES), "--rounds", str(ROUNDS),
         "--state-dir", str(tmp_path / f"{federation}-aggregator"),
         "--report", str(tmp_path / f"{federation}-report.json"),
-        "--server-optimizer", server_optimizer,
+        "--server-optimizer", server_optimizer, "--downlink-compression", downlink,
     ]  # fmt: skip
     if mode == "async":
         aggregator_args += ["--mode", "async", "--buffer", str(NODES)]
@@ -55,22 +57,35 @@ def outcome(watcher, topics: Topics):  # type: ignore[no-untyped-def]
     return [metrics[r] for r in sorted(metrics)], final
 
 
-# fedadam: its state (moments, step count) must come back from the checkpoint bitwise
+# fedadam: its state (moments, step count) must come back from the checkpoint bitwise;
+# a compressed downlink: its error-feedback residual too
 @pytest.mark.parametrize(
-    ("server_optimizer", "mode"),
-    [("fedavg", "sync"), ("fedadam:0.01", "sync"), ("fedavg", "async")],
+    ("server_optimizer", "mode", "downlink"),
+    [
+        ("fedavg", "sync", "none"),
+        ("fedadam:0.01", "sync", "none"),
+        ("fedavg", "async", "none"),
+        ("fedavg", "sync", "topk:0.035+sign+ef+flat"),
+    ],
 )
 def test_killed_ten_times_the_run_ends_bitwise_equal(
-    mosquitto, spawn, collect, node_data, tmp_path, server_optimizer, mode
+    mosquitto, spawn, collect, node_data, tmp_path, server_optimizer, mode, downlink
 ):  # type: ignore[no-untyped-def]
     paths = node_data(NODES)
     # a federation per variant: retained globals stay apart
-    tag = f"{server_optimizer.split(':')[0]}-{mode}"
+    tag = f"{server_optimizer.split(':')[0]}-{mode}" + ("-downlink" if downlink != "none" else "")
 
     reference_topics = Topics(f"crash-reference-{tag}")
     watcher = collect([reference_topics.metrics, reference_topics.global_model])
     aggregator, _, nodes = start_federation(
-        spawn, mosquitto, f"crash-reference-{tag}", paths, tmp_path, server_optimizer, mode
+        spawn,
+        mosquitto,
+        f"crash-reference-{tag}",
+        paths,
+        tmp_path,
+        server_optimizer,
+        mode,
+        downlink,
     )
     assert aggregator.wait(300) == 0, aggregator.log()[-3000:]
     for node in nodes:
@@ -80,7 +95,7 @@ def test_killed_ten_times_the_run_ends_bitwise_equal(
     topics = Topics(f"crash-killed-{tag}")
     watcher = collect([topics.metrics, topics.global_model])
     aggregator, aggregator_args, nodes = start_federation(
-        spawn, mosquitto, f"crash-killed-{tag}", paths, tmp_path, server_optimizer, mode
+        spawn, mosquitto, f"crash-killed-{tag}", paths, tmp_path, server_optimizer, mode, downlink
     )
     rng = random.Random(20261123)
     # a kill after round k's metrics appeared (k = 0: right after round 1 opened), then a

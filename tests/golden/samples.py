@@ -27,15 +27,18 @@ from fedmq.schemas import (
     RoundMetrics,
     ServerStatus,
     TrainingPlan,
+    add_delta,
     decode_global,
     decode_global_delta,
     decode_metrics,
     decode_server_status,
     decode_status,
     decode_update,
+    make_init_global_delta,
     model_id_of,
 )
 from fedmq.schemas.encodings import Quantized, Sparse
+from fedmq.schemas.messages import delta_to_wire
 from fedmq.tasks.layout import layout_of
 
 GOLDEN_DIR = Path(__file__).resolve().parent
@@ -172,6 +175,24 @@ GLOBAL_DELTA_TASK = dataclasses.replace(
     GLOBAL_DELTA, task_version=TASK_VERSION, task_fingerprint=TASK_FINGERPRINT
 )
 
+# The compressed form (--downlink-compression topk:0.1+sign+ef+flat): the sign delta of
+# UPDATE_FLAT_SIGN as it travels, from the base PARAMS to the model add_delta makes of
+# it; xor is empty, so an older node fails to rebuild it and fetches the full model.
+COMPRESSED_SPEC = "topk:0.1+sign+ef+flat"
+COMPRESSED_PARAMS = add_delta(PARAMS, SPARSE_SIGN_DELTA)
+GLOBAL_DELTA_COMPRESSED = dataclasses.replace(
+    GLOBAL_DELTA_TASK,
+    model_id=model_id_of(COMPRESSED_PARAMS),
+    base_model_id=MODEL_ID,
+    xor=b"",
+    compression=COMPRESSED_SPEC,
+    delta=delta_to_wire(SPARSE_SIGN_DELTA, COMPRESSED_SPEC),
+)
+
+# Round 1 with --downlink-compression: the seed of the task's initial parameters, no
+# difference (base_model_id is model_id, xor empty); nodes build the model themselves.
+GLOBAL_DELTA_INIT = make_init_global_delta(dataclasses.replace(GLOBAL_TASK, round=1), 7)
+
 
 STATUS = NodeStatus(
     federation=FEDERATION,
@@ -185,6 +206,8 @@ STATUS = NodeStatus(
 )
 
 # Only the required fields: pins how absent optionals travel (as msgpack nil).
+# A node of issue 16 on: with its count of bytes received on the global topics.
+STATUS_RECEIVED = dataclasses.replace(STATUS, received_bytes=123_456)
 STATUS_MINIMAL = NodeStatus(federation=FEDERATION, node_id="node-02", state="online")
 
 SERVER = ServerStatus(
@@ -384,6 +407,10 @@ class Sample(NamedTuple):
     decode: Callable[[bytes], Any]
 
 
+# An aggregator of issue 16 on: with what the nodes reported receiving in the round.
+METRICS_DELIVERED = dataclasses.replace(METRICS, downlink_delivered=98_765)
+
+
 SAMPLES: dict[str, Sample] = {
     "global": Sample(GLOBAL, decode_global),
     "update": Sample(UPDATE, decode_update),
@@ -393,8 +420,11 @@ SAMPLES: dict[str, Sample] = {
     "global_delta": Sample(GLOBAL_DELTA, decode_global_delta),
     "global_task": Sample(GLOBAL_TASK, decode_global),
     "global_delta_task": Sample(GLOBAL_DELTA_TASK, decode_global_delta),
+    "global_delta_compressed": Sample(GLOBAL_DELTA_COMPRESSED, decode_global_delta),
+    "global_delta_init": Sample(GLOBAL_DELTA_INIT, decode_global_delta),
     "status": Sample(STATUS, decode_status),
     "status_minimal": Sample(STATUS_MINIMAL, decode_status),
+    "status_received": Sample(STATUS_RECEIVED, decode_status),
     "server": Sample(SERVER, decode_server_status),
     "metrics": Sample(METRICS, decode_metrics),
     "global_eval": Sample(GLOBAL_EVAL, decode_global),
@@ -408,6 +438,7 @@ SAMPLES: dict[str, Sample] = {
     "update_dp": Sample(UPDATE_DP, decode_update),
     "status_dp": Sample(STATUS_DP, decode_status),
     "metrics_dp": Sample(METRICS_DP, decode_metrics),
+    "metrics_delivered": Sample(METRICS_DELIVERED, decode_metrics),
 }
 
 

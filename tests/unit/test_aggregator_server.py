@@ -65,6 +65,8 @@ class Harness:
         aggregation: Rule = FEDAVG,
         known_nodes: frozenset[str] | None = None,
         server_optimizer: str = "fedavg",
+        downlink_compression: str | None = None,
+        init_seed: int | None = None,
     ) -> None:
         self.settings = RoundSettings(
             federation=FEDERATION,
@@ -77,6 +79,8 @@ class Harness:
             aggregation=aggregation,
             known_nodes=known_nodes,
             server_optimizer=server_optimizer,
+            downlink_compression=downlink_compression,
+            init_seed=init_seed,  # MODEL.init(0) below: 0 is right, others are for tests
         )
         self.initial = MODEL.init(0)
         self.clock = FakeClock()

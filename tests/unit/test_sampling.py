@@ -136,3 +136,16 @@ def test_sampling_alone_does_not_need_a_lower_quorum() -> None:
     assert selected is not None and len(selected) == 2
     status = decode_server_status(h.on(TOPICS.server)[-1][0])
     assert (status.expected_nodes, status.min_nodes) == (2, 2)
+
+
+def test_the_demo_hands_sample_fraction_to_its_aggregator(tmp_path):  # type: ignore[no-untyped-def]
+    from fedmq.demo import child_argv
+    from fedmq.demo_settings import DemoSettings
+    from fedmq.mqtt import BrokerAddress
+
+    address = BrokerAddress.parse("127.0.0.1:1883")
+    default = child_argv(DemoSettings(), address, tmp_path, tmp_path / "t.npz", [])
+    assert all("--sample-fraction" not in argv for argv in default.values())
+    chosen = child_argv(DemoSettings(sample_fraction=0.3), address, tmp_path, tmp_path / "t", [])
+    argv = chosen["aggregator"]
+    assert argv[argv.index("--sample-fraction") + 1] == "0.3"
