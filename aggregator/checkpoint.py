@@ -64,6 +64,9 @@ class Checkpoint:
     # its upstream compression's error-feedback residual, after that update if sent.
     upstream: bytes | None = None
     residual: dict[str, np.ndarray] | None = None
+    # DP-FedAvg with clip=adaptive only (None otherwise, and the key is not written): the
+    # clip the next version uses, where adaptive clipping moved it.
+    dp_fedavg_clip: float | None = None
 
 
 # Numeric dtypes a state array may have in a checkpoint (optax state: floats, a count).
@@ -124,6 +127,8 @@ def to_bytes(checkpoint: Checkpoint) -> bytes:
         content["residual"] = {
             name: encode_state_array(array) for name, array in checkpoint.residual.items()
         }
+    if checkpoint.dp_fedavg_clip is not None:
+        content["dp_fedavg_clip"] = checkpoint.dp_fedavg_clip
     return msgpack.packb(content, use_bin_type=True)
 
 
@@ -162,6 +167,9 @@ def from_bytes(data: bytes) -> Checkpoint:
             residual=None
             if raw.get("residual") is None
             else {str(name): decode_state_array(a) for name, a in raw["residual"].items()},
+            dp_fedavg_clip=None
+            if raw.get("dp_fedavg_clip") is None
+            else float(raw["dp_fedavg_clip"]),
         )
     except (ValueError, TypeError, KeyError, AttributeError, msgpack.UnpackException) as error:
         raise CheckpointError(f"unreadable checkpoint: {error}") from error

@@ -27,6 +27,7 @@ from fedmq.settings import (
     chosen_task,
     compression_spec,
     count,
+    dp_fedavg_spec,
     dp_sgd_spec,
     eval_fraction,
     max_epsilon,
@@ -131,8 +132,8 @@ class DemoSettings(LogSettings):
     )
     dp_fedavg: str | None = setting(
         None,
-        parse=dp_sgd_spec,
-        metavar="noise=Z,clip=C",
+        parse=dp_fedavg_spec,
+        metavar="noise=Z,clip=C|adaptive",
         help="user-level differential privacy at the aggregator (DP-FedAvg, docs/privacy.md);"
         " handed to the aggregator",
     )
