@@ -579,8 +579,11 @@ class Aggregator:
             num_examples=sum(update.num_examples for update in held.values()),
             accuracy=accuracy,
             loss=loss,
-            # DP-SGD nodes send no training loss (it is not private): none to average
-            train_loss=None if self.settings.plan.dp_sgd else combined.train_loss,
+            # DP-SGD nodes send no training loss (it is not private): none to average;
+            # under DP-FedAvg the mean of the nodes' losses would leak past the noise
+            train_loss=None
+            if self.settings.plan.dp_sgd or self.settings.dp_fedavg
+            else combined.train_loss,
             uplink_bytes=self._intake.uplink_bytes,
             # what the participants needed: the compact form if there was one
             downlink_bytes=(out.delta_bytes or out.global_bytes) * len(participants),

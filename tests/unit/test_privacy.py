@@ -433,6 +433,7 @@ def test_dp_fedavg_rounds_report_the_runs_growing_epsilon():
     assert spent == pytest.approx([epsilon([Spend(1.0, 1.5, v)], delta) for v in (1, 2, 3)])
     assert all(b > a for a, b in itertools.pairwise(spent))
     assert all(m.extra["dp_fedavg_delta"] == delta for m in rows)
+    assert all(m.train_loss is None for m in rows)  # the nodes' mean loss has no noise
 
 
 @pytest.mark.parametrize(
