@@ -28,7 +28,7 @@ from fedmq.aggregator.checkpoint import (
     changed_setting,
     ways_out,
 )
-from fedmq.aggregator.dp_fedavg import DpFedAvg
+from fedmq.aggregator.dp_fedavg import DpFedAvg, parse_dp_fedavg
 from fedmq.aggregator.evaluate import (
     Evaluator,
     evaluation_set_problem,
@@ -161,7 +161,6 @@ def dp_fedavg_of(config: AggregatorSettings) -> DpFedAvg | None:
     site aggregators (a site's update is many nodes)."""
     if config.dp_fedavg is None:
         return None
-    dp = parse_dp_sgd(config.dp_fedavg)
     problem = None
     if config.mode != "sync":
         problem = "--mode async"
@@ -177,7 +176,7 @@ def dp_fedavg_of(config: AggregatorSettings) -> DpFedAvg | None:
             f"--dp-fedavg with {problem}: its privacy is argued for plain rounds of FedAvg "
             "only (docs/privacy.md); drop one of them"
         )
-    return DpFedAvg(noise=dp.noise, clip=dp.clip)
+    return parse_dp_fedavg(config.dp_fedavg)
 
 
 def aggregation_rule(config: AggregatorSettings) -> Rule:

@@ -67,6 +67,9 @@ class Checkpoint:
     # --downlink-compression with ef (None otherwise, and the key is not written): what
     # the compressed downlink has not sent yet (aggregator.downlink), after this version.
     downlink_residual: dict[str, np.ndarray] | None = None
+    # DP-FedAvg with clip=adaptive only (None otherwise, and the key is not written): the
+    # clip the next version uses, where adaptive clipping moved it.
+    dp_fedavg_clip: float | None = None
 
 
 # Numeric dtypes a state array may have in a checkpoint (optax state: floats, a count).
@@ -131,6 +134,8 @@ def to_bytes(checkpoint: Checkpoint) -> bytes:
         content["downlink_residual"] = {
             name: encode_state_array(array) for name, array in checkpoint.downlink_residual.items()
         }
+    if checkpoint.dp_fedavg_clip is not None:
+        content["dp_fedavg_clip"] = checkpoint.dp_fedavg_clip
     return msgpack.packb(content, use_bin_type=True)
 
 
@@ -172,6 +177,9 @@ def from_bytes(data: bytes) -> Checkpoint:
             downlink_residual=None
             if raw.get("downlink_residual") is None
             else {str(name): decode_state_array(a) for name, a in raw["downlink_residual"].items()},
+            dp_fedavg_clip=None
+            if raw.get("dp_fedavg_clip") is None
+            else float(raw["dp_fedavg_clip"]),
         )
     except (ValueError, TypeError, KeyError, AttributeError, msgpack.UnpackException) as error:
         raise CheckpointError(f"unreadable checkpoint: {error}") from error

@@ -27,6 +27,7 @@ running sum): a crashed-and-resumed run gives bitwise the same model as an unint
 one.
 """
 
+import math
 import os
 import statistics
 import time
@@ -45,7 +46,15 @@ from fedmq.aggregator.checkpoint import (
 )
 from fedmq.aggregator.combine import Combined, Held
 from fedmq.aggregator.downlink import compress_global, downlink_pipeline, initial_residual
-from fedmq.aggregator.dp_fedavg import DpFedAvg, fleet_delta, private_mean, run_epsilon
+from fedmq.aggregator.dp_fedavg import (
+    DpFedAvg,
+    delta_noise,
+    fleet_delta,
+    next_clip,
+    private_mean,
+    run_epsilon,
+    spec_of,
+)
 from fedmq.aggregator.evaluate import Evaluator, mlp_evaluator
 from fedmq.aggregator.federated_metrics import federated_metrics
 from fedmq.aggregator.intake import Intake
@@ -152,7 +161,7 @@ class RoundSettings:
                 **asdict(self.plan),
                 # as the options say them (noise=Z,clip=C), None when off
                 "dp_sgd": self.plan.dp_sgd and str_of_dp_sgd(self.plan.dp_sgd),
-                "dp_fedavg": self.dp_fedavg and str_of_dp_sgd(self.dp_fedavg),
+                "dp_fedavg": self.dp_fedavg and spec_of(self.dp_fedavg),
                 "server_optimizer": self.server_optimizer,
             }
         )
@@ -203,6 +212,10 @@ class Aggregator:
         # DP-FedAvg's noise: from a secret of this process, never from the plan's seed
         # (a resume draws new noise for a version it makes again: nothing was published)
         self._dp_rng = np.random.default_rng(int.from_bytes(os.urandom(32), "big"))
+        # the clip the next version uses (adaptive clipping moves it; kept in checkpoints)
+        self._dp_clip = None if settings.dp_fedavg is None else settings.dp_fedavg.clip
+        if settings.dp_fedavg is not None:  # adaptive: Z must leave noise for the sum
+            delta_noise(settings.dp_fedavg, self._dp_expected())
         self.topics = Topics(settings.federation)
         # With a compressed downlink the compact form is retained too: a node that
         # (re)connects gets the newest one and needs the full model only if it cannot
@@ -345,6 +358,8 @@ class Aggregator:
         self._recent = dict(checkpoint.recent or {})
         self._recent[model.round] = Opened(model.model_id, model.selected)
         self._latest = dict(checkpoint.latest or {})
+        if checkpoint.dp_fedavg_clip is not None:  # adaptive clipping's clip, carried on
+            self._dp_clip = checkpoint.dp_fedavg_clip
         self._open = OpenVersion(
             number=model.round,
             model_id=model.model_id,
@@ -535,25 +550,43 @@ class Aggregator:
             recent=dict(self._recent) if remembers else None,
             latest=dict(self._latest) if remembers else None,
             downlink_residual=self._downlink_residual,
+            dp_fedavg_clip=self._dp_clip
+            if self.settings.dp_fedavg is not None and self.settings.dp_fedavg.adaptive
+            else None,
         )
 
     def _publish_server_status(self) -> None:
         self._out.status(self.server_status())
 
+    def _dp_expected(self) -> int:
+        """Adaptive clipping's m: the participants a round expects, ceil(fraction x nodes),
+        for the whole run (the count's noise does not follow who was online to sample)."""
+        nodes = getattr(self.policy, "expected_nodes", 1)
+        return max(1, math.ceil(getattr(self.policy, "sample_fraction", 1.0) * nodes))
+
     def _private(self, held: Mapping[str, NodeUpdate]) -> Combined:
         """DP-FedAvg's mean delta of the held updates (``aggregator.dp_fedavg``), the
-        participants' plain mean training loss, and the run's epsilon so far."""
+        participants' plain mean training loss, and the run's epsilon so far; adaptive
+        clipping also moves the clip for the next version."""
         dp = self.settings.dp_fedavg
-        assert dp is not None
+        assert dp is not None and self._dp_clip is not None
         selected = self._open.selected
         expected = len(selected) if selected else getattr(self.policy, "expected_nodes", 1)
-        mean, clipped = private_mean(held, self.layout, dp, expected, self._dp_rng)
+        m = self._dp_expected()
+        clip = self._dp_clip
+        mean, clipped, unclipped = private_mean(
+            held, self.layout, dp, expected, self._dp_rng, clip=clip,
+            multiplier=delta_noise(dp, m),
+        )  # fmt: skip
+        if dp.adaptive:
+            self._dp_clip = next_clip(clip, unclipped, len(held), m, self._dp_rng)
         fleet = len(self.settings.known_nodes or ()) or getattr(self.policy, "expected_nodes", 1)
         delta = fleet_delta(fleet)
         extra = {
             "dp_fedavg_epsilon": run_epsilon(dp, self.version, delta),
             "dp_fedavg_delta": delta,
             "dp_fedavg_clipped": clipped,
+            "dp_fedavg_clip": clip,
         }
         loss = statistics.fmean(update.train_loss for update in held.values())
         return Combined(mean, loss, extra)
@@ -609,8 +642,11 @@ class Aggregator:
             num_examples=sum(update.num_examples for update in held.values()),
             accuracy=accuracy,
             loss=loss,
-            # DP-SGD nodes send no training loss (it is not private): none to average
-            train_loss=None if self.settings.plan.dp_sgd else combined.train_loss,
+            # DP-SGD nodes send no training loss (it is not private): none to average;
+            # under DP-FedAvg the mean of the nodes' losses would leak past the noise
+            train_loss=None
+            if self.settings.plan.dp_sgd or self.settings.dp_fedavg
+            else combined.train_loss,
             uplink_bytes=self._intake.uplink_bytes,
             # what the participants needed: the compact form if there was one
             downlink_bytes=(out.delta_bytes or out.global_bytes) * len(participants),

@@ -34,6 +34,7 @@ from fedmq.settings import (
     count,
     declared,
     downlink_spec,
+    dp_fedavg_spec,
     dp_sgd_spec,
     eval_fraction,
     fraction,
@@ -223,11 +224,12 @@ class AggregatorSettings(LogSettings, ConnectionSettings):
         None,
         kept="dp_fedavg",
         unkept=(None,),
-        parse=dp_sgd_spec,
-        metavar="noise=Z,clip=C",
+        parse=dp_fedavg_spec,
+        metavar="noise=Z,clip=C|adaptive",
         help="user-level differential privacy at the aggregator (DP-FedAvg): each node's "
         "delta clipped to L2 norm C, one vote per node, Gaussian noise Z x C on the sum, "
-        "the run's epsilon in every round's metrics; with --aggregation fedavg in rounds "
+        "the run's epsilon in every round's metrics; clip=adaptive: C follows the median "
+        "update norm (Andrew et al. 2021); with --aggregation fedavg in rounds "
         "only (default: off)",
     )
     dp_sgd: str | None = setting(  # None: off; else the canonical noise=Z,clip=C

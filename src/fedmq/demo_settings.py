@@ -29,6 +29,7 @@ from fedmq.settings import (
     compression_spec,
     count,
     downlink_spec,
+    dp_fedavg_spec,
     dp_sgd_spec,
     eval_fraction,
     fraction,
@@ -137,8 +138,8 @@ class DemoSettings(LogSettings):
     )
     dp_fedavg: str | None = setting(
         None,
-        parse=dp_sgd_spec,
-        metavar="noise=Z,clip=C",
+        parse=dp_fedavg_spec,
+        metavar="noise=Z,clip=C|adaptive",
         help="user-level differential privacy at the aggregator (DP-FedAvg, docs/privacy.md);"
         " handed to the aggregator",
     )

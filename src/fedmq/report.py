@@ -21,8 +21,15 @@ def round_metrics(metrics: RoundMetrics) -> dict[str, dict[str, float] | None]:
 
 
 # Extra metrics keys a row carries when the aggregator sent them (asynchronous mode;
-# DP-SGD: the most epsilon any participant had spent; DP-FedAvg: the run's epsilon).
-ROW_EXTRAS = ("staleness_max", "staleness_mean", "dp_epsilon_max", "dp_fedavg_epsilon")
+# DP-SGD: the most epsilon any participant had spent; DP-FedAvg: the run's epsilon and
+# the clip norm the round used).
+ROW_EXTRAS = (
+    "staleness_max",
+    "staleness_mean",
+    "dp_epsilon_max",
+    "dp_fedavg_epsilon",
+    "dp_fedavg_clip",
+)
 
 
 def round_row(metrics: RoundMetrics) -> dict[str, Any]:

@@ -615,6 +615,21 @@ def dp_sgd_spec(text: str) -> str:
     return str_of_dp_sgd(parse_dp_sgd(text))
 
 
+def dp_fedavg_spec(text: str) -> str:
+    """``--dp-fedavg noise=Z,clip=C`` or ``noise=Z,clip=adaptive`` (adaptive clipping,
+    ``aggregator.dp_fedavg``); the canonical text is what is kept."""
+    parts = [part.strip() for part in text.split(",")]
+    adaptive = "clip=adaptive" in parts
+    try:
+        dp = parse_dp_sgd(",".join("clip=1" if p == "clip=adaptive" else p for p in parts))
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not noise=Z,clip=C or noise=Z,clip=adaptive with numbers > 0 "
+            "(e.g. noise=1.1,clip=1.0)"
+        ) from None
+    return f"noise={dp.noise!r},clip=adaptive" if adaptive else str_of_dp_sgd(dp)
+
+
 def parse_dp_sgd(text: str) -> "DpSgd":
     """The plan's ``dp_sgd`` from ``noise=Z,clip=C``; ArgumentTypeError naming the fix."""
     from fedmq.schemas.messages import DpSgd

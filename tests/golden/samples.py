@@ -401,6 +401,18 @@ STATUS_DP = dataclasses.replace(
 
 METRICS_DP = dataclasses.replace(METRICS_ASYNC, train_loss=None, extra={"dp_epsilon_max": 2.5})
 
+# DP-FedAvg with clip=adaptive: the run's epsilon, its delta, and the clip norm this round
+# used (docs/PROTOCOL.md 8.5)
+METRICS_DP_FEDAVG = dataclasses.replace(
+    METRICS,
+    extra={
+        "dp_fedavg_epsilon": 3.5,
+        "dp_fedavg_delta": 0.0063,
+        "dp_fedavg_clipped": 40,
+        "dp_fedavg_clip": 0.125,
+    },
+)
+
 
 class Sample(NamedTuple):
     message: Any
@@ -439,6 +451,7 @@ SAMPLES: dict[str, Sample] = {
     "status_dp": Sample(STATUS_DP, decode_status),
     "metrics_dp": Sample(METRICS_DP, decode_metrics),
     "metrics_delivered": Sample(METRICS_DELIVERED, decode_metrics),
+    "metrics_dp_fedavg": Sample(METRICS_DP_FEDAVG, decode_metrics),
 }
 
 

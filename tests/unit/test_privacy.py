@@ -1,6 +1,7 @@
 """DP-SGD (issue 17): per-example clipping, Poisson sampling, noise, the accountant, the
 node's ledger across restarts and its budget, and the wire fields."""
 
+import argparse
 import itertools
 import json
 import math
@@ -388,13 +389,13 @@ def test_dp_fedavg_bounds_each_node_and_noises_with_z_times_c():
         for i in range(5)
     }  # fmt: skip
     dp = DpFedAvg(noise=0.0001, clip=0.5)  # noise ~0: the clipped mean shows
-    mean, clipped = private_mean(updates, layout, dp, 5, np.random.default_rng(1))
-    without, _ = private_mean(
+    mean, clipped, _ = private_mean(updates, layout, dp, 5, np.random.default_rng(1))
+    without, *_ = private_mean(
         {k: u for k, u in updates.items() if k != "n3"}, layout, dp, 5, np.random.default_rng(1)
     )
     moved = math.sqrt(sum(float(np.sum(np.square((mean[k] - without[k]) * 5))) for k in layout))
     assert clipped == 5 and moved <= 0.5 * (1 + 1e-3)  # removing one node: at most C
-    noisy, _ = private_mean(
+    noisy, *_ = private_mean(
         updates, layout, DpFedAvg(noise=2.0, clip=0.5), 5, np.random.default_rng(2)
     )
     residual = np.concatenate([np.ravel((noisy[k] - mean[k]) * 5) for k in layout])
@@ -432,6 +433,7 @@ def test_dp_fedavg_rounds_report_the_runs_growing_epsilon():
     assert spent == pytest.approx([epsilon([Spend(1.0, 1.5, v)], delta) for v in (1, 2, 3)])
     assert all(b > a for a, b in itertools.pairwise(spent))
     assert all(m.extra["dp_fedavg_delta"] == delta for m in rows)
+    assert all(m.train_loss is None for m in rows)  # the nodes' mean loss has no noise
 
 
 @pytest.mark.parametrize(
@@ -451,3 +453,114 @@ def test_dp_fedavg_refuses_what_it_cannot_argue(extra, named, tmp_path):
     )
     with pytest.raises(ValueError, match=named):
         dp_fedavg_of(settings)
+
+
+def test_adaptive_clipping_follows_the_median_of_synthetic_norms():
+    """Andrew et al. 2021's geometric update, noised count and all: from 0.1 the clip
+    climbs to the median update norm (2.0 here) and stays near it."""
+    from fedmq.aggregator.dp_fedavg import ADAPTIVE_START, next_clip
+
+    rng = np.random.default_rng(0)
+    clip, seen = ADAPTIVE_START, []
+    for _ in range(300):
+        norms = rng.lognormal(math.log(2.0), 0.5, 100)
+        clip = next_clip(clip, int(np.sum(norms <= clip)), 100, 100, rng)
+        seen.append(clip)
+    assert seen[0] > ADAPTIVE_START  # everything was clipped: the clip grows
+    late = np.array(seen[150:])
+    assert float(np.median(late)) == pytest.approx(2.0, rel=0.1)
+    fractions = [np.mean(rng.lognormal(math.log(2.0), 0.5, 10_000) <= c) for c in late[::10]]
+    assert all(0.35 < f < 0.65 for f in fractions)
+
+
+def test_adaptive_clipping_spends_what_one_gaussian_mechanism_of_z_does():
+    """The sum's noise is z_delta C with z_delta = (Z^-2 - (2 sigma_b)^-2)^-1/2, and the
+    sum (z_delta, sensitivity 1) with the centred count (sigma_b, sensitivity 1/2)
+    composed cost exactly the epsilon the run reports (Gaussian at Z)."""
+    import dp_accounting
+    from dp_accounting.rdp import RdpAccountant
+
+    from fedmq.aggregator.dp_fedavg import (
+        DpFedAvg,
+        count_noise,
+        delta_noise,
+        private_mean,
+        run_epsilon,
+    )
+
+    dp = DpFedAvg(noise=2.0, clip=0.1, adaptive=True)
+    sigma_b = count_noise(100)
+    z_delta = delta_noise(dp, 100)
+    assert sigma_b == 5.0 and z_delta == pytest.approx((2.0**-2 - 10.0**-2) ** -0.5)
+    assert delta_noise(DpFedAvg(noise=2.0, clip=0.1), 100) == 2.0  # fixed clipping: Z
+
+    accountant = RdpAccountant(list(range(2, 257)))
+    for _ in range(30):
+        accountant.compose(dp_accounting.GaussianDpEvent(z_delta))
+        accountant.compose(dp_accounting.GaussianDpEvent(2 * sigma_b))
+    assert run_epsilon(dp, 30, 1e-3) == pytest.approx(accountant.get_epsilon(1e-3), rel=1e-3)
+
+    layout = {"w": (60, 50)}
+    zero = {"n0": fedavg_update("n0", {"w": np.zeros((60, 50), np.float32)})}
+    noisy = private_mean(zero, layout, dp, 100, np.random.default_rng(3), clip=0.3)
+    assert np.std(noisy.mean["w"] * 100) == pytest.approx(z_delta * 0.3, rel=0.05)
+    with pytest.raises(ValueError, match=r"adaptive clipping needs noise below 1\.0"):
+        delta_noise(DpFedAvg(noise=1.0, clip=0.1, adaptive=True), 10)
+
+
+def test_dp_fedavg_spec_takes_clip_adaptive():
+    from fedmq.aggregator.dp_fedavg import ADAPTIVE_START, parse_dp_fedavg, spec_of
+    from fedmq.settings import dp_fedavg_spec
+
+    assert dp_fedavg_spec("clip=adaptive, noise=2") == "noise=2.0,clip=adaptive"
+    dp = parse_dp_fedavg("noise=2.0,clip=adaptive")
+    assert dp.adaptive and dp.clip == ADAPTIVE_START and spec_of(dp) == "noise=2.0,clip=adaptive"
+    assert spec_of(parse_dp_fedavg("noise=1.5,clip=0.5")) == "noise=1.5,clip=0.5"
+    with pytest.raises(argparse.ArgumentTypeError, match="noise=Z,clip=adaptive"):
+        dp_fedavg_spec("noise=2,clip=sometimes")
+
+
+def test_a_resumed_adaptive_run_keeps_its_clip(tmp_path: Path):
+    from fedmq.aggregator.app import resume_or_start
+    from fedmq.aggregator.checkpoint import StateDir
+    from fedmq.aggregator.dp_fedavg import ADAPTIVE_START, DpFedAvg
+    from fedmq.aggregator.rounds import RoundPolicy
+    from fedmq.aggregator.server import Aggregator, RoundSettings, dense_update_bound
+    from fedmq.schemas import decode_metrics
+
+    model = get_model("digits-mlp")
+    settings = RoundSettings(
+        federation=FEDERATION, model_name="digits-mlp", model=model, rounds=4,
+        policy=RoundPolicy(expected_nodes=30, min_nodes=30), plan=plan(),
+        max_update_bytes=dense_update_bound(model),
+        dp_fedavg=DpFedAvg(noise=1.0, clip=ADAPTIVE_START, adaptive=True),
+    )  # fmt: skip
+    published: list[tuple[str, bytes]] = []
+
+    def aggregator() -> Aggregator:
+        return Aggregator(
+            settings, model.init(0), publish=lambda t, p, _r: published.append((t, p)),
+            test=None, clock=lambda: 100.0, wall_clock=lambda: 1.7e9, store=StateDir(tmp_path),
+        )  # fmt: skip
+
+    def one_round(agg: Aggregator, rng: np.random.Generator) -> None:
+        for i in range(30):
+            delta = {n: rng.normal(0, 0.05, s).astype(np.float32) for n, s in model.layout.items()}
+            update = fedavg_update(f"pi-{i}", delta, round=agg.round, base=agg.model_id)
+            agg.handle(TOPICS.update(f"pi-{i}"), encode(update))
+
+    agg, rng = aggregator(), np.random.default_rng(0)
+    agg.start()
+    one_round(agg, rng)
+    one_round(agg, rng)
+    moved = agg._dp_clip
+    assert moved is not None and moved > ADAPTIVE_START  # norms ~2.3 > 0.1: it grew
+    agg.store.close()  # type: ignore[union-attr]
+    again = aggregator()
+    assert again._dp_clip == ADAPTIVE_START and resume_or_start(again, again.store)
+    assert again._dp_clip == moved
+    one_round(again, rng)
+    rows = [decode_metrics(p) for t, p in published if t == TOPICS.metrics]
+    used = [m.extra["dp_fedavg_clip"] for m in rows]
+    assert used[0] == ADAPTIVE_START and used[1] > used[0] and used[2] == moved
+    again.store.close()  # type: ignore[union-attr]
