@@ -420,9 +420,8 @@ def leave(client: mqtt.Client, outbox: edge.Outbox, topics: Topics, *, done: boo
     more, so we close no socket with unread data in it, the broker reads our DISCONNECT
     and discards the will (``offline``, round 0) that would otherwise replace the
     retained ``done`` (``edge.unsubscribe``). A stopped run keeps its subscriptions: the
-    broker queues updates for its restart. Messages still arriving are not taken any
-    more (``edge.stop_receiving``): unacknowledged, the broker keeps them."""
-    edge.stop_receiving(client)
+    broker queues updates for its restart. Messages still arriving are not handled any
+    more: unacknowledged, the broker keeps them."""
     wanted = [topics.all_updates, topics.all_status, DROPPED, VERSION]
     if done and client.is_connected() and not edge.unsubscribe(client, wanted, timeout=10):
         log.warning("aggregator.unsubscribe_unacknowledged")
@@ -456,8 +455,11 @@ def _run(config: AggregatorSettings, stop: threading.Event) -> int:
     topics = Topics(config.federation)
     # Unbounded on purpose: a bounded inbox made paho's thread wait for room while the
     # main thread waited on paho (a restart's publish), and the restart hung (CI,
-    # tests/faults/test_aggregator_crash.py). The broker's in-flight window bounds it.
-    inbox: queue.Queue[edge.Received] = queue.Queue()
+    # tests/faults/test_aggregator_crash.py). What bounds it is the broker, which sends
+    # a client at most max_inflight_messages unacknowledged QoS 1 messages (the
+    # project's mosquitto.conf); a burst of 1,000 updates peaked at ~62 MiB RSS
+    # (bench/README.md). A SimpleQueue: its put and get cost a fraction of Queue's.
+    inbox: queue.SimpleQueue[edge.Received] = queue.SimpleQueue()
     ready = threading.Event()
     offline = ServerStatus(
         federation=config.federation,
@@ -504,6 +506,7 @@ def _run(config: AggregatorSettings, stop: threading.Event) -> int:
     # Asynchronous mode makes a version from every update of a received batch once the
     # buffer holds K (aggregator.buffer); rounds take exactly their nodes' updates.
     batched = config.mode == "async"
+    updates = topics.prefix + "/updates/"
     while not aggregator.done and not stop.is_set():
         edge.check(client)
         progress.show(progress_text(aggregator))
@@ -515,7 +518,12 @@ def _run(config: AggregatorSettings, stop: threading.Event) -> int:
             continue
         batch = edge.drain(inbox, first, limit=4096)
         for received in batch:
-            if received.topic == edge.CONNECTED:
+            if received.topic.startswith(updates):
+                if batched:
+                    aggregator.ingest(received.topic, received.payload)
+                else:
+                    aggregator.handle(received.topic, received.payload)
+            elif received.topic == edge.CONNECTED:
                 connects += 1
                 if connects > 1:  # a reconnect, not the connect that preceded start()
                     aggregator.republish()
@@ -530,20 +538,15 @@ def _run(config: AggregatorSettings, stop: threading.Event) -> int:
             elif received.topic == VERSION:  # sent after the counter, if it had one to send
                 if counts_drops(received.payload):  # mosquitto; another broker may not count
                     drops.note_unchanged()
-            elif not received.topic.startswith(topics.prefix + "/updates/"):
+            else:
                 # a topic we never subscribed to (amqtt was seen to deliver one): not an
                 # update, so not counted as a rejected one
                 log.warning("message.unexpected", topic=received.topic[:200])
-            elif batched:
-                aggregator.ingest(received.topic, received.payload)
-            else:
-                aggregator.handle(received.topic, received.payload)
         if batched:
             aggregator.tick()
         if store is not None:
             store.sync()  # group commit: one fsync for the batch, before its PUBACKs
-        for received in batch:
-            edge.acknowledge(client, received)
+        edge.acknowledge_all(client, batch)
     progress.close()
     if config.report is not None:
         write_report(

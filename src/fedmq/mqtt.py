@@ -4,6 +4,7 @@ import queue
 import random
 import socket
 import ssl
+import struct
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
@@ -184,7 +185,6 @@ _LOGIN_REFUSED = frozenset({134, 135, 140})
 # A client not connected when it stops waits this long for paho's thread (which may be
 # in a connect attempt); the thread is a daemon and ends with the process anyway.
 STOP_WAIT_UNCONNECTED = 0.2
-INBOX_WAIT = 0.2  # seconds between looks at ``receiving_stopped`` while a bounded inbox is full
 
 
 class LoginRefused(RuntimeError):
@@ -242,9 +242,6 @@ class Client(mqtt.Client):
     broker: "BrokerAddress | None" = None
     connect_error: OSError | None = None
     refused: LoginRefused | None = None
-    # Set once the receiver stops taking messages (``stop``, ``stop_receiving``): a
-    # message that finds a bounded inbox full is then dropped, not waited with.
-    receiving_stopped: bool = False
 
     def reconnect(self) -> mqtt.MQTTErrorCode:
         # paho's loop calls this for the first connect and every reconnect, and turns an
@@ -277,17 +274,18 @@ class Received:
     topic: str
     payload: bytes
     retain: bool
-    mid: int = 0  # with manual acknowledgement: pass to ``acknowledge`` once handled
+    mid: int = 0  # with manual acknowledgement: pass to ``acknowledge_all`` once handled
     qos: int = 0
 
 
 class Inbox(Protocol):
-    """Where ``make_client`` drops what it receives: a ``queue.Queue[Received]``, or
-    anything with its ``put`` (``fedmq.node.group`` tags each node's messages on their way
-    into the one queue its worker reads)."""
+    """Where ``make_client`` drops what it receives: an unbounded ``queue.Queue[Received]``
+    or ``queue.SimpleQueue``, or anything with their ``put`` (``fedmq.node.group`` tags
+    each node's messages on their way into the one queue its worker reads). It takes
+    every message at once: paho's network thread never waits for the receiver (a thread
+    that waited for room while the receiver waited on paho hung restarted aggregators)."""
 
-    def put(self, item: Received, /, block: bool = True, timeout: float | None = None) -> None:
-        """Take ``item``; a bounded inbox may raise ``queue.Full`` after ``timeout``."""
+    def put(self, item: Received, /) -> None: ...
 
 
 def make_client(
@@ -313,15 +311,8 @@ def make_client(
 
     ``persistent``: a persistent session (clean session off) under this stable client id,
     so the broker keeps the subscriptions and queues QoS 1 messages while we are away.
-    ``manual_ack``: PUBACK only when the receiver calls ``acknowledge`` (after it has
+    ``manual_ack``: PUBACK only when the receiver calls ``acknowledge_all`` (after it has
     made the message durable); unacknowledged messages are redelivered on reconnect.
-
-    A bounded ``inbox`` (``queue.Queue(maxsize=...)``) bounds the memory of messages
-    received and not yet handled: when it is full, paho's network thread waits, stops
-    reading the socket, and the broker keeps the rest (TCP back-pressure; with
-    ``manual_ack`` none of them is acknowledged yet). After ``stop_receiving`` (or
-    ``stop``) a message that finds it full is dropped instead: unacknowledged, the
-    broker sends it again to the next session.
 
     Every failed attempt is a warning ``mqtt.connect_failed`` with the cause in words
     (``describe_connect_error``, ``describe_hang_up``, or the broker's refusal). After
@@ -422,20 +413,15 @@ def make_client(
     if inbox is not None:
 
         def on_message(_c: mqtt.Client, _u: Any, message: mqtt.MQTTMessage) -> None:
-            received = Received(
-                message.topic,
-                bytes(message.payload),
-                bool(message.retain),
-                mid=message.mid,
-                qos=message.qos,
+            inbox.put(
+                Received(
+                    message.topic,
+                    bytes(message.payload),
+                    bool(message.retain),
+                    mid=message.mid,
+                    qos=message.qos,
+                )
             )
-            while True:  # an unbounded inbox takes it at once
-                try:
-                    inbox.put(received, timeout=INBOX_WAIT)
-                    return
-                except queue.Full:
-                    if client.receiving_stopped:
-                        return
 
         client.on_message = on_message
     return client
@@ -496,7 +482,9 @@ class Outbox:
 T = TypeVar("T")
 
 
-def drain(inbox: "queue.Queue[T]", first: T, *, limit: int | None = None) -> list[T]:
+def drain(
+    inbox: "queue.Queue[T] | queue.SimpleQueue[T]", first: T, *, limit: int | None = None
+) -> list[T]:
     """``first`` and what is queued behind it (up to ``limit`` messages in all)."""
     batch = [first]
     while limit is None or len(batch) < limit:
@@ -507,10 +495,34 @@ def drain(inbox: "queue.Queue[T]", first: T, *, limit: int | None = None) -> lis
     return batch
 
 
-def acknowledge(client: mqtt.Client, received: Received) -> None:
-    """Send the PUBACK of a message received with ``manual_ack`` (no-op for QoS 0)."""
-    if received.qos > 0:
-        client.ack(received.mid, received.qos)
+_PUBACK_TYPE = 0x40  # MQTT PUBACK, the fixed header's first byte
+_PUBACK = struct.Struct("!BBH")  # that byte, remaining length 2, the packet identifier
+
+
+def acknowledge_all(client: mqtt.Client, batch: Iterable[Received]) -> None:
+    """Send the PUBACKs of messages received with ``manual_ack`` (none for QoS 0), in
+    order, as one write to the socket.
+
+    paho's ``ack`` queues each PUBACK as a packet of its own, wakes its network thread
+    for it and writes it with a ``send`` call of its own: at a thousand updates a second
+    that is a good part of the aggregator's work. Here the PUBACKs of a batch are joined
+    into one write, queued where paho's ``ack`` queues them (a client's private
+    ``_packet_queue``, paho 2.x). MQTT packets follow each other on the stream: the broker
+    reads the same PUBACKs in the same order. Without manual acknowledgement there is
+    nothing to send, as with ``ack``; a client without that queue, and QoS 2 (which the
+    roles never subscribe with), get ``ack`` for each message."""
+    if not getattr(client, "_manual_ack", False):
+        return
+    queue_packet = getattr(client, "_packet_queue", None)
+    mids = []
+    for received in batch:
+        if received.qos == 1 and queue_packet is not None:
+            mids.append(received.mid)
+        elif received.qos > 0:
+            client.ack(received.mid, received.qos)
+    if mids and queue_packet is not None:
+        packet = b"".join([_PUBACK.pack(_PUBACK_TYPE, 2, mid) for mid in mids])
+        queue_packet(_PUBACK_TYPE, packet, 0, 0)
 
 
 def start(client: Client, broker: BrokerAddress, *, keepalive: int = 30) -> None:
@@ -529,19 +541,10 @@ def start(client: Client, broker: BrokerAddress, *, keepalive: int = 30) -> None
     client.loop_start()
 
 
-def stop_receiving(client: mqtt.Client) -> None:
-    """The receiver takes no more messages from its inbox: paho's network thread no
-    longer waits for room in a bounded one (``make_client``), so it goes on handling
-    acknowledgements and the disconnect."""
-    if isinstance(client, Client):
-        client.receiving_stopped = True
-
-
 def stop(client: mqtt.Client) -> None:
     """Disconnect and end paho's thread. Not connected, wait for that thread at most
     ``STOP_WAIT_UNCONNECTED`` s: it may be sleeping between attempts or inside one (up
     to paho's 5 s connect timeout), and a stop must not wait for that."""
-    stop_receiving(client)
     connected = client.is_connected()
     client.disconnect()
     if connected:
