@@ -455,10 +455,9 @@ def _run(config: AggregatorSettings, stop: threading.Event) -> int:
     topics = Topics(config.federation)
     # Unbounded on purpose: a bounded inbox made paho's thread wait for room while the
     # main thread waited on paho (a restart's publish), and the restart hung (CI,
-    # tests/faults/test_aggregator_crash.py). What bounds it is the broker, which sends
-    # a client at most max_inflight_messages unacknowledged QoS 1 messages (the
-    # project's mosquitto.conf); a burst of 1,000 updates peaked at ~62 MiB RSS
-    # (bench/README.md). A SimpleQueue: its put and get cost a fraction of Queue's.
+    # tests/faults/test_aggregator_crash.py). So a burst's received updates wait here
+    # until the main thread takes them: 1,000 dense updates at once peaked ~8 MiB above
+    # 100 (bench/README.md). A SimpleQueue: its put and get cost a fraction of Queue's.
     inbox: queue.SimpleQueue[edge.Received] = queue.SimpleQueue()
     ready = threading.Event()
     offline = ServerStatus(
