@@ -7,7 +7,6 @@ journal holding it was fsynced, once per batch of messages (group commit). An up
 that was not yet acknowledged when the process died is redelivered by the broker.
 """
 
-import queue
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -412,7 +411,14 @@ def saving_model(publish: Publish, topic: str, path: Path) -> Publish:
 LEAVE_SECONDS = 10.0  # the most a stop waits for the broker's acknowledgements
 
 
-def leave(client: mqtt.Client, outbox: edge.Outbox, topics: Topics, *, done: bool) -> None:
+def leave(
+    client: mqtt.Client,
+    outbox: edge.Outbox,
+    topics: Topics,
+    *,
+    done: bool,
+    loop: edge.Loop | None = None,
+) -> None:
     """Wait for the broker to acknowledge what we published, then disconnect cleanly.
 
     After a finished run (``done``) first unsubscribe from everything and wait for the
@@ -421,17 +427,29 @@ def leave(client: mqtt.Client, outbox: edge.Outbox, topics: Topics, *, done: boo
     and discards the will (``offline``, round 0) that would otherwise replace the
     retained ``done`` (``edge.unsubscribe``). A stopped run keeps its subscriptions: the
     broker queues updates for its restart. Messages still arriving are not handled any
-    more: unacknowledged, the broker keeps them."""
+    more: unacknowledged, the broker keeps them. With ``loop`` the client's network loop
+    runs in this thread (``edge.Loop``), and runs here while we wait."""
     wanted = [topics.all_updates, topics.all_status, DROPPED, VERSION]
-    if done and client.is_connected() and not edge.unsubscribe(client, wanted, timeout=10):
+    if (
+        done
+        and client.is_connected()
+        and not edge.unsubscribe(client, wanted, timeout=10, loop=loop)
+    ):
         log.warning("aggregator.unsubscribe_unacknowledged")
     deadline = time.monotonic() + LEAVE_SECONDS  # and never on a broker that is gone
-    while client.is_connected() and not outbox.flush(timeout=0.2):
+    while client.is_connected() and not (
+        outbox.flush(timeout=0.2)
+        if loop is None
+        else loop.wait_for(lambda: not outbox.unacknowledged, 0.2)
+    ):
         if time.monotonic() > deadline:
             break
     if outbox.unacknowledged:
         log.warning("aggregator.unacknowledged", messages=outbox.unacknowledged)
-    edge.stop(client)
+    if loop is None:
+        edge.stop(client)
+    else:
+        loop.stop()
 
 
 def run(config: AggregatorSettings, stop: threading.Event) -> int:
@@ -453,12 +471,10 @@ def run(config: AggregatorSettings, stop: threading.Event) -> int:
 
 def _run(config: AggregatorSettings, stop: threading.Event) -> int:
     topics = Topics(config.federation)
-    # Unbounded on purpose: a bounded inbox made paho's thread wait for room while the
-    # main thread waited on paho (a restart's publish), and the restart hung (CI,
-    # tests/faults/test_aggregator_crash.py). So a burst's received updates wait here
-    # until the main thread takes them: 1,000 dense updates at once peaked ~8 MiB above
-    # 100 (bench/README.md). A SimpleQueue: its put and get cost a fraction of Queue's.
-    inbox: queue.SimpleQueue[edge.Received] = queue.SimpleQueue()
+    # paho's network loop runs in this thread (edge.Loop): what it receives goes into a
+    # plain list, handled here in batches of at most 4,096; no second thread to hand
+    # over to, and none to wait for (bench/README.md, third pass).
+    inbox = edge.Batch()
     ready = threading.Event()
     offline = ServerStatus(
         federation=config.federation,
@@ -481,6 +497,7 @@ def _run(config: AggregatorSettings, stop: threading.Event) -> int:
         persistent=store is not None,  # the broker queues updates while we restart
         manual_ack=True,
     )
+    loop = edge.Loop(client, inbox)
     outbox = edge.Outbox(client)
     publish = make_publish(outbox, topics)
     if config.save_model is not None:
@@ -489,11 +506,12 @@ def _run(config: AggregatorSettings, stop: threading.Event) -> int:
     aggregator = build_aggregator(config, publish, store, broker_drops=drops)
     # A CheckpointError goes up to the command: one line on stderr, exit status 2.
     resumed = resume_or_start(aggregator, store, rollback_to=config.rollback_to)
-    edge.start(client, config.broker)
-    while not ready.wait(0.2):
+    loop.start(config.broker)
+    while not ready.is_set():
+        loop.run(0.2)
         edge.check(client)
         if stop.is_set():
-            edge.stop(client)
+            loop.stop()
             return 130
     if resumed:
         aggregator.republish()
@@ -510,12 +528,12 @@ def _run(config: AggregatorSettings, stop: threading.Event) -> int:
         edge.check(client)
         progress.show(progress_text(aggregator))
         timeout = aggregator.timeout()
-        try:
-            first = inbox.get(timeout=0.5 if timeout is None else min(timeout, 0.5))
-        except queue.Empty:
+        if not inbox:  # else handle what came while connecting or publishing first
+            loop.run(0.5 if timeout is None else min(timeout, 0.5), limit=4096)
+        batch = loop.take()
+        if not batch:
             aggregator.tick()
             continue
-        batch = edge.drain(inbox, first, limit=4096)
         for received in batch:
             if received.topic.startswith(updates):
                 if batched:
@@ -562,7 +580,7 @@ def _run(config: AggregatorSettings, stop: threading.Event) -> int:
         )
     if not aggregator.done:
         publish(topics.server, encode(aggregator.server_status("offline")), True)
-    leave(client, outbox, topics, done=aggregator.done)
+    leave(client, outbox, topics, done=aggregator.done, loop=loop)
     if store is not None:
         store.close()
     log.info("aggregator.finished", rounds=len(aggregator.history), stopped=stop.is_set())

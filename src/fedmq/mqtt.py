@@ -2,11 +2,13 @@
 
 import queue
 import random
+import select
 import socket
 import ssl
 import struct
 import threading
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -527,6 +529,128 @@ def acknowledge_all(client: mqtt.Client, batch: Iterable[Received]) -> None:
 
 def start(client: Client, broker: BrokerAddress, *, keepalive: int = 30) -> None:
     """Connect in the background (retrying until the broker answers) and run paho's loop."""
+    _configure(client, broker)
+    client.connect_async(broker.host, broker.port, keepalive=keepalive)
+    client.loop_start()
+
+
+class Batch(list[Received]):
+    """An inbox that is a plain list: for a client whose network loop runs in the same
+    thread as its receiver (``Loop``), nothing to hand over between threads."""
+
+    def put(self, item: Received, /) -> None:
+        self.append(item)
+
+
+class Loop:
+    """paho's network loop run by the receiver's own thread (paho's external-loop API:
+    ``loop_read``, ``loop_write``, ``loop_misc``; no ``loop_start``), for a client made
+    with ``make_client(..., inbox=inbox)`` and the same ``inbox``.
+
+    One thread receives and handles: no queue between paho's thread and the receiver,
+    and no thread waiting on another (a paho thread that waited for the receiver while
+    the receiver waited on paho hung restarted aggregators). What paho's own loop does
+    is done here: the first connect and every reconnect, retried with the back-off of
+    ``make_client`` (a random 0.5-1.5 s, doubling up to 30 s, drawn anew after each
+    outage), keepalive pings, and writes a callback queued. While it connects (a TCP and
+    maybe TLS handshake, at most paho's 5 s connect timeout) the thread waits for it.
+    """
+
+    MAX_DELAY = 30.0
+
+    def __init__(self, client: Client, inbox: Batch) -> None:
+        self.client = client
+        self.inbox = inbox
+        self._delay: float | None = None  # the back-off's next wait; None when connected
+        self._next_attempt = 0.0
+        self._stopped = False
+        self._connected = False
+
+    def start(self, broker: BrokerAddress, *, keepalive: int = 30) -> None:
+        """Connect on the first ``run`` (retrying until the broker answers)."""
+        _configure(self.client, broker)
+        self.client.connect_async(broker.host, broker.port, keepalive=keepalive)
+
+    def run(self, timeout: float, *, limit: int = 4096) -> None:
+        """Wait up to ``timeout`` seconds for the broker, then read what it has sent (up
+        to ``limit`` messages into ``inbox``, without waiting again), write what is
+        queued and keep the connection alive; connect when the back-off allows."""
+        client = self.client
+        sock = client.socket()
+        if sock is None:
+            self._connect(timeout)
+            return
+        writing = [sock] if client.want_write() else []
+        try:
+            readable, _, _ = select.select([sock], writing, [], timeout)
+        except (OSError, ValueError):  # closed under us (a lost connection)
+            readable = []
+        if readable:
+            # each loop_read reads one packet (or nothing: the socket would block); go on
+            # while messages come, so a burst is read in one go
+            inbox = self.inbox
+            while len(inbox) < limit:
+                before = len(inbox)
+                if client.loop_read() != mqtt.MQTT_ERR_SUCCESS or len(inbox) == before:
+                    break
+        if client.want_write():
+            client.loop_write()
+        client.loop_misc()
+        if client.is_connected():
+            self._delay = None
+            self._connected = True
+
+    def _connect(self, timeout: float) -> None:
+        client = self.client
+        if self._stopped or client.refused is not None:
+            time.sleep(timeout)
+            return
+        now = time.monotonic()
+        if self._connected:  # lost: wait the back-off before trying again, as paho does
+            self._connected = False
+            self._schedule(now)
+        if now < self._next_attempt:
+            time.sleep(min(self._next_attempt - now, timeout))
+            return
+        try:
+            client.reconnect()
+        except OSError:
+            if client.on_connect_fail is not None:
+                client.on_connect_fail(client, None)
+            self._schedule(now)
+
+    def _schedule(self, now: float) -> None:
+        if self._delay is None:
+            self._delay = _jittered(RECONNECT_MIN_DELAY)
+        else:
+            self._delay = min(self._delay * 2, self.MAX_DELAY)
+        self._next_attempt = now + self._delay
+
+    def take(self) -> list[Received]:
+        """What was received since the last ``take``."""
+        batch = list(self.inbox)
+        self.inbox.clear()
+        return batch
+
+    def wait_for(self, done: Callable[[], bool], timeout: float) -> bool:
+        """Run the loop until ``done()`` or ``timeout`` seconds; ``done()`` at the end."""
+        deadline = time.monotonic() + timeout
+        while not done():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self.run(min(left, 0.1))
+        return done()
+
+    def stop(self, timeout: float = 1.0) -> None:
+        """Disconnect and connect no more: the DISCONNECT goes out after what is queued
+        before it (``timeout`` seconds at most), then paho closes the socket."""
+        self._stopped = True
+        self.client.disconnect()
+        self.wait_for(lambda: self.client.socket() is None, timeout)
+
+
+def _configure(client: Client, broker: BrokerAddress) -> None:
     client.broker = broker
     credentials = broker.credentials
     problem = credentials.problem()
@@ -537,8 +661,6 @@ def start(client: Client, broker: BrokerAddress, *, keepalive: int = 30) -> None
     context = credentials.tls_context()
     if context is not None:
         client.tls_set_context(context)
-    client.connect_async(broker.host, broker.port, keepalive=keepalive)
-    client.loop_start()
 
 
 def stop(client: mqtt.Client) -> None:
@@ -555,14 +677,17 @@ def stop(client: mqtt.Client) -> None:
     stopper.join(STOP_WAIT_UNCONNECTED)
 
 
-def unsubscribe(client: mqtt.Client, topics: list[str], *, timeout: float) -> bool:
+def unsubscribe(
+    client: mqtt.Client, topics: list[str], *, timeout: float, loop: Loop | None = None
+) -> bool:
     """Unsubscribe from ``topics`` and wait for the broker's UNSUBACK; False on timeout.
 
     Call it before ``stop`` when the broker must discard our last will: the broker sends
     nothing on these topics after its UNSUBACK, and paho has read all it sent before. A
     socket closed with unread data is reset instead of closed, and mosquitto 2.0 writes
     to a writable socket before reading it: a write that meets the reset drops the
-    connection as lost, with our DISCONNECT unread behind it, and publishes the will."""
+    connection as lost, with our DISCONNECT unread behind it, and publishes the will.
+    With ``loop`` (the client's network loop runs in this thread) that loop runs meanwhile."""
     acked: set[int] = set()
     changed = threading.Condition()
 
@@ -577,6 +702,8 @@ def unsubscribe(client: mqtt.Client, topics: list[str], *, timeout: float) -> bo
         rc, mid = client.unsubscribe(topics)
         if rc != mqtt.MQTT_ERR_SUCCESS or mid is None:
             return False
+        if loop is not None:  # the UNSUBACK comes in this thread
+            return loop.wait_for(lambda: mid in acked, timeout)
         with changed:
             return changed.wait_for(lambda: mid in acked, timeout=timeout)
     finally:
