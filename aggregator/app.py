@@ -472,7 +472,7 @@ def run(config: AggregatorSettings, stop: threading.Event) -> int:
 def _run(config: AggregatorSettings, stop: threading.Event) -> int:
     topics = Topics(config.federation)
     # paho's network loop runs in this thread (edge.Loop): what it receives goes into a
-    # plain list, handled here in batches of at most 4,096; no second thread to hand
+    # plain list, handled here in batches of at most 4,096 read at a time; no second thread to hand
     # over to, and none to wait for (bench/README.md, third pass).
     inbox = edge.Batch()
     ready = threading.Event()

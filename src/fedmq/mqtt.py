@@ -574,7 +574,8 @@ class Loop:
     def run(self, timeout: float, *, limit: int = 4096) -> None:
         """Wait up to ``timeout`` seconds for the broker, then read what it has sent (up
         to ``limit`` messages into ``inbox``, without waiting again), write what is
-        queued and keep the connection alive; connect when the back-off allows."""
+        queued and keep the connection alive; connect when the back-off allows. A flood
+        is read ``limit`` messages at a time: a ``wait_for`` sees its answer in time."""
         client = self.client
         sock = client.socket()
         if sock is None:
@@ -589,7 +590,8 @@ class Loop:
             # each loop_read reads one packet (or nothing: the socket would block); go on
             # while messages come, so a burst is read in one go
             inbox = self.inbox
-            while len(inbox) < limit:
+            most = len(inbox) + limit
+            while len(inbox) < most:
                 before = len(inbox)
                 if client.loop_read() != mqtt.MQTT_ERR_SUCCESS or len(inbox) == before:
                     break
@@ -639,7 +641,7 @@ class Loop:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
-            self.run(min(left, 0.1))
+            self.run(min(left, 0.1), limit=64)
         return done()
 
     def stop(self, timeout: float = 1.0) -> None:
