@@ -7,7 +7,6 @@ journal holding it was fsynced, once per batch of messages (group commit). An up
 that was not yet acknowledged when the process died is redelivered by the broker.
 """
 
-import queue
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -451,7 +450,14 @@ def saving_model(publish: Publish, topic: str, path: Path) -> Publish:
 LEAVE_SECONDS = 10.0  # the most a stop waits for the broker's acknowledgements
 
 
-def leave(client: mqtt.Client, outbox: edge.Outbox, topics: Topics, *, done: bool) -> None:
+def leave(
+    client: mqtt.Client,
+    outbox: edge.Outbox,
+    topics: Topics,
+    *,
+    done: bool,
+    loop: edge.Loop | None = None,
+) -> None:
     """Wait for the broker to acknowledge what we published, then disconnect cleanly.
 
     After a finished run (``done``) first unsubscribe from everything and wait for the
@@ -459,19 +465,30 @@ def leave(client: mqtt.Client, outbox: edge.Outbox, topics: Topics, *, done: boo
     more, so we close no socket with unread data in it, the broker reads our DISCONNECT
     and discards the will (``offline``, round 0) that would otherwise replace the
     retained ``done`` (``edge.unsubscribe``). A stopped run keeps its subscriptions: the
-    broker queues updates for its restart. Messages still arriving are not taken any
-    more (``edge.stop_receiving``): unacknowledged, the broker keeps them."""
-    edge.stop_receiving(client)
+    broker queues updates for its restart. Messages still arriving are not handled any
+    more: unacknowledged, the broker keeps them. With ``loop`` the client's network loop
+    runs in this thread (``edge.Loop``), and runs here while we wait."""
     wanted = [topics.all_updates, topics.all_status, DROPPED, VERSION]
-    if done and client.is_connected() and not edge.unsubscribe(client, wanted, timeout=10):
+    if (
+        done
+        and client.is_connected()
+        and not edge.unsubscribe(client, wanted, timeout=10, loop=loop)
+    ):
         log.warning("aggregator.unsubscribe_unacknowledged")
     deadline = time.monotonic() + LEAVE_SECONDS  # and never on a broker that is gone
-    while client.is_connected() and not outbox.flush(timeout=0.2):
+    while client.is_connected() and not (
+        outbox.flush(timeout=0.2)
+        if loop is None
+        else loop.wait_for(lambda: not outbox.unacknowledged, 0.2)
+    ):
         if time.monotonic() > deadline:
             break
     if outbox.unacknowledged:
         log.warning("aggregator.unacknowledged", messages=outbox.unacknowledged)
-    edge.stop(client)
+    if loop is None:
+        edge.stop(client)
+    else:
+        loop.stop()
 
 
 def run(config: AggregatorSettings, stop: threading.Event) -> int:
@@ -493,10 +510,10 @@ def run(config: AggregatorSettings, stop: threading.Event) -> int:
 
 def _run(config: AggregatorSettings, stop: threading.Event) -> int:
     topics = Topics(config.federation)
-    # Unbounded on purpose: a bounded inbox made paho's thread wait for room while the
-    # main thread waited on paho (a restart's publish), and the restart hung (CI,
-    # tests/faults/test_aggregator_crash.py). The broker's in-flight window bounds it.
-    inbox: queue.Queue[edge.Received] = queue.Queue()
+    # paho's network loop runs in this thread (edge.Loop): what it receives goes into a
+    # plain list, handled here in batches of at most 4,096 read at a time; no second thread to hand
+    # over to, and none to wait for (bench/README.md, third pass).
+    inbox = edge.Batch()
     ready = threading.Event()
     offline = ServerStatus(
         federation=config.federation,
@@ -519,6 +536,7 @@ def _run(config: AggregatorSettings, stop: threading.Event) -> int:
         persistent=store is not None,  # the broker queues updates while we restart
         manual_ack=True,
     )
+    loop = edge.Loop(client, inbox)
     outbox = edge.Outbox(client)
     publish = make_publish(outbox, topics)
     if config.save_model is not None:
@@ -527,11 +545,12 @@ def _run(config: AggregatorSettings, stop: threading.Event) -> int:
     aggregator = build_aggregator(config, publish, store, broker_drops=drops)
     # A CheckpointError goes up to the command: one line on stderr, exit status 2.
     resumed = resume_or_start(aggregator, store, rollback_to=config.rollback_to)
-    edge.start(client, config.broker)
-    while not ready.wait(0.2):
+    loop.start(config.broker)
+    while not ready.is_set():
+        loop.run(0.2)
         edge.check(client)
         if stop.is_set():
-            edge.stop(client)
+            loop.stop()
             return 130
     if resumed:
         aggregator.republish()
@@ -543,18 +562,24 @@ def _run(config: AggregatorSettings, stop: threading.Event) -> int:
     # Asynchronous mode makes a version from every update of a received batch once the
     # buffer holds K (aggregator.buffer); rounds take exactly their nodes' updates.
     batched = config.mode == "async"
+    updates = topics.prefix + "/updates/"
     while not aggregator.done and not stop.is_set():
         edge.check(client)
         progress.show(progress_text(aggregator))
         timeout = aggregator.timeout()
-        try:
-            first = inbox.get(timeout=0.5 if timeout is None else min(timeout, 0.5))
-        except queue.Empty:
+        if not inbox:  # else handle what came while connecting or publishing first
+            loop.run(0.5 if timeout is None else min(timeout, 0.5), limit=4096)
+        batch = loop.take()
+        if not batch:
             aggregator.tick()
             continue
-        batch = edge.drain(inbox, first, limit=4096)
         for received in batch:
-            if received.topic == edge.CONNECTED:
+            if received.topic.startswith(updates):
+                if batched:
+                    aggregator.ingest(received.topic, received.payload)
+                else:
+                    aggregator.handle(received.topic, received.payload)
+            elif received.topic == edge.CONNECTED:
                 connects += 1
                 if connects > 1:  # a reconnect, not the connect that preceded start()
                     aggregator.republish()
@@ -569,20 +594,15 @@ def _run(config: AggregatorSettings, stop: threading.Event) -> int:
             elif received.topic == VERSION:  # sent after the counter, if it had one to send
                 if counts_drops(received.payload):  # mosquitto; another broker may not count
                     drops.note_unchanged()
-            elif not received.topic.startswith(topics.prefix + "/updates/"):
+            else:
                 # a topic we never subscribed to (amqtt was seen to deliver one): not an
                 # update, so not counted as a rejected one
                 log.warning("message.unexpected", topic=received.topic[:200])
-            elif batched:
-                aggregator.ingest(received.topic, received.payload)
-            else:
-                aggregator.handle(received.topic, received.payload)
         if batched:
             aggregator.tick()
         if store is not None:
             store.sync()  # group commit: one fsync for the batch, before its PUBACKs
-        for received in batch:
-            edge.acknowledge(client, received)
+        edge.acknowledge_all(client, batch)
     progress.close()
     if config.report is not None:
         write_report(
@@ -601,7 +621,7 @@ def _run(config: AggregatorSettings, stop: threading.Event) -> int:
         )
     if not aggregator.done:
         publish(topics.server, encode(aggregator.server_status("offline")), True)
-    leave(client, outbox, topics, done=aggregator.done)
+    leave(client, outbox, topics, done=aggregator.done, loop=loop)
     if store is not None:
         store.close()
     log.info("aggregator.finished", rounds=len(aggregator.history), stopped=stop.is_set())

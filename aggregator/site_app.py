@@ -179,8 +179,7 @@ def _run(
                     early.append(received)
         if store is not None:
             store.sync()  # group commit: one fsync for the batch, before its PUBACKs
-        for received in handled:
-            edge.acknowledge(local, received)
+        edge.acknowledge_all(local, handled)
     progress.close()
     if aggregator.done:
         status("done", aggregator.round - 1)

@@ -25,6 +25,11 @@ medians. CPU per update is each process's user + system time (/proc and ``os.wai
 over the burst divided by the updates: the consumer's from the first publish to its exit
 (for the aggregator that includes the round's close, its checkpoint and its exit),
 mosquitto's and the simulated nodes' from the first publish to the last message handled.
+Also each consumer's CPU to its end of the burst (as last read, every 5 ms, before
+the raw subscriber's last message, before the ``at`` of the aggregator's metrics: the
+close of round 1; /proc counts in 10 ms ticks, so read it at 1,000 nodes or more), split
+into its main thread (the raw subscriber's paho loop; the aggregator's decoding,
+validation, fold and journal) and its other threads (the aggregator's paho thread).
 
 ``--compare PYTHON`` also runs ``PYTHON -m fedmq aggregator`` (another installation, say
 of the code before a change) in every repeat, on the same payloads. ``--profile FILE``
@@ -40,8 +45,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -64,6 +71,9 @@ class Run:
     broker_cpu: float  # mosquitto's, from the first publish to the last message handled
     publisher_cpu: float  # the simulated nodes' (this process), publish to last PUBACK
     peak_rss_mib: float | None = None
+    # from the first publish to the last message (raw) or the close of round 1: all, main
+    to_close_cpu: float | None = None
+    to_close_main_cpu: float | None = None
 
     def per_update_us(self, cpu: float) -> float:
         return cpu / self.nodes * 1e6
@@ -112,10 +122,17 @@ def raw_subscriber(host: str, port: int, topic: str, count: int) -> int:
     return 0 if received == count else 1
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a running process so far (/proc, clock ticks)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+def cpu_seconds(pid: int, *, task: int | None = None) -> float:
+    """User + system CPU of a running process so far (/proc, clock ticks); of one of its
+    threads with ``task``."""
+    path = f"/proc/{pid}/stat" if task is None else f"/proc/{pid}/task/{task}/stat"
+    fields = Path(path).read_text().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def main_thread_cpu(pid: int) -> float:
+    """User + system CPU of a running process's main thread so far (its task ``pid``)."""
+    return cpu_seconds(pid, task=pid)
 
 
 def peak_rss(pid: int) -> float | None:
@@ -152,6 +169,31 @@ def wait_usage(process: subprocess.Popen[Any], timeout: float) -> tuple[float, f
         time.sleep(0.01)
 
 
+class Sampler:
+    """(wall time, CPU, main thread's CPU) of a running process every 5 ms, from a thread
+    of its own (the burst's publishing keeps this one's main thread busy)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.samples: list[tuple[float, float, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.005):
+            try:
+                sample = (time.time(), cpu_seconds(self.pid), main_thread_cpu(self.pid))
+            except (OSError, IndexError):  # exiting
+                return
+            self.samples.append(sample)
+
+    def stop(self) -> list[tuple[float, float, float]]:
+        self._stop.set()
+        self._thread.join()
+        return self.samples
+
+
 class Burst:
     """Every node publishes its payload at once; CPU counted from just before."""
 
@@ -163,17 +205,24 @@ class Burst:
         messages = [(topics.update(node_id(i)), p) for i, p in enumerate(payloads)]
         self.nodes = len(payloads)
         self.consumer_cpu = cpu_seconds(consumer)
+        self.consumer_main_cpu = main_thread_cpu(consumer)
         self.broker_cpu = cpu_seconds(broker.pid)
         own = time.process_time()
         self.started = time.time()
         swarm.publish_all(messages, timeout=TIMEOUT)
         self.publisher_cpu = time.process_time() - own
 
-    def run(self, consumer: str, last: float, cpu: float, rss: float | None = None) -> Run:
-        """``last``: wall time of the last message handled; ``cpu``: the consumer's at exit."""
+    def run(self, consumer: str, last: float, cpu: float, rss: float | None = None,
+            samples: Sequence[tuple[float, float, float]] = ()) -> Run:  # fmt: skip
+        """``last``: wall time of the last message handled; ``cpu``: the consumer's at exit;
+        ``samples``: its (wall time, CPU, main thread's CPU) while it ran."""
         broker = cpu_seconds(self.broker_pid) - self.broker_cpu
+        before = [(total, main) for at, total, main in samples if at <= last]
+        total, main = before[-1] if before else (None, None)
         return Run(consumer, self.nodes, last - self.started, cpu - self.consumer_cpu, broker,
-                   self.publisher_cpu, rss)  # fmt: skip
+                   self.publisher_cpu, rss,
+                   None if total is None else total - self.consumer_cpu,
+                   None if main is None else main - self.consumer_main_cpu)  # fmt: skip
 
 
 def run_raw(broker: Mosquitto, swarm: Swarm, federation: str, payloads: list[bytes]) -> Run:
@@ -185,8 +234,10 @@ def run_raw(broker: Mosquitto, swarm: Swarm, federation: str, payloads: list[byt
         assert subscriber.stdout is not None
         if subscriber.stdout.readline().strip() != "ready":
             raise RuntimeError("raw subscriber did not subscribe")
+        sampler = Sampler(subscriber.pid)
         burst = Burst(broker, swarm, subscriber.pid, federation, payloads)
         out = subscriber.stdout.read()
+        samples = sampler.stop()
         cpu, _ = wait_usage(subscriber, TIMEOUT)
     finally:
         if subscriber.poll() is None:
@@ -195,7 +246,7 @@ def run_raw(broker: Mosquitto, swarm: Swarm, federation: str, payloads: list[byt
     result = json.loads(out.strip().splitlines()[-1])
     if result["received"] != len(payloads):
         raise RuntimeError(f"raw subscriber got {result['received']} of {len(payloads)}")
-    return burst.run("raw", result["last"], cpu)
+    return burst.run("raw", result["last"], cpu, samples=samples)
 
 
 def aggregator_command(broker: Mosquitto, federation: str, nodes: int, workdir: Path,
@@ -220,8 +271,10 @@ def run_aggregator(broker: Mosquitto, swarm: Swarm, federation: str, payloads: l
                                stdin=subprocess.DEVNULL, cwd=workdir)  # fmt: skip
     try:
         fetch_global(swarm, federation)
+        sampler = Sampler(process.pid)
         burst = Burst(broker, swarm, process.pid, federation, payloads)
         cpu, rss = wait_usage(process, TIMEOUT)
+        samples = sampler.stop()
     finally:
         if process.returncode is None:
             process.kill()
@@ -231,7 +284,7 @@ def run_aggregator(broker: Mosquitto, swarm: Swarm, federation: str, payloads: l
     [first] = report["rounds"]
     if first["participants"] != len(payloads) or first["rejected"]:
         raise RuntimeError(f"round 1: {first['participants']} participants, {first['rejected']}")
-    return burst.run(label, first["at"], cpu, rss)
+    return burst.run(label, first["at"], cpu, rss, samples)
 
 
 def initial_model(broker: Mosquitto, swarm: Swarm, workdir: Path, aggregation: str) -> GlobalModel:
@@ -255,6 +308,14 @@ def payloads_for(model: GlobalModel, nodes: int) -> tuple[str, list[bytes]]:
     federation = f"ingest-{uuid.uuid4().hex[:8]}"
     updates = build_updates(replace(model, federation=federation), nodes)
     return federation, [payload for _, payload in updates]
+
+
+def to_close(run: Run) -> str:
+    """A consumer's CPU per update to its end of the burst: all, main thread, others."""
+    if run.to_close_cpu is None or run.to_close_main_cpu is None:
+        return ""
+    total, main = run.per_update_us(run.to_close_cpu), run.per_update_us(run.to_close_main_cpu)
+    return f" {total:>12.0f} {main:>5.0f} {total - main:>6.0f}"
 
 
 def show_profile(path: Path, lines: int = 25) -> None:
@@ -293,7 +354,8 @@ def main() -> int:
                   f"once; aggregator --aggregation {args.aggregation}"
                   + (f"; compared: {args.compare}" if args.compare else ""))  # fmt: skip
             print(f"{'run':>3} {'consumer':<11} {'seconds':>8} {'updates/s':>10} "
-                  f"{'CPU us/update: consumer':>24} {'broker':>7} {'nodes':>6} {'peak RSS MiB':>13}")  # fmt: skip
+                  f"{'CPU us/update: consumer':>24} {'broker':>7} {'nodes':>6} {'peak RSS MiB':>13}"
+                  f" {'to end: all':>12} {'main':>5} {'other':>6}")  # fmt: skip
             for repeat in range(args.repeats):
                 # raw first, then the aggregator on the same bytes; a second aggregator
                 # needs a federation of its own (the first left its final model retained):
@@ -310,7 +372,8 @@ def main() -> int:
                     print(f"{repeat + 1:>3} {run.consumer:<11} {run.seconds:>8.3f} "
                           f"{run.rate:>10,.0f} {run.per_update_us(run.consumer_cpu):>24.0f} "
                           f"{run.per_update_us(run.broker_cpu):>7.0f} "
-                          f"{run.per_update_us(run.publisher_cpu):>6.0f} {rss:>13}", flush=True)  # fmt: skip
+                          f"{run.per_update_us(run.publisher_cpu):>6.0f} {rss:>13}"
+                          f"{to_close(run)}", flush=True)  # fmt: skip
                 for run in done[1:]:
                     print(f"{'':>3} {'ratio ' + run.consumer:<20} {run.rate / done[0].rate:>10.0%}")
                 runs += done
@@ -324,16 +387,24 @@ def main() -> int:
     raw = [r for r in runs if r.consumer == "raw"]
     raw_rate = statistics.median(r.rate for r in raw)
     raw_cpu = statistics.median(r.per_update_us(r.consumer_cpu) for r in raw)
-    print(f"median of {len(raw)}: raw {raw_rate:,.0f}/s, CPU {raw_cpu:.0f} us/update")
+    ended = [r.per_update_us(r.to_close_cpu) for r in raw if r.to_close_cpu is not None]
+    to_end = f", {statistics.median(ended):.0f} to its last message" if ended else ""
+    print(f"median of {len(raw)}: raw {raw_rate:,.0f}/s, CPU {raw_cpu:.0f} us/update{to_end}")
     for label, _ in aggregators:
         own = [r for r in runs if r.consumer == label]
         rate = statistics.median(r.rate for r in own)
         ratios = statistics.median(r.rate / w.rate for r, w in zip(own, raw, strict=True))
         cpu = statistics.median(r.per_update_us(r.consumer_cpu) for r in own)
         rss = max(r.peak_rss_mib or 0.0 for r in own)
+        closed = [r for r in own if r.to_close_cpu is not None and r.to_close_main_cpu is not None]
+        split = ""
+        if closed:
+            total = statistics.median(r.per_update_us(r.to_close_cpu or 0.0) for r in closed)
+            main = statistics.median(r.per_update_us(r.to_close_main_cpu or 0.0) for r in closed)
+            split = f"; to the round's close {total:.0f} us/update, main thread {main:.0f}"
         print(f"  {label}: {rate:,.0f}/s = {rate / raw_rate:.0%} of raw (median of the "
               f"per-repeat ratios {ratios:.0%}), CPU {cpu:.0f} us/update (first publish to "
-              f"its exit), peak RSS {rss:.1f} MiB")  # fmt: skip
+              f"its exit){split}, peak RSS {rss:.1f} MiB")  # fmt: skip
     if args.profile is not None:
         show_profile(args.profile)
     return 0

@@ -64,8 +64,8 @@ class Tagged:
         self.shared = shared
         self.index = index
 
-    def put(self, item: edge.Received, /, block: bool = True, timeout: float | None = None) -> None:
-        self.shared.put((self.index, item), block, timeout)
+    def put(self, item: edge.Received, /) -> None:
+        self.shared.put((self.index, item))
 
 
 class TaskShelf:

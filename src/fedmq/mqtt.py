@@ -2,10 +2,13 @@
 
 import queue
 import random
+import select
 import socket
 import ssl
+import struct
 import threading
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -193,7 +196,6 @@ STOP_WAIT_UNCONNECTED = 0.2
 # A connected client on a shared network loop waits this long for its DISCONNECT to be
 # written (paho's own thread is waited for without a bound; it takes milliseconds).
 STOP_WAIT_CONNECTED = 10.0
-INBOX_WAIT = 0.2  # seconds between looks at ``receiving_stopped`` while a bounded inbox is full
 
 
 class LoginRefused(RuntimeError):
@@ -251,9 +253,6 @@ class Client(mqtt.Client):
     broker: "BrokerAddress | None" = None
     connect_error: OSError | None = None
     refused: LoginRefused | None = None
-    # Set once the receiver stops taking messages (``stop``, ``stop_receiving``): a
-    # message that finds a bounded inbox full is then dropped, not waited with.
-    receiving_stopped: bool = False
     # The shared network loop driving this client (``start(network=...)``), or None:
     # paho's own thread (``loop_start``).
     network: NetworkLoop | None = None
@@ -296,17 +295,18 @@ class Received:
     topic: str
     payload: bytes
     retain: bool
-    mid: int = 0  # with manual acknowledgement: pass to ``acknowledge`` once handled
+    mid: int = 0  # with manual acknowledgement: pass to ``acknowledge_all`` once handled
     qos: int = 0
 
 
 class Inbox(Protocol):
-    """Where ``make_client`` drops what it receives: a ``queue.Queue[Received]``, or
-    anything with its ``put`` (``fedmq.node.group`` tags each node's messages on their way
-    into the one queue its worker reads)."""
+    """Where ``make_client`` drops what it receives: an unbounded ``queue.Queue[Received]``
+    or ``queue.SimpleQueue``, or anything with their ``put`` (``fedmq.node.group`` tags
+    each node's messages on their way into the one queue its worker reads). It takes
+    every message at once: paho's network thread never waits for the receiver (a thread
+    that waited for room while the receiver waited on paho hung restarted aggregators)."""
 
-    def put(self, item: Received, /, block: bool = True, timeout: float | None = None) -> None:
-        """Take ``item``; a bounded inbox may raise ``queue.Full`` after ``timeout``."""
+    def put(self, item: Received, /) -> None: ...
 
 
 def make_client(
@@ -333,19 +333,12 @@ def make_client(
 
     ``persistent``: a persistent session (clean session off) under this stable client id,
     so the broker keeps the subscriptions and queues QoS 1 messages while we are away.
-    ``manual_ack``: PUBACK only when the receiver calls ``acknowledge`` (after it has
+    ``manual_ack``: PUBACK only when the receiver calls ``acknowledge_all`` (after it has
     made the message durable); unacknowledged messages are redelivered on reconnect.
     ``settle``: topics unsubscribed on every connect right after subscribing (a
     persistent session may still hold them); the UNSUBACK puts ``Received(SETTLED,
     b"connect")`` in ``inbox``, after the retained messages of ``subscriptions`` on a
     broker that answers in order.
-
-    A bounded ``inbox`` (``queue.Queue(maxsize=...)``) bounds the memory of messages
-    received and not yet handled: when it is full, paho's network thread waits, stops
-    reading the socket, and the broker keeps the rest (TCP back-pressure; with
-    ``manual_ack`` none of them is acknowledged yet). After ``stop_receiving`` (or
-    ``stop``) a message that finds it full is dropped instead: unacknowledged, the
-    broker sends it again to the next session.
 
     Every failed attempt is a warning ``mqtt.connect_failed`` with the cause in words
     (``describe_connect_error``, ``describe_hang_up``, or the broker's refusal). After
@@ -466,20 +459,15 @@ def make_client(
         client.on_unsubscribe = on_unsubscribe
 
         def on_message(_c: mqtt.Client, _u: Any, message: mqtt.MQTTMessage) -> None:
-            received = Received(
-                message.topic,
-                bytes(message.payload),
-                bool(message.retain),
-                mid=message.mid,
-                qos=message.qos,
+            inbox.put(
+                Received(
+                    message.topic,
+                    bytes(message.payload),
+                    bool(message.retain),
+                    mid=message.mid,
+                    qos=message.qos,
+                )
             )
-            while True:  # an unbounded inbox takes it at once
-                try:
-                    inbox.put(received, timeout=INBOX_WAIT)
-                    return
-                except queue.Full:
-                    if client.receiving_stopped:
-                        return
 
         client.on_message = on_message
     return client
@@ -540,7 +528,9 @@ class Outbox:
 T = TypeVar("T")
 
 
-def drain(inbox: "queue.Queue[T]", first: T, *, limit: int | None = None) -> list[T]:
+def drain(
+    inbox: "queue.Queue[T] | queue.SimpleQueue[T]", first: T, *, limit: int | None = None
+) -> list[T]:
     """``first`` and what is queued behind it (up to ``limit`` messages in all)."""
     batch = [first]
     while limit is None or len(batch) < limit:
@@ -551,10 +541,34 @@ def drain(inbox: "queue.Queue[T]", first: T, *, limit: int | None = None) -> lis
     return batch
 
 
-def acknowledge(client: mqtt.Client, received: Received) -> None:
-    """Send the PUBACK of a message received with ``manual_ack`` (no-op for QoS 0)."""
-    if received.qos > 0:
-        client.ack(received.mid, received.qos)
+_PUBACK_TYPE = 0x40  # MQTT PUBACK, the fixed header's first byte
+_PUBACK = struct.Struct("!BBH")  # that byte, remaining length 2, the packet identifier
+
+
+def acknowledge_all(client: mqtt.Client, batch: Iterable[Received]) -> None:
+    """Send the PUBACKs of messages received with ``manual_ack`` (none for QoS 0), in
+    order, as one write to the socket.
+
+    paho's ``ack`` queues each PUBACK as a packet of its own, wakes its network thread
+    for it and writes it with a ``send`` call of its own: at a thousand updates a second
+    that is a good part of the aggregator's work. Here the PUBACKs of a batch are joined
+    into one write, queued where paho's ``ack`` queues them (a client's private
+    ``_packet_queue``, paho 2.x). MQTT packets follow each other on the stream: the broker
+    reads the same PUBACKs in the same order. Without manual acknowledgement there is
+    nothing to send, as with ``ack``; a client without that queue, and QoS 2 (which the
+    roles never subscribe with), get ``ack`` for each message."""
+    if not getattr(client, "_manual_ack", False):
+        return
+    queue_packet = getattr(client, "_packet_queue", None)
+    mids = []
+    for received in batch:
+        if received.qos == 1 and queue_packet is not None:
+            mids.append(received.mid)
+        elif received.qos > 0:
+            client.ack(received.mid, received.qos)
+    if mids and queue_packet is not None:
+        packet = b"".join([_PUBACK.pack(_PUBACK_TYPE, 2, mid) for mid in mids])
+        queue_packet(_PUBACK_TYPE, packet, 0, 0)
 
 
 def start(
@@ -567,6 +581,134 @@ def start(
     """Connect in the background (retrying until the broker answers) and run paho's loop,
     or, given ``network``, let that one thread drive this client with many others
     (``fedmq.netloop``: what a node group does)."""
+    _configure(client, broker)
+    client.connect_async(broker.host, broker.port, keepalive=keepalive)
+    if network is None:
+        client.loop_start()
+    else:
+        client.network = network
+        network.add(client)
+
+
+class Batch(list[Received]):
+    """An inbox that is a plain list: for a client whose network loop runs in the same
+    thread as its receiver (``Loop``), nothing to hand over between threads."""
+
+    def put(self, item: Received, /) -> None:
+        self.append(item)
+
+
+class Loop:
+    """paho's network loop run by the receiver's own thread (paho's external-loop API:
+    ``loop_read``, ``loop_write``, ``loop_misc``; no ``loop_start``), for a client made
+    with ``make_client(..., inbox=inbox)`` and the same ``inbox``.
+
+    One thread receives and handles: no queue between paho's thread and the receiver,
+    and no thread waiting on another (a paho thread that waited for the receiver while
+    the receiver waited on paho hung restarted aggregators). What paho's own loop does
+    is done here: the first connect and every reconnect, retried with the back-off of
+    ``make_client`` (a random 0.5-1.5 s, doubling up to 30 s, drawn anew after each
+    outage), keepalive pings, and writes a callback queued. While it connects (a TCP and
+    maybe TLS handshake, at most paho's 5 s connect timeout) the thread waits for it.
+    """
+
+    MAX_DELAY = 30.0
+
+    def __init__(self, client: Client, inbox: Batch) -> None:
+        self.client = client
+        self.inbox = inbox
+        self._delay: float | None = None  # the back-off's next wait; None when connected
+        self._next_attempt = 0.0
+        self._stopped = False
+        self._connected = False
+
+    def start(self, broker: BrokerAddress, *, keepalive: int = 30) -> None:
+        """Connect on the first ``run`` (retrying until the broker answers)."""
+        _configure(self.client, broker)
+        self.client.connect_async(broker.host, broker.port, keepalive=keepalive)
+
+    def run(self, timeout: float, *, limit: int = 4096) -> None:
+        """Wait up to ``timeout`` seconds for the broker, then read what it has sent (up
+        to ``limit`` messages into ``inbox``, without waiting again), write what is
+        queued and keep the connection alive; connect when the back-off allows. A flood
+        is read ``limit`` messages at a time: a ``wait_for`` sees its answer in time."""
+        client = self.client
+        sock = client.socket()
+        if sock is None:
+            self._connect(timeout)
+            return
+        writing = [sock] if client.want_write() else []
+        try:
+            readable, _, _ = select.select([sock], writing, [], timeout)
+        except (OSError, ValueError):  # closed under us (a lost connection)
+            readable = []
+        if readable:
+            # each loop_read reads one packet (or nothing: the socket would block); go on
+            # while messages come, so a burst is read in one go
+            inbox = self.inbox
+            most = len(inbox) + limit
+            while len(inbox) < most:
+                before = len(inbox)
+                if client.loop_read() != mqtt.MQTT_ERR_SUCCESS or len(inbox) == before:
+                    break
+        if client.want_write():
+            client.loop_write()
+        client.loop_misc()
+        if client.is_connected():
+            self._delay = None
+            self._connected = True
+
+    def _connect(self, timeout: float) -> None:
+        client = self.client
+        if self._stopped or client.refused is not None:
+            time.sleep(timeout)
+            return
+        now = time.monotonic()
+        if self._connected:  # lost: wait the back-off before trying again, as paho does
+            self._connected = False
+            self._schedule(now)
+        if now < self._next_attempt:
+            time.sleep(min(self._next_attempt - now, timeout))
+            return
+        try:
+            client.reconnect()
+        except OSError:
+            if client.on_connect_fail is not None:
+                client.on_connect_fail(client, None)
+            self._schedule(now)
+
+    def _schedule(self, now: float) -> None:
+        if self._delay is None:
+            self._delay = _jittered(RECONNECT_MIN_DELAY)
+        else:
+            self._delay = min(self._delay * 2, self.MAX_DELAY)
+        self._next_attempt = now + self._delay
+
+    def take(self) -> list[Received]:
+        """What was received since the last ``take``."""
+        batch = list(self.inbox)
+        self.inbox.clear()
+        return batch
+
+    def wait_for(self, done: Callable[[], bool], timeout: float) -> bool:
+        """Run the loop until ``done()`` or ``timeout`` seconds; ``done()`` at the end."""
+        deadline = time.monotonic() + timeout
+        while not done():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self.run(min(left, 0.1), limit=64)
+        return done()
+
+    def stop(self, timeout: float = 1.0) -> None:
+        """Disconnect and connect no more: the DISCONNECT goes out after what is queued
+        before it (``timeout`` seconds at most), then paho closes the socket."""
+        self._stopped = True
+        self.client.disconnect()
+        self.wait_for(lambda: self.client.socket() is None, timeout)
+
+
+def _configure(client: Client, broker: BrokerAddress) -> None:
     client.broker = broker
     credentials = broker.credentials
     problem = credentials.problem()
@@ -577,27 +719,12 @@ def start(
     context = credentials.tls_context()
     if context is not None:
         client.tls_set_context(context)
-    client.connect_async(broker.host, broker.port, keepalive=keepalive)
-    if network is None:
-        client.loop_start()
-    else:
-        client.network = network
-        network.add(client)
-
-
-def stop_receiving(client: mqtt.Client) -> None:
-    """The receiver takes no more messages from its inbox: paho's network thread no
-    longer waits for room in a bounded one (``make_client``), so it goes on handling
-    acknowledgements and the disconnect."""
-    if isinstance(client, Client):
-        client.receiving_stopped = True
 
 
 def stop(client: mqtt.Client) -> None:
     """Disconnect and end paho's thread. Not connected, wait for that thread at most
     ``STOP_WAIT_UNCONNECTED`` s: it may be sleeping between attempts or inside one (up
     to paho's 5 s connect timeout), and a stop must not wait for that."""
-    stop_receiving(client)
     connected = client.is_connected()
     client.disconnect()
     network = getattr(client, "network", None)
@@ -612,14 +739,17 @@ def stop(client: mqtt.Client) -> None:
     stopper.join(STOP_WAIT_UNCONNECTED)
 
 
-def unsubscribe(client: mqtt.Client, topics: list[str], *, timeout: float) -> bool:
+def unsubscribe(
+    client: mqtt.Client, topics: list[str], *, timeout: float, loop: Loop | None = None
+) -> bool:
     """Unsubscribe from ``topics`` and wait for the broker's UNSUBACK; False on timeout.
 
     Call it before ``stop`` when the broker must discard our last will: the broker sends
     nothing on these topics after its UNSUBACK, and paho has read all it sent before. A
     socket closed with unread data is reset instead of closed, and mosquitto 2.0 writes
     to a writable socket before reading it: a write that meets the reset drops the
-    connection as lost, with our DISCONNECT unread behind it, and publishes the will."""
+    connection as lost, with our DISCONNECT unread behind it, and publishes the will.
+    With ``loop`` (the client's network loop runs in this thread) that loop runs meanwhile."""
     acked: set[int] = set()
     changed = threading.Condition()
 
@@ -634,6 +764,8 @@ def unsubscribe(client: mqtt.Client, topics: list[str], *, timeout: float) -> bo
         rc, mid = client.unsubscribe(topics)
         if rc != mqtt.MQTT_ERR_SUCCESS or mid is None:
             return False
+        if loop is not None:  # the UNSUBACK comes in this thread
+            return loop.wait_for(lambda: mid in acked, timeout)
         with changed:
             return changed.wait_for(lambda: mid in acked, timeout=timeout)
     finally:

@@ -98,38 +98,51 @@ def retained(broker: Mosquitto, topic: str) -> bytes:
     return got[0]
 
 
-def finish_once(broker: Mosquitto, topics: Topics) -> None:
-    """Connect as the aggregator does, publish ``done`` and leave as it does."""
+def finish_once(broker: Mosquitto, topics: Topics, *, one_thread: bool = False) -> None:
+    """Connect as the aggregator does, publish ``done`` and leave as it does; with
+    ``one_thread`` paho's network loop runs in this thread (``edge.Loop``), as in the
+    aggregator, else on paho's own thread (``edge.start``)."""
 
     def status(state: str, round_: int) -> bytes:
         return encode(ServerStatus(topics.federation, state, round_, 1, 1, 0))
 
-    inbox: queue.Queue[edge.Received] = queue.Queue()
+    inbox = edge.Batch()
+    threaded: queue.Queue[edge.Received] = queue.Queue()
     ready = threading.Event()
     client = edge.make_client(
         edge.make_client_id(topics.federation, "aggregator"),
         subscriptions=[(topics.all_updates, 1), (topics.all_status, 1), (DROPPED, 0), (VERSION, 0)],
         will=(topics.server, status("offline", 0)),
-        inbox=inbox,
+        inbox=inbox if one_thread else threaded,
         ready=ready,
         persistent=True,
         manual_ack=True,
     )
     outbox = edge.Outbox(client)
-    edge.start(client, edge.BrokerAddress(broker.host, broker.port))
+    address = edge.BrokerAddress(broker.host, broker.port)
+    if one_thread:
+        loop = edge.Loop(client, inbox)
+        loop.start(address)
+        assert loop.wait_for(lambda: len(inbox) > 20, 10), "status messages flowing in"
+        assert ready.is_set()
+        make_publish(outbox, topics)(topics.server, status("done", 2), True)
+        leave(client, outbox, topics, done=True, loop=loop)
+        return
+    edge.start(client, address)
     assert ready.wait(10)
-    wait_until(lambda: inbox.qsize() > 20, 10, "status messages flowing in")
+    wait_until(lambda: threaded.qsize() > 20, 10, "status messages flowing in")
     make_publish(outbox, topics)(topics.server, status("done", 2), True)
     leave(client, outbox, topics, done=True)
 
 
-def test_a_finished_run_always_leaves_done(broker: Mosquitto):
+@pytest.mark.parametrize("one_thread", [False, True], ids=["paho-thread", "one-thread"])
+def test_a_finished_run_always_leaves_done(broker: Mosquitto, one_thread: bool):
     topics = Topics(f"t-{uuid.uuid4().hex[:12]}")
     chatter = Chatter(broker, topics.status("chatty"))
     states = []
     try:
         for _ in range(RUNS):
-            finish_once(broker, topics)
+            finish_once(broker, topics, one_thread=one_thread)
             status = decode_server_status(retained(broker, topics.server))
             states.append((status.state, status.round))
     finally:

@@ -119,40 +119,23 @@ def test_the_outbox_waits_for_qos_1_only() -> None:
     assert outbox._acked_early == set() and outbox._unsent == set()
 
 
-def test_a_full_bounded_inbox_holds_the_network_thread_until_the_receiver_stops() -> None:
-    """paho calls on_message on its network thread: with the inbox full it waits (the
-    broker keeps the rest), until the receiver takes one or says it takes no more."""
-    import threading
-
-    import paho.mqtt.client as mqtt
-
-    inbox: queue.Queue[edge.Received] = queue.Queue(maxsize=1)
-    client = edge.make_client("fedmq:t:aggregator", inbox=inbox, manual_ack=True)
-    assert client.on_message is not None
-
-    def message(mid: int) -> mqtt.MQTTMessage:
-        made = mqtt.MQTTMessage(mid=mid, topic=b"fedmq/t/updates/n")
-        made.payload, made.qos = b"x", 1
-        return made
-
-    client.on_message(client, None, message(1))  # room: taken at once
-    delivered = threading.Event()
-    waiting = threading.Thread(
-        target=lambda: (client.on_message(client, None, message(2)), delivered.set())  # type: ignore[misc]
-    )
-    waiting.start()
-    assert not delivered.wait(0.5)  # full: the network thread waits
-    assert inbox.get_nowait().mid == 1
-    assert delivered.wait(2)  # room again: delivered
-    assert inbox.get_nowait().mid == 2
-    client.on_message(client, None, message(3))  # fills it
-    edge.stop_receiving(client)
-    started = threading.Event()
-    dropped = threading.Thread(
-        target=lambda: (started.set(), client.on_message(client, None, message(4)))  # type: ignore[misc]
-    )
-    dropped.start()
-    dropped.join(2)
-    assert started.is_set() and not dropped.is_alive()  # dropped, not waited with
-    assert [inbox.get_nowait().mid] == [3] and inbox.empty()
-    waiting.join(2)
+def test_a_batch_is_acknowledged_in_one_write_of_the_same_pubacks() -> None:
+    """``acknowledge_all`` queues the PUBACKs of a batch (QoS 1, in order; none for QoS 0)
+    as one write, byte for byte what paho's ``ack`` of each would have sent."""
+    batch = [
+        edge.Received("fedmq/t/updates/a", b"x", False, mid=5, qos=1),
+        edge.Received("fedmq/t/status/a", b"y", True, mid=0, qos=0),
+        edge.Received("fedmq/t/updates/b", b"z", False, mid=300, qos=1),
+    ]
+    ours = edge.make_client("fedmq:t:aggregator", manual_ack=True)
+    edge.acknowledge_all(ours, batch)
+    paho = edge.make_client("fedmq:t:aggregator", manual_ack=True)
+    for received in batch:
+        if received.qos:
+            paho.ack(received.mid, received.qos)
+    written = [bytes(packet["packet"]) for packet in ours._out_packet]
+    assert written == [b"".join(bytes(packet["packet"]) for packet in paho._out_packet)]
+    assert written == [b"\x40\x02\x00\x05\x40\x02\x01\x2c"]
+    automatic = edge.make_client("fedmq:t:node")  # paho acknowledged these itself
+    edge.acknowledge_all(automatic, batch)
+    assert not automatic._out_packet
