@@ -377,9 +377,11 @@ class Node:
                 self._resend(compact.round)
             return
         held = self._held
-        if held is not None and (held.round, held.model_id) == (compact.round, compact.model_id):
+        same = held is not None and (held.round, held.model_id) == (compact.round, compact.model_id)
+        if same and held is not None and held.final == compact.final:
             self._model_since_connect = True  # a copy of the model we hold
             return
+        # (the final model again, not final: a finished run continued, which opens there)
         if isinstance(compact, GlobalModel):
             self._model_since_connect = True
             self._accept(compact, resend=False)
