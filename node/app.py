@@ -249,7 +249,7 @@ class Node:
         # An aggregator from before compact forms publishes only on the full topic. Until a
         # message comes on global/delta (in this process), a full model the node got makes
         # it follow the full topic (``_follow_full``); the first compact form ends that.
-        self.compact_seen = False
+        self._compact_seen = False
         self._following_full = False
         self._echo: tuple[int, str] | None = None  # the retained copy following brings back
         self._seen_key: tuple[int, str] | None = None
@@ -305,7 +305,7 @@ class Node:
         if retained and self._echo == (model.round, model.model_id):
             self._echo = None  # the copy we already have, sent again as we began to follow
             return
-        if not self.compact_seen and not self._following_full:
+        if not self._compact_seen and not self._following_full:
             self._follow_full(model)
         seen = self._count(model.round, model.model_id, "full")
         self._model_since_connect = True
@@ -340,7 +340,7 @@ class Node:
         compact = self.read_compact(payload)
         if compact is None:
             return
-        self.compact_seen = True
+        self._compact_seen = True
         if self._following_full:  # compact forms come: the full topic only when needed
             self._following_full, self._echo = False, None
             self.client.unsubscribe(self.topics.global_model)
@@ -881,8 +881,6 @@ def handle(node: "Node", batch: list[edge.Received]) -> None:
     node.received_bytes += sum(  # delivered, whether handled or skipped as older
         len(r.payload) for r in batch if r.topic in node.topics.global_topics
     )
-    if node.topics.global_delta in newest:
-        node.compact_seen = True  # before the full copy: its aggregator sends compact forms
     if node.topics.global_model in newest:
         full = newest[node.topics.global_model]
         node.on_global(full.payload, retained=full.retain)
