@@ -246,12 +246,6 @@ class Node:
         self._fetch: Callable[[str], bool] = lambda topic: edge.fetch_retained(
             outbox.client, topic, qos=DOWNLINK_QOS
         )
-        # An aggregator from before compact forms publishes only on the full topic. Until a
-        # message comes on global/delta (in this process), a full model the node got makes
-        # it follow the full topic (``_follow_full``); the first compact form ends that.
-        self._compact_seen = False
-        self._following_full = False
-        self._echo: tuple[int, str] | None = None  # the retained copy following brings back
         self._seen_key: tuple[int, str] | None = None
         self._seen = {"full": 0, "delta": 0}
         self.finished = False
@@ -302,27 +296,12 @@ class Node:
         if model.federation != self.config.federation:
             log.error("global.rejected", reason="wrong_federation", federation=model.federation)
             return
-        if retained and self._echo == (model.round, model.model_id):
-            self._echo = None  # the copy we already have, sent again as we began to follow
-            return
-        if not self._compact_seen and not self._following_full:
-            self._follow_full(model)
         seen = self._count(model.round, model.model_id, "full")
         self._model_since_connect = True
         # A retained copy means we (re)subscribed after a reconnect; a second live copy
         # with no compact form around means the aggregator republished. In both cases
         # our update may have been lost. (A full copy racing its own compact form is not.)
         self._accept(model, resend=retained or (seen["full"] > 1 and seen["delta"] == 0))
-
-    def _follow_full(self, model: GlobalModel) -> None:
-        """Stay subscribed to the full topic: no compact form has come, so the aggregator may
-        publish only there (one from before compact forms), and fetching alone would miss
-        its next rounds. Left at the first compact form (``on_global_delta``) and at a
-        reconnect (which unsubscribes it: ``make_client``'s ``settle``)."""
-        self._following_full = True
-        self._echo = (model.round, model.model_id)
-        self.client.subscribe(self.topics.global_model, qos=DOWNLINK_QOS)
-        log.info("global.following_full", reason="no compact form from this aggregator yet")
 
     def _count(self, round: int, model_id: str, form: str) -> dict[str, int]:
         """Receptions of each form ("full", "delta") of this model so far, this one included."""
@@ -338,13 +317,8 @@ class Node:
         downlink as the seed of the task's initial parameters (``init_seed``), so nodes
         that follow compact forms see a new run start."""
         compact = self.read_compact(payload)
-        if compact is None:
-            return
-        self._compact_seen = True
-        if self._following_full:  # compact forms come: the full topic only when needed
-            self._following_full, self._echo = False, None
-            self.client.unsubscribe(self.topics.global_model)
-        self.on_compact(compact, retained=retained)
+        if compact is not None:
+            self.on_compact(compact, retained=retained)
 
     def read_compact(self, payload: bytes) -> "GlobalModel | GlobalDelta | None":
         """A message on global/delta, decoded; None (logged) if unreadable or another
@@ -546,7 +520,6 @@ class Node:
         """Refresh our retained status: a last will may have marked us offline."""
         self._model_since_connect = False  # until the subscriptions settle (on_settled)
         self._fetching = False  # an unanswered fetch died with the connection
-        self._following_full, self._echo = False, None  # the connect unsubscribed it
         self._refused = None  # the retained copy comes again: say so again, after "online"
         round, model_id = self.last_trained or (None, None)
         self.status("submitted" if round else "online", round=round, model_id=model_id)
