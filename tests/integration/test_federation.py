@@ -119,6 +119,9 @@ def test_node_refuses_a_model_it_cannot_build(
     good_params = get_model("digits-mlp").init(0)
     good = GlobalModel(federation=federation, round=1, model="digits-mlp",
                        model_id=model_id_of(good_params), params=good_params, plan=plan)  # fmt: skip
+    # as an aggregator publishes a run's first model: on global/delta for the nodes that
+    # follow compact forms (a node that fetched at connect listens there), then in full
+    watcher.client.publish(topics.global_delta, encode(good), qos=1).wait_for_publish(5)
     watcher.client.publish(topics.global_model, encode(good), qos=1, retain=True).wait_for_publish(
         5
     )
