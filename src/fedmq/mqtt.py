@@ -17,6 +17,7 @@ import paho.mqtt.client as mqtt
 import structlog
 
 from fedmq.netloop import NetworkLoop
+from fedmq.publish_reader import cut_publishes, fixed_header
 from fedmq.settings import HelpGroup, setting, usage_errors
 
 log = structlog.get_logger()
@@ -263,6 +264,76 @@ class Client(mqtt.Client):
         self.settling: dict[int, bytes] = {}  # tagged UNSUBSCRIBE mid -> tag
         self.settled_early: set[int] = set()  # UNSUBACKs that came before their mid was kept
         self.settled_to: Inbox | None = None  # where Received(SETTLED, tag) goes
+        self._ahead = bytearray()
+
+    # Bytes read ahead of paho from its socket by ``read_ahead`` (``Loop``): paho's own
+    # reads take them first (``_sock_recv``), so it reads the stream in order.
+    READ_AHEAD = 256 * 1024
+    _ahead: bytearray
+    _ahead_of: Any = None  # the socket the bytes came from
+    read_ended = False  # the last ``read_ahead`` met the end of the connection, or an error
+
+    def read_ahead(self) -> bool:
+        """One ``recv`` of up to ``READ_AHEAD`` bytes, kept for ``take_publishes`` and
+        paho's reads. True if bytes came; False if none were waiting, or the connection
+        ended or failed (paho's next read from the socket sees that again, and says so)."""
+        sock = self._sock
+        if sock is None:
+            return False
+        if self._ahead_of is not sock:  # a new connection: what the old one left is void
+            self._ahead, self._ahead_of = bytearray(), sock
+        self.read_ended = False
+        try:
+            data = super()._sock_recv(self.READ_AHEAD)
+        except BlockingIOError:
+            return False
+        except OSError:  # paho meets it again in its next read (loop_read)
+            self.read_ended = True
+            return False
+        if not data:
+            self.read_ended = True
+            return False
+        self._ahead += data
+        _note_received(self)
+        return True
+
+    def take_publishes(self, into: "Batch", limit: int) -> bool:
+        """Move the whole QoS 0/1 PUBLISH packets at the front of what was read ahead
+        into ``into`` (at most ``limit``), as ``make_client``'s ``on_message`` would; True
+        if a whole packet that paho must read (any other, or one paho is in the middle
+        of) waits in front."""
+        ahead = self._ahead if self._ahead_of is self._sock else None
+        if not ahead:
+            return False
+        if self._in_packet["command"] != 0:  # paho has read part of a packet: its turn
+            return True
+        found, used, other = cut_publishes(ahead, limit)
+        if used:
+            del ahead[:used]
+            for publish in found:
+                into.append(Received(*publish))
+        return other
+
+    def whole_packet_ahead(self) -> bool:
+        """Whether a whole packet waits in what was read ahead (or bytes of the packet
+        paho is in the middle of): then there is something to read without ``select``."""
+        ahead = self._ahead if self._ahead_of is self._sock else None
+        if not ahead:
+            return False
+        if self._in_packet["command"] != 0:
+            return True
+        header = fixed_header(ahead)
+        return header is not None and sum(header) <= len(ahead)
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        # paho 2.x reads every byte of a packet through this private method (2.0.0 to
+        # 2.2.0, the newest 2.x, alike): bytes read ahead go first, in order
+        ahead = self._ahead if self._ahead_of is self._sock else None
+        if ahead:
+            data = bytes(ahead[:bufsize])
+            del ahead[:bufsize]
+            return data
+        return super()._sock_recv(bufsize)
 
     def reconnect(self) -> mqtt.MQTTErrorCode:
         # paho's loop calls this for the first connect and every reconnect, and turns an
@@ -272,6 +343,16 @@ class Client(mqtt.Client):
         except OSError as error:
             self.connect_error = error
             raise
+
+
+def _note_received(client: mqtt.Client) -> None:
+    """Bytes came from the broker: what paho's reads note for its keepalive (paho 2.2
+    ``_last_bytes_received``, 2.0 ``_last_msg_in``)."""
+    now = getattr(mqtt, "time_func", time.monotonic)()
+    with client._msgtime_mutex:
+        for name in ("_last_bytes_received", "_last_msg_in"):
+            if hasattr(client, name):
+                setattr(client, name, now)
 
 
 def check(client: mqtt.Client) -> None:
@@ -610,9 +691,21 @@ class Loop:
     ``make_client`` (a random 0.5-1.5 s, doubling up to 30 s, drawn anew after each
     outage), keepalive pings, and writes a callback queued. While it connects (a TCP and
     maybe TLS handshake, at most paho's 5 s connect timeout) the thread waits for it.
+
+    Reading is not paho's packet by packet: the socket is read ahead in large reads
+    (``Client.read_ahead``) and the PUBLISH packets are cut from those bytes
+    (``fedmq.publish_reader``) straight into ``inbox``, as ``make_client``'s
+    ``on_message`` puts them (a client with ``message_callback_add`` filters would need
+    paho's routing: not one to run here). Any other packet paho reads from the same bytes
+    (``Client._sock_recv``), in stream order: CONNACK, SUBACK, PINGRESP and the rest, a
+    QoS 2 or malformed PUBLISH, the end of the connection. paho's debug log line per
+    PUBLISH is not written for the packets cut here.
     """
 
     MAX_DELAY = 30.0
+    # A turn of ``run`` reads on while messages come; this many reads in a row that give
+    # none (packets of other kinds, parts of a large update) end it.
+    MAX_IDLE_READS = 64
 
     def __init__(self, client: Client, inbox: Batch) -> None:
         self.client = client
@@ -638,25 +731,44 @@ class Loop:
             self._connect(timeout)
             return
         writing = [sock] if client.want_write() else []
+        # select does not see bytes already read ahead: with a whole packet waiting
+        # there, only look whether the socket takes writes
+        waiting = client.whole_packet_ahead()
         try:
-            readable, _, _ = select.select([sock], writing, [], timeout)
+            readable, _, _ = select.select([sock], writing, [], 0 if waiting else timeout)
         except (OSError, ValueError):  # closed under us (a lost connection)
             readable = []
-        if readable:
-            # each loop_read reads one packet (or nothing: the socket would block); go on
-            # while messages come, so a burst is read in one go
-            inbox = self.inbox
-            most = len(inbox) + limit
-            while len(inbox) < most:
-                before = len(inbox)
-                if client.loop_read() != mqtt.MQTT_ERR_SUCCESS or len(inbox) == before:
-                    break
+        if readable or waiting:
+            self._read(limit)
         if client.want_write():
             client.loop_write()
         client.loop_misc()
         if client.is_connected():
             self._delay = None
             self._connected = True
+
+    def _read(self, limit: int) -> None:
+        """Read what the broker sent (up to ``limit`` messages into ``inbox``): the socket
+        ahead in large reads, the PUBLISH packets cut from them here
+        (``fedmq.publish_reader``), any other packet read by paho from the same bytes."""
+        client, inbox = self.client, self.inbox
+        most = len(inbox) + limit
+        more = client.read_ahead()
+        idle = 0  # turns in a row without a message: bounded, as a turn of ``run`` is
+        while len(inbox) < most and idle < self.MAX_IDLE_READS:
+            before = len(inbox)
+            idle += 1
+            if client.take_publishes(inbox, most - len(inbox)):
+                if client.loop_read() != mqtt.MQTT_ERR_SUCCESS or client.socket() is None:
+                    return  # the connection is gone (paho has called on_disconnect)
+            elif more:  # what is left ahead is part of a packet at most: read on
+                more = client.read_ahead()
+            else:  # nothing more waits; if the connection ended, paho's read says so
+                if client.read_ended and client.socket() is not None:
+                    client.loop_read()
+                return
+            if len(inbox) > before:
+                idle = 0
 
     def _connect(self, timeout: float) -> None:
         client = self.client
