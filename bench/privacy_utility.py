@@ -13,7 +13,7 @@ use (``fedmq.privacy``): every node of the reference run holds 150 examples, so 
 digits-cnn) trains on the same split, so the same calibration holds.
 
 User level (DP-FedAvg at the aggregator, ``--level user``): ``--nodes N`` (default 100,
-``--nodes-per-process 25``), 30 rounds, ``--clip`` 1.0 or adaptive, the noise multiplier that spends the
+``--nodes-per-process 25``), 30 rounds, ``--clip`` C (default 1.0) or adaptive, the noise multiplier that spends the
 target epsilon over 30 Gaussian mechanisms (no sampling amplification) at delta 1/N^1.1,
 as the aggregator accounts it.
 
@@ -71,12 +71,11 @@ def run(args: list[str]) -> dict:
         started = time.monotonic()
         done = subprocess.run(
             [sys.executable, "-m", "fedmq", "demo", *args, "--report", str(report)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+            capture_output=True,
             text=True,
         )
-        if done.returncode != 0:
-            lines = done.stderr.strip().splitlines()
+        if done.returncode != 0:  # why: "fedmq demo failed: ..." is on stdout
+            lines = (done.stdout + done.stderr).strip().splitlines()
             telling = [line for line in lines if '"level": "info"' not in line] or lines
             tail = " | ".join(telling[-8:])
             raise RuntimeError(f"fedmq demo {' '.join(args)} failed ({done.returncode}): {tail}")
