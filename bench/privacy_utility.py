@@ -1,16 +1,19 @@
-"""The privacy-utility table of issue 17: the reference task's accuracy at a target epsilon.
+"""The privacy-utility table of issue 17: a digits task's accuracy at a target epsilon.
 
     .venv/bin/python bench/privacy_utility.py [--epsilons 1,2,4,8,none] [--level example]
-        [--compression dense,topk:0.035+sign+ef+flat] [--out bench/results/privacy-2026-12-07.txt]
+        [--compression dense,topk:0.035+sign+ef+flat] [--model digits-mlp] [--seed 0]
+        [--out bench/results/privacy-2026-12-07.txt]
 
 Example level (DP-SGD on the nodes): the reference run (``fedmq demo --nodes 10 --rounds
 30 --seed 0``, clip 1.0) with the noise multiplier that spends exactly the target epsilon
 over the run's steps on the node that spends most, by the same RDP accountant the nodes
 use (``fedmq.privacy``): every node of the reference run holds 150 examples, so q =
-16/150, 10 steps a round, 300 steps, delta 1/150^1.1. ``none``: no DP.
+16/150, 10 steps a round, 300 steps, delta 1/150^1.1. ``none``: no DP. ``--model``
+(``fedmq demo --task``): any built-in digits task (digits-mlp, digits-mlp-large,
+digits-cnn) trains on the same split, so the same calibration holds.
 
 User level (DP-FedAvg at the aggregator, ``--level user``): ``--nodes N`` (default 100,
-``--nodes-per-process 25``), 30 rounds, ``--clip`` 1.0 or adaptive, the noise multiplier that spends the
+``--nodes-per-process 25``), 30 rounds, ``--clip`` C (default 1.0) or adaptive, the noise multiplier that spends the
 target epsilon over 30 Gaussian mechanisms (no sampling amplification) at delta 1/N^1.1,
 as the aggregator accounts it.
 
@@ -68,12 +71,13 @@ def run(args: list[str]) -> dict:
         started = time.monotonic()
         done = subprocess.run(
             [sys.executable, "-m", "fedmq", "demo", *args, "--report", str(report)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+            capture_output=True,
             text=True,
         )
-        if done.returncode != 0:
-            tail = " | ".join(done.stderr.strip().splitlines()[-3:])
+        if done.returncode != 0:  # why: "fedmq demo failed: ..." is on stdout
+            lines = (done.stdout + done.stderr).strip().splitlines()
+            telling = [line for line in lines if '"level": "info"' not in line] or lines
+            tail = " | ".join(telling[-8:])
             raise RuntimeError(f"fedmq demo {' '.join(args)} failed ({done.returncode}): {tail}")
         out = json.loads(report.read_text())
         out["wall_seconds"] = time.monotonic() - started
@@ -87,12 +91,27 @@ def main() -> None:
     parser.add_argument("--compression", default="dense,topk:0.035+sign+ef+flat")
     parser.add_argument("--nodes", type=int, default=100)
     parser.add_argument("--clip", default="1.0", help="C, or adaptive (user level only)")
+    parser.add_argument(
+        "--model",
+        default="digits-mlp",
+        help="the task (a digits one: the same 150 examples a node)",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--nodes-per-process",
+        type=int,
+        help="fedmq demo's (default: 1 at example level, 25 at user level); 10 at example "
+        "level compiles DP-SGD once instead of in ten processes at once, which on a loaded "
+        "machine can miss the demo's 120 s for the first round",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results/privacy-2026-12-07.txt"))
     options = parser.parse_args()
     nodes = 10 if options.level == "example" else options.nodes
-    base = ["--nodes", str(nodes), "--rounds", str(ROUNDS), "--seed", "0"]
-    if options.level == "user":
-        base += ["--nodes-per-process", "25"]
+    base = ["--nodes", str(nodes), "--rounds", str(ROUNDS), "--seed", str(options.seed)]
+    base += ["--task", options.model]
+    per_process = options.nodes_per_process or (25 if options.level == "user" else 1)
+    if per_process != 1:
+        base += ["--nodes-per-process", str(per_process)]
     for compression in options.compression.split(","):
         for text in options.epsilons.split(","):
             target = None if text == "none" else float(text)
@@ -110,7 +129,9 @@ def main() -> None:
             spent = rows[-1].get("dp_epsilon_max") or rows[-1].get("dp_fedavg_epsilon")
             clips = [r["dp_fedavg_clip"] for r in rows if r.get("dp_fedavg_clip") is not None]
             line = (
-                f"{options.level} nodes={nodes} compression={compression} clip={options.clip} "
+                f"{options.level} model={options.model} seed={options.seed} nodes={nodes} "
+                f"nodes_per_process={per_process} "
+                f"compression={compression} clip={options.clip} "
                 f"target_epsilon={text} "
                 f"noise={noise and round(noise, 4)} delta={delta and f'{delta:.3g}'} "
                 f"final_accuracy={report['final_accuracy']:.4f} spent_epsilon={spent} "

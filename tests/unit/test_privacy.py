@@ -402,6 +402,45 @@ def test_dp_fedavg_bounds_each_node_and_noises_with_z_times_c():
     assert np.std(residual) == pytest.approx(2.0 * 0.5, rel=0.05)
 
 
+def test_dp_fedavg_clips_compressed_updates_as_decoded_whatever_error_feedback_carried():
+    """The 100x pipeline under DP-FedAvg: the aggregator clips what it decodes (top-k,
+    sign, flat), so a node's error-feedback residual, which it adds to later deltas and
+    never sends, still moves the noised sum by at most C a round."""
+    from fedmq.aggregator.dp_fedavg import DpFedAvg, private_mean
+    from fedmq.compression.spec import parse_spec
+    from fedmq.compression.transforms import error_feedback_init
+    from fedmq.schemas.encodings import to_dense
+    from fedmq.schemas.messages import delta_from_wire, delta_to_wire
+
+    spec = "topk:0.035+sign+ef+flat"
+    pipeline = parse_spec(spec)
+    layout = {"w": (64, 32), "b": (32,)}
+    rng = np.random.default_rng(0)
+    states = {f"n{i}": error_feedback_init(layout) for i in range(4)}
+    dp = DpFedAvg(noise=0.0001, clip=0.05)  # noise ~0: the clipped sum shows
+    for _ in range(3):  # the residual grows what later rounds send
+        updates = {}
+        for node, state in states.items():
+            delta = {k: (rng.normal(0, 1, s)).astype(np.float32) for k, s in layout.items()}
+            sent, states[node] = pipeline.compress(delta, rng, state)
+            wire = delta_to_wire(sent, spec)
+            updates[node] = fedavg_update(node, delta_from_wire(wire, spec, layout))
+        decoded = {
+            node: fedavg_update(node, {k: to_dense(u.delta[k]) for k in layout})
+            for node, u in updates.items()
+        }
+        mean, clipped, _ = private_mean(updates, layout, dp, 4, np.random.default_rng(1))
+        same, *_ = private_mean(decoded, layout, dp, 4, np.random.default_rng(1))
+        assert clipped == 4 and all(np.array_equal(mean[k], same[k]) for k in layout)
+        without, *_ = private_mean(
+            {k: u for k, u in updates.items() if k != "n2"}, layout, dp, 4,
+            np.random.default_rng(1),
+        )  # fmt: skip
+        moved = math.sqrt(sum(float(np.sum(np.square((mean[k] - without[k]) * 4))) for k in layout))
+        assert moved <= 0.05 * (1 + 1e-3)
+    assert any(np.any(r != 0) for r in states["n2"].residual.values())  # kept, never sent
+
+
 def test_dp_fedavg_rounds_report_the_runs_growing_epsilon():
     from fedmq.aggregator.dp_fedavg import DpFedAvg, fleet_delta
     from fedmq.aggregator.rounds import RoundPolicy
