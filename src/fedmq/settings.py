@@ -412,9 +412,10 @@ def show_list(value: tuple[str, ...]) -> str:
 
 
 COMPRESSION_HELP = (
-    "how nodes compress their deltas: dense (default), fp16, int8, int4, sign, topk:F, joined "
-    "with + and optionally ef (error feedback), flat (one Elias-Fano coded run for the whole "
-    "sparse delta; needs topk) and zlib, e.g. topk:0.035+sign+ef+flat (100x fewer bytes)"
+    "how nodes compress their deltas: dense (default), fp16, int8, int4, sign, topk:F (per "
+    "tensor) or gtopk:F (over the whole delta), joined with + and optionally ef (error "
+    "feedback), flat (one Elias-Fano coded run for the whole sparse delta; needs topk or "
+    "gtopk) and zlib, e.g. topk:0.035+sign+ef+flat (100x fewer bytes)"
 )
 
 DOWNLINK_HELP = (

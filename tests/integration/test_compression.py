@@ -22,7 +22,12 @@ DENSE_UPDATE_BYTES = 9_971  # one dense digits-mlp update (docs/PROTOCOL.md, sec
 
 @pytest.mark.parametrize(
     ("spec", "bits"),
-    [("topk:0.1+int8+ef", 8), ("topk:0.1+sign+ef+zlib", 1), ("topk:0.1+sign+ef+flat", 1)],
+    [
+        ("topk:0.1+int8+ef", 8),
+        ("topk:0.1+sign+ef+zlib", 1),
+        ("topk:0.1+sign+ef+flat", 1),
+        ("gtopk:0.1+sign+ef+flat", 1),
+    ],
 )
 def test_three_nodes_send_sparse_quantized_updates_with_error_feedback(
     mosquitto, federation, spawn, node_data, collect, tmp_path, spec, bits
@@ -78,13 +83,18 @@ def test_three_nodes_send_sparse_quantized_updates_with_error_feedback(
     assert sorted((u.round, u.node_id) for u in updates) == [
         (r, f"pi-{i}") for r in range(1, 5) for i in range(3)
     ]
+    total = sum(math.prod(shape) for shape in layout.values())
     for update in updates:
         assert update.compression == spec
         for name, tensor in update.delta.items():
             assert isinstance(tensor, Sparse), name
             assert isinstance(tensor.values, Quantized) and tensor.values.bits == bits
-            size = math.prod(layout[name])
-            assert tensor.indices.size == max(1, math.ceil(0.1 * size))
+            if not spec.startswith("gtopk"):  # per tensor
+                size = math.prod(layout[name])
+                assert tensor.indices.size == max(1, math.ceil(0.1 * size))
+        if spec.startswith("gtopk"):  # over the whole delta
+            kept = sum(t.indices.size for t in update.delta.values())
+            assert kept == math.ceil(0.1 * total)
     assert sum(len(p) for p in payloads) == sum(m.uplink_bytes for m in metrics)
 
     # The report agrees with the wire.

@@ -33,6 +33,7 @@ from fedmq.compression.transforms import (
     quantize_values,
     sign_values,
     top_k,
+    top_k_pooled,
 )
 from fedmq.models import get_model
 from fedmq.node import residual
@@ -161,6 +162,9 @@ def test_every_spec_parses_in_any_order_and_prints_canonically(
         ("topk:1e-2+int8", "topk:0.01+int8"),
         ("zlib+ef+int4+topk:0.020", "topk:0.02+int4+ef+zlib"),
         ("zlib+ef+sign+topk:0.035", "topk:0.035+sign+ef+zlib"),
+        ("flat+ef+sign+gtopk:0.0350", "gtopk:0.035+sign+ef+flat"),
+        ("gtopk:1e-2+int4+ef", "gtopk:0.01+int4+ef"),
+        ("gtopk:1.0", "gtopk:1"),
     ],
 )
 def test_spec_spellings_print_as_the_canonical_spec(text, spec):
@@ -279,6 +283,13 @@ def section_12_7_hex() -> list[str]:
         ("int8+", "unknown stage ''"),
         ("+int8", "unknown stage ''"),
         ("int8++ef", "unknown stage ''"),
+        ("gtopk", "gtopk needs a fraction"),
+        ("gtopk:0", "gtopk needs a fraction"),
+        ("gtopk:1.5+sign", "gtopk needs a fraction"),
+        ("topk:0.1+gtopk:0.1", "choose one of topk, gtopk"),
+        ("gtopk:0.1+topk:0.1+flat", "choose one of topk, gtopk"),
+        ("gtopk:0.1+gtopk:0.2", "stage 'gtopk' appears twice"),
+        ("GTOPK:0.1", "unknown stage 'GTOPK:0.1'"),
     ],
 )
 def test_bad_specs_are_refused_naming_the_problem(text, problem):
@@ -397,6 +408,103 @@ def test_every_pipeline_survives_the_wire_bit_for_bit(pipeline, delta, seed):
         got = decoded_update.delta[name]
         assert pipeline.form_problem(got) is None
         assert np.array_equal(bits_of(to_dense(got)), bits_of(to_dense(encoded[name])))
+
+
+def test_gtopk_parses_to_a_pooled_top_k_and_otherwise_the_same_pipeline():
+    pooled = parse_spec("gtopk:0.035+sign+ef+flat")
+    per_tensor = parse_spec("topk:0.035+sign+ef+flat")
+    assert pooled.pooled and not per_tensor.pooled
+    assert pooled == Pipeline(
+        top_k=0.035, pooled=True, values="sign", error_feedback=True, framing=Framing(flat=True)
+    )
+    assert str(pooled) == "gtopk:0.035+sign+ef+flat" and parse_spec(str(pooled)) == pooled
+    assert Framing.named_by(str(pooled)) == pooled.framing
+    assert not parse_spec("sign+ef").pooled
+
+
+def pooled_deltas() -> st.SearchStrategy[dict[str, np.ndarray]]:
+    """Three tensors of different scales (so one may get none of the k), ties and zeros
+    likely in the tiny one."""
+
+    def build(args: tuple[np.ndarray, int, float]) -> dict[str, np.ndarray]:
+        tiny, seed, scale = args
+        rng = np.random.default_rng(seed)
+        return {
+            "tiny": tiny,
+            "w": rng.normal(0.0, scale, (17, 40)).astype(np.float32),
+            "b": rng.normal(0.0, 1.0, (30,)).astype(np.float32),
+            "s": np.asarray(rng.normal(), np.float32),  # a 0-d tensor stays 0-d
+        }
+
+    return st.tuples(
+        hnp.arrays(np.float32, TINY_SHAPES, elements=FINITE32),
+        st.integers(0, 2**32 - 1),
+        st.sampled_from([1e-3, 1.0, 100.0]),
+    ).map(build)
+
+
+@PROPERTY
+@given(
+    delta=pooled_deltas(),
+    fraction=st.sampled_from([1e-6, 0.01, 0.035, 0.5, 1.0]),
+    values=st.sampled_from(VALUE_CODINGS),
+    flat=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_gtopk_keeps_the_largest_magnitudes_of_the_whole_delta(delta, fraction, values, flat, seed):
+    """k = ceil(F * N) over all N elements: every magnitude kept is at least every one
+    left, whichever tensor each is in; positions increase in each tensor, a tensor may
+    keep none, and the forms pass the aggregator's check and the wire bit for bit."""
+    total = sum(x.size for x in delta.values())
+    k = min(total, max(1, math.ceil(fraction * total)))
+    pipeline = Pipeline(
+        top_k=fraction, pooled=True, values=values, error_feedback=True, framing=Framing(flat=flat)
+    )
+    assert parse_spec(str(pipeline)) == pipeline
+    layout = {name: x.shape for name, x in delta.items()}
+    encoded, state = pipeline.compress(
+        delta, np.random.default_rng(seed), error_feedback_init(layout)
+    )
+
+    assert sum(sent.indices.size for sent in encoded.values()) == k
+    kept, left = [], []
+    for name, x in delta.items():
+        sent = encoded[name]
+        assert isinstance(sent, Sparse) and tuple(sent.shape) == x.shape
+        assert (np.diff(sent.indices) > 0).all()
+        assert pipeline.form_problem(sent) is None
+        magnitudes = np.abs(x.reshape(-1))
+        kept.append(magnitudes[sent.indices])
+        left.append(np.delete(magnitudes, sent.indices))
+        if values is None:
+            assert np.array_equal(sent.values, x.reshape(-1)[sent.indices])
+        # with ef: what was not sent stays in the residual, per tensor
+        assert np.array_equal(state.residual[name], x - to_dense(sent))
+    kept_all, left_all = np.concatenate(kept), np.concatenate(left)
+    if left_all.size:
+        assert kept_all.min() >= left_all.max()
+    update = NodeUpdate(
+        federation="fed", node_id="pi-1", round=3, base_model_id="0" * 32, num_examples=7,
+        train_loss=0.5, train_seconds=0.25, delta=encoded, compression=str(pipeline),
+    )  # fmt: skip
+    decoded = decode_update(encode(update), layout=layout)
+    for name in delta:
+        assert pipeline.form_problem(decoded.delta[name]) is None
+        assert np.array_equal(
+            bits_of(to_dense(decoded.delta[name])), bits_of(to_dense(encoded[name]))
+        )
+
+
+def test_gtopk_gives_the_budget_to_the_tensor_where_the_delta_is_large():
+    delta = {"big": np.full(100, 5.0, np.float32), "small": np.full(900, 0.1, np.float32)}
+    delta["small"][7] = -9.0
+    per_tensor, _ = compress_tree(top_k(0.1), delta, np.random.default_rng(0))
+    pooled, _ = compress_tree(top_k_pooled(0.1), delta, np.random.default_rng(0))
+    assert [per_tensor[n].indices.size for n in delta] == [10, 90]
+    assert [pooled[n].indices.size for n in delta] == [99, 1]
+    assert pooled["small"].indices.tolist() == [7]
+    with pytest.raises(TypeError):
+        compress_tree(chain(top_k(0.5), top_k_pooled(0.5)), delta, np.random.default_rng(0))
 
 
 def test_compression_makes_the_update_smaller():

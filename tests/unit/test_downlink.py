@@ -40,6 +40,8 @@ from .test_aggregator_server import FEDERATION, MODEL, PLAN, TOPICS, Harness
 
 SPECS = [
     "topk:0.035+sign+ef+flat",
+    "gtopk:0.02+sign+ef+flat",
+    "gtopk:0.015+int4+ef",
     "topk:0.1+int8+ef",
     "topk:0.05+int4+ef+flat+zlib",
     "fp16",
@@ -117,7 +119,9 @@ def test_none_is_the_xor_form_byte_for_byte() -> None:
 # ------------------------------------------------------------------ the aggregator
 
 
-@pytest.mark.parametrize("spec", ["topk:0.035+sign+ef+flat", "topk:0.1+int8+ef"])
+@pytest.mark.parametrize(
+    "spec", ["topk:0.035+sign+ef+flat", "topk:0.1+int8+ef", "gtopk:0.015+int4+ef+flat"]
+)
 def test_every_node_rebuilds_bitwise_the_published_global(spec: str, tmp_path: Path) -> None:
     h = run(spec)
     fulls = h.globals()

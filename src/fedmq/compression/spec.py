@@ -1,11 +1,13 @@
 """The SPEC grammar that names a compression pipeline (docs/PROTOCOL.md, "Compression").
 
     SPEC    := "dense" | STAGE ("+" STAGE)*
-    STAGE   := "topk:" FRACTION | "fp16" | "int8" | "int4" | "sign" | "ef" | "flat" | "zlib"
+    STAGE   := "topk:" FRACTION | "gtopk:" FRACTION | "fp16" | "int8" | "int4" | "sign"
+             | "ef" | "flat" | "zlib"
 
-At most one value coding (fp16/int8/int4/sign); each stage at most once. Stages always
-run in the order topk, value coding, and the lossless ``zlib`` last; ``ef`` (error
-feedback) wraps the lossy part. ``flat`` (needs ``topk``) changes only the encoding: the
+At most one of topk (per tensor) and gtopk (over the whole delta), at most one value
+coding (fp16/int8/int4/sign); each stage at most once. Stages always run in the order
+topk/gtopk, value coding, and the lossless ``zlib`` last; ``ef`` (error feedback) wraps
+the lossy part. ``flat`` (needs topk or gtopk) changes only the encoding: the
 kept elements of all tensors travel as one run with Elias-Fano coded positions, so the
 same numbers arrive in fewer bytes and decode in fewer steps. ``str(pipeline)`` is the
 canonical SPEC, which travels.
@@ -27,6 +29,7 @@ from fedmq.compression.transforms import (
     scaled_sign,
     to_float16,
     top_k,
+    top_k_pooled,
 )
 from fedmq.schemas.encodings import Encoded, Quantized, Sparse
 from fedmq.schemas.framing import STAGE_SEPARATOR, Framing
@@ -39,6 +42,7 @@ QUANT_CHUNK = 256
 @dataclass(frozen=True)
 class Pipeline:
     top_k: float | None = None
+    pooled: bool = False  # gtopk: top_k's fraction of the whole delta, not of each tensor
     values: str | None = None  # one of VALUE_CODINGS, None = float32
     error_feedback: bool = False
     # encoding only (schemas.framing): flat, the whole delta as one sparse run
@@ -48,7 +52,8 @@ class Pipeline:
     def __str__(self) -> str:
         stages = []
         if self.top_k is not None:
-            stages.append(f"topk:{self.top_k:.6f}".rstrip("0").rstrip("."))  # never an exponent
+            name = "gtopk" if self.pooled else "topk"
+            stages.append(f"{name}:{self.top_k:.6f}".rstrip("0").rstrip("."))  # no exponent
         if self.values:
             stages.append(self.values)
         if self.error_feedback:
@@ -64,7 +69,7 @@ class Pipeline:
         """The lossy stages (topk, value coding), chained, without error feedback."""
         stages = []
         if self.top_k is not None:
-            stages.append(top_k(self.top_k))
+            stages.append((top_k_pooled if self.pooled else top_k)(self.top_k))
         if self.values == "fp16":
             stages.append(to_float16())
         elif self.values == "sign":
@@ -115,6 +120,7 @@ def parse_spec(text: str) -> Pipeline:
     if text == "dense":
         return Pipeline()
     top: float | None = None
+    pooled = False
     values: str | None = None
     seen: set[str] = set()
     for stage in text.split(STAGE_SEPARATOR):
@@ -122,25 +128,34 @@ def parse_spec(text: str) -> Pipeline:
         if kind in seen:
             raise ValueError(f"compression {text!r}: stage {kind!r} appears twice")
         seen.add(kind)
-        if kind == "topk":
+        if kind in ("topk", "gtopk"):
+            if top is not None:
+                raise ValueError(f"compression {text!r}: choose one of topk, gtopk")
+            pooled = kind == "gtopk"
             try:
                 top = float(argument)
             except ValueError:
                 top = -1.0
             if not 1e-6 <= top <= 1:
-                raise ValueError(f"compression {text!r}: topk needs a fraction in [1e-6, 1]")
+                raise ValueError(f"compression {text!r}: {kind} needs a fraction in [1e-6, 1]")
         elif kind in VALUE_CODINGS and not argument:
             if values is not None:
                 raise ValueError(f"compression {text!r}: choose one of {', '.join(VALUE_CODINGS)}")
             values = kind
         elif kind not in ("ef", "flat", "zlib") or argument:
             raise ValueError(
-                f"compression {text!r}: unknown stage {stage!r} (dense, topk:F, fp16, int8, "
-                "int4, sign, ef, flat, zlib)"
+                f"compression {text!r}: unknown stage {stage!r} (dense, topk:F, gtopk:F, "
+                "fp16, int8, int4, sign, ef, flat, zlib)"
             )
     if "flat" in seen and top is None:
-        raise ValueError(f"compression {text!r}: flat encodes a sparse delta, it needs topk:F")
+        raise ValueError(
+            f"compression {text!r}: flat encodes a sparse delta, it needs topk:F or gtopk:F"
+        )
     # The framing stages as the wire reads them in any update (one reading, schemas.framing)
     return Pipeline(
-        top_k=top, values=values, error_feedback="ef" in seen, framing=Framing.named_by(text)
+        top_k=top,
+        pooled=pooled,
+        values=values,
+        error_feedback="ef" in seen,
+        framing=Framing.named_by(text),
     )

@@ -72,6 +72,46 @@ def top_k(fraction: float) -> Stage:
     return per_tensor(apply)
 
 
+def top_k_pooled(fraction: float) -> Stage:
+    """Keep the ``ceil(fraction * N)`` largest magnitudes of the whole delta, N its element
+    count over all tensors, the tensors laid end to end in the delta's order; each tensor
+    becomes sparse with the positions that fell in it (possibly none). The same budget
+    as ``top_k`` goes where the delta is large: on digits-mlp-large a round's delta is
+    several times larger per element in the output layer and biases than in the hidden
+    weights, which per-tensor top-k gives the same fraction."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"top-k fraction {fraction} is not in (0, 1]")
+
+    def init(_shapes: Shapes) -> EmptyState:
+        return EmptyState()
+
+    def update(
+        delta: Mapping[str, Encoded], state: Any, rng: np.random.Generator
+    ) -> tuple[Delta, Any]:
+        flats = {}
+        for name, x in delta.items():
+            # isinstance on purpose: choosing positions is defined on dense float32 only
+            if not isinstance(x, np.ndarray):
+                raise TypeError("top-k works on a dense tensor")
+            flats[name] = x.reshape(-1)
+        pooled = np.concatenate(list(flats.values())) if flats else np.zeros(0, np.float32)
+        total = pooled.size
+        k = min(total, max(1, math.ceil(fraction * total)))
+        chosen = np.sort(np.argpartition(np.abs(pooled), total - k)[total - k :])
+        out: Delta = {}
+        start = 0
+        for name, flat in flats.items():
+            mine = chosen[
+                np.searchsorted(chosen, start) : np.searchsorted(chosen, start + flat.size)
+            ]
+            at = (mine - start).astype(np.int64)
+            out[name] = Sparse(shape=np.shape(delta[name]), indices=at, values=flat[at])
+            start += flat.size
+        return out, state
+
+    return Stage(init, update)
+
+
 ValueCoder = Callable[[np.ndarray, np.random.Generator], "np.ndarray | Quantized"]
 
 
