@@ -675,7 +675,11 @@ def run(config: DemoSettings, stop: threading.Event, out: TextIO = sys.stdout) -
             if run_done:
                 break
             if not rounds and time.monotonic() - started > config.first_round_timeout:
-                raise ChildFailed(f"no round finished within {config.first_round_timeout:.0f} s")
+                raise ChildFailed(
+                    f"no round finished within {config.first_round_timeout:.0f} s "
+                    "(the node logs say why; if they are still compiling or training, "
+                    "give them longer with --start-timeout SECONDS)"
+                )
             try:
                 received = inbox.get(timeout=0.2)
             except queue.Empty:

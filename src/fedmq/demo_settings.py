@@ -227,7 +227,14 @@ class DemoSettings(LogSettings):
         help="restart a child that dies before the run is over up to N times, after a short "
         "back-off (default 3 per child; 0 = fail at once)",
     )
-    start_timeout: float | None = None  # no round within this long: the demo fails
+    start_timeout: float | None = setting(  # None: first_round_timeout's default
+        None,
+        parse=positive_float,
+        metavar="SECONDS",
+        help="fail the demo if no round has finished SECONDS after it started (default 120, "
+        "or 0.25 s a node from 480 nodes on); raise it for a big model or slow machines, "
+        "where every node compiles before round 1 closes",
+    )
 
     def __post_init__(self) -> None:
         chosen_task(self.task, self.model)  # both given and different: ValueError

@@ -52,6 +52,11 @@ def test_a_report_that_cannot_be_written(tmp_path: Path) -> None:
         (["demo", "--partition", "x"], "fedmq demo", "argument --partition: partition 'x' is"),
         (["demo", "--nodes", "0"], "fedmq demo", "argument --nodes: '0' is not a whole number"),
         (["demo", "--compresion", "int8"], "fedmq", "unrecognized arguments: --compresion int8"),
+        (
+            ["demo", "--start-timeout", "0"],
+            "fedmq demo",
+            "argument --start-timeout: '0' is not a number > 0",
+        ),
     ],
 )
 def test_a_typo_on_the_command_line_is_one_line(argv, prog, says, capsys) -> None:  # type: ignore[no-untyped-def]
