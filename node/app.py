@@ -184,6 +184,10 @@ def enable_compile_cache(directory: Path) -> None:
 # nothing by taking it at QoS 0; and an offline node's persistent session then queues
 # no stale models on the broker (QoS 0 is not queued for absent clients).
 DOWNLINK_QOS = 0
+# Fetches again for a model a compact form announced while the fetch brought an older
+# one (``Node.on_settled``): a broker takes the aggregator's full model within a round
+# trip or two; more means it never will (the aggregator stopped in between).
+MAX_FETCHES_FOR_A_MODEL = 3
 
 
 class Node:
@@ -243,6 +247,11 @@ class Node:
         # trained on; if not by the time the subscriptions settle, it fetches the full one.
         self._model_since_connect = False
         self._fetching = False  # a fetch of the retained full model is under way
+        # The newest model a compact form announced that the node could not build, and
+        # the fetches made for it: a fetch may bring an older model (the broker took its
+        # subscribe before that model's full form), so the node fetches again, a few times.
+        self._wanted: tuple[int, str] | None = None
+        self._fetches_for_wanted = 0
         self._fetch: Callable[[str], bool] = lambda topic: edge.fetch_retained(
             outbox.client, topic, qos=DOWNLINK_QOS
         )
@@ -372,6 +381,8 @@ class Node:
                 log.warning("global_delta.rejected", reason=error.reason, detail=error.detail)
                 model = None
         if model is None:
+            if self._wanted is None or compact.round > self._wanted[0]:
+                self._wanted, self._fetches_for_wanted = (compact.round, compact.model_id), 0
             self.fetch_full()  # the retained full model is the exact one
             return
         self._model_since_connect = True
@@ -420,6 +431,15 @@ class Node:
         retained compact form (if any) came before this; after a fetch, the full model."""
         if tag == b"fetch":
             self._fetching = False
+            wanted, held = self._wanted, self._held
+            if wanted is not None and (held is None or held.round < wanted[0]):
+                if self._fetches_for_wanted < MAX_FETCHES_FOR_A_MODEL:
+                    self._fetches_for_wanted += 1
+                    log.info("global.fetching_again", round=wanted[0])
+                    self.fetch_full()
+                    return
+                log.warning("global.not_retained", round=wanted[0], model_id=wanted[1])
+            self._wanted = None
         elif tag == b"connect" and not self._model_since_connect:
             self.fetch_full()  # no compact form to build on: the full model, if there is one
 
@@ -520,6 +540,7 @@ class Node:
         """Refresh our retained status: a last will may have marked us offline."""
         self._model_since_connect = False  # until the subscriptions settle (on_settled)
         self._fetching = False  # an unanswered fetch died with the connection
+        self._wanted = None  # the connect's own fetch, if one is needed, takes the newest
         self._refused = None  # the retained copy comes again: say so again, after "online"
         round, model_id = self.last_trained or (None, None)
         self.status("submitted" if round else "online", round=round, model_id=model_id)

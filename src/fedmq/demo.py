@@ -424,7 +424,7 @@ class Children:
         """Restarts so far of each child that had any."""
         return {name: c.restarts for name, c in sorted(self.children.items()) if c.restarts}
 
-    def _tail(self, name: str) -> str:
+    def tail(self, name: str) -> str:
         return self.log_path(name).read_text(errors="replace")[-1500:]
 
     def _error_line(self, name: str) -> str | None:
@@ -476,16 +476,16 @@ class Children:
                         f"{what}, a configuration error (not restarted): {line}"
                     )
                 raise ChildMisconfigured(
-                    f"{what}, a configuration error (not restarted):\n{self._tail(name)}"
+                    f"{what}, a configuration error (not restarted):\n{self.tail(name)}"
                 )
             if code == 0:
                 what += " before the run was over"
             if run_done:
-                raise ChildFailed(f"{what}:\n{self._tail(name)}")
+                raise ChildFailed(f"{what}:\n{self.tail(name)}")
             if child.restarts >= self.policy.max_restarts:
                 raise ChildFailed(
                     f"{what}; giving up after {child.restarts} restarts"
-                    f" (--max-restarts {self.policy.max_restarts}):\n{self._tail(name)}"
+                    f" (--max-restarts {self.policy.max_restarts}):\n{self.tail(name)}"
                 )
             delay = self.policy.delay(child.restarts)
             child.restart_at = now + delay
@@ -495,14 +495,16 @@ class Children:
             )
         return events
 
-    def wait_all(self, timeout: float) -> bool:
+    def wait_all(self, timeout: float) -> list[str]:
+        """Wait up to ``timeout`` for every child to exit; the names of those still running."""
         deadline = time.monotonic() + timeout
-        for proc in self.procs.values():
+        running = []
+        for name, proc in self.procs.items():
             try:
                 proc.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                return False
-        return True
+                running.append(name)
+        return running
 
     def stop_all(self) -> None:
         for proc in self.procs.values():
@@ -695,8 +697,12 @@ def run(config: DemoSettings, stop: threading.Event, out: TextIO = sys.stdout) -
             rounds[metrics.round] = metrics  # a repeat (aggregator restart) supersedes
             if new:
                 progress.round(metrics)
-        if not children.wait_all(timeout=30 + 0.05 * config.node_count):
-            raise ChildFailed("processes did not exit after the last round")
+        running = children.wait_all(timeout=30 + 0.05 * config.node_count)
+        if running:
+            raise ChildFailed(
+                f"processes did not exit after the last round: {', '.join(running)};"
+                f" the end of {running[0]}'s log:\n{children.tail(running[0])}"
+            )
         children.supervise(time.monotonic(), run_done=True)
         total = time.monotonic() - started
         report = build_report(

@@ -205,6 +205,43 @@ def test_a_node_follows_the_compact_forms_and_catches_up_after_missing_one(
     assert [m.round for m in follower.trained] == [1, 2, 4, 5]
 
 
+def test_a_compact_form_that_comes_during_a_fetch_is_not_lost(tmp_path: Path) -> None:
+    """A slow node (async mode) misses round 3, fetches, and round 4's compact form (the
+    final model, say) comes before the fetch is answered: the fetch may bring round 3
+    (the broker took the subscribe before round 4's full model), so the node fetches
+    again until it holds round 4, or it would wait for a model that was already sent."""
+    h = run("topk:0.035+sign+ef+flat", rounds=5)
+    payloads, fulls = compact_payloads(h), h.globals()
+    follower = Following(tmp_path)
+    follower.node.on_global_delta(payloads[0])  # round 1, in full
+    follower.node.on_global_delta(payloads[2])  # round 3: no base, a fetch
+    follower.node.on_global_delta(payloads[3])  # round 4 while fetching: no base either
+    assert follower.fetched == [TOPICS.global_model]  # one fetch at a time
+    follower.node.on_global(encode(fulls[2]), retained=True)  # the fetch brings round 3
+    follower.node.on_settled(b"fetch")
+    assert follower.fetched == [TOPICS.global_model] * 2  # round 4 was seen: again
+    follower.node.on_global(encode(fulls[3]), retained=True)
+    follower.node.on_settled(b"fetch")
+    assert follower.fetched == [TOPICS.global_model] * 2  # it holds round 4: done
+    assert follower.held is not None and follower.held.model_id == fulls[3].model_id
+    assert [m.round for m in follower.trained] == [1, 3, 4]
+
+
+def test_fetching_again_for_a_model_the_broker_never_retains_stops(tmp_path: Path) -> None:
+    """An aggregator that died between a compact form and its full model: the node gives
+    up after a few fetches instead of asking the broker in a loop."""
+    h = run("topk:0.035+sign+ef+flat", rounds=4)
+    payloads, fulls = compact_payloads(h), h.globals()
+    follower = Following(tmp_path)
+    follower.node.on_global_delta(payloads[0])
+    follower.node.on_global_delta(payloads[2])
+    follower.node.on_global_delta(payloads[3])
+    for _ in range(10):
+        follower.node.on_global(encode(fulls[2]), retained=True)
+        follower.node.on_settled(b"fetch")
+    assert 2 <= len(follower.fetched) <= 5
+
+
 def forged(payload: bytes, change: Any) -> bytes:
     message = msgpack.unpackb(payload)
     change(message)
