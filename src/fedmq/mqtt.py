@@ -302,7 +302,7 @@ class Client(mqtt.Client):
         into ``into`` (at most ``limit``), as ``make_client``'s ``on_message`` would; True
         if a whole packet that paho must read (any other, or one paho is in the middle
         of) waits in front."""
-        ahead = self._ahead if self._ahead_of is self._sock else None
+        ahead = self._pending()
         if not ahead:
             return False
         if self._in_packet["command"] != 0:  # paho has read part of a packet: its turn
@@ -317,7 +317,7 @@ class Client(mqtt.Client):
     def whole_packet_ahead(self) -> bool:
         """Whether a whole packet waits in what was read ahead (or bytes of the packet
         paho is in the middle of): then there is something to read without ``select``."""
-        ahead = self._ahead if self._ahead_of is self._sock else None
+        ahead = self._pending()
         if not ahead:
             return False
         if self._in_packet["command"] != 0:
@@ -325,10 +325,15 @@ class Client(mqtt.Client):
         header = fixed_header(ahead)
         return header is not None and sum(header) <= len(ahead)
 
+    def _pending(self) -> bytearray | None:
+        """What was read ahead from the current socket and not yet taken (None: nothing
+        read ahead from this connection)."""
+        return self._ahead if self._ahead_of is self._sock else None
+
     def _sock_recv(self, bufsize: int) -> bytes:
         # paho 2.x reads every byte of a packet through this private method (2.0.0 to
         # 2.2.0, the newest 2.x, alike): bytes read ahead go first, in order
-        ahead = self._ahead if self._ahead_of is self._sock else None
+        ahead = self._pending()
         if ahead:
             data = bytes(ahead[:bufsize])
             del ahead[:bufsize]

@@ -55,18 +55,31 @@ def identity() -> Stage:
     return per_tensor(lambda x, _rng: x)
 
 
-def top_k(fraction: float) -> Stage:
-    """Keep the ``ceil(fraction * size)`` largest magnitudes of each dense tensor."""
+def _check_fraction(fraction: float) -> None:
     if not 0 < fraction <= 1:
         raise ValueError(f"top-k fraction {fraction} is not in (0, 1]")
 
+
+def _dense_flat(x: Encoded) -> np.ndarray:
+    # isinstance on purpose: choosing positions is defined on dense float32 only
+    if not isinstance(x, np.ndarray):
+        raise TypeError("top-k works on a dense tensor")
+    return x.reshape(-1)
+
+
+def _largest(flat: np.ndarray, fraction: float) -> np.ndarray:
+    """The positions, ascending, of the ``ceil(fraction * size)`` largest magnitudes."""
+    k = min(flat.size, max(1, math.ceil(fraction * flat.size)))
+    return np.sort(np.argpartition(np.abs(flat), flat.size - k)[flat.size - k :])
+
+
+def top_k(fraction: float) -> Stage:
+    """Keep the ``ceil(fraction * size)`` largest magnitudes of each dense tensor."""
+    _check_fraction(fraction)
+
     def apply(x: Encoded, _rng: np.random.Generator) -> Encoded:
-        # isinstance on purpose: choosing positions is defined on dense float32 only
-        if not isinstance(x, np.ndarray):
-            raise TypeError("top-k works on a dense tensor")
-        flat = x.reshape(-1)
-        k = min(flat.size, max(1, math.ceil(fraction * flat.size)))
-        chosen = np.sort(np.argpartition(np.abs(flat), flat.size - k)[flat.size - k :])
+        flat = _dense_flat(x)
+        chosen = _largest(flat, fraction)
         return Sparse(shape=x.shape, indices=chosen.astype(np.int64), values=flat[chosen])
 
     return per_tensor(apply)
@@ -79,8 +92,7 @@ def top_k_pooled(fraction: float) -> Stage:
     as ``top_k`` goes where the delta is large: on digits-mlp-large a round's delta is
     several times larger per element in the output layer and biases than in the hidden
     weights, which per-tensor top-k gives the same fraction."""
-    if not 0 < fraction <= 1:
-        raise ValueError(f"top-k fraction {fraction} is not in (0, 1]")
+    _check_fraction(fraction)
 
     def init(_shapes: Shapes) -> EmptyState:
         return EmptyState()
@@ -88,16 +100,9 @@ def top_k_pooled(fraction: float) -> Stage:
     def update(
         delta: Mapping[str, Encoded], state: Any, rng: np.random.Generator
     ) -> tuple[Delta, Any]:
-        flats = {}
-        for name, x in delta.items():
-            # isinstance on purpose: choosing positions is defined on dense float32 only
-            if not isinstance(x, np.ndarray):
-                raise TypeError("top-k works on a dense tensor")
-            flats[name] = x.reshape(-1)
+        flats = {name: _dense_flat(x) for name, x in delta.items()}
         pooled = np.concatenate(list(flats.values())) if flats else np.zeros(0, np.float32)
-        total = pooled.size
-        k = min(total, max(1, math.ceil(fraction * total)))
-        chosen = np.sort(np.argpartition(np.abs(pooled), total - k)[total - k :])
+        chosen = _largest(pooled, fraction)
         out: Delta = {}
         start = 0
         for name, flat in flats.items():
