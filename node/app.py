@@ -250,7 +250,7 @@ class Node:
         # The newest model a compact form announced that the node could not build, and
         # the fetches made for it: a fetch may bring an older model (the broker took its
         # subscribe before that model's full form), so the node fetches again, a few times.
-        self._wanted: tuple[int, str] | None = None
+        self._wanted: GlobalDelta | None = None
         self._fetches_for_wanted = 0
         self._fetch: Callable[[str], bool] = lambda topic: edge.fetch_retained(
             outbox.client, topic, qos=DOWNLINK_QOS
@@ -381,8 +381,8 @@ class Node:
                 log.warning("global_delta.rejected", reason=error.reason, detail=error.detail)
                 model = None
         if model is None:
-            if self._wanted is None or compact.round > self._wanted[0]:
-                self._wanted, self._fetches_for_wanted = (compact.round, compact.model_id), 0
+            if self._wanted is None or compact.round > self._wanted.round:
+                self._wanted, self._fetches_for_wanted = compact, 0
             self.fetch_full()  # the retained full model is the exact one
             return
         self._model_since_connect = True
@@ -432,13 +432,13 @@ class Node:
         if tag == b"fetch":
             self._fetching = False
             wanted, held = self._wanted, self._held
-            if wanted is not None and (held is None or held.round < wanted[0]):
+            if wanted is not None and (held is None or older(held, wanted)):
                 if self._fetches_for_wanted < MAX_FETCHES_FOR_A_MODEL:
                     self._fetches_for_wanted += 1
-                    log.info("global.fetching_again", round=wanted[0])
+                    log.info("global.fetching_again", round=wanted.round)
                     self.fetch_full()
                     return
-                log.warning("global.not_retained", round=wanted[0], model_id=wanted[1])
+                log.warning("global.not_retained", round=wanted.round, model_id=wanted.model_id)
             self._wanted = None
         elif tag == b"connect" and not self._model_since_connect:
             self.fetch_full()  # no compact form to build on: the full model, if there is one
@@ -836,6 +836,13 @@ def _run(config: NodeSettings, stop: threading.Event) -> int:
     close_node(node)
     log.info("node.stopped", last_trained=node.last_trained)
     return 0 if node.finished else 130
+
+
+def older(held: GlobalModel, wanted: GlobalDelta) -> bool:
+    """Whether the model a fetch brought comes before the one a compact form announced:
+    an earlier round, published no later. A later run (or a rollback) starts again at a
+    lower round but is published later (``created_at``), so its model is newer."""
+    return held.round < wanted.round and held.created_at <= wanted.created_at
 
 
 def open_node(

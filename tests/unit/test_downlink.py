@@ -242,6 +242,25 @@ def test_fetching_again_for_a_model_the_broker_never_retains_stops(tmp_path: Pat
     assert 2 <= len(follower.fetched) <= 5
 
 
+def test_a_fetch_that_brings_a_new_run_is_not_fetched_again(tmp_path: Path) -> None:
+    """The node wanted round 4 of a run that then ended, and a new run (round 1, published
+    later) is what the broker retains: that model is newer, not older, so the node takes
+    it without fetching again or saying the round was not retained."""
+    h = run("topk:0.035+sign+ef+flat", rounds=5)
+    payloads, fulls = compact_payloads(h), h.globals()
+    new_run = dataclasses.replace(run(None, rounds=2).globals()[0],
+                                  created_at=fulls[3].created_at + 60.0)  # fmt: skip
+    follower = Following(tmp_path)
+    with structlog.testing.capture_logs() as logs:
+        follower.node.on_global_delta(payloads[0])
+        follower.node.on_global_delta(payloads[3])  # round 4: no base, a fetch
+        follower.node.on_global(encode(new_run), retained=True)  # the next run's round 1
+        follower.node.on_settled(b"fetch")
+    assert follower.fetched == [TOPICS.global_model]
+    assert not [e for e in logs if e["event"] in ("global.fetching_again", "global.not_retained")]
+    assert [(m.round, m.created_at) for m in follower.trained][-1] == (1, new_run.created_at)
+
+
 def forged(payload: bytes, change: Any) -> bytes:
     message = msgpack.unpackb(payload)
     change(message)
