@@ -81,6 +81,15 @@ def combine(
     return Combined(outcome.delta, train_loss_sum / sum(outcome.weights), outcome.metrics(rule))
 
 
+def _without_delta(update: NodeUpdate) -> NodeUpdate:
+    """A copy of ``update`` with an empty delta: its fields as they are, the frozen
+    dataclass's ``__init__`` skipped (``dataclasses.replace`` looks the fields up every
+    call, ~10 us an update; ``NodeUpdate(**fields)`` ~3 us; this well under 1)."""
+    kept = object.__new__(NodeUpdate)
+    kept.__dict__.update(update.__dict__, delta={})
+    return kept
+
+
 class Held(Mapping[str, NodeUpdate]):
     """The updates accepted on the open version, by key, as the next version needs them.
 
@@ -119,8 +128,7 @@ class Held(Mapping[str, NodeUpdate]):
             raise ValueError(f"an update is already held as {key!r}")
         if self._sum is not None:
             self._sum.add(scaled_delta(update, scale), update.num_examples)
-            # (``dataclasses.replace`` looks the fields up every call: ~10 us an update)
-            update = NodeUpdate(**{**update.__dict__, "delta": {}})
+            update = _without_delta(update)
         else:
             self._scales[key] = scale
         self._updates[key] = update

@@ -140,7 +140,10 @@ class Intake(Generic[H]):
                 "no dp_epsilon: the node did not train with the plan's dp_sgd (a node from "
                 "before DP-SGD ignores it); upgrade it",
             )
-        for name, tensor in update.delta.items():
+        # A whole delta (decoded as one run) holds every tensor in one form: its first
+        # answers for all, as checking each would (found by its method, as in the fold).
+        sample = getattr(update.delta, "form_sample", None)
+        for name, tensor in [sample()] if sample is not None else update.delta.items():
             problem = self._pipeline.form_problem(tensor)
             if problem is not None:
                 return "wrong_encoding", f"delta.{name}: {problem}"

@@ -27,6 +27,7 @@ from fedmq.files import fsync_directory
 log = structlog.get_logger()
 
 _HEADER = struct.Struct(">II")
+_U8, _U16, _U32 = struct.Struct(">B"), struct.Struct(">H"), struct.Struct(">I")
 # A record longer than this is corruption, not an update (the broker's packet limit).
 MAX_RECORD = 64 * 1024 * 1024 + 1024
 WRITE_BUFFER = 1 << 20
@@ -38,8 +39,23 @@ def journal_path(directory: Path, version: int) -> Path:
 
 
 def encode_record(topic: str, payload: bytes) -> bytes:
-    body = msgpack.packb([topic, payload], use_bin_type=True)
-    return _HEADER.pack(len(body), zlib.crc32(body)) + body
+    return b"".join(record_parts(topic, payload))
+
+
+def record_parts(topic: str, payload: bytes) -> tuple[bytes, bytes]:
+    """A record as its head (length, CRC-32, the body's msgpack up to the payload's bytes)
+    and the payload itself, so a caller writes the update without copying it into a
+    body first: the bytes ``encode_record`` joins, as msgpack ``[topic, payload]`` is."""
+    n = len(payload)
+    if n < 1 << 8:
+        bin_head = b"\xc4" + _U8.pack(n)
+    elif n < 1 << 16:
+        bin_head = b"\xc5" + _U16.pack(n)
+    else:
+        bin_head = b"\xc6" + _U32.pack(n)
+    prefix = b"\x92" + msgpack.packb(topic) + bin_head
+    crc = zlib.crc32(payload, zlib.crc32(prefix))
+    return _HEADER.pack(len(prefix) + n, crc) + prefix, payload
 
 
 def decode_records(data: bytes) -> tuple[list[tuple[str, bytes]], int]:
@@ -81,7 +97,9 @@ class VersionJournal:
             fsync_directory(directory)
 
     def append(self, topic: str, payload: bytes) -> None:
-        self._file.write(encode_record(topic, payload))
+        head, body = record_parts(topic, payload)
+        self._file.write(head)
+        self._file.write(body)
         self._dirty = True
         self.appended += 1
 

@@ -21,9 +21,10 @@ tensor by tensor, which names the problem. So the wire format and every error me
 stay those of ``schemas.encodings``.
 """
 
+import functools
 import math
 from collections.abc import ItemsView, Iterator, Mapping, ValuesView
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -171,25 +172,33 @@ _ADD_CHUNK = 65536
 class FlatDense(Mapping[str, np.ndarray]):
     """A dense float32 delta over a whole layout: the tensors one after the other (layout
     order, each in C order) in ``array``. As a mapping it gives each tensor as the
-    read-only array the per-tensor decoder returns (a view)."""
+    read-only array the per-tensor decoder returns (a view, made on first use: the fold
+    under plain FedAvg reads ``array`` only)."""
 
     __slots__ = ("_views", "array", "layout")
 
     def __init__(self, layout: Layout, array: np.ndarray) -> None:
         self.layout = layout
         self.array = array
-        self._views: dict[str, np.ndarray] = {}
-        offset = 0
-        for name, shape in layout:
-            size = math.prod(shape)
-            self._views[name] = array[offset : offset + size].reshape(shape)
-            offset += size
+        self._views: dict[str, np.ndarray] | None = None
+
+    def _by_name(self) -> dict[str, np.ndarray]:
+        if self._views is None:
+            views = {}
+            offset = 0
+            for name, shape in self.layout:
+                size = math.prod(shape)
+                views[name] = self.array[offset : offset + size].reshape(shape)
+                offset += size
+            self._views = views
+        return self._views
 
     def add_scaled_into(self, total: np.ndarray, scale: np.float32) -> None:
         """``total += scale * delta`` over the layout laid end to end (``WholeDelta``):
         per element the float32 product added in float64, as tensor by tensor."""
         step = min(_ADD_CHUNK, self.array.size)
-        if step == 0:
+        if step == self.array.size:  # one step (a small model): two numpy calls
+            np.add(total, np.multiply(self.array, scale), out=total)
             return
         scratch = np.empty(step, dtype=np.float32)
         for start in range(0, self.array.size, step):
@@ -199,23 +208,50 @@ class FlatDense(Mapping[str, np.ndarray]):
             window = total[start:stop]
             np.add(window, scaled, out=window)
 
+    def form_sample(self) -> tuple[str, np.ndarray]:
+        """The first tensor (``WholeDelta``), without the views of the others."""
+        name, shape = self.layout[0]
+        return name, self.array[: math.prod(shape)].reshape(shape)
+
     def __getitem__(self, name: str) -> np.ndarray:
-        return self._views[name]
+        return self._by_name()[name]
 
     def __contains__(self, name: object) -> bool:
-        return name in self._views
+        return name in self._by_name()
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._views)
+        return (name for name, _ in self.layout)
 
     def items(self) -> ItemsView[str, np.ndarray]:
-        return self._views.items()
+        return self._by_name().items()
 
     def values(self) -> ValuesView[np.ndarray]:
-        return self._views.values()
+        return self._by_name().values()
 
     def __len__(self) -> int:
         return len(self.layout)
+
+
+class _DenseLayout(NamedTuple):
+    """What a dense float32 delta over a layout looks like on the wire, worked out once
+    per layout (``_dense_layout``) instead of once per update."""
+
+    layout: Layout
+    tensors: tuple[tuple[list[int], int], ...]  # per tensor: wire shape, data bytes
+    size: int  # elements in all
+
+
+@functools.lru_cache(maxsize=16)
+def _dense_layout(layout: Layout) -> _DenseLayout:
+    tensors = tuple((list(shape), 4 * math.prod(shape)) for _, shape in layout)
+    return _DenseLayout(layout, tensors, sum(math.prod(shape) for _, shape in layout))
+
+
+def _prepared(layout: Mapping[str, tuple[int, ...]]) -> _DenseLayout:
+    try:
+        return _dense_layout(tuple(layout.items()))  # shapes are tuples: one hash, cached
+    except TypeError:  # a shape given as a list: not hashable, worked out for this call
+        return _dense_layout.__wrapped__(tuple((n, tuple(s)) for n, s in layout.items()))
 
 
 def decode_flat_dense(
@@ -225,27 +261,25 @@ def decode_flat_dense(
     every tensor is dense float32 of its layout's shape, with every value finite and at
     most ``MAX_ABS`` (one sum of squares below MAX_ABS**2 says so); None otherwise (the
     caller then decodes tensor by tensor, which names the problem)."""
+    expected = _prepared(layout)
+    if expected.size > max_elements:
+        return None
     chunks = []
-    total = 0
-    for name, obj in wire.items():
-        if not isinstance(obj, dict) or obj.get("enc", "dense") != "dense":
+    for obj, (wire_shape, nbytes) in zip(wire.values(), expected.tensors, strict=True):
+        if not isinstance(obj, dict):
             return None
-        shape = layout[name]
-        size = math.prod(shape)
-        wire_shape, data = obj.get("shape"), obj.get("data")
+        data, shape = obj.get("data"), obj.get("shape")
         if (
             obj.get("dtype") != "<f4"
-            or wire_shape != list(shape)
-            or not _INT_ONLY.issuperset(map(type, wire_shape))  # no 1.0 or True for 1
             or not isinstance(data, bytes)
-            or len(data) != 4 * size
+            or len(data) != nbytes
+            or shape != wire_shape
+            or not _INT_ONLY.issuperset(map(type, shape))  # no 1.0 or True for 1
+            or obj.get("enc", "dense") != "dense"
         ):
             return None
-        total += size
         chunks.append(data)
-    if total > max_elements:
-        return None
     values = np.frombuffer(b"".join(chunks), dtype=_F32)
     if not squared_norm(values) <= MAX_ABS * MAX_ABS:  # NaN, Inf, or some value too large
         return None
-    return FlatDense(tuple((name, tuple(shape)) for name, shape in layout.items()), values)
+    return FlatDense(expected.layout, values)

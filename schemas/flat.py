@@ -100,6 +100,11 @@ class FlatSparse(Mapping[str, Encoded]):
         unique)."""
         total[self.positions] += self.values_f32() * scale
 
+    def form_sample(self) -> tuple[str, Sparse]:
+        """The first tensor (``WholeDelta``): every tensor's values are of one kind."""
+        name = self.layout[0][0]
+        return name, self[name]
+
     def __getitem__(self, name: str) -> Sparse:
         offset, first, end, chunk, s_first, s_end = self._parts[name]
         values: np.ndarray | Quantized

@@ -94,6 +94,11 @@ class WholeDelta(Protocol):
 
     def add_scaled_into(self, total: np.ndarray, scale: np.float32) -> None: ...
 
+    def form_sample(self) -> tuple[str, Any]:
+        """The first tensor, by name: every tensor of a whole delta is in its form (dense
+        of one dtype, or sparse with values of one kind), so checking it checks all."""
+        ...
+
 
 _BY_TAG: dict[str, Encoding] = {}
 _BY_KIND: dict[type, Encoding] = {}

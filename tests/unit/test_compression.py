@@ -7,6 +7,7 @@ import itertools
 import math
 import warnings
 import zlib
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from hypothesis.extra import numpy as hnp
 from structlog.testing import capture_logs
 
 from fedmq.aggregator.fedavg import CHUNK, WeightedSum, fedavg
+from fedmq.aggregator.intake import Intake
 from fedmq.aggregator.rounds import RoundPolicy
 from fedmq.aggregator.server import Aggregator, RoundSettings, dense_update_bound
 from fedmq.compression import Pipeline, parse_spec
@@ -973,6 +975,40 @@ def test_aggregator_rejects_updates_not_made_with_the_announced_spec(
     [metrics] = [decode_metrics(p) for p in fed.on(TOPICS.metrics)]
     assert metrics.rejected == {reason: 1}
     assert metrics.participants == ["pi-0", "pi-1", "pi-2"]
+
+
+@pytest.mark.parametrize(
+    "made_with",
+    sorted({made for _, _, made, _ in REJECTIONS} | {"topk:0.1+int8+ef", "topk:0.1+fp16+flat"}),
+)
+def test_a_whole_delta_is_checked_by_its_first_tensor_as_by_every_tensor(made_with):
+    """The intake checks a delta decoded as one run (FlatDense, FlatSparse) by its first
+    tensor (``form_sample``): for every announced SPEC, the same answer as the first
+    tensor that fails when each is checked, and the same tensor named."""
+    fed = Federation("dense")
+    update = make_update(
+        fed.compressed(made_with, seed=3), made_with, node_id="pi-3", round=1,
+        base_model_id=fed.agg.model_id, num_examples=10,
+    )  # fmt: skip
+    decoded = decode_update(encode(update), layout=LAYOUT)
+    # one run: dense float32, quantized sparse (any framing), or the flat framing
+    whole = made_with == "dense" or any(s in made_with for s in ("int", "sign", "flat"))
+    assert hasattr(decoded.delta, "form_sample") == (whole and made_with.startswith(("d", "t")))
+    for announced in sorted({a for a, _, _, _ in REJECTIONS} | {made_with}):
+        pipeline = parse_spec(announced)
+        each = next(
+            (
+                ("wrong_encoding", f"delta.{name}: {problem}")
+                for name, tensor in decoded.delta.items()
+                if (problem := pipeline.form_problem(tensor)) is not None
+            ),
+            None,
+        )
+        intake = Intake(
+            topics=TOPICS, layout=LAYOUT, max_update_bytes=1 << 20, compression=announced,
+            known_nodes=None, policy=fed.settings.policy, hold=dict,  # type: ignore[arg-type]
+        )  # fmt: skip
+        assert intake._form_problem(replace(decoded, compression=announced)) == each
 
 
 def huge_update(spec: str, template: dict[str, Any]) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from fedmq.aggregator.checkpoint import (
     from_bytes,
     to_bytes,
 )
-from fedmq.aggregator.journal import decode_records, encode_record, read_journal
+from fedmq.aggregator.journal import decode_records, encode_record, read_journal, record_parts
 from fedmq.aggregator.robust import parse_rule
 from fedmq.aggregator.rounds import RoundPolicy
 from fedmq.aggregator.settings import fingerprint_mismatch
@@ -41,6 +41,20 @@ NODES = [f"node-{i}" for i in range(5)]
 def test_records_round_trip(records: list[tuple[str, bytes]]) -> None:
     data = b"".join(encode_record(topic, payload) for topic, payload in records)
     assert decode_records(data) == (records, len(data))
+
+
+@given(
+    st.text(max_size=300),
+    st.sampled_from([0, 1, 255, 256, 9984, 65535, 65536, 70000]) | st.integers(0, 1 << 17),
+)
+def test_a_record_is_msgpack_of_topic_and_payload_as_before(topic: str, size: int) -> None:
+    """The record is written in two parts (head, then the payload as it came) with the
+    bytes of one msgpack [topic, payload] body: every bin length form (8, 16, 32 bits)."""
+    payload = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    body = msgpack.packb([topic, payload], use_bin_type=True)
+    want = len(body).to_bytes(4, "big") + zlib.crc32(body).to_bytes(4, "big") + body
+    head, rest = record_parts(topic, payload)
+    assert rest is payload and head + rest == want == encode_record(topic, payload)
 
 
 @settings(max_examples=300)
