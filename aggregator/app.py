@@ -274,6 +274,7 @@ def build_aggregator(
         accepted_compression=config.upstream_compression if config.sites else None,
         dp_fedavg=dp_fedavg_of(config),
         downlink_compression=config.downlink_compression,
+        final_downlink_compression=config.final_downlink_compression,
         init_seed=config.seed,  # run_task made the initial model from it
     )
     return Aggregator(

@@ -68,6 +68,7 @@ from fedmq.aggregator.policy import Opened, OpenVersion, VersionPolicy
 from fedmq.aggregator.publisher import Publish, Publisher
 from fedmq.aggregator.robust import FEDAVG, Rule, check_memory
 from fedmq.aggregator.settings import run_fingerprint
+from fedmq.compression import Pipeline
 from fedmq.datasets import Dataset
 from fedmq.models import MLP
 from fedmq.schemas import (
@@ -83,7 +84,7 @@ from fedmq.schemas import (
 )
 from fedmq.schemas.messages import finite_metrics, update_bound
 from fedmq.schemas.tensors import Params
-from fedmq.settings import str_of_dp_sgd
+from fedmq.settings import SAME_AS_DOWNLINK, str_of_dp_sgd
 from fedmq.tasks.layout import layout_of
 
 log = structlog.get_logger()
@@ -123,6 +124,10 @@ class RoundSettings:
     # from the previous one; aggregator.downlink), None or "none": the lossless xor form.
     # Not kept, like the rule; its residual (with ef) is in the checkpoint.
     downlink_compression: str | None = None
+    # --final-downlink-compression: the SPEC the final model (after the last round) goes
+    # as instead, with a larger k: the versions after it that would send what error
+    # feedback held back never come. None or "same": downlink_compression's. Not kept.
+    final_downlink_compression: str | None = None
     # The seed the initial parameters are the task's initial ones of (fedmq.tasks.initial),
     # if they are: with --downlink-compression, round 1's compact form then carries only
     # this seed (``init_seed``) and nodes build the model. None: not known to be (nodes
@@ -239,6 +244,9 @@ class Aggregator:
         self._optimizer_state = self._optimizer.init(initial_params)
         self.layout = {name: tuple(a.shape) for name, a in initial_params.items()}
         self._downlink = downlink_pipeline(settings.downlink_compression)
+        self._final_downlink = self._downlink
+        if settings.final_downlink_compression not in (None, SAME_AS_DOWNLINK):
+            self._final_downlink = downlink_pipeline(settings.final_downlink_compression)
         self._downlink_residual = initial_residual(self._downlink, self.layout)
         # The layout's fingerprint, which nodes check their task against (fedmq.tasks.layout).
         self.task_fingerprint = layout_of(
@@ -472,13 +480,13 @@ class Aggregator:
         model_id: str,
         previous: tuple[Params, str] | None = None,
         reporters: frozenset[str] | None = None,
-        compressed: Any = None,
+        compressed: tuple[str, Any] | None = None,
     ) -> None:
         """Checkpoint and publish the global model ``model_id`` (``self.params``) that
         opens version ``number``. ``previous``: the model before (params, id), for the
         compact form; ``reporters``: the previous version's, if not the ones just held;
-        ``compressed``: the compressed delta from ``previous`` as it travels (with
-        --downlink-compression), for the compact form instead of the xor one."""
+        ``compressed``: the SPEC and the compressed delta from ``previous`` as it travels
+        (with --downlink-compression), for the compact form instead of the xor one."""
         final = number > self.settings.rounds
         selected = None
         if not final:
@@ -498,11 +506,12 @@ class Aggregator:
             task_version=self.settings.task_version,
             task_fingerprint=self.task_fingerprint,
         )
-        spec = None if compressed is None else str(self._downlink)
         seed = None
         if self._downlink is not None and previous is None and number == 1:
             seed = self.settings.init_seed  # the run's initial model: nodes build it
-        self._out.prepare_model(message, previous, compressed=(spec, compressed), init_seed=seed)
+        self._out.prepare_model(
+            message, previous, compressed=compressed or (None, None), init_seed=seed
+        )
         self._recent[number] = Opened(model_id, selected)
         for old in [v for v in self._recent if v < number - self.policy.window]:
             del self._recent[old]
@@ -591,6 +600,13 @@ class Aggregator:
         loss = statistics.fmean(update.train_loss for update in held.values())
         return Combined(mean, loss, extra)
 
+    def _downlink_for(self, number: int) -> Pipeline:
+        """The downlink's pipeline for the model opening version ``number``: the final
+        model's (--final-downlink-compression) after the last round, else the usual."""
+        pipeline = self._final_downlink if number > self.settings.rounds else self._downlink
+        assert pipeline is not None
+        return pipeline
+
     def _make_version(self, closed_by: str) -> None:
         """Combine the held updates, apply the server update, record and publish the
         metrics, and open the next version on the new model."""
@@ -605,8 +621,9 @@ class Aggregator:
         if self._downlink is None:
             self.params = target
         else:  # the new model is what the nodes rebuild from the compressed delta
+            pipeline = self._downlink_for(self.version + 1)
             downlink = compress_global(
-                self._downlink,
+                pipeline,
                 previous[0],
                 target,
                 self._downlink_residual,
@@ -614,7 +631,7 @@ class Aggregator:
                 version=self.version + 1,
             )
             self.params, self._downlink_residual = downlink.params, downlink.residual
-            compressed = downlink.wire
+            compressed = (str(pipeline), downlink.wire)
         model_id = model_id_of(self.params)
         central = self._evaluator(self.params) if self._evaluator is not None else {}
         loss, accuracy = central.get("loss"), central.get("accuracy")

@@ -18,6 +18,7 @@ from fedmq.settings import (
     DOWNLINK_HELP,
     DP_SGD_HELP,
     EVAL_FRACTION_HELP,
+    FINAL_DOWNLINK_HELP,
     MAX_STALENESS_HELP,
     MODE_HELP,
     MODEL_HELP,
@@ -29,6 +30,7 @@ from fedmq.settings import (
     HelpGroup,
     buffer_size,
     check_buffer,
+    check_final_downlink,
     chosen_task,
     compression_spec,
     count,
@@ -37,6 +39,7 @@ from fedmq.settings import (
     dp_fedavg_spec,
     dp_sgd_spec,
     eval_fraction,
+    final_downlink_spec,
     fraction,
     mode_name,
     model_name,
@@ -192,6 +195,9 @@ class AggregatorSettings(LogSettings, ConnectionSettings):
     # checkpoint; a run resumed with another SPEC starts it again from zero).
     downlink_compression: str = setting(
         "none", parse=downlink_spec, metavar="SPEC|none", help=DOWNLINK_HELP
+    )
+    final_downlink_compression: str = setting(
+        "same", parse=final_downlink_spec, metavar="SPEC|same", help=FINAL_DOWNLINK_HELP
     )
     test_data: str | None = setting(  # "auto", "digits", a path to an .npz, or None
         "auto",
@@ -376,6 +382,7 @@ class AggregatorSettings(LogSettings, ConnectionSettings):
 
     def __post_init__(self) -> None:
         chosen_task(self.task, self.model)  # both given and different: ValueError
+        check_final_downlink(self.downlink_compression, self.final_downlink_compression)
         check_buffer(self.mode, self.buffer, self.nodes, self.sample_fraction)
         if (self.site is None) != (self.upstream is None):
             raise ValueError(

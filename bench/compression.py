@@ -18,7 +18,10 @@ in-process on a delta from one real local epoch, as CPU time, the pipelines taki
 the aggregator's --downlink-compression down (issue 16), and prints bytes both ways:
 uplink as the aggregator counted it, downlink as the nodes counted what was delivered to
 them (metrics ``downlink_delivered``) and as the old estimate (``downlink_bytes``), their
-total against the first pair's, and the sizes of one full and one compact model.
+total against the first pair's, and the sizes of one full and one compact model. The
+total includes the final model's compact form times the 10 nodes, which no round's
+metrics count (read from the aggregator's checkpoint); ``UP/DOWN/FINAL`` sends that
+one as FINAL (``--final-downlink-compression``).
 """
 
 import argparse
@@ -52,17 +55,22 @@ PIPELINES = [
 
 def federation(
     model: str, part: str, spec: str, rounds: int, seed: int, downlink: str = "none",
-    sample_fraction: float | None = None,
-) -> list[dict]:  # fmt: skip
+    sample_fraction: float | None = None, final: str = "same",
+) -> tuple[list[dict], int]:  # fmt: skip
+    """The report's rows, and the size of the final model's compact form as published
+    (read from the aggregator's last checkpoint: no round's metrics count it)."""
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "r.json"
         config = DemoSettings(nodes=10, rounds=rounds, model=model, partition=part, seed=seed,
                             compression=spec, downlink_compression=downlink,
-                            sample_fraction=sample_fraction, report=report)  # fmt: skip
+                            final_downlink_compression=final, sample_fraction=sample_fraction,
+                            report=report, workdir=Path(tmp) / "w")  # fmt: skip
         with open("/dev/null", "w") as quiet:
             if run(config, threading.Event(), out=quiet) != 0:
                 raise RuntimeError(f"federation {model} {part} {spec} failed")
-        return json.loads(report.read_text())["rounds"]
+        kept = Path(tmp) / "w" / "aggregator" / "checkpoint.msgpack"
+        checkpoint = msgpack.unpackb(kept.read_bytes(), raw=False)
+        return json.loads(report.read_text())["rounds"], len(checkpoint["global_delta"])
 
 
 def codec_costs(
@@ -154,11 +162,14 @@ def _cpu_seconds(fn: Callable[[], object], calls: int = 10) -> float:
 TARGET = 0.95  # the accuracy "bytes to reach" counts up to
 
 
-def both_ways_row(rows: list[dict]) -> dict:
+def both_ways_row(rows: list[dict], final: int, nodes: int = 10) -> dict:
     """One federation's figures: bytes up (accepted) and down (delivered, and the old
     estimate), final accuracy, the round and the bytes both ways (cumulative, that round
     included) at which the central accuracy first reached TARGET, one full and the
-    median compact model's size."""
+    median compact model's size. The final model's compact form (``final`` bytes),
+    which every node receives after the last round and no round's ``downlink_delivered``
+    counts, is ``final_down`` (times ``nodes``) and in ``total``; ``rounds_total`` is
+    what earlier tables called total (rounds 1 to the last only)."""
     uplink = [r["uplink_bytes"] for r in rows]
     delivered = [r["downlink_delivered"] or 0 for r in rows]
     reach = next((i for i, r in enumerate(rows) if r["accuracy"] >= TARGET), None)
@@ -167,10 +178,17 @@ def both_ways_row(rows: list[dict]) -> dict:
         "up": sum(uplink),
         "down": sum(delivered),
         "estimate": sum(r["downlink_bytes"] for r in rows),
-        "total": sum(uplink) + sum(delivered),
+        "final_compact": final,
+        "final_down": final * nodes,
+        "rounds_total": sum(uplink) + sum(delivered),
+        "total": sum(uplink) + sum(delivered) + final * nodes,
         "accuracy": rows[-1]["accuracy"],
         "reach_round": None if reach is None else rows[reach]["round"],
-        "reach_bytes": None if reach is None else sum(uplink[: reach + 1] + delivered[: reach + 1]),
+        # the last round's accuracy is the final model's: reaching it includes its delivery
+        "reach_bytes": None
+        if reach is None
+        else sum(uplink[: reach + 1] + delivered[: reach + 1])
+        + (final * nodes if reach == len(rows) - 1 else 0),
         "full": rows[-1]["global_bytes"],
         "compact": statistics.median(compact) if compact else None,
         "round1_down": delivered[0],
@@ -187,13 +205,13 @@ def both_ways(
     print(f"\n{model}, {part}, 10 nodes, {rounds} rounds, seed {seed}{fraction}: bytes both ways")
     print(f"{'up SPEC / down SPEC':<52} {'up MB':>7} {'down MB':>8} {'(est.)':>7} {'total MB':>8}"
           f" {'vs first':>8} {'final acc':>9} {'Δ pp':>6} {'→95% rnd':>8} {'→95% MB':>8}"
-          f" {'full B':>7} {'compact B':>9} {'rnd1 down B':>11}")  # fmt: skip
+          f" {'full B':>7} {'compact B':>9} {'rnd1 down B':>11} {'final B':>7}")  # fmt: skip
     first = None
     made = []
     for pair in pairs:
-        up, down = pair.split("/")
-        rows = federation(model, part, up, rounds, seed, down, sample_fraction)
-        row = both_ways_row(rows) | {
+        up, down, *final = pair.split("/")  # UP/DOWN or UP/DOWN/FINAL
+        rows, final_bytes = federation(model, part, up, rounds, seed, down, sample_fraction, *final)
+        row = both_ways_row(rows, final_bytes) | {
             "model": model, "partition": part, "seed": seed, "pair": pair,
             "sample_fraction": sample_fraction or 1.0,
         }  # fmt: skip
@@ -205,7 +223,8 @@ def both_ways(
               f" {row['estimate'] / 1e6:>7.3f} {row['total'] / 1e6:>8.3f}"
               f" {first['total'] / row['total']:>7.1f}x {row['accuracy']:>9.4f}"
               f" {(row['accuracy'] - first['accuracy']) * 100:>+6.2f} {row['reach_round']!s:>8}"
-              f" {reach_mb:>8} {row['full']:>7} {compact:>9} {row['round1_down']:>11}",
+              f" {reach_mb:>8} {row['full']:>7} {compact:>9} {row['round1_down']:>11}"
+              f" {row['final_compact']:>7}",
               flush=True)  # fmt: skip
     return made
 
@@ -278,7 +297,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--seeds", default="0", help="comma-separated; accuracy is the mean")
     parser.add_argument("--codecs-only", action="store_true", help="no federations")
-    parser.add_argument("--both-ways", help="UP/DOWN SPEC pairs, comma-separated (issue 16)")
+    parser.add_argument("--both-ways", help="UP/DOWN SPEC pairs, comma-separated (issue 16); "
+                        "UP/DOWN/FINAL sends the final model as FINAL "
+                        "(--final-downlink-compression)")  # fmt: skip
     parser.add_argument("--sample-fractions", default="1",
                         help="with --both-ways: comma-separated, each a grid of its own")  # fmt: skip
     parser.add_argument("--json", type=Path, help="with --both-ways: write every run's row here")
@@ -335,7 +356,7 @@ def main() -> None:
                   "  acc per seed")  # fmt: skip
             dense = None
             for spec in pipelines:
-                runs = [federation(model, part, spec, args.rounds, seed) for seed in seeds]
+                runs = [federation(model, part, spec, args.rounds, seed)[0] for seed in seeds]
                 per_update = statistics.mean(
                     r["uplink_bytes"] / r["participants"] for rows in runs for r in rows
                 )

@@ -17,6 +17,7 @@ from fedmq.settings import (
     DOWNLINK_HELP,
     DP_SGD_HELP,
     EVAL_FRACTION_HELP,
+    FINAL_DOWNLINK_HELP,
     MAX_STALENESS_HELP,
     MODE_HELP,
     MODEL_HELP,
@@ -25,6 +26,7 @@ from fedmq.settings import (
     STALENESS_HELP,
     TASK_HELP,
     check_buffer,
+    check_final_downlink,
     chosen_task,
     compression_spec,
     count,
@@ -32,6 +34,7 @@ from fedmq.settings import (
     dp_fedavg_spec,
     dp_sgd_spec,
     eval_fraction,
+    final_downlink_spec,
     fraction,
     max_epsilon,
     mode_name,
@@ -101,6 +104,9 @@ class DemoSettings(LogSettings):
     )
     downlink_compression: str = setting(
         "none", parse=downlink_spec, metavar="SPEC|none", help=DOWNLINK_HELP
+    )
+    final_downlink_compression: str = setting(
+        "same", parse=final_downlink_spec, metavar="SPEC|same", help=FINAL_DOWNLINK_HELP
     )
     task: str | None = setting(  # None: --model, or digits-mlp
         None,
@@ -238,6 +244,7 @@ class DemoSettings(LogSettings):
 
     def __post_init__(self) -> None:
         chosen_task(self.task, self.model)  # both given and different: ValueError
+        check_final_downlink(self.downlink_compression, self.final_downlink_compression)
         # with --data-dir the node count is known once the files are listed: the
         # aggregator's settings check it then
         known = self.nodes or (None if self.data_dir is not None else DEFAULT_NODES)

@@ -70,10 +70,12 @@ def final_accuracy(final: dict[str, dict[str, float] | None]) -> float | None:
     return None
 
 
-def downlink_entry(spec: str) -> dict[str, str]:
+def downlink_entry(spec: str, final: str = "same") -> dict[str, str]:
     """The report's ``downlink_compression``, only when the downlink is compressed (a run
-    without it reports what it did before)."""
-    return {} if spec == "none" else {"downlink_compression": spec}
+    without it reports what it did before), and ``final_downlink_compression`` when the
+    final model went otherwise."""
+    entry = {} if spec == "none" else {"downlink_compression": spec}
+    return entry | ({} if final == "same" else {"final_downlink_compression": final})
 
 
 def proximal_mu_entry(mu: float) -> dict[str, float]:

@@ -407,6 +407,38 @@ def downlink_spec(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{error}; or none (the lossless form)") from None
 
 
+SAME_AS_DOWNLINK = "same"  # --final-downlink-compression: the final model as every other
+
+
+def final_downlink_spec(text: str) -> str:
+    """``--final-downlink-compression``: same (as --downlink-compression), or a SPEC
+    (canonical)."""
+    if text.strip().lower() == SAME_AS_DOWNLINK:
+        return SAME_AS_DOWNLINK
+    try:
+        return compression_spec(text)
+    except argparse.ArgumentTypeError as error:
+        raise argparse.ArgumentTypeError(f"{error}; or same") from None
+
+
+def check_final_downlink(downlink: str, final: str) -> None:
+    """ValueError if the final model cannot travel as ``final``: it needs a compressed
+    downlink, and keeps error feedback's residual if the downlink has one (what the
+    final model is for: sending what earlier versions left out)."""
+    if final == SAME_AS_DOWNLINK:
+        return
+    if downlink == NO_DOWNLINK_COMPRESSION:
+        raise ValueError(
+            "--final-downlink-compression needs --downlink-compression SPEC (the final "
+            "model's SPEC replaces that one's for the final model only)"
+        )
+    if "ef" in downlink.split("+") and "ef" not in final.split("+"):
+        raise ValueError(
+            f"--final-downlink-compression {final}: add ef, as --downlink-compression "
+            f"{downlink} has: the final model is where the residual is sent"
+        )
+
+
 def show_list(value: tuple[str, ...]) -> str:
     return ",".join(value)
 
@@ -423,6 +455,12 @@ DOWNLINK_HELP = (
     "for nodes (the same SPEC grammar; ef keeps the aggregator's residual in its checkpoint): "
     "the new model is then exactly what every node rebuilds, e.g. topk:0.035+sign+ef+flat "
     "(default none: the lossless compact form)"
+)
+
+FINAL_DOWNLINK_HELP = (
+    "with --downlink-compression: how the final model (after the last round) goes to the "
+    "nodes, a SPEC with a larger k that sends what error feedback still holds back, e.g. "
+    "gtopk:0.1+sign+ef+flat (default same: as every other model)"
 )
 
 EVAL_FRACTION_HELP = (

@@ -18,6 +18,7 @@ from fedmq.schemas import (
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 SPEC = "topk:0.1+sign+ef+flat"
+FINAL = "topk:0.3+sign+ef+flat"  # the final model's (--final-downlink-compression)
 
 
 def test_three_nodes_and_the_aggregator_compress_both_ways(
@@ -29,7 +30,8 @@ def test_three_nodes_and_the_aggregator_compress_both_ways(
     report = tmp_path / "report.json"
     aggregator = spawn(
         "aggregator", "aggregator", *common, "--compression", SPEC,
-        "--downlink-compression", SPEC, "--nodes", "3", "--rounds", "4",
+        "--downlink-compression", SPEC, "--final-downlink-compression", FINAL,
+        "--nodes", "3", "--rounds", "4",
         "--report", str(report),
     )  # fmt: skip
     nodes = [
@@ -57,15 +59,17 @@ def test_three_nodes_and_the_aggregator_compress_both_ways(
     held = fulls[0].params
     for payload, full in zip(compact[1:], fulls[1:], strict=True):
         message = decode_global_delta(payload)
-        assert (message.compression, message.xor) == (SPEC, b"")
+        assert (message.compression, message.xor) == (FINAL if full.final else SPEC, b"")
         assert len(payload) < len(watcher.on(topics.global_model)[0]) / 10
         rebuilt = apply_global_delta(held, message)
         assert rebuilt.model_id == full.model_id
         for name, array in full.params.items():
             assert np.asarray(rebuilt.params[name]).tobytes() == array.tobytes()
         held = rebuilt.params
-    for m, payload in zip(metrics[1:], compact[2:], strict=False):
-        assert m.global_delta_bytes == len(payload)  # the compact form that opened it
+    # round r's metrics count the compact form that opened it (compact[r - 1]); the
+    # final model's, after the last round, none
+    for m, payload in zip(metrics, compact[:-1], strict=True):
+        assert m.global_delta_bytes == len(payload)
 
     # The nodes all ended on the final model: their `done` names it.
     done = [decode_status(p) for i in range(3) for p in watcher.on(topics.status(f"pi-{i}"))]

@@ -66,6 +66,7 @@ class Harness:
         known_nodes: frozenset[str] | None = None,
         server_optimizer: str = "fedavg",
         downlink_compression: str | None = None,
+        final_downlink_compression: str | None = None,
         init_seed: int | None = None,
     ) -> None:
         self.settings = RoundSettings(
@@ -80,6 +81,7 @@ class Harness:
             known_nodes=known_nodes,
             server_optimizer=server_optimizer,
             downlink_compression=downlink_compression,
+            final_downlink_compression=final_downlink_compression,
             init_seed=init_seed,  # MODEL.init(0) below: 0 is right, others are for tests
         )
         self.initial = MODEL.init(0)

@@ -33,7 +33,7 @@ from fedmq.schemas import (
     make_init_global_delta,
     model_id_of,
 )
-from fedmq.settings import downlink_spec
+from fedmq.settings import downlink_spec, final_downlink_spec
 
 from .node_doubles import RecordingOutbox
 from .test_aggregator_server import FEDERATION, MODEL, PLAN, TOPICS, Harness
@@ -51,9 +51,10 @@ SPECS = [
 NODES = ["pi-a", "pi-b", "pi-c"]
 
 
-def run(spec: str | None, rounds: int = 4) -> Harness:
-    """A run of ``rounds`` rounds, every node reporting each round, with the downlink ``spec``."""
-    h = Harness(rounds=rounds, downlink_compression=spec)
+def run(spec: str | None, rounds: int = 4, final: str | None = None) -> Harness:
+    """A run of ``rounds`` rounds, every node reporting each round, with the downlink
+    ``spec`` (and the final model's ``final``)."""
+    h = Harness(rounds=rounds, downlink_compression=spec, final_downlink_compression=final)
     h.agg.start()
     while not h.agg.done:
         for index, node in enumerate(NODES):
@@ -156,6 +157,56 @@ def test_the_residual_carries_what_the_downlink_did_not_send() -> None:
         return float(sum(np.abs(params[n] - exact[n]).sum() for n in exact))
 
     assert gap(with_ef) < gap(without)
+
+
+@pytest.mark.parametrize("final", [None, "same"])
+def test_without_a_final_spec_the_final_model_goes_as_every_other(final: str | None) -> None:
+    plain, same = run("gtopk:0.05+sign+ef+flat"), run("gtopk:0.05+sign+ef+flat", final=final)
+    assert plain.published == same.published
+
+
+def test_the_final_model_sends_more_of_what_error_feedback_held_back(tmp_path: Path) -> None:
+    """--final-downlink-compression: only the final model goes in its SPEC, from the same
+    residual; it lands nearer the uncompressed run, and every node rebuilds it bitwise."""
+    spec, final = "gtopk:0.02+sign+ef+flat", "gtopk:0.2+sign+ef+flat"
+    exact, usual, flushed = run(None), run(spec), run(spec, final=final)
+    payloads, fulls = compact_payloads(flushed), flushed.globals()
+    kinds = [decode_global_delta(p).compression for p in payloads[1:]]
+    assert kinds == [spec, spec, spec, final]  # rounds 2-4, then the final model
+    assert fulls[-1].final and not fulls[-2].final
+    # up to the final model, the same run byte for byte
+    assert compact_payloads(usual)[:-1] == payloads[:-1]
+    assert len(payloads[-1]) > len(compact_payloads(usual)[-1])  # k ten times larger
+
+    def gap(params: dict[str, np.ndarray]) -> float:
+        return float(sum(np.abs(params[n] - exact.agg.params[n]).sum() for n in params))
+
+    assert gap(flushed.agg.params) < gap(usual.agg.params)
+    follower = Following(tmp_path)
+    for payload in payloads:
+        follower.node.on_global_delta(payload)
+    assert follower.held is not None and follower.fetched == []
+    assert bits(follower.held.params) == bits(fulls[-1].params)
+
+
+def test_the_final_spec_needs_a_compressed_downlink_and_keeps_its_ef() -> None:
+    assert final_downlink_spec("SAME") == "same"
+    assert final_downlink_spec("flat+ef+sign+gtopk:0.10") == "gtopk:0.1+sign+ef+flat"
+    with pytest.raises(argparse.ArgumentTypeError, match=r"unknown stage 'bogus'.*or same"):
+        final_downlink_spec("bogus")
+    made = AggregatorSettings(
+        downlink_compression="gtopk:0.03+sign+ef+flat",
+        final_downlink_compression="gtopk:0.1+sign+ef+flat",
+    )
+    assert made.final_downlink_compression == "gtopk:0.1+sign+ef+flat"
+    assert AggregatorSettings().final_downlink_compression == "same"
+    with pytest.raises(ValueError, match="needs --downlink-compression"):
+        AggregatorSettings(final_downlink_compression="gtopk:0.1+sign+ef+flat")
+    with pytest.raises(ValueError, match="add ef"):
+        AggregatorSettings(
+            downlink_compression="gtopk:0.03+sign+ef+flat",
+            final_downlink_compression="gtopk:0.1+sign+flat",
+        )
 
 
 # ------------------------------------------------------------------ nodes

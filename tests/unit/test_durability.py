@@ -133,19 +133,24 @@ def send_round(h: Harness, nodes: list[str]) -> None:
         h.report(node, seed=delta_seed(node, round), num_examples=10 + NODES.index(node))
 
 
-def harness(tmp_path: Path | None, rounds: int = 4, downlink: str | None = None) -> Harness:
+def harness(
+    tmp_path: Path | None, rounds: int = 4, downlink: str | None = None, final: str | None = None
+) -> Harness:
     store = StateDir(tmp_path) if tmp_path is not None else None
     return Harness(
         policy=RoundPolicy(expected_nodes=len(NODES), min_nodes=len(NODES)),
         rounds=rounds,
         store=store,
         downlink_compression=downlink,
+        final_downlink_compression=final,
     )
 
 
-def resumed(tmp_path: Path, rounds: int = 4, downlink: str | None = None) -> Harness:
+def resumed(
+    tmp_path: Path, rounds: int = 4, downlink: str | None = None, final: str | None = None
+) -> Harness:
     """A new aggregator on the same state directory, as a restarted process builds it."""
-    h = harness(tmp_path, rounds, downlink)
+    h = harness(tmp_path, rounds, downlink, final)
     store = h.agg.store
     assert isinstance(store, StateDir)
     assert resume_or_start(h.agg, store)  # what aggregator.app does at start
@@ -181,16 +186,20 @@ def test_arrival_order_does_not_change_the_model() -> None:
 
 
 # with a compressed downlink, its error-feedback residual comes back from the checkpoint
-@pytest.mark.parametrize("downlink", [None, "topk:0.1+int8+ef+flat"])
+# (and the final model, in its own SPEC, is made from it)
+@pytest.mark.parametrize(
+    ("downlink", "final"),
+    [(None, None), ("topk:0.1+int8+ef+flat", None), ("topk:0.1+int8+ef+flat", "topk:0.4+int8+ef")],
+)
 @pytest.mark.parametrize("crash_after", [0, 1, 2, 5, 7, 11, 13, 19])
 def test_a_resumed_run_ends_bitwise_equal_to_an_uninterrupted_one(
-    tmp_path: Path, crash_after: int, downlink: str | None
+    tmp_path: Path, crash_after: int, downlink: str | None, final: str | None
 ) -> None:
-    reference = harness(None, downlink=downlink)
+    reference = harness(None, downlink=downlink, final=final)
     reference.agg.start()
     run_to_end(reference)
 
-    h = harness(tmp_path, downlink=downlink)
+    h = harness(tmp_path, downlink=downlink, final=final)
     h.agg.start()
     sent = 0
     while sent < crash_after and not h.agg.done:  # some whole rounds, then part of one
@@ -198,7 +207,7 @@ def test_a_resumed_run_ends_bitwise_equal_to_an_uninterrupted_one(
         h.report(node, seed=delta_seed(node, h.agg.round), num_examples=10 + NODES.index(node))
         sent += 1
     crash(h)
-    h = resumed(tmp_path, downlink=downlink)
+    h = resumed(tmp_path, downlink=downlink, final=final)
     run_to_end(h)
 
     if downlink is not None:  # every compact form was the compressed one, as published
