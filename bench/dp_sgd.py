@@ -1,9 +1,10 @@
 """A node's time per round with DP-SGD against plain training, and what accounting costs.
 
-    .venv/bin/python bench/dp_sgd.py [--rounds 20] [--noise 1.0] [--clip 1.0]
+    .venv/bin/python bench/dp_sgd.py [--rounds 20] [--noise 1.0] [--clip 1.0] [--model digits-mlp]
 
-The reference task (digits-mlp, the aggregator's default plan: batch 16, 1 epoch,
-learning rate 0.1) on one node's share of the reference run (shard 1 of 10 of the digits
+The reference task (digits-mlp, or ``--model``: any built-in digits task, e.g.
+digits-mlp-large; the aggregator's default plan: batch 16, 1 epoch, learning rate 0.1)
+on one node's share of the reference run (shard 1 of 10 of the digits
 training split), in-process, as the node trains it (``fedmq.tasks.training.train_local``
 and ``fedmq.tasks.private_training.train_private``). Rounds alternate plain / DP so the
 machine's load hits both alike; each is timed to the trained parameters being ready
@@ -67,9 +68,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--noise", type=float, default=1.0)
     parser.add_argument("--clip", type=float, default=1.0)
+    parser.add_argument(
+        "--model", default="digits-mlp", help="a digits task: the same 150-example shard"
+    )
     args = parser.parse_args()
 
-    task = load_task("digits-mlp")
+    task = load_task(args.model)
     train, _ = digits()
     shard = partition(train.y, 10, "iid", 0)[0]
     x, y = train.x[shard], train.y[shard]
@@ -91,6 +95,7 @@ def main() -> None:
         times["dp"].append(timed(lambda n=number: private(n)))
     q, steps = sampling_rate(len(x), 16), steps_per_round(len(x), 16, 1)
     plain_ms, dp_ms = (statistics.median(times[k]) * 1e3 for k in ("plain", "dp"))
+    print(f"task {args.model}, noise {args.noise}, clip {args.clip}")
     print(f"node data: {len(x)} examples, batch 16 -> q {q:.4f}, {steps} steps a round")
     print(f"first round (JIT compile included): plain {compile_plain:.2f} s, DP {compile_dp:.2f} s")
     print(
