@@ -247,6 +247,10 @@ class Node:
         # trained on; if not by the time the subscriptions settle, it fetches the full one.
         self._model_since_connect = False
         self._fetching = False  # a fetch of the retained full model is under way
+        # What the node had trained on when the fetch began: a retained full copy of that
+        # model means the update may have been lost (a reconnect); of a model trained
+        # since, that its update went out on this connection already.
+        self._trained_before_fetch: tuple[int, str] | None = None
         # The newest model a compact form announced that the node could not build, and
         # the fetches made for it: a fetch may bring an older model (the broker took its
         # subscribe before that model's full form), so the node fetches again, a few times.
@@ -307,10 +311,12 @@ class Node:
             return
         seen = self._count(model.round, model.model_id, "full")
         self._model_since_connect = True
-        # A retained copy means we (re)subscribed after a reconnect; a second live copy
-        # with no compact form around means the aggregator republished. In both cases
-        # our update may have been lost. (A full copy racing its own compact form is not.)
-        self._accept(model, resend=retained or (seen["full"] > 1 and seen["delta"] == 0))
+        # A retained copy of what we had trained on when our fetch began means we fetched
+        # after a reconnect; a second live copy with no compact form around means the
+        # aggregator republished. In both cases our update may have been lost. (A full
+        # copy racing its own compact form is not, nor one of a model trained since.)
+        refetched = retained and self.last_trained == self._trained_before_fetch
+        self._accept(model, resend=refetched or (seen["full"] > 1 and seen["delta"] == 0))
 
     def _count(self, round: int, model_id: str, form: str) -> dict[str, int]:
         """Receptions of each form ("full", "delta") of this model so far, this one included."""
@@ -423,6 +429,7 @@ class Node:
         """Take the retained full global model once (the newest), unless already under way:
         subscribed only while the broker hands over its retained copy."""
         if not self._fetching:
+            self._trained_before_fetch = self.last_trained
             self._fetching = self._fetch(self.topics.global_model)
             log.info("global.fetching", fetching=self._fetching)
 

@@ -312,6 +312,34 @@ def test_a_fetch_that_brings_a_new_run_is_not_fetched_again(tmp_path: Path) -> N
     assert [(m.round, m.created_at) for m in follower.trained][-1] == (1, new_run.created_at)
 
 
+def test_a_fetch_begun_before_training_brings_no_resend(tmp_path: Path) -> None:
+    """A node that connects before the run's first model fetches (nothing came), then
+    trains on round 1's compact form while the fetch is under way; the fetch then brings
+    round 1's retained full form. Its update went out on this connection, after the fetch
+    began: sending it again would be a duplicate (seen in CI, test_downlink). A model
+    trained before the fetch began (a reconnect) is still sent again."""
+    h = run("topk:0.035+sign+ef+flat", rounds=3)
+    payloads, fulls = compact_payloads(h), h.globals()
+    follower = Following(tmp_path)
+    node = follower.node
+
+    def train(model: GlobalModel) -> None:  # what train_and_publish leaves behind
+        follower.trained.append(model)
+        node.last_trained, node._last_update = (model.round, model.model_id), b"update"
+
+    node.train_and_publish = train  # type: ignore[method-assign]
+    resent = lambda: follower.outbox.on(TOPICS.update("pi-a"))  # noqa: E731
+    node.on_settled(b"connect")  # nothing since the connect: a fetch
+    node.on_global_delta(payloads[0])  # round 1 comes live; the node trains on it
+    node.on_global(encode(fulls[0]), retained=True)  # the fetch brings round 1
+    node.on_settled(b"fetch")
+    assert [m.round for m in follower.trained] == [1] and resent() == []
+    node.on_connected()  # a reconnect: the update may have been lost with it
+    node.on_settled(b"connect")
+    node.on_global(encode(fulls[0]), retained=True)
+    assert resent() == [b"update"]
+
+
 def forged(payload: bytes, change: Any) -> bytes:
     message = msgpack.unpackb(payload)
     change(message)
