@@ -87,10 +87,12 @@ class Publisher:
         self.delta_bytes = delta_bytes
 
     def model(self) -> None:
-        """The open version's model: its compact form, then in full (retained)."""
+        """The open version's model: in full (retained), then its compact form. In this
+        order a node never misses it: one whose fetch of the full model comes before the
+        full one is published was already subscribed to the compact forms."""
+        self._publish(self.topics.global_model, self.global_payload, True)
         if self.delta_payload is not None:  # nodes following compact forms see this
             self._publish(self.topics.global_delta, self.delta_payload, self._retain_compact)
-        self._publish(self.topics.global_model, self.global_payload, True)
 
     def status(self, status: ServerStatus) -> None:
         self._status_published_at = self._clock()
