@@ -397,28 +397,28 @@ def compression_spec(text: str) -> str:
 NO_DOWNLINK_COMPRESSION = "none"  # the lossless xor form of global_delta (PROTOCOL 8.6)
 
 
-def downlink_spec(text: str) -> str:
-    """``--downlink-compression``: none, or a SPEC (canonical)."""
-    if text.strip().lower() == NO_DOWNLINK_COMPRESSION:
-        return NO_DOWNLINK_COMPRESSION
-    try:
-        return compression_spec(text)
-    except argparse.ArgumentTypeError as error:
-        raise argparse.ArgumentTypeError(f"{error}; or none (the lossless form)") from None
+def spec_or(word: str, hint: str) -> Callable[[str], str]:
+    """A parser for an option that takes a SPEC (made canonical) or one ``word`` for its
+    other choice; ``hint`` is what a wrong value's message says of that word."""
 
+    def parse(text: str) -> str:
+        if text.strip().lower() == word:
+            return word
+        try:
+            return compression_spec(text)
+        except argparse.ArgumentTypeError as error:
+            raise argparse.ArgumentTypeError(f"{error}; or {hint}") from None
+
+    return parse
+
+
+# ``--downlink-compression``: none (the lossless form), or a SPEC.
+downlink_spec = spec_or(NO_DOWNLINK_COMPRESSION, "none (the lossless form)")
 
 SAME_AS_DOWNLINK = "same"  # --final-downlink-compression: the final model as every other
 
-
-def final_downlink_spec(text: str) -> str:
-    """``--final-downlink-compression``: same (as --downlink-compression), or a SPEC
-    (canonical)."""
-    if text.strip().lower() == SAME_AS_DOWNLINK:
-        return SAME_AS_DOWNLINK
-    try:
-        return compression_spec(text)
-    except argparse.ArgumentTypeError as error:
-        raise argparse.ArgumentTypeError(f"{error}; or same") from None
+# ``--final-downlink-compression``: same (as --downlink-compression), or a SPEC.
+final_downlink_spec = spec_or(SAME_AS_DOWNLINK, SAME_AS_DOWNLINK)
 
 
 def check_final_downlink(downlink: str, final: str) -> None:
@@ -432,7 +432,9 @@ def check_final_downlink(downlink: str, final: str) -> None:
             "--final-downlink-compression needs --downlink-compression SPEC (the final "
             "model's SPEC replaces that one's for the final model only)"
         )
-    if "ef" in downlink.split("+") and "ef" not in final.split("+"):
+    from fedmq.compression import parse_spec
+
+    if parse_spec(downlink).error_feedback and not parse_spec(final).error_feedback:
         raise ValueError(
             f"--final-downlink-compression {final}: add ef, as --downlink-compression "
             f"{downlink} has: the final model is where the residual is sent"
