@@ -293,8 +293,13 @@ def build_aggregator(
 def progress_text(aggregator: Aggregator) -> str:
     """``round 7/30: 4/10 reported (min 8), open 2.1 s`` for a terminal; in asynchronous
     mode ``version 7/30: 2/5 buffered, open 0.3 s``."""
-    status = aggregator.server_status()
     rounds = aggregator.settings.rounds
+    if aggregator.done:  # counting the final model's delivery (docs/PROTOCOL.md 8.4)
+        return (
+            f"final model out after {rounds}: {len(aggregator.awaited())} nodes still to "
+            f"report it, {aggregator.round_age():.1f} s"
+        )
+    status = aggregator.server_status()
     if aggregator.settings.plan.mode == "async":
         return (
             f"version {status.round}/{rounds}: {status.reported}/{status.expected_nodes} "

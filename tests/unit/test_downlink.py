@@ -724,6 +724,7 @@ def test_a_restarted_finished_run_republishes_the_count_it_kept(tmp_path: Path) 
     assert (done.state, done.final_downlink_delivered, done.final_downlink_nodes) == (
         "done", 3 * 1_234, 3,
     )  # fmt: skip
+    again.agg.store.close()  # its journal file, else a ResourceWarning in a later test
 
 
 @pytest.mark.parametrize(
