@@ -55,12 +55,14 @@ from fedmq.progress_line import ProgressLine
 from fedmq.report import (
     build_report,
     dp_sgd_entry,
+    final_delivery_entry,
     mode_entry,
     proximal_mu_entry,
     write_report,
 )
 from fedmq.schemas import (
     GlobalModel,
+    NodeStatus,
     SchemaError,
     ServerStatus,
     Topics,
@@ -276,6 +278,7 @@ def build_aggregator(
         downlink_compression=config.downlink_compression,
         final_downlink_compression=config.final_downlink_compression,
         init_seed=config.seed,  # run_task made the initial model from it
+        final_delivery_wait=config.final_delivery_wait,
     )
     return Aggregator(
         settings,
@@ -290,8 +293,13 @@ def build_aggregator(
 def progress_text(aggregator: Aggregator) -> str:
     """``round 7/30: 4/10 reported (min 8), open 2.1 s`` for a terminal; in asynchronous
     mode ``version 7/30: 2/5 buffered, open 0.3 s``."""
-    status = aggregator.server_status()
     rounds = aggregator.settings.rounds
+    if aggregator.done:  # counting the final model's delivery (docs/PROTOCOL.md 8.4)
+        return (
+            f"final model out after {rounds}: {len(aggregator.awaited())} nodes still to "
+            f"report it, {aggregator.round_age():.1f} s"
+        )
+    status = aggregator.server_status()
     if aggregator.settings.plan.mode == "async":
         return (
             f"version {status.round}/{rounds}: {status.reported}/{status.expected_nodes} "
@@ -318,9 +326,16 @@ def note_presence(aggregator: Aggregator, node_id: str, payload: bytes) -> None:
         return
     aggregator.note_presence(node_id, status.state != "offline")
     if status.received_bytes is not None:
-        aggregator.note_received(node_id, status.received_bytes)
+        aggregator.note_received(node_id, status.received_bytes, final=through_with_final(status))
     if status.state == "error":
         log.warning("node.error", node_id=node_id, round=status.round, detail=status.detail)
+
+
+def through_with_final(status: NodeStatus) -> bool:
+    """The status says the node is through with the final model (docs/PROTOCOL.md 8.3):
+    ``done``, ``idle`` without a round (the run it found had finished) or ``error`` (it
+    cannot use the model); its ``received_bytes`` then includes the final model's delivery."""
+    return status.state in ("done", "error") or (status.state == "idle" and status.round is None)
 
 
 def resume_or_start(
@@ -564,7 +579,8 @@ def _run(config: AggregatorSettings, stop: threading.Event) -> int:
     # buffer holds K (aggregator.buffer); rounds take exactly their nodes' updates.
     batched = config.mode == "async"
     updates = topics.prefix + "/updates/"
-    while not aggregator.done and not stop.is_set():
+    # After the final model the loop goes on until its delivery is counted (``finished``).
+    while not aggregator.finished and not stop.is_set():
         edge.check(client)
         progress.show(progress_text(aggregator))
         timeout = aggregator.timeout()
@@ -599,12 +615,13 @@ def _run(config: AggregatorSettings, stop: threading.Event) -> int:
                 # a topic we never subscribed to (amqtt was seen to deliver one): not an
                 # update, so not counted as a rejected one
                 log.warning("message.unexpected", topic=received.topic[:200])
-        if batched:
+        if batched or aggregator.done:  # a version, or the end of the final model's count
             aggregator.tick()
         if store is not None:
             store.sync()  # group commit: one fsync for the batch, before its PUBACKs
         edge.acknowledge_all(client, batch)
     progress.close()
+    aggregator.finish()  # a stop cuts the final model's count short: what it has so far
     if config.report is not None:
         write_report(
             config.report,
@@ -618,6 +635,7 @@ def _run(config: AggregatorSettings, stop: threading.Event) -> int:
                 **mode_entry(
                     config.mode, config.buffer_size, config.staleness, config.max_staleness
                 ),
+                **final_delivery_entry(aggregator.final_count),
             ),
         )
     if not aggregator.done:

@@ -70,6 +70,9 @@ class Checkpoint:
     # DP-FedAvg with clip=adaptive only (None otherwise, and the key is not written): the
     # clip the next version uses, where adaptive clipping moved it.
     dp_fedavg_clip: float | None = None
+    # The final model's delivery, once counted (--final-delivery-wait; None otherwise, and
+    # the key is not written): (bytes the nodes reported, None if none; nodes counted).
+    final_downlink: tuple[int | None, int] | None = None
 
 
 # Numeric dtypes a state array may have in a checkpoint (optax state: floats, a count).
@@ -136,6 +139,8 @@ def to_bytes(checkpoint: Checkpoint) -> bytes:
         }
     if checkpoint.dp_fedavg_clip is not None:
         content["dp_fedavg_clip"] = checkpoint.dp_fedavg_clip
+    if checkpoint.final_downlink is not None:
+        content["final_downlink"] = list(checkpoint.final_downlink)
     return msgpack.packb(content, use_bin_type=True)
 
 
@@ -150,6 +155,13 @@ def _recent(raw: Any) -> dict[int, Opened] | None:
 
 def _latest(raw: Any) -> dict[str, int] | None:
     return None if raw is None else {str(node): int(version) for node, version in raw.items()}
+
+
+def _final_downlink(raw: Any) -> tuple[int | None, int] | None:
+    if raw is None:
+        return None
+    delivered, nodes = raw
+    return (None if delivered is None else int(delivered)), int(nodes)
 
 
 def from_bytes(data: bytes) -> Checkpoint:
@@ -180,6 +192,7 @@ def from_bytes(data: bytes) -> Checkpoint:
             dp_fedavg_clip=None
             if raw.get("dp_fedavg_clip") is None
             else float(raw["dp_fedavg_clip"]),
+            final_downlink=_final_downlink(raw.get("final_downlink")),
         )
     except (ValueError, TypeError, KeyError, AttributeError, msgpack.UnpackException) as error:
         raise CheckpointError(f"unreadable checkpoint: {error}") from error

@@ -133,6 +133,11 @@ class RoundSettings:
     # this seed (``init_seed``) and nodes build the model. None: not known to be (nodes
     # get round 1 in full). Not kept: it changes no model.
     init_seed: int | None = None
+    # --final-delivery-wait: after the final model, the most seconds to wait for the
+    # nodes' reports of it (statuses with received_bytes) before the server's ``done``,
+    # which then carries what they count (docs/PROTOCOL.md 8.4). 0: no wait, no count,
+    # ``done`` at once with the final model. Not kept: it changes no model.
+    final_delivery_wait: float = 0.0
 
     def __post_init__(self) -> None:
         check_memory(
@@ -259,6 +264,14 @@ class Aggregator:
         # reports added up to while the open version was open (None: none reported).
         self._received: dict[str, int] = {}
         self._delivered: int | None = None
+        # The final model's delivery (--final-delivery-wait): counted while it is open,
+        # from the nodes' reports that they have it (``note_received(final=True)``): who
+        # reported, whose count grew from an earlier report of theirs, and the result,
+        # (bytes, nodes), once the count is over. ``done`` goes out after it.
+        self._counting_final = False
+        self._final_heard: set[str] = set()
+        self._final_counted: set[str] = set()
+        self._final_count: tuple[int | None, int] | None = None
         self._reopen = False  # resumed a finished run whose last model opens another version
         self._started_at = wall_clock()  # when the run started (``elapsed`` in metrics)
         # The versions updates may still be trained on (policy.window), and each node's
@@ -311,6 +324,18 @@ class Aggregator:
     def done(self) -> bool:
         """The final model is out: nothing more is built."""
         return self._open.final
+
+    @property
+    def finished(self) -> bool:
+        """``done``, and the count of the final model's delivery is over (or none was
+        asked for): the server's ``done`` status is out, the process may leave."""
+        return self._open.final and not self._counting_final
+
+    @property
+    def final_count(self) -> tuple[int | None, int] | None:
+        """The final model's delivery once counted: the bytes the nodes reported receiving
+        after it was published (None: no node's count), and how many nodes' reports."""
+        return self._final_count
 
     @property
     def held(self) -> Held:
@@ -368,6 +393,8 @@ class Aggregator:
         self._latest = dict(checkpoint.latest or {})
         if checkpoint.dp_fedavg_clip is not None:  # adaptive clipping's clip, carried on
             self._dp_clip = checkpoint.dp_fedavg_clip
+        # counted by the process that published the final model; a restart republishes it
+        self._final_count = checkpoint.final_downlink if model.final and not self._reopen else None
         self._open = OpenVersion(
             number=model.round,
             model_id=model.model_id,
@@ -395,16 +422,57 @@ class Aggregator:
         """A node's retained status (its last will says offline): candidates for sampling."""
         self._present[node_id] = online
 
-    def note_received(self, node_id: str, received: int) -> None:
+    def note_received(self, node_id: str, received: int, *, final: bool = False) -> None:
         """A node's count of bytes received on the global topics (its status): what it
         grew by since the node's last report counts in the open version. A node's first
         report (since this process started) is its baseline; a count below the last one
-        means the node restarted, and counts in full."""
+        means the node restarted, and counts in full. ``final``: the status says the node
+        is through with the final model (``done``, ``idle`` after a finished run,
+        ``error``): while its delivery is counted, that node is no longer waited for."""
         last = self._received.get(node_id)
         self._received[node_id] = received
         if last is not None:
             grown = received - last if received >= last else received
             self._delivered = (self._delivered or 0) + grown
+        if final and self._counting_final:
+            self._final_heard.add(node_id)
+            if last is not None:
+                self._final_counted.add(node_id)
+
+    def awaited(self) -> list[str]:
+        """While the final model's delivery is counted: the nodes still to report it,
+        those present (their status is not ``offline``) whose count the aggregator holds."""
+        if not self._counting_final:
+            return []
+        return sorted(
+            node
+            for node in self._received
+            if self._present.get(node, False) and node not in self._final_heard
+        )
+
+    def finish(self) -> None:
+        """End the count of the final model's delivery (every node present reported it,
+        its wait is over, or the process stops): keep it in the checkpoint, so a restart
+        republishes it, and publish the server's ``done`` with it. Nothing if no count
+        is under way."""
+        if not self._counting_final:
+            return
+        unreported = self.awaited()
+        self._counting_final = False
+        self._final_count = (self._delivered, len(self._final_counted))
+        log.info(
+            "final.delivered",
+            round=self.version,
+            bytes=self._delivered,
+            nodes=len(self._final_counted),
+            unreported=unreported,
+            seconds=round(self.round_age(), 3),
+        )
+        if unreported:
+            log.warning("final.unreported", nodes=unreported)
+        if self.store is not None:
+            self.store.save(self._checkpoint())
+        self._publish_server_status()
 
     def republish(self) -> None:
         """Publish the open version's global model and server status again (after a
@@ -422,16 +490,23 @@ class Aggregator:
             return
         if self.version >= 1:
             self._out.model()
-            self._publish_server_status()
+            if not self._counting_final:  # else ``done`` comes with the count
+                self._publish_server_status()
 
     def timeout(self) -> float | None:
-        """Seconds until ``tick`` might make the version, or None (only a message can)."""
+        """Seconds until ``tick`` might make the version (or end the final model's count),
+        or None (only a message can)."""
         if self.done:
+            if self._counting_final:
+                return max(0.0, self.settings.final_delivery_wait - self.round_age())
             return 0.0
         return self.policy.seconds_until_check(self._open, held=self.reported, now=self._clock())
 
     def tick(self) -> None:
         if self.done:
+            waited = self.round_age() >= self.settings.final_delivery_wait
+            if self._counting_final and (waited or not self.awaited()):
+                self.finish()
             return
         now = self._clock()
         reason = self.policy.close_reason(self._open, held=self.reported, now=now)
@@ -460,15 +535,20 @@ class Aggregator:
 
     def server_status(self, state: str | None = None) -> ServerStatus:
         progress = self.policy.progress(self._open)
+        state = state or ("done" if self.done else "waiting")
+        counted = self._final_count if state == "done" else None
+        delivered, nodes = counted or (None, None)
         return ServerStatus(
             federation=self.settings.federation,
-            state=state or ("done" if self.done else "waiting"),
+            state=state,
             round=self.version,
             expected_nodes=progress.expected_nodes,
             min_nodes=progress.min_nodes,
             reported=self.reported,
             deadline_seconds=progress.deadline_seconds,
             at=self._wall(),
+            final_downlink_delivered=delivered,
+            final_downlink_nodes=nodes,
         )
 
     # ------------------------------------------------------------------ internals
@@ -529,10 +609,14 @@ class Aggregator:
         self._said_overdue = False
         self._broker_dropped()  # count from here
         self._delivered = None
+        # the final model's delivery is counted before ``done`` goes out (finish)
+        self._counting_final = final and self.settings.final_delivery_wait > 0
+        self._final_heard, self._final_counted, self._final_count = set(), set(), None
         if self.store is not None:  # durable before anyone can train on it
             self.store.save(self._checkpoint())
         self._out.model()
-        self._publish_server_status()
+        if not self._counting_final:
+            self._publish_server_status()
         log.info(
             "round.opened",
             round=number,
@@ -562,6 +646,7 @@ class Aggregator:
             dp_fedavg_clip=self._dp_clip
             if self.settings.dp_fedavg is not None and self.settings.dp_fedavg.adaptive
             else None,
+            final_downlink=self._final_count,
         )
 
     def _publish_server_status(self) -> None:

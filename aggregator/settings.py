@@ -44,6 +44,7 @@ from fedmq.settings import (
     mode_name,
     model_name,
     node_id_list,
+    non_negative_float,
     positive_float,
     positive_int,
     proximal_mu,
@@ -55,6 +56,9 @@ from fedmq.settings import (
     task_spec,
     usage_errors,
 )
+
+# How long the end of a run waits for the nodes' reports of the final model (seconds).
+DEFAULT_FINAL_DELIVERY_WAIT = 5.0
 
 
 def _deadline(text: str) -> float | None:
@@ -161,6 +165,16 @@ class AggregatorSettings(LogSettings, ConnectionSettings):
         30,
         parse=positive_int,
         help="rounds to run (default 30); with --mode async, model versions to make",
+    )
+    # Not kept: it changes no model, only how long the end of a run waits.
+    final_delivery_wait: float = setting(
+        DEFAULT_FINAL_DELIVERY_WAIT,
+        parse=non_negative_float,
+        metavar="SECONDS",
+        help="after the final model, wait at most SECONDS for every node present to report "
+        "it received it (status done), to count the bytes delivered to them in the server's "
+        "done status and the report; the done status comes after the wait "
+        f"(default {DEFAULT_FINAL_DELIVERY_WAIT:g}; 0: no wait, no count)",
     )
     # Kept: a run's versions are made one way (the checkpoint's memory differs); left out
     # of the fingerprint for sync, so a run kept before asynchronous mode resumes.

@@ -19,9 +19,11 @@ the aggregator's --downlink-compression down (issue 16), and prints bytes both w
 uplink as the aggregator counted it, downlink as the nodes counted what was delivered to
 them (metrics ``downlink_delivered``) and as the old estimate (``downlink_bytes``), their
 total against the first pair's, and the sizes of one full and one compact model. The
-total includes the final model's compact form times the 10 nodes, which no round's
-metrics count (read from the aggregator's checkpoint); ``UP/DOWN/FINAL`` sends that
-one as FINAL (``--final-downlink-compression``).
+total includes the final model's delivery, which no round's metrics count: the report's
+``final_downlink_delivered`` (the nodes' counts, from the server's ``done``), checked
+against the final model's compact form (read from the aggregator's checkpoint) times
+the 10 nodes; a run where they differ says so. ``UP/DOWN/FINAL`` sends the final model
+as FINAL (``--final-downlink-compression``).
 """
 
 import argparse
@@ -56,9 +58,10 @@ PIPELINES = [
 def federation(
     model: str, part: str, spec: str, rounds: int, seed: int, downlink: str = "none",
     sample_fraction: float | None = None, final: str = "same",
-) -> tuple[list[dict], int]:  # fmt: skip
-    """The report's rows, and the size of the final model's compact form as published
-    (read from the aggregator's last checkpoint: no round's metrics count it)."""
+) -> tuple[list[dict], int, int | None]:  # fmt: skip
+    """The report's rows, the size of the final model's compact form as published (read
+    from the aggregator's last checkpoint), and what the nodes reported receiving of the
+    final model (the report's ``final_downlink_delivered``; None if it has none)."""
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "r.json"
         config = DemoSettings(nodes=10, rounds=rounds, model=model, partition=part, seed=seed,
@@ -70,7 +73,12 @@ def federation(
                 raise RuntimeError(f"federation {model} {part} {spec} failed")
         kept = Path(tmp) / "w" / "aggregator" / "checkpoint.msgpack"
         checkpoint = msgpack.unpackb(kept.read_bytes(), raw=False)
-        return json.loads(report.read_text())["rounds"], len(checkpoint["global_delta"])
+        written = json.loads(report.read_text())
+        return (
+            written["rounds"],
+            len(checkpoint["global_delta"]),
+            written.get("final_downlink_delivered"),
+        )
 
 
 def codec_costs(
@@ -162,14 +170,20 @@ def _cpu_seconds(fn: Callable[[], object], calls: int = 10) -> float:
 TARGET = 0.95  # the accuracy "bytes to reach" counts up to
 
 
-def both_ways_row(rows: list[dict], final: int, nodes: int = 10) -> dict:
+def both_ways_row(
+    rows: list[dict], final: int, nodes: int = 10, final_delivered: int | None = None
+) -> dict:
     """One federation's figures: bytes up (accepted) and down (delivered, and the old
     estimate), final accuracy, the round and the bytes both ways (cumulative, that round
     included) at which the central accuracy first reached TARGET, one full and the
-    median compact model's size. The final model's compact form (``final`` bytes),
-    which every node receives after the last round and no round's ``downlink_delivered``
-    counts, is ``final_down`` (times ``nodes``) and in ``total``; ``rounds_total`` is
-    what earlier tables called total (rounds 1 to the last only)."""
+    median compact model's size. The final model, which every node receives after the
+    last round and no round's ``downlink_delivered`` counts, is ``final_down`` and in
+    ``total``: what the nodes reported receiving of it (``final_delivered``, the
+    report's), else its compact form (``final`` bytes) times ``nodes``; ``final_agrees``
+    says whether the two agree (None without the report's). ``rounds_total`` is what
+    earlier tables called total (rounds 1 to the last only)."""
+    assumed = final * nodes
+    final_down = assumed if final_delivered is None else final_delivered
     uplink = [r["uplink_bytes"] for r in rows]
     delivered = [r["downlink_delivered"] or 0 for r in rows]
     reach = next((i for i, r in enumerate(rows) if r["accuracy"] >= TARGET), None)
@@ -179,16 +193,17 @@ def both_ways_row(rows: list[dict], final: int, nodes: int = 10) -> dict:
         "down": sum(delivered),
         "estimate": sum(r["downlink_bytes"] for r in rows),
         "final_compact": final,
-        "final_down": final * nodes,
+        "final_down": final_down,
+        "final_agrees": None if final_delivered is None else final_delivered == assumed,
         "rounds_total": sum(uplink) + sum(delivered),
-        "total": sum(uplink) + sum(delivered) + final * nodes,
+        "total": sum(uplink) + sum(delivered) + final_down,
         "accuracy": rows[-1]["accuracy"],
         "reach_round": None if reach is None else rows[reach]["round"],
         # the last round's accuracy is the final model's: reaching it includes its delivery
         "reach_bytes": None
         if reach is None
         else sum(uplink[: reach + 1] + delivered[: reach + 1])
-        + (final * nodes if reach == len(rows) - 1 else 0),
+        + (final_down if reach == len(rows) - 1 else 0),
         "full": rows[-1]["global_bytes"],
         "compact": statistics.median(compact) if compact else None,
         "round1_down": delivered[0],
@@ -210,8 +225,10 @@ def both_ways(
     made = []
     for pair in pairs:
         up, down, *final = pair.split("/")  # UP/DOWN or UP/DOWN/FINAL
-        rows, final_bytes = federation(model, part, up, rounds, seed, down, sample_fraction, *final)
-        row = both_ways_row(rows, final_bytes) | {
+        rows, final_bytes, final_delivered = federation(
+            model, part, up, rounds, seed, down, sample_fraction, *final
+        )
+        row = both_ways_row(rows, final_bytes, final_delivered=final_delivered) | {
             "model": model, "partition": part, "seed": seed, "pair": pair,
             "sample_fraction": sample_fraction or 1.0,
         }  # fmt: skip
@@ -226,6 +243,10 @@ def both_ways(
               f" {reach_mb:>8} {row['full']:>7} {compact:>9} {row['round1_down']:>11}"
               f" {row['final_compact']:>7}",
               flush=True)  # fmt: skip
+        if row["final_agrees"] is not True:  # no count, or not the compact form x 10
+            print(f"  final model: the nodes reported {final_delivered} B, its compact form"
+                  f" x 10 is {row['final_compact'] * 10} B; the total counts"
+                  f" {row['final_down']} B", flush=True)  # fmt: skip
     return made
 
 

@@ -382,6 +382,11 @@ class ServerStatus:
     reported: int
     deadline_seconds: float | None = None
     at: float | None = None
+    # In ``done`` only, once the aggregator has counted them (docs/PROTOCOL.md 8.4): the
+    # payload bytes the nodes reported receiving on the global topics after the final
+    # model was published (None: no node reported), and how many nodes' reports that is.
+    final_downlink_delivered: int | None = None
+    final_downlink_nodes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -1027,6 +1032,9 @@ SERVER = Kind("server", ServerStatus, (
     Field("reported", _positive),
     Field("deadline_seconds", _float, nullable=True),
     Field("at", _float, nullable=True),
+    # From issue 16 on, in ``done``: the final model's delivery as the nodes counted it.
+    Field("final_downlink_delivered", _positive, nullable=True, omit_none=True),
+    Field("final_downlink_nodes", _positive, nullable=True, omit_none=True),
 ))  # fmt: skip
 
 EVALUATION = Kind(None, RoundEvaluation, (

@@ -59,12 +59,19 @@ from fedmq.report import (
     build_report,
     downlink_entry,
     dp_sgd_entry,
+    final_delivery_entry,
     mode_entry,
     proximal_mu_entry,
     slow_nodes_entry,
     write_report,
 )
-from fedmq.schemas import RoundMetrics, SchemaError, Topics, decode_metrics
+from fedmq.schemas import (
+    RoundMetrics,
+    SchemaError,
+    Topics,
+    decode_metrics,
+    decode_server_status,
+)
 from fedmq.settings import buffer_size, to_argv
 from fedmq.tasks.builtin_data import DIGITS_TASKS, node_limit, split_builtin
 from fedmq.tasks.registry import EXAMPLES, TaskError, is_builtin, load_task
@@ -631,7 +638,8 @@ def run(config: DemoSettings, stop: threading.Event, out: TextIO = sys.stdout) -
         ready = threading.Event()
         client = edge.make_client(
             edge.make_client_id(config.federation, "demo", edge.unique_suffix()),
-            subscriptions=[(topics.metrics, 1)],
+            # metrics, and the server's done with the final model's delivery (its count)
+            subscriptions=[(topics.metrics, 1), (topics.server, 1)],
             inbox=inbox,
             ready=ready,
         )
@@ -667,6 +675,7 @@ def run(config: DemoSettings, stop: threading.Event, out: TextIO = sys.stdout) -
             children.spawn(name, args)
         progress = Progress(config.rounds, out)
         rounds: dict[int, RoundMetrics] = {}
+        final_count: tuple[int | None, int] | None = None  # from the server's done
         while True:
             if stop.is_set():
                 out.write("\ninterrupted; stopping every process the demo started\n")
@@ -689,6 +698,9 @@ def run(config: DemoSettings, stop: threading.Event, out: TextIO = sys.stdout) -
                 continue
             if received.topic == edge.CONNECTED:
                 continue
+            if received.topic == topics.server:
+                final_count = final_count_of(received) or final_count
+                continue
             try:
                 metrics = decode_metrics(received.payload)
             except SchemaError as error:
@@ -705,6 +717,8 @@ def run(config: DemoSettings, stop: threading.Event, out: TextIO = sys.stdout) -
                 f" the end of {running[0]}'s log:\n{children.tail(running[0])}"
             )
         children.supervise(time.monotonic(), run_done=True)
+        if final_count is None:  # the aggregator sent it before it left: on its way here
+            final_count = await_final_count(inbox, topics, FINAL_COUNT_SECONDS)
         total = time.monotonic() - started
         report = build_report(
             list(rounds.values()),
@@ -728,6 +742,7 @@ def run(config: DemoSettings, stop: threading.Event, out: TextIO = sys.stdout) -
                 config.staleness,
                 config.max_staleness,
             ),
+            **final_delivery_entry(final_count),
             seed=config.seed,
             total_seconds=total,
             restarts=restart_counts(children.restarts()),
@@ -750,6 +765,43 @@ def run(config: DemoSettings, stop: threading.Event, out: TextIO = sys.stdout) -
             broker.stop()
         if config.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+# The most the demo waits, once the aggregator has left, for its server ``done`` (the
+# final model's delivery count) to reach it.
+FINAL_COUNT_SECONDS = 3.0
+
+
+def final_count_of(received: edge.Received) -> tuple[int | None, int] | None:
+    """The final model's delivery (bytes, nodes) from a server ``done`` that carries it,
+    published live: a retained one is an earlier run's (docs/PROTOCOL.md 8.4)."""
+    if received.retain:
+        return None
+    try:
+        status = decode_server_status(received.payload)
+    except SchemaError:
+        return None
+    if status.state != "done" or status.final_downlink_nodes is None:
+        return None
+    return status.final_downlink_delivered, status.final_downlink_nodes
+
+
+def await_final_count(
+    inbox: queue.Queue[edge.Received], topics: Topics, seconds: float
+) -> tuple[int | None, int] | None:
+    """The final model's delivery from the server ``done`` still in ``inbox`` or arriving
+    within ``seconds``; None if none comes (the aggregator counted none)."""
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            received = inbox.get(timeout=min(left, 0.2))
+        except queue.Empty:
+            continue
+        if received.topic == topics.server:
+            count = final_count_of(received)
+            if count is not None:
+                return count
+    return None
 
 
 def run_policy_entries(config: DemoSettings) -> dict[str, Any]:

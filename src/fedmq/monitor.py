@@ -216,6 +216,15 @@ def server_text(status: ServerStatus) -> str:
     return f"server {status.state} round {status.round}"
 
 
+def final_delivery_text(status: ServerStatus) -> str | None:
+    """``final model delivered 30,890 B (10 nodes' counts)`` from a ``done`` that carries
+    the count (docs/PROTOCOL.md 8.4), else None."""
+    if status.state != "done" or status.final_downlink_nodes is None:
+        return None
+    delivered = status.final_downlink_delivered or 0
+    return f"final model delivered {delivered:,} B ({status.final_downlink_nodes} nodes' counts)"
+
+
 def header_lines(view: FleetView, now: float) -> list[str]:
     lines = [f"fedmq monitor  federation {view.topics.federation}"]
     s = view.server
@@ -224,6 +233,9 @@ def header_lines(view: FleetView, now: float) -> list[str]:
         return lines
     when = f"  ({age(now - s.at)} ago)" if s.at is not None else ""
     lines.append(f"{server_text(s)}{when}")
+    final = final_delivery_text(s)
+    if final is not None:
+        lines.append(final)
     if s.state == "waiting":
         progress = f"reported {s.reported}/{s.expected_nodes} (min {s.min_nodes})"
         progress += "  " + bar(s.reported, s.expected_nodes, 20)
@@ -501,6 +513,9 @@ def _plain(
         if (s.state, s.round) != last_server:
             if s.state == "done":
                 out.write(f"{server_text(s)}\n")
+                final = final_delivery_text(s)
+                if final is not None:
+                    out.write(f"{final}\n")
             else:
                 out.write(f"{server_text(s)} expects {s.expected_nodes} (min {s.min_nodes})\n")
             out.flush()

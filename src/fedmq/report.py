@@ -104,6 +104,18 @@ def mode_entry(mode: str, buffer: int, staleness: str, max_staleness: int) -> di
     }
 
 
+def final_delivery_entry(count: tuple[int | None, int] | None) -> dict[str, Any]:
+    """report.json's ``final_downlink_delivered`` (bytes the nodes reported receiving after
+    the final model was published, None if no node's count) and ``final_downlink_nodes``
+    (how many nodes' reports that is), when the aggregator counted them (its ``done``
+    status, docs/PROTOCOL.md 8.4): a run without the count reports what it did before.
+    No round's ``downlink_delivered`` includes the final model."""
+    if count is None:
+        return {}
+    delivered, nodes = count
+    return {"final_downlink_delivered": delivered, "final_downlink_nodes": nodes}
+
+
 def slow_nodes_entry(node_ids: Sequence[str], seconds: float) -> dict[str, Any]:
     """report.json's ``slow_nodes`` (``fedmq demo --slow-nodes``, a simulation): the nodes
     given ``--train-delay`` and its seconds."""
@@ -174,10 +186,17 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         f" downlink {down / len(rows):,.0f} B/round ({down:,} in all)"
     )
     delivered = [r["downlink_delivered"] for r in rows if r.get("downlink_delivered") is not None]
-    if delivered:
-        lines.append(
-            f"downlink delivered (nodes' counts): {sum(delivered):,} B in {len(delivered)} rounds"
-        )
+    final = report.get("final_downlink_delivered")
+    if delivered or "final_downlink_nodes" in report:
+        text = f"downlink delivered (nodes' counts): {sum(delivered):,} B"
+        text += f" in {len(delivered)} rounds"
+        if "final_downlink_nodes" in report:
+            nodes = report["final_downlink_nodes"]
+            text += (
+                f" + {final or 0:,} B of the final model ({nodes} nodes' counts)"
+                f" = {sum(delivered) + (final or 0):,} B"
+            )
+        lines.append(text)
     seconds = sorted(r.get("seconds") or 0.0 for r in rows)
     lines.append(f"round time: median {seconds[len(seconds) // 2]:.2f} s, max {seconds[-1]:.2f} s")
     rejected: dict[str, int] = {}

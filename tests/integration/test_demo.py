@@ -26,6 +26,8 @@ def test_reference_demo_reaches_target_and_repeats_exactly(tmp_path):
     second = _demo(tmp_path, "second")
     assert first["final_accuracy"] >= 0.92
     assert len(first["rounds"]) == 30
+    # the final model's delivery, counted from every node's done (docs/PROTOCOL.md 8.4)
+    assert first["final_downlink_nodes"] == 10 and first["final_downlink_delivered"] > 0
     for row in first["rounds"]:
         assert {
             "round",

@@ -12,6 +12,7 @@ from fedmq.schemas import (
     decode_global,
     decode_global_delta,
     decode_metrics,
+    decode_server_status,
     decode_status,
 )
 
@@ -25,7 +26,9 @@ def test_three_nodes_and_the_aggregator_compress_both_ways(
     mosquitto, federation, spawn, node_data, collect, tmp_path
 ):
     topics = Topics(federation)
-    watcher = collect([topics.metrics, topics.global_model, topics.global_delta, topics.all_status])
+    watcher = collect(
+        [topics.metrics, topics.global_model, topics.global_delta, topics.all_status, topics.server]
+    )
     common = ["--broker", mosquitto.address, "--federation", federation, "--log-json"]
     report = tmp_path / "report.json"
     aggregator = spawn(
@@ -87,5 +90,21 @@ def test_three_nodes_and_the_aggregator_compress_both_ways(
         assert counts[-1] == sum(len(p) for p in compact), (counts, [len(p) for p in compact])
     delivered = [m.downlink_delivered for m in metrics]
     assert all(d is not None and d > 0 for d in delivered[1:]), delivered
-    rows = json.loads(report.read_text())["rounds"]
-    assert [r["downlink_delivered"] for r in rows] == delivered
+    report_ = json.loads(report.read_text())
+    assert [r["downlink_delivered"] for r in report_["rounds"]] == delivered
+
+    # The final model's delivery: counted from the nodes' done statuses before the
+    # server's done, which carries it, as does the report. It is what the nodes reported
+    # receiving for it (their done's count less their previous one), the final compact
+    # form once per node.
+    for_final = 0
+    for i in range(3):
+        mine = [s for s in done if s.node_id == f"pi-{i}"]
+        last = max(k for k, s in enumerate(mine) if s.state == "done")
+        for_final += mine[last].received_bytes - mine[last - 1].received_bytes
+    assert for_final == 3 * len(compact[-1])
+    servers = [decode_server_status(p) for p in watcher.on(topics.server) if p]
+    [finished] = [s for s in servers if s.state == "done"]
+    assert (finished.final_downlink_delivered, finished.final_downlink_nodes) == (for_final, 3)
+    assert servers[-1] == finished  # done is the last word, after the count
+    assert (report_["final_downlink_delivered"], report_["final_downlink_nodes"]) == (for_final, 3)

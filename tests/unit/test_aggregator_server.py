@@ -68,6 +68,7 @@ class Harness:
         downlink_compression: str | None = None,
         final_downlink_compression: str | None = None,
         init_seed: int | None = None,
+        final_delivery_wait: float = 0.0,
     ) -> None:
         self.settings = RoundSettings(
             federation=FEDERATION,
@@ -83,6 +84,7 @@ class Harness:
             downlink_compression=downlink_compression,
             final_downlink_compression=final_downlink_compression,
             init_seed=init_seed,  # MODEL.init(0) below: 0 is right, others are for tests
+            final_delivery_wait=final_delivery_wait,
         )
         self.initial = MODEL.init(0)
         self.clock = FakeClock()

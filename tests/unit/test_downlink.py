@@ -14,6 +14,8 @@ import structlog
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fedmq.aggregator.app import resume_or_start, through_with_final
+from fedmq.aggregator.checkpoint import StateDir
 from fedmq.aggregator.downlink import compress_global, downlink_pipeline, initial_residual
 from fedmq.aggregator.settings import AggregatorSettings
 from fedmq.compression import parse_spec
@@ -21,12 +23,16 @@ from fedmq.datasets import Dataset
 from fedmq.mqtt import CONNECTED, SETTLED, BrokerAddress, Received
 from fedmq.node.app import Node, handle
 from fedmq.node.settings import NodeSettings
+from fedmq.report import final_delivery_entry, summary_lines
 from fedmq.schemas import (
     GlobalModel,
+    NodeStatus,
     SchemaError,
+    ServerStatus,
     apply_global_delta,
     decode_global,
     decode_global_delta,
+    decode_server_status,
     decode_status,
     encode,
     make_compressed_global_delta,
@@ -612,3 +618,137 @@ def test_a_node_with_a_jax_task_builds_the_aggregators_initial_model_bitwise(
         other.node.on_global_delta(encode(make_init_global_delta(model, 3)))
     assert [e["event"] for e in logs if "init" in e["event"]] == ["global_delta.init_unbuilt"]
     assert other.fetched == [TOPICS.global_model]
+
+
+# ------------------------------------------------------------------ the final model's delivery
+
+
+def server_statuses(h: Harness) -> list[ServerStatus]:
+    return [decode_server_status(payload) for payload, _ in h.on(TOPICS.server)]
+
+
+def counting(wait: float = 5.0, store: StateDir | None = None) -> Harness:
+    """A 2-round run counting the final model's delivery: every node present, its first
+    report a baseline, 1,000 bytes more in each round's report (1,000 x node number)."""
+    h = Harness(rounds=2, final_delivery_wait=wait, store=store)
+    h.agg.start()
+    for index, node in enumerate(NODES):
+        h.agg.note_presence(node, True)
+        h.agg.note_received(node, 50_000 + index)
+    while not h.agg.done:
+        for index, node in enumerate(NODES):
+            h.agg.note_received(node, h.agg._received[node] + 1_000 * (index + 1))
+            h.report(node, seed=100 * h.agg.round + index)
+    return h
+
+
+def test_done_waits_for_every_node_to_report_the_final_model_and_carries_their_count() -> None:
+    h = counting()
+    assert h.agg.done and not h.agg.finished
+    assert [m.downlink_delivered for m in h.metrics()] == [6_000, 6_000]
+    assert server_statuses(h)[-1].state == "waiting"  # no done yet: the count comes with it
+    assert h.agg.awaited() == NODES
+    assert h.agg.timeout() == 5.0
+    h.agg.note_received("pi-a", h.agg._received["pi-a"] + 700, final=True)
+    h.agg.note_received("pi-b", h.agg._received["pi-b"] + 0)  # a late submitted: not done
+    h.agg.tick()
+    assert h.agg.awaited() == ["pi-b", "pi-c"] and not h.agg.finished
+    h.agg.note_received("pi-b", h.agg._received["pi-b"] + 700, final=True)
+    h.agg.note_received("pi-c", h.agg._received["pi-c"] + 700, final=True)
+    h.clock.now += 0.01
+    h.agg.tick()  # every node present has reported: done at once, not at the wait's end
+    assert h.agg.finished and h.agg.final_count == (2_100, 3)
+    done = server_statuses(h)[-1]
+    assert (done.state, done.round) == ("done", 3)
+    assert (done.final_downlink_delivered, done.final_downlink_nodes) == (2_100, 3)
+    assert decode_server_status(encode(done)) == done
+    assert [m.downlink_delivered for m in h.metrics()] == [6_000, 6_000]  # rounds unchanged
+    h.agg.tick()
+    assert len([s for s in server_statuses(h) if s.state == "done"]) == 1
+
+
+def test_a_node_that_never_reports_holds_done_back_only_until_the_wait_ends() -> None:
+    h = counting(wait=5.0)
+    h.agg.note_presence("pi-c", False)  # its will: offline, not waited for
+    h.agg.note_received("pi-a", h.agg._received["pi-a"] + 900, final=True)
+    h.clock.now += 4.0
+    h.agg.tick()
+    assert h.agg.awaited() == ["pi-b"] and not h.agg.finished
+    assert h.agg.timeout() == pytest.approx(1.0)
+    h.clock.now += 1.0
+    with structlog.testing.capture_logs() as logs:
+        h.agg.tick()
+    assert h.agg.finished and h.agg.final_count == (900, 1)
+    assert {"event": "final.unreported", "nodes": ["pi-b"], "log_level": "warning"} in logs
+    done = server_statuses(h)[-1]
+    assert (done.final_downlink_delivered, done.final_downlink_nodes) == (900, 1)
+
+
+def test_a_node_whose_first_report_is_done_is_not_counted_and_finish_cuts_the_wait() -> None:
+    h = counting()
+    h.agg.note_received("pi-new", 123_456, final=True)  # no earlier count: a baseline only
+    h.agg.note_presence("pi-new", True)
+    assert "pi-new" not in h.agg.awaited()
+    h.agg.finish()  # a stop: what it has so far
+    assert h.agg.finished and h.agg.final_count == (None, 0)
+    done = server_statuses(h)[-1]
+    assert (done.final_downlink_delivered, done.final_downlink_nodes) == (None, 0)
+    assert "final_downlink_delivered" not in msgpack.unpackb(encode(done))
+
+
+def test_without_a_wait_done_comes_with_the_final_model_and_no_count() -> None:
+    h = counting(wait=0.0)
+    assert h.agg.finished and h.agg.final_count is None and h.agg.awaited() == []
+    done = server_statuses(h)[-1]
+    assert (done.state, done.final_downlink_nodes) == ("done", None)
+    assert set(msgpack.unpackb(encode(done))) == {
+        "v", "type", "federation", "state", "round", "expected_nodes", "min_nodes",
+        "reported", "deadline_seconds", "at",
+    }  # fmt: skip
+
+
+def test_a_restarted_finished_run_republishes_the_count_it_kept(tmp_path: Path) -> None:
+    h = counting(store=StateDir(tmp_path))
+    for node in NODES:
+        h.agg.note_received(node, h.agg._received[node] + 1_234, final=True)
+    h.agg.tick()
+    assert h.agg.final_count == (3 * 1_234, 3)
+    assert isinstance(h.agg.store, StateDir)
+    h.agg.store.close()
+    again = Harness(rounds=2, final_delivery_wait=5.0, store=StateDir(tmp_path))
+    assert isinstance(again.agg.store, StateDir)
+    assert resume_or_start(again.agg, again.agg.store)
+    assert again.agg.finished  # no second count: the one kept is the final model's
+    again.agg.republish()
+    done = server_statuses(again)[-1]
+    assert (done.state, done.final_downlink_delivered, done.final_downlink_nodes) == (
+        "done", 3 * 1_234, 3,
+    )  # fmt: skip
+    again.agg.store.close()  # its journal file, else a ResourceWarning in a later test
+
+
+@pytest.mark.parametrize(
+    ("state", "round_", "through"),
+    [("done", 2, True), ("error", 3, True), ("idle", None, True), ("idle", 2, False),
+     ("submitted", 2, False), ("training", 2, False)],
+)  # fmt: skip
+def test_which_statuses_say_a_node_is_through_with_the_final_model(
+    state: str, round_: int | None, through: bool
+) -> None:
+    status = NodeStatus(federation=FEDERATION, node_id="pi-a", state=state, round=round_)
+    assert through_with_final(status) is through
+
+
+def test_the_report_adds_the_final_model_to_what_was_delivered() -> None:
+    rows = [{"round": r, "downlink_delivered": 1_000, "uplink_bytes": 10, "downlink_bytes": 5,
+             "seconds": 0.1} for r in (1, 2)]  # fmt: skip
+    report = {"rounds": rows, **final_delivery_entry((300, 3))}
+    assert (report["final_downlink_delivered"], report["final_downlink_nodes"]) == (300, 3)
+    line = next(x for x in summary_lines(report) if x.startswith("downlink delivered"))
+    assert line == (
+        "downlink delivered (nodes' counts): 2,000 B in 2 rounds"
+        " + 300 B of the final model (3 nodes' counts) = 2,300 B"
+    )
+    assert final_delivery_entry(None) == {}
+    plain = next(x for x in summary_lines({"rounds": rows}) if x.startswith("downlink delivered"))
+    assert plain == "downlink delivered (nodes' counts): 2,000 B in 2 rounds"

@@ -270,6 +270,20 @@ def test_done_shows_the_rounds_run_not_the_final_globals_round():
     assert "16" not in header
 
 
+def test_done_with_a_count_shows_the_final_models_delivery():
+    # issue 16: the server's done carries what the nodes received of the final model
+    view = FleetView(TOPICS)
+    out = io.StringIO()
+    done = server(state="done", round=16, reported=0, expected_nodes=2, min_nodes=2,
+                  final_downlink_delivered=30_890, final_downlink_nodes=2)  # fmt: skip
+    row = view.update(TOPICS.server, encode(done), now=NOW)
+    assert row is not None and row["final_downlink_delivered"] == 30_890
+    _plain(view, row, None, out)
+    text = "final model delivered 30,890 B (2 nodes' counts)"
+    assert out.getvalue() == f"server done after round 15\n{text}\n"
+    assert render_lines(view, NOW, width=100, height=20)[2] == text
+
+
 def test_a_nodes_reason_is_shown_beside_the_grid():
     # issue 11: a node that stops on an error or diverges says why in its status
     # `detail`; the terminal view (not only --json) must show it

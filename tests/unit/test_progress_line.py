@@ -46,3 +46,17 @@ def test_the_aggregators_line_says_round_reports_and_quorum() -> None:
     h.report("pi-a")
     h.clock.now += 2.5
     assert progress_text(h.agg) == "round 1/4: 1/3 reported (min 2), open 2.5 s"
+
+
+def test_after_the_final_model_the_aggregators_line_counts_the_nodes_to_report_it() -> None:
+    from fedmq.aggregator.app import progress_text
+    from tests.unit.test_aggregator_server import Harness
+
+    h = Harness(rounds=1, final_delivery_wait=5.0)
+    h.agg.start()
+    for node in ("pi-a", "pi-b", "pi-c"):
+        h.agg.note_presence(node, True)
+        h.agg.note_received(node, 100)
+        h.report(node)
+    h.clock.now += 0.25
+    assert progress_text(h.agg) == "final model out after 1: 3 nodes still to report it, 0.2 s"
