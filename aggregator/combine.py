@@ -146,6 +146,11 @@ class Held(Mapping[str, NodeUpdate]):
     def __getitem__(self, key: str) -> NodeUpdate:
         return self._updates[key]
 
+    def __contains__(self, key: object) -> bool:
+        # Mapping's own raises and catches a KeyError for a key not held: every update's
+        # duplicate check (RoundPolicy.fits) asked that, ~1.5 us.
+        return key in self._updates
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._updates)
 

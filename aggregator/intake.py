@@ -65,6 +65,7 @@ class Intake(Generic[H]):
         self.policy = policy
         self.journal = journal
         self._pipeline = parse_spec(compression)
+        self._updates_prefix = topics.prefix + "/updates/"  # Topics is frozen
         # By the policy's key: the node id in rounds, ``node@version`` in the buffer.
         self._hold = hold
         self.held = hold()
@@ -87,7 +88,7 @@ class Intake(Generic[H]):
         """Accept the update (held and, if ``journal``, journaled) or reject it: True if
         accepted. ``journal=False`` replays the journal after a restart."""
         node_id = self.topics.node_of(topic)
-        if node_id is None or not topic.startswith(self.topics.prefix + "/updates/"):
+        if node_id is None or not topic.startswith(self._updates_prefix):
             self._reject("bad_topic", f"not an update topic: {topic!r}", None, current)
             return False
         if len(payload) > self.max_update_bytes:

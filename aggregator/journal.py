@@ -53,9 +53,23 @@ def record_parts(topic: str, payload: bytes) -> tuple[bytes, bytes]:
         bin_head = b"\xc5" + _U16.pack(n)
     else:
         bin_head = b"\xc6" + _U32.pack(n)
-    prefix = b"\x92" + msgpack.packb(topic) + bin_head
+    prefix = b"\x92" + _str_head(topic) + bin_head
     crc = zlib.crc32(payload, zlib.crc32(prefix))
     return _HEADER.pack(len(prefix) + n, crc) + prefix, payload
+
+
+def _str_head(text: str) -> bytes:
+    """``msgpack.packb(text)``: the str header and the UTF-8 bytes. Written here since
+    ``packb`` makes a Packer (and its 256 KiB buffer) each call, a few us an update."""
+    data = text.encode()
+    n = len(data)
+    if n < 32:
+        return bytes((0xA0 | n,)) + data
+    if n < 1 << 8:
+        return b"\xd9" + _U8.pack(n) + data
+    if n < 1 << 16:
+        return b"\xda" + _U16.pack(n) + data
+    return b"\xdb" + _U32.pack(n) + data
 
 
 def decode_records(data: bytes) -> tuple[list[tuple[str, bytes]], int]:

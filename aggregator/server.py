@@ -89,6 +89,9 @@ from fedmq.tasks.layout import layout_of
 
 log = structlog.get_logger()
 
+# ``Aggregator._plan_ticks`` looks this far above the held count for one that closes.
+_MOST_HELD = 1 << 24
+
 
 @dataclass(frozen=True)
 class RoundSettings:
@@ -279,6 +282,10 @@ class Aggregator:
         self._recent: dict[int, Opened] = {}
         self._latest: dict[str, int] = {}
         self._said_overdue = False  # the policy's overdue warning logged for the open version
+        # What ``handle`` ticks for: an update that brings the held count to
+        # ``_tick_held``, or any message from ``_tick_due`` on (``tick`` works them out;
+        # 0 and -inf: tick at the next message).
+        self._tick_held, self._tick_due = 0, -math.inf
         self._intake = Intake(
             topics=self.topics,
             layout=self.layout,
@@ -407,6 +414,7 @@ class Aggregator:
         )
         self._intake.start_version()
         self._said_overdue = False
+        self._tick_held, self._tick_due = 0, -math.inf
         self._broker_dropped()  # count from here
         for topic, payload in journal:
             self._intake.offer(topic, payload, self._open, journal=False)
@@ -508,22 +516,66 @@ class Aggregator:
             if self._counting_final and (waited or not self.awaited()):
                 self.finish()
             return
-        now = self._clock()
-        reason = self.policy.close_reason(self._open, held=self.reported, now=now)
+        self._tick(self._clock())
+
+    def _tick(self, now: float) -> int | None:
+        """``tick`` at ``now``: the held count if the version stays open, else None."""
+        held = self.reported
+        reason = self.policy.close_reason(self._open, held=held, now=now)
         if reason is not None:
             self._make_version(reason)
-        elif not self._said_overdue:  # late and still short: say so, once
-            overdue = self.policy.overdue(self._open, held=self.reported, now=now)
+            return None
+        if not self._said_overdue:  # late and still short: say so, once
+            overdue = self.policy.overdue(self._open, held=held, now=now)
             if overdue is not None:
                 self._said_overdue = True
                 event, fields = overdue
                 log.warning(event, **fields)
+        return held
+
+    def _plan_ticks(self, held: int, now: float) -> None:
+        """When ``handle`` must tick next: the policy's answer depends on the held count
+        (more can only close: ``held >=`` in every policy) and on time, which cannot
+        change it before ``seconds_until_check`` (nor make the version overdue: both
+        follow the same deadline; a tick from elsewhere, the MQTT edge's when idle, changes
+        neither). So until then the next tick that can make the version
+        is the one after the update that brings the count to the fewest that closes it
+        now, found by asking the policy (doubling, then halving); a tick after any other
+        update would find nothing to do."""
+
+        def closes(count: int) -> bool:
+            return self.policy.close_reason(self._open, held=count, now=now) is not None
+
+        wait = self.policy.seconds_until_check(self._open, held=held, now=now)
+        # one float below now + wait: never later than the time it stands for
+        self._tick_due = math.inf if wait is None else math.nextafter(now + wait, -math.inf)
+        low, step = held, 1  # low: does not close
+        while not closes(low + step):
+            low += step
+            step *= 2
+            if step > _MOST_HELD:  # no count closes it (none of today's policies): as before
+                self._tick_held = held + 1
+                return
+        high = low + step  # closes
+        while high - low > 1:
+            middle = (low + high) // 2
+            if closes(middle):
+                high = middle
+            else:
+                low = middle
+        self._tick_held = high
 
     def handle(self, topic: str, payload: bytes) -> None:
         """Validate one update; accept it (journaled) or reject it with a reason; then make
-        the next version if the policy says so (``tick``)."""
+        the next version if the policy says so (``tick``). It ticks after the updates
+        that may close the version and once time may (``_plan_ticks``): the same
+        versions, from the same updates, as a tick after every message."""
         self.ingest(topic, payload)
-        self.tick()
+        now = self._clock()
+        if (self.reported >= self._tick_held or now >= self._tick_due) and not self.done:
+            held = self._tick(now)
+            if held is not None:
+                self._plan_ticks(held, now)
 
     def ingest(self, topic: str, payload: bytes) -> None:
         """``handle`` without the ``tick``: the MQTT edge of asynchronous mode ingests a
@@ -607,6 +659,7 @@ class Aggregator:
         )
         self._intake.start_version()
         self._said_overdue = False
+        self._tick_held, self._tick_due = 0, -math.inf
         self._broker_dropped()  # count from here
         self._delivered = None
         # the final model's delivery is counted before ``done`` goes out (finish)

@@ -4,11 +4,28 @@ Layout (docs/PROTOCOL.md): every topic a node writes carries its node id, so bro
 can authorise per node with ``%u`` pattern rules (username = node id).
 """
 
+import functools
 import re
 from dataclasses import dataclass
 
 ROOT = "fedmq"
+MAX_NAME = 64
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+# Ids checked lately, whatever the answer: the same few (a federation's, its nodes') come
+# back every round, and a look-up costs less than the regex. Bounded in entries and (ids
+# are short: longer strings are answered without it) in bytes, so a node sending ever new
+# ids cannot grow it; a string's answer never changes, so a hit is the regex's.
+NAMES_REMEMBERED = 4096
+
+
+def is_name(value: str) -> bool:
+    """Whether the string ``value`` is a legal federation or node id (``validate_name``)."""
+    return len(value) <= MAX_NAME and _is_short_name(value)
+
+
+@functools.lru_cache(maxsize=NAMES_REMEMBERED)
+def _is_short_name(value: str) -> bool:
+    return _NAME.fullmatch(value) is not None
 
 
 def validate_name(kind: str, value: str) -> str:
@@ -16,7 +33,9 @@ def validate_name(kind: str, value: str) -> str:
 
     Ids become topic levels, so MQTT's wildcards and separators are excluded.
     """
-    if not isinstance(value, str) or not _NAME.fullmatch(value):
+    if not isinstance(value, str) or not (
+        is_name(value) if type(value) is str else _NAME.fullmatch(value)  # a subclass: as it is
+    ):
         raise ValueError(
             f"{kind} {value!r} is not valid: use 1-64 characters from A-Z a-z 0-9 _ . -"
         )
@@ -80,7 +99,7 @@ class Topics:
             and parts[0] == ROOT
             and parts[1] == self.federation
             and parts[2] in ("updates", "status")
-            and _NAME.fullmatch(parts[3])
+            and is_name(parts[3])
         ):
             return parts[3]
         return None

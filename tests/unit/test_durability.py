@@ -57,6 +57,15 @@ def test_a_record_is_msgpack_of_topic_and_payload_as_before(topic: str, size: in
     assert rest is payload and head + rest == want == encode_record(topic, payload)
 
 
+@pytest.mark.parametrize("length", [0, 1, 31, 32, 255, 256, 65535, 65536, 70000])
+@pytest.mark.parametrize("char", ["a", "\u00e9", "\U0001f600"])
+def test_a_record_s_topic_is_msgpack_s_str_at_every_length(length: int, char: str) -> None:
+    """fixstr, str 8, 16 and 32, counted in UTF-8 bytes (1, 2 and 4 a character)."""
+    topic = char * (length // len(char.encode()))
+    body = msgpack.packb([topic, b"x"], use_bin_type=True)
+    assert b"".join(record_parts(topic, b"x"))[8:] == body
+
+
 @settings(max_examples=300)
 @given(
     st.lists(st.tuples(st.text(max_size=10), st.binary(max_size=50)), min_size=1, max_size=5),
