@@ -20,8 +20,10 @@ Checks that need a heavy library import it inside the function, so ``--help`` st
 
 import argparse
 import dataclasses
+import difflib
 import functools
 import math
+import sys
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -153,9 +155,30 @@ class Parser(argparse.ArgumentParser):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.commands = {}
+        self._given: list[str] = []
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        self._given = list(sys.argv[1:] if args is None else args)  # for ``error``
+        return super().parse_known_args(args, namespace)
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        hint = self.did_you_mean(message)
+        self.exit(2, f"{self.prog}: error: {message}{hint} (see {self.prog} --help)\n")
+
+    def did_you_mean(self, message: str) -> str:
+        """``; did you mean --broker?`` for an unknown option close to one of the
+        subcommand's (argparse reports those from the top parser, which names none)."""
+        unknown = message.removeprefix("unrecognized arguments: ")
+        command = next((w for w in self._given if not w.startswith("-")), None)
+        if unknown == message or command not in self.commands:
+            return ""
+        known = [o for a in self.commands[command].parser._actions for o in a.option_strings]
+        for word in unknown.split():
+            if word.startswith("--"):
+                close = difflib.get_close_matches(word.split("=", 1)[0], known, n=1, cutoff=0.75)
+                if close:
+                    return f"; did you mean {close[0]}?"
+        return ""
 
 
 @dataclasses.dataclass

@@ -71,8 +71,8 @@ def test_a_group_with_a_typo_is_refused_in_one_line(tmp_path):
     )  # fmt: skip
     assert result.returncode == 2
     assert result.stderr == (
-        f"fedmq node-group: error: {nodes} line 2: unrecognized arguments: --brokr 127.0.0.1:9 "
-        "(see fedmq node --help)\n"
+        f"fedmq node-group: error: {nodes} line 2: unrecognized arguments: --brokr 127.0.0.1:9; "
+        "did you mean --broker? (see fedmq node --help)\n"
     )
     assert not (tmp_path / ".fedmq-node").exists()  # refused before any node started
 

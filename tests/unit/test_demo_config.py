@@ -51,7 +51,17 @@ def test_a_report_that_cannot_be_written(tmp_path: Path) -> None:
         (["demo", "--model", "mlp-64"], "fedmq demo", "argument --model: unknown model 'mlp-64'"),
         (["demo", "--partition", "x"], "fedmq demo", "argument --partition: partition 'x' is"),
         (["demo", "--nodes", "0"], "fedmq demo", "argument --nodes: '0' is not a whole number"),
-        (["demo", "--compresion", "int8"], "fedmq", "unrecognized arguments: --compresion int8"),
+        (
+            ["demo", "--compresion", "int8"],
+            "fedmq",
+            "unrecognized arguments: --compresion int8; did you mean --compression?",
+        ),
+        (
+            ["aggregator", "--final-delivery-wiat=3"],
+            "fedmq",
+            "unrecognized arguments: --final-delivery-wiat=3; did you mean --final-delivery-wait?",
+        ),
+        (["demo", "--xyz"], "fedmq", "unrecognized arguments: --xyz (see"),  # nothing close
         (
             ["demo", "--start-timeout", "0"],
             "fedmq demo",
