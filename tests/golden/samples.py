@@ -221,6 +221,20 @@ SERVER = ServerStatus(
     at=1_700_000_000.75,
 )
 
+# The final model's delivery, counted after the final global (issue 16, PROTOCOL 8.4).
+SERVER_DONE_FINAL = ServerStatus(
+    federation=FEDERATION,
+    state="done",
+    round=31,
+    expected_nodes=4,
+    min_nodes=2,
+    reported=0,
+    deadline_seconds=30.0,
+    at=1_700_000_100.5,
+    final_downlink_delivered=29_040,
+    final_downlink_nodes=4,
+)
+
 METRICS = RoundMetrics(
     federation=FEDERATION,
     round=3,
@@ -438,6 +452,7 @@ SAMPLES: dict[str, Sample] = {
     "status_minimal": Sample(STATUS_MINIMAL, decode_status),
     "status_received": Sample(STATUS_RECEIVED, decode_status),
     "server": Sample(SERVER, decode_server_status),
+    "server_done_final": Sample(SERVER_DONE_FINAL, decode_server_status),
     "metrics": Sample(METRICS, decode_metrics),
     "global_eval": Sample(GLOBAL_EVAL, decode_global),
     "update_metrics": Sample(UPDATE_METRICS, decode_update),
