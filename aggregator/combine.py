@@ -15,7 +15,7 @@ it first, its example count is not, so a stale update moves the model less than 
 one of the same size.
 """
 
-from collections.abc import Iterator, Mapping
+from collections.abc import ItemsView, Iterator, Mapping, ValuesView
 from dataclasses import dataclass
 from typing import Any
 
@@ -153,6 +153,14 @@ class Held(Mapping[str, NodeUpdate]):
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._updates)
+
+    # The version's close reads every held update several times (participants, the
+    # metrics, the staleness): ``Mapping``'s views would look each key up again.
+    def values(self) -> ValuesView[NodeUpdate]:
+        return self._updates.values()
+
+    def items(self) -> ItemsView[str, NodeUpdate]:
+        return self._updates.items()
 
     def __len__(self) -> int:
         return len(self._updates)

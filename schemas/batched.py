@@ -22,6 +22,7 @@ stay those of ``schemas.encodings``.
 """
 
 import functools
+import itertools
 import math
 from collections.abc import ItemsView, Iterator, Mapping, ValuesView
 from typing import Any, NamedTuple
@@ -264,7 +265,7 @@ def decode_flat_dense(
     expected = _prepared(layout)
     if expected.size > max_elements:
         return None
-    chunks = []
+    chunks, shapes = [], []
     for obj, (wire_shape, nbytes) in zip(wire.values(), expected.tensors, strict=True):
         if not isinstance(obj, dict):
             return None
@@ -274,11 +275,14 @@ def decode_flat_dense(
             or not isinstance(data, bytes)
             or len(data) != nbytes
             or shape != wire_shape
-            or not _INT_ONLY.issuperset(map(type, shape))  # no 1.0 or True for 1
             or obj.get("enc", "dense") != "dense"
         ):
             return None
         chunks.append(data)
+        shapes.append(shape)
+    # equal to the layout's, but 1.0 or True equal 1: every dimension's type, all at once
+    if not _INT_ONLY.issuperset(map(type, itertools.chain.from_iterable(shapes))):
+        return None
     values = np.frombuffer(b"".join(chunks), dtype=_F32)
     if not squared_norm(values) <= MAX_ABS * MAX_ABS:  # NaN, Inf, or some value too large
         return None

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 import paho.mqtt.client as mqtt
 import structlog
@@ -310,8 +310,7 @@ class Client(mqtt.Client):
         found, used, other = cut_publishes(ahead, limit)
         if used:
             del ahead[:used]
-            for publish in found:
-                into.append(Received(*publish))
+            into.extend(map(Received._make, found))
         return other
 
     def whole_packet_ahead(self) -> bool:
@@ -374,9 +373,12 @@ def make_client_id(federation: str, role: str, node_id: str | None = None) -> st
     return f"fedmq:{federation}:{role}" + (f":{node_id}" if node_id is not None else "")
 
 
-@dataclass(frozen=True)
-class Received:
-    """A message handed from paho's network thread to the worker that owns the state."""
+class Received(NamedTuple):
+    """A message handed from paho's network thread to the worker that owns the state.
+
+    A named tuple, not a frozen dataclass: the aggregator makes one per update it reads,
+    and a frozen dataclass's ``__init__`` (one ``object.__setattr__`` per field) cost
+    ~1.5 us of it; ``Received._make`` takes a ``publish_reader.Publish`` as it is."""
 
     topic: str
     payload: bytes
