@@ -62,7 +62,6 @@ from fedmq.report import (
 )
 from fedmq.schemas import (
     GlobalModel,
-    NodeStatus,
     SchemaError,
     ServerStatus,
     Topics,
@@ -326,16 +325,9 @@ def note_presence(aggregator: Aggregator, node_id: str, payload: bytes) -> None:
         return
     aggregator.note_presence(node_id, status.state != "offline")
     if status.received_bytes is not None:
-        aggregator.note_received(node_id, status.received_bytes, final=through_with_final(status))
+        aggregator.note_received(node_id, status.received_bytes, final=status.through_with_final)
     if status.state == "error":
         log.warning("node.error", node_id=node_id, round=status.round, detail=status.detail)
-
-
-def through_with_final(status: NodeStatus) -> bool:
-    """The status says the node is through with the final model (docs/PROTOCOL.md 8.3):
-    ``done``, ``idle`` without a round (the run it found had finished) or ``error`` (it
-    cannot use the model); its ``received_bytes`` then includes the final model's delivery."""
-    return status.state in ("done", "error") or (status.state == "idle" and status.round is None)
 
 
 def resume_or_start(

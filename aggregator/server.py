@@ -286,6 +286,7 @@ class Aggregator:
         # ``_tick_held``, or any message from ``_tick_due`` on (``tick`` works them out;
         # 0 and -inf: tick at the next message).
         self._tick_held, self._tick_due = 0, -math.inf
+        self._unbounded: int | None = None  # a version no held count closes (_plan_ticks)
         self._intake = Intake(
             topics=self.topics,
             layout=self.layout,
@@ -549,11 +550,17 @@ class Aggregator:
         wait = self.policy.seconds_until_check(self._open, held=held, now=now)
         # one float below now + wait: never later than the time it stands for
         self._tick_due = math.inf if wait is None else math.nextafter(now + wait, -math.inf)
+        if self._unbounded == self._open.number:  # searched this version in vain already
+            self._tick_held = held + 1
+            return
         low, step = held, 1  # low: does not close
         while not closes(low + step):
             low += step
             step *= 2
-            if step > _MOST_HELD:  # no count closes it (none of today's policies): as before
+            if step > _MOST_HELD:  # no count closes it (none of today's policies): a tick
+                # after every update, as before, for the rest of the version (the ~24
+                # questions of this search are not asked again at each)
+                self._unbounded = self._open.number
                 self._tick_held = held + 1
                 return
         high = low + step  # closes

@@ -372,6 +372,13 @@ class NodeStatus:
     # (both forms, catch-ups included); None: not counted (older nodes, the last will).
     received_bytes: int | None = None
 
+    @property
+    def through_with_final(self) -> bool:
+        """The node is through with the run's final model (docs/PROTOCOL.md 8.3): ``done``,
+        ``idle`` without a round (the run it found had finished) or ``error`` (it cannot
+        use the model); its ``received_bytes`` then include the final model's delivery."""
+        return self.state in ("done", "error") or (self.state == "idle" and self.round is None)
+
 
 @dataclass(frozen=True)
 class ServerStatus:
@@ -629,9 +636,8 @@ def _spec(obj: Mapping[str, Any], key: str = "compression", default: str | None 
     if type(value) is str and len(value) <= 64 and _is_spec(value):
         return value
     value = obj.get(key, default) if default is not None else _get(obj, key, str)
-    if not isinstance(value, str) or not (
-        _is_spec(value) if type(value) is str and len(value) <= 64 else _SPEC.fullmatch(value)
-    ):
+    # here only what the quick path above refused: a str subclass, a long or bad one
+    if not isinstance(value, str) or not _SPEC.fullmatch(value):
         raise SchemaError("bad_field", f"{key} {value!r} is not a SPEC")
     return value
 

@@ -14,7 +14,7 @@ import structlog
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedmq.aggregator.app import resume_or_start, through_with_final
+from fedmq.aggregator.app import resume_or_start
 from fedmq.aggregator.checkpoint import StateDir
 from fedmq.aggregator.downlink import compress_global, downlink_pipeline, initial_residual
 from fedmq.aggregator.settings import AggregatorSettings
@@ -736,7 +736,7 @@ def test_which_statuses_say_a_node_is_through_with_the_final_model(
     state: str, round_: int | None, through: bool
 ) -> None:
     status = NodeStatus(federation=FEDERATION, node_id="pi-a", state=state, round=round_)
-    assert through_with_final(status) is through
+    assert status.through_with_final is through
 
 
 def test_the_report_adds_the_final_model_to_what_was_delivered() -> None:

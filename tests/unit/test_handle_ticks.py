@@ -4,6 +4,8 @@ time may (``_plan_ticks``). Pinned here against the old way, a tick after every 
 same updates, the same rejections, publications and log events, whatever the order,
 the deadline, the quorum, sampling, surplus nodes or late and bad updates."""
 
+from dataclasses import dataclass, field
+
 import structlog
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -141,3 +143,29 @@ def test_a_refused_update_right_at_the_deadline_closes_the_round_as_before():
     assert version == 2
     refused = [(e[1], e[2]) for e in events if e[0] == "update.rejected"]
     assert refused == [("wrong_round", "pi-2"), ("wrong_round", "pi-3")]
+
+
+@dataclass(frozen=True)
+class NeverByCount(RoundPolicy):
+    """A round policy that no held count closes (none of fedmq's own): counts its questions."""
+
+    asked: list[int] = field(default_factory=list)
+
+    def close_reason(self, current, *, held, now):  # type: ignore[no-untyped-def]
+        self.asked.append(held)
+        return None
+
+
+def test_a_policy_no_count_closes_is_searched_once_a_version_then_ticked_per_update():
+    """``_plan_ticks`` looks up to 2**24 above the held count (~24 questions) for one that
+    closes; when none does it ticks after every update, as before, without asking again."""
+    policy = NeverByCount(expected_nodes=5, min_nodes=5)
+    h = Harness(policy=policy, rounds=3, known_nodes=frozenset(NODES))
+    h.agg.start()
+    for n, node in enumerate(NODES):
+        policy.asked.clear()
+        payload, _ = h.update(node, seed=n)
+        h.send(node, payload)
+        assert sorted(h.agg.held) == sorted(NODES[: n + 1])
+        # the first update's tick and search; after it, the tick alone
+        assert len(policy.asked) == (1 + 25 if n == 0 else 1), (n, policy.asked)
