@@ -14,20 +14,15 @@ an update the broker has stopped holding for us is always on disk. A crash can l
 torn last record; reading stops there and the file is cut back to its last whole record.
 """
 
-import functools
 import os
 import struct
+import zlib
 from pathlib import Path
 
 import msgpack
 import structlog
 
 from fedmq.files import fsync_directory
-
-try:  # zlib's CRC-32, the same values ~4x faster (SIMD): the ``hub`` extra, pyproject.toml
-    from isal.isal_zlib import crc32
-except ImportError:  # an install without the extra
-    from zlib import crc32
 
 log = structlog.get_logger()
 
@@ -52,7 +47,7 @@ def record_parts(topic: str, payload: bytes) -> tuple[bytes, bytes]:
     and the payload itself, so a caller writes the update without copying it into a
     body first: the bytes ``encode_record`` joins, as msgpack ``[topic, payload]`` is."""
     prefix = _topic_head(topic) + _length_head(len(payload), _BIN)
-    crc = crc32(payload, crc32(prefix))
+    crc = zlib.crc32(payload, zlib.crc32(prefix))
     return _HEADER.pack(len(prefix) + len(payload), crc) + prefix, payload
 
 
@@ -73,11 +68,10 @@ def _length_head(n: int, codes: bytes, fix: int | None = None) -> bytes:
     return codes[2:3] + _U32.pack(n)
 
 
-@functools.lru_cache(maxsize=4096)
 def _topic_head(topic: str) -> bytes:
     """The body's msgpack up to its payload: a 2-array and ``topic`` as a str, written
     here as ``msgpack.packb`` would (which makes a Packer, with its 256 KiB buffer, each
-    call); remembered per topic (one per node), bounded."""
+    call)."""
     data = topic.encode()
     return b"\x92" + _length_head(len(data), _STR, _FIXSTR) + data
 
@@ -91,7 +85,7 @@ def decode_records(data: bytes) -> tuple[list[tuple[str, bytes]], int]:
     while offset + _HEADER.size <= len(data):
         length, crc = _HEADER.unpack_from(data, offset)
         start, end = offset + _HEADER.size, offset + _HEADER.size + length
-        if length > MAX_RECORD or end > len(data) or crc32(data[start:end]) != crc:
+        if length > MAX_RECORD or end > len(data) or zlib.crc32(data[start:end]) != crc:
             break
         try:
             topic, payload = msgpack.unpackb(data[start:end], raw=False)
