@@ -41,6 +41,7 @@ import argparse
 import json
 import os
 import pstats
+import random
 import statistics
 import subprocess
 import sys
@@ -310,6 +311,23 @@ def payloads_for(model: GlobalModel, nodes: int) -> tuple[str, list[bytes]]:
     return federation, [payload for _, payload in updates]
 
 
+def median_interval(values: Sequence[float], *, draws: int = 4000) -> tuple[float, float]:
+    """A 95 % interval of the median of ``values`` (bootstrap, percentile method; fixed
+    seed): one repeat's ratio swings by tens of points on this machine, so a median says
+    little without it."""
+    rng = random.Random(0)
+    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(draws))
+    return medians[int(0.025 * draws)], medians[int(0.975 * draws) - 1]
+
+
+def spread(ratios: Sequence[float]) -> str:
+    """The per-repeat ratios' median interval and how many reach the target (80 %)."""
+    low, high = median_interval(ratios)
+    reach = sum(ratio >= 0.8 for ratio in ratios)
+    return (f"per-repeat ratio: median 95 % interval {low:.0%}-{high:.0%} (bootstrap), "
+            f"{reach} of {len(ratios)} repeats at 80 % or more")  # fmt: skip
+
+
 def to_close(run: Run) -> str:
     """A consumer's CPU per update to its end of the burst: all, main thread, others."""
     if run.to_close_cpu is None or run.to_close_main_cpu is None:
@@ -405,6 +423,15 @@ def main() -> int:
         print(f"  {label}: {rate:,.0f}/s = {rate / raw_rate:.0%} of raw (median of the "
               f"per-repeat ratios {ratios:.0%}), CPU {cpu:.0f} us/update (first publish to "
               f"its exit){split}, peak RSS {rss:.1f} MiB")  # fmt: skip
+        print(f"    {spread([r.rate / w.rate for r, w in zip(own, raw, strict=True)])}")
+    if args.compare:  # the two aggregators of each repeat against each other
+        first = [r for r in runs if r.consumer == "aggregator"]
+        second = [r for r in runs if r.consumer == "compared"]
+        paired = [c.rate / a.rate for a, c in zip(first, second, strict=True)]
+        low, high = median_interval(paired)
+        print(f"  compared / aggregator, per repeat: median {statistics.median(paired):.3f} "
+              f"(95 % interval {low:.3f}-{high:.3f}), compared faster in "
+              f"{sum(p > 1 for p in paired)} of {len(paired)}")  # fmt: skip
     if args.profile is not None:
         show_profile(args.profile)
     return 0
