@@ -455,7 +455,9 @@ def run_fingerprint(values: Mapping[str, Any]) -> dict[str, Any]:
     of the ``kept`` settings by name: ``{"federation", "model", "plan": [learning_rate,
     batch_size, local_epochs, seed], "compression"}``, and ``"eval_fraction"`` and
     ``"proximal_mu"`` each only when it is not 0 (a run kept before federated evaluation
-    or FedProx resumes), ``"server_optimizer"`` only when it is not fedavg (likewise)."""
+    or FedProx resumes), ``"server_optimizer"`` only when it is not fedavg (likewise),
+    ``"mode"`` only when async, ``"dp_sgd"`` and ``"dp_fedavg"`` only when set: each
+    setting's ``unkept`` values are left out (docs/PROTOCOL.md 13.1)."""
     settings = declared(AggregatorSettings)
     fingerprint: dict[str, Any] = {}
     for key, names in _kept().items():

@@ -2,8 +2,9 @@
 
 paho reads a packet with three calls or more (its first byte, each byte of its length,
 then the rest) and turns each PUBLISH into an ``MQTTMessage`` through its decoder,
-debug log call, callback matcher and locks: ~40 of the aggregator's ~200 µs of CPU per
-dense update (bench/README.md, fourth pass), where its ``recv`` calls are ~4 µs. Here the
+debug log call, callback matcher and locks: ~40 µs per dense update when the aggregator
+spent ~200 in all (bench/README.md, fourth pass; ~100 since the sixth), where its
+``recv`` calls are ~4 µs. Here the
 PUBLISH packets at the start of a buffer are cut out in one pass; everything else (a
 CONNACK, SUBACK, PUBACK, PINGRESP, a QoS 2 PUBLISH, anything malformed) is left where
 it is, for paho to read from the same buffer (``fedmq.mqtt.Client``), so paho keeps

@@ -1,8 +1,8 @@
 """The built-in models as tasks: ``digits-mlp``, ``digits-mlp-large``, ``mlp:IN-...-CLASSES``.
 
-Same numbers as fedmq.models and node/training.py have always used: Glorot-uniform
-weights from ``numpy.random.default_rng(seed)`` (the seed taken back from the key,
-fedmq.tasks.seeds), softmax cross-entropy averaged over the batch, plain SGD. The
+Same numbers as fedmq.models and the pre-task trainer (node/training.py, since removed)
+used: Glorot-uniform weights from ``numpy.random.default_rng(seed)`` (the seed taken back
+from the key, fedmq.tasks.seeds), softmax cross-entropy averaged over the batch, plain SGD. The
 parameters are an ``MLPParams`` pytree whose tensors are named ``l0.w``, ``l0.b``,
 ``l1.w``, ... in that order, the wire layout of these models (docs/PROTOCOL.md, section 6).
 """
@@ -91,8 +91,8 @@ def mlp_task(name: str, learning_rate: float = DEFAULT_LEARNING_RATE) -> Task:
     return Task(
         name=name,
         init=init,
-        # One value per example: the trainer masks a padded batch with it as node/training.py
-        # always has (fedmq.tasks.training.example_losses).
+        # One value per example: the trainer masks a padded batch with it, as the pre-task
+        # trainer did (fedmq.tasks.training.example_losses).
         loss=nll,
         # The plan's learning rate replaces this one every round (fedmq.tasks.training).
         optimizer=optax.inject_hyperparams(optax.sgd)(learning_rate=learning_rate),

@@ -1,11 +1,11 @@
 """Local training of any task: jit-compiled epochs of ``task.optimizer`` steps on ``task.loss``.
 
-Each epoch visits the node's examples in a seeded order (``seeds.epoch_order``, which
-node/training.py uses too) in batches of ``plan.batch_size``, the last one padded to full size
+Each epoch visits the node's examples in a seeded order (``seeds.epoch_order``, as the
+pre-task trainer did) in batches of ``plan.batch_size``, the last one padded to full size
 with a mask, so an epoch compiles once per (task, batch size, number of examples). A
 batch's loss is the mean of its real examples' losses: the padding weighs nothing. A task
 whose loss returns one value per example (shape ``(n,)``, as the built-in tasks' does)
-gives them in one batched pass, the same arithmetic as node/training.py's, bit for bit
+gives them in one batched pass, the same arithmetic as the pre-task trainer's, bit for bit
 (tests/unit/test_tasks.py); a loss that returns a scalar is taken on each example alone
 (``jax.vmap`` over batches of one). Either way the loss must be a mean of per-example
 terms (cross-entropy, squared error, ...): a loss that compares the examples of a batch
@@ -24,7 +24,7 @@ task's personal ones. It is a second compiled epoch (one per task, batch size an
 ``mu != 0``; mu is an argument): with mu 0 the epoch is the one of every run before it.
 
 The node trains every task through ``train_local`` (the built-in MLPs bit for bit as
-node/training.py did before tasks, tests/unit/test_training.py), after ``data_problem``
+the removed node/training.py did before tasks, tests/unit/test_training.py), after ``data_problem``
 has checked once that its data can train the task.
 """
 
