@@ -396,6 +396,14 @@ class ServerStatus:
     final_downlink_delivered: int | None = None
     final_downlink_nodes: int | None = None
 
+    @property
+    def final_count(self) -> tuple[int | None, int] | None:
+        """The final model's delivery this status carries, (bytes, nodes), or None: only a
+        ``done`` that has counted it (docs/PROTOCOL.md 8.4)."""
+        if self.state != "done" or self.final_downlink_nodes is None:
+            return None
+        return self.final_downlink_delivered, self.final_downlink_nodes
+
 
 @dataclass(frozen=True)
 class RoundEvaluation:

@@ -781,9 +781,7 @@ def final_count_of(received: edge.Received) -> tuple[int | None, int] | None:
         status = decode_server_status(received.payload)
     except SchemaError:
         return None
-    if status.state != "done" or status.final_downlink_nodes is None:
-        return None
-    return status.final_downlink_delivered, status.final_downlink_nodes
+    return status.final_count
 
 
 def await_final_count(

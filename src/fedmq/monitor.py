@@ -219,10 +219,10 @@ def server_text(status: ServerStatus) -> str:
 def final_delivery_text(status: ServerStatus) -> str | None:
     """``final model delivered 30,890 B (10 nodes' counts)`` from a ``done`` that carries
     the count (docs/PROTOCOL.md 8.4), else None."""
-    if status.state != "done" or status.final_downlink_nodes is None:
+    if status.final_count is None:
         return None
-    delivered = status.final_downlink_delivered or 0
-    return f"final model delivered {delivered:,} B ({status.final_downlink_nodes} nodes' counts)"
+    delivered, nodes = status.final_count
+    return f"final model delivered {delivered or 0:,} B ({nodes} nodes' counts)"
 
 
 def header_lines(view: FleetView, now: float) -> list[str]:
